@@ -1,0 +1,124 @@
+"""EmbeddingSet: image and text embeddings of N pairs, row-aligned, with ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+class EmbeddingSetError(ValueError):
+    """Raised for embeddings that cannot be audited (shape, NaN, ids)."""
+
+
+class EmbeddingSet:
+    """Row-aligned image/text embeddings of N pairs.
+
+    ``image`` and ``text`` are (N, d) arrays (numpy, memory-mapped or not, or anything
+    array-like). ``ids`` default to ``0..N-1``. ``metadata`` is an optional DataFrame with one
+    row per pair (caption, url, status, ...), kept alongside and never reordered.
+    """
+
+    def __init__(
+        self,
+        image: Any,
+        text: Any,
+        ids: Sequence[Any] | np.ndarray | None = None,
+        metadata: pd.DataFrame | None = None,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        image = image if isinstance(image, np.ndarray) else np.asarray(image)
+        text = text if isinstance(text, np.ndarray) else np.asarray(text)
+        for name, arr in (("image", image), ("text", text)):
+            if arr.ndim != 2:
+                raise EmbeddingSetError(
+                    f"{name} embeddings must be 2-D (N, d); got shape {arr.shape}"
+                )
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise EmbeddingSetError(
+                    f"{name} embeddings must be floating point; got {arr.dtype}"
+                )
+        if image.shape[0] != text.shape[0]:
+            raise EmbeddingSetError(
+                f"image and text have different numbers of rows: {image.shape[0]} vs {text.shape[0]}"
+            )
+        n = image.shape[0]
+        if ids is None:
+            ids = np.arange(n)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or len(ids) != n:
+            raise EmbeddingSetError(f"ids must be 1-D with {n} entries; got shape {ids.shape}")
+        if len(pd.unique(ids)) != n:
+            dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[:5].tolist()
+            raise EmbeddingSetError(f"ids must be unique; duplicated: {dup}")
+        if metadata is not None and len(metadata) != n:
+            raise EmbeddingSetError(f"metadata has {len(metadata)} rows, embeddings have {n}")
+        if check_finite:
+            for name, arr in (("image", image), ("text", text)):
+                bad = _nonfinite_rows(arr)
+                if len(bad):
+                    raise EmbeddingSetError(
+                        f"{name} embeddings contain NaN or inf in {len(bad)} rows "
+                        f"(first ids: {ids[bad[:5]].tolist()}); drop or re-embed them"
+                    )
+        self.image = image
+        self.text = text
+        self.ids = ids
+        self.metadata = metadata
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    def __repr__(self) -> str:
+        return f"EmbeddingSet(n={len(self)}, d_image={self.d_image}, d_text={self.d_text})"
+
+    @property
+    def d_image(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def d_text(self) -> int:
+        return int(self.text.shape[1])
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> EmbeddingSet:
+        """A new set with the given row positions (in that order)."""
+        rows = np.asarray(rows)
+        meta = None if self.metadata is None else self.metadata.iloc[rows].reset_index(drop=True)
+        return EmbeddingSet(
+            np.asarray(self.image[rows]),
+            np.asarray(self.text[rows]),
+            self.ids[rows],
+            meta,
+            check_finite=False,
+        )
+
+    def positions(self, ids: Sequence[Any] | np.ndarray) -> np.ndarray:
+        """Row positions of the given ids; a clear error names ids that are not in the set."""
+        index = pd.Index(self.ids)
+        wanted = np.asarray(ids)
+        pos = index.get_indexer(wanted)
+        if (pos < 0).any():
+            missing = wanted[pos < 0][:5].tolist()
+            raise KeyError(f"{int((pos < 0).sum())} ids are not in this set, e.g. {missing}")
+        return pos
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[EmbeddingSet, EmbeddingSet]:
+        """Random split into (rest, held_out) with ``fraction`` of rows held out."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError("fraction must be in (0, 1)")
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(len(self))
+        k = max(1, int(round(fraction * len(self))))
+        return self.subset(np.sort(perm[k:])), self.subset(np.sort(perm[:k]))
+
+
+def _nonfinite_rows(arr: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    bad = []
+    for start in range(0, arr.shape[0], chunk):
+        block = np.asarray(arr[start : start + chunk])
+        rows = np.nonzero(~np.isfinite(block).all(axis=1))[0]
+        bad.append(rows + start)
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
