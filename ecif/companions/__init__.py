@@ -1,0 +1,1 @@
+"""Companion methods by the same group: Flex-KD, validity-calibrated reasoning distillation, continual learning."""
