@@ -1,0 +1,225 @@
+"""The Python front door: fit a head, score pairs, solve per-pair influence.
+
+train = ecif.EmbeddingSet(image=..., text=..., ids=...)
+head = ecif.fit(train, batch_size=256, seed=0)
+df = ecif.score(head, train, val=val_set)
+head2 = ecif.fit(train, batch_size=256, seed=0, exclude=[...], init=head)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ecif.engine.head import FitArgs, Head, as_arrays, fit_head, new_head
+from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
+from ecif.engine.influence import loss_gradient as _loss_gradient
+from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+
+
+def _ids(data) -> np.ndarray:
+    x, _ = as_arrays(data)
+    return np.asarray(getattr(data, "ids", np.arange(len(x))))
+
+
+def _positions(data, ids: Sequence[Any] | np.ndarray) -> np.ndarray:
+    if hasattr(data, "positions"):
+        return data.positions(ids)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _check_widths(head: Head, data, what: str) -> None:
+    x, y = as_arrays(data)
+    if len(x) == 0:
+        raise ValueError(f"the {what} set is empty")
+    if (x.shape[1], y.shape[1]) != tuple(head.m.shape):
+        raise ValueError(
+            f"the {what} set has widths image={x.shape[1]}, text={y.shape[1]} but the head was fit "
+            f"on image={head.m.shape[0]}, text={head.m.shape[1]}: embed both with the same model"
+        )
+
+
+def fit(
+    train,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    lam: float = 1e-3,
+    logit_scale: float | None = None,
+    learn_scale: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    exclude: Sequence[Any] | None = None,
+    init: Head | None = None,
+    max_iter: int = 500,
+    tol: float | None = None,
+    newton_steps: int = 0,
+) -> Head:
+    """Fit the bilinear head on ``train`` to a stationary point.
+
+    ``exclude``: ids removed from their batches (the partition of ``init`` or of ``seed`` is
+    kept; the per-pair weight 1/N stays that of the full set, so a removal deletes exactly
+    that pair's terms). ``init``: warm start (and its partition). ``logit_scale`` defaults to
+    the set's own (``train.logit_scale``, from the embedding model) or 100, CLIP's.
+    """
+    x, y = as_arrays(train)
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 pairs to fit a contrastive head; got {len(x)}")
+    if logit_scale is None:
+        logit_scale = float(getattr(train, "logit_scale", None) or 100.0)
+    args = FitArgs(
+        batch_size=batch_size,
+        seed=seed,
+        lam=lam,
+        logit_scale=logit_scale,
+        learn_scale=learn_scale,
+        dtype=dtype,
+        device=device,
+        max_iter=max_iter,
+        tol=tol,
+        newton_steps=newton_steps,
+    )
+    head = new_head(x, y, args)
+    if init is not None:
+        if init.partition.n != len(x):
+            raise ValueError(f"init was fit on {init.partition.n} pairs, train has {len(x)}")
+        head = replace(
+            head, partition=init.partition, m0=init.m0.to(head.dtype), log_scale0=init.log_scale0
+        )
+    if exclude is not None and len(exclude):
+        head = replace(head, partition=head.partition.without(_positions(train, exclude)))
+    return fit_head(head, x, y, args, init=init)
+
+
+def loss_gradient(head: Head, data) -> torch.Tensor:
+    """Gradient of the mean symmetric InfoNCE on ``data`` w.r.t. the head's parameters."""
+    _check_widths(head, data, "query")
+    x, y = as_arrays(data)
+    return _loss_gradient(head, x, y)
+
+
+def solver(head: Head, train, *, method: str = "auto", **kw) -> InverseHessian:
+    """The inverse-Hessian operator of a fitted head (``exact``, ``cg``, ``ekfac``, ``auto``)."""
+    x, y = as_arrays(train)
+    return InverseHessian(head, x, y, SolverArgs(method=method, **kw))
+
+
+def score(
+    head: Head,
+    train,
+    val=None,
+    *,
+    query_grad: torch.Tensor | None = None,
+    neg: str = "exact",
+    method: str = "auto",
+    inverse: InverseHessian | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Influence of every training pair on the validation loss, one row per pair in train order.
+
+    Columns: id, influence, influence_pos, influence_neg. ``influence`` is the predicted change
+    of the validation loss if the pair is removed: negative = removing it helps = harmful.
+    Give ``val`` (an EmbeddingSet) or ``query_grad`` (a flat gradient, e.g. of a test loss).
+    """
+    _check_widths(head, train, "training")
+    x, y = as_arrays(train)
+    if query_grad is None:
+        if val is None:
+            raise ValueError(
+                "score needs a validation set (val=) or a query gradient (query_grad=)"
+            )
+        _check_widths(head, val, "validation")
+        vx, vy = as_arrays(val)
+        query_grad = _loss_gradient(head, vx, vy)
+    inv = inverse or InverseHessian(head, x, y, SolverArgs(method=method))
+    w = inv.solve(query_grad.to(head.dtype))
+    bar = tqdm(total=head.partition.num_batches, desc="scoring", unit="batch", disable=not progress)
+    d_pos, d_neg = score_pass(head, x, y, w, neg=neg, progress=bar.update)
+    bar.close()
+    df = pd.DataFrame(
+        {
+            "id": _ids(train),
+            "influence": ((d_pos + d_neg) / head.n_norm).astype(np.float32),
+            "influence_pos": (d_pos / head.n_norm).astype(np.float32),
+            "influence_neg": (d_neg / head.n_norm).astype(np.float32),
+        }
+    )
+    if head.dtype == torch.float64:
+        df[["influence", "influence_pos", "influence_neg"]] = np.stack(
+            [(d_pos + d_neg) / head.n_norm, d_pos / head.n_norm, d_neg / head.n_norm], axis=1
+        )
+    df.attrs.update(solver=dict(inv.info), neg=neg)
+    return df
+
+
+def self_influence(
+    head: Head,
+    train,
+    rows: Sequence[int] | None = None,
+    *,
+    neg: str = "exact",
+    inverse: InverseHessian | None = None,
+) -> np.ndarray:
+    """grad R_n^T H^-1 grad R_n for the given row positions (all rows if None).
+
+    Scores pairs without a validation set: a large value means the model bends far to fit
+    the pair. Costs a per-pair gradient (B^2 d + B d^2) and a solve per pair.
+    """
+    x, y = as_arrays(train)
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+    inv = inverse or InverseHessian(head, x, y, SolverArgs(method="auto"))
+    out = np.zeros(len(rows))
+    for start in range(0, len(rows), 256):
+        sel = rows[start : start + 256]
+        g_pos, g_neg = pair_gradients(head, x, y, sel, neg=neg)
+        out[start : start + len(sel)] = inv.quad_form(g_pos + g_neg).cpu().numpy()
+    return out
+
+
+def relative_influence(
+    head: Head,
+    train,
+    query_grad: torch.Tensor,
+    rows: Sequence[int],
+    *,
+    neg: str = "exact",
+    inverse=None,
+) -> pd.DataFrame:
+    """RelatIF-style trace-back: g_test^T d_n / ||d_n||, d_n = H^-1 grad R_n, for candidate rows.
+
+    Negative = removing the pair would lower the test loss (it pushed the model towards the
+    mistake); positive = it helped. Also returns the raw influence g_test^T d_n / N.
+    """
+    x, y = as_arrays(train)
+    rows = np.asarray(rows)
+    inv = inverse or InverseHessian(head, x, y, SolverArgs(method="auto"))
+    g = query_grad.to(head.dtype)
+    rel = np.zeros(len(rows))
+    raw = np.zeros(len(rows))
+    for start in range(0, len(rows), 128):
+        sel = rows[start : start + 128]
+        g_pos, g_neg = pair_gradients(head, x, y, sel, neg=neg)
+        d = inv.solve(g_pos + g_neg)
+        dot = (d @ g).cpu().numpy()
+        rel[start : start + len(sel)] = dot / np.maximum(d.norm(dim=1).cpu().numpy(), 1e-30)
+        raw[start : start + len(sel)] = dot / head.n_norm
+    return pd.DataFrame(
+        {"row": rows, "id": _ids(train)[rows], "relative_influence": rel, "influence": raw}
+    )
+
+
+__all__ = [
+    "classification_gradient",
+    "fit",
+    "loss_gradient",
+    "relative_influence",
+    "score",
+    "self_influence",
+    "solver",
+]

@@ -1,0 +1,113 @@
+"""The batch partition ("Seg") and streaming of batches from (possibly memory-mapped) arrays.
+
+A pair's influence depends on who shared its batch, so the partition is drawn once from a
+seed, recorded in the fitted head, and reused by every later fit, score and retraining.
+Removing pairs keeps the partition; their batches just lose those members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Batches as a (num_batches, batch_size) array of row positions, -1 where empty."""
+
+    index: np.ndarray
+    batch_size: int
+    seed: int
+    n: int
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.index.shape[0])
+
+    def batch_of(self) -> np.ndarray:
+        """Batch number of every row position (-1 for rows not in any batch)."""
+        out = np.full(self.n, -1, dtype=np.int64)
+        b, _ = np.nonzero(self.index >= 0)
+        out[self.index[self.index >= 0]] = b
+        return out
+
+    def without(self, positions: np.ndarray) -> Partition:
+        """The same partition with the given row positions removed (empty batches dropped)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size == 0:
+            return self
+        index = self.index.copy()
+        index[np.isin(index, positions)] = -1
+        index = index[(index >= 0).any(axis=1)]
+        return Partition(index=index, batch_size=self.batch_size, seed=self.seed, n=self.n)
+
+    def members(self) -> np.ndarray:
+        """Row positions that belong to some batch, sorted."""
+        return np.sort(self.index[self.index >= 0])
+
+
+def make_partition(n: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> Partition:
+    """Cut rows 0..n-1 into batches of ``batch_size`` after a seeded shuffle; last may be short."""
+    if n < 1:
+        raise ValueError("cannot partition an empty set")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    nb = -(-n // batch_size)
+    index = np.full(nb * batch_size, -1, dtype=np.int64)
+    index[:n] = order
+    return Partition(index=index.reshape(nb, batch_size), batch_size=batch_size, seed=seed, n=n)
+
+
+@dataclass
+class Chunk:
+    """A stack of batches: x (c, B, d_img), y (c, B, d_txt), mask (c, B), rows (c, B)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    rows: np.ndarray
+    batch_ids: np.ndarray
+
+
+def _take(arr, rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(arr, torch.Tensor):
+        idx = torch.as_tensor(rows, device=arr.device)
+        return arr.index_select(0, idx).to(device=device, dtype=dtype)
+    return torch.from_numpy(np.ascontiguousarray(arr[rows])).to(device=device, dtype=dtype)
+
+
+def iter_chunks(
+    x,
+    y,
+    partition: Partition,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    batches_per_chunk: int | None = None,
+    batch_ids: np.ndarray | None = None,
+) -> Iterator[Chunk]:
+    """Yield stacks of batches gathered from row arrays; memory is bounded by the chunk.
+
+    ``batch_ids`` restricts the pass to those batches (Hessian subsampling, subsets).
+    """
+    device = torch.device(device)
+    index = partition.index
+    ids = np.arange(index.shape[0]) if batch_ids is None else np.asarray(batch_ids)
+    b = partition.batch_size
+    if batches_per_chunk is None:
+        batches_per_chunk = max(1, 8192 // b)
+    for start in range(0, len(ids), batches_per_chunk):
+        sel = ids[start : start + batches_per_chunk]
+        rows = index[sel]
+        mask = rows >= 0
+        safe = np.where(mask, rows, 0).reshape(-1)
+        xs = _take(x, safe, dtype, device).reshape(len(sel), b, -1)
+        ys = _take(y, safe, dtype, device).reshape(len(sel), b, -1)
+        m = torch.from_numpy(mask).to(device)
+        xs = xs * m[:, :, None]
+        ys = ys * m[:, :, None]
+        yield Chunk(x=xs, y=ys, mask=m, rows=rows, batch_ids=sel)

@@ -1,0 +1,172 @@
+"""Symmetric InfoNCE on a stack of batches of logits, and the ECIF removal terms.
+
+Everything here acts on logits ``S`` shaped ``(c, B, B)`` (c batches of up to B members, row
+i = image i, column j = text j) with a member mask ``(c, B)``; padded or removed members are
+masked out. The head model's derivatives follow from these by the chain rule
+``dS = t X dM Y^T`` (see ``ecif.engine.head``). Formulas: ecif-math.md sections 1, 3 and 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_FORMS = ("exact", "first_order")
+
+
+@dataclass
+class BatchStats:
+    """Row and column softmaxes of masked logits, computed once and shared by every term."""
+
+    log_p: torch.Tensor  # row log-softmax (image -> text); -inf at masked columns
+    log_q: torch.Tensor  # column log-softmax (text -> image); -inf at masked rows
+    p: torch.Tensor  # exp(log_p), zero on masked rows and columns
+    q: torch.Tensor  # exp(log_q), zero on masked rows and columns
+    mask: torch.Tensor  # (c, B) bool, valid members
+
+    @property
+    def eye(self) -> torch.Tensor:
+        b = self.mask.shape[-1]
+        eye = torch.eye(b, dtype=torch.bool, device=self.mask.device)
+        return eye & self.mask[:, :, None]
+
+
+def batch_stats(s: torch.Tensor, mask: torch.Tensor) -> BatchStats:
+    """Masked row/column softmaxes. Every batch must have at least one valid member."""
+    row_ok = mask[:, :, None]
+    col_ok = mask[:, None, :]
+    log_p = torch.log_softmax(s.masked_fill(~col_ok, float("-inf")), dim=-1)
+    log_q = torch.log_softmax(s.masked_fill(~row_ok, float("-inf")), dim=-2)
+    valid = row_ok & col_ok
+    p = torch.where(valid, log_p.exp(), torch.zeros((), dtype=s.dtype, device=s.device))
+    q = torch.where(valid, log_q.exp(), torch.zeros((), dtype=s.dtype, device=s.device))
+    return BatchStats(log_p=log_p, log_q=log_q, p=p, q=q, mask=mask)
+
+
+def _diag(x: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(x, dim1=-2, dim2=-1)
+
+
+def pair_losses(st: BatchStats) -> torch.Tensor:
+    """Per-member symmetric InfoNCE, -log p_ii - log q_ii, zero for masked members: (c, B)."""
+    zero = torch.zeros((), dtype=st.p.dtype, device=st.p.device)
+    return torch.where(st.mask, -_diag(st.log_p) - _diag(st.log_q), zero)
+
+
+def loss_grad_logits(st: BatchStats) -> torch.Tensor:
+    """dL_b/dS for L_b = sum_i [-log p_ii - log q_ii]: G = P + Q - 2I (masked)."""
+    return st.p + st.q - 2.0 * st.eye.to(st.p.dtype)
+
+
+def loss_hessian_logits(st: BatchStats, ds: torch.Tensor) -> torch.Tensor:
+    """d2L_b/dS2 applied to ds: softmax Hessians row by row and column by column, never formed.
+
+    ``ds`` may carry extra leading dimensions in front of the batch stack.
+    """
+    p, q = st.p, st.q
+    row = p * ds - p * (p * ds).sum(-1, keepdim=True)
+    col = q * ds - q * (q * ds).sum(-2, keepdim=True)
+    return row + col
+
+
+def _log1m_softmax(
+    log_sm: torch.Tensor, s: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(1 - softmax) and softmax/(1 - softmax) without cancellation.
+
+    1 - p_kn = (Z - e_kn) / Z with e = exp(s - max): for the maximal entry Z - e is the sum
+    of the other entries, summed directly, so a nearly certain p never rounds 1 - p to 0.
+    Masked entries (s = -inf) give log 0 = 0 and ratio 0.
+    """
+    finite = torch.isfinite(log_sm)
+    s_m = torch.where(finite, s, torch.full_like(s, float("-inf")))
+    m, am = s_m.max(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.where(finite, (s_m - m).exp(), torch.zeros_like(s))
+    is_max = torch.zeros_like(finite).scatter_(dim, am, True) & finite
+    z = e.sum(dim=dim, keepdim=True)
+    z_wo_max = e.masked_fill(is_max, 0.0).sum(dim=dim, keepdim=True)
+    denom = torch.where(is_max, z_wo_max.expand_as(e), z - e)
+    safe = denom > 0
+    log1m = torch.where(safe, denom.clamp_min(1e-300).log() - z.log(), torch.zeros_like(s))
+    ratio = torch.where(safe & finite, e / denom.clamp_min(1e-300), torch.zeros_like(s))
+    return log1m, ratio
+
+
+@dataclass
+class RemovalWeights:
+    """Per-entry weights of the negative term: A_kn (rows) and Bq_nk (columns), diag zeroed."""
+
+    a: torch.Tensor  # (c, B, B): weight of entry (k, n) in row k for pair n
+    bq: torch.Tensor  # (c, B, B): weight of entry (n, k) in column k for pair n
+    neg_values: torch.Tensor  # (c, B): Neg_n itself
+
+
+def removal_weights(s: torch.Tensor, st: BatchStats, neg: str = "exact") -> RemovalWeights:
+    """Weights of Neg_n's derivative and its value, in the exact or first-order form."""
+    if neg not in NEG_FORMS:
+        raise ValueError(f"neg must be one of {NEG_FORMS}; got {neg!r}")
+    off = ~torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
+    valid = st.mask[:, :, None] & st.mask[:, None, :] & off
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if neg == "exact":
+        log1m_p, a = _log1m_softmax(st.log_p, s, dim=-1)
+        log1m_q, bq = _log1m_softmax(st.log_q, s, dim=-2)
+        a = torch.where(valid, a, zero)
+        bq = torch.where(valid, bq, zero)
+        # Neg_n = sum_{k!=n} -log(1 - p_kn) - log(1 - q_nk)
+        neg_val = -torch.where(valid, log1m_p, zero).sum(-2) - torch.where(
+            valid, log1m_q, zero
+        ).sum(-1)
+    else:
+        a = torch.where(valid, st.p, zero)
+        bq = torch.where(valid, st.q, zero)
+        neg_val = a.sum(-2) + bq.sum(-1)
+    return RemovalWeights(a=a, bq=bq, neg_values=torch.where(st.mask, neg_val, zero))
+
+
+def removal_values(st: BatchStats, w: RemovalWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Pos_n, Neg_n) for every member, (c, B) each."""
+    return pair_losses(st), w.neg_values
+
+
+def removal_directional(
+    st: BatchStats, w: RemovalWeights, ds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directional derivatives (dPos_n, dNeg_n) along a logit perturbation ``ds``: (c, B) each.
+
+    dPos_n = -2 dS_nn + sum_j p_nj dS_nj + sum_j q_jn dS_jn
+    dNeg_n = sum_k A_kn (dS_kn - r_k) + sum_k Bq_nk (dS_nk - c_k)
+    with r_k = sum_j p_kj dS_kj and c_k = sum_j q_jk dS_jk.
+    """
+    r = (st.p * ds).sum(-1)
+    c = (st.q * ds).sum(-2)
+    zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
+    d_pos = torch.where(st.mask, -2.0 * _diag(ds) + r + c, zero)
+    d_neg = (w.a * (ds - r.unsqueeze(-1))).sum(-2) + (w.bq * (ds - c.unsqueeze(-2))).sum(-1)
+    return d_pos, torch.where(st.mask, d_neg, zero)
+
+
+def removal_grad_logits(
+    st: BatchStats, w: RemovalWeights, members: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dPos_n/dS and dNeg_n/dS for selected members of ONE batch.
+
+    ``members``: 1-D positions n inside the batch. Returns two (len(members), B, B) tensors.
+    Used for per-pair gradients (relative influence, self-influence), never for full scoring.
+    """
+    p, q, a, bq = st.p[0], st.q[0], w.a[0], w.bq[0]
+    b = p.shape[-1]
+    eye = torch.eye(b, dtype=p.dtype, device=p.device)
+    e_n = eye[members]  # (K, B)
+    # Pos: row n gets p_n. - e_n ; column n gets q_.n - e_n
+    g_pos = e_n[:, :, None] * (p[members] - e_n)[:, None, :]
+    g_pos = g_pos + (q[:, members].T - e_n)[:, :, None] * e_n[:, None, :]
+    # Neg rows: for k != n, row k gets A_kn (e_n - p_k.)
+    a_n = a[:, members].T  # (K, B): A_kn over k
+    g_neg = a_n[:, :, None] * (e_n[:, None, :] - p[None, :, :])
+    # Neg columns: for k != n, column k gets Bq_nk (e_n - q_.k)
+    b_n = bq[members]  # (K, B): Bq_nk over k
+    g_neg = g_neg + b_n[:, None, :] * (e_n[:, :, None] - q[None, :, :])
+    return g_pos, g_neg

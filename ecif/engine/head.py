@@ -1,0 +1,324 @@
+"""The bilinear CLIP head S_ij = t x_i^T M y_j over frozen embeddings, its objective and fit.
+
+theta = vec(M) (plus log t when the logit scale is learned). The objective
+J = (1/N) sum_b L_b + (lambda/2) ||theta - theta_0||^2 is strongly convex in M, so the fit
+has one optimum and leave-one-out retraining is verifiable (ecif-math.md section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from ecif.engine.batches import Partition, iter_chunks, make_partition
+from ecif.engine.contrastive import (
+    batch_stats,
+    loss_grad_logits,
+    loss_hessian_logits,
+    pair_losses,
+)
+from ecif.grad.solvers import conjugate_gradient
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Head:
+    """A fitted head: the adapter M, the logit scale, and everything needed to reproduce it."""
+
+    m: torch.Tensor  # (d_img, d_txt)
+    m0: torch.Tensor
+    log_scale: float
+    log_scale0: float
+    learn_scale: bool
+    lam: float
+    partition: Partition
+    n_norm: int  # the 1/N of the objective: rows of the training set, removed ones included
+    info: dict = field(default_factory=dict)
+
+    @property
+    def logit_scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    @property
+    def batch_size(self) -> int:
+        return self.partition.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.partition.seed
+
+    @property
+    def num_params(self) -> int:
+        return self.m.numel() + int(self.learn_scale)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.m.dtype
+
+    def theta(self) -> torch.Tensor:
+        """Flat parameter vector (vec(M), then log t if learned)."""
+        parts = [self.m.reshape(-1)]
+        if self.learn_scale:
+            parts.append(torch.tensor([self.log_scale], dtype=self.m.dtype, device=self.m.device))
+        return torch.cat(parts)
+
+    def with_theta(self, theta: torch.Tensor, **kw) -> Head:
+        m = theta[: self.m.numel()].reshape(self.m.shape).clone()
+        log_scale = float(theta[-1]) if self.learn_scale else self.log_scale
+        return replace(self, m=m, log_scale=log_scale, **kw)
+
+    def loss(self, data, batch_size: int | None = None, seed: int | None = None) -> float:
+        """Mean per-pair symmetric InfoNCE (-log p_ii - log q_ii) on ``data``.
+
+        ``data`` is an EmbeddingSet (or anything with ``.image``/``.text``) or an (X, Y) tuple.
+        It is cut into batches of the head's batch size with the head's seed.
+        """
+        x, y = as_arrays(data)
+        part = make_partition(
+            len(x), batch_size or self.batch_size, self.seed if seed is None else seed
+        )
+        total = 0.0
+        for ch in iter_chunks(x, y, part, dtype=self.dtype, device=self.m.device):
+            s = self.logit_scale * (ch.x @ self.m) @ ch.y.transpose(-1, -2)
+            total += float(pair_losses(batch_stats(s, ch.mask)).sum())
+        return total / len(x)
+
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers; torch.save-able, enough to rebuild the head exactly."""
+        return {
+            "m": self.m.cpu(),
+            "m0": self.m0.cpu(),
+            "log_scale": self.log_scale,
+            "log_scale0": self.log_scale0,
+            "learn_scale": self.learn_scale,
+            "lam": self.lam,
+            "partition_index": torch.from_numpy(self.partition.index),
+            "batch_size": self.partition.batch_size,
+            "seed": self.partition.seed,
+            "n": self.partition.n,
+            "n_norm": self.n_norm,
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> Head:
+        part = Partition(
+            index=sd["partition_index"].numpy(),
+            batch_size=int(sd["batch_size"]),
+            seed=int(sd["seed"]),
+            n=int(sd["n"]),
+        )
+        return cls(
+            m=sd["m"],
+            m0=sd["m0"],
+            log_scale=float(sd["log_scale"]),
+            log_scale0=float(sd["log_scale0"]),
+            learn_scale=bool(sd["learn_scale"]),
+            lam=float(sd["lam"]),
+            partition=part,
+            n_norm=int(sd["n_norm"]),
+            info=dict(sd.get("info", {})),
+        )
+
+
+def as_arrays(data):
+    """(image, text) arrays from an EmbeddingSet-like object or a tuple."""
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return data[0], data[1]
+    if hasattr(data, "image") and hasattr(data, "text"):
+        return data.image, data.text
+    raise TypeError("expected an EmbeddingSet (with .image and .text) or an (image, text) tuple")
+
+
+class HeadObjective:
+    """J(theta), its gradient and exact Hessian-vector products over a fixed partition.
+
+    Matrix-free: every quantity is a stream over batch stacks, so memory is bounded by the
+    chunk, never by N (ecif-math.md section 5).
+    """
+
+    def __init__(
+        self, head: Head, x, y, *, batch_ids: np.ndarray | None = None, weight: float = 1.0
+    ):
+        self.head = head
+        self.x, self.y = x, y
+        self.batch_ids = batch_ids
+        self.weight = weight  # rescales a subsampled data term back to the full sum
+        self.di, self.dt = head.m.shape
+
+    def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+        m = theta[: self.di * self.dt].reshape(self.di, self.dt)
+        t = math.exp(float(theta[-1])) if self.head.learn_scale else self.head.logit_scale
+        return m, t
+
+    def _chunks(self):
+        h = self.head
+        return iter_chunks(
+            self.x, self.y, h.partition, dtype=h.dtype, device=h.m.device, batch_ids=self.batch_ids
+        )
+
+    def _reg(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta - self.head_theta0()
+
+    def head_theta0(self) -> torch.Tensor:
+        h = self.head
+        parts = [h.m0.reshape(-1)]
+        if h.learn_scale:
+            parts.append(torch.tensor([h.log_scale0], dtype=h.dtype, device=h.m.device))
+        return torch.cat(parts)
+
+    def value_and_grad(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        m, t = self._split(theta)
+        loss = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        g_m = torch.zeros_like(m)
+        g_tau = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        for ch in self._chunks():
+            s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+            st = batch_stats(s, ch.mask)
+            loss = loss + pair_losses(st).sum()
+            g = loss_grad_logits(st)
+            g_m = g_m + t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y)
+            if self.head.learn_scale:
+                g_tau = g_tau + (g * s).sum()
+        scale = self.weight / self.head.n_norm
+        r = self._reg(theta)
+        grad = (
+            torch.cat([g_m.reshape(-1), g_tau.reshape(1)])
+            if self.head.learn_scale
+            else g_m.reshape(-1)
+        )
+        value = float(loss) * scale + 0.5 * self.head.lam * float(r @ r)
+        return value, grad * scale + self.head.lam * r
+
+    def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Exact H v for v of shape (P,) or (K, P)."""
+        single = v.dim() == 1
+        vv = v.unsqueeze(0) if single else v
+        m, t = self._split(theta)
+        k = vv.shape[0]
+        vm = vv[:, : self.di * self.dt].reshape(k, self.di, self.dt)
+        delta = vv[:, -1] if self.head.learn_scale else None
+        h_m = torch.zeros_like(vm)
+        h_tau = torch.zeros(k, dtype=v.dtype, device=v.device)
+        for ch in self._chunks():
+            yt = ch.y.transpose(-1, -2)
+            s = t * (ch.x @ m) @ yt
+            st = batch_stats(s, ch.mask)
+            ds = t * torch.einsum("cbi,kij->kcbj", ch.x, vm) @ yt
+            if delta is not None:
+                ds = ds + delta[:, None, None, None] * s
+            dg = loss_hessian_logits(st, ds)
+            h_m = h_m + t * torch.einsum("cbi,kcbj->kij", ch.x, dg @ ch.y)
+            if delta is not None:
+                g = loss_grad_logits(st)
+                xgy = t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y)
+                h_m = h_m + delta[:, None, None] * xgy
+                h_tau = h_tau + (dg * s).sum((1, 2, 3)) + (g * ds).sum((1, 2, 3))
+        out = h_m.reshape(k, -1)
+        if delta is not None:
+            out = torch.cat([out, h_tau[:, None]], dim=1)
+        out = out * (self.weight / self.head.n_norm) + self.head.lam * vv
+        return out[0] if single else out
+
+
+@dataclass
+class FitArgs:
+    """How to fit the head. Defaults suit unit-norm CLIP embeddings."""
+
+    batch_size: int = 256
+    seed: int = 0
+    lam: float = 1e-3
+    logit_scale: float = 100.0
+    learn_scale: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_iter: int = 500
+    tol: float | None = None  # gradient max-abs tolerance; default by dtype
+    history_size: int = 20
+    newton_steps: int = 0  # exact Newton-CG polish after L-BFGS (for tight retraining checks)
+
+
+def new_head(x, y, args: FitArgs, m0: torch.Tensor | None = None) -> Head:
+    """The starting point theta_0: identity adapter (rectangular identity if widths differ)."""
+    dtype = DTYPES[args.dtype]
+    di, dt = int(x.shape[1]), int(y.shape[1])
+    if m0 is None:
+        m0 = torch.eye(di, dt, dtype=dtype, device=args.device)
+    if args.logit_scale <= 0:
+        raise ValueError("logit_scale must be positive")
+    tau0 = math.log(args.logit_scale)
+    part = make_partition(len(x), args.batch_size, args.seed)
+    return Head(
+        m=m0.clone(),
+        m0=m0.clone(),
+        log_scale=tau0,
+        log_scale0=tau0,
+        learn_scale=args.learn_scale,
+        lam=args.lam,
+        partition=part,
+        n_norm=len(x),
+    )
+
+
+def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
+    """Full-batch L-BFGS (strong Wolfe) to a gradient tolerance; warm start from ``init``."""
+    if head.lam <= 0:
+        raise ValueError("lam must be > 0: the L2 pull makes the Hessian invertible")
+    obj = HeadObjective(head, x, y)
+    start = (
+        head.theta() if init is None else init.theta().to(dtype=head.dtype, device=head.m.device)
+    )
+    if start.numel() != head.num_params:
+        raise ValueError("init head has a different shape or learn_scale setting")
+    tol = args.tol if args.tol is not None else (1e-9 if head.dtype == torch.float64 else 1e-5)
+    theta = torch.nn.Parameter(start.clone())
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=args.max_iter,
+        max_eval=int(args.max_iter * 1.5),
+        tolerance_grad=tol,
+        tolerance_change=0.0,
+        history_size=args.history_size,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        value, grad = obj.value_and_grad(theta.detach())
+        theta.grad = grad
+        return torch.tensor(value, dtype=theta.dtype)
+
+    iterations = evaluations = 0
+    for _restart in range(5):  # L-BFGS can stop on a zero step before the tolerance; restart
+        opt.step(closure)
+        state = opt.state[opt._params[0]]
+        iterations += int(state.get("n_iter", 0))
+        evaluations += int(state.get("func_evals", 0))
+        value, grad = obj.value_and_grad(theta.detach())
+        gmax = float(grad.abs().max())
+        if gmax <= tol or iterations >= args.max_iter:
+            break
+        opt = torch.optim.LBFGS([theta], **opt.defaults)
+    for _ in range(args.newton_steps):
+        if gmax <= tol * 1e-3:
+            break
+        step = conjugate_gradient(
+            lambda v: obj.hvp(theta.detach(), v), grad, tol=1e-9, max_iter=2 * head.num_params + 10
+        ).x
+        theta.data -= step
+        value, grad = obj.value_and_grad(theta.detach())
+        gmax = float(grad.abs().max())
+    info = {
+        "objective": value,
+        "grad_max": gmax,
+        "grad_norm": float(grad.norm()),
+        "iterations": iterations,
+        "evaluations": evaluations,
+        "converged": gmax <= tol * 10,
+        "tol": tol,
+    }
+    return head.with_theta(theta.detach(), info=info)

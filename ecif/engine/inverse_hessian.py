@@ -1,0 +1,181 @@
+"""Inverse-Hessian solves for the head objective: dense exact, CG, and EK-FAC.
+
+The head's Hessian in M is exactly a sum of Kronecker products,
+(t^2/N) [sum_i x_i x_i^T (x) Cov_{p_i}(y) + sum_j Cov_{q_j}(x) (x) y_j y_j^T] + lambda I,
+so an eigenbasis Q1 (x) Q2 of its summed factors, with the EXACT diagonal of H in that basis
+(one pass over the data), gives an EK-FAC approximation that is cheap to apply and a strong
+preconditioner for CG with exact Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ecif.engine.batches import iter_chunks
+from ecif.engine.contrastive import batch_stats
+from ecif.engine.head import Head, HeadObjective
+from ecif.grad.solvers import conjugate_gradient
+
+METHODS = ("auto", "exact", "cg", "ekfac")
+
+
+@dataclass
+class SolverArgs:
+    """How to apply H^-1. ``auto``: dense exact up to ``exact_max_params``, else CG + EK-FAC."""
+
+    method: str = "auto"
+    tol: float = 1e-6  # CG relative residual
+    max_iter: int = 300
+    exact_max_params: int = 4096
+    hessian_batches: int | None = None  # subsample this many batches for H (None: all)
+    seed: int = 0
+
+
+class InverseHessian:
+    """H^-1 of the fitted head's objective, applied to flat vectors of shape (P,) or (K, P)."""
+
+    def __init__(self, head: Head, x, y, args: SolverArgs | None = None):
+        args = args or SolverArgs()
+        if args.method not in METHODS:
+            raise ValueError(f"solver method must be one of {METHODS}; got {args.method!r}")
+        self.head, self.args = head, args
+        method = args.method
+        if method == "auto":
+            method = "exact" if head.num_params <= args.exact_max_params else "cg"
+        self.method = method
+        nb = head.partition.num_batches
+        batch_ids, weight = None, 1.0
+        if args.hessian_batches is not None and args.hessian_batches < nb:
+            rng = np.random.default_rng(args.seed)
+            batch_ids = np.sort(rng.choice(nb, size=args.hessian_batches, replace=False))
+            weight = nb / args.hessian_batches
+        self.objective = HeadObjective(head, x, y, batch_ids=batch_ids, weight=weight)
+        self.theta = head.theta()
+        self.info: dict = {"method": method, "hessian_batches": args.hessian_batches or nb}
+        self._chol = None
+        self._ekfac = None
+        if method == "exact":
+            self._chol = torch.linalg.cholesky(self.dense())
+        else:
+            self._ekfac = _EKFAC.build(self.objective)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        return self.objective.hvp(self.theta, v)
+
+    def dense(self) -> torch.Tensor:
+        """The dense Hessian, built from exact Hessian-vector products on the unit basis."""
+        p = self.head.num_params
+        eye = torch.eye(p, dtype=self.head.dtype, device=self.head.m.device)
+        cols = [self.hvp(eye[i : i + 64]) for i in range(0, p, 64)]
+        h = torch.cat(cols, dim=0)
+        return 0.5 * (h + h.T)
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        single = g.dim() == 1
+        gg = g.unsqueeze(0) if single else g
+        if self.method == "exact":
+            out = torch.cholesky_solve(gg.T, self._chol).T
+        elif self.method == "ekfac":
+            out = self._ekfac.apply(gg)
+        else:
+            res = conjugate_gradient(
+                self.hvp,
+                gg,
+                precond=self._ekfac.apply,
+                tol=self.args.tol,
+                max_iter=self.args.max_iter,
+                batch_dims=1,
+            )
+            self.info.update(cg_iterations=res.iterations, cg_converged=res.converged)
+            self.info["cg_rel_residual"] = float(res.rel_residual.max())
+            out = res.x
+        return out[0] if single else out
+
+    def quad_form(self, g: torch.Tensor) -> torch.Tensor:
+        """g^T H^-1 g for each row of g (K, P); EK-FAC uses its closed form, no solve."""
+        if self.method == "ekfac":
+            return self._ekfac.quad_form(g)
+        return (g * self.solve(g)).sum(-1)
+
+
+@dataclass
+class _EKFAC:
+    q1: torch.Tensor  # (d_img, d_img) eigenbasis, image side
+    q2: torch.Tensor  # (d_txt, d_txt) eigenbasis, text side
+    diag: torch.Tensor  # (d_img, d_txt) exact diagonal of H in that basis, damping included
+    tau_col: torch.Tensor | None  # exact H[M, tau] column when the scale is learned
+    tau_u: torch.Tensor | None  # A^-1 H[M, tau] (A = the EK-FAC M block)
+    schur: float | None  # H_tau,tau - H[tau, M] A^-1 H[M, tau]
+
+    @classmethod
+    def build(cls, obj: HeadObjective) -> _EKFAC:
+        head = obj.head
+        m, t = obj._split(head.theta())
+        di, dt = m.shape
+        a_img = torch.zeros(di, di, dtype=m.dtype, device=m.device)
+        a_txt = torch.zeros(dt, dt, dtype=m.dtype, device=m.device)
+        for ch, st in _stats(obj, m, t):
+            xbar = st.q.transpose(-1, -2) @ ch.x  # (c, B, di): mean image under column j
+            ybar = st.p @ ch.y  # (c, B, dt): mean text under row i
+            wp = st.p.sum(-2)  # column sums of P: weight of y_j y_j^T in sum_i Cov_{p_i}(y)
+            mx = ch.mask.to(m.dtype)
+            a_img += torch.einsum("cb,cbi,cbk->ik", mx + st.q.sum(-1), ch.x, ch.x)
+            a_img -= torch.einsum("cbi,cbk->ik", xbar, xbar)
+            a_txt += torch.einsum("cb,cbi,cbk->ik", mx + wp, ch.y, ch.y)
+            a_txt -= torch.einsum("cbi,cbk->ik", ybar, ybar)
+        q1 = torch.linalg.eigh(0.5 * (a_img + a_img.T))[1]
+        q2 = torch.linalg.eigh(0.5 * (a_txt + a_txt.T))[1]
+        diag = torch.zeros(di, dt, dtype=m.dtype, device=m.device)
+        for ch, st in _stats(obj, m, t):
+            al = ch.x @ q1  # (c, B, di)
+            be = ch.y @ q2  # (c, B, dt)
+            var_r = st.p @ be.square() - (st.p @ be).square()  # Var_{p_i}(beta): (c, B, dt)
+            qt = st.q.transpose(-1, -2)
+            var_c = qt @ al.square() - (qt @ al).square()  # Var_{q_j}(alpha): (c, B, di)
+            diag += torch.einsum("cbi,cbj->ij", al.square(), var_r)
+            diag += torch.einsum("cbi,cbj->ij", var_c, be.square())
+        diag = diag * (t * t * obj.weight / head.n_norm) + head.lam
+        out = cls(q1=q1, q2=q2, diag=diag, tau_col=None, tau_u=None, schur=None)
+        if head.learn_scale:  # the scale couples to every entry of M: keep that block exact
+            e = torch.zeros(head.num_params, dtype=m.dtype, device=m.device)
+            e[-1] = 1.0
+            col = obj.hvp(head.theta(), e)
+            out.tau_col = col[:-1]
+            out.tau_u = out._apply_m(out.tau_col[None])[0]
+            out.schur = float(col[-1] - out.tau_col @ out.tau_u)
+        return out
+
+    def _rotate(self, g: torch.Tensor) -> torch.Tensor:
+        di, dt = self.diag.shape
+        gm = g.reshape(-1, di, dt)
+        return self.q1.T @ gm @ self.q2
+
+    def _apply_m(self, gm: torch.Tensor) -> torch.Tensor:
+        return (self.q1 @ (self._rotate(gm) / self.diag) @ self.q2.T).reshape(gm.shape[0], -1)
+
+    def apply(self, g: torch.Tensor) -> torch.Tensor:
+        if self.schur is None:
+            return self._apply_m(g)
+        # block solve with the Schur complement of the M block
+        a_inv_gm = self._apply_m(g[:, :-1])
+        x_tau = (g[:, -1] - a_inv_gm @ self.tau_col) / self.schur
+        return torch.cat([a_inv_gm - x_tau[:, None] * self.tau_u[None], x_tau[:, None]], dim=1)
+
+    def quad_form(self, g: torch.Tensor) -> torch.Tensor:
+        if self.schur is None:
+            return (self._rotate(g).square() / self.diag).sum((1, 2))
+        gm = g[:, :-1]
+        q = (self._rotate(gm).square() / self.diag).sum((1, 2))
+        return q + (g[:, -1] - self._apply_m(gm) @ self.tau_col).square() / self.schur
+
+
+def _stats(obj: HeadObjective, m: torch.Tensor, t: float):
+    head = obj.head
+    for ch in iter_chunks(
+        obj.x, obj.y, head.partition, dtype=head.dtype, device=m.device, batch_ids=obj.batch_ids
+    ):
+        s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+        yield ch, batch_stats(s, ch.mask)

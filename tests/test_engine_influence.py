@@ -1,0 +1,147 @@
+"""The influence scores against brute force (dense autograd Hessian) and real retraining."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import ecif
+from ecif.engine.head import HeadObjective
+from tests.engine_reference import Reference, synthetic_pairs
+
+F64 = dict(dtype="float64", newton_steps=3)
+
+
+def _small(learn_scale=False, n=48, d=4):
+    x, y, _ = synthetic_pairs(n, d, noise=0.25, seed=1)
+    xv, yv, _ = synthetic_pairs(30, d, noise=0.0, seed=2)
+    train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
+    head = ecif.fit(train, batch_size=8, lam=1e-2, logit_scale=8.0, learn_scale=learn_scale, **F64)
+    return train, val, head
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_fit_reaches_a_stationary_point_of_the_reference_objective(learn_scale):
+    train, _, head = _small(learn_scale)
+    ref = Reference(head, train.image, train.text)
+    g = torch.func.grad(ref.objective)(head.theta())
+    assert float(g.abs().max()) < 1e-9
+    assert head.info["converged"]
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_hvp_matches_dense_autograd_hessian(learn_scale):
+    train, _, head = _small(learn_scale)
+    h = Reference(head, train.image, train.text).hessian()
+    v = torch.randn(3, head.num_params, dtype=torch.float64)
+    hv = HeadObjective(head, train.image, train.text).hvp(head.theta(), v)
+    assert torch.allclose(hv, v @ h.T, atol=1e-10 * float(h.abs().max()))
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_score_equals_brute_force_formula(learn_scale):
+    train, val, head = _small(learn_scale)
+    ref = Reference(head, train.image, train.text)
+    w = torch.linalg.solve(ref.hessian(), ref.val_grad(val.image, val.text))
+    expected = np.array([float(ref.removal_grad(n) @ w) / len(train) for n in range(len(train))])
+    for method in ("exact", "cg"):
+        inverse = ecif.solver(head, train, method=method, tol=1e-11)
+        df = ecif.score(head, train, val, inverse=inverse)
+        assert np.allclose(df["influence"], expected, rtol=1e-6, atol=1e-10), method
+        assert np.allclose(df["influence_pos"] + df["influence_neg"], df["influence"], atol=1e-12)
+    assert list(df["id"]) == list(train.ids)
+
+
+def test_self_and_relative_influence_equal_brute_force():
+    train, val, head = _small()
+    ref = Reference(head, train.image, train.text)
+    h = ref.hessian()
+    rows = [0, 5, 17, 33]
+    grads = torch.stack([ref.removal_grad(n) for n in rows])
+    sols = torch.linalg.solve(h, grads.T).T
+    si = ecif.self_influence(head, train, rows=rows)
+    assert np.allclose(si, (grads * sols).sum(1).numpy(), rtol=1e-8)
+    g_test = ref.val_grad(val.image[:5], val.text[:5])
+    rel = ecif.relative_influence(head, train, g_test, rows)
+    expected = (sols @ g_test / sols.norm(dim=1)).numpy()
+    assert np.allclose(rel["relative_influence"], expected, rtol=1e-8)
+
+
+def test_cg_and_ekfac_solvers_against_exact():
+    x, y, _ = synthetic_pairs(400, 12, noise=0.2, seed=3)
+    train = ecif.EmbeddingSet(x, y)
+    head = ecif.fit(train, batch_size=32, lam=1e-3, logit_scale=10.0, **F64)
+    g = torch.randn(4, head.num_params, dtype=torch.float64)
+    exact = ecif.solver(head, train, method="exact").solve(g)
+    cg = ecif.solver(head, train, method="cg", tol=1e-10)
+    assert torch.allclose(cg.solve(g), exact, rtol=1e-7, atol=1e-9)
+    ek = ecif.solver(head, train, method="ekfac").solve(g)
+    cos = torch.nn.functional.cosine_similarity(ek, exact, dim=1)
+    assert float(cos.min()) > 0.9
+
+
+def _retraining_study(neg_forms=("exact",), n=240, d=6, singles=40, groups=25, seed=0):
+    x, y, _ = synthetic_pairs(n, d, noise=0.2, seed=5)
+    xv, yv, _ = synthetic_pairs(200, d, noise=0.0, seed=6)
+    train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
+    kw = dict(batch_size=24, seed=0, lam=1e-3, logit_scale=10.0, **F64)
+    head = ecif.fit(train, **kw)
+    base = head.loss(val)
+    scores = {form: ecif.score(head, train, val, neg=form) for form in neg_forms}
+    rng = np.random.default_rng(seed)
+    rem = rng.choice(n, singles, replace=False)
+    actual = np.array([ecif.fit(train, exclude=[r], init=head, **kw).loss(val) - base for r in rem])
+    subsets = [rng.choice(n, int(0.05 * n), replace=False) for _ in range(groups)]
+    group_actual = np.array(
+        [ecif.fit(train, exclude=s, init=head, **kw).loss(val) - base for s in subsets]
+    )
+    out = {}
+    for form, df in scores.items():
+        for col in ("influence", "influence_pos"):
+            v = df[col].to_numpy()
+            out[(form, col)] = (
+                spearmanr(v[rem], actual)[0],
+                spearmanr([v[s].sum() for s in subsets], group_actual)[0],
+            )
+    return out
+
+
+def test_fidelity_against_leave_one_out_and_group_retraining():
+    res = _retraining_study(neg_forms=("exact", "first_order"))
+    for key, (single, lds) in res.items():
+        print(key, f"spearman={single:.3f} lds={lds:.3f}")
+    single, lds = res[("exact", "influence")]
+    assert single >= 0.9
+    assert lds >= 0.7
+
+
+def test_same_seed_same_scores_and_seed_changes_partition():
+    x, y, _ = synthetic_pairs(120, 5, seed=7)
+    xv, yv, _ = synthetic_pairs(40, 5, noise=0.0, seed=8)
+    train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
+    a = ecif.score(ecif.fit(train, batch_size=16, seed=3), train, val)
+    b = ecif.score(ecif.fit(train, batch_size=16, seed=3), train, val)
+    assert a.equals(b)
+    c = ecif.fit(train, batch_size=16, seed=4)
+    assert not np.array_equal(
+        c.partition.index, ecif.fit(train, batch_size=16, seed=3).partition.index
+    )
+
+
+def test_bad_inputs_give_clear_errors():
+    x, y, _ = synthetic_pairs(20, 4)
+    train = ecif.EmbeddingSet(x, y)
+    head = ecif.fit(train, batch_size=8)
+    wrong = ecif.EmbeddingSet(np.ones((5, 3)), np.ones((5, 3)))
+    with pytest.raises(ValueError, match="widths"):
+        ecif.score(head, train, wrong)
+    with pytest.raises(ValueError, match="validation set"):
+        ecif.score(head, train)
+    with pytest.raises(ValueError, match="at least 2"):
+        ecif.fit(ecif.EmbeddingSet(x[:1], y[:1]))
+    with pytest.raises(KeyError, match="not in this set"):
+        ecif.fit(train, exclude=[999])
+    bad = x.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ecif.EmbeddingSet(bad, y)
