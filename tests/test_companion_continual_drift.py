@@ -1,0 +1,141 @@
+"""Drift criteria and the timestamped network of the continual-learning companion."""
+
+import math
+
+import pytest
+import torch
+
+from ecif.companions.continual import NEVER, TimestampedMLP, drift_scores
+
+
+def test_angular_drift_equals_known_values():
+    e1 = torch.tensor([1.0, 0.0, 0.0])
+    old = e1.expand(5, 3)
+    new = torch.stack(
+        [
+            e1,
+            torch.tensor([0.0, 1.0, 0.0]),
+            -e1,
+            torch.tensor([0.5, math.sqrt(3) / 2, 0.0]),
+            torch.tensor([1.0, 1.0, 0.0]),
+        ]
+    )
+    got = drift_scores(old, new, "angular")
+    assert torch.allclose(got, torch.tensor([0.0, 0.5, 1.0, 1 / 3, 0.25]), atol=1e-6)
+    assert torch.allclose(drift_scores(old, new, "euclidean")[:3], torch.tensor([0, 2**0.5, 2]))
+
+
+def test_angular_drift_invariant_to_positive_rescaling_unlike_euclidean():
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(50, 40, generator=g), torch.randn(50, 40, generator=g)
+    c_old = torch.exp(torch.randn(50, 1, generator=g) * 2)  # factors from ~0.01 to ~100
+    c_new = torch.exp(torch.randn(50, 1, generator=g) * 2)
+    base = drift_scores(old, new, "angular")
+    assert torch.allclose(drift_scores(c_old * old, c_new * new, "angular"), base, atol=1e-6)
+    assert not torch.allclose(
+        drift_scores(c_old * old, c_new * new, "euclidean"), drift_scores(old, new, "euclidean")
+    )
+    # a negative factor flips the direction: angle becomes 1 - angle
+    assert torch.allclose(drift_scores(old, -new, "angular"), 1 - base, atol=1e-6)
+    # nearly parallel vectors keep their small angle (no arccos(1 - eps) collapse)
+    tiny = drift_scores(old, old + 1e-4 * new, "angular")
+    assert bool((tiny > 0).all()) and bool((tiny < 1e-3).all())
+
+
+def test_rescaling_a_relu_unit_changes_the_function_but_not_the_angle():
+    g = torch.Generator().manual_seed(1)
+    net = TimestampedMLP(6, [8, 4], generator=g)
+    net.add_head(3, g)
+    x = torch.randn(20, 6, generator=g)
+    before = net(x, 0)
+    h_before, _ = net.hidden(x, 0)
+    j = int(h_before.mean(0).argmax())  # a unit that is active on this data
+    w_old = net.layers[1].weight.clone()
+    net.layers[1].weight[j] *= 2.0
+    net.layers[1].bias[j] *= 2.0
+    h_after, _ = net.hidden(x, 0)
+    assert torch.allclose(h_after[:, j], 2 * h_before[:, j])  # ReLU is positively homogeneous
+    assert float(drift_scores(w_old, net.layers[1].weight, "angular")[j]) < 1e-6
+    assert float(drift_scores(w_old, net.layers[1].weight, "euclidean")[j]) > 0.1
+    assert float((net(x, 0) - before).abs().max()) > 1e-3  # ... yet the outputs moved
+
+
+def test_drift_criteria_are_pluggable_and_checked():
+    old, new = torch.ones(4, 3), torch.zeros(4, 3)
+    assert torch.equal(
+        drift_scores(old, new, lambda a, b, g: (a - b).sum(1)), torch.full((4,), 3.0)
+    )
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(drift_scores(old, new, "random", g1), drift_scores(old, new, "random", g2))
+    with pytest.raises(KeyError):
+        drift_scores(old, new, "manhattan")
+    with pytest.raises(ValueError):
+        drift_scores(old, new[:, :2], "angular")
+
+
+def _net_with_two_tasks():
+    g = torch.Generator().manual_seed(2)
+    net = TimestampedMLP(5, [7, 6], generator=g)
+    net.add_head(3, g)
+    return net, g
+
+
+def test_split_restores_old_outputs_bitwise_and_keeps_current_task():
+    net, g = _net_with_two_tasks()
+    x = torch.randn(30, 5, generator=g)
+    rec0 = net(x, 0)
+    snap = net.snapshot()
+    net.add_head(2, g)
+    net.expand(0, 2, 1, g)
+    net.layers[1].weight[:, -2:] = torch.randn(net.layers[1].size, 2, generator=g)
+    for lay in net.layers:  # simulate training of task 1 on every old unit
+        lay.weight[:, :] += 0.3 * torch.randn(lay.weight.shape, generator=g)
+        lay.bias += 0.1
+    assert not torch.equal(net(x, 0), rec0)
+    rec1 = net(x, 1)
+    net.split(0, [0, 3, 4, 5, 6, 1, 2], 1, snap)
+    net.split(1, list(range(6)), 1, snap)
+    assert torch.equal(net(x, 0), rec0)  # bit for bit
+    assert torch.allclose(net(x, 1), rec1, atol=1e-5)  # split preserves the new task's function
+    assert net.unit_counts() == [7 + 2 + 7, 6 + 6]
+    assert net.alive(0, 0).tolist() == list(range(7))
+    assert int(net.alive(0, 1).numel()) == 9 and int(net.alive(1, 1).numel()) == 6
+    assert net.layers[0].death[:7].tolist() == [1] * 7
+    assert bool((net.layers[0].death[7:] == NEVER).all())
+    with pytest.raises(ValueError):
+        net.split(0, [7], 1, snap)  # a unit born at task 1 cannot be split at task 1
+
+
+def test_expand_and_remove_change_unit_count_as_specified():
+    net, g = _net_with_two_tasks()
+    net.add_head(4, g)
+    net.expand(0, 3, 1, g)
+    net.expand(1, 5, 1, g)
+    assert net.unit_counts() == [10, 11]
+    assert net.layers[1].weight.shape == (11, 10)
+    assert [w.shape[1] for w, _ in net.heads] == [11, 11]
+    assert int(net.alive(0, 0).numel()) == 7 and int(net.alive(0, 1).numel()) == 10
+    n_before = net.n_params()
+    net.remove_units(1, [7, 9], 1)
+    net.remove_units(0, [8], 1)
+    assert net.unit_counts() == [9, 9]
+    assert net.layers[1].weight.shape == (9, 9)
+    assert [w.shape[1] for w, _ in net.heads] == [9, 9]
+    assert net.n_params() == n_before - (2 * 10 + 2 + 2 * 3 + 2 * 4) - (5 + 1 + 9)
+    with pytest.raises(ValueError):
+        net.remove_units(0, [0], 1)  # old units are never pruned
+
+
+def test_split_of_lower_layer_restores_consumers_column_for_old_tasks():
+    net, g = _net_with_two_tasks()
+    x = torch.randn(30, 5, generator=g)
+    rec0 = net(x, 0)
+    snap = net.snapshot()
+    net.add_head(2, g)
+    net.layers[0].weight[[1, 4]] += 0.5  # only two bottom units drift ...
+    net.layers[1].weight[:, [1, 4]] *= 3.0  # ... and their outgoing weights
+    rec1 = net(x, 1)
+    net.split(0, [1, 4], 1, snap)  # the top layer is not split
+    assert torch.equal(net(x, 0), rec0)
+    assert torch.allclose(net(x, 1), rec1, atol=1e-5)
+    assert torch.equal(net.layers[1].weight[:, [1, 4]], snap.weights[1][:, [1, 4]])
