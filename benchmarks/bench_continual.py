@@ -32,6 +32,7 @@ from ecif.companions.continual import (
     permuted_tasks,
     rescale_damage,
     restore_damage,
+    split_gain,
     split_tasks,
 )
 from ecif.companions.continual.drift import drift_scores
@@ -49,12 +50,12 @@ def make_tasks(seq: str, seed: int):
 
 def run_one(job: tuple) -> dict:
     """One (sequence, seed, method, m) run; the no-split run also measures drift vs damage."""
-    seq, seed, method, m, steps, hidden = job
+    seq, seed, method, m, steps, hidden, pull = job
     torch.set_num_threads(1)
     tasks = make_tasks(seq, seed)
     crit = method if method in CRITERIA else "euclidean"
     top_m = {"none": 0, "all": 10**9}.get(method, m)
-    cfg = DENConfig(hidden=hidden, steps=steps, split_top_m=top_m, drift=crit, seed=seed)
+    cfg = DENConfig(hidden=hidden, steps=steps, split_top_m=top_m, drift=crit, seed=seed, pull=pull)
     learner = DENLearner(tasks[0].x_train.shape[1], cfg)
     corr: list[dict] = []
     val_sets = [(t.x_val, t.y_val) for t in tasks]
@@ -66,10 +67,13 @@ def run_one(job: tuple) -> dict:
                 continue
             old, new = incoming(lrn.net, snap, layer, cand, cfg.drift_include_bias)
             dmg = restore_damage(lrn.net, snap, layer, cand, val_sets[:task]).numpy()
+            gain = split_gain(lrn.net, snap, layer, cand, val_sets[:task], task).numpy()
             row = {"task": task, "layer": layer, "n": int(cand.numel()), "dmg": float(dmg.mean())}
+            row["gain"] = float(gain.mean())
             for c in SCORED:
                 s = drift_scores(old, new, c, gen).numpy()
                 row[c] = float(spearmanr(s, dmg).statistic)
+                row[c + "|split"] = float(spearmanr(s, gain).statistic)
             corr.append(row)
 
     t0 = time.time()
@@ -161,19 +165,28 @@ def report(results: list[dict], seqs, seeds, ms) -> str:
         corr = [c | {"seed": s} for s in seeds for c in by[(seq, s, "none", 0)]["corr"]]
         lines += [
             "",
-            "| Spearman(drift, damage), no-split runs | layer | " + " | ".join(SCORED) + " |",
+            "| Spearman(drift score, damage), no-split runs | layer | " + " | ".join(SCORED) + " |",
             "|---|---|" + "---|" * len(SCORED),
         ]
-        for layer in sorted({c["layer"] for c in corr}):
-            cells = []
-            for crit in SCORED:
-                per_seed = [
-                    np.mean([c[crit] for c in corr if c["seed"] == s and c["layer"] == layer])
-                    for s in seeds
-                ]
-                cells.append(fmt(boot(per_seed)))
-            n = np.mean([c["n"] for c in corr if c["layer"] == layer])
-            lines.append(f"| units moved: {n:.0f} on avg | {layer} | " + " | ".join(cells) + " |")
+        for kind, suffix in (("restore incoming", ""), ("split alone", "|split")):
+            for layer in sorted({c["layer"] for c in corr}):
+                cells = []
+                for crit in SCORED:
+                    per_seed = [
+                        np.mean(
+                            [
+                                c[crit + suffix]
+                                for c in corr
+                                if c["seed"] == s and c["layer"] == layer
+                            ]
+                        )
+                        for s in seeds
+                    ]
+                    cells.append(fmt(boot(per_seed)))
+                n = np.mean([c["n"] for c in corr if c["layer"] == layer])
+                lines.append(
+                    f"| {kind} ({n:.0f} moved units) | {layer} | " + " | ".join(cells) + " |"
+                )
         resc = [by[(seq, s, "none", 0)]["rescale"] for s in seeds]
         lines += [
             "",
@@ -201,18 +214,19 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[5, 20])
     ap.add_argument("--seqs", nargs="+", default=["permuted", "split"])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pull", type=float, default=0.5, help="L2 pull to old weights (DEN: 0.5)")
     args = ap.parse_args()
     seeds = list(range(args.seeds))
     jobs = [(q, s, "none", 0) for q in args.seqs for s in seeds]
     jobs += [(q, s, "all", 0) for q in args.seqs for s in seeds]
     jobs += [(q, s, c, m) for q in args.seqs for s in seeds for m in args.m for c in CRITERIA]
-    jobs = [j + (args.steps, tuple(args.hidden)) for j in jobs]
+    jobs = [j + (args.steps, tuple(args.hidden), args.pull) for j in jobs]
     t0 = time.time()
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(run_one, jobs))
     print(
         f"{len(jobs)} runs, {time.time() - t0:.0f} s wall, steps/phase {args.steps}, "
-        f"hidden {args.hidden}, published DEN defaults otherwise"
+        f"hidden {args.hidden}, pull {args.pull}, published DEN defaults otherwise"
     )
     print(report(results, args.seqs, seeds, args.m))
 

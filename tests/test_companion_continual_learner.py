@@ -10,6 +10,7 @@ from ecif.companions.continual import (
     permuted_tasks,
     rescale_damage,
     restore_damage,
+    split_gain,
     split_tasks,
     synthetic_xy,
 )
@@ -103,6 +104,15 @@ def test_restore_damage_is_a_pure_measurement(tasks):
         seen["dmg"] = restore_damage(learner.net, snap, 0, units, sets)
         seen["resc"] = rescale_damage(learner.net, 0, units, 0.5, sets)
         assert torch.equal(learner.net.layers[0].weight, w)
+        # top hidden layer: its consumers are the frozen old heads, so splitting a unit alone
+        # buys the old tasks exactly what restoring its incoming weights does
+        top = changed_units(learner.net, snap, 1, task)
+        counts = learner.net.unit_counts()
+        gain = split_gain(learner.net, snap, 1, top, sets, task)
+        assert learner.net.unit_counts() == counts  # trial splits happen on copies
+        assert torch.allclose(gain, restore_damage(learner.net, snap, 1, top, sets), atol=1e-6)
+        bottom = split_gain(learner.net, snap, 0, units, sets, task)
+        assert not torch.allclose(bottom, seen["dmg"], atol=1e-6)  # consumers' column matters
 
     lrn.learn_task(tasks[1].x_train, tasks[1].y_train, before_split=hook)
     assert seen["dmg"].numel() > 0 and bool((seen["dmg"] != 0).any())

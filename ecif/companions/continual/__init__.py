@@ -6,7 +6,12 @@ continual deep neural networks" (Saadi & Khan, 2021) on top of Dynamically Expan
 """
 
 from ecif.companions.continual.config import DENConfig
-from ecif.companions.continual.damage import old_task_loss, rescale_damage, restore_damage
+from ecif.companions.continual.damage import (
+    old_task_loss,
+    rescale_damage,
+    restore_damage,
+    split_gain,
+)
 from ecif.companions.continual.drift import DRIFT_CRITERIA, drift_scores
 from ecif.companions.continual.learner import DENLearner, TaskReport, changed_units, incoming
 from ecif.companions.continual.network import NEVER, Snapshot, TimestampedMLP
@@ -35,6 +40,7 @@ __all__ = [
     "permuted_tasks",
     "rescale_damage",
     "restore_damage",
+    "split_gain",
     "split_tasks",
     "synthetic_xy",
 ]

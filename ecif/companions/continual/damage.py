@@ -7,6 +7,7 @@ the benchmark reports the Spearman correlation of each criterion with it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,29 @@ def restore_damage(
         out[i] = base - old_task_loss(net, sets)
         lay.weight[j, :n_cols] = row
         lay.bias[j] = bias
+    return out
+
+
+@torch.no_grad()
+def split_gain(
+    net: TimestampedMLP,
+    snap: Snapshot,
+    layer: int,
+    units: torch.Tensor,
+    sets: Sequence[TaskData],
+    task: int,
+) -> torch.Tensor:
+    """Old-task loss reduction from splitting each of ``units`` alone at ``task``.
+
+    Unlike :func:`restore_damage` this also restores the unit's column in its consumers, i.e.
+    it is exactly what the split decision buys the old tasks. Works on copies of the network.
+    """
+    base = old_task_loss(net, sets)
+    out = torch.empty(len(units), dtype=torch.float64)
+    for i, j in enumerate(units.tolist()):
+        trial = copy.deepcopy(net)
+        trial.split(layer, [j], task, snap)
+        out[i] = base - old_task_loss(trial, sets)
     return out
 
 
