@@ -10,15 +10,20 @@ from ecif.api import (
     solver,
 )
 from ecif.data import EmbeddingSet
+from ecif.data.embed import embed
 from ecif.engine.head import Head
 
 __version__ = "0.1.0"
+
+from ecif import datasets  # noqa: E402,F401  (ecif.datasets.shapes(...) after import ecif)
 
 __all__ = [
     "EmbeddingSet",
     "Head",
     "__version__",
     "classification_gradient",
+    "datasets",
+    "embed",
     "fit",
     "loss_gradient",
     "relative_influence",

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = ["embed"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,6 +105,23 @@ class EmbeddingSet:
             raise KeyError(f"{int((pos < 0).sum())} ids are not in this set, e.g. {missing}")
         return pos
 
+    @classmethod
+    def load(
+        cls, folder: str | Any, *, keep_failed: bool = False, id_col: str | None = None
+    ) -> EmbeddingSet:
+        """Read a clip-retrieval embedding folder (``ecif embed`` output or clip-retrieval's own),
+        memory-mapped. Rows whose ``status`` is not ``"ok"`` are dropped (count logged) unless
+        ``keep_failed``. See ``ecif.data.layout.load_folder``."""
+        from ecif.data.layout import load_folder
+
+        return load_folder(folder, keep_failed=keep_failed, id_col=id_col)
+
+    def save(self, folder: str | Any, *, part_rows: int = 1_000_000) -> Any:
+        """Write this set in the clip-retrieval layout (float16) plus a manifest."""
+        from ecif.data.layout import save_folder
+
+        return save_folder(self, folder, part_rows=part_rows)
+
     def split(self, fraction: float, seed: int = 0) -> tuple[EmbeddingSet, EmbeddingSet]:
         """Random split into (rest, held_out) with ``fraction`` of rows held out."""
         if not 0.0 < fraction < 1.0:

@@ -1,0 +1,73 @@
+"""``ecif embed``: image-text shards -> clip-retrieval embedding folder (mirrors ``ecif.embed``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ecif.cli import common
+
+NAME = "embed"
+HELP = "embed image-text shards with an open_clip model into a clip-retrieval folder"
+DESCRIPTION = (
+    "Read img2dataset parquet shards (image bytes or a path column), img2dataset webdataset "
+    ".tar shards, or CSV/parquet tables of `path, caption`, and write img_emb/, text_emb/, "
+    "metadata/ and manifest.json. One output part per input shard, written atomically; "
+    "rerunning into the same folder skips finished parts. Rows that cannot be embedded are "
+    "kept with status=failed and an error_message (zero embeddings)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="shard files, folders of shards, or globs")
+    p.add_argument("--output", "-o", required=True, help="output embedding folder")
+    p.add_argument(
+        "--model",
+        default="ViT-B-32",
+        help="open_clip model name, local-dir:/path (config + weights), or 'ecif-tiny'",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="pretrained tag (needs a download or the local cache) or a checkpoint file",
+    )
+    p.add_argument("--id-col", default=None, help="id column (default: key, uid or id)")
+    p.add_argument("--caption-col", default=None, help="caption column (default: caption)")
+    p.add_argument(
+        "--image-col", default=None, help="image bytes or path column (default: jpg, png, path...)"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader decode workers")
+    common.add_device(p)
+    common.add_quiet(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecif.data.embed import embed
+    from ecif.data.layout import FolderError
+    from ecif.data.models import ModelLoadError
+    from ecif.data.readers import InputError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        res = embed(
+            args.inputs,
+            args.output,
+            model=args.model,
+            pretrained=args.pretrained,
+            id_col=args.id_col,
+            caption_col=args.caption_col,
+            image_col=args.image_col,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            progress=common.show_progress(args),
+        )
+    except (InputError, FolderError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(res.summary())
+    for kind, count in sorted(res.errors.items()):
+        print(f"  failed rows: {count} x {kind}", file=sys.stderr)
+    return 0

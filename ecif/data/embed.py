@@ -1,0 +1,337 @@
+"""``ecif.embed``: image-text shards in, a clip-retrieval embedding folder out.
+
+Streaming: DataLoader workers decode and tokenize chunks of rows; the main process runs the
+model and writes each row straight into its part's temp ``.npy`` memmaps, so memory is bounded
+by the batch. Input shard k becomes part k; a part is published atomically (temp + rename,
+metadata last) once all its rows are in, so a rerun skips finished parts and redoes the rest:
+after a kill, every row ends up exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecif.data import layout
+from ecif.data.models import LoadedModel, load_model
+from ecif.data.readers import Shard, discover, open_shard
+
+log = logging.getLogger(__name__)
+_SLEEP_ENV = "ECIF_EMBED_TEST_SLEEP"  # test hook: seconds to sleep per batch (kill tests)
+
+
+@dataclass
+class EmbedResult:
+    """Counts of one ``embed`` run; ``skipped`` rows were in parts a previous run finished."""
+
+    folder: Path
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    parts_written: int = 0
+    parts_skipped: int = 0
+    seconds: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = (self.ok + self.failed) / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"embedded: ok={self.ok} failed={self.failed} skipped={self.skipped} "
+            f"(parts written {self.parts_written}, skipped {self.parts_skipped}; "
+            f"{rate:.1f} rows/s) -> {self.folder}"
+        )
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Items ``(shard, row, image tensor | None, tokens | None, error | None)``; chunk g of
+    the pending shards goes to worker ``g % num_workers``."""
+
+    def __init__(self, shards: Sequence[Shard], preprocess: Any, tokenizer: Any, chunk: int):
+        self.shards, self.preprocess, self.tokenizer, self.chunk = (
+            shards,
+            preprocess,
+            tokenizer,
+            chunk,
+        )
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        g = 0
+        for s, shard in enumerate(self.shards):
+            n = shard.chunks(self.chunk)
+            owned = [(g + c) % nw == w for c in range(n)]
+            g += n
+            for row, img, cap in shard.iter_chunks(self.chunk, owned):
+                yield self._item(s, row, img, cap)
+
+    def _item(self, s: int, row: int, img: Any, cap: Any):
+        from PIL import Image
+
+        if cap is None or (isinstance(cap, float) and np.isnan(cap)):
+            return s, row, None, None, "empty caption (null)"
+        if not isinstance(cap, str):
+            return s, row, None, None, f"caption is not text ({type(cap).__name__})"
+        if not cap.strip():
+            return s, row, None, None, "empty caption"
+        if img is None:
+            return s, row, None, None, "missing image (null)"
+        try:
+            if isinstance(img, (bytes, bytearray, memoryview)):
+                pil = Image.open(io.BytesIO(img))
+            else:
+                if not os.path.isfile(img):
+                    return s, row, None, None, f"missing file: {img}"
+                pil = Image.open(img)
+            x = self.preprocess(pil.convert("RGB"))
+        except Exception as e:
+            return s, row, None, None, f"undecodable image: {type(e).__name__}: {e}"[:300]
+        return s, row, x, self.tokenizer([cap])[0], None
+
+
+def _collate(items):
+    ok = [it for it in items if it[4] is None]
+    return {
+        "shard": np.array([it[0] for it in items]),
+        "row": np.array([it[1] for it in items]),
+        "error": [it[4] for it in items],
+        "images": torch.stack([it[2] for it in ok]) if ok else None,
+        "tokens": torch.stack([it[3] for it in ok]) if ok else None,
+    }
+
+
+class _PartWriter:
+    """Temp memmaps for one part; rows land by position; ``finish`` publishes atomically."""
+
+    def __init__(self, folder: Path, index: int, shard: Shard, dims: tuple[int, int]):
+        self.folder, self.index, self.shard = folder, index, shard
+        n = shard.n_rows
+        self.paths = layout.part_paths(folder, index)
+        self.tmps = [layout.tmp_name(p) for p in self.paths[:2]]
+        self.arrays = []
+        for p, tmp, d in zip(self.paths[:2], self.tmps, dims):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self.arrays.append(
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+            )
+        self.errors: list[str | None] = [None] * n
+        self.seen = np.zeros(n, dtype=bool)
+        self.pre = _preflight(shard)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.seen.all())
+
+    def put(self, rows: np.ndarray, errors: list, img: np.ndarray | None, txt: np.ndarray | None):
+        self.seen[rows] = True
+        for r, e in zip(rows, errors):
+            self.errors[r] = e
+        if img is not None:
+            good = np.array([e is None for e in errors])
+            self.arrays[0][rows[good]] = img
+            self.arrays[1][rows[good]] = txt
+
+    def finish(self, kv: dict[str, str]) -> tuple[int, int]:
+        errs = [p or e for p, e in zip(self.pre, self.errors)]
+        for r, e in enumerate(errs):  # a pre-flight failure (bad id) zeroes an embedded row
+            if e is not None and self.errors[r] is None:
+                self.arrays[0][r] = 0
+                self.arrays[1][r] = 0
+        for arr in self.arrays:
+            arr.flush()
+        self.arrays = []
+        for tmp, p in zip(self.tmps, self.paths[:2]):
+            os.replace(tmp, p)
+        meta = self.shard.meta.copy()
+        meta["status"] = ["ok" if e is None else "failed" for e in errs]
+        meta["error_message"] = errs
+        failed = sum(e is not None for e in errs)
+        ok = self.shard.n_rows - failed
+        layout.publish_metadata(self.paths[2], meta, dict(kv, ok=ok, failed=failed))
+        return ok, failed
+
+
+def _preflight(shard: Shard) -> list[str | None]:
+    """Row errors known from metadata alone: null or duplicated ids."""
+    ids = shard.meta[shard.id_col]
+    out: list[str | None] = [None] * len(ids)
+    dup = ids.duplicated(keep="first").to_numpy()
+    for r, (null, d) in enumerate(zip(ids.isna().to_numpy(), dup)):
+        if null:
+            out[r] = f"null id in column {shard.id_col!r}"
+        elif d:
+            out[r] = f"duplicate id {ids.iat[r]!r} (an earlier row has it)"
+    return out
+
+
+def _encode(lm: LoadedModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    dev = lm.device
+    images = batch["images"].to(dev, non_blocking=True)
+    tokens = batch["tokens"].to(dev, non_blocking=True)
+    with torch.inference_mode():
+        if dev.startswith("cuda"):
+            with torch.autocast("cuda", dtype=torch.float16):
+                u = lm.model.encode_image(images)
+                v = lm.model.encode_text(tokens)
+        else:
+            u = lm.model.encode_image(images)
+            v = lm.model.encode_text(tokens)
+        u = torch.nn.functional.normalize(u.float(), dim=-1)
+        v = torch.nn.functional.normalize(v.float(), dim=-1)
+    return u.cpu().numpy(), v.cpu().numpy()
+
+
+def embed(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    model: str = "ViT-B-32",
+    pretrained: str | None = None,
+    *,
+    id_col: str | None = None,
+    caption_col: str | None = None,
+    image_col: str | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> EmbedResult:
+    """Embed image-text shards into a clip-retrieval folder at ``output``; returns counts.
+
+    ``inputs``: parquet/tar/csv shard files, folders of them, or globs. ``model`` and
+    ``pretrained`` as in ``open_clip.create_model_and_transforms``, or ``local-dir:PATH``.
+    Rows that cannot be embedded are kept (``status="failed"``, ``error_message``, zero
+    embeddings). Finished parts of an earlier run into the same folder are skipped.
+    """
+    t0 = time.perf_counter()
+    from ecif import __version__
+
+    out = Path(output)
+    paths = discover(inputs)
+    shards = [
+        open_shard(p, id_col=id_col, caption_col=caption_col, image_col=image_col) for p in paths
+    ]
+    lm = load_model(model, pretrained, device)
+    out.mkdir(parents=True, exist_ok=True)
+    layout.clean_stale_temps(out)
+    old = layout.read_manifest(out)
+    if old and (old.get("model"), old.get("pretrained")) != (lm.name, lm.pretrained):
+        raise layout.FolderError(
+            f"{out}: was written with model {old.get('model')}/{old.get('pretrained')}, not "
+            f"{lm.name}/{lm.pretrained}; use another output folder"
+        )
+    res = EmbedResult(out)
+    pending: list[tuple[int, Shard]] = []
+    done_parts: dict[int, dict] = {}
+    for k, sh in enumerate(shards):
+        meta_p = layout.part_paths(out, k)[2]
+        if meta_p.exists():
+            kv = layout.part_kv(meta_p)
+            if kv.get("source") != sh.path.name:
+                raise layout.FolderError(
+                    f"{meta_p}: part {k} was made from {kv.get('source')!r}, not "
+                    f"{sh.path.name!r}; the input shards changed, use another output folder"
+                )
+            res.skipped += sh.n_rows
+            res.parts_skipped += 1
+            done_parts[k] = {"ok": int(kv.get("ok", 0)), "failed": int(kv.get("failed", 0))}
+        else:
+            pending.append((k, sh))
+    dims = (lm.dim_image, lm.dim_text)
+    base_kv = {"model": lm.name, "pretrained": lm.pretrained or "", "ecif_version": __version__}
+
+    def manifest() -> dict:
+        parts = [
+            {"index": k, "source": str(sh.path), "rows": sh.n_rows, **done_parts.get(k, {})}
+            for k, sh in enumerate(shards)
+        ]
+        return {
+            "ecif_version": __version__,
+            "model": lm.name,
+            "pretrained": lm.pretrained,
+            "dims": {"image": dims[0], "text": dims[1]},
+            "dtype": "float16",
+            "normalized": True,
+            "id_column": shards[0].id_col if shards else None,
+            "rows": {
+                "total": sum(sh.n_rows for sh in shards),
+                "ok": sum(p.get("ok", 0) for p in done_parts.values()),
+                "failed": sum(p.get("failed", 0) for p in done_parts.values()),
+            },
+            "complete": len(done_parts) == len(shards),
+            "input_shards": [str(sh.path) for sh in shards],
+            "parts": parts,
+        }
+
+    writers: dict[int, _PartWriter] = {}
+
+    def finish(s: int) -> None:
+        k, sh = pending[s]
+        kv = dict(base_kv, source=sh.path.name, id_column=sh.id_col)
+        ok, failed = writers.pop(s).finish(kv)
+        res.ok += ok
+        res.failed += failed
+        res.parts_written += 1
+        done_parts[k] = {"ok": ok, "failed": failed}
+        layout.write_manifest(out, manifest())
+
+    for s, (k, sh) in enumerate(pending):
+        writers[s] = _PartWriter(out, k, sh, dims)
+    for s in [s for s, w in writers.items() if w.done]:  # empty shards
+        finish(s)
+    total = sum(sh.n_rows for _, sh in pending)
+    if total:
+        chunk = chunk_rows or max(batch_size, 256)
+        stream = _Stream([sh for _, sh in pending], lm.preprocess, lm.tokenizer, chunk)
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=lm.device.startswith("cuda"),
+            persistent_workers=False,
+        )
+        sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+        from tqdm import tqdm
+
+        with tqdm(total=total, disable=not progress, unit="img", desc="embedding") as bar:
+            for batch in loader:
+                img = txt = None
+                if batch["images"] is not None:
+                    img, txt = _encode(lm, batch)
+                good = np.array([e is None for e in batch["error"]])
+                cum = np.cumsum(good) - 1
+                for s in np.unique(batch["shard"]):
+                    m = batch["shard"] == s
+                    sel = cum[m & good]
+                    errs = [e for e, keep in zip(batch["error"], m) if keep]
+                    writers[s].put(
+                        batch["row"][m],
+                        errs,
+                        None if img is None else img[sel],
+                        None if txt is None else txt[sel],
+                    )
+                    if writers[s].done:
+                        finish(s)
+                for e in batch["error"]:
+                    if e is not None:
+                        kind = e.split(":")[0]
+                        res.errors[kind] = res.errors.get(kind, 0) + 1
+                bar.update(len(batch["row"]))
+                if sleep:
+                    time.sleep(sleep)
+    if writers:
+        raise RuntimeError(f"internal error: parts {sorted(writers)} did not receive all rows")
+    layout.write_manifest(out, manifest())
+    res.seconds = time.perf_counter() - t0
+    log.info(res.summary())
+    return res

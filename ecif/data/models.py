@@ -1,0 +1,114 @@
+"""Load an open_clip model for embedding: name + pretrained tag, a checkpoint file, or local-dir.
+
+Every failure ends in ``ModelLoadError`` with a message that says what to do, notably when
+a pretrained tag would need a download and the machine is offline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be created or its weights could not be found."""
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model ready to embed, with its preprocess and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Any
+    tokenizer: Any
+    name: str
+    pretrained: str | None
+    device: str
+    image_size: int
+    dim_image: int
+    dim_text: int
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' asked for, but no CUDA device is available")
+    return device
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+        "ECIF_OFFLINE", "0"
+    ) not in ("", "0")
+
+
+def load_model(model: str, pretrained: str | None = None, device: str = "auto") -> LoadedModel:
+    """Create ``model`` on ``device`` in eval mode.
+
+    ``model``: an open_clip name (``ViT-B-32``, or ``ecif-tiny`` once registered),
+    ``local-dir:/path`` (open_clip_config.json + weights), or ``hf-hub:org/repo``.
+    ``pretrained``: a tag (``laion2b_s34b_b79k``) or a checkpoint file; ignored for local-dir.
+    """
+    import open_clip
+
+    from ecif.data.tiny_clip import TINY_NAME, register_config
+
+    device = resolve_device(device)
+    if model.startswith(TINY_NAME):
+        register_config()
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:") :]).expanduser()
+        if not (folder / "open_clip_config.json").exists():
+            raise ModelLoadError(
+                f"local-dir: {folder} has no open_clip_config.json (expected an open_clip "
+                "model folder: open_clip_config.json + open_clip_model.safetensors)"
+            )
+        model = f"local-dir:{folder}"
+        pretrained = None
+    elif not model.startswith("hf-hub:") and open_clip.get_model_config(model) is None:
+        raise ModelLoadError(
+            f"unknown open_clip model {model!r}; see open_clip.list_models(), or pass "
+            "local-dir:/path/to/folder"
+        )
+    if pretrained and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                raise ModelLoadError(f"checkpoint file not found: {pretrained}")
+            raise ModelLoadError(
+                f"{pretrained!r} is neither a checkpoint file nor a pretrained tag of {model}; "
+                f"tags: {tags}"
+            )
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device
+        )
+        tokenizer = open_clip.get_tokenizer(model)
+    except Exception as e:
+        if pretrained and not os.path.isfile(pretrained):
+            hint = (
+                "the machine is offline (HF_HUB_OFFLINE is set)"
+                if _offline()
+                else "the download failed"
+            )
+            raise ModelLoadError(
+                f"could not get weights {model}/{pretrained}: {hint} and they are not in the "
+                "local cache. Download them once on a connected machine, or pass a local "
+                f"checkpoint file (--pretrained /path/model.safetensors) or local-dir:/path. "
+                f"Cause: {type(e).__name__}: {e}"
+            ) from e
+        raise ModelLoadError(f"could not create open_clip model {model}: {e}") from e
+    net.eval()
+    size = net.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    with torch.no_grad():
+        dummy = torch.zeros(1, 3, size, size, device=device)
+        d_img = int(net.encode_image(dummy).shape[-1])
+        d_txt = int(net.encode_text(tokenizer([""]).to(device)).shape[-1])
+    return LoadedModel(net, preprocess, tokenizer, model, pretrained, device, size, d_img, d_txt)

@@ -1,0 +1,78 @@
+"""Built-in data: the synthetic shapes pairs, the tiny CLIP trained on them, and both combined.
+
+``shapes_embedded(noise=0.2)`` is the one-call demo input: it makes shapes shards, embeds them
+through the real ``ecif.embed`` path with the cached tiny model and returns the folder, ready
+for ``EmbeddingSet.load``. Nothing downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ecif.data.layout import read_manifest
+from ecif.data.shapes import ShapesData, caption_of, shapes
+from ecif.data.tiny_clip import (
+    TINY_NAME,
+    TinyClipReport,
+    cache_dir,
+    read_report,
+    register_config,
+    retrieval_accuracy,
+    tiny_clip,
+    tiny_config,
+    train_tiny_clip,
+)
+
+__all__ = [
+    "TINY_NAME",
+    "ShapesData",
+    "TinyClipReport",
+    "cache_dir",
+    "caption_of",
+    "read_report",
+    "register_config",
+    "retrieval_accuracy",
+    "shapes",
+    "shapes_embedded",
+    "tiny_clip",
+    "tiny_config",
+    "train_tiny_clip",
+]
+
+
+def shapes_embedded(
+    n: int = 2000,
+    noise: float = 0.2,
+    seed: int = 0,
+    *,
+    model_dir: str | os.PathLike | None = None,
+    shard_size: int = 500,
+    folder: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> Path:
+    """Path of an embedded shapes folder (clip-retrieval layout + manifest), made once and cached.
+
+    ``model_dir``: a ``local-dir`` model folder; default the cached tiny CLIP (trained on first
+    use, about a minute). The parquet shards that were embedded are in ``<folder>/../shards``.
+    Metadata carries ``caption``, ``true_caption``, ``is_corrupted`` and the shape attributes.
+    """
+    from ecif.data.embed import embed
+
+    model_dir = Path(model_dir) if model_dir else tiny_clip(progress=progress)
+    if folder is None:
+        key = json.dumps([n, noise, seed, shard_size, str(Path(model_dir).resolve())])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        folder = cache_dir() / "datasets" / f"shapes-{digest}" / "emb"
+    folder = Path(folder)
+    man = read_manifest(folder) if folder.exists() else None
+    if man and man.get("complete"):
+        return folder
+    shard_dir = folder.parent / "shards"
+    if not (shard_dir / "00000.parquet").exists() or man is None:
+        shapes(n, seed=seed, noise=noise).to_parquet(shard_dir, shard_size=shard_size)
+    embed(shard_dir, folder, model=f"local-dir:{model_dir}", device=device, progress=progress)
+    return folder
