@@ -142,10 +142,10 @@ def _models():
 def test_build_batch_weights_and_plain_mode():
     teacher, student = _models()
     rng = random.Random(0)
-    probs = [TASK.sample(rng) for _ in range(6)]
+    probs = [TASK.sample(rng) for _ in range(4)]
     gen = torch.Generator().manual_seed(0)
     b = build_calibrated_batch(teacher, student, probs, CalibratedKDConfig(), TASK, rng, gen)
-    assert b.ids.shape[0] == 6 and b.token_weights.shape == b.ids.shape
+    assert b.ids.shape[0] == 4 and b.token_weights.shape == b.ids.shape
     assert b.v_teacher.numel() == b.v_student.numel() > 0
     assert bool(((b.token_weights >= 0) & (b.token_weights <= 1)).all())
     assert bool((b.token_weights[b.target_mask == 0] == 0).all())

@@ -40,13 +40,38 @@ class _Block(nn.Module):
         ff = cfg.d_ff or 4 * d
         self.mlp = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Causal self-attention over ``x``; with ``cache`` (B, H, max_len, dh key/value
+        buffers) the keys and values of positions 0..T-1 are also stored for decoding."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         shape = (b, t, self.n_heads, d // self.n_heads)
         q, k, v = (z.reshape(shape).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            cache[0][:, :, :t] = k
+            cache[1][:, :, :t] = v
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+    def step(
+        self, x: torch.Tensor, pos: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """One new token per row (x: B x 1 x d) at per-row positions ``pos``, reading and
+        extending the key/value cache; keys after ``pos`` are masked out."""
+        b, _, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        shape = (b, 1, self.n_heads, d // self.n_heads)
+        q, k, v = (z.reshape(shape).transpose(1, 2) for z in (q, k, v))
+        rows = torch.arange(b)
+        cache[0][rows, :, pos] = k[:, :, 0]
+        cache[1][rows, :, pos] = v[:, :, 0]
+        keys = torch.arange(cache[0].shape[2])
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
+        att = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, 1, d))
         return x + self.mlp(self.ln2(x))
 
 
@@ -64,14 +89,33 @@ class TinyLM(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits (B, T, V), last hidden state (B, T, d_model))."""
+    def forward(
+        self, ids: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits (B, T, V), last hidden state (B, T, d_model)); fills ``cache``
+        (from :meth:`new_cache`) when given, for :meth:`decode_step`."""
         t = ids.shape[1]
         x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
-        for blk in self.blocks:
-            x = blk(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None if cache is None else cache[i])
         h = self.final_norm(x)
         return self.head(h), h
+
+    def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Empty key/value buffers for incremental decoding."""
+        dh = self.cfg.d_model // self.cfg.n_heads
+        shape = (batch, self.cfg.n_heads, self.cfg.max_len, dh)
+        w = self.head.weight
+        return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(self.cfg.n_layers)]
+
+    def decode_step(
+        self, tok: torch.Tensor, pos: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Logits (B, V) for one new token per row placed at positions ``pos``."""
+        x = (self.tok(tok) + self.pos(pos)).unsqueeze(1)
+        for blk, c in zip(self.blocks, cache):
+            x = blk.step(x, pos, c)
+        return self.head(self.final_norm(x))[:, 0]
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -115,26 +159,28 @@ def generate(
     ids, lens = pad_batch(prefixes, pad, length=max_len)
     n = len(prefixes)
     out: list[list[int]] = [[] for _ in range(n)]
-    active = torch.ones(n, dtype=torch.bool)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long)
     rows = torch.arange(n)
+    cache = model.new_cache(n)
+    span = int(lens.max())
+    logits, _ = model(ids[:, :span], cache)
+    last = logits[rows, (lens - 1).clamp(min=0)]
+    active = lens < max_len
     for _ in range(max_new):
-        active &= lens < max_len
         if not bool(active.any()):
             break
-        span = int(lens[active].max())
-        logits, _ = model(ids[:, :span])
-        last = logits[rows, (lens - 1).clamp(0, span - 1)]
         if greedy:
             nxt = last.argmax(-1)
         else:
             probs = F.softmax(last / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         for i in torch.nonzero(active).flatten().tolist():
-            tok = int(nxt[i])
-            out[i].append(tok)
-            ids[i, lens[i]] = tok
+            out[i].append(int(nxt[i]))
+        pos = lens.clamp(max=max_len - 1)
         lens = torch.where(active, lens + 1, lens)
-        active &= ~torch.isin(nxt, stop)
+        active = active & ~torch.isin(nxt, stop) & (lens < max_len)
+        if not bool(active.any()):
+            break
+        last = model.decode_step(nxt, pos, cache)
     model.train(was_training)
     return out
