@@ -2,3 +2,29 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# --- data layer (issue 3) ---------------------------------------------------------------
+import pytest  # noqa: E402
+
+TEST_TINY_CFG = dict(embed_dim=32, vision_width=32, vision_layers=1, text_width=32, text_layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A very small open_clip model trained once per session (seconds), as a local-dir folder."""
+    from ecif.data.tiny_clip import tiny_config, train_tiny_clip
+
+    out = tmp_path_factory.mktemp("tiny-clip") / "model"
+    train_tiny_clip(
+        out,
+        cfg=tiny_config(**TEST_TINY_CFG),
+        n_train=2000,
+        steps=200,
+        batch_size=64,
+        lr=4e-3,
+        n_eval=200,
+        candidates=100,
+        threads=1,
+    )
+    return out

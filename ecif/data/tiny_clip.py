@@ -146,21 +146,35 @@ def train_tiny_clip(
     *,
     cfg: dict[str, Any] | None = None,
     n_train: int = 6000,
-    steps: int = 700,
+    steps: int = 600,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
     image_size: int = 64,
     n_eval: int = 1000,
     candidates: int = 100,
+    threads: int | None = None,
     progress: bool = False,
 ) -> TinyClipReport:
     """Train a tiny CLIP from scratch on clean shapes and save it as a ``local-dir:`` folder.
 
     Shapes are drawn at ``image_size`` (the dataset default) and resized to the model's input
-    as open_clip's preprocess would. Train and held-out pairs come from different seeds. Deterministic for fixed arguments
-    and thread count.
+    as open_clip's preprocess would. Train and held-out pairs come from different seeds.
+    Deterministic for fixed arguments and thread count. ``threads``: torch threads while
+    training (1 is often fastest on a busy 2-core machine).
     """
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        args = (cfg, n_train, steps, batch_size, lr, seed, image_size, n_eval, candidates)
+        return _train(out_dir, *args, progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(out_dir, cfg, n_train, steps, batch_size, lr, seed, image_size, n_eval, candidates,
+           progress) -> TinyClipReport:  # fmt: skip
     import open_clip
 
     cfg = cfg or tiny_config()

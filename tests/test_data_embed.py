@@ -1,0 +1,176 @@
+"""ecif.embed: parquet / tar / folder inputs against a direct open_clip forward; bad rows."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import ecif
+from ecif import EmbeddingSet, datasets
+from ecif.cli import main
+from ecif.data.readers import InputError
+
+
+@pytest.fixture(scope="module")
+def data():
+    return datasets.shapes(24, seed=7, noise=0.25)
+
+
+def _png(img):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _reference(model_dir, data):
+    """Embeddings from a plain open_clip forward, independent of ecif's pipeline."""
+    model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    tok = open_clip.get_tokenizer(f"local-dir:{model_dir}")
+    model.eval()
+    x = torch.stack([pre(Image.open(io.BytesIO(_png(im))).convert("RGB")) for im in data.images])
+    with torch.no_grad():
+        u = model.encode_image(x, normalize=True).numpy()
+        v = model.encode_text(tok(data.captions), normalize=True).numpy()
+    return u, v
+
+
+def _write_tar(path, data):
+    """A webdataset shard as img2dataset writes it: key.png, key.txt, key.json."""
+    with tarfile.open(path, "w") as tf:
+        for i, r in enumerate(data.frame.itertuples()):
+            payloads = {
+                "png": _png(data.images[i]),
+                "txt": r.caption.encode(),
+                "json": json.dumps(
+                    {"key": r.key, "caption": r.caption, "status": "success"}
+                ).encode(),
+            }
+            for ext, blob in payloads.items():
+                ti = tarfile.TarInfo(f"{r.key}.{ext}")
+                ti.size = len(blob)
+                tf.addfile(ti, io.BytesIO(blob))
+
+
+def _write_folder(root, data):
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i, r in enumerate(data.frame.itertuples()):
+        Image.fromarray(data.images[i]).save(root / "images" / f"{r.key}.png")
+        rows.append({"path": f"images/{r.key}.png", "caption": r.caption})
+    pd.DataFrame(rows).to_csv(root / "captions.csv", index=False)
+
+
+def test_parquet_tar_and_folder_match_direct_open_clip(tmp_path, tiny_clip_dir, data):
+    u, v = _reference(tiny_clip_dir, data)
+    model = f"local-dir:{tiny_clip_dir}"
+    data.to_parquet(tmp_path / "pq", shard_size=10, image_format="png")
+    (tmp_path / "tar").mkdir()
+    _write_tar(tmp_path / "tar" / "00000.tar", data)
+    _write_folder(tmp_path / "folder", data)
+    for name in ("pq", "tar", "folder"):
+        res = ecif.embed(tmp_path / name, tmp_path / f"out-{name}", model=model, batch_size=7)
+        assert (res.ok, res.failed) == (24, 0), name
+        es = EmbeddingSet.load(tmp_path / f"out-{name}")
+        assert es.metadata["caption"].tolist() == data.captions, name
+        np.testing.assert_allclose(es.image.astype(np.float32), u, atol=2e-3, err_msg=name)
+        np.testing.assert_allclose(es.text.astype(np.float32), v, atol=2e-3, err_msg=name)
+    es = EmbeddingSet.load(tmp_path / "out-pq")
+    assert es.ids.tolist() == data.frame["key"].tolist()
+    assert es.metadata["is_corrupted"].tolist() == data.frame["is_corrupted"].tolist()
+    man = json.loads((tmp_path / "out-pq" / "manifest.json").read_text())
+    assert man["dims"] == {"image": 32, "text": 32}
+    assert man["rows"] == {"total": 24, "ok": 24, "failed": 0}
+    assert man["complete"] and len(man["parts"]) == 3 and man["ecif_version"] == ecif.__version__
+
+
+def test_workers_give_the_same_result(tmp_path, tiny_clip_dir, data):
+    data.to_parquet(tmp_path / "pq", shard_size=10)
+    model = f"local-dir:{tiny_clip_dir}"
+    ecif.embed(tmp_path / "pq", tmp_path / "a", model=model, batch_size=4)
+    ecif.embed(
+        tmp_path / "pq", tmp_path / "b", model=model, batch_size=4, num_workers=2, chunk_rows=3
+    )
+    a, b = EmbeddingSet.load(tmp_path / "a"), EmbeddingSet.load(tmp_path / "b")
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.text, b.text)
+    assert a.ids.tolist() == b.ids.tolist()
+
+
+def test_bad_rows_are_kept_with_status_and_zero_embeddings(tmp_path, tiny_clip_dir, data):
+    data.to_parquet(tmp_path / "pq", shard_size=100, image_format="png")
+    t = pd.read_parquet(tmp_path / "pq" / "00000.parquet")
+    t.loc[1, "png"] = b"not an image at all"
+    t.loc[2, "png"] = None
+    t.loc[3, "caption"] = "   "
+    t.loc[4, "caption"] = None
+    t.loc[5, "key"] = None
+    t.loc[6, "key"] = t.loc[0, "key"]
+    t.to_parquet(tmp_path / "pq" / "00000.parquet")
+    res = ecif.embed(tmp_path / "pq", tmp_path / "out", model=f"local-dir:{tiny_clip_dir}")
+    assert (res.ok, res.failed) == (18, 6)
+    es = EmbeddingSet.load(tmp_path / "out", keep_failed=True)
+    m = es.metadata
+    assert m["status"].tolist() == ["ok"] + ["failed"] * 6 + ["ok"] * 17
+    msgs = m["error_message"].tolist()
+    assert msgs[1].startswith("undecodable image") and msgs[2].startswith("missing image")
+    assert msgs[3] == "empty caption" and msgs[4].startswith("empty caption")
+    assert msgs[5].startswith("null id") and msgs[6].startswith("duplicate id")
+    assert not es.image[1:7].any() and not es.text[1:7].any()
+    assert es.image[7:].any(axis=1).all()
+    clean = EmbeddingSet.load(tmp_path / "out")
+    assert len(clean) == 18 and (clean.metadata["status"] == "ok").all()
+
+
+def test_missing_file_in_folder_table(tmp_path, tiny_clip_dir, data):
+    _write_folder(tmp_path / "f", data)
+    (tmp_path / "f" / "images" / f"{data.frame.key[3]}.png").unlink()
+    res = ecif.embed(tmp_path / "f", tmp_path / "out", model=f"local-dir:{tiny_clip_dir}")
+    assert (res.ok, res.failed) == (23, 1)
+    m = EmbeddingSet.load(tmp_path / "out", keep_failed=True).metadata
+    assert m["error_message"][3].startswith("missing file") and m["status"][3] == "failed"
+
+
+def test_missing_column_and_wrong_id_type_are_clear_errors(tmp_path, tiny_clip_dir, data):
+    data.to_parquet(tmp_path / "pq", shard_size=100)
+    shard = tmp_path / "pq" / "00000.parquet"
+    model = f"local-dir:{tiny_clip_dir}"
+    with pytest.raises(InputError, match=r"00000\.parquet: caption column 'text_en' not found"):
+        ecif.embed(shard, tmp_path / "o1", model=model, caption_col="text_en")
+    t = pd.read_parquet(shard)
+    t.drop(columns=["caption"]).to_parquet(tmp_path / "nocap.parquet")
+    with pytest.raises(InputError, match=r"nocap\.parquet: no caption column"):
+        ecif.embed(tmp_path / "nocap.parquet", tmp_path / "o2", model=model)
+    t.assign(key=np.linspace(0.5, 3.5, len(t))).to_parquet(tmp_path / "floatid.parquet")
+    with pytest.raises(InputError, match=r"floatid\.parquet: id column 'key' holds non-integer"):
+        ecif.embed(tmp_path / "floatid.parquet", tmp_path / "o3", model=model)
+    # whole floats (ints promoted by a null) are accepted as integer ids
+    t.assign(key=np.arange(len(t), dtype=float)).to_parquet(tmp_path / "wholeid.parquet")
+    ecif.embed(tmp_path / "wholeid.parquet", tmp_path / "o4", model=model)
+    assert EmbeddingSet.load(tmp_path / "o4").ids.tolist() == list(range(len(t)))
+
+
+def test_rerun_skips_finished_parts(tmp_path, tiny_clip_dir, data):
+    data.to_parquet(tmp_path / "pq", shard_size=10)
+    model = f"local-dir:{tiny_clip_dir}"
+    ecif.embed(tmp_path / "pq", tmp_path / "out", model=model)
+    first = (tmp_path / "out" / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns
+    res = ecif.embed(tmp_path / "pq", tmp_path / "out", model=model)
+    assert (res.ok, res.skipped, res.parts_skipped) == (0, 24, 3)
+    assert (tmp_path / "out" / "img_emb" / "img_emb_0.npy").stat().st_mtime_ns == first
+
+
+def test_cli_embed_prints_summary(tmp_path, tiny_clip_dir, data, capsys):
+    data.to_parquet(tmp_path / "pq", shard_size=10)
+    rc = main(["embed", str(tmp_path / "pq"), "-o", str(tmp_path / "out"),
+               "--model", f"local-dir:{tiny_clip_dir}", "--batch-size", "8",
+               "--num-workers", "0", "--quiet"])  # fmt: skip
+    assert rc == 0
+    assert "embedded: ok=24 failed=0 skipped=0" in capsys.readouterr().out
+    rc = main(["embed", str(tmp_path / "pq"), "-o", str(tmp_path / "o2"),
+               "--model", f"local-dir:{tiny_clip_dir}", "--caption-col", "nope"])  # fmt: skip
+    assert rc == 2 and "caption column 'nope' not found" in capsys.readouterr().err
