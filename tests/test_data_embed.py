@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import open_clip
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -38,6 +39,13 @@ def _reference(model_dir, data):
         u = model.encode_image(x, normalize=True).numpy()
         v = model.encode_text(tok(data.captions), normalize=True).numpy()
     return u, v
+
+
+def test_tar_folder_ignores_img2dataset_sidecar_parquet(tmp_path, tiny_clip_dir, data):
+    _write_tar(tmp_path / "00000.tar", data)
+    data.frame[["key", "caption"]].assign(status="success").to_parquet(tmp_path / "00000.parquet")
+    res = ecif.embed(tmp_path, tmp_path / "out", model=f"local-dir:{tiny_clip_dir}")
+    assert (res.ok, res.failed, res.parts_written) == (24, 0, 1)
 
 
 def _write_tar(path, data):
@@ -91,6 +99,9 @@ def test_parquet_tar_and_folder_match_direct_open_clip(tmp_path, tiny_clip_dir, 
 
 def test_workers_give_the_same_result(tmp_path, tiny_clip_dir, data):
     data.to_parquet(tmp_path / "pq", shard_size=10)
+    # small row groups that do not line up with the reader's chunks
+    t = pq.read_table(tmp_path / "pq" / "00001.parquet")
+    pq.write_table(t, tmp_path / "pq" / "00001.parquet", row_group_size=4)
     model = f"local-dir:{tiny_clip_dir}"
     ecif.embed(tmp_path / "pq", tmp_path / "a", model=model, batch_size=4)
     ecif.embed(

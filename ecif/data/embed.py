@@ -40,6 +40,7 @@ class EmbedResult:
     parts_written: int = 0
     parts_skipped: int = 0
     seconds: float = 0.0
+    model_seconds: float = 0.0  # of which creating/loading the model
     errors: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -220,7 +221,9 @@ def embed(
     shards = [
         open_shard(p, id_col=id_col, caption_col=caption_col, image_col=image_col) for p in paths
     ]
+    t_model = time.perf_counter()
     lm = load_model(model, pretrained, device)
+    t_model = time.perf_counter() - t_model
     out.mkdir(parents=True, exist_ok=True)
     layout.clean_stale_temps(out)
     old = layout.read_manifest(out)
@@ -229,7 +232,7 @@ def embed(
             f"{out}: was written with model {old.get('model')}/{old.get('pretrained')}, not "
             f"{lm.name}/{lm.pretrained}; use another output folder"
         )
-    res = EmbedResult(out)
+    res = EmbedResult(out, model_seconds=t_model)
     pending: list[tuple[int, Shard]] = []
     done_parts: dict[int, dict] = {}
     for k, sh in enumerate(shards):

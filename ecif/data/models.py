@@ -60,7 +60,16 @@ def load_model(model: str, pretrained: str | None = None, device: str = "auto") 
     from ecif.data.tiny_clip import TINY_NAME, register_config
 
     device = resolve_device(device)
-    if model.startswith(TINY_NAME):
+    if model == TINY_NAME and not pretrained:
+        from ecif.data.tiny_clip import tiny_clip
+
+        try:  # the cached trained weights, not a random init
+            model = f"local-dir:{tiny_clip(train_if_missing=False)}"
+        except FileNotFoundError as e:
+            raise ModelLoadError(
+                f"{e}. Train it once with `python -c 'import ecif; ecif.datasets.tiny_clip()'`"
+            ) from e
+    elif model.startswith(TINY_NAME):
         register_config()
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:") :]).expanduser()

@@ -58,15 +58,18 @@ class Shard:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
+            # record batches need not line up with chunks (row groups cut them): decide per row
             pf = pq.ParquetFile(self.path)
             it = pf.iter_batches(batch_size=chunk_rows, columns=[self.image_col])
             row = 0
             caps = self.meta[self.caption_col]
-            for c, batch in enumerate(it):
+            for batch in it:
                 n = batch.num_rows
-                if c < len(owned) and owned[c]:
+                first, last = row // chunk_rows, (row + n - 1) // chunk_rows
+                if n and any(owned[first : last + 1]):
                     for i, v in enumerate(batch.column(0).to_pylist()):
-                        yield row + i, _image_value(v), caps.iat[row + i]
+                        if owned[(row + i) // chunk_rows]:
+                            yield row + i, _image_value(v), caps.iat[row + i]
                 row += n
         elif self.kind == "table":
             paths = self.meta[self.image_col]
@@ -109,9 +112,12 @@ def discover(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Pa
     for item in items:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = [q for ext in ("parquet", "tar") for q in p.glob(f"*.{ext}")]
-            if not found:
-                found = [q for ext in ("csv", "tsv") for q in p.glob(f"*.{ext}")]
+            # tars first: img2dataset writes a metadata-only .parquet next to each .tar
+            found = []
+            for exts in (("tar",), ("parquet",), ("csv", "tsv")):
+                found = [q for ext in exts for q in p.glob(f"*.{ext}")]
+                if found:
+                    break
             if not found:
                 raise InputError(f"{p}: no .parquet, .tar or .csv shards in this folder")
             out.extend(sorted(found))

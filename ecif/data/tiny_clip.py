@@ -274,7 +274,8 @@ def tiny_clip(
 
     Different training knobs get different cache entries.
     """
-    key = dict(train_kwargs, v=_FORMAT_VERSION)
+    key = {k: v for k, v in train_kwargs.items() if k != "threads"}  # threads: speed only
+    key["v"] = _FORMAT_VERSION
     key["cfg"] = train_kwargs.get("cfg") or tiny_config()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / "models" / f"{TINY_NAME}-{digest}"
