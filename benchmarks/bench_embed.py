@@ -63,7 +63,7 @@ def main() -> None:
     data = ecif.datasets.shapes(args.n, seed=0, image_size=64)
     data.to_parquet(tmp / "shards", shard_size=args.n)  # jpg bytes, one shard
     t0 = time.perf_counter()
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, None, args.device, random_init=True)
     print(f"model {args.model}: created in {time.perf_counter() - t0:.1f} s on {lm.device}")
     blobs = __import__("pandas").read_parquet(tmp / "shards" / "00000.parquet")["jpg"]
     images = torch.stack([lm.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
@@ -81,6 +81,8 @@ def main() -> None:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             device=args.device,
+            pretrained=None,
+            random_init=True,
         )
         assert res.ok == args.n, res.summary()
         ours.append(res.seconds - res.model_seconds)

@@ -34,7 +34,7 @@ def test_checkpoint_path_and_local_dir_give_identical_embeddings(
     assert np.array_equal(u1, u2) and np.array_equal(v1, v2)
     assert by_dir.dim_image == by_dir.dim_text == 32 and by_dir.image_size == 32
     # and they are not just any weights: a freshly initialised model differs
-    fresh = load_model(name, device="cpu")
+    fresh = load_model(name, device="cpu", random_init=True)
     assert not np.allclose(_embed(fresh, data)[0], u1, atol=1e-2)
 
 
@@ -47,6 +47,8 @@ def test_offline_pretrained_tag_is_a_clear_error(monkeypatch):
 
 
 def test_bad_model_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no weights for ViT-B-32"):
+        load_model("ViT-B-32", device="cpu")
     with pytest.raises(ModelLoadError, match="unknown open_clip model"):
         load_model("no-such-model", device="cpu")
     with pytest.raises(ModelLoadError, match="checkpoint file not found"):

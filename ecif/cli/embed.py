@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pretrained",
-        default=None,
-        help="pretrained tag (needs a download or the local cache) or a checkpoint file",
+        default="auto",
+        help="pretrained tag (needs a download or the local cache), a checkpoint file, or "
+        "'auto' (the model's first listed tag; ignored for local-dir: and ecif-tiny)",
     )
     p.add_argument("--id-col", default=None, help="id column (default: key, uid or id)")
     p.add_argument("--caption-col", default=None, help="caption column (default: caption)")

@@ -195,7 +195,7 @@ def embed(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     output: str | os.PathLike,
     model: str = "ViT-B-32",
-    pretrained: str | None = None,
+    pretrained: str | None = "auto",
     *,
     id_col: str | None = None,
     caption_col: str | None = None,
@@ -205,11 +205,14 @@ def embed(
     device: str = "auto",
     chunk_rows: int | None = None,
     progress: bool = False,
+    random_init: bool = False,
 ) -> EmbedResult:
     """Embed image-text shards into a clip-retrieval folder at ``output``; returns counts.
 
     ``inputs``: parquet/tar/csv shard files, folders of them, or globs. ``model`` and
-    ``pretrained`` as in ``open_clip.create_model_and_transforms``, or ``local-dir:PATH``.
+    ``pretrained`` as in ``open_clip.create_model_and_transforms``, or ``local-dir:PATH``
+    (``pretrained`` ignored), or ``ecif-tiny`` (the cached tiny model). ``pretrained="auto"``
+    takes the model's first listed tag, which needs a download once (or open_clip's cache).
     Rows that cannot be embedded are kept (``status="failed"``, ``error_message``, zero
     embeddings). Finished parts of an earlier run into the same folder are skipped.
     """
@@ -222,7 +225,7 @@ def embed(
         open_shard(p, id_col=id_col, caption_col=caption_col, image_col=image_col) for p in paths
     ]
     t_model = time.perf_counter()
-    lm = load_model(model, pretrained, device)
+    lm = load_model(model, pretrained, device, random_init=random_init)
     t_model = time.perf_counter() - t_model
     out.mkdir(parents=True, exist_ok=True)
     layout.clean_stale_temps(out)

@@ -48,18 +48,26 @@ def _offline() -> bool:
     ) not in ("", "0")
 
 
-def load_model(model: str, pretrained: str | None = None, device: str = "auto") -> LoadedModel:
+def load_model(
+    model: str, pretrained: str | None = None, device: str = "auto", *, random_init: bool = False
+) -> LoadedModel:
     """Create ``model`` on ``device`` in eval mode.
 
     ``model``: an open_clip name (``ViT-B-32``, or ``ecif-tiny`` once registered),
     ``local-dir:/path`` (open_clip_config.json + weights), or ``hf-hub:org/repo``.
-    ``pretrained``: a tag (``laion2b_s34b_b79k``) or a checkpoint file; ignored for local-dir.
+    ``pretrained``: a tag (``laion2b_s34b_b79k``), a checkpoint file, or ``"auto"`` (the
+    model's first listed tag; nothing for local-dir and the cached ``ecif-tiny``).
+    A named model without ``pretrained`` is an error unless ``random_init`` (benchmarks), so
+    random embeddings never pass for real ones.
     """
     import open_clip
 
     from ecif.data.tiny_clip import TINY_NAME, register_config
 
     device = resolve_device(device)
+    if pretrained == "auto":  # the model's own weights: first listed tag, cached tiny, or folder
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        pretrained = tags[0] if tags and not model.startswith(TINY_NAME) else None
     if model == TINY_NAME and not pretrained:
         from ecif.data.tiny_clip import tiny_clip
 
@@ -85,6 +93,12 @@ def load_model(model: str, pretrained: str | None = None, device: str = "auto") 
             f"unknown open_clip model {model!r}; see open_clip.list_models(), or pass "
             "local-dir:/path/to/folder"
         )
+    if not model.startswith(("local-dir:", "hf-hub:")) and not pretrained and not random_init:
+        raise ModelLoadError(
+            f"no weights for {model}: pass a pretrained tag (e.g. "
+            f"{(open_clip.list_pretrained_tags_by_model(model) or ['...'])[0]}), a checkpoint "
+            "file, or local-dir:/path; random weights only with random_init=True"
+        )
     if pretrained and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
@@ -95,8 +109,13 @@ def load_model(model: str, pretrained: str | None = None, device: str = "auto") 
                 f"tags: {tags}"
             )
     try:
+        # tags trained with QuickGELU (OpenAI's) need it, or the embeddings are subtly wrong
+        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
         net, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=pretrained, device=device
+            model,
+            pretrained=pretrained,
+            device=device,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
         )
         tokenizer = open_clip.get_tokenizer(model)
     except Exception as e:
