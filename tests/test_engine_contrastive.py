@@ -8,6 +8,7 @@ from ecif.engine.contrastive import (
     loss_grad_logits,
     loss_hessian_logits,
     removal_directional,
+    removal_directional_fast,
     removal_grad_logits,
     removal_values,
     removal_weights,
@@ -127,3 +128,20 @@ def test_exact_neg_is_stable_when_a_probability_rounds_to_one():
     assert not torch.isfinite(naive)  # the failure this guards against
     for n in range(4):
         assert float(neg[0, n]) == pytest.approx(_neg_by_logsumexp(s[0].double(), n), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["exact", "first_order"])
+@pytest.mark.parametrize("masked", [(), (2, 5)])
+def test_fast_scoring_path_equals_reference_terms(form, masked):
+    g = torch.Generator().manual_seed(4)
+    s = 6.0 * torch.randn(3, B, B, generator=g, dtype=torch.float64)
+    s[1, 0, 3] = 80.0  # one nearly certain off-diagonal entry
+    ds = torch.randn(3, B, B, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, B, dtype=torch.bool)
+    for k in masked:
+        mask[0, k] = False
+    st = batch_stats(s, mask)
+    ref_pos, ref_neg = removal_directional(st, removal_weights(s, st, form), ds)
+    fast_pos, fast_neg = removal_directional_fast(s, ds, mask, form)
+    assert torch.allclose(fast_pos, ref_pos, atol=1e-12)
+    assert torch.allclose(fast_neg, ref_neg, atol=1e-10)

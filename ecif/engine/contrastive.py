@@ -170,3 +170,51 @@ def removal_grad_logits(
     b_n = bq[members]  # (K, B): Bq_nk over k
     g_neg = g_neg + b_n[:, None, :] * (e_n[:, :, None] - q[None, :, :])
     return g_pos, g_neg
+
+
+def _side_weights(s: torch.Tensor, ds: torch.Tensor, neg: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For softmax along the last dim: expectations r = E_p[ds] (..., B, 1) and the weights
+    A = p/(1-p) (exact) or p (first order), diagonal zeroed, in as few passes as possible."""
+    mx, am = s.max(dim=-1, keepdim=True)
+    e = (s - mx).exp_()
+    z = e.sum(-1, keepdim=True)
+    r = (e * ds).sum(-1, keepdim=True) / z
+    if neg == "exact":
+        # 1 - p = (z - e) / z; at the row maximum z - e is summed directly (no cancellation)
+        z_wo = e.scatter(-1, am, 0.0).sum(-1, keepdim=True)
+        d = (z - e).scatter_(-1, am, z_wo)
+        a = e.div_(d.clamp_min_(torch.finfo(s.dtype).tiny))
+    else:
+        a = e.div_(z)
+    a.diagonal(dim1=-2, dim2=-1).zero_()
+    return r, a
+
+
+def removal_directional_fast(
+    s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, neg: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dPos_n, dNeg_n) along ``ds`` straight from the logits: the scoring pass's hot loop.
+
+    Same values as ``removal_directional(batch_stats(...), removal_weights(...), ds)``, with
+    the row and column sides computed by one helper on s and s^T and no full-size masks
+    unless the stack has missing members.
+    """
+    if neg not in NEG_FORMS:
+        raise ValueError(f"neg must be one of {NEG_FORMS}; got {neg!r}")
+    full = bool(mask.all())
+    s_t, ds_t = s.transpose(-1, -2), ds.transpose(-1, -2)
+    if full:
+        s_r, s_c = s, s_t
+    else:
+        s_r = s.masked_fill(~mask[:, None, :], float("-inf"))
+        s_c = s_t.masked_fill(~mask[:, None, :], float("-inf"))
+    r, a = _side_weights(s_r, ds, neg)  # rows: a[k, n] = A_kn
+    c, b = _side_weights(s_c.contiguous(), ds_t.contiguous(), neg)  # columns: b[k, n] = Bq_nk
+    if not full:
+        a.mul_(mask[:, :, None])
+        b.mul_(mask[:, :, None])
+    # dNeg_n = sum_k A_kn (dS_kn - r_k) + sum_k Bq_nk (dS_nk - c_k)
+    d_neg = (a * (ds - r)).sum(-2) + (b * (ds_t - c)).sum(-2)
+    d_pos = -2.0 * ds.diagonal(dim1=-2, dim2=-1) + r[..., 0] + c[..., 0]
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    return torch.where(mask, d_pos, zero), torch.where(mask, d_neg, zero)

@@ -17,7 +17,7 @@ from ecif.engine.batches import Partition, iter_chunks, make_partition
 from ecif.engine.contrastive import (
     batch_stats,
     loss_grad_logits,
-    removal_directional,
+    removal_directional_fast,
     removal_grad_logits,
     removal_weights,
 )
@@ -98,16 +98,17 @@ def score_pass(
     t = head.logit_scale
     mw = torch.cat([head.m, wm], dim=1)  # one matmul gives both X M and X W
     dt = head.m.shape[1]
-    for ch in iter_chunks(x, y, head.partition, dtype=head.dtype, device=head.m.device):
+    chunk = max(1, 4096 // head.batch_size)  # keeps the B x B work in cache
+    for ch in iter_chunks(
+        x, y, head.partition, dtype=head.dtype, device=head.m.device, batches_per_chunk=chunk
+    ):
         yt = ch.y.transpose(-1, -2)
         u = ch.x @ mw
         s = t * u[..., :dt] @ yt
         ds = t * u[..., dt:] @ yt
         if w_tau is not None:
             ds = ds + w_tau * s
-        st = batch_stats(s, ch.mask)
-        rw = removal_weights(s, st, neg)
-        dp, dn = removal_directional(st, rw, ds)
+        dp, dn = removal_directional_fast(s, ds, ch.mask, neg)
         m = ch.mask.cpu().numpy()
         d_pos[ch.rows[m]] = dp.cpu().numpy()[m]
         d_neg[ch.rows[m]] = dn.cpu().numpy()[m]
