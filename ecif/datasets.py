@@ -43,11 +43,15 @@ __all__ = [
 ]
 
 
+_DATA_VERSION = 2  # bump when shapes() output changes, so cached folders are remade
+
+
 def shapes_embedded(
     n: int = 2000,
     noise: float = 0.2,
     seed: int = 0,
     *,
+    noise_kind: str = "shuffle",
     model_dir: str | os.PathLike | None = None,
     shard_size: int = 500,
     folder: str | os.PathLike | None = None,
@@ -58,13 +62,15 @@ def shapes_embedded(
 
     ``model_dir``: a ``local-dir`` model folder; default the cached tiny CLIP (trained on first
     use, about a minute). The parquet shards that were embedded are in ``<folder>/../shards``.
-    Metadata carries ``caption``, ``true_caption``, ``is_corrupted`` and the shape attributes.
+    Metadata carries ``caption``, ``true_caption``, ``is_corrupted``, ``corrupted_attribute``
+    and the shape attributes. ``noise_kind`` as in ``shapes`` ("shuffle" or "attribute").
     """
     from ecif.data.embed import embed
 
     model_dir = Path(model_dir) if model_dir else tiny_clip(progress=progress)
     if folder is None:
-        key = json.dumps([n, noise, seed, shard_size, str(Path(model_dir).resolve())])
+        parts = [n, noise, seed, shard_size, str(Path(model_dir).resolve())]
+        key = json.dumps(parts + [noise_kind, _DATA_VERSION])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         folder = cache_dir() / "datasets" / f"shapes-{digest}" / "emb"
     folder = Path(folder)
@@ -73,6 +79,8 @@ def shapes_embedded(
         return folder
     shard_dir = folder.parent / "shards"
     if not (shard_dir / "00000.parquet").exists() or man is None:
-        shapes(n, seed=seed, noise=noise).to_parquet(shard_dir, shard_size=shard_size)
+        shapes(n, seed=seed, noise=noise, noise_kind=noise_kind).to_parquet(
+            shard_dir, shard_size=shard_size
+        )
     embed(shard_dir, folder, model=f"local-dir:{model_dir}", device=device, progress=progress)
     return folder

@@ -185,3 +185,17 @@ def test_cli_embed_prints_summary(tmp_path, tiny_clip_dir, data, capsys):
     rc = main(["embed", str(tmp_path / "pq"), "-o", str(tmp_path / "o2"),
                "--model", f"local-dir:{tiny_clip_dir}", "--caption-col", "nope"])  # fmt: skip
     assert rc == 2 and "caption column 'nope' not found" in capsys.readouterr().err
+
+
+def test_shapes_embedded_is_a_ready_cached_folder(tmp_path, monkeypatch, tiny_clip_dir):
+    monkeypatch.setenv("ECIF_CACHE_DIR", str(tmp_path / "cache"))
+    assert datasets.cache_dir() == tmp_path / "cache"
+    kw = dict(n=40, noise=0.25, shard_size=16, model_dir=tiny_clip_dir)
+    folder = datasets.shapes_embedded(**kw)
+    assert folder.is_relative_to(tmp_path / "cache")
+    es = EmbeddingSet.load(folder)
+    assert len(es) == 40 and es.metadata["is_corrupted"].sum() == 10
+    assert es.metadata["caption"].tolist() == datasets.shapes(40, noise=0.25).captions
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    assert datasets.shapes_embedded(**kw) == folder  # cached: not embedded again
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp

@@ -31,6 +31,21 @@ def test_noise_shuffles_exactly_that_fraction_and_marks_it():
     assert datasets.shapes(400, seed=0, noise=0.0).frame["is_corrupted"].sum() == 0
 
 
+def test_attribute_noise_changes_exactly_one_word():
+    d = datasets.shapes(200, seed=1, noise=0.3, noise_kind="attribute")
+    f = d.frame
+    assert f["is_corrupted"].sum() == 60
+    for r in f[f["is_corrupted"]].itertuples():
+        a, b = r.caption.split(), r.true_caption.split()
+        assert len(a) == len(b) or r.corrupted_attribute == "position"
+        if r.corrupted_attribute != "position":
+            assert sum(x != y for x, y in zip(a, b)) == 1, (r.caption, r.true_caption)
+        true_value = getattr(r, r.corrupted_attribute)
+        assert true_value not in r.caption  # the word for the true value is gone
+        assert r.caption != r.true_caption
+    assert (f.loc[~f["is_corrupted"], "caption"] == f.loc[~f["is_corrupted"], "true_caption"]).all()
+
+
 def test_captions_name_the_attributes():
     f = datasets.shapes(30, seed=1).frame
     for r in f.itertuples():

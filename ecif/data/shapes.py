@@ -93,7 +93,7 @@ class ShapesData:
                     image_format: blobs,
                 }
             )
-            for col in ("true_caption", "is_corrupted", *ATTRIBUTES):
+            for col in ("true_caption", "is_corrupted", "corrupted_attribute", *ATTRIBUTES):
                 table[col] = part[col].to_numpy()
             path = folder / f"{s:05d}.parquet"
             tmp = path.with_name(path.name + ".tmp")
@@ -146,14 +146,24 @@ def _draw(rng: np.random.Generator, attrs: dict, image_size: int) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def shapes(n: int = 2000, seed: int = 0, noise: float = 0.0, image_size: int = 64) -> ShapesData:
-    """Make ``n`` deterministic shape pairs; ``noise`` of the captions are shuffled.
+def shapes(
+    n: int = 2000,
+    seed: int = 0,
+    noise: float = 0.0,
+    image_size: int = 64,
+    noise_kind: str = "shuffle",
+) -> ShapesData:
+    """Make ``n`` deterministic shape pairs; ``noise`` of the captions are corrupted.
 
-    Shuffled rows get another row's caption, never one equal to their own, and are marked
-    ``is_corrupted``. Same arguments, same bytes.
+    ``noise_kind="shuffle"``: those rows get another row's caption, never one equal to their
+    own (gross misalignment). ``"attribute"``: one attribute word of the caption is changed
+    to another value (subtle misalignment; ``corrupted_attribute`` names it). Corrupted rows
+    are marked ``is_corrupted``. Same arguments, same bytes.
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError("noise must be in [0, 1]")
+    if noise_kind not in ("shuffle", "attribute"):
+        raise ValueError("noise_kind must be 'shuffle' or 'attribute'")
     if n < 1:
         raise ValueError("n must be >= 1")
     rng = np.random.default_rng(seed)
@@ -173,12 +183,26 @@ def shapes(n: int = 2000, seed: int = 0, noise: float = 0.0, image_size: int = 6
     frame.insert(1, "true_caption", true)
     captions = np.array(true, dtype=object)
     corrupted = np.zeros(n, dtype=bool)
+    which = np.full(n, None, dtype=object)
     k = int(round(noise * n))
-    if k >= 2:
+    if noise_kind == "shuffle" and k >= 2:
         chosen = rng.choice(n, size=k, replace=False)
         corrupted[chosen] = _shuffle_distinct(rng, captions, chosen)
+        which[chosen] = "shuffle"
+    elif noise_kind == "attribute" and k >= 1:
+        chosen = rng.choice(n, size=k, replace=False)
+        values = {"shape": SHAPES, "colour": list(COLOURS), "size": SIZES,
+                  "position": list(POSITIONS), "background": list(BACKGROUNDS)}  # fmt: skip
+        for i in chosen:
+            attrs = frame.loc[i, list(ATTRIBUTES)].to_dict()
+            name = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
+            attrs[name] = rng.choice([v for v in values[name] if v != attrs[name]])
+            captions[i] = caption_of(*(attrs[a] for a in ATTRIBUTES))
+            which[i] = name
+        corrupted[chosen] = True
     frame.insert(1, "caption", captions)
     frame["is_corrupted"] = corrupted
+    frame["corrupted_attribute"] = which
     return ShapesData(images=images, frame=frame)
 
 
