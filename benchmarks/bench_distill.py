@@ -171,6 +171,14 @@ def part_a(args, test):
     batches = [score_pool[i : i + 128] for i in range(0, 512, 128)]
     scores = teacher_dimension_scores(teacher.final_norm, batches, task_loss, "abs")
     dirs = {w: teacher_directions(teacher.final_norm, batches, task_loss, w) for w in args.widths}
+    share = {
+        w: float(scores.sort(descending=True).values[:w].sum() / scores.sum()) for w in args.widths
+    }
+    print(
+        "[A] score mass in the top-d_S teacher dims (uniform would be d_S/64): "
+        + " ".join(f"{w}: {share[w]:.3f}" for w in args.widths),
+        flush=True,
+    )
     arms = ["kd_only", "flex", "random", "projector"] + (["directions"] if args.directions else [])
     res = {w: {a: [] for a in arms} for w in args.widths}
     res_ce = {w: {a: [] for a in arms} for w in args.widths}
@@ -208,7 +216,7 @@ B_ARMS = {
 
 def reasoning_run(cfg, teacher, init, seed, steps, bs):
     student = copy.deepcopy(init)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(student.parameters(), lr=2e-3, weight_decay=0.01)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -252,13 +260,16 @@ def part_b(args, test):
     arms = dict(B_ARMS)
     if args.mc:
         arms["calibrated_mc"] = CalibratedKDConfig(validity="rollout", n_rollouts=args.mc)
+    arms["calibrated_wnorm"] = CalibratedKDConfig(normalize="weights")
+    if args.arms:
+        arms = {a: arms[a] for a in args.arms}
+    elif not args.wnorm:
+        del arms["calibrated_wnorm"]
     res = {a: [] for a in arms}
     res_valid = {a: [] for a in arms}
     init_acc = []
     for seed in range(args.seeds):
-        prng = random.Random(700 + seed)
-        pool = gold_traces([TASK.sample(prng) for _ in range(args.pool)], prng)
-        init = train_sft(make_lm(32, 2000 + seed), args.warm_steps, seed, bs=32, pool=pool)
+        init = train_sft(make_lm(32, 2000 + seed), args.warm_steps, 700 + seed, bs=32)
         init_acc.append(accuracy(init, test))
         for arm, cfg in arms.items():
             st = reasoning_run(cfg, teacher, init, seed, args.b_steps, 32)
@@ -289,16 +300,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--widths", type=int, nargs="+", default=[16, 32])
-    ap.add_argument("--teacher-steps", type=int, default=1000)
+    ap.add_argument("--teacher-steps", type=int, default=800)
     ap.add_argument("--pool", type=int, default=256, help="training traces per seed")
     ap.add_argument("--a-steps", type=int, default=300)
-    ap.add_argument("--warm-steps", type=int, default=150)
-    ap.add_argument("--b-steps", type=int, default=150)
+    ap.add_argument("--warm-steps", type=int, default=400)
+    ap.add_argument("--b-steps", type=int, default=200)
     ap.add_argument("--teacher-error", type=float, default=0.9)
-    ap.add_argument("--error-min-units", type=int, default=14)
+    ap.add_argument("--error-min-units", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--directions", action="store_true", help="add the eigen-directions arm")
     ap.add_argument("--mc", type=int, default=0, help="add a Monte-Carlo validity arm (rollouts)")
+    ap.add_argument("--wnorm", action="store_true", help="add calibrated, normalised by sum w")
+    ap.add_argument("--arms", nargs="+", help="subset of part-B arms (paired seeds reproduce)")
     ap.add_argument("--parts", default="AB")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -318,9 +331,10 @@ def main(argv=None):
             f"\nCalibrated reasoning KD, answer accuracy ({args.seeds} paired seeds; "
             f"warm-start student {np.mean(init_acc):.3f})"
         )
-        print(table(res, "calibrated", "arm"))
+        ref = "calibrated" if "calibrated" in res else next(iter(res))
+        print(table(res, ref, "arm"))
         print("\nStep validity (greedy traces)")
-        print(table(res_valid, "calibrated", "arm", "step validity"))
+        print(table(res_valid, ref, "arm", "step validity"))
     print(f"\ntotal {time.time() - t0:.0f}s")
 
 

@@ -127,6 +127,17 @@ def test_unit_weights_reproduce_plain_kd_exactly(kind):
     assert torch.allclose(half, 0.5 * plain)
     w = torch.rand(3, 7, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(calibrated_kd_loss(s, t, mask, w, cfg), plain)
+    by_w = CalibratedKDConfig(divergence=kind, normalize="weights")
+    assert torch.equal(calibrated_kd_loss(s, t, mask, torch.ones_like(mask), by_w), plain)
+    assert torch.allclose(calibrated_kd_loss(s, t, mask, 0.5 * mask, by_w), plain)
+    ref = (
+        masked_divergence(s[:, :-1], t[:, :-1], mask[:, 1:], kind, weights=w[:, 1:])
+        * mask[:, 1:].sum()
+        / (w[:, 1:] * mask[:, 1:]).sum()
+    )
+    assert torch.allclose(calibrated_kd_loss(s, t, mask, w, by_w), ref)
+    with pytest.raises(ValueError):
+        calibrated_kd_loss(s, t, mask, w, CalibratedKDConfig(normalize="batch"))
 
 
 # ----------------------------------------------------------------- batches and estimators

@@ -41,6 +41,7 @@ class CalibratedKDConfig:
     validity: str = "checker"  # checker | rollout
     n_rollouts: int = 4  # Monte-Carlo rollouts per proposal (validity='rollout')
     sample_temperature: float = 1.0
+    normalize: str = "tokens"  # tokens: w scales the pull; weights: only relative reweighting
 
 
 def validity_weights(
@@ -88,9 +89,11 @@ def calibrated_kd_loss(
 ) -> torch.Tensor:
     """Weighted per-token divergence. ``target_mask``/``token_weights`` index the *predicted*
     tokens (position p is predicted by the logits at p - 1), as built by
-    :func:`build_calibrated_batch`; the shift happens here.
+    :func:`build_calibrated_batch`; the shift happens here. ``normalize='tokens'`` divides by
+    the number of distilled tokens (w < 1 weakens the update); ``'weights'`` divides by the
+    sum of weights (same mean step size as plain KD). Both equal plain KD when w = 1.
     """
-    return masked_divergence(
+    loss = masked_divergence(
         student_logits[:, :-1],
         teacher_logits[:, :-1].detach(),
         target_mask[:, 1:],
@@ -99,6 +102,12 @@ def calibrated_kd_loss(
         beta=cfg.jsd_beta,
         temperature=cfg.temperature,
     )
+    if cfg.normalize == "weights":
+        m = target_mask[:, 1:]
+        loss = loss * (m.sum() / (token_weights[:, 1:].detach() * m).sum().clamp_min(1e-8))
+    elif cfg.normalize != "tokens":
+        raise ValueError(f"unknown normalize {cfg.normalize!r}")
+    return loss
 
 
 def checker_validity(
