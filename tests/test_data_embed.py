@@ -102,6 +102,7 @@ def test_workers_give_the_same_result(tmp_path, tiny_clip_dir, data):
     # small row groups that do not line up with the reader's chunks
     t = pq.read_table(tmp_path / "pq" / "00001.parquet")
     pq.write_table(t, tmp_path / "pq" / "00001.parquet", row_group_size=4)
+    pq.write_table(t.slice(0, 0), tmp_path / "pq" / "00003.parquet")  # an empty shard
     model = f"local-dir:{tiny_clip_dir}"
     ecif.embed(tmp_path / "pq", tmp_path / "a", model=model, batch_size=4)
     ecif.embed(
@@ -109,7 +110,8 @@ def test_workers_give_the_same_result(tmp_path, tiny_clip_dir, data):
     )
     a, b = EmbeddingSet.load(tmp_path / "a"), EmbeddingSet.load(tmp_path / "b")
     assert np.array_equal(a.image, b.image) and np.array_equal(a.text, b.text)
-    assert a.ids.tolist() == b.ids.tolist()
+    assert a.ids.tolist() == b.ids.tolist() and len(a) == 24
+    assert len(list((tmp_path / "b" / "metadata").glob("*.parquet"))) == 4
 
 
 def test_bad_rows_are_kept_with_status_and_zero_embeddings(tmp_path, tiny_clip_dir, data):

@@ -290,10 +290,11 @@ def embed(
         done_parts[k] = {"ok": ok, "failed": failed}
         layout.write_manifest(out, manifest())
 
-    for s, (k, sh) in enumerate(pending):
-        writers[s] = _PartWriter(out, k, sh, dims)
-    for s in [s for s, w in writers.items() if w.done]:  # empty shards
-        finish(s)
+    for s, (_, sh) in enumerate(pending):  # empty shards; others open lazily, so open
+        if sh.n_rows == 0:  # temp files stay bounded by the shards in flight
+            writers[s] = _PartWriter(out, pending[s][0], sh, dims)
+            finish(s)
+    finished = {s for s, (_, sh) in enumerate(pending) if sh.n_rows == 0}
     total = sum(sh.n_rows for _, sh in pending)
     if total:
         chunk = chunk_rows or max(batch_size, 256)
@@ -320,6 +321,8 @@ def embed(
                     m = batch["shard"] == s
                     sel = cum[m & good]
                     errs = [e for e, keep in zip(batch["error"], m) if keep]
+                    if s not in writers:
+                        writers[s] = _PartWriter(out, pending[s][0], pending[s][1], dims)
                     writers[s].put(
                         batch["row"][m],
                         errs,
@@ -328,6 +331,7 @@ def embed(
                     )
                     if writers[s].done:
                         finish(s)
+                        finished.add(s)
                 for e in batch["error"]:
                     if e is not None:
                         kind = e.split(":")[0]
@@ -335,8 +339,9 @@ def embed(
                 bar.update(len(batch["row"]))
                 if sleep:
                     time.sleep(sleep)
-    if writers:
-        raise RuntimeError(f"internal error: parts {sorted(writers)} did not receive all rows")
+    if writers or len(finished) != len(pending):
+        missing = sorted(set(range(len(pending))) - finished)
+        raise RuntimeError(f"internal error: parts {missing} did not receive all their rows")
     layout.write_manifest(out, manifest())
     res.seconds = time.perf_counter() - t0
     log.info(res.summary())

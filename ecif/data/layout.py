@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATUS_OK = "ok"
+OK_VALUES = (STATUS_OK, "success")  # "success": img2dataset's word, kept by clip-retrieval
 ID_CANDIDATES = ("key", "uid", "id", "image_path", "path")
 _PART = re.compile(r"^metadata_(\d+)\.parquet$")
 
@@ -194,10 +195,10 @@ def load_folder(
     meta = pd.concat(metas, ignore_index=True) if len(metas) > 1 else metas[0]
     keep = np.ones(len(meta), dtype=bool)
     if "status" in meta.columns and not keep_failed:
-        keep = (meta["status"] == STATUS_OK).to_numpy()
+        keep = meta["status"].isin(OK_VALUES).to_numpy()
         dropped = int((~keep).sum())
         if dropped:
-            msg = f"{folder}: dropped {dropped} of {len(meta)} rows whose status is not 'ok'"
+            msg = f"{folder}: dropped {dropped} of {len(meta)} rows whose status is not ok"
             log.warning(msg + " (keep_failed=True keeps them)")
     image = _gather(imgs, keep, folder, "img", in_memory_limit)
     text = _gather(txts, keep, folder, "text", in_memory_limit)
