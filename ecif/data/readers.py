@@ -58,19 +58,25 @@ class Shard:
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
-            # record batches need not line up with chunks (row groups cut them): decide per row
+            # only row groups holding owned rows are read; record batches need not line up
+            # with chunks (row groups cut them), so ownership is decided per row
             pf = pq.ParquetFile(self.path)
-            it = pf.iter_batches(batch_size=chunk_rows, columns=[self.image_col])
-            row = 0
             caps = self.meta[self.caption_col]
-            for batch in it:
-                n = batch.num_rows
-                first, last = row // chunk_rows, (row + n - 1) // chunk_rows
-                if n and any(owned[first : last + 1]):
-                    for i, v in enumerate(batch.column(0).to_pylist()):
-                        if owned[(row + i) // chunk_rows]:
-                            yield row + i, _image_value(v), caps.iat[row + i]
-                row += n
+            start = 0
+            for g in range(pf.metadata.num_row_groups):
+                g_rows = pf.metadata.row_group(g).num_rows
+                lo, hi = start // chunk_rows, (start + g_rows - 1) // chunk_rows
+                if g_rows and any(owned[lo : hi + 1]):
+                    row = start
+                    cols = [self.image_col]
+                    for batch in pf.iter_batches(chunk_rows, row_groups=[g], columns=cols):
+                        n = batch.num_rows
+                        if any(owned[row // chunk_rows : (row + n - 1) // chunk_rows + 1]):
+                            for i, v in enumerate(batch.column(0).to_pylist()):
+                                if owned[(row + i) // chunk_rows]:
+                                    yield row + i, _image_value(v), caps.iat[row + i]
+                        row += n
+                start += g_rows
         elif self.kind == "table":
             paths = self.meta[self.image_col]
             caps = self.meta[self.caption_col]
