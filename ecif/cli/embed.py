@@ -33,10 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pretrained tag (needs a download or the local cache), a checkpoint file, or "
         "'auto' (the model's first listed tag; ignored for local-dir: and ecif-tiny)",
     )
-    p.add_argument("--id-col", default=None, help="id column (default: key, uid or id)")
-    p.add_argument("--caption-col", default=None, help="caption column (default: caption)")
     p.add_argument(
-        "--image-col", default=None, help="image bytes or path column (default: jpg, png, path...)"
+        "--id-col",
+        default=None,
+        help="id column; if not given: key, uid or id, else the image path or shard-row",
+    )
+    p.add_argument(
+        "--caption-col", default=None, help="caption column; if not given: caption, txt or text"
+    )
+    p.add_argument(
+        "--image-col",
+        default=None,
+        help="image bytes or path column; if not given: jpg, png, ..., path",
     )
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader decode workers")

@@ -44,11 +44,12 @@ class EmbedResult:
     errors: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        rate = (self.ok + self.failed) / self.seconds if self.seconds > 0 else 0.0
+        busy = self.seconds - self.model_seconds
+        rate = (self.ok + self.failed) / busy if busy > 0 else 0.0
         return (
             f"embedded: ok={self.ok} failed={self.failed} skipped={self.skipped} "
             f"(parts written {self.parts_written}, skipped {self.parts_skipped}; "
-            f"{rate:.1f} rows/s) -> {self.folder}"
+            f"{rate:.1f} rows/s after model load) -> {self.folder}"
         )
 
 
