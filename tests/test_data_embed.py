@@ -95,6 +95,10 @@ def test_parquet_tar_and_folder_match_direct_open_clip(tmp_path, tiny_clip_dir, 
     assert man["dims"] == {"image": 32, "text": 32}
     assert man["rows"] == {"total": 24, "ok": 24, "failed": 0}
     assert man["complete"] and len(man["parts"]) == 3 and man["ecif_version"] == ecif.__version__
+    # the model's own logit scale travels with the set (the engine's default temperature)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir}")
+    assert es.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-6)
+    assert es.split(0.25)[1].logit_scale == es.logit_scale
 
 
 def test_workers_give_the_same_result(tmp_path, tiny_clip_dir, data):

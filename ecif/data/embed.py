@@ -266,6 +266,7 @@ def embed(
             "model": lm.name,
             "pretrained": lm.pretrained,
             "dims": {"image": dims[0], "text": dims[1]},
+            "logit_scale": lm.logit_scale,
             "dtype": "float16",
             "normalized": True,
             "id_column": shards[0].id_col if shards else None,

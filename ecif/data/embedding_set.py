@@ -19,7 +19,11 @@ class EmbeddingSet:
     ``image`` and ``text`` are (N, d) arrays (numpy, memory-mapped or not, or anything
     array-like). ``ids`` default to ``0..N-1``. ``metadata`` is an optional DataFrame with one
     row per pair (caption, url, status, ...), kept alongside and never reordered.
+    ``logit_scale``: the embedding model's exp(logit scale) when known (set by ``load`` from
+    the manifest), else None; subsets keep it.
     """
+
+    logit_scale: float | None = None
 
     def __init__(
         self,
@@ -87,13 +91,15 @@ class EmbeddingSet:
         """A new set with the given row positions (in that order)."""
         rows = np.asarray(rows)
         meta = None if self.metadata is None else self.metadata.iloc[rows].reset_index(drop=True)
-        return EmbeddingSet(
+        out = EmbeddingSet(
             np.asarray(self.image[rows]),
             np.asarray(self.text[rows]),
             self.ids[rows],
             meta,
             check_finite=False,
         )
+        out.logit_scale = self.logit_scale
+        return out
 
     def positions(self, ids: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Row positions of the given ids; a clear error names ids that are not in the set."""

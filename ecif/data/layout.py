@@ -203,8 +203,12 @@ def load_folder(
     image = _gather(imgs, keep, folder, "img", in_memory_limit)
     text = _gather(txts, keep, folder, "text", in_memory_limit)
     meta = meta[keep].reset_index(drop=True) if not keep.all() else meta
-    ids = _pick_ids(meta, id_col, read_manifest(folder), folder)
-    return EmbeddingSet(image, text, ids=ids, metadata=meta)
+    manifest = read_manifest(folder)
+    ids = _pick_ids(meta, id_col, manifest, folder)
+    es = EmbeddingSet(image, text, ids=ids, metadata=meta)
+    if manifest and manifest.get("logit_scale"):
+        es.logit_scale = float(manifest["logit_scale"])
+    return es
 
 
 def _open_npy(path: Path) -> np.ndarray:
@@ -304,6 +308,7 @@ def save_folder(es: EmbeddingSet, folder: str | os.PathLike, *, part_rows: int =
             "ecif_version": __version__,
             "id_column": id_column,
             "dims": {"image": es.d_image, "text": es.d_text},
+            "logit_scale": es.logit_scale,
             "rows": {"total": len(es), "ok": int((meta["status"] == STATUS_OK).sum())},
             "parts": [{"index": i, "rows": c} for i, c in enumerate(counts)],
         },

@@ -31,6 +31,7 @@ class LoadedModel:
     image_size: int
     dim_image: int
     dim_text: int
+    logit_scale: float | None = None  # exp(model.logit_scale), the scale CLIP trained with
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -139,4 +140,8 @@ def load_model(
         dummy = torch.zeros(1, 3, size, size, device=device)
         d_img = int(net.encode_image(dummy).shape[-1])
         d_txt = int(net.encode_text(tokenizer([""]).to(device)).shape[-1])
-    return LoadedModel(net, preprocess, tokenizer, model, pretrained, device, size, d_img, d_txt)
+    scale = getattr(net, "logit_scale", None)
+    scale = float(scale.detach().exp().reshape(-1)[0]) if isinstance(scale, torch.Tensor) else None
+    return LoadedModel(
+        net, preprocess, tokenizer, model, pretrained, device, size, d_img, d_txt, scale
+    )
