@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-_DATA_VERSION = 2  # bump when shapes() output changes, so cached folders are remade
+_DATA_VERSION = 3  # bump when shapes() output changes, so cached folders are remade
 
 
 def shapes_embedded(
