@@ -60,6 +60,7 @@ def fit(
     max_iter: int = 500,
     tol: float | None = None,
     newton_steps: int = 0,
+    solver: str = "auto",
 ) -> Head:
     """Fit the bilinear head on ``train`` to a stationary point.
 
@@ -84,6 +85,7 @@ def fit(
         max_iter=max_iter,
         tol=tol,
         newton_steps=newton_steps,
+        solver=solver,
     )
     head = new_head(x, y, args)
     if init is not None:

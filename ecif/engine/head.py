@@ -224,6 +224,44 @@ class HeadObjective:
         out = out * (self.weight / self.head.n_norm) + self.head.lam * vv
         return out[0] if single else out
 
+    def dense_hessian(self, theta: torch.Tensor) -> torch.Tensor:
+        """The dense Hessian, assembled from its Kronecker structure (no P Hessian-vector products).
+
+        H_MM = (t^2/N) [sum_i x_i x_i^T (x) Cov_{p_i}(y) + sum_j Cov_{q_j}(x) (x) y_j y_j^T] + lambda I;
+        the log-scale row and column, when learned, come from one exact Hessian-vector product.
+        """
+        m, t = self._split(theta)
+        di, dt = self.di, self.dt
+        acc = torch.zeros(di * di, dt * dt, dtype=theta.dtype, device=theta.device)
+        for ch in self._chunks():
+            s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+            st = batch_stats(s, ch.mask)
+            ybar, xbar = st.p @ ch.y, st.q.transpose(-1, -2) @ ch.x
+            cov_y = (
+                torch.einsum("cij,cjb,cje->cibe", st.p, ch.y, ch.y)
+                - ybar[..., :, None] * ybar[..., None, :]
+            )
+            cov_x = (
+                torch.einsum("cij,cia,cik->cjak", st.q, ch.x, ch.x)
+                - xbar[..., :, None] * xbar[..., None, :]
+            )
+            xx = (ch.x[..., :, None] * ch.x[..., None, :]).reshape(-1, di * di)
+            yy = (ch.y[..., :, None] * ch.y[..., None, :]).reshape(-1, dt * dt)
+            acc += xx.T @ cov_y.reshape(-1, dt * dt) + cov_x.reshape(-1, di * di).T @ yy
+        h = acc.reshape(di, di, dt, dt).permute(0, 2, 1, 3).reshape(di * dt, di * dt)
+        h = h * (t * t * self.weight / self.head.n_norm)
+        p = self.head.num_params
+        out = torch.zeros(p, p, dtype=theta.dtype, device=theta.device)
+        out[: di * dt, : di * dt] = 0.5 * (h + h.T)
+        out.diagonal().add_(self.head.lam)
+        if self.head.learn_scale:
+            e = torch.zeros(p, dtype=theta.dtype, device=theta.device)
+            e[-1] = 1.0
+            col = self.hvp(theta, e)
+            out[-1, :] = col
+            out[:, -1] = col
+        return out
+
 
 @dataclass
 class FitArgs:
@@ -240,6 +278,7 @@ class FitArgs:
     tol: float | None = None  # gradient max-abs tolerance; default by dtype
     history_size: int = 20
     newton_steps: int = 0  # exact Newton-CG polish after L-BFGS (for tight retraining checks)
+    solver: str = "auto"  # "newton" (dense Hessian, damped), "lbfgs"; auto: newton if P <= 4096
 
 
 def new_head(x, y, args: FitArgs, m0: torch.Tensor | None = None) -> Head:
@@ -265,7 +304,8 @@ def new_head(x, y, args: FitArgs, m0: torch.Tensor | None = None) -> Head:
 
 
 def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
-    """Full-batch L-BFGS (strong Wolfe) to a gradient tolerance; warm start from ``init``."""
+    """Fit to a gradient tolerance: damped Newton (dense Hessian) for small heads, full-batch
+    L-BFGS (strong Wolfe) for large ones; warm start from ``init``."""
     if head.lam <= 0:
         raise ValueError("lam must be > 0: the L2 pull makes the Hessian invertible")
     obj = HeadObjective(head, x, y)
@@ -275,6 +315,38 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
     if start.numel() != head.num_params:
         raise ValueError("init head has a different shape or learn_scale setting")
     tol = args.tol if args.tol is not None else (1e-9 if head.dtype == torch.float64 else 1e-5)
+    solver = args.solver
+    if solver == "auto":
+        solver = "newton" if head.num_params <= 4096 else "lbfgs"
+    if solver not in ("newton", "lbfgs"):
+        raise ValueError(f"solver must be auto, newton or lbfgs; got {args.solver!r}")
+    run = _newton if solver == "newton" else _lbfgs
+    theta, value, grad, iterations, evaluations = run(obj, start, args, tol)
+    gmax = float(grad.abs().max())
+    for _ in range(args.newton_steps):
+        if gmax <= tol * 1e-3:
+            break
+        at = theta.detach()
+        step = conjugate_gradient(
+            lambda v, at=at: obj.hvp(at, v), grad, tol=1e-9, max_iter=2 * head.num_params + 10
+        ).x
+        theta = theta - step
+        value, grad = obj.value_and_grad(theta.detach())
+        gmax = float(grad.abs().max())
+    info = {
+        "objective": value,
+        "grad_max": gmax,
+        "grad_norm": float(grad.norm()),
+        "solver": solver,
+        "iterations": iterations,
+        "evaluations": evaluations,
+        "converged": gmax <= tol * 10,
+        "tol": tol,
+    }
+    return head.with_theta(theta.detach(), info=info)
+
+
+def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
     theta = torch.nn.Parameter(start.clone())
     opt = torch.optim.LBFGS(
         [theta],
@@ -299,26 +371,45 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         iterations += int(state.get("n_iter", 0))
         evaluations += int(state.get("func_evals", 0))
         value, grad = obj.value_and_grad(theta.detach())
-        gmax = float(grad.abs().max())
-        if gmax <= tol or iterations >= args.max_iter:
+        if float(grad.abs().max()) <= tol or iterations >= args.max_iter:
             break
         opt = torch.optim.LBFGS([theta], **opt.defaults)
-    for _ in range(args.newton_steps):
-        if gmax <= tol * 1e-3:
+    return theta.detach(), value, grad, iterations, evaluations
+
+
+def _newton(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
+    """Damped Newton with the dense Hessian and Armijo backtracking: a handful of steps."""
+    theta = start.clone()
+    value, grad = obj.value_and_grad(theta)
+    iterations, evaluations = 0, 1
+    while iterations < min(args.max_iter, 100) and float(grad.abs().max()) > tol:
+        step = torch.cholesky_solve(grad[:, None], _damped_cholesky(obj.dense_hessian(theta)))[:, 0]
+        slope = float(grad @ step)
+        a = 1.0
+        while True:
+            cand = theta - a * step
+            v_new, g_new = obj.value_and_grad(cand)
+            evaluations += 1
+            if v_new <= value - 1e-4 * a * slope or a < 1e-6:
+                break
+            a *= 0.5
+        iterations += 1
+        if v_new > value and a < 1e-6:  # no decrease possible at this precision
             break
-        step = conjugate_gradient(
-            lambda v: obj.hvp(theta.detach(), v), grad, tol=1e-9, max_iter=2 * head.num_params + 10
-        ).x
-        theta.data -= step
-        value, grad = obj.value_and_grad(theta.detach())
-        gmax = float(grad.abs().max())
-    info = {
-        "objective": value,
-        "grad_max": gmax,
-        "grad_norm": float(grad.norm()),
-        "iterations": iterations,
-        "evaluations": evaluations,
-        "converged": gmax <= tol * 10,
-        "tol": tol,
-    }
-    return head.with_theta(theta.detach(), info=info)
+        theta, value, grad = cand, v_new, g_new
+    return theta, value, grad, iterations, evaluations
+
+
+def _damped_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of H, or of H + mu I when H is indefinite (learned scale, far from the
+    optimum: the objective is convex in M but not jointly in (M, log t))."""
+    mu = 0.0
+    scale = float(h.diagonal().abs().max())
+    for _ in range(30):
+        factor, info = torch.linalg.cholesky_ex(
+            h + mu * torch.eye(len(h), dtype=h.dtype, device=h.device)
+        )
+        if int(info) == 0:
+            return factor
+        mu = max(mu * 10.0, 1e-6 * scale)
+    raise RuntimeError("Hessian could not be made positive definite")

@@ -66,12 +66,8 @@ class InverseHessian:
         return self.objective.hvp(self.theta, v)
 
     def dense(self) -> torch.Tensor:
-        """The dense Hessian, built from exact Hessian-vector products on the unit basis."""
-        p = self.head.num_params
-        eye = torch.eye(p, dtype=self.head.dtype, device=self.head.m.device)
-        cols = [self.hvp(eye[i : i + 64]) for i in range(0, p, 64)]
-        h = torch.cat(cols, dim=0)
-        return 0.5 * (h + h.T)
+        """The dense Hessian (P x P), exact."""
+        return self.objective.dense_hessian(self.theta)
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         single = g.dim() == 1
