@@ -205,3 +205,33 @@ def test_shapes_embedded_is_a_ready_cached_folder(tmp_path, monkeypatch, tiny_cl
     stamp = (folder / "manifest.json").stat().st_mtime_ns
     assert datasets.shapes_embedded(**kw) == folder  # cached: not embedded again
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_input_variants_tar_gaps_and_struct_image_column(tmp_path, tiny_clip_dir, data):
+    """A tar sample without image, one with its caption only in .json; an HF-style
+    {bytes, path} image column; all compared with the plain parquet result."""
+    model = f"local-dir:{tiny_clip_dir}"
+    data.to_parquet(tmp_path / "pq", shard_size=100, image_format="png")
+    ecif.embed(tmp_path / "pq", tmp_path / "ref", model=model)
+    ref = EmbeddingSet.load(tmp_path / "ref")
+
+    _write_tar(tmp_path / "full.tar", data)
+    with tarfile.open(tmp_path / "full.tar") as src, tarfile.open(tmp_path / "t.tar", "w") as dst:
+        for m in src.getmembers():
+            if m.name in (f"{data.frame.key[2]}.png", f"{data.frame.key[5]}.txt"):
+                continue  # sample 2 loses its image, sample 5 its .txt (caption stays in .json)
+            dst.addfile(m, src.extractfile(m))
+    ecif.embed(tmp_path / "t.tar", tmp_path / "out-tar", model=model)
+    es = EmbeddingSet.load(tmp_path / "out-tar", keep_failed=True)
+    assert es.metadata["status"].tolist() == ["ok"] * 2 + ["failed"] + ["ok"] * 21
+    assert es.metadata["error_message"][2].startswith("missing image")
+    keep = np.arange(24) != 2
+    np.testing.assert_allclose(es.image[keep].astype(np.float32), ref.image[keep], atol=2e-3)
+    np.testing.assert_allclose(es.text[keep].astype(np.float32), ref.text[keep], atol=2e-3)
+
+    t = pd.read_parquet(tmp_path / "pq" / "00000.parquet")
+    t["image"] = [{"bytes": b, "path": None} for b in t.pop("png")]
+    t.to_parquet(tmp_path / "hf.parquet")
+    ecif.embed(tmp_path / "hf.parquet", tmp_path / "out-hf", model=model, image_col="image")
+    es = EmbeddingSet.load(tmp_path / "out-hf")
+    assert np.array_equal(es.image, ref.image) and np.array_equal(es.text, ref.text)
