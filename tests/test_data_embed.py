@@ -130,6 +130,8 @@ def test_bad_rows_are_kept_with_status_and_zero_embeddings(tmp_path, tiny_clip_d
     t.to_parquet(tmp_path / "pq" / "00000.parquet")
     res = ecif.embed(tmp_path / "pq", tmp_path / "out", model=f"local-dir:{tiny_clip_dir}")
     assert (res.ok, res.failed) == (18, 6)
+    assert res.errors == {"undecodable image": 1, "missing image": 1, "empty caption": 2,
+                          "null id": 1, "duplicate id": 1}  # fmt: skip
     es = EmbeddingSet.load(tmp_path / "out", keep_failed=True)
     m = es.metadata
     assert m["status"].tolist() == ["ok"] + ["failed"] * 6 + ["ok"] * 17

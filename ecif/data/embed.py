@@ -143,7 +143,7 @@ class _PartWriter:
             self.arrays[1][rows[good]] = txt
 
     def finish(self, kv: dict[str, str]) -> tuple[int, int]:
-        errs = [p or e for p, e in zip(self.pre, self.errors)]
+        errs = self.final_errors = [p or e for p, e in zip(self.pre, self.errors)]
         for r, e in enumerate(errs):  # a pre-flight failure (bad id) zeroes an embedded row
             if e is not None and self.errors[r] is None:
                 self.arrays[0][r] = 0
@@ -285,7 +285,13 @@ def embed(
     def finish(s: int) -> None:
         k, sh = pending[s]
         kv = dict(base_kv, source=sh.path.name, id_column=sh.id_col)
-        ok, failed = writers.pop(s).finish(kv)
+        w = writers.pop(s)
+        ok, failed = w.finish(kv)
+        for e in w.final_errors:
+            if e is not None:
+                kind = e.split(":")[0].split(" (")[0]
+                kind = next((k for k in ("null id", "duplicate id") if kind.startswith(k)), kind)
+                res.errors[kind] = res.errors.get(kind, 0) + 1
         res.ok += ok
         res.failed += failed
         res.parts_written += 1
@@ -334,10 +340,6 @@ def embed(
                     if writers[s].done:
                         finish(s)
                         finished.add(s)
-                for e in batch["error"]:
-                    if e is not None:
-                        kind = e.split(":")[0]
-                        res.errors[kind] = res.errors.get(kind, 0) + 1
                 bar.update(len(batch["row"]))
                 if sleep:
                     time.sleep(sleep)
