@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ecif.data.layout import read_manifest
 from ecif.data.shapes import ShapesData, caption_of, shapes
@@ -26,6 +27,9 @@ from ecif.data.tiny_clip import (
     train_tiny_clip,
 )
 
+if TYPE_CHECKING:
+    from ecif.data.embedding_set import EmbeddingSet
+
 __all__ = [
     "TINY_NAME",
     "ShapesData",
@@ -37,6 +41,7 @@ __all__ = [
     "retrieval_accuracy",
     "shapes",
     "shapes_embedded",
+    "shapes_sets",
     "tiny_clip",
     "tiny_config",
     "train_tiny_clip",
@@ -84,3 +89,23 @@ def shapes_embedded(
         )
     embed(shard_dir, folder, model=f"local-dir:{model_dir}", device=device, progress=progress)
     return folder
+
+
+def shapes_sets(
+    n: int = 2000,
+    noise: float = 0.2,
+    n_val: int = 500,
+    seed: int = 0,
+    *,
+    noise_kind: str = "shuffle",
+    model_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """(train, val) EmbeddingSets for a demo: ``n`` noisy shapes pairs and ``n_val`` clean,
+    trusted pairs from another seed, both embedded with the tiny model and cached."""
+    from ecif.data.embedding_set import EmbeddingSet
+
+    kw = dict(model_dir=model_dir, progress=progress)
+    train = shapes_embedded(n, noise, seed, noise_kind=noise_kind, **kw)
+    val = shapes_embedded(n_val, 0.0, seed + 1_000_003, **kw)
+    return EmbeddingSet.load(train), EmbeddingSet.load(val)

@@ -237,3 +237,12 @@ def test_input_variants_tar_gaps_and_struct_image_column(tmp_path, tiny_clip_dir
     ecif.embed(tmp_path / "hf.parquet", tmp_path / "out-hf", model=model, image_col="image")
     es = EmbeddingSet.load(tmp_path / "out-hf")
     assert np.array_equal(es.image, ref.image) and np.array_equal(es.text, ref.text)
+
+
+def test_shapes_sets_gives_noisy_train_and_clean_val(tmp_path, monkeypatch, tiny_clip_dir):
+    monkeypatch.setenv("ECIF_CACHE_DIR", str(tmp_path / "cache"))
+    train, val = datasets.shapes_sets(n=30, noise=0.2, n_val=12, model_dir=tiny_clip_dir)
+    assert (len(train), len(val)) == (30, 12)
+    assert train.metadata["is_corrupted"].sum() == 6 and not val.metadata["is_corrupted"].any()
+    assert not set(train.ids) & set(val.ids)
+    assert train.logit_scale and train.d_image == val.d_image == 32
