@@ -246,3 +246,17 @@ def test_shapes_sets_gives_noisy_train_and_clean_val(tmp_path, monkeypatch, tiny
     assert train.metadata["is_corrupted"].sum() == 6 and not val.metadata["is_corrupted"].any()
     assert not set(train.ids) & set(val.ids)
     assert train.logit_scale and train.d_image == val.d_image == 32
+
+
+def test_dask_distributor_matches_local(tmp_path, tiny_clip_dir, data, capsys):
+    data.to_parquet(tmp_path / "pq", shard_size=7)  # 4 shards -> 4 tasks
+    model = f"local-dir:{tiny_clip_dir}"
+    ecif.embed(tmp_path / "pq", tmp_path / "local", model=model, batch_size=5)
+    rc = main(["embed", str(tmp_path / "pq"), "-o", str(tmp_path / "dask"), "--model", model,
+               "--batch-size", "5", "--distributor", "dask", "--quiet"])  # fmt: skip
+    assert rc == 0 and "embedded: ok=24 failed=0" in capsys.readouterr().out
+    a, b = EmbeddingSet.load(tmp_path / "local"), EmbeddingSet.load(tmp_path / "dask")
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.text, b.text)
+    assert a.ids.tolist() == b.ids.tolist()
+    man = json.loads((tmp_path / "dask" / "manifest.json").read_text())
+    assert man["complete"] and man["rows"]["ok"] == 24 and len(man["parts"]) == 4

@@ -48,6 +48,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader decode workers")
+    p.add_argument(
+        "--distributor",
+        default="local",
+        choices=["local", "dask"],
+        help="local: in-process; dask: one task per shard (paths must be shared by workers)",
+    )
+    p.add_argument(
+        "--scheduler", default=None, help="Dask scheduler address, tcp://host:port (dask only)"
+    )
     common.add_device(p)
     common.add_quiet(p)
 
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             device=args.device,
             progress=common.show_progress(args),
+            distributor=args.distributor,
+            scheduler=args.scheduler,
         )
     except (InputError, FolderError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,111 +192,69 @@ def _encode(lm: LoadedModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     return u.cpu().numpy(), v.cpu().numpy()
 
 
-def embed(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike],
-    output: str | os.PathLike,
-    model: str = "ViT-B-32",
-    pretrained: str | None = "auto",
-    *,
-    id_col: str | None = None,
-    caption_col: str | None = None,
-    image_col: str | None = None,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str = "auto",
-    chunk_rows: int | None = None,
-    progress: bool = False,
-    random_init: bool = False,
-) -> EmbedResult:
-    """Embed image-text shards into a clip-retrieval folder at ``output``; returns counts.
-
-    ``inputs``: parquet/tar/csv shard files, folders of them, or globs. ``model`` and
-    ``pretrained`` as in ``open_clip.create_model_and_transforms``, or ``local-dir:PATH``
-    (``pretrained`` ignored), or ``ecif-tiny`` (the cached tiny model). ``pretrained="auto"``
-    takes the model's first listed tag, which needs a download once (or open_clip's cache).
-    Rows that cannot be embedded are kept (``status="failed"``, ``error_message``, zero
-    embeddings). Finished parts of an earlier run into the same folder are skipped.
-    """
-    t0 = time.perf_counter()
+def _manifest(shards: Sequence[Shard], lm: LoadedModel, done_parts: dict[int, dict]) -> dict:
     from ecif import __version__
 
-    out = Path(output)
-    paths = discover(inputs)
-    shards = [
-        open_shard(p, id_col=id_col, caption_col=caption_col, image_col=image_col) for p in paths
+    parts = [
+        {"index": k, "source": str(sh.path), "rows": sh.n_rows, **done_parts.get(k, {})}
+        for k, sh in enumerate(shards)
     ]
-    t_model = time.perf_counter()
-    lm = load_model(model, pretrained, device, random_init=random_init)
-    t_model = time.perf_counter() - t_model
-    out.mkdir(parents=True, exist_ok=True)
-    layout.clean_stale_temps(out)
-    old = layout.read_manifest(out)
-    if old and (old.get("model"), old.get("pretrained")) != (lm.name, lm.pretrained):
-        raise layout.FolderError(
-            f"{out}: was written with model {old.get('model')}/{old.get('pretrained')}, not "
-            f"{lm.name}/{lm.pretrained}; use another output folder"
-        )
-    res = EmbedResult(out, model_seconds=t_model)
-    pending: list[tuple[int, Shard]] = []
-    done_parts: dict[int, dict] = {}
-    for k, sh in enumerate(shards):
-        meta_p = layout.part_paths(out, k)[2]
-        if meta_p.exists():
-            kv = layout.part_kv(meta_p)
-            if kv.get("source") != sh.path.name:
-                raise layout.FolderError(
-                    f"{meta_p}: part {k} was made from {kv.get('source')!r}, not "
-                    f"{sh.path.name!r}; the input shards changed, use another output folder"
-                )
-            res.skipped += sh.n_rows
-            res.parts_skipped += 1
-            done_parts[k] = {"ok": int(kv.get("ok", 0)), "failed": int(kv.get("failed", 0))}
-        else:
-            pending.append((k, sh))
+    return {
+        "ecif_version": __version__,
+        "model": lm.name,
+        "pretrained": lm.pretrained,
+        "dims": {"image": lm.dim_image, "text": lm.dim_text},
+        "logit_scale": lm.logit_scale,
+        "dtype": "float16",
+        "normalized": True,
+        "id_column": shards[0].id_col if shards else None,
+        "rows": {
+            "total": sum(sh.n_rows for sh in shards),
+            "ok": sum(p.get("ok", 0) for p in done_parts.values()),
+            "failed": sum(p.get("failed", 0) for p in done_parts.values()),
+        },
+        "complete": len(done_parts) == len(shards),
+        "input_shards": [str(sh.path) for sh in shards],
+        "parts": parts,
+    }
+
+
+def _error_kinds(errors: Sequence[str | None]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for e in errors:
+        if e is not None:
+            kind = e.split(":")[0].split(" (")[0]
+            kind = next((k for k in ("null id", "duplicate id") if kind.startswith(k)), kind)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def run_parts(
+    pending: Sequence[tuple[int, Shard]],
+    lm: LoadedModel,
+    out: Path,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    chunk_rows: int | None = None,
+    progress: bool = False,
+    on_done: Callable[[int, int, int, dict[str, int]], None] | None = None,
+) -> None:
+    """Embed ``(part index, shard)`` pairs into ``out``; ``on_done(k, ok, failed, error_kinds)``
+    after each part is published. The streaming core shared by the local and Dask paths."""
+    from ecif import __version__
+
     dims = (lm.dim_image, lm.dim_text)
     base_kv = {"model": lm.name, "pretrained": lm.pretrained or "", "ecif_version": __version__}
-
-    def manifest() -> dict:
-        parts = [
-            {"index": k, "source": str(sh.path), "rows": sh.n_rows, **done_parts.get(k, {})}
-            for k, sh in enumerate(shards)
-        ]
-        return {
-            "ecif_version": __version__,
-            "model": lm.name,
-            "pretrained": lm.pretrained,
-            "dims": {"image": dims[0], "text": dims[1]},
-            "logit_scale": lm.logit_scale,
-            "dtype": "float16",
-            "normalized": True,
-            "id_column": shards[0].id_col if shards else None,
-            "rows": {
-                "total": sum(sh.n_rows for sh in shards),
-                "ok": sum(p.get("ok", 0) for p in done_parts.values()),
-                "failed": sum(p.get("failed", 0) for p in done_parts.values()),
-            },
-            "complete": len(done_parts) == len(shards),
-            "input_shards": [str(sh.path) for sh in shards],
-            "parts": parts,
-        }
 
     writers: dict[int, _PartWriter] = {}
 
     def finish(s: int) -> None:
         k, sh = pending[s]
-        kv = dict(base_kv, source=sh.path.name, id_column=sh.id_col)
         w = writers.pop(s)
-        ok, failed = w.finish(kv)
-        for e in w.final_errors:
-            if e is not None:
-                kind = e.split(":")[0].split(" (")[0]
-                kind = next((k for k in ("null id", "duplicate id") if kind.startswith(k)), kind)
-                res.errors[kind] = res.errors.get(kind, 0) + 1
-        res.ok += ok
-        res.failed += failed
-        res.parts_written += 1
-        done_parts[k] = {"ok": ok, "failed": failed}
-        layout.write_manifest(out, manifest())
+        ok, failed = w.finish(dict(base_kv, source=sh.path.name, id_column=sh.id_col))
+        if on_done:
+            on_done(k, ok, failed, _error_kinds(w.final_errors))
 
     for s, (_, sh) in enumerate(pending):  # empty shards; others open lazily, so open
         if sh.n_rows == 0:  # temp files stay bounded by the shards in flight
@@ -346,7 +304,93 @@ def embed(
     if writers or len(finished) != len(pending):
         missing = sorted(set(range(len(pending))) - finished)
         raise RuntimeError(f"internal error: parts {missing} did not receive all their rows")
-    layout.write_manifest(out, manifest())
+
+
+def embed(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    model: str = "ViT-B-32",
+    pretrained: str | None = "auto",
+    *,
+    id_col: str | None = None,
+    caption_col: str | None = None,
+    image_col: str | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    chunk_rows: int | None = None,
+    progress: bool = False,
+    random_init: bool = False,
+    distributor: str = "local",
+    scheduler: str | None = None,
+) -> EmbedResult:
+    """Embed image-text shards into a clip-retrieval folder at ``output``; returns counts.
+
+    ``inputs``: parquet/tar/csv shard files, folders of them, or globs. ``model`` and
+    ``pretrained`` as in ``open_clip.create_model_and_transforms``, or ``local-dir:PATH``
+    (``pretrained`` ignored), or ``ecif-tiny`` (the cached tiny model). ``pretrained="auto"``
+    takes the model's first listed tag, which needs a download once (or open_clip's cache).
+    Rows that cannot be embedded are kept (``status="failed"``, ``error_message``, zero
+    embeddings). Finished parts of an earlier run into the same folder are skipped.
+    ``distributor="dask"``: one task per shard on the Dask ``scheduler`` (``tcp://...``; none:
+    an in-process cluster); each worker loads the model once and writes its parts itself.
+    """
+    t0 = time.perf_counter()
+    if distributor not in ("local", "dask"):
+        raise ValueError(f"distributor must be 'local' or 'dask', not {distributor!r}")
+    out = Path(output)
+    paths = discover(inputs)
+    shards = [
+        open_shard(p, id_col=id_col, caption_col=caption_col, image_col=image_col) for p in paths
+    ]
+    t_model = time.perf_counter()
+    lm = load_model(model, pretrained, device, random_init=random_init)
+    t_model = time.perf_counter() - t_model
+    out.mkdir(parents=True, exist_ok=True)
+    layout.clean_stale_temps(out)
+    old = layout.read_manifest(out)
+    if old and (old.get("model"), old.get("pretrained")) != (lm.name, lm.pretrained):
+        raise layout.FolderError(
+            f"{out}: was written with model {old.get('model')}/{old.get('pretrained')}, not "
+            f"{lm.name}/{lm.pretrained}; use another output folder"
+        )
+    res = EmbedResult(out, model_seconds=t_model)
+    pending: list[tuple[int, Shard]] = []
+    done_parts: dict[int, dict] = {}
+    for k, sh in enumerate(shards):
+        meta_p = layout.part_paths(out, k)[2]
+        if meta_p.exists():
+            kv = layout.part_kv(meta_p)
+            if kv.get("source") != sh.path.name:
+                raise layout.FolderError(
+                    f"{meta_p}: part {k} was made from {kv.get('source')!r}, not "
+                    f"{sh.path.name!r}; the input shards changed, use another output folder"
+                )
+            res.skipped += sh.n_rows
+            res.parts_skipped += 1
+            done_parts[k] = {"ok": int(kv.get("ok", 0)), "failed": int(kv.get("failed", 0))}
+        else:
+            pending.append((k, sh))
+
+    def record(k: int, ok: int, failed: int, kinds: dict[str, int]) -> None:
+        res.ok += ok
+        res.failed += failed
+        res.parts_written += 1
+        for kind, c in kinds.items():
+            res.errors[kind] = res.errors.get(kind, 0) + c
+        done_parts[k] = {"ok": ok, "failed": failed}
+        layout.write_manifest(out, _manifest(shards, lm, done_parts))
+
+    run = dict(batch_size=batch_size, chunk_rows=chunk_rows, progress=progress, on_done=record)
+    if distributor == "dask":
+        from ecif.data.distributed import run_dask
+
+        cols = dict(id_col=id_col, caption_col=caption_col, image_col=image_col)
+        load = dict(model=lm.name, pretrained=lm.pretrained, device=device, random_init=random_init)
+        run_dask(pending, out, load, cols, scheduler=scheduler, **run)
+    else:
+        run_parts(pending, lm, out, num_workers=num_workers, **run)
+    layout.write_manifest(out, _manifest(shards, lm, done_parts))
     res.seconds = time.perf_counter() - t0
     log.info(res.summary())
     return res
