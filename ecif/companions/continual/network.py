@@ -138,7 +138,9 @@ class TimestampedMLP:
         self.heads.append((full, torch.zeros(n_classes)))
         return self.n_tasks - 1
 
-    def _append_columns(self, layer: int, cols: torch.Tensor, head_cols: list[torch.Tensor]):
+    def _append_columns(
+        self, layer: int, cols: torch.Tensor, head_cols: list[torch.Tensor]
+    ) -> None:
         """Give the consumers of ``layer`` (next layer or every head) extra input columns."""
         if layer + 1 < len(self.layers):
             nxt = self.layers[layer + 1]
@@ -146,7 +148,9 @@ class TimestampedMLP:
         else:
             self.heads = [(torch.cat([w, c], dim=1), b) for (w, b), c in zip(self.heads, head_cols)]
 
-    def expand(self, layer: int, k: int, task: int, generator: torch.Generator | None = None):
+    def expand(
+        self, layer: int, k: int, task: int, generator: torch.Generator | None = None
+    ) -> None:
         """Append ``k`` units born at ``task``; their outgoing weights start at zero."""
         lay = self.layers[layer]
         fan_in = lay.weight.shape[1]
