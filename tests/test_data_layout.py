@@ -64,6 +64,13 @@ def test_large_folders_are_gathered_into_a_memmap(tmp_path, monkeypatch):
     es = load_folder(tmp_path / "f", in_memory_limit=0)
     assert isinstance(es.image, np.memmap)
     assert np.array_equal(es.image, img) and np.array_equal(es.text, txt)
+    again = load_folder(tmp_path / "f", in_memory_limit=0)  # reuses the consolidated file
+    assert again.image.filename == es.image.filename
+    assert np.array_equal(again.text, txt)
+    # changed folder files -> a new consolidated file, with the new values
+    np.save(tmp_path / "f" / "text_emb" / "text_emb_1.npy", np.zeros((30, 8), np.float16))
+    changed = load_folder(tmp_path / "f", in_memory_limit=0)
+    assert changed.text.filename != es.text.filename and not changed.text[20:].any()
 
 
 def test_save_load_roundtrip(tmp_path):

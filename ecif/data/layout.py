@@ -228,12 +228,15 @@ def _gather(
         return arrays[0]
     total = int(keep.sum())
     d = arrays[0].shape[1]
-    path = None
+    path = tmp = None
     if total * d * arrays[0].dtype.itemsize <= limit:
         out = np.empty((total, d), dtype=arrays[0].dtype)
     else:
         path = _consolidated_path(folder, tag, keep)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=arrays[0].dtype, shape=(total, d))
+        if path.exists():  # same folder files, same rows kept: made by an earlier load
+            return np.load(path, mmap_mode="r")
+        tmp = tmp_name(path)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=(total, d))
     start = row = 0
     for arr in arrays:
         m = keep[start : start + len(arr)]
@@ -245,6 +248,7 @@ def _gather(
     if path is not None:
         out.flush()
         del out
+        os.replace(tmp, path)
         return np.load(path, mmap_mode="r")
     return out
 
