@@ -237,6 +237,13 @@ def test_input_variants_tar_gaps_and_struct_image_column(tmp_path, tiny_clip_dir
     ecif.embed(tmp_path / "hf.parquet", tmp_path / "out-hf", model=model, image_col="image")
     es = EmbeddingSet.load(tmp_path / "out-hf")
     assert np.array_equal(es.image, ref.image) and np.array_equal(es.text, ref.text)
+    # the {bytes: None, path: ...} form, paths relative to the parquet file
+    _write_folder(tmp_path / "hfp", data)
+    t["image"] = [{"bytes": None, "path": f"images/{k}.png"} for k in t["key"]]
+    t.to_parquet(tmp_path / "hfp" / "hf.parquet")
+    ecif.embed(tmp_path / "hfp" / "hf.parquet", tmp_path / "out-hfp", model=model)
+    es = EmbeddingSet.load(tmp_path / "out-hfp")
+    assert np.array_equal(es.image, ref.image) and np.array_equal(es.text, ref.text)
 
 
 def test_shapes_sets_gives_noisy_train_and_clean_val(tmp_path, monkeypatch, tiny_clip_dir):

@@ -23,7 +23,7 @@ import torch
 
 from ecif.data import layout
 from ecif.data.models import LoadedModel, load_model
-from ecif.data.readers import Shard, discover, open_shard
+from ecif.data.readers import Shard, discover, isnull, open_shard
 
 log = logging.getLogger(__name__)
 _SLEEP_ENV = "ECIF_EMBED_TEST_SLEEP"  # test hook: seconds to sleep per batch (kill tests)
@@ -79,13 +79,13 @@ class _Stream(torch.utils.data.IterableDataset):
     def _item(self, s: int, row: int, img: Any, cap: Any):
         from PIL import Image
 
-        if cap is None or (isinstance(cap, float) and np.isnan(cap)):
+        if isnull(cap):
             return s, row, None, None, "empty caption (null)"
         if not isinstance(cap, str):
             return s, row, None, None, f"caption is not text ({type(cap).__name__})"
         if not cap.strip():
             return s, row, None, None, "empty caption"
-        if img is None:
+        if isnull(img):
             return s, row, None, None, "missing image (null)"
         try:
             if isinstance(img, (bytes, bytearray, memoryview)):

@@ -74,7 +74,10 @@ class Shard:
                         if any(owned[row // chunk_rows : (row + n - 1) // chunk_rows + 1]):
                             for i, v in enumerate(batch.column(0).to_pylist()):
                                 if owned[(row + i) // chunk_rows]:
-                                    yield row + i, _image_value(v), caps.iat[row + i]
+                                    v = _image_value(v)
+                                    if isinstance(v, str):  # {bytes: None, path: ...}
+                                        v = self.base_dir / v
+                                    yield row + i, v, caps.iat[row + i]
                         row += n
                 start += g_rows
         elif self.kind == "table":
@@ -84,7 +87,7 @@ class Shard:
                 if owned[c]:
                     for r in range(c * chunk_rows, min(self.n_rows, (c + 1) * chunk_rows)):
                         p = paths.iat[r]
-                        img = None if _isnull(p) else self.base_dir / str(p)
+                        img = None if isnull(p) else self.base_dir / str(p)
                         yield r, img, caps.iat[r]
         else:  # tar: seek to each member's data; img2dataset tars are uncompressed
             with open(self.path, "rb") as f:
@@ -100,8 +103,16 @@ class Shard:
                         yield r, data, self.captions[r]
 
 
-def _isnull(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v))
+def isnull(v: Any) -> bool:
+    """None, NaN, pd.NA or NaT (scalars only; bytes, strings and containers are not null)."""
+    if v is None:
+        return True
+    if isinstance(v, (str, bytes, bytearray, memoryview, dict, list, tuple, np.ndarray)):
+        return False
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def _image_value(v: Any) -> Any:
@@ -233,7 +244,7 @@ def _open_csv(path: Path, id_col, caption_col, image_col) -> Shard:
 def _default_ids(path: Path, meta: pd.DataFrame, path_col: str | None) -> list[str]:
     """No id column: the image path when there is one, else ``<shard stem>-<row>``."""
     if path_col is not None:
-        return [None if _isnull(p) else str(p) for p in meta[path_col]]
+        return [None if isnull(p) else str(p) for p in meta[path_col]]
     stem = path.name.split(".")[0]
     return [f"{stem}-{i:07d}" for i in range(len(meta))]
 
@@ -301,7 +312,7 @@ def _check_ids(ids: pd.Series, path: Path, col: str) -> pd.Series:
     if (
         pd.api.types.is_integer_dtype(ids)
         or pd.api.types.is_string_dtype(ids)
-        and all(isinstance(v, str) or _isnull(v) for v in ids)
+        and all(isinstance(v, str) or isnull(v) for v in ids)
     ):
         return ids
     if pd.api.types.is_float_dtype(ids):
@@ -312,10 +323,10 @@ def _check_ids(ids: pd.Series, path: Path, col: str) -> pd.Series:
             f"{path}: id column {col!r} holds non-integer numbers (e.g. {vals[vals != np.round(vals)].iloc[0]}); "
             "ids must be integers or strings"
         )
-    kinds = {type(v).__name__ for v in ids if not _isnull(v)}
+    kinds = {type(v).__name__ for v in ids if not isnull(v)}
     if kinds <= {"str", "int"}:
         log.warning("%s: id column %r mixes str and int; using strings", path, col)
-        return ids.map(lambda v: None if _isnull(v) else str(v))
+        return ids.map(lambda v: None if isnull(v) else str(v))
     raise InputError(
         f"{path}: id column {col!r} has values of type {sorted(kinds)}; ids must be integers "
         "or strings"
