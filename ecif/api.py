@@ -61,13 +61,15 @@ def fit(
     tol: float | None = None,
     newton_steps: int = 0,
     solver: str = "auto",
+    groups: np.ndarray | None = None,
 ) -> Head:
     """Fit the bilinear head on ``train`` to a stationary point.
 
     ``exclude``: ids removed from their batches (the partition of ``init`` or of ``seed`` is
     kept; the per-pair weight 1/N stays that of the full set, so a removal deletes exactly
-    that pair's terms). ``init``: warm start (and its partition). ``logit_scale`` defaults to
-    the set's own (``train.logit_scale``, from the embedding model) or 100, CLIP's.
+    that pair's terms). ``init``: warm start (and its partition). ``groups``: a label per row
+    (the input shard); batches never cross groups, so shards can be scored one by one.
+    ``logit_scale`` defaults to the set's own (``train.logit_scale``) or 100, CLIP's.
     """
     x, y = as_arrays(train)
     if len(x) < 2:
@@ -87,7 +89,7 @@ def fit(
         newton_steps=newton_steps,
         solver=solver,
     )
-    head = new_head(x, y, args)
+    head = new_head(x, y, args, groups=groups)
     if init is not None:
         if init.partition.n != len(x):
             raise ValueError(f"init was fit on {init.partition.n} pairs, train has {len(x)}")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 
@@ -49,17 +50,34 @@ class Partition:
         return np.sort(self.index[self.index >= 0])
 
 
-def make_partition(n: int, batch_size: int, seed: int = 0, shuffle: bool = True) -> Partition:
-    """Cut rows 0..n-1 into batches of ``batch_size`` after a seeded shuffle; last may be short."""
+def make_partition(
+    n: int, batch_size: int, seed: int = 0, shuffle: bool = True, groups: np.ndarray | None = None
+) -> Partition:
+    """Cut rows 0..n-1 into batches of ``batch_size`` after a seeded shuffle; last may be short.
+
+    ``groups`` (one label per row, e.g. the input shard) keeps every batch inside one group,
+    so a shard can be scored on its own and match the scores of the concatenated set.
+    """
     if n < 1:
         raise ValueError("cannot partition an empty set")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    nb = -(-n // batch_size)
-    index = np.full(nb * batch_size, -1, dtype=np.int64)
-    index[:n] = order
-    return Partition(index=index.reshape(nb, batch_size), batch_size=batch_size, seed=seed, n=n)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.arange(n)]
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != n:
+            raise ValueError("groups must have one label per row")
+        members = [np.nonzero(groups == g)[0] for g in pd.unique(groups)]
+    blocks = []
+    for rows in members:
+        order = rows[rng.permutation(len(rows))] if shuffle else rows
+        nb = -(-len(order) // batch_size)
+        block = np.full(nb * batch_size, -1, dtype=np.int64)
+        block[: len(order)] = order
+        blocks.append(block.reshape(nb, batch_size))
+    return Partition(index=np.concatenate(blocks), batch_size=batch_size, seed=seed, n=n)
 
 
 @dataclass

@@ -281,7 +281,9 @@ class FitArgs:
     solver: str = "auto"  # "newton" (dense Hessian, damped), "lbfgs"; auto: newton if P <= 4096
 
 
-def new_head(x, y, args: FitArgs, m0: torch.Tensor | None = None) -> Head:
+def new_head(
+    x, y, args: FitArgs, m0: torch.Tensor | None = None, groups: np.ndarray | None = None
+) -> Head:
     """The starting point theta_0: identity adapter (rectangular identity if widths differ)."""
     dtype = DTYPES[args.dtype]
     di, dt = int(x.shape[1]), int(y.shape[1])
@@ -290,7 +292,7 @@ def new_head(x, y, args: FitArgs, m0: torch.Tensor | None = None) -> Head:
     if args.logit_scale <= 0:
         raise ValueError("logit_scale must be positive")
     tau0 = math.log(args.logit_scale)
-    part = make_partition(len(x), args.batch_size, args.seed)
+    part = make_partition(len(x), args.batch_size, args.seed, groups=groups)
     return Head(
         m=m0.clone(),
         m0=m0.clone(),

@@ -1,0 +1,6 @@
+"""Auditing: the Auditor, thresholds, shard scoring, trace-back, cleaning and verification."""
+
+from ecif.audit.auditor import AuditArgs, Auditor, clip_scores
+from ecif.audit.folder import read_audit, write_audit
+
+__all__ = ["AuditArgs", "Auditor", "clip_scores", "read_audit", "write_audit"]

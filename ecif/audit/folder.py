@@ -1,0 +1,125 @@
+"""The audit folder: what `ecif demo` and `ecif score` write and the app opens.
+
+AUDIT/audit.json          what was run (model, method, options, version, counts, paths)
+AUDIT/scores.parquet      the audit table (or scores/<shard>.parquet, one per input shard)
+AUDIT/head.pt             the fitted head(s), to trace and refit without refitting
+AUDIT/index/              FAISS indexes over the training embeddings (trace-back)
+AUDIT/reviewed.parquet    ids a person marked as reviewed in the app
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ecif.engine.head import Head
+
+SCORE_COLUMNS = (
+    "caption",
+    "clip_score",
+    "influence",
+    "influence_pos",
+    "influence_neg",
+    "misalign_score",
+    "is_misaligned",
+    "rank",
+)
+
+
+class AuditFolderError(ValueError):
+    """The folder is not an audit folder, or is incomplete."""
+
+
+def write_parquet_atomic(path: Path, df: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Write a parquet file with ecif's key-value metadata, via a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    kv = dict(table.schema.metadata or {})
+    kv.update({f"ecif.{k}".encode(): json.dumps(v, default=str).encode() for k, v in meta.items()})
+    table = table.replace_schema_metadata(kv)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_parquet_meta(path: Path) -> dict[str, Any]:
+    """ecif's key-value metadata of a parquet file written by ``write_parquet_atomic``."""
+    kv = pq.read_schema(path).metadata or {}
+    return {k.decode()[5:]: json.loads(v) for k, v in kv.items() if k.decode().startswith("ecif.")}
+
+
+def float32_scores(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.copy()
+    for col in ("clip_score", "influence", "influence_pos", "influence_neg", "misalign_score"):
+        if col in out:
+            out[col] = out[col].astype(np.float32)
+    return out
+
+
+def write_audit(
+    folder: str | os.PathLike,
+    table: pd.DataFrame,
+    info: dict[str, Any],
+    heads: list[Head] | None = None,
+    id_column: str = "id",
+) -> Path:
+    """Write the audit table, its description and the fitted heads into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = float32_scores(table)
+    if id_column != "id" and "id" in out:
+        out = out.rename(columns={"id": id_column})
+    write_parquet_atomic(folder / "scores.parquet", out, info)
+    if heads:
+        tmp = folder / f".head.pt.{os.getpid()}.tmp"
+        torch.save([h.state_dict() for h in heads], tmp)
+        os.replace(tmp, folder / "head.pt")
+    desc = dict(info)
+    desc["id_column"] = id_column
+    desc["scores"] = "scores.parquet"
+    tmp = folder / f".audit.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(desc, indent=1, default=str))
+    os.replace(tmp, folder / "audit.json")
+    return folder
+
+
+def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The audit table and its description; a clear error when the folder is not an audit."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AuditFolderError(f"{folder}: no such folder")
+    desc_path = folder / "audit.json"
+    if not desc_path.exists():
+        raise AuditFolderError(
+            f"{folder}: not an audit folder (no audit.json); run `ecif demo` or `ecif score`"
+        )
+    info = json.loads(desc_path.read_text())
+    scores = folder / info.get("scores", "scores.parquet")
+    if scores.is_dir():
+        files = sorted(scores.glob("*.parquet"))
+        if not files:
+            raise AuditFolderError(f"{scores}: no score shards")
+        table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    elif scores.exists():
+        table = pd.read_parquet(scores)
+    else:
+        raise AuditFolderError(f"{folder}: audit.json names {scores.name}, which is missing")
+    id_col = info.get("id_column", "id")
+    if id_col in table.columns and id_col != "id":
+        table = table.rename(columns={id_col: "id"})
+    return table, info
+
+
+def read_heads(folder: str | os.PathLike) -> list[Head]:
+    path = Path(folder) / "head.pt"
+    if not path.exists():
+        raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
+    return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
