@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ecif.engine.batches import iter_chunks
 from ecif.engine.head import FitArgs, Head, as_arrays, fit_head, new_head
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
 from ecif.engine.influence import loss_gradient as _loss_gradient
@@ -194,28 +195,81 @@ def relative_influence(
     *,
     neg: str = "exact",
     inverse=None,
+    batches_per_step: int = 8,
 ) -> pd.DataFrame:
     """RelatIF-style trace-back: g_test^T d_n / ||d_n||, d_n = H^-1 grad R_n, for candidate rows.
 
     Negative = removing the pair would lower the test loss (it pushed the model towards the
     mistake); positive = it helped. Also returns the raw influence g_test^T d_n / N.
+    The numerator needs one solve, w = H^-1 g_test, and a directional derivative per pair;
+    ||d_n|| is a per-pair solve when the solver is exact, else EK-FAC's closed form
+    ||(Q1^T G_n Q2) / D||_F (``attrs["norm"]`` says which).
     """
+    from ecif.engine.contrastive import batch_stats, removal_grad_logits, removal_weights
+    from ecif.engine.influence import _flat, _unflat
+
     x, y = as_arrays(train)
-    rows = np.asarray(rows)
+    rows = np.asarray(rows, dtype=np.int64)
     inv = inverse or InverseHessian(head, x, y, SolverArgs(method="auto"))
-    g = query_grad.to(head.dtype)
-    rel = np.zeros(len(rows))
-    raw = np.zeros(len(rows))
-    for start in range(0, len(rows), 128):
-        sel = rows[start : start + 128]
-        g_pos, g_neg = pair_gradients(head, x, y, sel, neg=neg)
-        d = inv.solve(g_pos + g_neg)
-        dot = (d @ g).cpu().numpy()
-        rel[start : start + len(sel)] = dot / np.maximum(d.norm(dim=1).cpu().numpy(), 1e-30)
-        raw[start : start + len(sel)] = dot / head.n_norm
-    return pd.DataFrame(
-        {"row": rows, "id": _ids(train)[rows], "relative_influence": rel, "influence": raw}
+    w = inv.solve(query_grad.to(head.dtype))
+    wm, w_tau = _unflat(head, w)
+    ek = inv._ekfac if inv.method != "exact" and not head.learn_scale else None
+    t = head.logit_scale
+    batch_of = head.partition.batch_of()
+    if len(rows) and (batch_of[rows] < 0).any():
+        raise ValueError("some rows are not in the head's partition (removed pairs)")
+    dot = np.zeros(len(rows))
+    norm = np.zeros(len(rows))
+    slot = {int(r): i for i, r in enumerate(rows)}
+    wanted = np.zeros(head.partition.n, dtype=bool)
+    wanted[rows] = True
+    mw = torch.cat([head.m, wm] + ([ek.q1] if ek is not None else []), dim=1)
+    dt = head.m.shape[1]
+    for ch in iter_chunks(
+        x,
+        y,
+        head.partition,
+        dtype=head.dtype,
+        device=head.m.device,
+        batches_per_chunk=batches_per_step,
+        batch_ids=np.unique(batch_of[rows]),
+    ):
+        u = ch.x @ mw  # X M, X W (and X Q1) for the stack in one matmul
+        yt = ch.y.transpose(-1, -2)
+        s = t * u[..., :dt] @ yt
+        ds = t * u[..., dt : 2 * dt] @ yt
+        if w_tau is not None:
+            ds = ds + w_tau * s
+        st = batch_stats(s, ch.mask)
+        rw = removal_weights(s, st, neg)
+        for c in range(len(ch.batch_ids)):
+            members = np.nonzero(wanted[np.where(ch.mask[c].cpu().numpy(), ch.rows[c], 0)])[0]
+            members = members[ch.mask[c].cpu().numpy()[members]]
+            if not len(members):
+                continue
+            st_c = type(st)(*(getattr(st, f)[c : c + 1] for f in st.__dataclass_fields__))
+            rw_c = type(rw)(*(getattr(rw, f)[c : c + 1] for f in rw.__dataclass_fields__))
+            g_pos, g_neg = removal_grad_logits(st_c, rw_c, torch.as_tensor(members))
+            gs = g_pos + g_neg  # dR_n/dS, (K, B, B)
+            out = [slot[int(r)] for r in ch.rows[c][members]]
+            dot[out] = (gs * ds[c]).sum((1, 2)).cpu().numpy()
+            if ek is not None:
+                rot = t * torch.einsum("bi,kbj->kij", u[c, :, 2 * dt :], gs @ (ch.y[c] @ ek.q2))
+                norm[out] = (rot / ek.diag).flatten(1).norm(dim=1).cpu().numpy()
+            else:
+                gm = t * torch.einsum("bi,kbj->kij", ch.x[c], gs @ ch.y[c])
+                grads = _flat(head, gm, (gs * s[c]).sum((1, 2)))
+                norm[out] = inv.solve(grads).norm(dim=1).cpu().numpy()
+    df = pd.DataFrame(
+        {
+            "row": rows,
+            "id": _ids(train)[rows],
+            "relative_influence": dot / np.maximum(norm, 1e-30),
+            "influence": dot / head.n_norm,
+        }
     )
+    df.attrs.update(norm="ekfac" if ek is not None else inv.method, solver=dict(inv.info))
+    return df
 
 
 __all__ = [

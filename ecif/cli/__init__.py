@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-VERB_MODULES: list[str] = ["embed"]
+VERB_MODULES: list[str] = ["embed", "index", "trace"]
 
 
 def build_parser() -> argparse.ArgumentParser:

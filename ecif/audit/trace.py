@@ -1,0 +1,436 @@
+"""Trace-back: which training pairs made the model get one query wrong (ecif-math.md section 6).
+
+A query becomes a test loss over candidate answers, L = -log sum_{c positive} softmax_c:
+- a test pair (``--query-id`` in a test set) or an image file: image -> text retrieval of
+  the query image against candidate texts (the test set's captions, class prompts with a
+  true label, or the given caption against the image's nearest training captions);
+- a caption alone: text -> image retrieval of the caption against its nearest training
+  images; the positives are those whose training caption is the same text (or embeds
+  within cosine 0.98), so the loss asks "why does this caption not retrieve its images".
+Candidate training pairs come from FAISS (image-side neighbours of the query image,
+text-side neighbours of its caption and of the wrong top answer, interleaved); each is
+ranked by relative influence g^T d_n / ||d_n||. Negative = removing the pair would lower the
+test loss = it pushed the model towards the mistake ("responsible"); positive = "helped".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import ecif.api as api
+from ecif.audit.folder import AuditFolderError, read_heads
+from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.index import VectorIndex, build_indexes, load_indexes
+from ecif.engine.head import Head
+from ecif.engine.influence import _flat
+from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+
+POSITIVE_COSINE = 0.98
+
+
+@dataclass
+class TraceQuery:
+    """A test loss: one query vector against candidate answers of the other modality."""
+
+    direction: str  # "image->text" or "text->image"
+    vector: np.ndarray  # the query embedding
+    candidates: np.ndarray  # (C, d) embeddings of the answers
+    positive: np.ndarray  # (C,) bool: the correct answers
+    labels: list[str]  # how to show each answer
+    image: np.ndarray | None = None  # search vector for image-side neighbours
+    text: np.ndarray | None = None  # search vector for text-side neighbours
+    description: str = ""
+
+
+def _unit(v: Any) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def query_loss_and_gradient(head: Head, q: TraceQuery) -> tuple[dict[str, Any], torch.Tensor]:
+    """The query's loss, prediction and gradient w.r.t. the head's parameters.
+
+    With a single positive this is ``ecif.classification_gradient``.
+    """
+    dev, dt = head.m.device, head.dtype
+    v = torch.as_tensor(np.asarray(q.vector), dtype=dt, device=dev).reshape(-1)
+    c = torch.as_tensor(np.asarray(q.candidates), dtype=dt, device=dev)
+    pos = torch.as_tensor(np.asarray(q.positive), dtype=torch.bool, device=dev)
+    if not bool(pos.any()):
+        raise ValueError("the query has no correct answer among its candidates")
+    t = head.logit_scale
+    image_side = q.direction == "image->text"
+    logits = t * ((v @ head.m) @ c.T if image_side else c @ (head.m @ v))
+    log_p = torch.log_softmax(logits, 0)
+    loss = -torch.logsumexp(log_p[pos], 0)
+    p = log_p.exp()
+    r = torch.where(pos, p, torch.zeros_like(p))
+    err = p - r / r.sum()  # dL/dlogits
+    g_m = t * (torch.outer(v, err @ c) if image_side else torch.outer(err @ c, v))
+    pred = int(logits.argmax())
+    info = {
+        "loss": float(loss),
+        "p_correct": float(r.sum()),
+        "predicted": q.labels[pred] if q.labels else pred,
+        "predicted_index": pred,
+        "correct": bool(q.positive[pred]),
+    }
+    return info, _flat(head, g_m, (err * logits).sum())
+
+
+def interleave(lists: list[np.ndarray], count: int) -> np.ndarray:
+    """Round-robin merge of ranked row lists, duplicates and -1 dropped, cut at ``count``."""
+    out: list[int] = []
+    seen: set[int] = set()
+    longest = max((len(x) for x in lists), default=0)
+    for i in range(longest):
+        for rows in lists:
+            if i < len(rows) and rows[i] >= 0 and int(rows[i]) not in seen:
+                seen.add(int(rows[i]))
+                out.append(int(rows[i]))
+                if len(out) >= count:
+                    return np.asarray(out, dtype=np.int64)
+    return np.asarray(out, dtype=np.int64)
+
+
+@dataclass
+class TraceBack:
+    """Trace test mistakes to training pairs with a fitted head and FAISS indexes.
+
+    tb = TraceBack(head, train)                        # indexes built in memory if not given
+    q = tb.query_from_set(test, query_id)              # or query_from_image / query_from_caption
+    table, summary = tb.trace(q, k=10, candidates=1000)
+    """
+
+    head: Head
+    train: EmbeddingSet
+    indexes: dict[str, VectorIndex] | None = None
+    method: str = "auto"  # "auto": exact solve when small, else EK-FAC (no per-query CG)
+    neg: str = "exact"
+    model: dict[str, Any] | None = None  # {"model": ..., "pretrained": ...} for files/captions
+    device: str = "cpu"
+    _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
+    _encoder: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.head.partition.n != len(self.train):
+            raise ValueError(
+                f"the head was fit on {self.head.partition.n} pairs, the training set has "
+                f"{len(self.train)}: give the embedding folder the audit was run on"
+            )
+
+    @classmethod
+    def from_audit(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        embeddings: str | os.PathLike | None = None,
+        method: str = "auto",
+        device: str = "cpu",
+        nprobe: int | None = None,
+    ) -> TraceBack:
+        """Open an audit folder: its head, its training embeddings and AUDIT/index/."""
+        folder = Path(folder)
+        train, emb = training_set(folder, embeddings)
+        head = trace_head(folder, train)
+        idx = None
+        if (folder / "index" / "image.faiss").exists():
+            idx = load_indexes(folder / "index", device=device)
+            if any(i.n != len(train) for i in idx.values()):
+                raise AuditFolderError(f"{folder}/index does not match the training set; rerun")
+            if nprobe:
+                for i in idx.values():
+                    i.set_nprobe(nprobe)
+        from ecif.data.layout import read_manifest
+
+        man = read_manifest(emb) or {}
+        model = {"model": man.get("model"), "pretrained": man.get("pretrained") or None}
+        return cls(head, train, idx, method=method, model=model, device=device)
+
+    # -- the solver and the indexes, made on first use ----------------------------------
+    @property
+    def inverse(self) -> InverseHessian:
+        if self._inverse is None:
+            method = self.method
+            if method == "auto":
+                method = "exact" if self.head.num_params <= 4096 else "ekfac"
+            self._inverse = InverseHessian(
+                self.head, self.train.image, self.train.text, SolverArgs(method=method)
+            )
+        return self._inverse
+
+    def ensure_indexes(self) -> dict[str, VectorIndex]:
+        if self.indexes is None:
+            self.indexes = build_indexes(self.train.image, self.train.text, device=self.device)
+        return self.indexes
+
+    # -- queries -----------------------------------------------------------------------
+    def captions(self, rows: np.ndarray) -> list[str]:
+        meta = self.train.metadata
+        if meta is None or "caption" not in meta:
+            return [str(i) for i in self.train.ids[rows]]
+        return [str(c) for c in meta["caption"].to_numpy()[rows]]
+
+    def query_from_set(
+        self,
+        test: EmbeddingSet,
+        query_id: Any,
+        *,
+        classes: np.ndarray | None = None,
+        class_names: list[str] | None = None,
+        label: int | None = None,
+    ) -> TraceQuery:
+        """A test pair: its image against the test set's captions (its own is correct), or
+        against class prompt embeddings ``classes`` with the true class ``label``."""
+        pos = int(test.positions([query_id])[0])
+        x, y = _unit(test.image[pos]), _unit(test.text[pos])
+        if classes is not None:
+            return self._classes_query(x, classes, class_names, label, f"test pair {query_id}")
+        meta = test.metadata
+        labels = (
+            [str(c) for c in meta["caption"]]
+            if meta is not None and "caption" in meta
+            else [str(i) for i in test.ids]
+        )
+        positive = np.zeros(len(test), dtype=bool)
+        positive[pos] = True
+        return TraceQuery(
+            "image->text",
+            x,
+            _unit(np.asarray(test.text, dtype=np.float64)),
+            positive,
+            labels,
+            image=x,
+            text=y,
+            description=f"test pair {query_id}: its image against the {len(test)} test captions",
+        )
+
+    def _classes_query(self, x, classes, names, label, what) -> TraceQuery:
+        classes = _unit(classes)
+        if label is None or not 0 <= label < len(classes):
+            raise ValueError(f"give the true class --label in 0..{len(classes) - 1}")
+        positive = np.zeros(len(classes), dtype=bool)
+        positive[label] = True
+        names = names or [f"class {i}" for i in range(len(classes))]
+        return TraceQuery(
+            "image->text",
+            x,
+            classes,
+            positive,
+            names,
+            image=x,
+            text=classes[label],
+            description=f"{what} against {len(classes)} class prompts, true class {names[label]!r}",
+        )
+
+    def query_from_image(
+        self,
+        path: str | os.PathLike,
+        *,
+        caption: str | None = None,
+        classes: list[str] | None = None,
+        label: int | None = None,
+        competitors: int = 50,
+    ) -> TraceQuery:
+        """An image file: zero-shot against ``classes`` (prompts) with the true ``label``, or
+        retrieval of ``caption`` against the image's ``competitors`` nearest training captions."""
+        x = self.embed_image(path)
+        if classes:
+            return self._classes_query(x, self.embed_texts(classes), classes, label, str(path))
+        if caption is None:
+            raise ValueError("an image query needs --caption (the right text) or --classes/--label")
+        y = self.embed_texts([caption])[0]
+        _, rows = self.ensure_indexes()["text"].search(x[None], competitors)
+        rows = rows[0][rows[0] >= 0]
+        caps = self.captions(rows)
+        keep = [i for i, c in enumerate(caps) if c.strip().lower() != caption.strip().lower()]
+        rows = rows[keep]
+        cand = np.concatenate([y[None], _unit(np.asarray(self.train.text[rows]))])
+        positive = np.zeros(len(cand), dtype=bool)
+        positive[0] = True
+        return TraceQuery(
+            "image->text",
+            x,
+            cand,
+            positive,
+            [caption] + [caps[i] for i in keep],
+            image=x,
+            text=y,
+            description=f"{path}: {caption!r} against the image's {len(rows)} nearest captions",
+        )
+
+    def query_from_caption(self, caption: str, *, competitors: int = 50) -> TraceQuery:
+        """A caption: text -> image retrieval against its nearest training images; correct are
+        the images whose training caption is this caption (or embeds within cosine 0.98)."""
+        y = self.embed_texts([caption])[0]
+        idx = self.ensure_indexes()
+        _, img_rows = idx["image"].search(y[None], competitors)
+        sims, txt_rows = idx["text"].search(y[None], competitors)
+        img_rows, txt_rows = img_rows[0][img_rows[0] >= 0], txt_rows[0][txt_rows[0] >= 0]
+        same = txt_rows[sims[0][: len(txt_rows)] >= POSITIVE_COSINE]
+        rows = np.unique(np.concatenate([img_rows, same]))
+        caps = self.captions(rows)
+        tv = _unit(np.asarray(self.train.text[rows]))
+        positive = np.array([c.strip().lower() == caption.strip().lower() for c in caps]) | (
+            tv @ y >= POSITIVE_COSINE
+        )
+        if not positive.any():
+            raise ValueError(
+                f"no training pair near {caption!r} carries that caption: give --image FILE "
+                "with it (the image the caption should retrieve)"
+            )
+        img = _unit(np.asarray(self.train.image[rows]))
+        return TraceQuery(
+            "text->image",
+            y,
+            img,
+            positive,
+            [f"image of {i} ({c})" for i, c in zip(self.train.ids[rows], caps, strict=True)],
+            image=_unit(img[positive].mean(0)),
+            text=y,
+            description=f"{caption!r} against its {len(rows)} nearest training images "
+            f"({int(positive.sum())} carry the caption)",
+        )
+
+    # -- the model, only for files and free text ----------------------------------------
+    def _model(self):
+        if self._encoder is None:
+            from ecif.data.models import load_model
+
+            if not self.model or not self.model.get("model"):
+                raise ValueError(
+                    "the embedding folder's manifest.json names no model; image files and "
+                    "captions cannot be embedded (use --query-id with --test)"
+                )
+            self._encoder = load_model(
+                self.model["model"], self.model.get("pretrained"), self.device
+            )
+        return self._encoder
+
+    @torch.no_grad()
+    def embed_image(self, path: str | os.PathLike) -> np.ndarray:
+        from PIL import Image
+
+        lm = self._model()
+        img = lm.preprocess(Image.open(path).convert("RGB"))[None].to(lm.device)
+        return _unit(lm.model.encode_image(img).float().cpu().numpy()[0])
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        lm = self._model()
+        return _unit(lm.model.encode_text(lm.tokenizer(texts).to(lm.device)).float().cpu().numpy())
+
+    # -- candidates and ranking --------------------------------------------------------
+    def candidates(self, q: TraceQuery, count: int, wrong: np.ndarray | None = None) -> np.ndarray:
+        """Up to ``count`` training rows: image-side neighbours of the query image interleaved
+        with text-side neighbours of its caption (and of the wrong answer, when given)."""
+        idx = self.ensure_indexes()
+        searches = []
+        if q.image is not None:
+            searches.append(("image", q.image))
+        if q.text is not None:
+            searches.append(("text", q.text))
+        if wrong is not None:
+            searches.append(("text" if q.direction == "image->text" else "image", wrong))
+        lists = [idx[side].search(np.asarray(v)[None], count)[1][0] for side, v in searches]
+        return interleave(lists, count)
+
+    def rank(self, q: TraceQuery, rows: np.ndarray | None = None) -> pd.DataFrame:
+        """Relative influence of the given rows (all rows if None) on the query's loss."""
+        _, g = query_loss_and_gradient(self.head, q)
+        rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
+        return api.relative_influence(
+            self.head, self.train, g, rows, neg=self.neg, inverse=self.inverse
+        )
+
+    def trace(
+        self, q: TraceQuery, *, k: int = 10, candidates: int | None = 1000
+    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The k pairs most responsible for the query's loss and the k that helped most.
+
+        ``candidates=None`` ranks every training pair (exhaustive; slow on large sets).
+        """
+        info, _ = query_loss_and_gradient(self.head, q)
+        wrong = None
+        if not info["correct"]:
+            wrong = q.candidates[info["predicted_index"]]
+        rows = None if candidates is None else self.candidates(q, candidates, wrong)
+        ranked = self.rank(q, rows)
+        table = result_table(ranked, self, q, k)
+        info.update(
+            query=q.description,
+            direction=q.direction,
+            candidates=len(ranked),
+            solver=ranked.attrs.get("norm"),
+        )
+        return table, info
+
+
+def result_table(ranked: pd.DataFrame, tb: TraceBack, q: TraceQuery, k: int) -> pd.DataFrame:
+    """Two lists in one table: ``list`` is "responsible" (most negative first) or "helped"."""
+    rel = ranked["relative_influence"].to_numpy()
+    neg = ranked[rel < 0].sort_values("relative_influence").head(k)
+    pos = ranked[rel > 0].sort_values("relative_influence", ascending=False).head(k)
+    parts = []
+    for name, part in (("responsible", neg), ("helped", pos)):
+        part = part.copy()
+        part.insert(0, "list", name)
+        part.insert(1, "rank", np.arange(1, len(part) + 1))
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True)
+    r = out["row"].to_numpy()
+    out["caption"] = tb.captions(r)
+    if q.image is not None and len(r):
+        out["image_similarity"] = _unit(np.asarray(tb.train.image[r])) @ _unit(q.image)
+    if q.text is not None and len(r):
+        out["text_similarity"] = _unit(np.asarray(tb.train.text[r])) @ _unit(q.text)
+    return out
+
+
+def training_set(
+    folder: Path, embeddings: str | os.PathLike | None = None
+) -> tuple[EmbeddingSet, Path]:
+    """The training embeddings of an audit: ``embeddings`` or audit.json's ``embeddings``."""
+    info_path = folder / "audit.json"
+    if not info_path.exists():
+        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
+    info = json.loads(info_path.read_text())
+    emb = embeddings or info.get("embeddings") or info.get("train")
+    if not emb:
+        raise AuditFolderError(
+            f"{folder}/audit.json records no training embeddings; pass --embeddings FOLDER"
+        )
+    emb = Path(emb)
+    if not emb.is_absolute() and not emb.exists():
+        emb = folder / emb
+    return EmbeddingSet.load(emb), emb
+
+
+def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True) -> Head:
+    """A head fit on the whole training set: the audit's own, or AUDIT/index/head.pt (what
+    `ecif index` fits when the audit cross-fitted halves), else fit now with its options."""
+    for path in (folder, folder / "index"):
+        if (path / "head.pt").exists():
+            for h in read_heads(path):
+                if h.partition.n == len(train):
+                    return h
+    if not fit_if_missing:
+        raise AuditFolderError(f"{folder}: no head fit on all {len(train)} training pairs")
+    from ecif.audit.auditor import AuditArgs, Auditor
+
+    opts = json.loads((folder / "audit.json").read_text()).get("options", {})
+    args = AuditArgs(**{k: v for k, v in opts.items() if k in AuditArgs.__dataclass_fields__})
+    head = Auditor(train, args=args)._fit(train)
+    (folder / "index").mkdir(exist_ok=True)
+    tmp = folder / "index" / f".head.pt.{os.getpid()}.tmp"
+    torch.save([head.state_dict()], tmp)
+    os.replace(tmp, folder / "index" / "head.pt")
+    return head

@@ -1,0 +1,162 @@
+"""``ecif trace``: the training pairs that pushed the model towards one mistake."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ecif.cli import common
+
+NAME = "trace"
+HELP = "trace a misprediction back to the training pairs responsible for it"
+DESCRIPTION = (
+    "Build the test loss of one query, take candidate training pairs from the FAISS indexes "
+    "(`ecif index`; built in memory if missing), rank them by relative influence "
+    "g^T d_n / ||d_n|| (d_n = H^-1 grad R_n) and print two lists. RESPONSIBLE: most negative "
+    "first; removing the pair would lower the query's loss, i.e. it pushed the model towards "
+    "the mistake. HELPED: most positive first; removing it would raise the loss. Queries: "
+    "--query-id ID --test EMB_FOLDER (the test pair's image against the test captions, or "
+    "against --classes prompts with the true --label); --image FILE with --caption TEXT (the "
+    "caption should win over the image's nearest training captions) or with --classes/--label "
+    "(zero-shot); --caption TEXT alone (text -> image: the caption against its nearest training "
+    "images, the correct ones being those captioned with it). Files and free text are embedded "
+    "with the model named in the embedding folder's manifest.json."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("audit", help="audit folder (audit.json, head.pt, index/)")
+    p.add_argument("--image", default=None, help="query image file")
+    p.add_argument("--caption", default=None, help="query caption (or the right text for --image)")
+    p.add_argument("--query-id", default=None, help="id of a pair in the --test set")
+    p.add_argument("--test", default=None, help="embedding folder holding --query-id")
+    p.add_argument("--classes", default=None, help="text file, one class prompt per line")
+    p.add_argument("--label", default=None, help="true class: line number (0-based) or prompt")
+    p.add_argument("-k", type=int, default=10, help="pairs per list")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1000,
+        help="nearest-neighbour candidates ranked by relative influence (0: all pairs)",
+    )
+    p.add_argument(
+        "--competitors", type=int, default=50, help="nearest answers a file/caption competes with"
+    )
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (IVF indexes)")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "exact", "cg", "ekfac"],
+        help="inverse Hessian: auto = exact when small, else EK-FAC",
+    )
+    p.add_argument("--embeddings", default=None, help="training embedding folder (override)")
+    p.add_argument("--output", "-o", default=None, help="write both lists to .csv or .parquet")
+    common.add_device(p)
+    common.add_quiet(p)
+
+
+def _classes(args):
+    if not args.classes:
+        return None, None
+    names = [ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()]
+    if args.label is None:
+        raise ValueError("--classes needs the true class --label")
+    label = int(args.label) if str(args.label).lstrip("-").isdigit() else None
+    if label is None:
+        if args.label not in names:
+            raise ValueError(f"--label {args.label!r} is neither a line number nor a class")
+        label = names.index(args.label)
+    return names, label
+
+
+def build_query(tb, args):
+    names, label = _classes(args)
+    if args.query_id is not None:
+        from ecif.data.embedding_set import EmbeddingSet
+
+        if not args.test:
+            raise ValueError("--query-id needs --test EMB_FOLDER (the set holding that id)")
+        test = EmbeddingSet.load(args.test)
+        qid = args.query_id
+        if test.ids.dtype.kind in "iu" and str(qid).lstrip("-").isdigit():
+            qid = int(qid)
+        classes = tb.embed_texts(names) if names else None
+        return tb.query_from_set(test, qid, classes=classes, class_names=names, label=label)
+    if args.image:
+        return tb.query_from_image(
+            args.image,
+            caption=args.caption,
+            classes=names,
+            label=label,
+            competitors=args.competitors,
+        )
+    if args.caption:
+        return tb.query_from_caption(args.caption, competitors=args.competitors)
+    raise ValueError("give a query: --image FILE, --caption TEXT, or --query-id ID --test FOLDER")
+
+
+def _show(table: pd.DataFrame, name: str, title: str) -> None:
+    part = table[table["list"] == name]
+    print(f"\n{title}")
+    if part.empty:
+        print("  (none)")
+        return
+    cols = ["rank", "id", "relative_influence", "influence", "caption"]
+    cols += [c for c in ("image_similarity", "text_similarity") if c in part]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(part[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecif.audit.folder import AuditFolderError
+    from ecif.audit.trace import TraceBack
+    from ecif.data.index import FaissIndexError
+    from ecif.data.layout import FolderError
+    from ecif.data.models import ModelLoadError
+
+    start = time.time()
+    try:
+        tb = TraceBack.from_audit(
+            args.audit,
+            embeddings=args.embeddings,
+            method=args.method,
+            device=common.resolve_device(args.device),
+            nprobe=args.nprobe,
+        )
+        if tb.indexes is None:
+            print("note: no index in the audit folder; building one in memory", file=sys.stderr)
+        q = build_query(tb, args)
+        table, info = tb.trace(q, k=args.k, candidates=args.candidates or None)
+    except (AuditFolderError, FolderError, FaissIndexError, ModelLoadError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"query: {info['query']}")
+    verdict = "correct" if info["correct"] else "WRONG"
+    print(
+        f"prediction: {info['predicted']!r} ({verdict}); p(correct) = {info['p_correct']:.3f}, "
+        f"loss = {info['loss']:.4g}"
+    )
+    _show(table, "responsible", "RESPONSIBLE (removing them would lower the loss):")
+    _show(table, "helped", "HELPED (removing them would raise the loss):")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".parquet":
+            table.to_parquet(out, index=False)
+        else:
+            table.to_csv(out, index=False)
+    n_resp = int((table["list"] == "responsible").sum())
+    n_help = int((table["list"] == "helped").sum())
+    print(
+        f"\ntraced 1 query over {info['candidates']} candidate pairs ({info['solver']} norms): "
+        f"{n_resp} responsible, {n_help} helped shown in {time.time() - start:.1f} s"
+        + (f"; written to {args.output}" if args.output else "")
+    )
+    return 0
