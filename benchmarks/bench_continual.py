@@ -10,7 +10,7 @@ bootstrap intervals over seeds; paired differences angular - euclidean; the Spea
 correlation of each drift score with the old-task damage of the unit (no-split runs, before
 each split); and the old-task damage of a pure rescaling of a unit (angular drift exactly 0).
 
-    python benchmarks/bench_continual.py                 # full run, ~20 min on 2 cores
+    python benchmarks/bench_continual.py --seeds 5 --steps 300 --m 5 20   # ~40 min, 2 cores
     python benchmarks/bench_continual.py --seeds 2 --steps 100   # smoke run
 """
 
