@@ -70,6 +70,7 @@ def write_audit(
     info: dict[str, Any],
     heads: list[Head] | None = None,
     id_column: str = "id",
+    embeddings: str | os.PathLike | None = None,
 ) -> Path:
     """Write the audit table, its description and the fitted heads into ``folder``."""
     folder = Path(folder)
@@ -78,16 +79,9 @@ def write_audit(
     if id_column != "id" and "id" in out:
         out = out.rename(columns={"id": id_column})
     write_parquet_atomic(folder / "scores.parquet", out, info)
-    if heads:
-        tmp = folder / f".head.pt.{os.getpid()}.tmp"
-        torch.save([h.state_dict() for h in heads], tmp)
-        os.replace(tmp, folder / "head.pt")
-    desc = dict(info)
-    desc["id_column"] = id_column
-    desc["scores"] = "scores.parquet"
-    tmp = folder / f".audit.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(desc, indent=1, default=str))
-    os.replace(tmp, folder / "audit.json")
+    write_audit_description(
+        folder, info, heads or [], embeddings, None, id_column, "scores.parquet"
+    )
     return folder
 
 
@@ -123,3 +117,28 @@ def read_heads(folder: str | os.PathLike) -> list[Head]:
     if not path.exists():
         raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
     return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
+
+
+def write_audit_description(
+    folder: Path,
+    meta: dict[str, Any],
+    heads: list[Head],
+    embeddings: Path | None,
+    summary: pd.DataFrame | None = None,
+    id_column: str = "key",
+    scores: str = "scores",
+) -> None:
+    """audit.json and head.pt for an audit whose scores are already written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".head.pt.{os.getpid()}.tmp"
+    torch.save([h.state_dict() for h in heads], tmp)
+    os.replace(tmp, folder / "head.pt")
+    desc = dict(meta)
+    desc.update(id_column=id_column, scores=scores)
+    if embeddings is not None:
+        desc["embeddings"] = str(Path(embeddings).resolve())
+    if summary is not None:
+        desc["shards"] = summary.to_dict(orient="records")
+    tmp = folder / f".audit.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(desc, indent=1, default=str))
+    os.replace(tmp, folder / "audit.json")

@@ -188,8 +188,9 @@ class TraceBack:
         class_names: list[str] | None = None,
         label: int | None = None,
     ) -> TraceQuery:
-        """A test pair: its image against the test set's captions (its own is correct), or
-        against class prompt embeddings ``classes`` with the true class ``label``."""
+        """A test pair: its image against the test set's captions (its own, and any identical
+        caption, is correct), or against class prompt embeddings ``classes`` with the true
+        class ``label``."""
         pos = int(test.positions([query_id])[0])
         x, y = _unit(test.image[pos]), _unit(test.text[pos])
         if classes is not None:
@@ -202,6 +203,7 @@ class TraceBack:
         )
         positive = np.zeros(len(test), dtype=bool)
         positive[pos] = True
+        positive |= np.asarray(labels) == labels[pos]  # duplicates of its caption are right too
         return TraceQuery(
             "image->text",
             x,

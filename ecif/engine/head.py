@@ -380,23 +380,31 @@ def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
 
 
 def _newton(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
-    """Damped Newton with the dense Hessian and Armijo backtracking: a handful of steps."""
+    """Damped Newton with the dense Hessian and Armijo backtracking: a handful of steps.
+
+    Stops at the gradient tolerance or when the Newton decrement g^T H^-1 g falls to the
+    precision of the objective (float32 cannot resolve smaller decreases).
+    """
     theta = start.clone()
     value, grad = obj.value_and_grad(theta)
+    eps = float(torch.finfo(theta.dtype).eps)
     iterations, evaluations = 0, 1
     while iterations < min(args.max_iter, 100) and float(grad.abs().max()) > tol:
         step = torch.cholesky_solve(grad[:, None], _damped_cholesky(obj.dense_hessian(theta)))[:, 0]
-        slope = float(grad @ step)
-        a = 1.0
-        while True:
+        decrement = float(grad @ step)
+        if 0.5 * decrement <= 10 * eps * max(1.0, abs(value)):
+            break  # at the precision floor
+        a, accepted = 1.0, False
+        for _ in range(30):
             cand = theta - a * step
             v_new, g_new = obj.value_and_grad(cand)
             evaluations += 1
-            if v_new <= value - 1e-4 * a * slope or a < 1e-6:
+            if v_new <= value - 1e-4 * a * decrement:
+                accepted = True
                 break
             a *= 0.5
         iterations += 1
-        if v_new > value and a < 1e-6:  # no decrease possible at this precision
+        if not accepted:
             break
         theta, value, grad = cand, v_new, g_new
     return theta, value, grad, iterations, evaluations

@@ -1,0 +1,297 @@
+"""Batch scoring of an embedding folder, one output shard per input shard.
+
+The head and w = H^-1 g_val are computed once; each shard is then scored on its own (batches
+never cross shards), so shards can run as independent tasks (in-process or one Dask task
+each) and the scores equal those of the concatenated set. Outputs are written atomically
+and named after their input shard: a rerun skips finished shards. A final pass flags and
+ranks across all shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import ecif.api as api
+from ecif.audit.auditor import AuditArgs, Auditor, clip_scores
+from ecif.audit.folder import read_parquet_meta, write_parquet_atomic
+from ecif.audit.thresholds import flag_count, rank_and_flag
+from ecif.data import layout
+from ecif.data.embedding_set import EmbeddingSet
+from ecif.engine.batches import Partition
+from ecif.engine.head import Head
+from ecif.engine.influence import score_pass
+
+
+@dataclass
+class PartInfo:
+    index: int
+    source: str  # input shard the part was embedded from
+    rows: int
+
+    @property
+    def output_name(self) -> str:
+        return f"{Path(self.source).stem or f'part_{self.index}'}.parquet"
+
+
+def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
+    folder = Path(folder)
+    manifest = layout.read_manifest(folder) or {}
+    sources = {p["index"]: p.get("source", "") for p in manifest.get("parts", [])}
+    out = []
+    for k in layout.list_parts(folder):
+        meta_p = layout.part_paths(folder, k)[2]
+        source = sources.get(k) or layout.part_kv(meta_p).get("source") or f"part_{k}"
+        import pyarrow.parquet as pq
+
+        out.append(PartInfo(index=k, source=str(source), rows=pq.read_metadata(meta_p).num_rows))
+    if not out:
+        raise layout.FolderError(
+            f"{folder}: no metadata/metadata_{{N}}.parquet parts; not an embedding folder"
+        )
+    return out
+
+
+def read_part(folder: Path, k: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    img_p, txt_p, meta_p = layout.part_paths(Path(folder), k)
+    meta = pd.read_parquet(meta_p)
+    img = np.load(img_p, mmap_mode="r")
+    txt = np.load(txt_p, mmap_mode="r")
+    if "status" not in meta:
+        meta["status"] = "ok"
+    return img, txt, meta
+
+
+def ok_rows(meta: pd.DataFrame) -> np.ndarray:
+    return np.nonzero((meta["status"].astype(str) == "ok").to_numpy())[0]
+
+
+def load_training_set(folder: str | os.PathLike, id_col: str | None = None) -> EmbeddingSet:
+    """All ok rows of an embedding folder, with a ``part`` column (for shard-local batches)."""
+    folder = Path(folder)
+    manifest = layout.read_manifest(folder) or {}
+    id_col = id_col or manifest.get("id_column") or "key"
+    imgs, txts, metas = [], [], []
+    for p in list_embedding_parts(folder):
+        img, txt, meta = read_part(folder, p.index)
+        keep = ok_rows(meta)
+        imgs.append(np.asarray(img[keep], dtype=np.float32))
+        txts.append(np.asarray(txt[keep], dtype=np.float32))
+        m = meta.iloc[keep].reset_index(drop=True)
+        m["part"] = p.index
+        metas.append(m)
+    meta = pd.concat(metas, ignore_index=True)
+    ids = meta[id_col].to_numpy() if id_col in meta else np.arange(len(meta))
+    es = EmbeddingSet(np.concatenate(imgs), np.concatenate(txts), ids=ids, metadata=meta)
+    es.logit_scale = manifest.get("logit_scale")
+    return es
+
+
+def _local_partition(head: Head, global_rows: np.ndarray) -> Partition:
+    """The head's batches that lie in one shard, re-indexed to that shard's ok rows."""
+    pos = np.full(head.partition.n, -1, dtype=np.int64)
+    pos[global_rows] = np.arange(len(global_rows))
+    idx = head.partition.index
+    in_part = ((idx >= 0) & (pos[np.maximum(idx, 0)] >= 0)).any(axis=1)
+    sub = idx[in_part]
+    local = np.where(sub >= 0, pos[np.maximum(sub, 0)], -1)
+    return Partition(
+        index=local,
+        batch_size=head.partition.batch_size,
+        seed=head.partition.seed,
+        n=len(global_rows),
+    )
+
+
+def score_part(
+    folder: str | os.PathLike,
+    part: PartInfo,
+    head_state: dict,
+    w: np.ndarray,
+    global_rows: np.ndarray,
+    out_path: str | os.PathLike,
+    meta: dict[str, Any],
+    neg: str = "exact",
+    id_col: str = "key",
+) -> dict[str, int]:
+    """Score one shard with a broadcast head and w; write its output atomically. Pure of globals."""
+    head = Head.from_state_dict(head_state)
+    img, txt, pmeta = read_part(Path(folder), part.index)
+    keep = ok_rows(pmeta)
+    local = _local_partition(head, global_rows)
+    x = np.asarray(img[keep], dtype=np.float32)
+    y = np.asarray(txt[keep], dtype=np.float32)
+    local_head = Head(**{**head.__dict__, "partition": local})
+    d_pos, d_neg = score_pass(
+        local_head, x, y, torch.from_numpy(np.asarray(w)).to(head.dtype), neg=neg
+    )
+    n = len(pmeta)
+    out = pd.DataFrame({id_col: pmeta[id_col] if id_col in pmeta else np.arange(n)})
+    out["caption"] = pmeta["caption"] if "caption" in pmeta else None
+    cs = np.full(n, np.nan, dtype=np.float32)
+    cs[keep] = clip_scores(EmbeddingSet(x, y, check_finite=False))
+    out["clip_score"] = cs
+    for col, vals in (("influence_pos", d_pos), ("influence_neg", d_neg)):
+        full = np.full(n, np.nan)
+        full[keep] = vals / head.n_norm
+        out[col] = full.astype(np.float32)
+    out.insert(3, "influence", (out["influence_pos"] + out["influence_neg"]).astype(np.float32))
+    full = np.full(n, np.nan)
+    full[keep] = -(d_pos + d_neg)
+    out["misalign_score"] = full.astype(np.float32)
+    out["is_misaligned"] = False
+    out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
+    out["status"] = pmeta["status"].astype(str).to_numpy()
+    out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
+    write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
+    return {"ok": int(len(keep)), "failed": int(n - len(keep))}
+
+
+def score_shards(
+    embeddings: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    val: EmbeddingSet | None = None,
+    *,
+    args: AuditArgs | None = None,
+    distributor: str = "local",
+    scheduler: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Score every shard of an embedding folder into ``output_dir/scores/<shard>.parquet``.
+
+    Returns a summary DataFrame (one row per shard: name, ok, failed, skipped).
+    ``distributor``: "local" (in-process) or "dask" (one task per shard; ``scheduler`` is a
+    ``tcp://host:port`` address, or None for a LocalCluster on 127.0.0.1).
+    """
+    from ecif import __version__
+
+    args = args or AuditArgs()
+    embeddings, out = Path(embeddings), Path(output_dir)
+    parts = list_embedding_parts(embeddings)
+    manifest = layout.read_manifest(embeddings) or {}
+    id_col = manifest.get("id_column") or "key"
+    train = load_training_set(embeddings, id_col)
+    if args.logit_scale is None and train.logit_scale:
+        args.logit_scale = float(train.logit_scale)
+    meta = {
+        "model": manifest.get("model"),
+        "pretrained": manifest.get("pretrained"),
+        "method": "ecif",
+        "options": asdict(args),
+        "ecif_version": __version__,
+    }
+    scores_dir = out / "scores"
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    auditor = Auditor(train, val, args)
+    if val is None:  # self-influence or cross-fit need the whole set at once: in-process
+        table = auditor.run(progress=progress)
+        heads = auditor.heads
+        summary = _write_from_table(
+            embeddings, parts, train, table, scores_dir, {**meta, **table.attrs}, id_col
+        )
+    else:
+        head = auditor._fit(train)
+        heads = [head]
+        g = api.loss_gradient(head, val)
+        w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
+        meta["validation"] = f"validation set ({len(val)} pairs)"
+        jobs = []
+        for p in parts:
+            target = scores_dir / p.output_name
+            rows = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
+            if target.exists() and read_parquet_meta(target).get("source") == p.source:
+                jobs.append((p, None))
+                continue
+            jobs.append(
+                (p, (embeddings, p, head.state_dict(), w, rows, target, meta, args.neg, id_col))
+            )
+        summary = _run_jobs(jobs, distributor, scheduler, progress)
+    _finalize(scores_dir, args.threshold, meta)
+    from ecif.audit.folder import write_audit_description
+
+    write_audit_description(out, meta, heads, embeddings, summary, id_col)
+    s = summary.sum(numeric_only=True)
+    log(
+        f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])} -> {out}"
+    )
+    return summary
+
+
+def _run_jobs(jobs, distributor: str, scheduler: str | None, progress: bool) -> pd.DataFrame:
+    rows = []
+    todo = [(p, a) for p, a in jobs if a is not None]
+    for p, a in jobs:
+        if a is None:
+            rows.append({"shard": p.output_name, "ok": 0, "failed": 0, "skipped": 1})
+    if distributor == "local":
+        from tqdm.auto import tqdm
+
+        for p, a in tqdm(todo, desc="shards", disable=not progress):
+            rows.append({"shard": p.output_name, **score_part(*a), "skipped": 0})
+    elif distributor == "dask":
+        from ecif.audit.distributed import run_on_dask
+
+        for p, res in zip(
+            [p for p, _ in todo], run_on_dask(score_part, [a for _, a in todo], scheduler)
+        ):
+            rows.append({"shard": p.output_name, **res, "skipped": 0})
+    else:
+        raise ValueError(f"distributor must be 'local' or 'dask'; got {distributor!r}")
+    return pd.DataFrame(rows, columns=["shard", "ok", "failed", "skipped"])
+
+
+def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> pd.DataFrame:
+    rows = []
+    part_col = train.metadata["part"].to_numpy()
+    for p in parts:
+        _, _, pmeta = read_part(Path(folder), p.index)
+        keep = ok_rows(pmeta)
+        sub = table.iloc[np.nonzero(part_col == p.index)[0]].reset_index(drop=True)
+        n = len(pmeta)
+        out = pd.DataFrame({id_col: pmeta[id_col] if id_col in pmeta else np.arange(n)})
+        out["caption"] = pmeta["caption"] if "caption" in pmeta else None
+        for col in ("clip_score", "influence", "influence_pos", "influence_neg", "misalign_score"):
+            full = np.full(n, np.nan, dtype=np.float32)
+            full[keep] = sub[col].to_numpy(dtype=np.float32)
+            out[col] = full
+        out["is_misaligned"] = False
+        out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
+        out["status"] = pmeta["status"].astype(str).to_numpy()
+        out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
+        write_parquet_atomic(scores_dir / p.output_name, out, {**meta, "source": p.source})
+        rows.append(
+            {"shard": p.output_name, "ok": len(keep), "failed": n - len(keep), "skipped": 0}
+        )
+    return pd.DataFrame(rows)
+
+
+def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
+    """Flag and rank across all shards, then rewrite each shard's two columns atomically."""
+    files = sorted(scores_dir.glob("*.parquet"))
+    scores = [
+        pd.read_parquet(f, columns=["misalign_score"])["misalign_score"].to_numpy() for f in files
+    ]
+    allv = np.concatenate(scores).astype(np.float64)
+    count, how = flag_count(allv, threshold)
+    rank, flag = rank_and_flag(allv, count)
+    finite = np.isfinite(allv)
+    meta.update(threshold=how, flagged=int(count))
+    start = 0
+    for f, s in zip(files, scores):
+        df = pd.read_parquet(f)
+        sl = slice(start, start + len(s))
+        df["is_misaligned"] = flag[sl] & finite[sl]
+        df["rank"] = pd.array(np.where(finite[sl], rank[sl], -1), dtype="Int64")
+        df.loc[~finite[sl], "rank"] = pd.NA
+        write_parquet_atomic(
+            f, df, {**read_parquet_meta(f), "threshold": how, "flagged": int(count)}
+        )
+        start += len(s)

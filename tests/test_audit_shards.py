@@ -1,0 +1,83 @@
+"""Shard-by-shard scoring equals scoring the concatenated set; reruns skip; failed rows kept."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ecif
+from ecif.audit import AuditArgs
+from ecif.audit.shards import score_shards
+from ecif.data import layout
+from tests.engine_reference import synthetic_pairs
+
+
+def _folder(tmp_path, parts=3, rows=60, d=8):
+    x, y, bad = synthetic_pairs(parts * rows, d, noise=0.2, seed=11)
+    folder = tmp_path / "emb"
+    for k in range(parts):
+        sl = slice(k * rows, (k + 1) * rows)
+        meta = pd.DataFrame(
+            {
+                "key": [f"p{k}-{i}" for i in range(rows)],
+                "caption": [f"caption {k}-{i}" for i in range(rows)],
+                "status": "ok",
+                "error_message": None,
+            }
+        )
+        img, txt = x[sl].copy(), y[sl].copy()
+        if k == 1:  # one row that failed to embed: kept, zero embeddings, status failed
+            meta.loc[7, ["status", "error_message"]] = ["failed", "cannot decode image"]
+            img[7] = 0
+            txt[7] = 0
+        layout.write_part(folder, k, img, txt, meta, {"source": f"{k:05d}.parquet"})
+    layout.write_manifest(
+        folder,
+        {
+            "id_column": "key",
+            "parts": [{"index": k, "source": f"/in/{k:05d}.parquet"} for k in range(parts)],
+        },
+    )
+    xv, yv, _ = synthetic_pairs(80, d, noise=0.0, seed=12)
+    return folder, ecif.EmbeddingSet(xv, yv)
+
+
+def test_shards_equal_concatenated_and_rerun_skips(tmp_path):
+    folder, val = _folder(tmp_path)
+    args = AuditArgs(batch_size=16, logit_scale=10.0, threshold=0.1)
+    out = tmp_path / "audit"
+    summary = score_shards(folder, out, val, args=args, log=lambda s: None)
+    assert summary["ok"].sum() == 179 and summary["failed"].sum() == 1
+    files = sorted((out / "scores").glob("*.parquet"))
+    assert [f.name for f in files] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    shard_scores = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+    # the concatenated set, scored in one pass with the same shard-local partition
+    train = ecif.EmbeddingSet.load(folder)
+    groups = np.repeat([0, 1, 2], [60, 59, 60])
+    head = ecif.fit(train, batch_size=16, logit_scale=10.0, groups=groups)
+    ref = ecif.score(head, train, val)
+    ok = shard_scores[shard_scores["status"] == "ok"].reset_index(drop=True)
+    assert list(ok["key"]) == list(train.ids)
+    assert np.allclose(ok["influence"], ref["influence"], rtol=1e-4, atol=1e-7)
+    failed = shard_scores[shard_scores["status"] == "failed"]
+    assert len(failed) == 1 and failed["error_message"].iloc[0] == "cannot decode image"
+    assert failed["influence"].isna().all() and not failed["is_misaligned"].any()
+    assert ok["is_misaligned"].sum() == 18  # 10% of the scored rows
+    assert set(ok.loc[ok["is_misaligned"], "rank"]) == set(range(1, 19))
+
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+    again = score_shards(folder, out, val, args=args, log=lambda s: None)
+    assert again["skipped"].sum() == 3
+    pd.testing.assert_frame_equal(
+        pd.concat([pd.read_parquet(f) for f in files], ignore_index=True), shard_scores
+    )
+    assert before.keys() == {f.name for f in files}
+    table, info = ecif.audit.read_audit(out)
+    assert len(table) == 180 and info["embeddings"].endswith("emb")
+
+
+def test_audit_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="not an audit folder"):
+        ecif.audit.read_audit(tmp_path)
+    with pytest.raises(ValueError, match="not an embedding folder"):
+        score_shards(tmp_path, tmp_path / "out", None, log=lambda s: None)
