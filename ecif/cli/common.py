@@ -33,3 +33,61 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
     return name
+
+
+def add_audit_options(p: argparse.ArgumentParser) -> None:
+    """The options that decide an audit's numbers (recorded in its outputs)."""
+    g = p.add_argument_group("audit options")
+    g.add_argument(
+        "--batch-size", type=int, default=256, help="contrastive batch size of the head's partition"
+    )
+    g.add_argument(
+        "--lam", type=float, default=1e-3, help="L2 pull of the head towards the pretrained model"
+    )
+    g.add_argument(
+        "--logit-scale",
+        type=float,
+        default=None,
+        help="logit scale t (default: the model's, else 100)",
+    )
+    g.add_argument(
+        "--neg", choices=["exact", "first_order"], default="exact", help="form of the negative term"
+    )
+    g.add_argument(
+        "--solver",
+        choices=["auto", "exact", "cg", "ekfac"],
+        default="auto",
+        help="inverse-Hessian solver",
+    )
+    g.add_argument(
+        "--threshold",
+        default="auto",
+        help="how many to flag: 'auto' (estimated noise rate), a fraction like 0.1, or a count like 500",
+    )
+    g.add_argument(
+        "--no-val",
+        choices=["auto", "self", "crossfit"],
+        default="auto",
+        help="without --val: self-influence or cross-fitting (auto: self for small heads)",
+    )
+    add_seed(p)
+    add_device(p)
+
+
+def audit_args_from(args: argparse.Namespace):
+    from ecif.audit import AuditArgs
+
+    threshold = args.threshold
+    if threshold != "auto":
+        threshold = float(threshold) if "." in threshold else int(threshold)
+    return AuditArgs(
+        batch_size=args.batch_size,
+        seed=args.seed,
+        lam=args.lam,
+        logit_scale=args.logit_scale,
+        neg=args.neg,
+        method=args.solver,
+        threshold=threshold,
+        no_val=args.no_val,
+        device=resolve_device(args.device),
+    )
