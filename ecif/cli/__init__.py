@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-VERB_MODULES: list[str] = ["embed", "index", "trace"]
+VERB_MODULES: list[str] = ["embed", "score", "index", "trace", "clean", "verify", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
