@@ -151,3 +151,15 @@ def test_bad_inputs_give_clear_errors():
     bad[3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         ecif.EmbeddingSet(bad, y)
+
+
+def test_negative_breakdown_sums_to_influence_neg():
+    from ecif.engine.influence import loss_gradient, negative_breakdown
+
+    train, val, head = _small()
+    w = ecif.solver(head, train, method="exact").solve(loss_gradient(head, val.image, val.text))
+    df = ecif.score(head, train, val)
+    for row in (0, 9, 30):
+        parts = negative_breakdown(head, train.image, train.text, w, row)
+        assert len(parts) == 7 and row not in set(parts["row"])
+        assert parts["share"].sum() == pytest.approx(df["influence_neg"][row], rel=1e-9, abs=1e-14)

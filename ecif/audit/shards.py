@@ -202,6 +202,7 @@ def score_shards(
         heads = [head]
         g = api.loss_gradient(head, val)
         w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
+        np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per batch member
         meta["validation"] = f"validation set ({len(val)} pairs)"
         jobs = []
         for p in parts:

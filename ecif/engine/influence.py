@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ecif.engine.batches import Partition, iter_chunks, make_partition
@@ -152,3 +153,44 @@ def pair_gradients(
             gm = t * torch.einsum("bi,kbj->kij", xb, g @ yb)
             out[torch.as_tensor(sel)] = _flat(head, gm, (g * s[0]).sum((1, 2)))
     return out_pos, out_neg
+
+
+def negative_breakdown(
+    head: Head, x, y, w: torch.Tensor, row: int, *, neg: str = "exact"
+) -> pd.DataFrame:
+    """How pair ``row``'s negative influence splits over the other members of its batch.
+
+    Member k's share is A_kn (dS_kn - r_k) + Bq_nk (dS_nk - c_k), divided by N: the part of
+    influence_neg that comes from ``row`` serving as a negative for k's image and k's text.
+    The shares sum to the pair's influence_neg.
+    """
+    batch_of = head.partition.batch_of()
+    b = int(batch_of[row])
+    if b < 0:
+        raise ValueError(f"row {row} is not in the head's partition")
+    ch = next(
+        iter_chunks(
+            x, y, head.partition, dtype=head.dtype, device=head.m.device, batch_ids=np.array([b])
+        )
+    )
+    n = int(np.nonzero(ch.rows[0] == row)[0][0])
+    wm, w_tau = _unflat(head, w.to(head.dtype))
+    t = head.logit_scale
+    s = t * (ch.x @ head.m) @ ch.y.transpose(-1, -2)
+    ds = t * (ch.x @ wm) @ ch.y.transpose(-1, -2)
+    if w_tau is not None:
+        ds = ds + w_tau * s
+    st = batch_stats(s, ch.mask)
+    rw = removal_weights(s, st, neg)
+    r = (st.p * ds).sum(-1)[0]
+    c = (st.q * ds).sum(-2)[0]
+    as_row = rw.a[0, :, n] * (ds[0, :, n] - r)  # n as a negative text in row k
+    as_col = rw.bq[0, n, :] * (ds[0, n, :] - c)  # n as a negative image in column k
+    valid = ch.mask[0].cpu().numpy() & (np.arange(len(ch.rows[0])) != n)
+    return pd.DataFrame(
+        {
+            "row": ch.rows[0][valid],
+            "as_negative_text": (as_row.cpu().numpy() / head.n_norm)[valid],
+            "as_negative_image": (as_col.cpu().numpy() / head.n_norm)[valid],
+        }
+    ).assign(share=lambda d: d.as_negative_text + d.as_negative_image)
