@@ -227,3 +227,25 @@ def test_cli_index_and_trace_round_trip(tmp_path, capsys):
     assert "give a query" in capsys.readouterr().err
     assert main(["trace", str(audit), "--query-id", "nope", "--test", str(test_dir)]) == 2
     assert "not in this set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["exact", "ekfac"])
+def test_relative_influence_with_learned_scale_and_a_short_batch(method):
+    from tests.engine_reference import synthetic_pairs
+
+    x, y, _ = synthetic_pairs(45, 4, noise=0.25, seed=1)  # 45 = 5 x 8 + a short batch
+    train = ecif.EmbeddingSet(x, y)
+    head = ecif.fit(
+        train, batch_size=8, lam=1e-2, logit_scale=8.0, learn_scale=True, **{"dtype": "float64"}
+    )
+    ref = Reference(head, x, y)
+    g = torch.randn(
+        head.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    rows = [0, 3, 44, 40, 21]
+    inv = ecif.solver(head, train, method=method)
+    got = ecif.relative_influence(head, train, g, rows, inverse=inv)
+    grads = torch.stack([ref.removal_grad(n) for n in rows])
+    h = ref.hessian() if method == "exact" else None
+    d = torch.linalg.solve(h, grads.T).T if h is not None else inv.solve(grads)
+    assert np.allclose(got["relative_influence"], (d @ g / d.norm(dim=1)).numpy(), rtol=1e-7)

@@ -1,0 +1,225 @@
+"""Trace-back: how much the nearest-neighbour candidate cut loses, and what a query costs.
+
+    python benchmarks/bench_trace.py recall --data shapes      # 2000 shapes pairs, tiny CLIP
+    python benchmarks/bench_trace.py recall --data synthetic --n 20000
+    python benchmarks/bench_trace.py latency --n 1000000 --d 512
+
+recall: for mispredicted validation pairs (image -> text retrieval against the validation
+captions; identical captions count as right), rank EVERY training pair by relative influence
+(exhaustive) and report the fraction of its top-k responsible (and top-k helped) pairs that
+the FAISS candidate set of a given size contains. Two candidate rules: image-side neighbours
+of the query image + text-side neighbours of its caption ("img+cap"), and the same plus
+text-side neighbours of the wrong answer the model gave ("+wrong", what `ecif trace` uses).
+
+latency: synthetic unit embeddings (float16 memmaps, as clip-retrieval stores them), an IVF
+index per side, a head that is a random perturbation of the identity (a query's cost does not
+depend on M's values; fitting 1M pairs is not what this measures), EK-FAC on a Hessian
+subsample; per query: FAISS search, query gradient + w = H^-1 g, and the candidate ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ecif
+from ecif.audit.trace import TraceBack, TraceQuery, query_loss_and_gradient
+from ecif.data.index import VectorIndex
+from ecif.engine.batches import make_partition
+from ecif.engine.head import Head
+from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+
+
+def _unit(a):
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def synthetic_sets(n, d, classes, noise, seed):
+    g = np.random.default_rng(seed)
+    a = _unit(g.standard_normal((classes, d)))
+    b = a @ np.linalg.qr(g.standard_normal((d, d)))[0]
+
+    def make(m, shuffle):
+        c = g.integers(0, classes, m)
+        x = _unit(a[c] + 0.6 * g.standard_normal((m, d)) / np.sqrt(d))
+        y = _unit(b[c] + 0.6 * g.standard_normal((m, d)) / np.sqrt(d))
+        cap = np.array([f"class {k}" for k in c], dtype=object)
+        bad = g.choice(m, int(shuffle * m), replace=False)
+        y[bad], cap[bad] = y[np.roll(bad, 1)], cap[np.roll(bad, 1)]
+        import pandas as pd
+
+        return ecif.EmbeddingSet(x, y, metadata=pd.DataFrame({"caption": cap}))
+
+    return make(n, noise), make(500, 0.0)
+
+
+def recall(args) -> None:
+    if args.data == "shapes":
+        train, val = ecif.datasets.shapes_sets(n=args.n, noise=0.2, n_val=500, seed=args.seed)
+    else:
+        train, val = synthetic_sets(args.n, args.d, 50, 0.1, args.seed)
+    t0 = time.perf_counter()
+    head = ecif.fit(train, batch_size=args.batch_size, seed=args.seed)
+    print(f"{args.data}: {train}, fit {time.perf_counter() - t0:.1f} s, P = {head.num_params}")
+    tb = TraceBack(head, train)
+    queries = []
+    for qid in val.ids:
+        q = tb.query_from_set(val, qid)
+        info, _ = query_loss_and_gradient(head, q)
+        if not info["correct"]:
+            queries.append((q, q.candidates[info["predicted_index"]]))
+        if len(queries) >= args.queries:
+            break
+    print(f"{len(queries)} mispredicted validation queries; k = {args.k}")
+    counts = [c for c in args.counts if c < len(train)]
+    hits = {(rule, side, c): [] for rule in ("img+cap", "+wrong") for side in "rh" for c in counts}
+    t_full = t_cand = 0.0
+    for q, wrong in queries:
+        t0 = time.perf_counter()
+        full = tb.rank(q)
+        t_full += time.perf_counter() - t0
+        rel = full["relative_influence"].to_numpy()
+        top = {"r": set(np.argsort(rel)[: args.k]), "h": set(np.argsort(-rel)[: args.k])}
+        for rule, w in (("img+cap", None), ("+wrong", wrong)):
+            for c in counts:
+                t0 = time.perf_counter()
+                cand = set(tb.candidates(q, c, w).tolist())
+                t_cand += time.perf_counter() - t0
+                for side in "rh":
+                    hits[(rule, side, c)].append(len(top[side] & cand) / args.k)
+    print(f"exhaustive ranking: {t_full / max(len(queries), 1):.2f} s/query")
+    print("| candidates | share of N | responsible img+cap | responsible +wrong | helped +wrong |")
+    print("|---|---|---|---|---|")
+    for c in counts:
+        r1 = np.mean(hits[("img+cap", "r", c)])
+        r2 = np.mean(hits[("+wrong", "r", c)])
+        h2 = np.mean(hits[("+wrong", "h", c)])
+        print(f"| {c} | {c / len(train):.1%} | {r1:.2f} | {r2:.2f} | {h2:.2f} |")
+
+
+def latency(args) -> None:
+    d, n = args.d, args.n
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trace-"))
+    g = np.random.default_rng(args.seed)
+    paths = {s: tmp / f"{s}_{n}_{d}.npy" for s in ("image", "text")}
+    if not all(p.exists() for p in paths.values()):
+        t0 = time.perf_counter()
+        cen = _unit(g.standard_normal((1000, d)))
+        for p in paths.values():
+            mm = np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(n, d))
+            for s in range(0, n, 100_000):
+                m = min(100_000, n - s)
+                block = cen[g.integers(0, 1000, m)] + 0.7 * g.standard_normal((m, d)) / np.sqrt(d)
+                mm[s : s + m] = _unit(block)
+            mm.flush()
+            del mm
+        print(f"wrote synthetic embeddings in {time.perf_counter() - t0:.1f} s")
+    x, y = (np.load(paths[s], mmap_mode="r") for s in ("image", "text"))
+    train = ecif.EmbeddingSet(x, y, check_finite=False)
+    idx = {}
+    for side, arr in (("image", x), ("text", y)):
+        t0 = time.perf_counter()
+        idx[side] = VectorIndex.build(
+            arr,
+            side=side,
+            kind=args.kind,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            train_rows=args.train_rows,
+        )
+        print(
+            f"{side} index ({idx[side].info.kind}, nlist {idx[side].info.nlist}): "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+    tg = torch.Generator().manual_seed(args.seed)
+    m0 = torch.eye(d)
+    head = Head(
+        m=m0 + 0.01 * torch.randn(d, d, generator=tg),
+        m0=m0,
+        log_scale=float(np.log(100.0)),
+        log_scale0=float(np.log(100.0)),
+        learn_scale=False,
+        lam=1e-3,
+        partition=make_partition(n, args.batch_size, args.seed),
+        n_norm=n,
+    )
+    t0 = time.perf_counter()
+    inv = InverseHessian(
+        head, x, y, SolverArgs(method="ekfac", hessian_batches=args.hessian_batches)
+    )
+    print(f"EK-FAC on {args.hessian_batches} batches: {time.perf_counter() - t0:.1f} s")
+    tb = TraceBack(head, train, idx)
+    tb._inverse = inv
+    qrows = g.choice(n, args.queries, replace=False)
+    print(f"torch threads {torch.get_num_threads()}; faiss nprobe {args.nprobe}")
+    print(
+        "| candidates | distinct batches | search ms | gradient + solve ms | ranking ms | total ms |"
+    )
+    print("|---|---|---|---|---|---|")
+    for count in args.counts:
+        times = []
+        nb = []
+        for r in qrows:
+            xq = _unit(np.asarray(x[r], dtype=np.float64))
+            cls = _unit(np.asarray(y[g.choice(n, 100, replace=False)], dtype=np.float64))
+            pos = np.zeros(100, dtype=bool)
+            pos[0] = True
+            q = TraceQuery("image->text", xq, cls, pos, [], image=xq, text=cls[0])
+            t0 = time.perf_counter()
+            info, grad = query_loss_and_gradient(head, q)
+            wrong = q.candidates[info["predicted_index"]]
+            rows = tb.candidates(q, count, wrong)
+            t1 = time.perf_counter()
+            inv.solve(grad)
+            t2 = time.perf_counter()
+            ecif.relative_influence(head, train, grad, rows, inverse=inv)  # solves w again
+            t3 = time.perf_counter()
+            times.append((t1 - t0, t2 - t1, t3 - t2 - (t2 - t1)))
+            nb.append(len(np.unique(head.partition.batch_of()[rows])))
+        s, w, rk = (1000 * np.median(v) for v in zip(*times, strict=True))
+        print(
+            f"| {count} | {np.median(nb):.0f} | {s:.0f} | {w:.0f} | {rk:.0f} | {s + w + rk:.0f} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("what", choices=["recall", "latency"])
+    ap.add_argument("--data", default="shapes", choices=["shapes", "synthetic"])
+    ap.add_argument("--n", type=int, default=None, help="training pairs")
+    ap.add_argument("--d", type=int, default=None, help="embedding width (synthetic)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=None)
+    ap.add_argument("--counts", type=int, nargs="+", default=None)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--kind", default="ivf", choices=["auto", "flat", "ivf"])
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--train-rows", type=int, default=50_000)
+    ap.add_argument("--hessian-batches", type=int, default=100)
+    ap.add_argument("--workdir", default=None, help="where the synthetic memmaps go (reused)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.what == "recall":
+        args.n = args.n or (2000 if args.data == "shapes" else 20000)
+        args.d = args.d or 32
+        args.queries = args.queries or 20
+        args.counts = args.counts or [25, 50, 100, 200, 500, 1000, 2000, 5000]
+        recall(args)
+    else:
+        args.n = args.n or 1_000_000
+        args.d = args.d or 512
+        args.queries = args.queries or 5
+        args.counts = args.counts or [100, 300, 1000]
+        latency(args)
+
+
+if __name__ == "__main__":
+    main()
