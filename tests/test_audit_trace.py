@@ -236,7 +236,7 @@ def test_relative_influence_with_learned_scale_and_a_short_batch(method):
     x, y, _ = synthetic_pairs(45, 4, noise=0.25, seed=1)  # 45 = 5 x 8 + a short batch
     train = ecif.EmbeddingSet(x, y)
     head = ecif.fit(
-        train, batch_size=8, lam=1e-2, logit_scale=8.0, learn_scale=True, **{"dtype": "float64"}
+        train, batch_size=8, lam=1e-2, logit_scale=8.0, learn_scale=True, dtype="float64"
     )
     ref = Reference(head, x, y)
     g = torch.randn(

@@ -2,5 +2,6 @@
 
 from ecif.audit.auditor import AuditArgs, Auditor, clip_scores
 from ecif.audit.folder import read_audit, write_audit
+from ecif.audit.trace import TraceBack
 
-__all__ = ["AuditArgs", "Auditor", "clip_scores", "read_audit", "write_audit"]
+__all__ = ["AuditArgs", "Auditor", "clip_scores", "TraceBack", "read_audit", "write_audit"]
