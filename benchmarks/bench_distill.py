@@ -4,13 +4,16 @@ Part A (Flex-KD): a d=64 teacher trained on gold traces; students of widths 16 a
 from a small pool of traces with L_task + alpha*KD + beta*L_feat. Arms: logit KD only,
 Flex-KD (gradient-selected dims), random-dims control, learned linear projector.
 Part B (calibrated reasoning KD): an imperfect teacher (drops carries on large merges); a
-student warm-started on a few gold traces is distilled with: validity-calibrated forward KL,
-plain forward KL (same prefixes, w = 1), on-policy JSD, checker-filtered SFT, and the
-calibrated weights shuffled within each batch.
+student warm-started with a short run on gold traces is distilled with: validity-calibrated
+forward KL, plain forward KL (same prefixes, w = 1), on-policy JSD, checker-filtered SFT,
+and the calibrated weights shuffled within each batch (--mc N adds Monte-Carlo validity,
+--wnorm the sum-of-weights normalisation).
 
 Every arm of a seed starts from the same student and sees the same number of optimizer steps
 and batch size. Reports greedy answer accuracy on held-out problems, means over seeds and
 bootstrap 95% intervals of paired differences. Run: python benchmarks/bench_distill.py
+(the README section names the exact commands; seeds reproduce exactly, so arms run in
+separate invocations with --arms stay paired).
 """
 
 from __future__ import annotations

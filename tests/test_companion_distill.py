@@ -227,7 +227,7 @@ def test_flexkd_loss_parts_and_baselines():
     assert s_h.grad is not None and s_h.grad[~keep].abs().max() == 0
     proj = LinearProjector(3, 10)
     _, parts = flexkd_loss(s_log, s_h, t_log, t_h, labels, mask, FlexKDConfig(), projector=proj)
-    assert parts["feat"] == pytest.approx(float(F.mse_loss(proj(s_h[keep]), t_h[keep])))
+    assert parts["feat"] == pytest.approx(float(F.mse_loss(proj(s_h[keep]), t_h[keep]).detach()))
     with pytest.raises(ValueError):
         flexkd_loss(
             s_log,
