@@ -10,6 +10,19 @@ dimension i. Correlation is scale- and shift-free, so no projector has to be lea
 Baselines built from the same parts: a learned linear projector with an MSE to the full
 teacher state, and the control that applies the same correlation loss to random dimensions.
 The scoring and the divergences come from :mod:`ecif.grad`.
+
+With a Hugging Face GPT-2 teacher (not needed by the tests), hook ``teacher.transformer.ln_f``
+and take ``out.hidden_states[-1]`` (``output_hidden_states=True``) as the hidden state::
+
+    def task_loss(batch):
+        logits = teacher(batch["input_ids"]).logits[:, :-1]
+        ce = F.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten(),
+                             reduction="none")
+        sup = batch["labels_mask"][:, 1:]
+        return (ce * sup.flatten()).sum(), F.pad(sup, (0, 1))
+
+    scores = teacher_dimension_scores(teacher.transformer.ln_f, loader, task_loss)
+    selection = select_top_dims(scores, student.config.n_embd)
 """
 
 from __future__ import annotations
