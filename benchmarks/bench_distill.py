@@ -264,8 +264,14 @@ def part_b(args, test):
     if args.mc:
         arms["calibrated_mc"] = CalibratedKDConfig(validity="rollout", n_rollouts=args.mc)
     arms["calibrated_wnorm"] = CalibratedKDConfig(normalize="weights")
+    extra = {  # run only when named in --arms
+        "calibrated_sigmoid": CalibratedKDConfig(weighting="sigmoid"),
+        "calibrated_floor": CalibratedKDConfig(floor=0.25),
+        "calibrated_rkl": CalibratedKDConfig(divergence="rkl"),
+        "plain_rkl": CalibratedKDConfig(weighting="none", divergence="rkl"),
+    }
     if args.arms:
-        arms = {a: arms[a] for a in args.arms}
+        arms = {a: {**arms, **extra}[a] for a in args.arms}
     elif not args.wnorm:
         del arms["calibrated_wnorm"]
     res = {a: [] for a in arms}
