@@ -81,3 +81,62 @@ def test_audit_errors_are_clear(tmp_path):
         ecif.audit.read_audit(tmp_path)
     with pytest.raises(ValueError, match="not an embedding folder"):
         score_shards(tmp_path, tmp_path / "out", None, log=lambda s: None)
+
+
+def test_cli_score_verify_clean_round_trip(tmp_path, capsys):
+    from ecif.cli import main
+
+    folder, val = _folder(tmp_path)
+    val.save(tmp_path / "val")
+    out = tmp_path / "audit"
+    common = ["--batch-size", "16", "--logit-scale", "10", "--quiet"]
+    assert (
+        main(
+            [
+                "score",
+                str(folder),
+                "--val",
+                str(tmp_path / "val"),
+                "-o",
+                str(out),
+                "--threshold",
+                "20",
+                *common,
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "scored: ok=179 failed=1" in text and "flagged 20" in text
+    table, info = ecif.audit.read_audit(out)
+    assert table["is_misaligned"].sum() == 20 and info["model"] is None
+    assert main(["verify", str(out), "--val", str(tmp_path / "val"), "-k", "6", "--quiet"]) == 0
+    assert "Spearman(predicted, actual)" in capsys.readouterr().out
+    keep = tmp_path / "keep.csv"
+    assert (
+        main(
+            [
+                "clean",
+                str(out),
+                "--val",
+                str(tmp_path / "val"),
+                "--keep-output",
+                str(keep),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "drop ecif" in text and "drop random" in text and "one-step" in text
+    assert len(pd.read_csv(keep)) == 179 - 20
+
+
+def test_cli_help_for_every_verb(capsys):
+    from ecif.cli import VERB_MODULES, main
+
+    for verb in VERB_MODULES:
+        with pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0
+        assert "usage: ecif" in capsys.readouterr().out
