@@ -9,6 +9,8 @@ from ecif.api import (
     self_influence,
     solver,
 )
+from ecif.audit import AuditArgs, Auditor
+from ecif.audit.shards import score_shards
 from ecif.data import EmbeddingSet
 from ecif.data.embed import embed
 from ecif.engine.head import Head
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 from ecif import datasets  # noqa: E402,F401  (ecif.datasets.shapes(...) after import ecif)
 
 __all__ = [
+    "AuditArgs",
+    "Auditor",
     "EmbeddingSet",
     "Head",
     "__version__",
@@ -28,6 +32,7 @@ __all__ = [
     "loss_gradient",
     "relative_influence",
     "score",
+    "score_shards",
     "self_influence",
     "solver",
 ]
