@@ -123,6 +123,10 @@ def score_part(
 ) -> dict[str, int]:
     """Score one shard with a broadcast head and w; write its output atomically. Pure of globals."""
     head = Head.from_state_dict(head_state)
+    if os.environ.get("ECIF_SCORE_TEST_SLEEP"):  # tests: hold a task so a worker can be killed
+        import time
+
+        time.sleep(float(os.environ["ECIF_SCORE_TEST_SLEEP"]))
     img, txt, pmeta = read_part(Path(folder), part.index)
     keep = ok_rows(pmeta)
     local = _local_partition(head, global_rows)

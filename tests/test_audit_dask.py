@@ -1,0 +1,64 @@
+"""Dask scoring on a LocalCluster bound to 127.0.0.1: same outputs as local, survives a kill."""
+
+import os
+import signal
+import threading
+import time
+
+import pandas as pd
+from dask.distributed import Client, LocalCluster
+
+from ecif.audit import AuditArgs
+from ecif.audit.shards import score_shards
+from tests.test_audit_shards import _folder
+
+
+def _read(folder):
+    files = sorted((folder / "scores").glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
+    folder, val = _folder(tmp_path, parts=4, rows=40)
+    args = AuditArgs(batch_size=16, logit_scale=10.0, threshold=0.1)
+    score_shards(folder, tmp_path / "local", val, args=args, log=lambda s: None)
+    local = _read(tmp_path / "local")
+
+    monkeypatch.setenv("ECIF_SCORE_TEST_SLEEP", "3")
+    cluster = LocalCluster(
+        host="127.0.0.1", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    killed = []
+    try:
+        with Client(cluster) as client:
+            pids = client.run(os.getpid)
+
+            def kill_one_busy_worker():
+                deadline = time.time() + 60
+                while time.time() < deadline and not killed:
+                    busy = [w for w, tasks in client.processing().items() if tasks]
+                    if busy:
+                        os.kill(pids[busy[0]], signal.SIGKILL)
+                        killed.append(busy[0])
+                    time.sleep(0.2)
+
+            killer = threading.Thread(target=kill_one_busy_worker)
+            killer.start()
+            summary = score_shards(
+                folder,
+                tmp_path / "dask",
+                val,
+                args=args,
+                distributor="dask",
+                scheduler=cluster.scheduler_address,
+                log=lambda s: None,
+            )
+            killer.join()
+    finally:
+        cluster.close()
+    assert killed, "no worker was busy to kill"
+    assert summary["ok"].sum() == 159 and summary["failed"].sum() == 1
+    dask = _read(tmp_path / "dask")
+    assert list(dask["key"]) == list(local["key"])  # every row exactly once, in order
+    pd.testing.assert_frame_equal(dask, local)
+    assert not list((tmp_path / "dask" / "scores").glob(".*tmp"))
