@@ -28,3 +28,12 @@ def tiny_clip_dir(tmp_path_factory):
         threads=1,
     )
     return out
+
+
+# --- app and notebooks (issue 5) ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def small_audit(tmp_path_factory, tiny_clip_dir):
+    """A small real audit folder (240 shapes pairs in 3 shards, val set, head, w.npy)."""
+    from tests.app_audit import make_small_audit
+
+    return make_small_audit(tmp_path_factory.mktemp("audit") / "audit", tiny_clip_dir)

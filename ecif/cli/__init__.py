@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-VERB_MODULES: list[str] = ["embed", "score", "index", "trace", "clean", "verify", "demo"]
+VERB_MODULES: list[str] = ["embed", "score", "index", "trace", "clean", "verify", "demo", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,131 @@
+"""Pair detail and trace-back helpers for the app: neighbours, negative-term breakdown, queries.
+
+Everything takes already-loaded objects (training set, heads, w, TraceBack) so the pages can
+keep those behind ``st.cache_resource`` and pay for them once per audit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ecif.audit.folder import AuditFolderError, read_heads
+from ecif.data.embedding_set import EmbeddingSet
+from ecif.engine.head import Head
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def neighbours(
+    train: EmbeddingSet, row: int, k: int = 8, indexes: dict | None = None
+) -> pd.DataFrame:
+    """The k training pairs nearest to pair ``row``, by image and by caption (cosine).
+
+    Uses the audit's FAISS indexes when given, else a brute-force product in chunks.
+    """
+    out = []
+    for side, emb in (("image", train.image), ("caption", train.text)):
+        q = _unit(emb[row])
+        if indexes and ("image" if side == "image" else "text") in indexes:
+            sims, rows = indexes["image" if side == "image" else "text"].search(q[None], k + 1)
+            sims, rows = sims[0], rows[0]
+        else:
+            sims = np.concatenate(
+                [_unit(emb[s : s + 65536]) @ q for s in range(0, len(emb), 65536)]
+            )
+            rows = np.argsort(-sims, kind="stable")[: k + 1]
+            sims = sims[rows]
+        keep = (rows != row) & (rows >= 0)
+        rows, sims = rows[keep][:k], sims[keep][:k]
+        out.append(pd.DataFrame({"by": side, "row": rows, "id": train.ids[rows], "cosine": sims}))
+    return pd.concat(out, ignore_index=True)
+
+
+def full_head(heads: list[Head], n: int, row: int) -> Head | None:
+    """The head whose partition covers all n training pairs and holds ``row`` in a batch."""
+    for h in heads:
+        if h.partition.n == n and h.partition.batch_of()[row] >= 0:
+            return h
+    return None
+
+
+def negative_members(
+    folder: str | os.PathLike, train: EmbeddingSet, heads: list[Head], row: int, k: int = 10
+) -> pd.DataFrame:
+    """The batch members pair ``row`` affected most through the negative term (largest |share|).
+
+    Needs AUDIT/w.npy (H^-1 g_val, written when a validation set was used).
+    """
+    from ecif.engine.influence import negative_breakdown
+
+    w_path = Path(folder) / "w.npy"
+    if not w_path.exists():
+        raise AuditFolderError(
+            "no w.npy in the audit folder: the audit ran without a validation set, so the "
+            "negative term has no direction to split"
+        )
+    head = full_head(heads, len(train), row)
+    if head is None:
+        raise AuditFolderError("no saved head covers this pair's batch (cross-fitted audit?)")
+    w = torch.as_tensor(np.load(w_path))
+    df = negative_breakdown(head, train.image, train.text, w, row)
+    df["id"] = train.ids[df["row"].to_numpy()]
+    order = np.argsort(-np.abs(df["share"].to_numpy()), kind="stable")
+    return df.iloc[order[:k]].reset_index(drop=True)
+
+
+def load_heads(folder: str | os.PathLike) -> list[Head]:
+    """The audit's heads (empty list when head.pt is missing)."""
+    try:
+        return read_heads(folder)
+    except AuditFolderError:
+        return []
+
+
+def test_folders(info: dict[str, Any]) -> list[str]:
+    """Embedding folders next to the training embeddings (e.g. the demo's embeddings/val)."""
+    emb = info.get("embeddings")
+    if not emb:
+        return []
+    train = Path(emb)
+    found = []
+    for p in sorted(train.parent.iterdir()) if train.parent.is_dir() else []:
+        if p.is_dir() and p.resolve() != train.resolve() and (p / "metadata").is_dir():
+            found.append(str(p))
+    return found
+
+
+def run_trace(
+    tb: Any,
+    kind: str,
+    *,
+    test: EmbeddingSet | None = None,
+    query_id: Any = None,
+    image_path: str | os.PathLike | None = None,
+    caption: str | None = None,
+    k: int = 10,
+    candidates: int = 1000,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One trace-back query through ``ecif.audit.trace.TraceBack``: kind is "pair", "image" or
+    "caption". Returns (table with a ``list`` column "responsible"/"helped", info)."""
+    if kind == "pair":
+        if test is None:
+            raise ValueError("choose a validation/test embedding folder")
+        q = tb.query_from_set(test, query_id)
+    elif kind == "image":
+        if not caption or not caption.strip():
+            raise ValueError("type the caption this image should match")
+        q = tb.query_from_image(image_path, caption=caption.strip())
+    else:
+        if not caption or not caption.strip():
+            raise ValueError("type a caption")
+        q = tb.query_from_caption(caption.strip())
+    return tb.trace(q, k=k, candidates=candidates or None)

@@ -1,0 +1,102 @@
+"""Trace-back: which training pairs pushed the model towards a query's answer, which helped."""
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from ecif.app import detail, state, support
+
+table, info = state.audit()
+folder = state.folder()
+
+st.title("Trace-back")
+st.caption(
+    "A query becomes a test loss; candidate training pairs (nearest neighbours) are ranked by "
+    "relative influence on it. **Responsible**: removing the pair would lower the query's "
+    "loss, it pushed the model towards the wrong answer. **Helped**: removing it would raise "
+    "the loss."
+)
+kind = st.radio(
+    "Query",
+    ["A validation/test pair", "An uploaded image", "A typed caption"],
+    horizontal=True,
+    key="trace_kind",
+)
+c = st.columns(2)
+k = c[0].slider("Pairs per list", 1, 50, 10, key="trace_k")
+candidates = c[1].number_input(
+    "Candidates ranked (0 = every training pair)", 0, 1_000_000, 1000, step=100
+)
+
+query: dict = {}
+if kind.startswith("A validation"):
+    found = detail.test_folders(info)
+    test_path = st.text_input(
+        "Validation/test embedding folder", value=found[0] if found else "", key="trace_test"
+    )
+    if test_path:
+        try:
+            test = state.test_set(test_path)
+        except Exception as e:
+            st.error(f"Cannot load {test_path}: {e}")
+            st.stop()
+        ids = list(test.ids)
+        if len(ids) <= 5000:
+            qid = st.selectbox("Pair", ids, key="trace_qid")
+        else:
+            typed = st.text_input("Pair id", value=str(ids[0]), key="trace_qid_text")
+            qid = next((i for i in ids if str(i) == typed), None)
+        if "caption" in (test.metadata if test.metadata is not None else {}):
+            st.markdown(f"**Its caption:** {test.metadata['caption'].iloc[ids.index(qid)]}")
+        query = dict(kind="pair", test=test, query_id=qid)
+elif kind.startswith("An uploaded"):
+    up = st.file_uploader("Image", type=["png", "jpg", "jpeg", "webp"], key="trace_upload")
+    cap = st.text_input("The caption this image should match", key="trace_image_caption")
+    if up is not None:
+        st.image(up.getvalue(), width=160)
+        tmp = Path(tempfile.mkdtemp(prefix="ecif-app-")) / Path(up.name).name
+        tmp.write_bytes(up.getvalue())
+        query = dict(kind="image", image_path=tmp, caption=cap)
+else:
+    cap = st.text_input("Caption", key="trace_caption")
+    query = dict(kind="caption", caption=cap)
+
+if st.button("Trace", type="primary", disabled=not query, key="trace_go"):
+    try:
+        tb = state.traceback(folder, support.audit_stamp(folder))
+        with st.spinner("Ranking candidate training pairs…"):
+            result, qinfo = detail.run_trace(tb, k=k, candidates=int(candidates), **query)
+    except Exception as e:  # bad query, missing model/embeddings: say why in the page
+        st.error(f"Trace-back failed: {e}")
+        st.stop()
+    st.session_state["trace_result"] = (result, qinfo)
+
+if "trace_result" in st.session_state:
+    result, qinfo = st.session_state["trace_result"]
+    verdict = "correct" if qinfo["correct"] else "wrong"
+    st.markdown(
+        f"**Query:** {qinfo['query']}  \n**Prediction:** {qinfo['predicted']!r} ({verdict}), "
+        f"p(correct) = {qinfo['p_correct']:.3f}, loss = {qinfo['loss']:.4g}; "
+        f"{qinfo['candidates']:,} candidates ranked"
+    )
+    for name, title in (
+        ("responsible", "Responsible: removing these would lower the query's loss"),
+        ("helped", "Helped: removing these would raise the query's loss"),
+    ):
+        st.subheader(title)
+        part = result[result["list"] == name]
+        if part.empty:
+            st.caption("none")
+        thumbs, problems = state.thumbnails(info, part["id"].tolist(), size=96)
+        for p in problems:
+            st.warning(f"Images: {p}")
+        cols = ["image", "rank", "id", "relative_influence", "influence", "caption"]
+        cols += [c for c in ("image_similarity", "text_similarity") if c in part]
+        st.dataframe(
+            part.assign(image=[support.data_uri(t) for t in thumbs])[cols],
+            hide_index=True,
+            row_height=52,
+            key=f"trace_{name}",
+            column_config={"image": st.column_config.ImageColumn("image", width="small")},
+        )
