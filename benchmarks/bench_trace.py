@@ -39,15 +39,15 @@ def _unit(a):
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
 
 
-def synthetic_sets(n, d, classes, noise, seed):
+def synthetic_sets(n, d, classes, noise, seed, spread=1.0):
     g = np.random.default_rng(seed)
     a = _unit(g.standard_normal((classes, d)))
     b = a @ np.linalg.qr(g.standard_normal((d, d)))[0]
 
     def make(m, shuffle):
         c = g.integers(0, classes, m)
-        x = _unit(a[c] + 0.6 * g.standard_normal((m, d)) / np.sqrt(d))
-        y = _unit(b[c] + 0.6 * g.standard_normal((m, d)) / np.sqrt(d))
+        x = _unit(a[c] + spread * g.standard_normal((m, d)) / np.sqrt(d))
+        y = _unit(b[c] + spread * g.standard_normal((m, d)) / np.sqrt(d))
         cap = np.array([f"class {k}" for k in c], dtype=object)
         bad = g.choice(m, int(shuffle * m), replace=False)
         y[bad], cap[bad] = y[np.roll(bad, 1)], cap[np.roll(bad, 1)]
@@ -62,7 +62,7 @@ def recall(args) -> None:
     if args.data == "shapes":
         train, val = ecif.datasets.shapes_sets(n=args.n, noise=0.2, n_val=500, seed=args.seed)
     else:
-        train, val = synthetic_sets(args.n, args.d, 50, 0.1, args.seed)
+        train, val = synthetic_sets(args.n, args.d, args.classes, 0.2, args.seed, args.spread)
     t0 = time.perf_counter()
     head = ecif.fit(train, batch_size=args.batch_size, seed=args.seed)
     print(f"{args.data}: {train}, fit {time.perf_counter() - t0:.1f} s, P = {head.num_params}")
@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="training pairs")
     ap.add_argument("--d", type=int, default=None, help="embedding width (synthetic)")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--classes", type=int, default=200, help="synthetic: caption classes")
+    ap.add_argument("--spread", type=float, default=1.0, help="synthetic: noise around a class")
     ap.add_argument("--queries", type=int, default=None)
     ap.add_argument("--counts", type=int, nargs="+", default=None)
     ap.add_argument("--batch-size", type=int, default=256)

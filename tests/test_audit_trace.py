@@ -218,6 +218,9 @@ def test_cli_index_and_trace_round_trip(tmp_path, capsys):
     resp = set(df[df["list"] == "responsible"]["id"])
     assert len(plant & resp) >= 5, df
 
+    assert main(argv + ["--candidates", "0", "--wrong-answer", "--quiet"]) == 0
+    assert "over 166 candidate pairs" in capsys.readouterr().out  # 0 = exhaustive
+
     classes = tmp_path / "classes.txt"
     classes.write_text("class 0\nclass 1\nclass 2\nclass 3\n")
     # no model in this folder's manifest: class prompts cannot be embedded -> clear error

@@ -7,8 +7,8 @@ A query becomes a test loss over candidate answers, L = -log sum_{c positive} so
 - a caption alone: text -> image retrieval of the caption against its nearest training
   images; the positives are those whose training caption is the same text (or embeds
   within cosine 0.98), so the loss asks "why does this caption not retrieve its images".
-Candidate training pairs come from FAISS (image-side neighbours of the query image,
-text-side neighbours of its caption and of the wrong top answer, interleaved); each is
+Candidate training pairs come from FAISS (image-side neighbours of the query image and
+text-side neighbours of its caption, interleaved; optionally of the wrong answer); each is
 ranked by relative influence g^T d_n / ||d_n||. Negative = removing the pair would lower the
 test loss = it pushed the model towards the mistake ("responsible"); positive = "helped".
 """
@@ -354,15 +354,22 @@ class TraceBack:
         )
 
     def trace(
-        self, q: TraceQuery, *, k: int = 10, candidates: int | None = 1000
+        self,
+        q: TraceQuery,
+        *,
+        k: int = 10,
+        candidates: int | None = 1000,
+        wrong_answer: bool = False,
     ) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The k pairs most responsible for the query's loss and the k that helped most.
 
         ``candidates=None`` ranks every training pair (exhaustive; slow on large sets).
+        ``wrong_answer``: also search near the wrong answer's text; off by default, as it split
+        the budget without raising recall in bench_trace.py (benchmarks/README.md).
         """
         info, _ = query_loss_and_gradient(self.head, q)
         wrong = None
-        if not info["correct"]:
+        if wrong_answer and not info["correct"]:
             wrong = q.candidates[info["predicted_index"]]
         rows = None if candidates is None else self.candidates(q, candidates, wrong)
         ranked = self.rank(q, rows)

@@ -46,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--competitors", type=int, default=50, help="nearest answers a file/caption competes with"
     )
+    p.add_argument(
+        "--wrong-answer",
+        action="store_true",
+        help="also take candidates near the wrong answer's text (splits the budget three ways)",
+    )
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (IVF indexes)")
     p.add_argument(
         "--method",
@@ -130,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
         if tb.indexes is None:
             print("note: no index in the audit folder; building one in memory", file=sys.stderr)
         q = build_query(tb, args)
-        table, info = tb.trace(q, k=args.k, candidates=args.candidates or None)
+        table, info = tb.trace(
+            q, k=args.k, candidates=args.candidates or None, wrong_answer=args.wrong_answer
+        )
     except (AuditFolderError, FolderError, FaissIndexError, ModelLoadError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
