@@ -79,12 +79,11 @@ def run_demo(
         out / "embeddings" / "train", out, val_set, args=audit_args, progress=progress, log=log
     )
     log("[4/4] trace-back index")
-    try:
-        from ecif.audit.trace import build_audit_index  # noqa: PLC0415  (built by the trace module)
+    from ecif.audit.shards import load_training_set
+    from ecif.data.index import build_indexes
 
-        build_audit_index(out)
-    except ImportError:
-        log("      (trace-back index not available in this version)")
+    train_set = load_training_set(out / "embeddings" / "train")
+    build_indexes(train_set.image, train_set.text, out / "index", progress=progress)
     table, info = read_audit(out)
     truth = train.frame.set_index("key")["is_corrupted"]
     labels = truth.loc[table["id"]].to_numpy()
