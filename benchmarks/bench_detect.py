@@ -24,11 +24,10 @@ import torch
 
 import ecif
 from ecif.audit import AuditArgs, Auditor
+from ecif.audit.auditor import pair_losses_of
 from ecif.audit.clean import compare_cleaning
 from ecif.audit.demo import auroc, average_precision
 from ecif.data.tiny_clip import tiny_clip
-from ecif.engine.batches import iter_chunks
-from ecif.engine.contrastive import batch_stats, pair_losses
 from ecif.engine.influence import loss_gradient, score_pass
 
 
@@ -36,16 +35,6 @@ def embed_shapes(data, folder: Path, model: str) -> ecif.EmbeddingSet:
     data.to_parquet(folder / "shards", shard_size=1000)
     ecif.embed(folder / "shards", folder / "emb", model=model)
     return ecif.EmbeddingSet.load(folder / "emb")
-
-
-def head_losses(head, train) -> np.ndarray:
-    out = np.zeros(len(train))
-    for ch in iter_chunks(train.image, train.text, head.partition, dtype=head.dtype):
-        s = head.logit_scale * (ch.x @ head.m) @ ch.y.transpose(-1, -2)
-        loss = pair_losses(batch_stats(s, ch.mask)).numpy()
-        m = ch.mask.numpy()
-        out[ch.rows[m]] = loss[m]
-    return out
 
 
 def rank_metrics(labels: np.ndarray, score: np.ndarray) -> dict:
@@ -76,7 +65,7 @@ def one_run(
         "ecif (first-order Neg)": first["misalign_score"].to_numpy(),
         "ecif positive part only": -table["influence_pos"].to_numpy(),
         "clip_score (low = suspect)": -table["clip_score"].to_numpy(),
-        "per-pair loss": head_losses(head, train),
+        "per-pair loss": pair_losses_of(head, train),
         "TracIn-style (identity H)": -(d_pos + d_neg),
         "random": rng.random(len(train)),
     }

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ecif.engine.batches import iter_chunks
-from ecif.engine.head import FitArgs, Head, as_arrays, fit_head, new_head
+from ecif.engine.fit import FitArgs, fit_head, new_head
+from ecif.engine.head import Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
 from ecif.engine.influence import loss_gradient as _loss_gradient
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs

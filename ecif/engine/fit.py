@@ -1,0 +1,179 @@
+"""Fitting the head: damped Newton for small heads, L-BFGS for large ones, to a tolerance.
+
+The objective is strongly convex in M, so both reach the unique optimum; a Newton-CG polish
+gives the float64 precision that leave-one-out checks need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ecif.engine.batches import make_partition
+from ecif.engine.head import DTYPES, Head, HeadObjective
+from ecif.grad.solvers import conjugate_gradient
+
+
+@dataclass
+class FitArgs:
+    """How to fit the head. Defaults suit unit-norm CLIP embeddings."""
+
+    batch_size: int = 256
+    seed: int = 0
+    lam: float = 1e-3
+    logit_scale: float = 100.0
+    learn_scale: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_iter: int = 500
+    tol: float | None = None  # gradient max-abs tolerance; default by dtype
+    history_size: int = 20
+    newton_steps: int = 0  # exact Newton-CG polish after L-BFGS (for tight retraining checks)
+    solver: str = "auto"  # "newton" (dense Hessian, damped), "lbfgs"; auto: newton if P <= 4096
+
+
+def new_head(
+    x, y, args: FitArgs, m0: torch.Tensor | None = None, groups: np.ndarray | None = None
+) -> Head:
+    """The starting point theta_0: identity adapter (rectangular identity if widths differ)."""
+    dtype = DTYPES[args.dtype]
+    di, dt = int(x.shape[1]), int(y.shape[1])
+    if m0 is None:
+        m0 = torch.eye(di, dt, dtype=dtype, device=args.device)
+    if args.logit_scale <= 0:
+        raise ValueError("logit_scale must be positive")
+    tau0 = math.log(args.logit_scale)
+    part = make_partition(len(x), args.batch_size, args.seed, groups=groups)
+    return Head(
+        m=m0.clone(),
+        m0=m0.clone(),
+        log_scale=tau0,
+        log_scale0=tau0,
+        learn_scale=args.learn_scale,
+        lam=args.lam,
+        partition=part,
+        n_norm=len(x),
+    )
+
+
+def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
+    """Fit to a gradient tolerance: damped Newton (dense Hessian) for small heads, full-batch
+    L-BFGS (strong Wolfe) for large ones; warm start from ``init``."""
+    if head.lam <= 0:
+        raise ValueError("lam must be > 0: the L2 pull makes the Hessian invertible")
+    obj = HeadObjective(head, x, y)
+    start = (
+        head.theta() if init is None else init.theta().to(dtype=head.dtype, device=head.m.device)
+    )
+    if start.numel() != head.num_params:
+        raise ValueError("init head has a different shape or learn_scale setting")
+    tol = args.tol if args.tol is not None else (1e-9 if head.dtype == torch.float64 else 1e-5)
+    solver = args.solver
+    if solver == "auto":
+        solver = "newton" if head.num_params <= 4096 else "lbfgs"
+    if solver not in ("newton", "lbfgs"):
+        raise ValueError(f"solver must be auto, newton or lbfgs; got {args.solver!r}")
+    run = _newton if solver == "newton" else _lbfgs
+    theta, value, grad, iterations, evaluations = run(obj, start, args, tol)
+    gmax = float(grad.abs().max())
+    for _ in range(args.newton_steps):
+        if gmax <= tol * 1e-3:
+            break
+        at = theta.detach()
+        step = conjugate_gradient(
+            lambda v, at=at: obj.hvp(at, v), grad, tol=1e-9, max_iter=2 * head.num_params + 10
+        ).x
+        theta = theta - step
+        value, grad = obj.value_and_grad(theta.detach())
+        gmax = float(grad.abs().max())
+    info = {
+        "objective": value,
+        "grad_max": gmax,
+        "grad_norm": float(grad.norm()),
+        "solver": solver,
+        "iterations": iterations,
+        "evaluations": evaluations,
+        "converged": gmax <= tol * 10,
+        "tol": tol,
+    }
+    return head.with_theta(theta.detach(), info=info)
+
+
+def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
+    theta = torch.nn.Parameter(start.clone())
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=args.max_iter,
+        max_eval=int(args.max_iter * 1.5),
+        tolerance_grad=tol,
+        tolerance_change=0.0,
+        history_size=args.history_size,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        value, grad = obj.value_and_grad(theta.detach())
+        theta.grad = grad
+        return torch.tensor(value, dtype=theta.dtype)
+
+    iterations = evaluations = 0
+    for _restart in range(5):  # L-BFGS can stop on a zero step before the tolerance; restart
+        opt.step(closure)
+        state = opt.state[opt._params[0]]
+        iterations += int(state.get("n_iter", 0))
+        evaluations += int(state.get("func_evals", 0))
+        value, grad = obj.value_and_grad(theta.detach())
+        if float(grad.abs().max()) <= tol or iterations >= args.max_iter:
+            break
+        opt = torch.optim.LBFGS([theta], **opt.defaults)
+    return theta.detach(), value, grad, iterations, evaluations
+
+
+def _newton(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
+    """Damped Newton with the dense Hessian and Armijo backtracking: a handful of steps.
+
+    Stops at the gradient tolerance or when the Newton decrement g^T H^-1 g falls to the
+    precision of the objective (float32 cannot resolve smaller decreases).
+    """
+    theta = start.clone()
+    value, grad = obj.value_and_grad(theta)
+    eps = float(torch.finfo(theta.dtype).eps)
+    iterations, evaluations = 0, 1
+    while iterations < min(args.max_iter, 100) and float(grad.abs().max()) > tol:
+        step = torch.cholesky_solve(grad[:, None], _damped_cholesky(obj.dense_hessian(theta)))[:, 0]
+        decrement = float(grad @ step)
+        if 0.5 * decrement <= 10 * eps * max(1.0, abs(value)):
+            break  # at the precision floor
+        a, accepted = 1.0, False
+        for _ in range(30):
+            cand = theta - a * step
+            v_new, g_new = obj.value_and_grad(cand)
+            evaluations += 1
+            if v_new <= value - 1e-4 * a * decrement:
+                accepted = True
+                break
+            a *= 0.5
+        iterations += 1
+        if not accepted:
+            break
+        theta, value, grad = cand, v_new, g_new
+    return theta, value, grad, iterations, evaluations
+
+
+def _damped_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of H, or of H + mu I when H is indefinite (learned scale, far from the
+    optimum: the objective is convex in M but not jointly in (M, log t))."""
+    mu = 0.0
+    scale = float(h.diagonal().abs().max())
+    for _ in range(30):
+        factor, info = torch.linalg.cholesky_ex(
+            h + mu * torch.eye(len(h), dtype=h.dtype, device=h.device)
+        )
+        if int(info) == 0:
+            return factor
+        mu = max(mu * 10.0, 1e-6 * scale)
+    raise RuntimeError("Hessian could not be made positive definite")
