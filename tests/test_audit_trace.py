@@ -252,3 +252,41 @@ def test_relative_influence_with_learned_scale_and_a_short_batch(method):
     h = ref.hessian() if method == "exact" else None
     d = torch.linalg.solve(h, grads.T).T if h is not None else inv.solve(grads)
     assert np.allclose(got["relative_influence"], (d @ g / d.norm(dim=1)).numpy(), rtol=1e-7)
+
+
+def test_image_file_classes_and_caption_queries_with_the_tiny_model(small_audit, tmp_path, capsys):
+    """The model path: files and free text embedded as `ecif embed` did, then traced by CLI."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from ecif.cli import main
+
+    audit = tmp_path / "audit"
+    shutil.copytree(small_audit, audit)  # the session's folder stays as the app tests expect
+    shard = sorted((small_audit / "data" / "val").glob("*.parquet"))[0]
+    rows = pd.read_parquet(shard).head(3)
+    image = tmp_path / "query.png"
+    Image.open(io.BytesIO(rows["jpg"].iloc[0])).save(image)
+    caption = rows["caption"].iloc[0]
+
+    tb = TraceBack.from_audit(audit)
+    val = ecif.EmbeddingSet.load(small_audit / "embeddings" / "val")
+    pos = val.positions([rows["key"].iloc[0]])[0]
+    assert float(tb.embed_texts([caption])[0] @ _unit(val.text[pos].astype(float))) > 0.99
+    assert float(tb.embed_image(image) @ _unit(val.image[pos].astype(float))) > 0.95
+
+    assert main(["index", str(audit), "--quiet"]) == 0
+    capsys.readouterr()
+    common = ["-k", "3", "--candidates", "50", "--quiet"]
+    assert main(["trace", str(audit), "--image", str(image), "--caption", caption] + common) == 0
+    assert "RESPONSIBLE" in capsys.readouterr().out
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(rows["caption"]) + "\n")
+    argv = ["trace", str(audit), "--image", str(image), "--classes", str(classes)]
+    assert main(argv + ["--label", caption] + common) == 0
+    assert "3 class prompts" in capsys.readouterr().out
+    train_caption = str(tb.train.metadata["caption"].iloc[0])
+    assert main(["trace", str(audit), "--caption", train_caption] + common) == 0
+    assert "nearest training images" in capsys.readouterr().out
