@@ -2,6 +2,7 @@
 shows its thumbnails. Needs Debian's chromium at /usr/bin/chromium (installed by .ci/run)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,20 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60) -> None
     raise TimeoutError("ecif app did not answer on /_stcore/health")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """End the server and anything it started (it runs in its own session)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
 def test_suspects_page_renders_thumbnails_in_chromium(small_audit, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -74,10 +89,6 @@ def test_suspects_page_renders_thumbnails_in_chromium(small_audit, tmp_path):
             assert shot.stat().st_size > 10_000
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
     print(f"screenshot: {Path(shot)}")

@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     folder = folder.resolve()
     print(f"ecif app on {folder}: http://127.0.0.1:{args.port}", flush=True)
     env = dict(os.environ, **{AUDIT_ENV: str(folder)})
-    proc = subprocess.Popen(streamlit_command(folder, args.port), env=env)
+    cmd = streamlit_command(folder, args.port)
+    if os.name == "posix":  # become the server: a signal to `ecif app` reaches Streamlit itself
+        os.execve(cmd[0], cmd, env)
+    proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -13,7 +13,8 @@ table, info = state.audit()
 def histogram(values: np.ndarray, bins: int = 50) -> pd.DataFrame:
     v = values[np.isfinite(values)]
     counts, edges = np.histogram(v, bins=bins) if len(v) else (np.zeros(0), np.zeros(1))
-    return pd.DataFrame({"misalign_score": (edges[:-1] + edges[1:]) / 2, "pairs": counts})
+    centers = np.round((edges[:-1] + edges[1:]) / 2, 3)  # short axis labels
+    return pd.DataFrame({"misalign_score": centers, "pairs": counts})
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -28,10 +29,13 @@ ok = table[table["status"].astype(str) == "ok"]
 c = st.columns(4)
 c[0].metric("Pairs", f"{len(table):,}", help=f"{len(ok):,} scored, {len(table) - len(ok):,} failed")
 c[1].metric("Flagged", f"{int(table['is_misaligned'].sum()):,}")
-c[2].metric("Model", str(info.get("model", "?")).split("/")[-1])
+rate = table["is_misaligned"].mean()
+c[2].metric("Flag rate", f"{rate:.1%}")
 c[3].metric("Method", str(info.get("method", "?")))
 st.markdown(
-    f"**Validation:** {info.get('validation', 'none')}  \n**Threshold:** {info.get('threshold', '?')}"
+    f"**Model:** `{info.get('model', '?')}`  \n"
+    f"**Validation:** {info.get('validation', 'none')}  \n"
+    f"**Threshold:** {info.get('threshold', '?')}"
 )
 if ok.empty:
     st.warning("No pair was scored successfully; see the Suspects page with status 'failed'.")

@@ -40,7 +40,7 @@ with right:
         c, ("influence", "influence_pos", "influence_neg", "clip_score"), strict=True
     ):
         if name in pair:
-            col.metric(name, f"{pair[name]:.4g}")
+            col.metric(name, f"{pair[name]:.3g}")
     st.caption(
         "influence = predicted change of the validation loss if this pair is removed "
         "(negative: removing it helps, i.e. harmful). influence_pos comes from the pair's own "
@@ -80,6 +80,7 @@ def show_rows(df, what: str) -> None:
         df[["image"] + [c for c in df if c not in ("image", "row")]],
         hide_index=True,
         row_height=52,
+        height=(len(df) + 1) * 52 + 4,
         column_config={"image": st.column_config.ImageColumn("image", width="small")},
         key=f"table_{what}",
     )

@@ -97,6 +97,7 @@ if "trace_result" in st.session_state:
             part.assign(image=[support.data_uri(t) for t in thumbs])[cols],
             hide_index=True,
             row_height=52,
+            height=(len(part) + 1) * 52 + 4,
             key=f"trace_{name}",
             column_config={"image": st.column_config.ImageColumn("image", width="small")},
         )

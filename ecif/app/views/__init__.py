@@ -1,0 +1,1 @@
+"""Page scripts of the app (run by Streamlit, not imported)."""
