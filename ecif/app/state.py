@@ -82,7 +82,9 @@ def thumbnails(
     out: list[bytes | None] = [None] * len(ids)
     problems: list[str] = []
     if src.empty:
-        return out, [f"no image sources: training embeddings {info.get('embeddings')!r} not found"]
+        emb = info.get("embeddings")
+        why = f"{emb} not found" if emb else "audit.json records no training embeddings"
+        return out, [f"no image sources: {why}"]
     by_shard: dict[str, list[int]] = {}
     for j, i in enumerate(ids):
         if i in src.index and src[i]:

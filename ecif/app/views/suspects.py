@@ -66,7 +66,7 @@ event = st.dataframe(
     column_config={
         "image": st.column_config.ImageColumn("image", width="small"),
         "id": st.column_config.TextColumn(id_name),
-        "caption": st.column_config.TextColumn("caption", width="large"),
+        "caption": st.column_config.TextColumn("caption", width="medium"),
     },
 )
 picked = [ids[i] for i in (event.selection.rows if event else []) if i < len(ids)]
