@@ -259,3 +259,32 @@ def test_cli_app_command_and_bad_folder(tmp_path, capsys):
     assert cmd[-2:] == ["--", str(tmp_path)]
     assert main(["app", str(tmp_path)]) == 2
     assert "not an audit folder" in capsys.readouterr().err
+
+
+def test_cli_app_without_folder_builds_and_opens_the_demo(monkeypatch, tmp_path, small_audit):
+    import os
+
+    import ecif.audit.demo as demo
+    from ecif.cli import main
+
+    class Execed(Exception):
+        pass
+
+    def fake_execve(exe, cmd, env):
+        ran.append((cmd, env))
+        raise Execed
+
+    def fake_demo(args):
+        built.append(args.output)
+        shutil.copytree(small_audit, args.output)
+
+    built, ran = [], []
+    monkeypatch.setattr(demo, "run_demo", fake_demo)
+    monkeypatch.setattr(os, "execve", fake_execve)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Execed):
+        main(["app", "--port", "8765"])
+    assert built == ["ecif-demo"] and (tmp_path / "ecif-demo" / "audit.json").exists()
+    cmd, env = ran[0]
+    assert cmd[-1] == str((tmp_path / "ecif-demo").resolve()) and "8765" in cmd
+    assert env[support.AUDIT_ENV] == cmd[-1]

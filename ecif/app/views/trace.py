@@ -1,5 +1,6 @@
 """Trace-back: which training pairs pushed the model towards a query's answer, which helped."""
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -55,8 +56,12 @@ elif kind.startswith("An uploaded"):
     cap = st.text_input("The caption this image should match", key="trace_image_caption")
     if up is not None:
         st.image(up.getvalue(), width=160)
-        tmp = Path(tempfile.mkdtemp(prefix="ecif-app-")) / Path(up.name).name
-        tmp.write_bytes(up.getvalue())
+        data = up.getvalue()  # one file per distinct upload, not one per rerun
+        tmp = Path(tempfile.gettempdir()) / "ecif-app-uploads"
+        tmp.mkdir(exist_ok=True)
+        tmp = tmp / f"{hashlib.sha1(data).hexdigest()[:16]}{Path(up.name).suffix}"
+        if not tmp.exists():
+            tmp.write_bytes(data)
         query = dict(kind="image", image_path=tmp, caption=cap)
 else:
     cap = st.text_input("Caption", key="trace_caption")
