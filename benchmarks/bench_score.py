@@ -57,8 +57,10 @@ def main() -> None:
 
     rss0 = peak_rss_mb()
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=g), dim=1)
-    y = torch.nn.functional.normalize(x + 0.8 * torch.randn(args.n, args.d, generator=g), dim=1)
+    x = torch.randn(args.n, args.d, generator=g)  # built in place: no N x d temporaries,
+    x /= x.norm(dim=1, keepdim=True)  # so peak memory reflects the solve and the scoring
+    y = torch.randn(args.n, args.d, generator=g).mul_(0.8).add_(x)
+    y /= y.norm(dim=1, keepdim=True)
     emb_mb = (x.numel() + y.numel()) * 4 / 2**20
     m0 = torch.eye(args.d)
     head = Head(
