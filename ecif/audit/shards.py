@@ -136,26 +136,16 @@ def score_part(
     d_pos, d_neg = score_pass(
         local_head, x, y, torch.from_numpy(np.asarray(w)).to(head.dtype), neg=neg
     )
-    n = len(pmeta)
-    out = pd.DataFrame({id_col: pmeta[id_col] if id_col in pmeta else np.arange(n)})
-    out["caption"] = pmeta["caption"] if "caption" in pmeta else None
-    cs = np.full(n, np.nan, dtype=np.float32)
-    cs[keep] = clip_scores(EmbeddingSet(x, y, check_finite=False))
-    out["clip_score"] = cs
-    for col, vals in (("influence_pos", d_pos), ("influence_neg", d_neg)):
-        full = np.full(n, np.nan)
-        full[keep] = vals / head.n_norm
-        out[col] = full.astype(np.float32)
-    out.insert(3, "influence", (out["influence_pos"] + out["influence_neg"]).astype(np.float32))
-    full = np.full(n, np.nan)
-    full[keep] = -(d_pos + d_neg)
-    out["misalign_score"] = full.astype(np.float32)
-    out["is_misaligned"] = False
-    out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
-    out["status"] = pmeta["status"].astype(str).to_numpy()
-    out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
+    scores = {
+        "clip_score": clip_scores(EmbeddingSet(x, y, check_finite=False)),
+        "influence": (d_pos + d_neg) / head.n_norm,
+        "influence_pos": d_pos / head.n_norm,
+        "influence_neg": d_neg / head.n_norm,
+        "misalign_score": -(d_pos + d_neg),
+    }
+    out = shard_frame(pmeta, keep, id_col, scores)
     write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
-    return {"ok": int(len(keep)), "failed": int(n - len(keep))}
+    return {"ok": int(len(keep)), "failed": int(len(pmeta) - len(keep))}
 
 
 def score_shards(
@@ -260,22 +250,30 @@ def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> 
         _, _, pmeta = read_part(Path(folder), p.index)
         keep = ok_rows(pmeta)
         sub = table.iloc[np.nonzero(part_col == p.index)[0]].reset_index(drop=True)
+        cols = ("clip_score", "influence", "influence_pos", "influence_neg", "misalign_score")
+        out = shard_frame(pmeta, keep, id_col, {c: sub[c].to_numpy() for c in cols})
         n = len(pmeta)
-        out = pd.DataFrame({id_col: pmeta[id_col] if id_col in pmeta else np.arange(n)})
-        out["caption"] = pmeta["caption"] if "caption" in pmeta else None
-        for col in ("clip_score", "influence", "influence_pos", "influence_neg", "misalign_score"):
-            full = np.full(n, np.nan, dtype=np.float32)
-            full[keep] = sub[col].to_numpy(dtype=np.float32)
-            out[col] = full
-        out["is_misaligned"] = False
-        out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
-        out["status"] = pmeta["status"].astype(str).to_numpy()
-        out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
         write_parquet_atomic(scores_dir / p.output_name, out, {**meta, "source": p.source})
         rows.append(
             {"shard": p.output_name, "ok": len(keep), "failed": n - len(keep), "skipped": 0}
         )
     return pd.DataFrame(rows)
+
+
+def shard_frame(pmeta: pd.DataFrame, keep: np.ndarray, id_col: str, scores: dict) -> pd.DataFrame:
+    """One output row per input row: scores for the ok rows, NaN and the status for the rest."""
+    n = len(pmeta)
+    out = pd.DataFrame({id_col: pmeta[id_col] if id_col in pmeta else np.arange(n)})
+    out["caption"] = pmeta["caption"] if "caption" in pmeta else None
+    for col, vals in scores.items():
+        full = np.full(n, np.nan, dtype=np.float32)
+        full[keep] = np.asarray(vals, dtype=np.float32)
+        out[col] = full
+    out["is_misaligned"] = False
+    out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
+    out["status"] = pmeta["status"].astype(str).to_numpy()
+    out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
+    return out
 
 
 def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
