@@ -77,9 +77,6 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
 def audit_args_from(args: argparse.Namespace):
     from ecif.audit import AuditArgs
 
-    threshold = args.threshold
-    if threshold != "auto":
-        threshold = float(threshold) if "." in threshold else int(threshold)
     return AuditArgs(
         batch_size=args.batch_size,
         seed=args.seed,
@@ -87,7 +84,7 @@ def audit_args_from(args: argparse.Namespace):
         logit_scale=args.logit_scale,
         neg=args.neg,
         method=args.solver,
-        threshold=threshold,
+        threshold=args.threshold,  # parsed by thresholds.flag_count
         no_val=args.no_val,
         device=resolve_device(args.device),
     )
