@@ -148,18 +148,15 @@ def score(
     bar = tqdm(total=head.partition.num_batches, desc="scoring", unit="batch", disable=not progress)
     d_pos, d_neg = score_pass(head, x, y, w, neg=neg, progress=bar.update)
     bar.close()
+    out_dtype = np.float64 if head.dtype == torch.float64 else np.float32  # keep the head's
     df = pd.DataFrame(
         {
             "id": _ids(train),
-            "influence": ((d_pos + d_neg) / head.n_norm).astype(np.float32),
-            "influence_pos": (d_pos / head.n_norm).astype(np.float32),
-            "influence_neg": (d_neg / head.n_norm).astype(np.float32),
+            "influence": ((d_pos + d_neg) / head.n_norm).astype(out_dtype),
+            "influence_pos": (d_pos / head.n_norm).astype(out_dtype),
+            "influence_neg": (d_neg / head.n_norm).astype(out_dtype),
         }
     )
-    if head.dtype == torch.float64:
-        df[["influence", "influence_pos", "influence_neg"]] = np.stack(
-            [(d_pos + d_neg) / head.n_norm, d_pos / head.n_norm, d_neg / head.n_norm], axis=1
-        )
     df.attrs.update(solver=dict(inv.info), neg=neg)
     return df
 
