@@ -93,7 +93,22 @@ def test_cleaning_beats_random_and_one_step_edit_tracks_refit():
     edit = one_step_edit(head, train, drop)
     true_step, pred_step = refit.theta() - head.theta(), edit.theta() - head.theta()
     assert float(torch.nn.functional.cosine_similarity(true_step, pred_step, dim=0)) > 0.9
-    assert 0.0 <= retrieval_accuracy(head, val) <= 1.0
+    m = head.m.numpy()
+    logits = np.asarray(val.image) @ m @ np.asarray(val.text).T  # independent: numpy argmax
+    expected = float((logits.argmax(1) == np.arange(len(val))).mean())
+    assert retrieval_accuracy(head, val) == pytest.approx(expected)
+
+
+def test_ranking_metrics_match_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(300) < 0.2
+    scores = labels * 0.8 + rng.random(300)
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), rel=1e-12)
+    assert average_precision(labels, scores) == pytest.approx(
+        average_precision_score(labels, scores), rel=1e-12
+    )
 
 
 def test_verify_reports_high_spearman_on_well_posed_data():

@@ -22,17 +22,6 @@ import torch
 
 from ecif.engine.head import Head
 
-SCORE_COLUMNS = (
-    "caption",
-    "clip_score",
-    "influence",
-    "influence_pos",
-    "influence_neg",
-    "misalign_score",
-    "is_misaligned",
-    "rank",
-)
-
 
 class AuditFolderError(ValueError):
     """The folder is not an audit folder, or is incomplete."""

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 import ecif.api as api
 from ecif.audit.auditor import AuditArgs, Auditor, clip_scores
-from ecif.audit.folder import read_parquet_meta, write_parquet_atomic
+from ecif.audit.folder import read_parquet_meta, write_audit_description, write_parquet_atomic
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
@@ -49,8 +50,6 @@ def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
     for k in layout.list_parts(folder):
         meta_p = layout.part_paths(folder, k)[2]
         source = sources.get(k) or layout.part_kv(meta_p).get("source") or f"part_{k}"
-        import pyarrow.parquet as pq
-
         out.append(PartInfo(index=k, source=str(source), rows=pq.read_metadata(meta_p).num_rows))
     if not out:
         raise layout.FolderError(
@@ -132,7 +131,7 @@ def score_part(
     local = _local_partition(head, global_rows)
     x = np.asarray(img[keep], dtype=np.float32)
     y = np.asarray(txt[keep], dtype=np.float32)
-    local_head = Head(**{**head.__dict__, "partition": local})
+    local_head = replace(head, partition=local)
     d_pos, d_neg = score_pass(
         local_head, x, y, torch.from_numpy(np.asarray(w)).to(head.dtype), neg=neg
     )
@@ -210,8 +209,6 @@ def score_shards(
             )
         summary = _run_jobs(jobs, distributor, scheduler, progress)
     _finalize(scores_dir, args.threshold, meta)
-    from ecif.audit.folder import write_audit_description
-
     write_audit_description(out, meta, heads, embeddings, summary, id_col)
     s = summary.sum(numeric_only=True)
     log(
