@@ -17,12 +17,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ecif.engine.batches import iter_chunks
 from ecif.engine.fit import FitArgs, fit_head, new_head
 from ecif.engine.head import Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
 from ecif.engine.influence import loss_gradient as _loss_gradient
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+from ecif.engine.relative import candidate_pass
 
 
 def _ids(data) -> np.ndarray:
@@ -193,6 +193,8 @@ def relative_influence(
     *,
     neg: str = "exact",
     inverse=None,
+    norms: np.ndarray | None = None,
+    rank_tol: float = 1e-3,
     batches_per_step: int = 8,
 ) -> pd.DataFrame:
     """RelatIF-style trace-back: g_test^T d_n / ||d_n||, d_n = H^-1 grad R_n, for candidate rows.
@@ -201,55 +203,27 @@ def relative_influence(
     mistake); positive = it helped. Also returns the raw influence g_test^T d_n / N.
     The numerator needs one solve, w = H^-1 g_test, and the scoring pass's directional
     derivative; ||d_n|| is a per-pair solve when the solver is exact, else EK-FAC's closed
-    form ||(Q1^T G_n Q2) / D||_F (``attrs["norm"]`` says which). G_n is assembled from its
-    low-rank structure (never the B x B logit gradient), so a pair costs about 4 B d^2 flops.
+    form ||(Q1^T G_n Q2) / D||_F (``attrs["norm"]`` says which). ``norms`` (one per training
+    pair, e.g. from ``ecif index``) skips that part: the query then costs one pass over the
+    candidates' batches with W cut to its numerical rank (``rank_tol``).
     """
-    from ecif.engine.influence import _flat, _unflat
-
     x, y = as_arrays(train)
     rows = np.asarray(rows, dtype=np.int64)
     inv = inverse or InverseHessian(head, x, y, SolverArgs(method="auto"))
     w = inv.solve(query_grad.to(head.dtype))
-    wm, w_tau = _unflat(head, w)
-    ek = inv._ekfac if inv.method != "exact" and not head.learn_scale else None
-    t = head.logit_scale
-    batch_of = head.partition.batch_of()
-    if len(rows) and (batch_of[rows] < 0).any():
-        raise ValueError("some rows are not in the head's partition (removed pairs)")
-    dot = np.zeros(len(rows))
-    norm = np.zeros(len(rows))
-    slot = np.full(head.partition.n, -1, dtype=np.int64)
-    slot[rows] = np.arange(len(rows))
-    mats = [head.m, wm] + ([ek.q1] if ek is not None else [])
-    mw = torch.cat(mats, dim=1)
-    dt = head.m.shape[1]
-    for ch in iter_chunks(
-        x,
-        y,
-        head.partition,
-        dtype=head.dtype,
-        device=head.m.device,
-        batches_per_chunk=batches_per_step,
-        batch_ids=np.unique(batch_of[rows]),
-    ):
-        u = ch.x @ mw  # X M, X W (and X Q1) for the stack in one matmul
-        yt = ch.y.transpose(-1, -2)
-        s = t * u[..., :dt] @ yt
-        ds = t * u[..., dt : 2 * dt] @ yt
-        if w_tau is not None:
-            ds = ds + w_tau * s
-        at = slot[np.where(ch.mask.cpu().numpy(), ch.rows, 0)]
-        ci, ni = np.nonzero((at >= 0) & ch.mask.cpu().numpy())
-        out = at[ci, ni]
-        terms = _removal_terms(s, ds, ch.mask, neg)
-        dot[out] = terms["dot"][ci, ni].cpu().numpy()
-        xs, ys = (u[..., 2 * dt :], ch.y @ ek.q2) if ek is not None else (ch.x, ch.y)
-        gm = t * _removal_grad_m(terms, xs, ys, ci, ni)
-        if ek is not None:
-            norm[out] = (gm / ek.diag).flatten(1).norm(dim=1).cpu().numpy()
-        else:
-            grads = _flat(head, gm, _removal_grad_tau(terms, s, ci, ni))
-            norm[out] = inv.solve(grads).norm(dim=1).cpu().numpy()
+    if norms is None:
+        dot, norm = candidate_pass(
+            head, x, y, w, rows, neg=neg, inverse=inv, batches_per_step=batches_per_step
+        )
+        how = "ekfac" if inv.method != "exact" and not head.learn_scale else inv.method
+    else:
+        if len(norms) != head.partition.n:
+            raise ValueError(f"norms has {len(norms)} entries; the head has {head.partition.n}")
+        dot, _ = candidate_pass(
+            head, x, y, w, rows, neg=neg, rank_tol=rank_tol, batches_per_step=batches_per_step
+        )
+        norm = np.asarray(norms)[rows]
+        how = "precomputed"
     df = pd.DataFrame(
         {
             "row": rows,
@@ -258,71 +232,8 @@ def relative_influence(
             "influence": dot / head.n_norm,
         }
     )
-    df.attrs.update(norm="ekfac" if ek is not None else inv.method, solver=dict(inv.info))
+    df.attrs.update(norm=how, solver=dict(inv.info))
     return df
-
-
-def _removal_terms(s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, neg: str) -> dict:
-    """Softmaxes, removal weights A (rows) and Bq (columns), and dR_n along ds, per batch.
-
-    dR_n/dS = e_n (p_n - e_n + Bq_n.)^T + (q_.n - e_n + A_.n) e_n^T - diag(A_.n) P - Q diag(Bq_n.)
-    (ecif-math.md sections 3 and 5), which is what ``_removal_grad_m`` contracts.
-    """
-    from ecif.engine.contrastive import _side_weights
-
-    full = bool(mask.all())
-    s_t, ds_t = s.transpose(-1, -2), ds.transpose(-1, -2)
-    if full:
-        s_r, s_c = s, s_t.contiguous()
-    else:
-        s_r = s.masked_fill(~mask[:, None, :], float("-inf"))
-        s_c = s_t.masked_fill(~mask[:, None, :], float("-inf")).contiguous()
-    p = torch.softmax(s_r, -1) * mask[:, :, None]  # rows: image -> text
-    qt = torch.softmax(s_c, -1) * mask[:, :, None]  # qt[j, i] = q_ij: text -> image
-    r, a = _side_weights(s_r, ds, neg)  # a[k, n] = A_kn
-    c, b = _side_weights(s_c, ds_t.contiguous(), neg)  # b[k, n] = Bq_nk
-    if not full:
-        a.mul_(mask[:, :, None])
-        b.mul_(mask[:, :, None])
-    d_neg = (a * (ds - r)).sum(-2) + (b * (ds_t - c)).sum(-2)
-    d_pos = -2.0 * ds.diagonal(dim1=-2, dim2=-1) + r[..., 0] + c[..., 0]
-    return {"p": p, "qt": qt, "a": a, "b": b, "dot": d_pos + d_neg}
-
-
-def _removal_grad_m(terms: dict, xs: torch.Tensor, ys: torch.Tensor, ci, ni) -> torch.Tensor:
-    """X^T (dR_n/dS) Y for members (ci, ni) of the stack, without forming dR_n/dS: (K, di, dt)."""
-    p, qt, a, b = terms["p"], terms["qt"], terms["a"], terms["b"]
-    ci, ni = torch.as_tensor(ci), torch.as_tensor(ni)
-    eye = torch.zeros(len(ci), p.shape[-1], dtype=p.dtype, device=p.device)
-    eye[torch.arange(len(ci)), ni] = 1.0
-    r1 = p[ci, ni, :] - eye + b[ci, :, ni]
-    c1 = qt[ci, ni, :] - eye + a[ci, :, ni]
-    xk, yk = xs[ci], ys[ci]  # (K, B, d)
-    out = xs[ci, ni][:, :, None] * torch.einsum("kb,kbj->kj", r1, yk)[:, None, :]
-    out += torch.einsum("kb,kbi->ki", c1, xk)[:, :, None] * ys[ci, ni][:, None, :]
-    ybar = p @ ys  # (c, B, dt): sum_j p_kj y_j
-    xbar = qt @ xs  # (c, B, di): sum_i q_ik x_i
-    left = torch.cat([xk * a[ci, :, ni, None], xbar[ci] * b[ci, :, ni, None]], dim=1)
-    out -= left.transpose(1, 2) @ torch.cat([ybar[ci], yk], dim=1)
-    return out
-
-
-def _removal_grad_tau(terms: dict, s: torch.Tensor, ci, ni) -> torch.Tensor:
-    """d R_n / d log t = sum (dR_n/dS) * S for members (ci, ni)."""
-    p, qt, a, b = terms["p"], terms["qt"], terms["a"], terms["b"]
-    ci, ni = torch.as_tensor(ci), torch.as_tensor(ni)
-    eye = torch.zeros(len(ci), p.shape[-1], dtype=p.dtype, device=p.device)
-    eye[torch.arange(len(ci)), ni] = 1.0
-    rs = (p * s).sum(-1)  # sum_j p_kj S_kj
-    cs = (qt * s.transpose(-1, -2)).sum(-1)  # sum_i q_ik S_ik
-    r1 = p[ci, ni, :] - eye + b[ci, :, ni]
-    c1 = qt[ci, ni, :] - eye + a[ci, :, ni]
-    return (
-        (r1 * s[ci, ni, :]).sum(-1)
-        + (c1 * s[ci, :, ni]).sum(-1)
-        - (a[ci, :, ni] * rs[ci]).sum(-1)
-        - (b[ci, :, ni] * cs[ci]).sum(-1)
-    )
 
 
 __all__ = [
