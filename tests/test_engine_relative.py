@@ -1,0 +1,99 @@
+"""Per-pair norms ||H^-1 grad R_n|| and the candidate numerator against brute force."""
+
+import numpy as np
+import pytest
+import torch
+
+import ecif
+from ecif.engine.contrastive import removal_directional_fast
+from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+from ecif.engine.relative import (
+    _directional_many,
+    candidate_pass,
+    exact_norms,
+    low_rank,
+    probe_norms,
+)
+from tests.engine_reference import Reference, synthetic_pairs
+
+F64 = dict(dtype="float64", newton_steps=3)
+
+
+def _head(n=45, d=4, learn_scale=False, batch_size=8):
+    # 45 = 5 full batches + one of 5: the partial batch's mask is exercised
+    x, y, _ = synthetic_pairs(n, d, noise=0.25, seed=1)
+    xv, yv, _ = synthetic_pairs(30, d, noise=0.0, seed=2)
+    train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
+    head = ecif.fit(
+        train, batch_size=batch_size, lam=1e-2, logit_scale=8.0, learn_scale=learn_scale, **F64
+    )
+    return train, val, head
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_exact_norms_equal_brute_force(learn_scale):
+    train, _, head = _head(learn_scale=learn_scale)
+    ref = Reference(head, train.image, train.text)
+    grads = torch.stack([ref.removal_grad(n) for n in range(len(train))])
+    expected = torch.linalg.solve(ref.hessian(), grads.T).T.norm(dim=1).numpy()
+    inv = InverseHessian(head, train.image, train.text, SolverArgs(method="exact"))
+    got = exact_norms(head, train.image, train.text, inv)
+    assert np.allclose(got, expected, rtol=1e-8)
+
+
+def test_many_directions_equal_one_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    s = 3 * torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    ds = torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[2, 4:] = False
+    s[2, 4:], s[2, :, 4:] = 0.0, 0.0  # missing members have zero embeddings
+    ds[:, 2, 4:], ds[:, 2, :, 4:] = 0.0, 0.0
+    for neg in ("exact", "first_order"):
+        many = _directional_many(s, ds, mask, neg)
+        for k in range(5):
+            pos, ng = removal_directional_fast(s, ds[k], mask, neg)
+            assert torch.allclose(many[k], pos + ng, atol=1e-12), neg
+
+
+def test_probe_norms_estimate_exact_norms():
+    train, _, head = _head()
+    inv = InverseHessian(head, train.image, train.text, SolverArgs(method="exact"))
+    exact = exact_norms(head, train.image, train.text, inv)
+    est = probe_norms(head, train.image, train.text, inv, probes=3000, seed=1)
+    ratio = est / exact
+    # relative standard error 1/sqrt(2K) = 1.3 %: a 6 % band is > 4 sigma per pair
+    assert np.abs(ratio - 1).max() < 0.06
+    assert abs(ratio.mean() - 1) < 0.01
+    few = probe_norms(head, train.image, train.text, inv, probes=8, seed=1)
+    assert np.abs(few / exact - 1).max() > 0.06  # the estimate really is a noisy one
+
+
+def test_low_rank_w_and_precomputed_norms_match_the_full_path():
+    train, val, head = _head(n=200, d=8, batch_size=16)
+    ref = Reference(head, train.image, train.text)
+    g_test = ref.val_grad(val.image[:5], val.text[:5])
+    rows = np.array([3, 50, 51, 120, 199])
+    full = ecif.relative_influence(head, train, g_test, rows)
+    inv = InverseHessian(head, train.image, train.text, SolverArgs(method="exact"))
+    norms = exact_norms(head, train.image, train.text, inv)
+    fast = ecif.relative_influence(
+        head, train, g_test, rows, inverse=inv, norms=norms, rank_tol=1e-9
+    )
+    assert np.allclose(fast["relative_influence"], full["relative_influence"], rtol=1e-7)
+    assert fast.attrs["norm"] == "precomputed"
+    # a truncated W: the dot products move by at most ||grad R_n|| * ||W - W_r||
+    w = inv.solve(g_test)
+    wm = w.reshape(8, 8)
+    sv = torch.linalg.svdvals(wm)
+    tol = float(sv[2:].norm() / sv.norm()) * (1 + 1e-9)  # what rank 2 leaves out
+    lr = low_rank(wm, tol)
+    assert lr is not None and lr[0].shape[1] == 2
+    err = (wm - lr[0] @ lr[1].T).norm() / wm.norm()
+    assert err <= tol
+    dot_lr, _ = candidate_pass(head, train.image, train.text, w, rows, rank_tol=tol)
+    dot_full, _ = candidate_pass(head, train.image, train.text, w, rows)
+    gnorm = torch.stack([ref.removal_grad(int(n)) for n in rows]).norm(dim=1).numpy()
+    assert np.all(np.abs(dot_lr - dot_full) <= gnorm * float((wm - lr[0] @ lr[1].T).norm()) + 1e-12)
+    with pytest.raises(ValueError, match="norms has"):
+        ecif.relative_influence(head, train, g_test, rows, norms=norms[:-1])
