@@ -290,3 +290,44 @@ def test_image_file_classes_and_caption_queries_with_the_tiny_model(small_audit,
     train_caption = str(tb.train.metadata["caption"].iloc[0])
     assert main(["trace", str(audit), "--caption", train_caption] + common) == 0
     assert "nearest training images" in capsys.readouterr().out
+
+
+def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys):
+    from ecif.audit import AuditArgs, Auditor, write_audit
+    from ecif.audit.trace_cache import load_trace_cache
+    from ecif.cli import main
+
+    train, test, _ = planted()
+    emb, audit = tmp_path / "emb", tmp_path / "audit"
+    train.save(emb)
+    loaded = ecif.EmbeddingSet.load(emb)
+    args = AuditArgs(batch_size=16, lam=1e-2, logit_scale=10.0, threshold=0.05)
+    auditor = Auditor(loaded, test, args=args)
+    table = auditor.run()
+    write_audit(audit, table, dict(table.attrs, embeddings=str(emb)), auditor.heads)
+    assert main(["index", str(audit), "--quiet"]) == 0
+    assert "pair norms (exact" in capsys.readouterr().out
+    tb = TraceBack.from_audit(audit)
+    assert tb.norms is not None and len(tb.norms) == len(loaded)
+    q = tb.query_from_set(test, test.ids[0])
+    fast = tb.rank(q)  # every pair, precomputed norms
+    tb.norms = None
+    slow = tb.rank(q)  # every pair, norms computed per candidate from the exact solver
+    assert fast.attrs["norm"] == "precomputed" and slow.attrs["norm"] == "exact"
+    assert np.allclose(fast["relative_influence"], slow["relative_influence"], rtol=1e-4)
+
+    # a 16-probe estimate: same pairs, norms within a factor the estimate allows
+    assert main(["index", str(audit), "--quiet", "--norms", "16"]) == 0
+    assert "16-probe estimates" in capsys.readouterr().out
+    est = TraceBack.from_audit(audit).norms
+    tb.precompute_norms(probes=0, progress=False)
+    ratio = est / tb.norms
+    assert 0.8 < np.median(ratio) < 1.2 and np.abs(ratio - 1).max() > 1e-3
+
+    # a refit head never meets stale norms
+    head = tb.head
+    other = ecif.fit(loaded, batch_size=16, lam=2e-2, logit_scale=10.0)
+    assert load_trace_cache(audit / "index", other, loaded.image, loaded.text)[1] is None
+    assert load_trace_cache(audit / "index", head, loaded.image, loaded.text)[1] is not None
+    assert main(["index", str(audit), "--quiet", "--norms", "lots"]) == 2
+    assert "--norms must be" in capsys.readouterr().err

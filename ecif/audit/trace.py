@@ -27,11 +27,12 @@ import torch
 
 import ecif.api as api
 from ecif.audit.folder import AuditFolderError, read_heads
+from ecif.audit.trace_cache import load_trace_cache, pair_norms, trace_solver
 from ecif.audit.trace_loss import TraceQuery, _unit, interleave, query_loss_and_gradient
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.index import VectorIndex, build_indexes, load_indexes
 from ecif.engine.head import Head
-from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+from ecif.engine.inverse_hessian import InverseHessian
 
 POSITIVE_COSINE = 0.98
 
@@ -52,6 +53,7 @@ class TraceBack:
     neg: str = "exact"
     model: dict[str, Any] | None = None  # {"model": ..., "pretrained": ...} for files/captions
     device: str = "cpu"
+    norms: np.ndarray | None = None  # ||d_n|| per training pair (trace.pt from `ecif index`)
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
 
@@ -88,19 +90,31 @@ class TraceBack:
 
         man = read_manifest(emb) or {}
         model = {"model": man.get("model"), "pretrained": man.get("pretrained") or None}
-        return cls(head, train, idx, method=method, model=model, device=device)
+        tb = cls(head, train, idx, method=method, model=model, device=device)
+        if method == "auto":  # the saved factors and norms are the auto solver's
+            inv, tb.norms, _ = load_trace_cache(folder / "index", head, train.image, train.text)
+            tb._inverse = inv
+        return tb
 
     # -- the solver and the indexes, made on first use ----------------------------------
     @property
     def inverse(self) -> InverseHessian:
         if self._inverse is None:
-            method = self.method
-            if method == "auto":
-                method = "exact" if self.head.num_params <= 4096 else "ekfac"
-            self._inverse = InverseHessian(
-                self.head, self.train.image, self.train.text, SolverArgs(method=method)
-            )
+            self._inverse = trace_solver(self.head, self.train.image, self.train.text, self.method)
         return self._inverse
+
+    def precompute_norms(self, probes: int | str | None = "auto", progress: bool = True) -> dict:
+        """||d_n|| for every training pair, once, so queries pay only their numerator."""
+        self.norms, info = pair_norms(
+            self.head,
+            self.train.image,
+            self.train.text,
+            self.inverse,
+            probes=probes,
+            neg=self.neg,
+            progress=progress,
+        )
+        return info
 
     def ensure_indexes(self) -> dict[str, VectorIndex]:
         if self.indexes is None:
@@ -285,7 +299,7 @@ class TraceBack:
         _, g = query_loss_and_gradient(self.head, q)
         rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
         return api.relative_influence(
-            self.head, self.train, g, rows, neg=self.neg, inverse=self.inverse
+            self.head, self.train, g, rows, neg=self.neg, inverse=self.inverse, norms=self.norms
         )
 
     def trace(

@@ -62,6 +62,37 @@ class InverseHessian:
         else:
             self._ekfac = _EKFAC.build(self.objective)
 
+    def ekfac_state(self) -> dict:
+        """EK-FAC's factors (to save beside an index so queries skip the two passes)."""
+        if self._ekfac is None:
+            raise ValueError("this solver has no EK-FAC factors (method exact)")
+        ek = self._ekfac
+        return {
+            "q1": ek.q1,
+            "q2": ek.q2,
+            "diag": ek.diag,
+            "tau_col": ek.tau_col,
+            "tau_u": ek.tau_u,
+            "schur": ek.schur,
+            "args": vars(self.args),
+        }
+
+    @classmethod
+    def from_ekfac_state(cls, head: Head, x, y, state: dict) -> InverseHessian:
+        """A ``method="ekfac"`` solver from saved factors, without rebuilding them."""
+        args = SolverArgs(**{**state["args"], "method": "ekfac"})
+        out = cls.__new__(cls)
+        out.head, out.args, out.method = head, args, "ekfac"
+        out.objective = HeadObjective(head, x, y)
+        out.theta = head.theta()
+        out.info = {"method": "ekfac", "hessian_batches": args.hessian_batches, "loaded": True}
+        out._chol = None
+        dev = dict(dtype=head.dtype, device=head.m.device)
+        keys = ("q1", "q2", "diag", "tau_col", "tau_u")
+        parts = {k: None if state[k] is None else state[k].to(**dev) for k in keys}
+        out._ekfac = _EKFAC(**parts, schur=state["schur"])
+        return out
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         return self.objective.hvp(self.theta, v)
 

@@ -1,0 +1,126 @@
+"""What `ecif index` precomputes so a trace query pays only its own work.
+
+Beside the FAISS indexes, AUDIT/index/ holds ``trace.pt``: the EK-FAC factors of the trace
+head's Hessian and ||d_n|| = ||H^-1 grad R_n|| for every training pair (the relative-influence
+denominator, which does not depend on the query), tagged with a fingerprint of the head so a
+refit head never meets stale numbers. Norms are exact (about 4 B d^2 flops a pair) when that
+fits a budget, else estimated from K random probes (relative error about 1/sqrt(2K)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ecif.engine.head import Head
+from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+from ecif.engine.relative import exact_norms, probe_norms
+
+CACHE_NAME = "trace.pt"
+EXACT_FLOP_BUDGET = 2e12  # ~10-30 s on a laptop CPU
+DEFAULT_PROBES = 64
+TRACE_HESSIAN_BATCHES = 256  # EK-FAC on up to 65k pairs (batch 256): bench_subsample.py
+
+
+def fingerprint(head: Head) -> str:
+    """Changes whenever the head's parameters, partition or settings change."""
+    h = hashlib.sha1()
+    h.update(head.m.detach().cpu().contiguous().numpy().tobytes())
+    h.update(np.asarray(head.partition.index).tobytes())
+    h.update(repr((head.log_scale, head.learn_scale, head.lam, head.n_norm)).encode())
+    return h.hexdigest()[:16]
+
+
+def trace_solver(head: Head, x, y, method: str = "auto", **kw: Any) -> InverseHessian:
+    """The trace-back solver: exact for small heads, else EK-FAC on a batch subsample (no
+    per-query CG: a query's solve is two d x d rotations)."""
+    if method == "auto":
+        method = "exact" if head.num_params <= 4096 else "ekfac"
+    if method != "exact" and "hessian_batches" not in kw:
+        nb = head.partition.num_batches
+        kw["hessian_batches"] = TRACE_HESSIAN_BATCHES if nb > TRACE_HESSIAN_BATCHES else None
+    return InverseHessian(head, x, y, SolverArgs(method=method, **kw))
+
+
+def choose_probes(head: Head, probes: int | str | None) -> int:
+    """0 = exact norms; 'auto' = exact within EXACT_FLOP_BUDGET, else DEFAULT_PROBES."""
+    if probes in (None, "auto"):
+        di, dt = head.m.shape
+        cost = 4.0 * head.partition.n * head.batch_size * di * dt
+        return 0 if cost <= EXACT_FLOP_BUDGET else DEFAULT_PROBES
+    probes = int(probes)
+    if probes < 0:
+        raise ValueError("probes must be 0 (exact) or a positive count")
+    return probes
+
+
+def pair_norms(
+    head: Head,
+    x,
+    y,
+    inverse: InverseHessian,
+    *,
+    probes: int | str | None = "auto",
+    neg: str = "exact",
+    progress: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """||d_n|| for every pair, with a progress bar, and a record of how it was computed."""
+    k = choose_probes(head, probes)
+    start = time.time()
+    bar = tqdm(
+        total=head.partition.num_batches,
+        desc="pair norms" + (f" ({k} probes)" if k else " (exact)"),
+        unit="batch",
+        disable=not progress,
+    )
+    with bar:
+        if k:
+            norms = probe_norms(head, x, y, inverse, probes=k, neg=neg, progress=bar.update)
+        else:
+            norms = exact_norms(head, x, y, inverse, neg=neg, progress=bar.update)
+    info = {"norms": "probes" if k else "exact", "probes": k, "seconds": time.time() - start}
+    return norms, info
+
+
+def save_trace_cache(
+    folder: str | os.PathLike, head: Head, inverse: InverseHessian, norms: np.ndarray, info: dict
+) -> Path:
+    """Write ``trace.pt`` atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "fingerprint": fingerprint(head),
+        "n": head.partition.n,
+        "norms": torch.from_numpy(np.asarray(norms, dtype=np.float64)),
+        "solver": inverse.ekfac_state() if inverse.method == "ekfac" else None,
+        "info": dict(info, solver=inverse.method),
+    }
+    path = folder / CACHE_NAME
+    tmp = folder / f".{CACHE_NAME}.{os.getpid()}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_trace_cache(
+    folder: str | os.PathLike, head: Head, x, y
+) -> tuple[InverseHessian | None, np.ndarray | None, dict]:
+    """(solver, norms, info) from ``trace.pt`` when it belongs to this head; else Nones and
+    ``info["stale"]`` saying why (the caller falls back to per-candidate norms)."""
+    path = Path(folder) / CACHE_NAME
+    if not path.exists():
+        return None, None, {"stale": "no trace.pt (run `ecif index`)"}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint(head) or state.get("n") != head.partition.n:
+        return None, None, {"stale": f"{path} was computed for another head; rerun `ecif index`"}
+    inv = None
+    if state["solver"] is not None:
+        inv = InverseHessian.from_ekfac_state(head, x, y, state["solver"])
+    return inv, state["norms"].numpy(), dict(state["info"])
