@@ -3,6 +3,7 @@
     python benchmarks/bench_trace.py recall --data shapes      # 2000 shapes pairs, tiny CLIP
     python benchmarks/bench_trace.py recall --data synthetic --n 20000
     python benchmarks/bench_trace.py latency --n 1000000 --d 512
+    python benchmarks/bench_trace.py norms --data shapes
 
 recall: for mispredicted validation pairs (image -> text retrieval against the validation
 captions; identical captions count as right), rank EVERY training pair by relative influence
@@ -14,7 +15,10 @@ text-side neighbours of the wrong answer the model gave ("+wrong", what `ecif tr
 latency: synthetic unit embeddings (float16 memmaps, as clip-retrieval stores them), an IVF
 index per side, a head that is a random perturbation of the identity (a query's cost does not
 depend on M's values; fitting 1M pairs is not what this measures), EK-FAC on a Hessian
-subsample; per query: FAISS search, query gradient + w = H^-1 g, and the candidate ranking.
+subsample; per query: FAISS search, query gradient + w = H^-1 g, and the candidate ranking
+with the per-pair norms precomputed (their index-time cost is timed on a slice of batches).
+
+norms: the exhaustive trace-back lists with exact ||d_n|| against K-probe estimates.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 import ecif
 from ecif.audit.trace import TraceBack, TraceQuery, query_loss_and_gradient
+from ecif.audit.trace_cache import trace_solver
 from ecif.data.index import VectorIndex
 from ecif.engine.batches import make_partition
 from ecif.engine.head import Head
-from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+from ecif.engine.relative import exact_norms, probe_norms
 
 
 def _unit(a):
@@ -102,6 +108,52 @@ def recall(args) -> None:
         print(f"| {c} | {c / len(train):.1%} | {r1:.2f} | {r2:.2f} | {h2:.2f} |")
 
 
+def norms(args) -> None:
+    """How much the K-probe estimate of ||d_n|| moves the exhaustive trace-back lists."""
+    if args.data == "shapes":
+        train, val = ecif.datasets.shapes_sets(n=args.n, noise=0.2, n_val=500, seed=args.seed)
+    else:
+        train, val = synthetic_sets(args.n, args.d, args.classes, 0.2, args.seed, args.spread)
+    head = ecif.fit(train, batch_size=args.batch_size, seed=args.seed)
+    tb = TraceBack(head, train)
+    x, y = train.image, train.text
+    t0 = time.perf_counter()
+    exact = exact_norms(head, x, y, tb.inverse)
+    t_exact = time.perf_counter() - t0
+    print(f"{args.data}: {train}, P = {head.num_params}, exact norms {t_exact:.1f} s")
+    queries = []
+    for qid in val.ids:
+        q = tb.query_from_set(val, qid)
+        if not query_loss_and_gradient(head, q)[0]["correct"]:
+            queries.append(q)
+        if len(queries) >= args.queries:
+            break
+    tb.norms = exact
+    ref = [tb.rank(q)["relative_influence"].to_numpy() for q in queries]
+    print(f"{len(queries)} mispredicted queries, every pair ranked; k = {args.k}")
+    print(
+        "| probes | time | median abs rel. error of the norm | Spearman of rIS | "
+        "top-k responsible kept | top-k helped kept |"
+    )
+    print("|---|---|---|---|---|---|")
+    for k in args.counts:
+        t0 = time.perf_counter()
+        est = probe_norms(head, x, y, tb.inverse, probes=k, seed=args.seed + 1)
+        t_est = time.perf_counter() - t0
+        tb.norms = est
+        sp, kr, kh = [], [], []
+        for q, r in zip(queries, ref, strict=True):
+            v = tb.rank(q)["relative_influence"].to_numpy()
+            sp.append(spearmanr(v, r)[0])
+            kr.append(len(set(np.argsort(v)[: args.k]) & set(np.argsort(r)[: args.k])) / args.k)
+            kh.append(len(set(np.argsort(-v)[: args.k]) & set(np.argsort(-r)[: args.k])) / args.k)
+        err = np.median(np.abs(est / exact - 1))
+        print(
+            f"| {k} | {t_est:.1f} s | {err:.3f} | {np.mean(sp):.3f} | {np.mean(kr):.2f} | "
+            f"{np.mean(kh):.2f} |"
+        )
+
+
 def latency(args) -> None:
     d, n = args.d, args.n
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench-trace-"))
@@ -122,18 +174,26 @@ def latency(args) -> None:
     x, y = (np.load(paths[s], mmap_mode="r") for s in ("image", "text"))
     train = ecif.EmbeddingSet(x, y, check_finite=False)
     idx = {}
+    ixdir = tmp / f"index_{n}_{d}_{args.kind}_{args.nlist}"
     for side, arr in (("image", x), ("text", y)):
         t0 = time.perf_counter()
-        idx[side] = VectorIndex.build(
-            arr,
-            side=side,
-            kind=args.kind,
-            nlist=args.nlist,
-            nprobe=args.nprobe,
-            train_rows=args.train_rows,
-        )
+        if (ixdir / f"{side}.faiss").exists():
+            idx[side] = VectorIndex.load(ixdir, side)
+            idx[side].set_nprobe(args.nprobe)
+            how = "loaded"
+        else:
+            idx[side] = VectorIndex.build(
+                arr,
+                side=side,
+                kind=args.kind,
+                nlist=args.nlist,
+                nprobe=args.nprobe,
+                train_rows=args.train_rows,
+            )
+            idx[side].save(ixdir)
+            how = "built"
         print(
-            f"{side} index ({idx[side].info.kind}, nlist {idx[side].info.nlist}): "
+            f"{side} index ({idx[side].info.kind}, nlist {idx[side].info.nlist}) {how}: "
             f"{time.perf_counter() - t0:.1f} s"
         )
     tg = torch.Generator().manual_seed(args.seed)
@@ -149,14 +209,22 @@ def latency(args) -> None:
         n_norm=n,
     )
     t0 = time.perf_counter()
-    inv = InverseHessian(
-        head, x, y, SolverArgs(method="ekfac", hessian_batches=args.hessian_batches)
-    )
+    inv = trace_solver(head, x, y, "ekfac", hessian_batches=args.hessian_batches)
     print(f"EK-FAC on {args.hessian_batches} batches: {time.perf_counter() - t0:.1f} s")
-    tb = TraceBack(head, train, idx)
+    # the per-pair norms are an index-time cost: time them on a slice of batches, extrapolate
+    sub = Head(**{**vars(head), "partition": _first_batches(head.partition, args.norm_batches)})
+    t0 = time.perf_counter()
+    probe_norms(sub, x, y, inv, probes=args.probes)
+    per_batch = (time.perf_counter() - t0) / args.norm_batches
+    print(
+        f"pair norms ({args.probes} probes): {per_batch:.2f} s/batch on {args.norm_batches} "
+        f"batches -> {per_batch * head.partition.num_batches / 60:.1f} min for all {n:,} pairs"
+    )
+    norms = np.ones(n)  # a query's cost does not depend on the norms' values
+    tb = TraceBack(head, train, idx, norms=norms)
     tb._inverse = inv
     qrows = g.choice(n, args.queries, replace=False)
-    print(f"torch threads {torch.get_num_threads()}; faiss nprobe {args.nprobe}")
+    print(f"torch threads {torch.get_num_threads()}; faiss nprobe {args.nprobe}; {_load()}")
     print(
         "| candidates | distinct batches | search ms | gradient + solve ms | ranking ms | total ms |"
     )
@@ -171,14 +239,14 @@ def latency(args) -> None:
             pos[0] = True
             q = TraceQuery("image->text", xq, cls, pos, [], image=xq, text=cls[0])
             t0 = time.perf_counter()
-            info, grad = query_loss_and_gradient(head, q)
-            wrong = q.candidates[info["predicted_index"]]
-            rows = tb.candidates(q, count, wrong)
+            rows = tb.candidates(q, count)
             t1 = time.perf_counter()
+            info, grad = query_loss_and_gradient(head, q)
             inv.solve(grad)
             t2 = time.perf_counter()
-            ecif.relative_influence(head, train, grad, rows, inverse=inv)  # solves w again
+            ranked = tb.rank(q, rows)  # gradient + solve again, then the numerator pass
             t3 = time.perf_counter()
+            assert ranked.attrs["norm"] == "precomputed"
             times.append((t1 - t0, t2 - t1, t3 - t2 - (t2 - t1)))
             nb.append(len(np.unique(head.partition.batch_of()[rows])))
         s, w, rk = (1000 * np.median(v) for v in zip(*times, strict=True))
@@ -187,11 +255,23 @@ def latency(args) -> None:
         )
 
 
+def _first_batches(part, k):
+    from ecif.engine.batches import Partition
+
+    return Partition(index=part.index[:k], n=part.n, batch_size=part.batch_size, seed=part.seed)
+
+
+def _load() -> str:
+    import os
+
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("what", choices=["recall", "latency"])
+    ap.add_argument("what", choices=["recall", "latency", "norms"])
     ap.add_argument("--data", default="shapes", choices=["shapes", "synthetic"])
     ap.add_argument("--n", type=int, default=None, help="training pairs")
     ap.add_argument("--d", type=int, default=None, help="embedding width (synthetic)")
@@ -206,10 +286,18 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--train-rows", type=int, default=50_000)
     ap.add_argument("--hessian-batches", type=int, default=100)
+    ap.add_argument("--probes", type=int, default=64, help="latency: probes for the norms")
+    ap.add_argument("--norm-batches", type=int, default=20, help="latency: batches timed")
     ap.add_argument("--workdir", default=None, help="where the synthetic memmaps go (reused)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.what == "recall":
+    if args.what == "norms":
+        args.n = args.n or 2000
+        args.d = args.d or 32
+        args.queries = args.queries or 20
+        args.counts = args.counts or [8, 16, 32, 64, 128]
+        norms(args)
+    elif args.what == "recall":
         args.n = args.n or (2000 if args.data == "shapes" else 20000)
         args.d = args.d or 32
         args.queries = args.queries or 20

@@ -85,18 +85,63 @@ def removal_grad_tau(terms: dict, s: torch.Tensor, ci, ni) -> torch.Tensor:
 # -- W = H^-1 g at its numerical rank ------------------------------------------------------
 def low_rank(wm: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(L, R) with ||W - L R^T||_F <= tol ||W||_F, or None when that needs more than a quarter
-    of the full rank (then the full W is cheaper)."""
+    of the full rank (then the full W is cheaper). A randomized range finder with doubling
+    rank: a few thin matmuls instead of a full SVD."""
     if tol <= 0:
         return None
-    u, sv, vh = torch.linalg.svd(wm, full_matrices=False)
-    energy = sv.square()
-    tail = energy.flip(0).cumsum(0).flip(0)  # tail[r] = sum_{k >= r} s_k^2
-    ok = torch.nonzero(tail <= tol * tol * energy.sum()).flatten()
-    rank = int(ok[0]) if len(ok) else len(sv)
-    if rank > len(sv) // 4:
-        return None
-    rank = max(rank, 1)
-    return u[:, :rank] * sv[:rank], vh[:rank].T
+    d = min(wm.shape)
+    gen = torch.Generator(device=wm.device).manual_seed(0)
+    total = wm.square().sum()
+    k = 8
+    while k <= d // 4:
+        omega = torch.randn(wm.shape[1], k, generator=gen, dtype=wm.dtype, device=wm.device)
+        q = torch.linalg.qr(wm @ omega)[0]
+        qw = q.T @ wm  # W ~ Q (Q^T W); the residual's energy is ||W||^2 - ||Q^T W||^2
+        if total - qw.square().sum() <= tol * tol * total:
+            return q, qw.T
+        k *= 2
+    return None
+
+
+def candidate_dots(
+    s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, ci, ni, neg: str = "exact"
+) -> torch.Tensor:
+    """dR_n along ds for members (ci, ni) only: the B x B work is the two softmax expectations
+    r = E_p[ds] and c = E_q[ds]; the removal weights are formed for the members' columns only.
+    Same values as ``removal_terms(...)["dot"][ci, ni]``."""
+    ci, ni = torch.as_tensor(ci), torch.as_tensor(ni)
+    out = []
+    for dim, s_m in (
+        (-1, s.masked_fill(~mask[:, None, :], float("-inf"))),
+        (-2, s.masked_fill(~mask[:, :, None], float("-inf"))),
+    ):
+        mx, am = s_m.max(dim=dim, keepdim=True)
+        e = (s_m - mx).exp_()
+        z = e.sum(dim, keepdim=True)
+        r = (e * ds).sum(dim) / z.squeeze(dim)  # (c, B): E over row k (dim -1) / column k
+        if dim == -1:
+            e_n, am_n = e[ci, :, ni], am[ci, :, 0]  # (K, B): row k's weight on column n
+            ds_n = ds[ci, :, ni]
+        else:
+            e_n, am_n = e[ci, ni, :], am[ci, 0, :]
+            ds_n = ds[ci, ni, :]
+        zk = z.squeeze(dim)[ci]
+        if neg == "exact":
+            at_max = am_n == ni[:, None]
+            at_max[torch.arange(len(ci)), ni] = False  # k = n carries no weight
+            denom = zk - e_n
+            if bool(at_max.any()):  # 1 - p at a row's maximum: sum the other entries directly
+                z_wo = e.scatter(dim, am, 0.0).sum(dim)[ci]
+                denom = torch.where(at_max, z_wo, denom)
+            a = e_n / denom.clamp_min(torch.finfo(s.dtype).tiny)
+        else:
+            a = e_n / zk
+        a = a * mask[ci].to(s.dtype)
+        a[torch.arange(len(ci)), ni] = 0.0
+        rk = r[ci]
+        out.append(((a * (ds_n - rk)).sum(-1), rk[torch.arange(len(ci)), ni]))
+    (neg_r, r_n), (neg_c, c_n) = out
+    return -2.0 * ds[ci, ni, ni] + r_n + c_n + neg_r + neg_c
 
 
 def _member_slots(n: int, rows: np.ndarray, batch_of: np.ndarray) -> np.ndarray:
@@ -167,10 +212,11 @@ def candidate_pass(
         at = slot[np.where(mask, ch.rows, 0)]
         ci, ni = np.nonzero((at >= 0) & mask)
         out = at[ci, ni]
+        if inverse is None:
+            dot[out] = candidate_dots(s, ds, ch.mask, ci, ni, neg).cpu().numpy()
+            continue
         terms = removal_terms(s, ds, ch.mask, neg)
         dot[out] = terms["dot"][ci, ni].cpu().numpy()
-        if inverse is None:
-            continue
         xs, ys = (u[..., dt + kw :], ch.y @ ek.q2) if ek is not None else (ch.x, ch.y)
         gm = t * removal_grad_m(terms, xs, ys, ci, ni)
         if ek is not None:
