@@ -54,6 +54,8 @@ class TraceBack:
     model: dict[str, Any] | None = None  # {"model": ..., "pretrained": ...} for files/captions
     device: str = "cpu"
     norms: np.ndarray | None = None  # ||d_n|| per training pair (trace.pt from `ecif index`)
+    norms_estimated: bool = False  # the norms are K-probe estimates: re-score the top exactly
+    refine: int = 30  # rows per side re-scored with exact norms when norms_estimated
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
 
@@ -92,8 +94,8 @@ class TraceBack:
         model = {"model": man.get("model"), "pretrained": man.get("pretrained") or None}
         tb = cls(head, train, idx, method=method, model=model, device=device)
         if method == "auto":  # the saved factors and norms are the auto solver's
-            inv, tb.norms, _ = load_trace_cache(folder / "index", head, train.image, train.text)
-            tb._inverse = inv
+            inv, tb.norms, info = load_trace_cache(folder / "index", head, train.image, train.text)
+            tb._inverse, tb.norms_estimated = inv, bool(info.get("probes"))
         return tb
 
     # -- the solver and the indexes, made on first use ----------------------------------
@@ -114,6 +116,7 @@ class TraceBack:
             neg=self.neg,
             progress=progress,
         )
+        self.norms_estimated = bool(info["probes"])
         return info
 
     def ensure_indexes(self) -> dict[str, VectorIndex]:
@@ -298,9 +301,17 @@ class TraceBack:
         """Relative influence of the given rows (all rows if None) on the query's loss."""
         _, g = query_loss_and_gradient(self.head, q)
         rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
-        return api.relative_influence(
-            self.head, self.train, g, rows, neg=self.neg, inverse=self.inverse, norms=self.norms
-        )
+        kw = dict(neg=self.neg, inverse=self.inverse)
+        ranked = api.relative_influence(self.head, self.train, g, rows, norms=self.norms, **kw)
+        if self.norms is None or not self.norms_estimated or self.refine <= 0:
+            return ranked
+        # estimated norms reorder near-ties: re-score each side's top rows with exact norms
+        order = np.argsort(ranked["relative_influence"].to_numpy())
+        top = np.unique(np.r_[order[: self.refine], order[::-1][: self.refine]])
+        exact = api.relative_influence(self.head, self.train, g, rows[top], **kw)
+        ranked.loc[top, "relative_influence"] = exact["relative_influence"].to_numpy()
+        ranked.attrs["norm"] = f"precomputed, top {len(top)} exact"
+        return ranked
 
     def trace(
         self,
