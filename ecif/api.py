@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ecif.engine.batch_context import context_dots
 from ecif.engine.fit import FitArgs, fit_head, new_head
 from ecif.engine.head import Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
@@ -195,6 +196,8 @@ def relative_influence(
     inverse=None,
     norms: np.ndarray | None = None,
     rank_tol: float = 1e-3,
+    context: dict | None = None,
+    context_top: int = 32,
     batches_per_step: int = 8,
 ) -> pd.DataFrame:
     """RelatIF-style trace-back: g_test^T d_n / ||d_n||, d_n = H^-1 grad R_n, for candidate rows.
@@ -205,7 +208,9 @@ def relative_influence(
     derivative; ||d_n|| is a per-pair solve when the solver is exact, else EK-FAC's closed
     form ||(Q1^T G_n Q2) / D||_F (``attrs["norm"]`` says which). ``norms`` (one per training
     pair, e.g. from ``ecif index``) skips that part: the query then costs one pass over the
-    candidates' batches with W cut to its numerical rank (``rank_tol``).
+    candidates' batches with W cut to its numerical rank (``rank_tol``), or, with the stored
+    batch ``context`` (``ecif.engine.batch_context``), only each candidate's own row and column
+    plus its ``context_top`` heaviest batch members (``attrs["max_bound"]`` bounds the rest).
     """
     x, y = as_arrays(train)
     rows = np.asarray(rows, dtype=np.int64)
@@ -219,9 +224,12 @@ def relative_influence(
     else:
         if len(norms) != head.partition.n:
             raise ValueError(f"norms has {len(norms)} entries; the head has {head.partition.n}")
-        dot, _ = candidate_pass(
-            head, x, y, w, rows, neg=neg, rank_tol=rank_tol, batches_per_step=batches_per_step
-        )
+        if context is not None:  # no batch recomputed: the candidates' own rows and columns
+            dot, bound = context_dots(head, x, y, context, w, rows, top=context_top, neg=neg)
+        else:
+            dot, bound = candidate_pass(
+                head, x, y, w, rows, neg=neg, rank_tol=rank_tol, batches_per_step=batches_per_step
+            )
         norm = np.asarray(norms)[rows]
         how = "precomputed"
     df = pd.DataFrame(
@@ -233,6 +241,8 @@ def relative_influence(
         }
     )
     df.attrs.update(norm=how, solver=dict(inv.info))
+    if norms is not None and context is not None:
+        df.attrs["max_bound"] = float(np.max(bound, initial=0.0))
     return df
 
 

@@ -125,3 +125,23 @@ def test_low_rank_finds_an_exact_low_rank_matrix_and_refuses_a_full_one():
     assert torch.allclose(left @ right.T, wm, atol=1e-10)
     assert low_rank(torch.randn(64, 64, generator=g, dtype=torch.float64), 1e-3) is None
     assert low_rank(wm, 0.0) is None  # tol 0: use the full W
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+@pytest.mark.parametrize("neg", ["exact", "first_order"])
+def test_context_dots_equal_the_batch_pass_and_respect_their_bound(learn_scale, neg):
+    from ecif.engine.batch_context import context_dots, fill_context, new_context
+
+    train, val, head = _head(n=45, d=4, learn_scale=learn_scale)  # a short last batch
+    x, y = train.image, train.text
+    ctx = fill_context(head, x, y, new_context(len(train), 4, 4, vector_dtype=np.float64))
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(head.num_params, generator=g, dtype=torch.float64)
+    rows = np.arange(len(train))
+    want, _ = candidate_pass(head, x, y, w, rows, neg=neg)
+    got, bound = context_dots(head, x, y, ctx, w, rows, top=8, neg=neg, chunk=7)
+    assert np.allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert np.all(bound <= 1e-12)  # top = batch size drops nothing
+    cut, bound = context_dots(head, x, y, ctx, w, rows, top=2, neg=neg)
+    assert np.all(np.abs(cut - want) <= bound + 1e-12)
+    assert np.abs(cut - want).max() > 1e-6  # the cut is real
