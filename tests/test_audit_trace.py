@@ -307,14 +307,21 @@ def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys
     write_audit(audit, table, dict(table.attrs, embeddings=str(emb)), auditor.heads)
     assert main(["index", str(audit), "--quiet"]) == 0
     assert "pair norms (exact" in capsys.readouterr().out
+    assert (audit / "index" / "context" / "ybar.npy").exists()
     tb = TraceBack.from_audit(audit)
     assert tb.norms is not None and len(tb.norms) == len(loaded)
+    assert tb.context is not None and tb.context["ybar"].shape == (len(loaded), 8)
     q = tb.query_from_set(test, test.ids[0])
-    fast = tb.rank(q)  # every pair, precomputed norms
-    tb.norms = None
+    fast = tb.rank(q)  # every pair, precomputed norms and batch context
+    assert fast.attrs["max_bound"] == 0.0  # 32 heaviest members > batch of 16: nothing dropped
+    tb.norms, tb.context = None, None
     slow = tb.rank(q)  # every pair, norms computed per candidate from the exact solver
     assert fast.attrs["norm"] == "precomputed" and slow.attrs["norm"] == "exact"
-    assert np.allclose(fast["relative_influence"], slow["relative_influence"], rtol=1e-4)
+    # float32 heads: the two paths round differently (exact agreement in float64 is
+    # tests/test_engine_relative.py's); the lists must be the same
+    a, b = fast["relative_influence"].to_numpy(), slow["relative_influence"].to_numpy()
+    assert np.allclose(a, b, rtol=0.02, atol=1e-3 * np.abs(b).max())
+    assert set(np.argsort(a)[:10]) == set(np.argsort(b)[:10])
 
     # a 16-probe estimate: same pairs, norms within a factor the estimate allows
     assert main(["index", str(audit), "--quiet", "--norms", "16"]) == 0

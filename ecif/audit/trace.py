@@ -27,7 +27,7 @@ import torch
 
 import ecif.api as api
 from ecif.audit.folder import AuditFolderError, read_heads
-from ecif.audit.trace_cache import load_trace_cache, pair_norms, trace_solver
+from ecif.audit.trace_cache import load_context, load_trace_cache, pair_norms, trace_solver
 from ecif.audit.trace_loss import TraceQuery, _unit, interleave, query_loss_and_gradient
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.index import VectorIndex, build_indexes, load_indexes
@@ -56,6 +56,8 @@ class TraceBack:
     norms: np.ndarray | None = None  # ||d_n|| per training pair (trace.pt from `ecif index`)
     norms_estimated: bool = False  # the norms are K-probe estimates: re-score the top exactly
     refine: int = 30  # rows per side re-scored with exact norms when norms_estimated
+    context: dict | None = None  # per-pair batch context (index/context/ from `ecif index`)
+    context_top: int = 32  # batch members whose r_k enters a numerator exactly (bound on rest)
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
 
@@ -96,6 +98,7 @@ class TraceBack:
         if method == "auto":  # the saved factors and norms are the auto solver's
             inv, tb.norms, info = load_trace_cache(folder / "index", head, train.image, train.text)
             tb._inverse, tb.norms_estimated = inv, bool(info.get("probes"))
+            tb.context = load_context(folder / "index", head) if tb.norms is not None else None
         return tb
 
     # -- the solver and the indexes, made on first use ----------------------------------
@@ -302,7 +305,8 @@ class TraceBack:
         _, g = query_loss_and_gradient(self.head, q)
         rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
         kw = dict(neg=self.neg, inverse=self.inverse)
-        ranked = api.relative_influence(self.head, self.train, g, rows, norms=self.norms, **kw)
+        fast = dict(norms=self.norms, context=self.context, context_top=self.context_top)
+        ranked = api.relative_influence(self.head, self.train, g, rows, **fast, **kw)
         if self.norms is None or not self.norms_estimated or self.refine <= 0:
             return ranked
         # estimated norms reorder near-ties: re-score each side's top rows with exact norms

@@ -5,12 +5,16 @@ head's Hessian and ||d_n|| = ||H^-1 grad R_n|| for every training pair (the rela
 denominator, which does not depend on the query), tagged with a fingerprint of the head so a
 refit head never meets stale numbers. Norms are exact (about 4 B d^2 flops a pair) when that
 fits a budget, else estimated from K random probes (relative error about 1/sqrt(2K)).
+``context/`` holds each pair's batch context (ecif.engine.batch_context) as memory-mapped .npy
+files, so a query's numerator never recomputes a candidate's batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ecif.engine.batch_context import SCALARS, fill_context, new_context
 from ecif.engine.head import Head
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import exact_norms, probe_norms
@@ -124,3 +129,45 @@ def load_trace_cache(
     if state["solver"] is not None:
         inv = InverseHessian.from_ekfac_state(head, x, y, state["solver"])
     return inv, state["norms"].numpy(), dict(state["info"])
+
+
+def build_context(
+    folder: str | os.PathLike, head: Head, x, y, *, progress: bool = True
+) -> tuple[dict, float]:
+    """Write ``context/`` (memory-mapped .npy, vectors in the embeddings' precision when that
+    is float16, else float32) atomically; returns the opened arrays and the seconds taken."""
+    folder = Path(folder)
+    start = time.time()
+    tmp = folder / f".context.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    vec = np.float16 if np.dtype(getattr(x, "dtype", np.float32)) == np.float16 else np.float32
+    names = iter(("ybar", "xbar", *SCALARS))  # the order new_context allocates in
+
+    def alloc(shape, dtype):
+        path = tmp / f"{next(names)}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    ctx = new_context(head.partition.n, *head.m.shape, vector_dtype=vec, alloc=alloc)
+    bar = tqdm(
+        total=head.partition.num_batches, desc="batch context", unit="batch", disable=not progress
+    )
+    with bar:
+        fill_context(head, x, y, ctx, progress=bar.update)
+    for arr in ctx.values():
+        arr.flush()
+    del ctx
+    (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint(head)}))
+    out = folder / "context"
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return load_context(folder, head), time.time() - start
+
+
+def load_context(folder: str | os.PathLike, head: Head) -> dict | None:
+    """The stored batch context when it belongs to this head, else None."""
+    path = Path(folder) / "context"
+    meta = path / "meta.json"
+    if not meta.exists() or json.loads(meta.read_text()).get("fingerprint") != fingerprint(head):
+        return None
+    return {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ("ybar", "xbar", *SCALARS)}

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
-    from ecif.audit.trace_cache import pair_norms, save_trace_cache, trace_solver
+    from ecif.audit.trace_cache import build_context, pair_norms, save_trace_cache, trace_solver
 
     probes = {"exact": 0, "auto": "auto"}.get(args.norms, args.norms)
     if probes != "auto" and not str(probes).isdigit():
@@ -58,8 +58,14 @@ def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
         head, train.image, train.text, inv, probes=probes, progress=common.show_progress(args)
     )
     save_trace_cache(out, head, inv, norms, info)
+    _, seconds = build_context(
+        out, head, train.image, train.text, progress=common.show_progress(args)
+    )
     how = "exact" if not info["probes"] else f"{info['probes']}-probe estimates"
-    return f"; pair norms ({how}, {info['seconds']:.1f} s) in {out / 'trace.pt'}"
+    return (
+        f"; pair norms ({how}, {info['seconds']:.1f} s) in {out / 'trace.pt'}"
+        f", batch context ({seconds:.1f} s) in {out / 'context'}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

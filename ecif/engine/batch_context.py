@@ -162,6 +162,8 @@ def context_dots(
                 rk = t * ((other @ wm) * own).sum(-1)
             rk = rk + tau * take(es_key, sel.reshape(-1)).reshape(sel.shape)
             dot = dot - (wv * rk).sum(-1)
+            if k_top == wt.shape[1]:  # every member taken: nothing dropped
+                continue
             rest = wt.sum(-1) - wv.sum(-1)
             es_max = sc[es_key].abs().amax(-1)
             scale = xb.norm(dim=-1).amax(-1) * yb.norm(dim=-1).amax(-1)  # ||x_k|| ||ybar_k||
