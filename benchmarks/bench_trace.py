@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 
 import ecif
 from ecif.audit.trace import TraceBack, TraceQuery, query_loss_and_gradient
-from ecif.audit.trace_cache import trace_solver
+from ecif.audit.trace_cache import build_context, load_context, trace_solver
 from ecif.data.index import VectorIndex
 from ecif.engine.batches import make_partition
 from ecif.engine.head import Head
@@ -229,15 +229,24 @@ def latency(args) -> None:
         f"pair norms ({args.probes} probes): {per_batch:.2f} s/batch on {args.norm_batches} "
         f"batches -> {per_batch * head.partition.num_batches / 60:.1f} min for all {n:,} pairs"
     )
+    t0 = time.perf_counter()
+    ctx = load_context(tmp, head)
+    how = "loaded"
+    if ctx is None:
+        ctx, _ = build_context(tmp, head, x, y, progress=False)
+        how = "built"
+    print(f"batch context ({how}): {time.perf_counter() - t0:.1f} s")
     norms = np.ones(n)  # a query's cost does not depend on the norms' values
-    tb = TraceBack(head, train, idx, norms=norms)
+    tb = TraceBack(head, train, idx, norms=norms, context=ctx, context_top=args.top)
     tb._inverse = inv
     qrows = g.choice(n, args.queries, replace=False)
     print(f"torch threads {torch.get_num_threads()}; faiss nprobe {args.nprobe}; {_load()}")
     print(
-        "| candidates | distinct batches | search ms | gradient + solve ms | ranking ms | total ms |"
+        "| candidates | distinct batches | search ms | gradient + solve ms | numerators from "
+        f"whole batches ms | numerators from the context (top {args.top}) ms | total ms | "
+        f"exact re-scoring of 2 x {args.refine} ms | total with it ms |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for count in args.counts:
         times = []
         nb = []
@@ -253,14 +262,23 @@ def latency(args) -> None:
             info, grad = query_loss_and_gradient(head, q)
             inv.solve(grad)
             t2 = time.perf_counter()
-            ranked = tb.rank(q, rows)  # gradient + solve again, then the numerator pass
+            tb.norms_estimated, tb.context = False, None
+            tb.rank(q, rows)  # gradient + solve again, then the numerators from whole batches
             t3 = time.perf_counter()
+            tb.context = ctx
+            ranked = tb.rank(q, rows)  # the numerators from the stored batch context
+            t4 = time.perf_counter()
             assert ranked.attrs["norm"] == "precomputed"
-            times.append((t1 - t0, t2 - t1, t3 - t2 - (t2 - t1)))
+            tb.norms_estimated, tb.refine = True, args.refine
+            tb.rank(q, rows)  # the same + exact norms for each side's top rows
+            t5 = time.perf_counter()
+            solve = t2 - t1
+            times.append((t1 - t0, solve, t3 - t2 - solve, t4 - t3 - solve, t5 - t4 - (t4 - t3)))
             nb.append(len(np.unique(head.partition.batch_of()[rows])))
-        s, w, rk = (1000 * np.median(v) for v in zip(*times, strict=True))
+        s, w, rb, rc, rf = (1000 * np.median(v) for v in zip(*times, strict=True))
         print(
-            f"| {count} | {np.median(nb):.0f} | {s:.0f} | {w:.0f} | {rk:.0f} | {s + w + rk:.0f} |"
+            f"| {count} | {np.median(nb):.0f} | {s:.0f} | {w:.0f} | {rb:.0f} | {rc:.0f} | "
+            f"{s + w + rc:.0f} | {rf:.0f} | {s + w + rc + rf:.0f} |"
         )
 
 
@@ -296,6 +314,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=50_000)
     ap.add_argument("--hessian-batches", type=int, default=100)
     ap.add_argument("--probes", type=int, default=64, help="latency: probes for the norms")
+    ap.add_argument("--top", type=int, default=32, help="latency: context members taken")
     ap.add_argument("--refine", type=int, default=30, help="norms: rows re-scored per side")
     ap.add_argument("--norm-batches", type=int, default=20, help="latency: batches timed")
     ap.add_argument("--workdir", default=None, help="where the synthetic memmaps go (reused)")

@@ -154,10 +154,12 @@ def build_context(
     )
     with bar:
         fill_context(head, x, y, ctx, progress=bar.update)
+    norm_max = [float(v) for v in ctx.pop("norm_max")]
     for arr in ctx.values():
         arr.flush()
     del ctx
-    (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint(head)}))
+    meta = {"fingerprint": fingerprint(head), "norm_max": norm_max}
+    (tmp / "meta.json").write_text(json.dumps(meta))
     out = folder / "context"
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -167,7 +169,9 @@ def build_context(
 def load_context(folder: str | os.PathLike, head: Head) -> dict | None:
     """The stored batch context when it belongs to this head, else None."""
     path = Path(folder) / "context"
-    meta = path / "meta.json"
-    if not meta.exists() or json.loads(meta.read_text()).get("fingerprint") != fingerprint(head):
+    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    if meta.get("fingerprint") != fingerprint(head) or "norm_max" not in meta:
         return None
-    return {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ("ybar", "xbar", *SCALARS)}
+    out = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ("ybar", "xbar", *SCALARS)}
+    out["norm_max"] = np.asarray(meta["norm_max"])
+    return out

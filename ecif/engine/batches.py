@@ -29,11 +29,16 @@ class Partition:
         return int(self.index.shape[0])
 
     def batch_of(self) -> np.ndarray:
-        """Batch number of every row position (-1 for rows not in any batch)."""
-        out = np.full(self.n, -1, dtype=np.int64)
-        b, _ = np.nonzero(self.index >= 0)
-        out[self.index[self.index >= 0]] = b
-        return out
+        """Batch number of every row position (-1 for rows not in any batch); computed once
+        (a trace query asks for it every time), returned read-only."""
+        cached = self.__dict__.get("_batch_of")
+        if cached is None:
+            cached = np.full(self.n, -1, dtype=np.int64)
+            b, _ = np.nonzero(self.index >= 0)
+            cached[self.index[self.index >= 0]] = b
+            cached.flags.writeable = False
+            object.__setattr__(self, "_batch_of", cached)
+        return cached
 
     def without(self, positions: np.ndarray) -> Partition:
         """The same partition with the given row positions removed (empty batches dropped)."""
