@@ -65,6 +65,9 @@ def fit(
     newton_steps: int = 0,
     solver: str = "auto",
     groups: np.ndarray | None = None,
+    warmup_epochs: int | None = None,
+    warmup_lr: float | None = None,
+    progress: bool = False,
 ) -> Head:
     """Fit the bilinear head on ``train`` to a stationary point.
 
@@ -73,6 +76,9 @@ def fit(
     that pair's terms). ``init``: warm start (and its partition). ``groups``: a label per row
     (the input shard); batches never cross groups, so shards can be scored one by one.
     ``logit_scale`` defaults to the set's own (``train.logit_scale``) or 100, CLIP's.
+    ``warmup_epochs``: epochs of streamed minibatch Adam (peak step ``warmup_lr``) before the
+    full-batch solver, which still runs to ``tol`` (same optimum, fewer full passes); None:
+    2 on the L-BFGS path from 50k pairs without ``init``, else 0. ``progress``: bars.
     """
     x, y = as_arrays(train)
     if len(x) < 2:
@@ -91,6 +97,9 @@ def fit(
         tol=tol,
         newton_steps=newton_steps,
         solver=solver,
+        warmup_epochs=warmup_epochs,
+        warmup_lr=warmup_lr,
+        progress=progress,
     )
     head = new_head(x, y, args, groups=groups)
     if init is not None:

@@ -34,6 +34,7 @@ class AuditArgs:
     proxy_fraction: float = 0.5  # crossfit: share of the other half (highest clip_score) kept
     dtype: str = "float32"
     device: str = "cpu"
+    warmup_epochs: int | None = None  # minibatch epochs before the full-batch fit; None: auto
 
 
 def clip_scores(data: EmbeddingSet, chunk: int = 65536) -> np.ndarray:
@@ -85,7 +86,7 @@ class Auditor:
     heads: list[Head] = field(default_factory=list, init=False)
     val_source: str = field(default="", init=False)
 
-    def _fit(self, data: EmbeddingSet) -> Head:
+    def _fit(self, data: EmbeddingSet, progress: bool = False) -> Head:
         a = self.args
         return api.fit(
             data,
@@ -96,12 +97,14 @@ class Auditor:
             dtype=a.dtype,
             device=a.device,
             groups=groups_of(data),
+            warmup_epochs=a.warmup_epochs,
+            progress=progress,
         )
 
     def _scores(self, progress: bool) -> pd.DataFrame:
         a = self.args
         if self.val is not None:
-            head = self._fit(self.train)
+            head = self._fit(self.train, progress)
             self.heads = [head]
             self.val_source = f"validation set ({len(self.val)} pairs)"
             return api.score(

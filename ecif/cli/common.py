@@ -35,6 +35,19 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def warmup_epochs_arg(text: str) -> int | None:
+    """--warmup-epochs: 'auto' (None) or an integer >= 0."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
+    return value
+
+
 def add_audit_options(p: argparse.ArgumentParser) -> None:
     """The options that decide an audit's numbers (recorded in its outputs)."""
     g = p.add_argument_group("audit options")
@@ -70,6 +83,15 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="without --val: self-influence or cross-fitting (auto: self for small heads)",
     )
+    g.add_argument(
+        "--warmup-epochs",
+        type=warmup_epochs_arg,
+        default=None,
+        metavar="auto|N",
+        help="epochs of streamed minibatch Adam before the full-batch fit, which still runs to "
+        "its tolerance (same head, fewer passes over the embeddings); 0 turns it off "
+        "(default auto: 2 from 50k pairs when the head is fit by L-BFGS)",
+    )
     add_seed(p)
     add_device(p)
 
@@ -86,5 +108,6 @@ def audit_args_from(args: argparse.Namespace):
         method=args.solver,
         threshold=args.threshold,  # parsed by thresholds.flag_count
         no_val=args.no_val,
+        warmup_epochs=args.warmup_epochs,
         device=resolve_device(args.device),
     )

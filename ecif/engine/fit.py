@@ -1,7 +1,8 @@
 """Fitting the head: damped Newton for small heads, L-BFGS for large ones, to a tolerance.
 
 The objective is strongly convex in M, so both reach the unique optimum; a Newton-CG polish
-gives the float64 precision that leave-one-out checks need.
+gives the float64 precision that leave-one-out checks need. On large sets a streamed
+minibatch warm-up (ecif/engine/warmup.py) gives the full-batch solver a better start.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ecif.engine.batches import make_partition
 from ecif.engine.head import DTYPES, Head, HeadObjective
+from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
 from ecif.grad.solvers import conjugate_gradient
 
 
@@ -33,6 +35,12 @@ class FitArgs:
     history_size: int = 20
     newton_steps: int = 0  # exact Newton-CG polish after L-BFGS (for tight retraining checks)
     solver: str = "auto"  # "newton" (dense Hessian, damped), "lbfgs"; auto: newton if P <= 4096
+    # streamed minibatch (Adam) epochs before the full-batch solver; None: auto (2 on the L-BFGS
+    # path from 50k pairs, without init), 0: off. Same optimum, fewer full passes.
+    warmup_epochs: int | None = None
+    warmup_lr: float | None = None  # peak Adam step per entry of M; None: 0.5/sqrt(steps)
+    warmup_batches: int = 1  # partition batches per warm-up step
+    progress: bool = False  # progress bars for the warm-up and the L-BFGS evaluations
 
 
 def new_head(
@@ -76,6 +84,21 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         solver = "newton" if head.num_params <= 4096 else "lbfgs"
     if solver not in ("newton", "lbfgs"):
         raise ValueError(f"solver must be auto, newton or lbfgs; got {args.solver!r}")
+    check_warmup_args(args.warmup_epochs, args.warmup_lr, args.warmup_batches)
+    members = int((head.partition.index >= 0).sum())
+    epochs = auto_epochs(args.warmup_epochs, solver, members, warm_start=init is not None)
+    warmup = None
+    if epochs > 0:
+        start, warmup = minibatch_warmup(
+            head,
+            x,
+            y,
+            start,
+            epochs=epochs,
+            lr=args.warmup_lr,
+            batches_per_step=args.warmup_batches,
+            progress=args.progress,
+        )
     run = _newton if solver == "newton" else _lbfgs
     theta, value, grad, iterations, evaluations = run(obj, start, args, tol)
     gmax = float(grad.abs().max())
@@ -95,14 +118,17 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         "grad_norm": float(grad.norm()),
         "solver": solver,
         "iterations": iterations,
-        "evaluations": evaluations,
+        "evaluations": evaluations,  # full-batch passes of the solver (the warm-up's aside)
         "converged": gmax <= tol * 10,
         "tol": tol,
+        "warmup": warmup,  # None, or the warm-up's epochs, steps, seconds (warmup.py)
     }
     return head.with_theta(theta.detach(), info=info)
 
 
 def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
+    from tqdm.auto import tqdm
+
     theta = torch.nn.Parameter(start.clone())
     opt = torch.optim.LBFGS(
         [theta],
@@ -115,22 +141,36 @@ def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
         line_search_fn="strong_wolfe",
     )
 
+    bar = tqdm(desc="fit (L-BFGS)", unit="pass", disable=not args.progress)
+    last: list = []  # (theta, value, grad) of the latest full pass
+    passes = [0]
+
+    def evaluate(at: torch.Tensor):
+        if last and torch.equal(last[0], at):
+            return last[1], last[2]  # torch's L-BFGS often ends on its latest evaluated point
+        value, grad = obj.value_and_grad(at)
+        last[:] = [at.clone(), value, grad]
+        passes[0] += 1
+        bar.update(1)
+        bar.set_postfix(grad_max=f"{float(grad.abs().max()):.2e}", refresh=False)
+        return value, grad
+
     def closure():
-        value, grad = obj.value_and_grad(theta.detach())
+        value, grad = evaluate(theta.detach())
         theta.grad = grad
         return torch.tensor(value, dtype=theta.dtype)
 
-    iterations = evaluations = 0
+    iterations = 0
     for _restart in range(5):  # L-BFGS can stop on a zero step before the tolerance; restart
         opt.step(closure)
         state = opt.state[opt._params[0]]
         iterations += int(state.get("n_iter", 0))
-        evaluations += int(state.get("func_evals", 0))
-        value, grad = obj.value_and_grad(theta.detach())
+        value, grad = evaluate(theta.detach())
         if float(grad.abs().max()) <= tol or iterations >= args.max_iter:
             break
         opt = torch.optim.LBFGS([theta], **opt.defaults)
-    return theta.detach(), value, grad, iterations, evaluations
+    bar.close()
+    return theta.detach(), value, grad, iterations, passes[0]
 
 
 def _newton(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
