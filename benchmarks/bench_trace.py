@@ -238,9 +238,13 @@ def latency(args) -> None:
     print(f"batch context ({how}): {time.perf_counter() - t0:.1f} s")
     norms = np.ones(n)  # a query's cost does not depend on the norms' values
     tb = TraceBack(head, train, idx, norms=norms, context=ctx, context_top=args.top)
+    tb.query_threads = args.query_threads
     tb._inverse = inv
     qrows = g.choice(n, args.queries, replace=False)
-    print(f"torch threads {torch.get_num_threads()}; faiss nprobe {args.nprobe}; {_load()}")
+    print(
+        f"torch threads {torch.get_num_threads()} (queries {args.query_threads}); "
+        f"faiss nprobe {args.nprobe}; {_load()}"
+    )
     print(
         "| candidates | distinct batches | search ms | gradient + solve ms | numerators from "
         f"whole batches ms | numerators from the context (top {args.top}) ms | total ms | "
@@ -314,6 +318,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=50_000)
     ap.add_argument("--hessian-batches", type=int, default=100)
     ap.add_argument("--probes", type=int, default=64, help="latency: probes for the norms")
+    ap.add_argument("--query-threads", type=int, default=1, help="latency: torch threads")
     ap.add_argument("--top", type=int, default=32, help="latency: context members taken")
     ap.add_argument("--refine", type=int, default=30, help="norms: rows re-scored per side")
     ap.add_argument("--norm-batches", type=int, default=20, help="latency: batches timed")

@@ -58,6 +58,7 @@ class TraceBack:
     refine: int = 30  # rows per side re-scored with exact norms when norms_estimated
     context: dict | None = None  # per-pair batch context (index/context/ from `ecif index`)
     context_top: int = 32  # batch members whose r_k enters a numerator exactly (bound on rest)
+    query_threads: int | None = 1  # torch threads for a query: its ops are small (benchmarks)
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
 
@@ -306,7 +307,12 @@ class TraceBack:
         rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
         kw = dict(neg=self.neg, inverse=self.inverse)
         fast = dict(norms=self.norms, context=self.context, context_top=self.context_top)
-        ranked = api.relative_influence(self.head, self.train, g, rows, **fast, **kw)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.query_threads or threads)
+        try:
+            ranked = api.relative_influence(self.head, self.train, g, rows, **fast, **kw)
+        finally:
+            torch.set_num_threads(threads)
         if self.norms is None or not self.norms_estimated or self.refine <= 0:
             return ranked
         # estimated norms reorder near-ties: re-score each side's top rows with exact norms
