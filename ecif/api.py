@@ -76,7 +76,7 @@ def fit(
     that pair's terms). ``init``: warm start (and its partition). ``groups``: a label per row
     (the input shard); batches never cross groups, so shards can be scored one by one.
     ``logit_scale`` defaults to the set's own (``train.logit_scale``) or 100, CLIP's.
-    ``warmup_epochs``: epochs of streamed minibatch Adam (peak step ``warmup_lr``) before the
+    ``warmup_epochs``: epochs of streamed minibatch steps (peak ``warmup_lr``) before the
     full-batch solver, which still runs to ``tol`` (same optimum, fewer full passes); None:
     2 on the L-BFGS path from 50k pairs without ``init``, else 0. ``progress``: bars.
     """

@@ -88,7 +88,7 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
         type=warmup_epochs_arg,
         default=None,
         metavar="auto|N",
-        help="epochs of streamed minibatch Adam before the full-batch fit, which still runs to "
+        help="epochs of streamed minibatch steps before the full-batch fit, which still runs to "
         "its tolerance (same head, fewer passes over the embeddings); 0 turns it off "
         "(default auto: 2 from 50k pairs when the head is fit by L-BFGS)",
     )

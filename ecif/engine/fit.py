@@ -35,10 +35,11 @@ class FitArgs:
     history_size: int = 20
     newton_steps: int = 0  # exact Newton-CG polish after L-BFGS (for tight retraining checks)
     solver: str = "auto"  # "newton" (dense Hessian, damped), "lbfgs"; auto: newton if P <= 4096
-    # streamed minibatch (Adam) epochs before the full-batch solver; None: auto (2 on the L-BFGS
-    # path from 50k pairs, without init), 0: off. Same optimum, fewer full passes.
+    # streamed minibatch epochs (RMS-normalised momentum) before the full-batch solver; None:
+    # auto (2 on the L-BFGS path from 50k pairs, without init), 0: off. Same optimum, fewer
+    # full passes (ecif/engine/warmup.py).
     warmup_epochs: int | None = None
-    warmup_lr: float | None = None  # peak Adam step per entry of M; None: 0.5/sqrt(steps)
+    warmup_lr: float | None = None  # peak RMS step per entry of M; None: by width and steps
     warmup_batches: int = 1  # partition batches per warm-up step
     progress: bool = False  # progress bars for the warm-up and the L-BFGS evaluations
 
