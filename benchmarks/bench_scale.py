@@ -2,21 +2,31 @@
 
     python benchmarks/bench_scale.py                      # N = 10k, 100k, 1M at d = 128
     python benchmarks/bench_scale.py --sizes 10000 100000 --d 256
+    python benchmarks/bench_scale.py --warmup --sizes 100000 1000000   # warm-up vs cold fit
 
 Each size runs in a fresh subprocess so its peak RSS is its own. The fit is full-batch L-BFGS
 (a fixed iteration budget, so time per iteration is comparable across N), the solve is CG on
 a fixed-size Hessian subsample, the scoring pass streams every pair. Linear time shows as a
 constant time per pair; flat memory as a constant peak above the embeddings.
+
+--warmup: the fit alone, to its gradient tolerance (float32 default 1e-5), from float16
+embeddings memory-mapped from .npy files (written in chunks under --workdir), without and
+with the streamed minibatch warm-up, each in its own process: wall time, full passes,
+warm-up time, final gradient max-abs, max |M_warm - M_cold|, and the peak of anonymous RSS
+above the fit's start (the memory-mapped embeddings are file-backed pages, not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 
 def run_one(n: int, d: int, iters: int) -> dict:
@@ -34,7 +44,9 @@ def run_one(n: int, d: int, iters: int) -> dict:
     train = ecif.EmbeddingSet(x.numpy(), y.numpy(), check_finite=False)
     emb_mb = 2 * n * d * 4 / 2**20
     t0 = time.perf_counter()
-    head = ecif.fit(train, batch_size=256, solver="lbfgs", max_iter=iters, tol=1e-12)
+    head = ecif.fit(
+        train, batch_size=256, solver="lbfgs", max_iter=iters, tol=1e-12, warmup_epochs=0
+    )
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     inv = ecif.solver(
@@ -58,6 +70,122 @@ def run_one(n: int, d: int, iters: int) -> dict:
     }
 
 
+def make_memmaps(n: int, d: int, workdir: Path, kind: str) -> tuple[Path, Path]:
+    """Unit-norm float16 pairs in .npy files, written 100k rows at a time (flat memory).
+
+    bench: y = normalize(x + 0.8 noise) (the optimum is near a multiple of the identity);
+    rotation: y = normalize(x R + noise) (far from the identity start: more L-BFGS passes).
+    """
+    import numpy as np
+
+    px, py = workdir / f"{kind}_{n}_{d}_x.npy", workdir / f"{kind}_{n}_{d}_y.npy"
+    if px.exists() and py.exists():
+        return px, py
+    workdir.mkdir(parents=True, exist_ok=True)
+    rot = np.linalg.qr(np.random.default_rng(123).standard_normal((d, d)))[0]
+    g = np.random.default_rng(0)
+    mx = np.lib.format.open_memmap(px, "w+", np.float16, (n, d))
+    my = np.lib.format.open_memmap(py, "w+", np.float16, (n, d))
+    for s in range(0, n, 100_000):
+        k = min(100_000, n - s)
+        x = g.standard_normal((k, d))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        if kind == "bench":
+            y = x + 0.8 * g.standard_normal((k, d))
+        else:
+            y = x @ rot + 0.6 * g.standard_normal((k, d)) / np.sqrt(d)
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+        mx[s : s + k], my[s : s + k] = x, y
+    mx.flush()
+    my.flush()
+    del mx, my
+    return px, py
+
+
+def run_fit(px: str, py: str, warmup: str, out: str, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    import ecif
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    x, y = np.load(px, mmap_mode="r"), np.load(py, mmap_mode="r")
+    epochs = None if warmup == "auto" else int(warmup)
+    anon0, peak, stop = _rss_anon_mb(), [0.0], threading.Event()
+
+    def sample():  # memory-mapped pages are file-backed: anonymous RSS is all but the embeddings
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], _rss_anon_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    head = ecif.fit((x, y), batch_size=256, solver="lbfgs", warmup_epochs=epochs)
+    t_fit = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    torch.save(head.m, out)
+    w = head.info["warmup"] or {}
+    emb_mb = (x.nbytes + y.nbytes) / 2**20
+    return {
+        "n": len(x),
+        "warmup_epochs": w.get("epochs", 0),
+        "fit_s": t_fit,
+        "warmup_s": w.get("seconds", 0.0),
+        "evals": head.info["evaluations"],
+        "grad_max": head.info["grad_max"],
+        "converged": head.info["converged"],
+        "objective": head.info["objective"],
+        "peak_above_emb_mb": max(peak[0], _rss_anon_mb()) - anon0,
+        "emb_mb": emb_mb,
+    }
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def warmup_table(a) -> None:
+    import torch
+
+    print(
+        f"load before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+        f"torch threads {a.threads or 'default'}",
+        flush=True,
+    )
+    for n in a.sizes:
+        px, py = make_memmaps(n, a.d, Path(a.workdir), a.data)
+        rows = {}
+        for warmup in ("0", a.warmup_epochs):
+            out = Path(a.workdir) / f"m_{a.data}_{n}_{a.d}_{warmup}.pt"
+            cmd = [sys.executable, __file__, "--fit-one", str(px), str(py), warmup, str(out)]
+            cmd += ["--threads", str(a.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows[warmup] = json.loads(res.stdout.strip().splitlines()[-1])
+            rows[warmup]["m"] = torch.load(out)
+        cold, warm = rows["0"], rows[a.warmup_epochs]
+        diff = float((warm["m"] - cold["m"]).abs().max())
+        for name, r in (("cold", cold), ("warm", warm)):
+            per_pass = (r["fit_s"] - r["warmup_s"]) / r["evals"]
+            print(
+                f"N={n:>9,} {a.data} {name}: fit {r['fit_s']:6.1f} s = warm-up "
+                f"{r['warmup_s']:5.1f} s ({r['warmup_epochs']} epochs, "
+                f"{r['warmup_s'] / per_pass:.1f} pass-equivalents) + {r['evals']} full passes "
+                f"({per_pass:.2f} s each); grad max {r['grad_max']:.1e} "
+                f"(converged {r['converged']}), J {r['objective']:.6f}; peak above embeddings "
+                f"{r['peak_above_emb_mb']:.0f} MB (embeddings {r['emb_mb']:.0f} MB)",
+                flush=True,
+            )
+        print(f"N={n:>9,} {a.data}: max |M_warm - M_cold| = {diff:.1e}", flush=True)
+    print(f"load after: {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,7 +194,21 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--iters", type=int, default=30, help="L-BFGS iteration budget per fit")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", action="store_true", help="compare the fit without/with warm-up")
+    ap.add_argument(
+        "--warmup-epochs", default="auto", help="warm-up epochs for --warmup (default auto)"
+    )
+    ap.add_argument("--data", choices=["bench", "rotation"], default="bench", help="--warmup data")
+    ap.add_argument("--workdir", default="/tmp/ecif_bench_scale", help="--warmup memmap folder")
+    ap.add_argument("--threads", type=int, default=0, help="--warmup: torch threads (0: default)")
+    ap.add_argument("--fit-one", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.fit_one:
+        print(json.dumps(run_fit(*a.fit_one, a.threads)))
+        return
+    if a.warmup:
+        warmup_table(a)
+        return
     if a.one:
         print(json.dumps(run_one(a.one, a.d, a.iters)))
         return

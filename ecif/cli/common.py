@@ -86,11 +86,11 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--warmup-epochs",
         type=warmup_epochs_arg,
-        default=None,
+        default="auto",  # argparse runs string defaults through type: None
         metavar="auto|N",
         help="epochs of streamed minibatch steps before the full-batch fit, which still runs to "
-        "its tolerance (same head, fewer passes over the embeddings); 0 turns it off "
-        "(default auto: 2 from 50k pairs when the head is fit by L-BFGS)",
+        "its tolerance (same head, fewer passes over the embeddings); 0 turns it off; auto: 2 "
+        "from 50k pairs when the head is fit by L-BFGS",
     )
     add_seed(p)
     add_device(p)
