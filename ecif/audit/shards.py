@@ -191,7 +191,7 @@ def score_shards(
             embeddings, parts, train, table, scores_dir, {**meta, **table.attrs}, id_col
         )
     else:
-        head = auditor._fit(train)
+        head = auditor._fit(train, progress)
         heads = [head]
         g = api.loss_gradient(head, val)
         w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
