@@ -718,6 +718,7 @@ def run_fidelity(args):
         for name, peer, fn in methods:
             if peer is not None and (peer in peers_missing or peer not in args.peers):
                 continue
+            torch.manual_seed(seed)  # TRAK's negatives, kronfluence's Fisher labels
             t0 = time.perf_counter()
             try:
                 v = np.asarray(fn(pb), dtype=np.float64)
