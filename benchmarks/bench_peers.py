@@ -106,29 +106,13 @@ import torch
 from scipy.stats import spearmanr
 
 import ecif
+from ecif.datasets import rotated_pairs
 from ecif.engine.batches import Partition, make_partition
 from ecif.engine.influence import loss_gradient, score_pass
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 
 PEER_PACKAGES = {"trak": "traker", "kronfluence": "kronfluence", "dattri": "dattri"}
 NEG = -1e9  # masked logits (padding rows of a short batch); exp underflows to exactly 0
-
-
-def synthetic_pairs(n, d, noise=0.2, seed=0, rotation_seed=123):
-    """Unit image/text embeddings related by a fixed rotation, a fraction with shuffled text.
-
-    The generator of tests/engine_reference.synthetic_pairs (same draws for the same seeds).
-    """
-    rot = np.linalg.qr(np.random.default_rng(rotation_seed).standard_normal((d, d)))[0]
-    g = np.random.default_rng(seed)
-    x = g.standard_normal((n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y = x @ rot + 0.6 * g.standard_normal((n, d)) / np.sqrt(d)
-    k = int(round(noise * n))
-    bad = g.choice(n, k, replace=False) if k else np.zeros(0, dtype=int)
-    y[bad] = y[np.roll(bad, 1)]
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    return x, y, bad
 
 
 def missing_peers(wanted):
@@ -679,8 +663,8 @@ def kfl(pb, example):
 
 
 def ground_truth(args, seed):
-    x, y, _ = synthetic_pairs(args.n, args.d, noise=0.2, seed=5 + 2 * seed)
-    xv, yv, _ = synthetic_pairs(args.val, args.d, noise=0.0, seed=6 + 2 * seed)
+    x, y, _ = rotated_pairs(args.n, args.d, noise=0.2, seed=5 + 2 * seed)
+    xv, yv, _ = rotated_pairs(args.val, args.d, noise=0.0, seed=6 + 2 * seed)
     kw = dict(
         batch_size=args.batch_size,
         seed=seed,
@@ -758,8 +742,8 @@ def run_fidelity(args):
 
 
 def timing_problem(args):
-    x, y, _ = synthetic_pairs(args.n, args.d, noise=0.2, seed=args.seed)
-    xv, yv, _ = synthetic_pairs(args.val, args.d, noise=0.0, seed=args.seed + 1)
+    x, y, _ = rotated_pairs(args.n, args.d, noise=0.2, seed=args.seed)
+    xv, yv, _ = rotated_pairs(args.val, args.d, noise=0.0, seed=args.seed + 1)
     x, y, xv, yv = (a.astype(np.float32) for a in (x, y, xv, yv))
     t0 = time.perf_counter()
     head = ecif.fit(

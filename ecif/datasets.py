@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ecif.data.layout import read_manifest
 from ecif.data.shapes import ShapesData, caption_of, shapes
 from ecif.data.tiny_clip import (
@@ -109,3 +111,20 @@ def shapes_sets(
     train = shapes_embedded(n, noise, seed, noise_kind=noise_kind, **kw)
     val = shapes_embedded(n_val, 0.0, seed + 1_000_003, **kw)
     return EmbeddingSet.load(train), EmbeddingSet.load(val)
+
+
+def rotated_pairs(
+    n: int, d: int, noise: float = 0.2, seed: int = 0, rotation_seed: int = 123
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit image/text embeddings related by a fixed rotation, a fraction with shuffled text
+    (the rows returned third): a small synthetic set where retraining is affordable."""
+    rot = np.linalg.qr(np.random.default_rng(rotation_seed).standard_normal((d, d)))[0]
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x @ rot + 0.6 * g.standard_normal((n, d)) / np.sqrt(d)
+    k = int(round(noise * n))
+    bad = g.choice(n, k, replace=False) if k else np.zeros(0, dtype=int)
+    y[bad] = y[np.roll(bad, 1)]
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return x, y, bad

@@ -4,24 +4,10 @@ Written from ecif-math.md without the engine's closed forms: losses by log_softm
 batch, derivatives by torch.func, the Hessian dense.
 """
 
-import numpy as np
 import torch
 
+from ecif.datasets import rotated_pairs as synthetic_pairs  # noqa: F401  (tests import it here)
 from ecif.engine.batches import make_partition
-
-
-def synthetic_pairs(n, d, noise=0.2, seed=0, rotation_seed=123):
-    """Unit image/text embeddings related by a fixed rotation, a fraction with shuffled text."""
-    rot = np.linalg.qr(np.random.default_rng(rotation_seed).standard_normal((d, d)))[0]
-    g = np.random.default_rng(seed)
-    x = g.standard_normal((n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y = x @ rot + 0.6 * g.standard_normal((n, d)) / np.sqrt(d)
-    k = int(round(noise * n))
-    bad = g.choice(n, k, replace=False) if k else np.zeros(0, dtype=int)
-    y[bad] = y[np.roll(bad, 1)]
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    return x, y, bad
 
 
 def batch_loss(s):
