@@ -109,7 +109,7 @@ import ecif
 from ecif.datasets import rotated_pairs
 from ecif.engine.batches import Partition, make_partition
 from ecif.engine.influence import loss_gradient, score_pass
-from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
+from ecif.engine.inverse_hessian import InverseHessian, SolverArgs, auto_method
 
 PEER_PACKAGES = {"trak": "traker", "kronfluence": "kronfluence", "dattri": "dattri"}
 NEG = -1e9  # masked logits (padding rows of a short batch); exp underflows to exactly 0
@@ -815,7 +815,7 @@ def run_timing(args):
     peers_missing = missing_peers(args.peers)
     pb = timing_problem(args)
     n, d = pb.n, args.d
-    default = "exact" if pb.head.num_params <= SolverArgs().exact_max_params else "cg"
+    default = auto_method(pb.head, SolverArgs())
 
     def ecif_call(kw):
         return lambda: ecif.score(pb.head, (pb.x, pb.y), val=(pb.xv, pb.yv), **kw)

@@ -186,7 +186,7 @@ def self_influence(
     """
     x, y = as_arrays(train)
     rows = np.arange(len(x)) if rows is None else np.asarray(rows)
-    inv = inverse or InverseHessian(head, x, y, SolverArgs(method="auto"))
+    inv = inverse or InverseHessian(head, x, y, SolverArgs(solves=len(rows)))
     out = np.zeros(len(rows))
     for start in range(0, len(rows), 256):
         sel = rows[start : start + 256]
@@ -223,7 +223,8 @@ def relative_influence(
     """
     x, y = as_arrays(train)
     rows = np.asarray(rows, dtype=np.int64)
-    inv = inverse or InverseHessian(head, x, y, SolverArgs(method="auto"))
+    solves = 1 + (len(rows) if norms is None else 0)  # exact norms: one solve per candidate
+    inv = inverse or InverseHessian(head, x, y, SolverArgs(solves=solves))
     w = inv.solve(query_grad.to(head.dtype))
     if norms is None:
         dot, norm = candidate_pass(

@@ -86,6 +86,23 @@ def test_cg_and_ekfac_solvers_against_exact():
     assert float(cos.min()) > 0.9
 
 
+def test_auto_solver_picks_the_cheaper_method_and_scores_agree():
+    # d = 32, B = 64: building the dense Hessian costs ~30x more than a Hessian-vector
+    # product per pair, so one solve goes to CG; a solve per pair goes to the dense factor
+    x, y, _ = synthetic_pairs(640, 32, noise=0.2, seed=4)
+    xv, yv, _ = synthetic_pairs(128, 32, noise=0.0, seed=5)
+    train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
+    head = ecif.fit(train, batch_size=64, lam=1e-3, logit_scale=10.0, **F64)
+    auto = ecif.score(head, train, val)
+    exact = ecif.score(head, train, val, method="exact")
+    assert auto.attrs["solver"]["method"] == "cg"
+    ref = exact["influence"].to_numpy()
+    np.testing.assert_allclose(auto["influence"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert ecif.solver(head, train, solves=len(x)).method == "exact"
+    tiny = _small()[2]
+    assert ecif.solver(tiny, _small()[0]).method == "exact"
+
+
 def _retraining_study(neg_forms=("exact",), n=240, d=6, singles=40, groups=25, seed=0):
     x, y, _ = synthetic_pairs(n, d, noise=0.2, seed=5)
     xv, yv, _ = synthetic_pairs(200, d, noise=0.0, seed=6)
