@@ -1,5 +1,7 @@
 """Trace-back: FAISS indexes against numpy, a planted misprediction, brute-force ranking, CLI."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -294,7 +296,7 @@ def test_image_file_classes_and_caption_queries_with_the_tiny_model(small_audit,
 
 def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys):
     from ecif.audit import AuditArgs, Auditor, write_audit
-    from ecif.audit.trace_cache import load_trace_cache
+    from ecif.audit.trace_cache import load_context, load_trace_cache
     from ecif.cli import main
 
     train, test, _ = planted()
@@ -311,6 +313,11 @@ def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys
     tb = TraceBack.from_audit(audit)
     assert tb.norms is not None and len(tb.norms) == len(loaded)
     assert tb.context is not None and tb.context["ybar"].shape == (len(loaded), 8)
+    meta_path = audit / "index" / "context" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
+    assert load_context(audit / "index", tb.head) is None  # an older layout is never read
+    meta_path.write_text(json.dumps(meta))
     q = tb.query_from_set(test, test.ids[0])
     fast = tb.rank(q)  # every pair, precomputed norms and batch context
     assert fast.attrs["max_bound"] == 0.0  # 32 heaviest members > batch of 16: nothing dropped

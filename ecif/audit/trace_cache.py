@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ecif.engine.batch_context import SCALARS, fill_context, new_context
+from ecif.engine.batch_context import DEFAULT_TOP, context_names, fill_context, new_context
 from ecif.engine.head import Head
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import exact_norms, probe_norms
@@ -131,8 +131,17 @@ def load_trace_cache(
     return inv, state["norms"].numpy(), dict(state["info"])
 
 
+CONTEXT_FORMAT = 2  # 2: each pair's heaviest batch members stored (1: log-partitions only)
+
+
 def build_context(
-    folder: str | os.PathLike, head: Head, x, y, *, progress: bool = True
+    folder: str | os.PathLike,
+    head: Head,
+    x,
+    y,
+    *,
+    top: int = DEFAULT_TOP,
+    progress: bool = True,
 ) -> tuple[dict, float]:
     """Write ``context/`` (memory-mapped .npy, vectors in the embeddings' precision when that
     is float16, else float32) atomically; returns the opened arrays and the seconds taken."""
@@ -142,23 +151,30 @@ def build_context(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     vec = np.float16 if np.dtype(getattr(x, "dtype", np.float32)) == np.float16 else np.float32
-    names = iter(("ybar", "xbar", *SCALARS))  # the order new_context allocates in
+    names = iter(context_names())
 
     def alloc(shape, dtype):
         path = tmp / f"{next(names)}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    ctx = new_context(head.partition.n, *head.m.shape, vector_dtype=vec, alloc=alloc)
+    ctx = new_context(head.partition.n, *head.m.shape, top=top, vector_dtype=vec, alloc=alloc)
     bar = tqdm(
         total=head.partition.num_batches, desc="batch context", unit="batch", disable=not progress
     )
     with bar:
         fill_context(head, x, y, ctx, progress=bar.update)
-    norm_max = [float(v) for v in ctx.pop("norm_max")]
+    norm_max = [float(v) for v in ctx.pop("norm_max", (0.0, 0.0))]
+    es_max = float(ctx.pop("es_max", 0.0))
     for arr in ctx.values():
         arr.flush()
     del ctx
-    meta = {"fingerprint": fingerprint(head), "norm_max": norm_max}
+    meta = {
+        "format": CONTEXT_FORMAT,
+        "fingerprint": fingerprint(head),
+        "norm_max": norm_max,
+        "es_max": es_max,
+        "top": top,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta))
     out = folder / "context"
     shutil.rmtree(out, ignore_errors=True)
@@ -170,8 +186,9 @@ def load_context(folder: str | os.PathLike, head: Head) -> dict | None:
     """The stored batch context when it belongs to this head, else None."""
     path = Path(folder) / "context"
     meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
-    if meta.get("fingerprint") != fingerprint(head) or "norm_max" not in meta:
-        return None
-    out = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ("ybar", "xbar", *SCALARS)}
+    if meta.get("fingerprint") != fingerprint(head) or meta.get("format") != CONTEXT_FORMAT:
+        return None  # another head's, or an older layout: `ecif index` rebuilds it
+    out = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in context_names()}
     out["norm_max"] = np.asarray(meta["norm_max"])
+    out["es_max"] = float(meta["es_max"])
     return out

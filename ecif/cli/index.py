@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "TFLOP, else a 64-probe estimate, ~9%% relative error per pair), 'exact', a probe "
         "count K (error ~1/sqrt(2K)), or 'none' (traces compute them per candidate)",
     )
+    p.add_argument(
+        "--context-top",
+        type=int,
+        default=32,
+        help="batch members stored per pair and side (the heaviest by softmax weight) for trace "
+        "numerators; the rest is bounded (default 32; >= the batch size is exact)",
+    )
     common.add_device(p)
     common.add_seed(p)
     common.add_quiet(p)
@@ -58,8 +65,15 @@ def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
         head, train.image, train.text, inv, probes=probes, progress=common.show_progress(args)
     )
     save_trace_cache(out, head, inv, norms, info)
+    if args.context_top < 1:
+        raise ValueError(f"--context-top must be at least 1; got {args.context_top}")
     _, seconds = build_context(
-        out, head, train.image, train.text, progress=common.show_progress(args)
+        out,
+        head,
+        train.image,
+        train.text,
+        top=args.context_top,
+        progress=common.show_progress(args),
     )
     how = "exact" if not info["probes"] else f"{info['probes']}-probe estimates"
     return (
