@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ecif.engine.batch_context import context_dots
+from ecif.engine.batch_context import context_dots, context_norms
 from ecif.engine.fit import FitArgs, fit_head, new_head
 from ecif.engine.head import Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
@@ -226,7 +226,13 @@ def relative_influence(
     solves = 1 + (len(rows) if norms is None else 0)  # exact norms: one solve per candidate
     inv = inverse or InverseHessian(head, x, y, SolverArgs(solves=solves))
     w = inv.solve(query_grad.to(head.dtype))
-    if norms is None:
+    bound = None
+    if norms is None and context is not None and inv.method == "ekfac" and not head.learn_scale:
+        # EK-FAC norms from the context's low-rank gradients: no batch recomputed
+        dot, bound = context_dots(head, x, y, context, w, rows, top=context_top, neg=neg)
+        norm, _ = context_norms(head, x, y, context, inv._ekfac, rows, top=context_top, neg=neg)
+        how = "ekfac"
+    elif norms is None:
         dot, norm = candidate_pass(
             head, x, y, w, rows, neg=neg, inverse=inv, batches_per_step=batches_per_step
         )
@@ -251,7 +257,7 @@ def relative_influence(
         }
     )
     df.attrs.update(norm=how, solver=dict(inv.info))
-    if norms is not None and context is not None:
+    if bound is not None:
         df.attrs["max_bound"] = float(np.max(bound, initial=0.0))
     return df
 

@@ -145,3 +145,29 @@ def test_context_dots_equal_the_batch_pass_and_respect_their_bound(learn_scale, 
     cut, bound = context_dots(head, x, y, ctx, w, rows, top=2, neg=neg)
     assert np.all(np.abs(cut - want) <= bound + 1e-12)
     assert np.abs(cut - want).max() > 1e-6  # the cut is real
+
+
+@pytest.mark.parametrize("neg", ["exact", "first_order"])
+def test_context_norms_equal_the_batch_pass_ekfac_norms_and_respect_their_bound(neg):
+    from ecif.engine.batch_context import context_norms, fill_context, new_context
+
+    train, val, head = _head(n=45, d=4, learn_scale=False)  # a short last batch
+    x, y = train.image, train.text
+    ctx = fill_context(head, x, y, new_context(len(train), 4, 4, vector_dtype=np.float64))
+    inv = InverseHessian(head, x, y, SolverArgs(method="ekfac"))
+    rows = np.arange(len(train))
+    _, want = candidate_pass(head, x, y, None, rows, neg=neg, inverse=inv)
+    got, bound = context_norms(head, x, y, ctx, inv._ekfac, rows, top=8, neg=neg, chunk=7)
+    assert np.allclose(got, want, rtol=1e-10)
+    assert np.all(bound <= 1e-12)  # every member kept: nothing dropped
+    cut, bound = context_norms(head, x, y, ctx, inv._ekfac, rows, top=1, neg=neg)
+    assert np.all(np.abs(cut - want) <= bound + 1e-12)
+    assert np.abs(cut - want).max() > 1e-6  # the cut is real
+    g = torch.randn(
+        head.num_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    kw = dict(neg=neg, inverse=inv)
+    fast = ecif.relative_influence(head, train, g, rows, context=ctx, context_top=8, **kw)
+    slow = ecif.relative_influence(head, train, g, rows, **kw)
+    assert fast.attrs["norm"] == slow.attrs["norm"] == "ekfac" and fast.attrs["max_bound"] < 1e-12
+    assert np.allclose(fast["relative_influence"], slow["relative_influence"], rtol=1e-9)

@@ -311,14 +311,16 @@ class TraceBack:
         torch.set_num_threads(self.query_threads or threads)
         try:
             ranked = api.relative_influence(self.head, self.train, g, rows, **fast, **kw)
+            if self.norms is None or not self.norms_estimated or self.refine <= 0:
+                return ranked
+            # estimated norms reorder near-ties: re-score each side's top rows with exact
+            # norms (from the batch context when there is one, else from their batches)
+            order = np.argsort(ranked["relative_influence"].to_numpy())
+            top = np.unique(np.r_[order[: self.refine], order[::-1][: self.refine]])
+            ctx = dict(context=self.context, context_top=self.context_top)
+            exact = api.relative_influence(self.head, self.train, g, rows[top], **ctx, **kw)
         finally:
             torch.set_num_threads(threads)
-        if self.norms is None or not self.norms_estimated or self.refine <= 0:
-            return ranked
-        # estimated norms reorder near-ties: re-score each side's top rows with exact norms
-        order = np.argsort(ranked["relative_influence"].to_numpy())
-        top = np.unique(np.r_[order[: self.refine], order[::-1][: self.refine]])
-        exact = api.relative_influence(self.head, self.train, g, rows[top], **kw)
         ranked.loc[top, "relative_influence"] = exact["relative_influence"].to_numpy()
         ranked.attrs["norm"] = f"precomputed, top {len(top)} exact"
         return ranked

@@ -140,6 +140,20 @@ def fill_context(
     return ctx
 
 
+def _members(ctx: dict, rn: np.ndarray, side: str, k_use: int, exact: bool, dtype, dev):
+    """The first ``k_use`` stored members of each candidate on one side: their weights
+    (0 where none), the dropped weight (stored rest + stored members beyond ``k_use``) and
+    their rows (0 where none)."""
+    idx = np.asarray(ctx[f"top_{side}"][rn])
+    lp = torch.as_tensor(np.asarray(ctx[f"logp_{side}"][rn]), device=dev).to(dtype)
+    l1 = torch.as_tensor(np.asarray(ctx[f"log1mp_{side}"][rn]), device=dev).to(dtype)
+    wt = (lp - l1).exp() if exact else lp.exp()  # exp(-inf) = 0 where no member
+    rest = torch.as_tensor(np.asarray(ctx[f"rest_{side}"][rn][:, 0 if exact else 1]))
+    rest = rest.to(dev, dtype) + wt[:, k_use:].sum(-1)
+    idx = idx[:, :k_use]
+    return wt[:, :k_use], rest.clamp_min(0), np.where(idx >= 0, idx, 0)
+
+
 def context_dots(
     head: Head,
     x,
@@ -183,18 +197,11 @@ def context_dots(
         dot = -2.0 * ds_nn + r_n + c_n
         bound = torch.zeros(len(rn), dtype=dt_, device=dev)
         for side, own, partner in (("r", x, "ybar"), ("c", y, "xbar")):
-            idx = np.asarray(ctx[f"top_{side}"][rn])
-            lp = torch.as_tensor(np.asarray(ctx[f"logp_{side}"][rn]), device=dev).to(dt_)
-            l1 = torch.as_tensor(np.asarray(ctx[f"log1mp_{side}"][rn]), device=dev).to(dt_)
-            wt = (lp - l1).exp() if exact else lp.exp()  # exp(-inf) = 0 where no member
-            rest = torch.as_tensor(np.asarray(ctx[f"rest_{side}"][rn][:, 0 if exact else 1]))
-            rest = rest.to(dev, dt_) + wt[:, k_use:].sum(-1)  # kept at index time, unused here
-            wt, idx = wt[:, :k_use], idx[:, :k_use]
-            safe = np.where(idx >= 0, idx, 0).reshape(-1)
-            shape = (*idx.shape, -1)
-            mem = _take(own, safe, dt_, dev).reshape(shape)  # x_k (side r) or y_k (side c)
-            par = take(partner, safe).reshape(shape)  # ybar_k or xbar_k
-            es_k = take(f"es_{side}", safe).reshape(idx.shape)
+            wt, rest, safe = _members(ctx, rn, side, k_use, exact, dt_, dev)
+            shape = (*safe.shape, -1)
+            mem = _take(own, safe.reshape(-1), dt_, dev).reshape(shape)  # x_k (r) or y_k (c)
+            par = take(partner, safe.reshape(-1)).reshape(shape)  # ybar_k or xbar_k
+            es_k = take(f"es_{side}", safe.reshape(-1)).reshape(safe.shape)
             if side == "r":  # dS_kn = t x_k^T W y_n, r_k = t x_k^T W ybar_k
                 kw = mem @ wm
                 ds = t * (kw * yn[:, None]).sum(-1) + tau * t * (mem * (yn @ m.T)[:, None]).sum(-1)
@@ -203,7 +210,67 @@ def context_dots(
                 ds = t * (mem * xw[:, None]).sum(-1) + tau * t * (mem * (xn @ m)[:, None]).sum(-1)
                 rk = t * ((par @ wm) * mem).sum(-1)
             dot = dot + (wt * (ds - rk - tau * es_k)).sum(-1)
-            bound = bound + rest.clamp_min(0) * per_weight
+            bound = bound + rest * per_weight
         dots[start : start + len(rn)] = dot.cpu().numpy()
         bounds[start : start + len(rn)] = bound.cpu().numpy()
     return dots, bounds
+
+
+def context_norms(
+    head: Head,
+    x,
+    y,
+    ctx: dict,
+    ekfac,
+    rows: np.ndarray,
+    *,
+    top: int = DEFAULT_TOP,
+    neg: str = "exact",
+    chunk: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """||H^-1 grad R_n|| under EK-FAC for ``rows`` from the stored context, and a bound on
+    what ``top`` drops.
+
+    grad R_n = t [x_n (ybar_n - 2 y_n)^T + xbar_n y_n^T + sum_k A_kn x_k (y_n - ybar_k)^T
+    + sum_k Bq_nk (x_n - xbar_k) y_k^T] has rank 2 + 2 top, so its EK-FAC rotation
+    Q1^T G Q2 costs O(top d^2) instead of the batch pass and two d^3 products. Fixed logit
+    scale only (the learned scale's Schur block needs the full gradient).
+    """
+    if head.learn_scale:
+        raise ValueError("context_norms needs a fixed logit scale")
+    rows = np.asarray(rows, dtype=np.int64)
+    dev, dt_ = head.m.device, head.dtype
+    t = head.logit_scale
+    k_use = min(top, ctx["top_r"].shape[1])
+    exact = neg == "exact"
+    q1, q2, diag = ekfac.q1.to(dt_), ekfac.q2.to(dt_), ekfac.diag.to(dt_)
+    nx_max, ny_max = (float(v) for v in ctx.get("norm_max", (np.inf, np.inf)))
+    # a dropped member adds at most t w ||x|| 2||y|| to ||G||_F; EK-FAC divides by >= min D
+    per_weight = 2 * t * nx_max * ny_max / float(diag.min())
+    norms, bounds = np.zeros(len(rows)), np.zeros(len(rows))
+
+    def take(arr, idx):
+        return _take(arr, idx, dt_, dev)
+
+    for start in range(0, len(rows), chunk):
+        rn = rows[start : start + chunk]
+        xn, yn = take(x, rn), take(y, rn)
+        u = [xn, take(ctx["xbar"], rn)]
+        v = [take(ctx["ybar"], rn) - 2 * yn, yn]
+        rest_all = torch.zeros(len(rn), dtype=dt_, device=dev)
+        for side in SIDES:
+            wt, rest, safe = _members(ctx, rn, side, k_use, exact, dt_, dev)
+            flat, shape = safe.reshape(-1), (*safe.shape, -1)
+            if side == "r":  # A_kn x_k (y_n - ybar_k)^T
+                u.append(wt[..., None] * take(x, flat).reshape(shape))
+                v.append(yn[:, None] - take(ctx["ybar"], flat).reshape(shape))
+            else:  # Bq_nk (x_n - xbar_k) y_k^T
+                u.append(wt[..., None] * (xn[:, None] - take(ctx["xbar"], flat).reshape(shape)))
+                v.append(take(y, flat).reshape(shape))
+            rest_all = rest_all + rest
+        uu = torch.cat([a if a.dim() == 3 else a[:, None] for a in u], 1)  # (K, r, di)
+        vv = torch.cat([a if a.dim() == 3 else a[:, None] for a in v], 1)  # (K, r, dt)
+        g_rot = t * (uu @ q1).transpose(-1, -2) @ (vv @ q2)  # Q1^T G Q2
+        norms[start : start + len(rn)] = (g_rot / diag).flatten(1).norm(dim=1).cpu().numpy()
+        bounds[start : start + len(rn)] = (rest_all * per_weight).cpu().numpy()
+    return norms, bounds
