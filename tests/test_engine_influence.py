@@ -86,6 +86,22 @@ def test_cg_and_ekfac_solvers_against_exact():
     assert float(cos.min()) > 0.9
 
 
+def test_ekfac_from_a_batch_sample_stays_close_and_cg_stays_exact():
+    x, y, _ = synthetic_pairs(2000, 8, noise=0.2, seed=7)
+    train = ecif.EmbeddingSet(x, y)
+    head = ecif.fit(train, batch_size=16, lam=1e-3, logit_scale=10.0, **F64)  # 125 batches
+    g = torch.randn(3, head.num_params, dtype=torch.float64)
+    exact = ecif.solver(head, train, method="exact").solve(g)
+    full = ecif.solver(head, train, method="ekfac", ekfac_batches=None)
+    some = ecif.solver(head, train, method="ekfac", ekfac_batches=32)
+    assert full.info["ekfac_batches"] == 125 and some.info["ekfac_batches"] == 32
+    a, b = full.solve(g), some.solve(g)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert float(cos.min()) > 0.98 and not torch.allclose(a, b)
+    cg = ecif.solver(head, train, method="cg", tol=1e-10, ekfac_batches=32)
+    assert torch.allclose(cg.solve(g), exact, rtol=1e-7, atol=1e-9)
+
+
 def test_auto_solver_picks_the_cheaper_method_and_scores_agree():
     # d = 32, B = 64: building the dense Hessian costs ~30x more than a Hessian-vector
     # product per pair, so one solve goes to CG; a solve per pair goes to the dense factor

@@ -38,7 +38,18 @@ class SolverArgs:
     exact_max_params: int = 4096  # memory ceiling of the dense Hessian (P x P)
     solves: int = 1  # right-hand sides expected; many favour the dense factorization
     hessian_batches: int | None = None  # subsample this many batches for H (None: all)
+    # EK-FAC factors and diagonal from at most this many batches (None: all). At 100k pairs
+    # 256 of 400 batches gave scores with Spearman 0.9997 (d = 64) / 0.998 (d = 256) against
+    # all, and the same CG iterations as a preconditioner: passes saved at scale, not fidelity
+    ekfac_batches: int | None = 256
     seed: int = 0
+
+
+def _subsample(nb: int, k: int | None, seed: int) -> np.ndarray | None:
+    """k of nb batch ids, sorted (None: all of them)."""
+    if k is None or k >= nb:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(nb, size=k, replace=False))
 
 
 def auto_method(head: Head, args: SolverArgs) -> str:
@@ -74,11 +85,8 @@ class InverseHessian:
             method = auto_method(head, args)
         self.method = method
         nb = head.partition.num_batches
-        batch_ids, weight = None, 1.0
-        if args.hessian_batches is not None and args.hessian_batches < nb:
-            rng = np.random.default_rng(args.seed)
-            batch_ids = np.sort(rng.choice(nb, size=args.hessian_batches, replace=False))
-            weight = nb / args.hessian_batches
+        batch_ids = _subsample(nb, args.hessian_batches, args.seed)
+        weight = 1.0 if batch_ids is None else nb / len(batch_ids)
         self.objective = HeadObjective(head, x, y, batch_ids=batch_ids, weight=weight)
         self.theta = head.theta()
         self.info: dict = {"method": method, "hessian_batches": args.hessian_batches or nb}
@@ -86,8 +94,14 @@ class InverseHessian:
         self._ekfac = None
         if method == "exact":
             self._chol = torch.linalg.cholesky(self.dense())
-        else:
-            self._ekfac = _EKFAC.build(self.objective)
+        else:  # EK-FAC (the approximation, or CG's preconditioner) from a batch sample
+            pool = np.arange(nb) if batch_ids is None else batch_ids
+            pick = _subsample(len(pool), args.ekfac_batches, args.seed + 1)
+            ek_obj = self.objective
+            if pick is not None:
+                ek_obj = HeadObjective(head, x, y, batch_ids=pool[pick], weight=nb / len(pick))
+            self.info["ekfac_batches"] = len(pool) if pick is None else len(pick)
+            self._ekfac = _EKFAC.build(ek_obj)
 
     def ekfac_state(self) -> dict:
         """EK-FAC's factors (to save beside an index so queries skip the two passes)."""
