@@ -128,3 +128,25 @@ def rotated_pairs(
     y[bad] = y[np.roll(bad, 1)]
     y /= np.linalg.norm(y, axis=1, keepdims=True)
     return x, y, bad
+
+
+def clip_like_pairs(
+    n: int, d: int, noise: float = 0.2, seed: int = 0, clusters: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit pairs shaped like CLIP's: each side a shared mean direction plus clustered content
+    with a 1/k spectrum in its own basis (image and text related by a rotation), a fraction
+    with shuffled text (the rows returned third). Anisotropic, unlike ``rotated_pairs``."""
+    g = np.random.default_rng(seed)
+    spec = np.sqrt(1.0 / np.arange(1, d + 1))
+    bx, by, rot = (np.linalg.qr(g.standard_normal((d, d)))[0] for _ in range(3))
+    mu_x, mu_y = (1.5 * v / np.linalg.norm(v) for v in g.standard_normal((2, d)))
+    centres = g.standard_normal((clusters, d)) * spec
+    z = centres[g.integers(0, clusters, n)] + 0.3 * g.standard_normal((n, d)) * spec
+    x = mu_x + z @ bx.T
+    y = mu_y + (z @ rot.T + 0.3 * g.standard_normal((n, d)) * spec) @ by.T
+    k = int(round(noise * n))
+    bad = g.choice(n, k, replace=False) if k else np.zeros(0, dtype=int)
+    y[bad] = y[np.roll(bad, 1)]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return x, y, bad
