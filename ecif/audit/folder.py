@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.head import Head
 
 
@@ -131,3 +132,44 @@ def write_audit_description(
     tmp = folder / f".audit.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(desc, indent=1, default=str))
     os.replace(tmp, folder / "audit.json")
+
+
+def training_set(
+    folder: Path, embeddings: str | os.PathLike | None = None
+) -> tuple[EmbeddingSet, Path]:
+    """The training embeddings of an audit: ``embeddings`` or audit.json's ``embeddings``."""
+    info_path = folder / "audit.json"
+    if not info_path.exists():
+        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
+    info = json.loads(info_path.read_text())
+    emb = embeddings or info.get("embeddings") or info.get("train")
+    if not emb:
+        raise AuditFolderError(
+            f"{folder}/audit.json records no training embeddings; pass --embeddings FOLDER"
+        )
+    emb = Path(emb)
+    if not emb.is_absolute() and not emb.exists():
+        emb = folder / emb
+    return EmbeddingSet.load(emb), emb
+
+
+def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True) -> Head:
+    """A head fit on the whole training set: the audit's own, or AUDIT/index/head.pt (what
+    `ecif index` fits when the audit cross-fitted halves), else fit now with its options."""
+    for path in (folder, folder / "index"):
+        if (path / "head.pt").exists():
+            for h in read_heads(path):
+                if h.partition.n == len(train):
+                    return h
+    if not fit_if_missing:
+        raise AuditFolderError(f"{folder}: no head fit on all {len(train)} training pairs")
+    from ecif.audit.auditor import AuditArgs, Auditor
+
+    opts = json.loads((folder / "audit.json").read_text()).get("options", {})
+    args = AuditArgs(**{k: v for k, v in opts.items() if k in AuditArgs.__dataclass_fields__})
+    head = Auditor(train, args=args)._fit(train)
+    (folder / "index").mkdir(exist_ok=True)
+    tmp = folder / "index" / f".head.pt.{os.getpid()}.tmp"
+    torch.save([head.state_dict()], tmp)
+    os.replace(tmp, folder / "index" / "head.pt")
+    return head

@@ -15,7 +15,6 @@ test loss = it pushed the model towards the mistake ("responsible"); positive = 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 
 import ecif.api as api
-from ecif.audit.folder import AuditFolderError, read_heads
+from ecif.audit.folder import AuditFolderError, trace_head, training_set
 from ecif.audit.trace_cache import load_context, load_trace_cache, pair_norms, trace_solver
 from ecif.audit.trace_loss import TraceQuery, _unit, interleave, query_loss_and_gradient
 from ecif.data.embedding_set import EmbeddingSet
@@ -374,44 +373,3 @@ def result_table(ranked: pd.DataFrame, tb: TraceBack, q: TraceQuery, k: int) -> 
     if q.text is not None and len(r):
         out["text_similarity"] = _unit(np.asarray(tb.train.text[r])) @ _unit(q.text)
     return out
-
-
-def training_set(
-    folder: Path, embeddings: str | os.PathLike | None = None
-) -> tuple[EmbeddingSet, Path]:
-    """The training embeddings of an audit: ``embeddings`` or audit.json's ``embeddings``."""
-    info_path = folder / "audit.json"
-    if not info_path.exists():
-        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
-    info = json.loads(info_path.read_text())
-    emb = embeddings or info.get("embeddings") or info.get("train")
-    if not emb:
-        raise AuditFolderError(
-            f"{folder}/audit.json records no training embeddings; pass --embeddings FOLDER"
-        )
-    emb = Path(emb)
-    if not emb.is_absolute() and not emb.exists():
-        emb = folder / emb
-    return EmbeddingSet.load(emb), emb
-
-
-def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True) -> Head:
-    """A head fit on the whole training set: the audit's own, or AUDIT/index/head.pt (what
-    `ecif index` fits when the audit cross-fitted halves), else fit now with its options."""
-    for path in (folder, folder / "index"):
-        if (path / "head.pt").exists():
-            for h in read_heads(path):
-                if h.partition.n == len(train):
-                    return h
-    if not fit_if_missing:
-        raise AuditFolderError(f"{folder}: no head fit on all {len(train)} training pairs")
-    from ecif.audit.auditor import AuditArgs, Auditor
-
-    opts = json.loads((folder / "audit.json").read_text()).get("options", {})
-    args = AuditArgs(**{k: v for k, v in opts.items() if k in AuditArgs.__dataclass_fields__})
-    head = Auditor(train, args=args)._fit(train)
-    (folder / "index").mkdir(exist_ok=True)
-    tmp = folder / "index" / f".head.pt.{os.getpid()}.tmp"
-    torch.save([head.state_dict()], tmp)
-    os.replace(tmp, folder / "index" / "head.pt")
-    return head

@@ -83,8 +83,7 @@ def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecif.audit.folder import AuditFolderError
-    from ecif.audit.trace import trace_head, training_set
+    from ecif.audit.folder import AuditFolderError, trace_head, training_set
     from ecif.data.embedding_set import EmbeddingSet
     from ecif.data.index import FaissIndexError, build_indexes
     from ecif.data.layout import FolderError
