@@ -113,7 +113,7 @@ def test_auto_solver_picks_the_cheaper_method_and_scores_agree():
     exact = ecif.score(head, train, val, method="exact")
     assert auto.attrs["solver"]["method"] == "cg"
     ref = exact["influence"].to_numpy()
-    np.testing.assert_allclose(auto["influence"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(auto["influence"], ref, rtol=0, atol=1e-3 * np.abs(ref).max())
     assert ecif.solver(head, train, solves=len(x)).method == "exact"
     tiny = _small()[2]
     assert ecif.solver(tiny, _small()[0]).method == "exact"
