@@ -317,7 +317,10 @@ def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
     assert load_context(audit / "index", tb.head) is None  # an older layout is never read
+    old = TraceBack.from_audit(audit)
+    assert old.context is None and "rerun `ecif index`" in old.cache_note
     meta_path.write_text(json.dumps(meta))
+    assert TraceBack.from_audit(audit).cache_note is None
     q = tb.query_from_set(test, test.ids[0])
     fast = tb.rank(q)  # every pair, precomputed norms and batch context
     assert fast.attrs["max_bound"] == 0.0  # 32 heaviest members > batch of 16: nothing dropped

@@ -58,6 +58,7 @@ class TraceBack:
     context: dict | None = None  # per-pair batch context (index/context/ from `ecif index`)
     context_top: int = 32  # batch members whose r_k enters a numerator exactly (bound on rest)
     query_threads: int | None = 1  # torch threads for a query: its ops are small (benchmarks)
+    cache_note: str | None = None  # why index/ precomputations were not used (from_audit)
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
 
@@ -99,6 +100,13 @@ class TraceBack:
             inv, tb.norms, info = load_trace_cache(folder / "index", head, train.image, train.text)
             tb._inverse, tb.norms_estimated = inv, bool(info.get("probes"))
             tb.context = load_context(folder / "index", head) if tb.norms is not None else None
+            if idx is not None:
+                tb.cache_note = info.get("stale")
+                if tb.norms is not None and tb.context is None:
+                    tb.cache_note = (
+                        f"{folder / 'index' / 'context'} is missing, from an older ecif or for "
+                        "another head: traces recompute batches; rerun `ecif index` to speed them up"
+                    )
         return tb
 
     # -- the solver and the indexes, made on first use ----------------------------------

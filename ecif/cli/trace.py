@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if tb.indexes is None:
             print("note: no index in the audit folder; building one in memory", file=sys.stderr)
+        elif tb.cache_note:
+            print(f"note: {tb.cache_note}", file=sys.stderr)
         q = build_query(tb, args)
         table, info = tb.trace(
             q, k=args.k, candidates=args.candidates or None, wrong_answer=args.wrong_answer

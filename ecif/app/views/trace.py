@@ -75,6 +75,8 @@ if st.button("Trace", type="primary", disabled=not query, key="trace_go"):
     except Exception as e:  # bad query, missing model/embeddings: say why in the page
         st.error(f"Trace-back failed: {e}")
         st.stop()
+    if tb.cache_note:
+        st.info(tb.cache_note)
     st.session_state["trace_result"] = (result, qinfo)
 
 if "trace_result" in st.session_state:
