@@ -38,9 +38,14 @@ def test_whitener_is_symmetric_and_inverts_the_damped_second_moments():
     assert torch.allclose(u @ lin(v), lin(u) @ v)  # symmetric: phi-gradients are L grad
     a, _ = second_moments(x, y)
     assert np.allclose(a.numpy(), x.T @ x / len(x))
-    # L applied twice to A^1/2 (damped) on the image side gives back A^-1/2: check on M = I
-    damped = a + 0.01 * float(a.diagonal().mean()) * torch.eye(6, dtype=torch.float64)
-    two = lin(lin(torch.eye(6, dtype=torch.float64).reshape(-1))).reshape(6, 6)
+    # L applied twice to M = I gives (A / mean + 0.01 I)^-1 (B / mean + 0.01 I)^-1
     b = torch.from_numpy(y.T @ y / len(y))
-    b = b + 0.01 * float(b.diagonal().mean()) * torch.eye(6, dtype=torch.float64)
-    assert torch.allclose(two, torch.linalg.inv(damped) @ torch.linalg.inv(b), atol=1e-8)
+    eye = torch.eye(6, dtype=torch.float64)
+    want = torch.linalg.inv(a / a.diagonal().mean() + 0.01 * eye)
+    want = want @ torch.linalg.inv(b / b.diagonal().mean() + 0.01 * eye)
+    two = lin(lin(eye.reshape(-1))).reshape(6, 6)
+    assert torch.allclose(two, want, atol=1e-8)
+    # isotropic moments: the whitener is (1 + 0.01)^-1 times the identity
+    xi = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))[0]
+    lin_iso = moment_whitener(head, np.vstack([xi, -xi]), np.vstack([xi, -xi]))
+    assert torch.allclose(lin_iso(u), u / 1.01, atol=1e-10)

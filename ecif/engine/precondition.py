@@ -3,7 +3,8 @@
 CLIP embeddings are anisotropic (a shared mean direction, a fast-decaying spectrum), so the
 head's Hessian, roughly (t^2/N) E[x x^T] (x) Cov(y) + ..., has a huge condition number and
 L-BFGS crawls. Fitting in variables Phi with M = M_start + A^-1/2 Phi B^-1/2 (A, B the
-embeddings' second moments, damped) whitens the Kronecker factors; theta is a linear function
+embeddings' second moments over their mean eigenvalue, plus 0.01 I: the identity on isotropic
+data) whitens the Kronecker factors; theta is a linear function
 of Phi, so the optimum is the same point. On a CLIP-like synthetic set (30k pairs, d = 128)
 that took L-BFGS from > 650 passes to ~115; on isotropic data it changes nothing.
 """
@@ -23,8 +24,9 @@ DAMPING = 0.01  # of the mean eigenvalue, so directions the data never spans sta
 
 
 def _inverse_sqrt(c: torch.Tensor) -> torch.Tensor:
+    """(C / mean eigenvalue + DAMPING I)^-1/2: the identity on isotropic data."""
     c = 0.5 * (c + c.T)
-    c = c + DAMPING * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype)
+    c = c / float(c.diagonal().mean()) + DAMPING * torch.eye(len(c), dtype=c.dtype)
     e, u = torch.linalg.eigh(c)
     return (u * e.clamp_min(1e-30).rsqrt()) @ u.T
 
