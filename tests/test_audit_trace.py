@@ -361,3 +361,17 @@ def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys
     assert load_trace_cache(audit / "index", head, loaded.image, loaded.text)[1] is not None
     assert main(["index", str(audit), "--quiet", "--norms", "lots"]) == 2
     assert "--norms must be" in capsys.readouterr().err
+
+
+def test_demo_writes_the_trace_precomputations(tmp_path, tiny_clip_dir, monkeypatch):
+    import ecif.data.tiny_clip as tc
+    from ecif.audit.demo import DemoArgs, run_demo
+
+    monkeypatch.setattr(tc, "tiny_clip", lambda progress=False: tiny_clip_dir)
+    out = tmp_path / "demo"
+    args = DemoArgs(output=str(out), n_train=300, n_val=100, shard_size=150, batch_size=32)
+    figures = run_demo(args, log=lambda s: None)
+    assert figures["pairs"] == 300 and figures["auroc"] > 0.6  # shuffled captions found
+    assert (out / "index" / "trace.pt").exists() and (out / "index" / "context").is_dir()
+    tb = TraceBack.from_audit(out)
+    assert tb.norms is not None and tb.context is not None and tb.cache_note is None

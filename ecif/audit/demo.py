@@ -78,12 +78,20 @@ def run_demo(
     score_shards(
         out / "embeddings" / "train", out, val_set, args=audit_args, progress=progress, log=log
     )
-    log("[4/4] trace-back index")
-    from ecif.audit.shards import load_training_set
+    log("[4/4] trace-back index (FAISS, pair norms, batch context)")
+    from ecif.audit.folder import trace_head, training_set
+    from ecif.audit.trace_cache import precompute
     from ecif.data.index import build_indexes
 
-    train_set = load_training_set(out / "embeddings" / "train")
+    train_set, _ = training_set(out)
     build_indexes(train_set.image, train_set.text, out / "index", progress=progress)
+    precompute(
+        out / "index",
+        trace_head(out, train_set),
+        train_set.image,
+        train_set.text,
+        progress=progress,
+    )
     table, info = read_audit(out)
     truth = train.frame.set_index("key")["is_corrupted"]
     labels = truth.loc[table["id"]].to_numpy()

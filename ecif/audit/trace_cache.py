@@ -192,3 +192,24 @@ def load_context(folder: str | os.PathLike, head: Head) -> dict | None:
     out["norm_max"] = np.asarray(meta["norm_max"])
     out["es_max"] = float(meta["es_max"])
     return out
+
+
+def precompute(
+    out: str | os.PathLike,
+    head: Head,
+    x,
+    y,
+    *,
+    probes: int | str | None = "auto",
+    context_top: int = DEFAULT_TOP,
+    progress: bool = True,
+) -> dict:
+    """Everything `ecif index` saves beside the FAISS indexes in ``out``: the trace solver,
+    every pair's norm (trace.pt) and the batch context; returns what was done and its cost."""
+    if context_top < 1:
+        raise ValueError(f"context_top must be at least 1; got {context_top}")
+    inv = trace_solver(head, x, y)
+    norms, info = pair_norms(head, x, y, inv, probes=probes, progress=progress)
+    save_trace_cache(out, head, inv, norms, info)
+    _, seconds = build_context(out, head, x, y, top=context_top, progress=progress)
+    return {**info, "context_seconds": seconds}

@@ -55,30 +55,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
-    from ecif.audit.trace_cache import build_context, pair_norms, save_trace_cache, trace_solver
+    from ecif.audit.trace_cache import precompute
 
     probes = {"exact": 0, "auto": "auto"}.get(args.norms, args.norms)
     if probes != "auto" and not str(probes).isdigit():
         raise ValueError(f"--norms must be auto, exact, none or a probe count; got {args.norms!r}")
-    inv = trace_solver(head, train.image, train.text)
-    norms, info = pair_norms(
-        head, train.image, train.text, inv, probes=probes, progress=common.show_progress(args)
-    )
-    save_trace_cache(out, head, inv, norms, info)
     if args.context_top < 1:
         raise ValueError(f"--context-top must be at least 1; got {args.context_top}")
-    _, seconds = build_context(
+    info = precompute(
         out,
         head,
         train.image,
         train.text,
-        top=args.context_top,
+        probes=probes,
+        context_top=args.context_top,
         progress=common.show_progress(args),
     )
     how = "exact" if not info["probes"] else f"{info['probes']}-probe estimates"
     return (
         f"; pair norms ({how}, {info['seconds']:.1f} s) in {out / 'trace.pt'}"
-        f", batch context ({seconds:.1f} s) in {out / 'context'}"
+        f", batch context ({info['context_seconds']:.1f} s) in {out / 'context'}"
     )
 
 

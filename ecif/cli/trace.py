@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     except (AuditFolderError, FolderError, FaissIndexError, ModelLoadError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing or unreadable image file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"query: {info['query']}")
