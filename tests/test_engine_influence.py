@@ -102,6 +102,30 @@ def test_ekfac_from_a_batch_sample_stays_close_and_cg_stays_exact():
     assert torch.allclose(cg.solve(g), exact, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_cached_hessian_vector_products_equal_recomputed_ones(learn_scale):
+    x, y, _ = synthetic_pairs(10_000, 4, noise=0.2, seed=8)  # 157 batches: 2 chunks of <= 128
+    train = ecif.EmbeddingSet(x, y)
+    kw = dict(batch_size=64, lam=1e-3, logit_scale=10.0, learn_scale=learn_scale, **F64)
+    head = ecif.fit(train, **kw)
+    theta, v = head.theta(), torch.randn(head.num_params, dtype=torch.float64)
+    plain = HeadObjective(head, x, y)
+    # bytes of one batch: x and y (64 x 4 each), P and Q (64 x 64 each), S with a learned scale
+    per_batch = 64 * 8 * (2 * 4 + 2 * 64 + (64 if learn_scale else 0))
+    first_chunk = 128 * per_batch
+    for budget in (1 << 30, first_chunk):  # everything cached; the first chunk only
+        cached = HeadObjective(head, x, y, cache_bytes=budget)
+        want = plain.hvp(theta, v)
+        first, again = cached.hvp(theta, v), cached.hvp(theta, v)  # fill, then reuse
+        assert cached._cache_batches == (128 if budget == first_chunk else 157)
+        assert torch.allclose(first, want, rtol=1e-12) and torch.allclose(again, want, rtol=1e-12)
+        moved = theta + 0.01 * torch.randn_like(theta)  # a new theta invalidates the cache
+        assert torch.allclose(cached.hvp(moved, v), plain.hvp(moved, v), rtol=1e-12)
+    a = ecif.solver(head, train, method="cg", tol=1e-10, cache_bytes=0).solve(v)
+    b = ecif.solver(head, train, method="cg", tol=1e-10).solve(v)
+    assert torch.allclose(a, b, rtol=1e-10)
+
+
 def test_auto_solver_picks_the_cheaper_method_and_scores_agree():
     # d = 32, B = 64: building the dense Hessian costs ~30x more than a Hessian-vector
     # product per pair, so one solve goes to CG; a solve per pair goes to the dense factor

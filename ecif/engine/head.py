@@ -141,13 +141,26 @@ class HeadObjective:
     """
 
     def __init__(
-        self, head: Head, x, y, *, batch_ids: np.ndarray | None = None, weight: float = 1.0
+        self,
+        head: Head,
+        x,
+        y,
+        *,
+        batch_ids: np.ndarray | None = None,
+        weight: float = 1.0,
+        cache_bytes: int = 0,
     ):
         self.head = head
         self.x, self.y = x, y
         self.batch_ids = batch_ids
         self.weight = weight  # rescales a subsampled data term back to the full sum
         self.di, self.dt = head.m.shape
+        # Hessian-vector products at one theta (CG) keep the first chunks' embeddings and
+        # softmaxes in memory up to this many bytes, skipping their reads and forward pass
+        self.cache_bytes = cache_bytes
+        self._cache: list = []
+        self._cache_theta: torch.Tensor | None = None
+        self._cache_batches = 0
 
     def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
         m = theta[: self.di * self.dt].reshape(self.di, self.dt)
@@ -203,10 +216,8 @@ class HeadObjective:
         delta = vv[:, -1] if self.head.learn_scale else None
         h_m = torch.zeros_like(vm)
         h_tau = torch.zeros(k, dtype=v.dtype, device=v.device)
-        for ch in self._chunks():
+        for ch, s, st in self._forward_at(theta):
             yt = ch.y.transpose(-1, -2)
-            s = t * (ch.x @ m) @ yt
-            st = batch_stats(s, ch.mask)
             ds = t * torch.einsum("cbi,kij->kcbj", ch.x, vm) @ yt
             if delta is not None:
                 ds = ds + delta[:, None, None, None] * s
@@ -222,6 +233,45 @@ class HeadObjective:
             out = torch.cat([out, h_tau[:, None]], dim=1)
         out = out * (self.weight / self.head.n_norm) + self.head.lam * vv
         return out[0] if single else out
+
+    def _forward_at(self, theta: torch.Tensor):
+        """(chunk, S, softmaxes) for every chunk at theta, the cached ones first (see
+        ``cache_bytes``); the rest read and computed, filling the cache on a new theta."""
+        m, t = self._split(theta)
+        h = self.head
+        hit = self._cache_theta is not None and torch.equal(self._cache_theta, theta)
+        if hit:
+            yield from self._cache
+        else:
+            self._cache, self._cache_batches = [], 0
+            self._cache_theta = theta.detach().clone() if self.cache_bytes > 0 else None
+        ids = np.arange(h.partition.num_batches) if self.batch_ids is None else self.batch_ids
+        filling, used = not hit and self.cache_bytes > 0, 0
+        rest = (
+            self._chunks()
+            if self.cache_bytes <= 0
+            else iter_chunks(
+                self.x,
+                self.y,
+                h.partition,
+                dtype=h.dtype,
+                device=h.m.device,
+                batch_ids=np.asarray(ids)[self._cache_batches :],
+            )
+        )
+        for ch in rest:
+            s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+            st = batch_stats(s, ch.mask)
+            if filling:
+                keep = (ch, s if h.learn_scale else None, replace(st, log_p=None, log_q=None))
+                size = sum(a.numel() * a.element_size() for a in (ch.x, ch.y, st.p, st.q))
+                size += s.numel() * s.element_size() if h.learn_scale else 0
+                filling = used + size <= self.cache_bytes
+                if filling:
+                    self._cache.append(keep)
+                    self._cache_batches += len(ch.batch_ids)
+                    used += size
+            yield ch, s, st
 
     def dense_hessian(self, theta: torch.Tensor) -> torch.Tensor:
         """The dense Hessian, assembled from its Kronecker structure (no P Hessian-vector products).
