@@ -135,7 +135,9 @@ def clip_like_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit pairs shaped like CLIP's: each side a shared mean direction plus clustered content
     with a 1/k spectrum in its own basis (image and text related by a rotation), a fraction
-    with shuffled text (the rows returned third). Anisotropic, unlike ``rotated_pairs``."""
+    with shuffled text (the rows returned third). Anisotropic, unlike ``rotated_pairs``. The
+    seed also draws the bases and means, so take a validation set from the same call (split
+    the rows) rather than from another seed."""
     g = np.random.default_rng(seed)
     spec = np.sqrt(1.0 / np.arange(1, d + 1))
     bx, by, rot = (np.linalg.qr(g.standard_normal((d, d)))[0] for _ in range(3))
