@@ -74,7 +74,8 @@ def make_memmaps(n: int, d: int, workdir: Path, kind: str) -> tuple[Path, Path]:
     """Unit-norm float16 pairs in .npy files, written 100k rows at a time (flat memory).
 
     bench: y = normalize(x + 0.8 noise) (the optimum is near a multiple of the identity);
-    rotation: y = normalize(x R + noise) (far from the identity start: more L-BFGS passes).
+    rotation: y = normalize(x R + noise) (far from the identity start: more L-BFGS passes);
+    clip_like: ecif.datasets.clip_like_pairs (anisotropic like CLIP's), one world, rows per block.
     """
     import numpy as np
 
@@ -90,7 +91,11 @@ def make_memmaps(n: int, d: int, workdir: Path, kind: str) -> tuple[Path, Path]:
         k = min(100_000, n - s)
         x = g.standard_normal((k, d))
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        if kind == "bench":
+        if kind == "clip_like":
+            from ecif.datasets import clip_like_pairs
+
+            x, y, _ = clip_like_pairs(k, d, seed=0, rows_seed=s // 100_000)
+        elif kind == "bench":
             y = x + 0.8 * g.standard_normal((k, d))
         else:
             y = x @ rot + 0.6 * g.standard_normal((k, d)) / np.sqrt(d)
@@ -198,7 +203,9 @@ def main() -> None:
     ap.add_argument(
         "--warmup-epochs", default="auto", help="warm-up epochs for --warmup (default auto)"
     )
-    ap.add_argument("--data", choices=["bench", "rotation"], default="bench", help="--warmup data")
+    ap.add_argument(
+        "--data", choices=["bench", "rotation", "clip_like"], default="bench", help="--warmup data"
+    )
     ap.add_argument("--workdir", default="/tmp/ecif_bench_scale", help="--warmup memmap folder")
     ap.add_argument("--threads", type=int, default=0, help="--warmup: torch threads (0: default)")
     ap.add_argument("--fit-one", nargs=4, help=argparse.SUPPRESS)

@@ -131,18 +131,25 @@ def rotated_pairs(
 
 
 def clip_like_pairs(
-    n: int, d: int, noise: float = 0.2, seed: int = 0, clusters: int = 200
+    n: int,
+    d: int,
+    noise: float = 0.2,
+    seed: int = 0,
+    clusters: int = 200,
+    rows_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit pairs shaped like CLIP's: each side a shared mean direction plus clustered content
     with a 1/k spectrum in its own basis (image and text related by a rotation), a fraction
     with shuffled text (the rows returned third). Anisotropic, unlike ``rotated_pairs``. The
     seed also draws the bases and means, so take a validation set from the same call (split
-    the rows) rather than from another seed."""
+    the rows), or from the same seed with another ``rows_seed`` (same world, other rows)."""
     g = np.random.default_rng(seed)
     spec = np.sqrt(1.0 / np.arange(1, d + 1))
     bx, by, rot = (np.linalg.qr(g.standard_normal((d, d)))[0] for _ in range(3))
     mu_x, mu_y = (1.5 * v / np.linalg.norm(v) for v in g.standard_normal((2, d)))
     centres = g.standard_normal((clusters, d)) * spec
+    if rows_seed is not None:  # same world (bases, means, clusters), other rows
+        g = np.random.default_rng([seed, rows_seed])
     z = centres[g.integers(0, clusters, n)] + 0.3 * g.standard_normal((n, d)) * spec
     x = mu_x + z @ bx.T
     y = mu_y + (z @ rot.T + 0.3 * g.standard_normal((n, d)) * spec) @ by.T
