@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=32,
         help="batch members stored per pair and side (the heaviest by softmax weight) for trace "
-        "numerators; the rest is bounded (default 32; >= the batch size is exact)",
+        "numerators; the rest is bounded (>= the batch size is exact)",
     )
     common.add_device(p)
     common.add_seed(p)
