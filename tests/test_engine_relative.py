@@ -171,3 +171,21 @@ def test_context_norms_equal_the_batch_pass_ekfac_norms_and_respect_their_bound(
     slow = ecif.relative_influence(head, train, g, rows, **kw)
     assert fast.attrs["norm"] == slow.attrs["norm"] == "ekfac" and fast.attrs["max_bound"] < 1e-12
     assert np.allclose(fast["relative_influence"], slow["relative_influence"], rtol=1e-9)
+
+
+def test_float16_context_on_a_float32_head_stays_close_to_the_batch_pass():
+    from ecif.engine.batch_context import context_dots, context_norms, fill_context, new_context
+
+    x, y, _ = synthetic_pairs(600, 8, noise=0.2, seed=4)
+    x, y = x.astype(np.float16), y.astype(np.float16)  # as clip-retrieval stores them
+    head = ecif.fit((x, y), batch_size=32, lam=1e-3, logit_scale=30.0)  # float32 head
+    ctx = fill_context(head, x, y, new_context(600, 8, 8, vector_dtype=np.float16))
+    inv = InverseHessian(head, x, y, SolverArgs(method="ekfac"))
+    w = inv.solve(torch.randn(head.num_params, generator=torch.Generator().manual_seed(1)))
+    rows = np.arange(0, 600, 7)
+    want_dot, want_norm = candidate_pass(head, x, y, w, rows, inverse=inv)
+    dot, bound = context_dots(head, x, y, ctx, w, rows)
+    norm, _ = context_norms(head, x, y, ctx, inv._ekfac, rows)
+    assert bound.max() < 1e-6  # 31 others per batch, 32 kept: nothing dropped
+    assert np.abs(dot - want_dot).max() < 3e-3 * np.abs(want_dot).max()  # measured 2e-4
+    assert np.abs(norm / want_norm - 1).max() < 3e-3  # measured 4e-4: float16 partners
