@@ -105,7 +105,8 @@ class TraceBack:
                 if tb.norms is not None and tb.context is None:
                     tb.cache_note = (
                         f"{folder / 'index' / 'context'} is missing, from an older ecif or for "
-                        "another head: traces recompute batches; rerun `ecif index` to speed them up"
+                        "another head: traces recompute batches; rerun `ecif index` to speed "
+                        "them up"
                     )
         return tb
 

@@ -62,8 +62,9 @@ def auto_method(head: Head, args: SolverArgs) -> str:
 
     Assembling the dense Hessian costs ~P^2 per pair (Kronecker blocks, large GEMMs) plus the
     P^3/3 Cholesky; one Hessian-vector product ~P + 5 B (d_img + d_txt) per pair (the B x B
-    logit work dominates at small d) plus a fixed cost per pass. Calibrated on 20k pairs, B = 256: the dense build costs 2, 9, 29, 97
-    products at d = 16, 32, 48, 64, while CG needs 5-10 of them per right-hand side.
+    logit work dominates at small d) plus a fixed cost per pass. Calibrated on 20k pairs,
+    B = 256: the dense build costs 2, 9, 29, 97 products at d = 16, 32, 48, 64, while CG needs
+    5-10 of them per right-hand side.
     """
     p = head.num_params
     if p > args.exact_max_params:
