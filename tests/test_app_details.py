@@ -149,3 +149,24 @@ def test_upload_is_named_by_its_file_and_class_prompts_work(monkeypatch, small_a
     assert not at.error, [e.value for e in at.error]
     query = next(m.value for m in at.markdown if m.value.startswith("**Query:**"))
     assert query.startswith("**Query:** test pair") and "3 class prompts" in query
+
+
+def test_cli_app_data_root_reaches_the_app(monkeypatch, small_audit, tmp_path, capsys):
+    import os
+
+    from ecif.cli import main
+
+    class Execed(Exception):
+        pass
+
+    def fake_execve(exe, cmd, env):
+        ran.append(env)
+        raise Execed
+
+    ran = []
+    monkeypatch.setattr(os, "execve", fake_execve)
+    assert main(["app", str(small_audit), "--data-root", str(tmp_path / "nope")]) == 2
+    assert "--data-root" in capsys.readouterr().err and not ran
+    with pytest.raises(Execed):
+        main(["app", str(small_audit), "--data-root", str(tmp_path)])
+    assert ran[0][support.DATA_ROOT_ENV] == str(tmp_path.resolve())
