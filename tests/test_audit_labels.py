@@ -48,13 +48,16 @@ def test_accuracy_counts_repeated_captions_and_label_columns():
     assert finer == np.mean(names[pred] == names) < by_label
 
 
-def test_compare_cleaning_uses_the_label_column():
+def test_compare_cleaning_uses_the_label_column(capsys):
     train, val = _classes(seed=1), _classes(seed=2)
     table = ecif.Auditor(train, val, ecif.AuditArgs(batch_size=32, logit_scale=10.0)).run()
     head = ecif.fit(train, batch_size=32, logit_scale=10.0)
     a = compare_cleaning(head, train, val, table, count=10)
-    b = compare_cleaning(head, train, val, table, count=10, label_col="digit_name")
+    b = compare_cleaning(head, train, val, table, count=10, label_col="digit_name", progress=True)
     assert (b["val_i2t_acc"] <= a["val_i2t_acc"]).all()
+    err = capsys.readouterr().err  # progress=True: a spinner line per refit, on stderr
+    for name in ("ecif", "random", "clip_score"):
+        assert f"refitting without the 10 pairs picked by {name}: done in" in err
     assert b.loc[0, "val_i2t_acc"] == retrieval_accuracy(
         head, val, labels=pd.factorize(val.metadata["digit_name"].astype(str))[0]
     )

@@ -225,3 +225,12 @@ def test_python_dash_m_ecif_runs_the_cli():
     )
     assert r.returncode == 2 and r.stdout == ""
     _one_error_line(r.stderr, "/no/such/folder: no such folder")
+
+
+def test_trace_on_a_missing_image_file_names_the_file(small_audit, tmp_path, capsys):
+    missing = tmp_path / "cat.jpg"
+    argv = ["trace", str(small_audit), "--image", str(missing), "--caption", "a cat", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_error_line(err, f"{missing}: No such file or directory")
+    assert "Errno" not in err

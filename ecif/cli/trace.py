@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
     from ecif.data.models import ModelLoadError
 
     start = time.time()
+    for path in (args.image, args.classes):  # before loading the audit
+        if path and not Path(path).is_file():
+            print(f"error: {path}: No such file or directory", file=sys.stderr)
+            return 2
     try:
         tb = TraceBack.from_audit(
             args.audit,
