@@ -4,9 +4,10 @@
 
 A thin file over the package: it runs ``ecif/app/main.py``, the same entry script that
 ``ecif app`` serves, so both open the same pages (overview, suspects, pair detail,
-trace-back). The audit folder is the first argument after ``--`` (else ``$ECIF_AUDIT``, else
-``./ecif-demo``). ``ecif app`` also binds the server to 127.0.0.1 and turns off usage
-statistics; run from the repository root, ``.streamlit/config.toml`` does the same here.
+trace-back). The audit folder is ``$ECIF_AUDIT`` when set, else the first argument after
+``--``, else ``./ecif-demo``; the sidebar can change it. ``ecif app`` also binds the server
+to 127.0.0.1 and turns off usage statistics; run from the repository root,
+``.streamlit/config.toml`` does the same here.
 """
 
 import runpy
