@@ -1,4 +1,4 @@
-"""Built-in data: the synthetic shapes pairs, the tiny CLIP trained on them, and both combined.
+"""Built-in data: shapes and digits pairs, synthetic concept embeddings, the tiny CLIP, planted noise.
 
 ``shapes_embedded(noise=0.2)`` is the one-call demo input: it makes shapes shards, embeds them
 through the real ``ecif.embed`` path with the cached tiny model and returns the folder, ready
@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ecif.data.concepts import GEOMETRIES, concept_pairs
+from ecif.data.digits import digits
 from ecif.data.layout import read_manifest
+from ecif.data.noisy import NOISE_KINDS
 from ecif.data.shapes import ShapesData, caption_of, shapes
 from ecif.data.tiny_clip import (
     TINY_NAME,
@@ -33,11 +36,15 @@ if TYPE_CHECKING:
     from ecif.data.embedding_set import EmbeddingSet
 
 __all__ = [
+    "GEOMETRIES",
+    "NOISE_KINDS",
     "TINY_NAME",
     "ShapesData",
     "TinyClipReport",
     "cache_dir",
     "caption_of",
+    "concept_pairs",
+    "digits",
     "read_report",
     "register_config",
     "retrieval_accuracy",

@@ -1,7 +1,7 @@
 """An independent autograd implementation of the head objective, for brute-force checks.
 
-Written from ecif-math.md without the engine's closed forms: losses by log_softmax on each
-batch, derivatives by torch.func, the Hessian dense.
+Written from the definitions in docs/math.md without the engine's closed forms: losses by
+log_softmax on each batch, derivatives by torch.func, the Hessian dense.
 """
 
 import torch

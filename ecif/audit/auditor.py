@@ -1,6 +1,6 @@
 """The Auditor: fit the head, score every pair, flag the suspects, as one DataFrame.
 
-Columns follow conventions.md: id, caption, clip_score, influence, influence_pos,
+Columns (docs/formats.md): id, caption, clip_score, influence, influence_pos,
 influence_neg, misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_score``).
 """
 

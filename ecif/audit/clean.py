@@ -3,7 +3,7 @@
 Every strategy drops the same number of pairs and refits the head on the same partition,
 so the only difference is WHICH pairs go: ecif's top misalign_score, random ones, or the
 lowest clip_score. The one-step ECIF edit theta + (1/N) H^-1 sum grad R_n predicts the
-refit without refitting (ecif-math.md section 7).
+refit without refitting (docs/math.md section 10).
 """
 
 from __future__ import annotations

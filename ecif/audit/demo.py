@@ -12,11 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from ecif.audit.auditor import AuditArgs
 from ecif.audit.folder import read_audit
+from ecif.audit.metrics import auroc, average_precision
 from ecif.audit.shards import score_shards
 
 
@@ -29,25 +27,6 @@ class DemoArgs:
     seed: int = 0
     batch_size: int = 256
     shard_size: int = 1000
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum formula (ties get average ranks)."""
-    labels = np.asarray(labels, dtype=bool)
-    r = pd.Series(scores).rank(method="average").to_numpy()
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    return float((r[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Average precision of a ranking (mean precision at each true positive)."""
-    labels = np.asarray(labels, dtype=bool)[np.argsort(-np.asarray(scores), kind="stable")]
-    hits = np.cumsum(labels)
-    return (
-        float((hits[labels] / (np.nonzero(labels)[0] + 1)).mean()) if labels.any() else float("nan")
-    )
 
 
 def run_demo(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ecif.audit.metrics import two_gaussian_mixture
+
 
 def estimate_noise_rate(scores: np.ndarray, iters: int = 200) -> float:
     """Fraction of the high component of a two-Gaussian mixture fitted to the scores.
@@ -16,28 +18,10 @@ def estimate_noise_rate(scores: np.ndarray, iters: int = 200) -> float:
     s = s[np.isfinite(s)]
     if len(s) < 10:
         return 0.0
-    lo, hi = np.quantile(s, [0.25, 0.9])
-    mu = np.array([lo, hi])
-    sd = np.full(2, s.std() / 2 + 1e-12)
-    w = np.array([0.8, 0.2])
-    for _ in range(iters):
-        dens = w / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2)
-        resp = dens / np.maximum(dens.sum(1, keepdims=True), 1e-300)
-        nk = resp.sum(0) + 1e-12
-        w_new = nk / len(s)
-        mu_new = (resp * s[:, None]).sum(0) / nk
-        sd_new = np.sqrt((resp * (s[:, None] - mu_new) ** 2).sum(0) / nk) + 1e-9 * (s.std() + 1e-12)
-        done = np.allclose(mu_new, mu, rtol=1e-8, atol=1e-12)
-        w, mu, sd = w_new, mu_new, sd_new
-        if done:
-            break
-    upper = int(np.argmax(mu))
-    pooled = np.sqrt((w * sd**2).sum())
-    if mu[upper] - mu[1 - upper] < pooled:
+    fit = two_gaussian_mixture(s, iters)
+    if fit.separation < 1.0:
         return 0.0
-    dens = w / sd * np.exp(-0.5 * ((s[:, None] - mu) / sd) ** 2)
-    post = dens[:, upper] / np.maximum(dens.sum(1), 1e-300)
-    return float((post > 0.5).mean())
+    return float((fit.posterior_upper(s) > 0.5).mean())
 
 
 def flag_count(scores: np.ndarray, threshold: str | float | int = "auto") -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""Trace-back: which training pairs made the model get one query wrong (ecif-math.md section 6).
+"""Trace-back: which training pairs made the model get one query wrong (docs/math.md section 8).
 
 A query becomes a test loss over candidate answers, L = -log sum_{c positive} softmax_c:
 - a test pair (``--query-id`` in a test set) or an image file: image -> text retrieval of

@@ -1,4 +1,4 @@
-"""The test loss of a trace-back query and the merge of neighbour lists (ecif-math.md section 6).
+"""The test loss of a trace-back query and the merge of neighbour lists (docs/math.md section 8).
 
 A query is one embedding against candidate answers of the other modality with one or more
 correct ones: L = -log sum_{c correct} softmax_c(t x^T M y_c) (image -> text) or the same with

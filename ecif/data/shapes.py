@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from ecif.data.noisy import NOISE_KINDS, AttributeSpace, caption_texts, plant_noise
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (220, 40, 40),
@@ -38,6 +40,13 @@ POSITIONS = {
 }
 BACKGROUNDS = {"white": (235, 235, 235), "black": (20, 20, 20), "grey": (128, 128, 128)}
 ATTRIBUTES = ("shape", "colour", "size", "position", "background")
+# near-miss shapes (similar outlines at the tiny model's resolution), for confusable swaps
+CONFUSABLE = {
+    "circle": ("square",),
+    "square": ("circle",),
+    "triangle": ("cross",),
+    "cross": ("triangle",),
+}
 
 
 @dataclass
@@ -157,13 +166,14 @@ def shapes(
 
     ``noise_kind="shuffle"``: those rows get another row's caption, never one equal to their
     own (gross misalignment). ``"attribute"``: one attribute word of the caption is changed
-    to another value (subtle misalignment; ``corrupted_attribute`` names it). Corrupted rows
-    are marked ``is_corrupted``. Same arguments, same bytes.
+    to another value (subtle misalignment; ``corrupted_attribute`` names it). ``"confusable"``,
+    ``"boilerplate"``, ``"mixed"``: as in ``ecif.data.noisy`` (``corrupted_attribute`` names
+    the kind). Corrupted rows are marked ``is_corrupted``. Same arguments, same bytes.
     """
     if not 0.0 <= noise <= 1.0:
         raise ValueError("noise must be in [0, 1]")
-    if noise_kind not in ("shuffle", "attribute"):
-        raise ValueError("noise_kind must be 'shuffle' or 'attribute'")
+    if noise_kind not in NOISE_KINDS:
+        raise ValueError(f"noise_kind must be one of {NOISE_KINDS}; got {noise_kind!r}")
     if n < 1:
         raise ValueError("n must be >= 1")
     rng = np.random.default_rng(seed)
@@ -200,6 +210,16 @@ def shapes(
             captions[i] = caption_of(*(attrs[a] for a in ATTRIBUTES))
             which[i] = name
         corrupted[chosen] = True
+    elif noise_kind in ("confusable", "boilerplate", "mixed"):
+        values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES,
+                  "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}  # fmt: skip
+        space = AttributeSpace(class_col="shape", confusable=CONFUSABLE, values=values)
+        caps, corrupted, which = plant_noise(
+            frame[list(ATTRIBUTES)], space, noise, noise_kind, seed + 7919
+        )
+        captions = np.array(
+            caption_texts(caps, lambda r: caption_of(*(r[a] for a in ATTRIBUTES))), dtype=object
+        )
     frame.insert(1, "caption", captions)
     frame["is_corrupted"] = corrupted
     frame["corrupted_attribute"] = which

@@ -1,6 +1,6 @@
 """Per-pair batch context, so a trace query never recomputes a candidate's whole batch.
 
-The numerator of relative influence, dR_n along w = H^-1 g (ecif-math.md sections 3-6), is
+The numerator of relative influence, dR_n along w = H^-1 g (docs/math.md sections 3, 5, 8, 9), is
 
   dR_n = -2 dS_nn + r_n + c_n + sum_k A_kn (dS_kn - r_k) + sum_k Bq_nk (dS_nk - c_k)
 

@@ -3,7 +3,7 @@
 Everything here acts on logits ``S`` shaped ``(c, B, B)`` (c batches of up to B members, row
 i = image i, column j = text j) with a member mask ``(c, B)``; padded or removed members are
 masked out. The head model's derivatives follow from these by the chain rule
-``dS = t X dM Y^T`` (see ``ecif.engine.head``). Formulas: ecif-math.md sections 1, 3 and 5.
+``dS = t X dM Y^T`` (see ``ecif.engine.head``). Formulas: docs/math.md sections 2, 3 and 5.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 theta = vec(M) (plus log t when the logit scale is learned). The objective
 J = (1/N) sum_b L_b + (lambda/2) ||theta - theta_0||^2 is strongly convex in M, so the fit
-has one optimum and leave-one-out retraining is verifiable (ecif-math.md section 2).
+has one optimum and leave-one-out retraining is verifiable (docs/math.md section 1).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class HeadObjective:
     """J(theta), its gradient and exact Hessian-vector products over a fixed partition.
 
     Matrix-free: every quantity is a stream over batch stacks, so memory is bounded by the
-    chunk, never by N (ecif-math.md section 5).
+    chunk, never by N (docs/math.md section 6).
     """
 
     def __init__(

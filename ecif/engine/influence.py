@@ -1,7 +1,7 @@
 """ECIF influence of training pairs: the one-pass closed-form scores and per-pair solves.
 
 IS_n = (1/N) w^T grad R_n with w = H^-1 g_val: the predicted change of the validation loss
-if pair n is removed (ecif-math.md section 4). With w solved once, every pair's score is a
+if pair n is removed (docs/math.md section 4). With w solved once, every pair's score is a
 directional derivative of its removal term along w, computed for a whole batch from its
 logits and one extra matmul (section 5): no per-pair backward pass.
 """
@@ -63,8 +63,8 @@ def classification_gradient(
 ) -> torch.Tensor:
     """Gradient of CE(softmax_j(t x^T M y_j), label) for one image against class prompts.
 
-    The loss a zero-shot misprediction means (section 6); for a retrieval mistake pass the
-    ranked candidate captions as ``class_text`` and the correct one as ``label``.
+    The loss a zero-shot misprediction means (docs/math.md section 8); for a retrieval mistake
+    pass the ranked candidate captions as ``class_text`` and the correct one as ``label``.
     """
     x = torch.as_tensor(np.asarray(image), dtype=head.dtype, device=head.m.device).reshape(-1)
     yc = torch.as_tensor(np.asarray(class_text), dtype=head.dtype, device=head.m.device)

@@ -1,4 +1,4 @@
-"""Relative influence for trace-back at scale (ecif-math.md section 6).
+"""Relative influence for trace-back at scale (docs/math.md section 8).
 
 rIS_n = g^T d_n / ||d_n|| with d_n = H^-1 grad R_n. The denominator does not depend on the
 query, so ``pair_norms`` computes it once for every pair (exactly from the low-rank structure
@@ -25,7 +25,7 @@ def removal_terms(s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, neg: st
     """Softmaxes, removal weights A (rows) and Bq (columns), and dR_n along ds, per batch.
 
     dR_n/dS = e_n (p_n - e_n + Bq_n.)^T + (q_.n - e_n + A_.n) e_n^T - diag(A_.n) P - Q diag(Bq_n.)
-    (ecif-math.md sections 3 and 5), which is what ``removal_grad_m`` contracts.
+    (docs/math.md sections 3 and 5), which is what ``removal_grad_m`` contracts.
     """
     full = bool(mask.all())
     s_t, ds_t = s.transpose(-1, -2), ds.transpose(-1, -2)

@@ -1,0 +1,88 @@
+"""Planted noise kinds, the digits and concept datasets: each kind does what it says."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ecif.data.concepts import SPACE as CONCEPTS
+from ecif.data.concepts import concept_pairs
+from ecif.data.digits import CONFUSABLE, digits
+from ecif.data.noisy import BOILERPLATE, NOISE_KINDS, plant_noise
+from ecif.datasets import shapes
+
+
+def _attrs(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({c: rng.choice(v, n) for c, v in CONCEPTS.values.items()})
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+def test_each_kind_marks_exactly_the_changed_captions(kind):
+    attrs = _attrs()
+    caps, bad, kinds = plant_noise(attrs, CONCEPTS, 0.2, kind, seed=3)
+    cols = list(CONCEPTS.values)
+    changed = (caps[cols] != attrs[cols]).any(axis=1).to_numpy() | (caps["boilerplate"] >= 0)
+    assert np.array_equal(bad, changed.to_numpy() if hasattr(changed, "to_numpy") else changed)
+    assert 0.15 * len(attrs) <= bad.sum() <= 0.2 * len(attrs)  # shuffles may hit an equal caption
+    assert all(k is None for k in kinds[~bad]) and all(k is not None for k in kinds[bad])
+    again = plant_noise(attrs, CONCEPTS, 0.2, kind, seed=3)
+    pd.testing.assert_frame_equal(caps, again[0])
+
+
+def test_kinds_change_what_they_claim():
+    attrs = _attrs(400)
+    cols = list(CONCEPTS.values)
+    caps, bad, _ = plant_noise(attrs, CONCEPTS, 0.25, "confusable", seed=1)
+    diff = caps[cols] != attrs[cols]
+    assert (diff.loc[bad, "object"]).all() and not diff.loc[bad].drop(columns="object").any().any()
+    for i in np.nonzero(bad)[0]:
+        assert caps.at[i, "object"] in CONCEPTS.confusable[attrs.at[i, "object"]]
+    caps, bad, _ = plant_noise(attrs, CONCEPTS, 0.25, "attribute", seed=1)
+    diff = (caps[cols] != attrs[cols]).to_numpy()
+    assert (diff[bad].sum(1) == 1).all() and not diff[bad, cols.index("object")].any()
+    caps, bad, _ = plant_noise(attrs, CONCEPTS, 0.25, "boilerplate", seed=1)
+    assert (caps.loc[bad, "boilerplate"] >= 0).all() and (caps.loc[~bad, "boilerplate"] == -1).all()
+    _, _, kinds = plant_noise(attrs, CONCEPTS, 0.4, "mixed", seed=1)
+    counts = pd.Series(kinds[kinds != None]).value_counts()  # noqa: E711
+    assert set(counts.index) == {"shuffle", "confusable", "attribute", "boilerplate"}
+
+
+def test_digits_are_deterministic_and_captioned():
+    a, b = (
+        digits(60, seed=2, noise=0.2, noise_kind="mixed"),
+        digits(60, seed=2, noise=0.2, noise_kind="mixed"),
+    )
+    assert np.array_equal(a.images, b.images)
+    pd.testing.assert_frame_equal(a.frame, b.frame)
+    f = a.frame
+    assert a.images.shape == (60, 32, 32, 3)
+    assert ((f["caption"] != f["true_caption"]) == f["is_corrupted"]).all()
+    clean = f[~f["is_corrupted"]]
+    for r in clean.itertuples():
+        assert r.caption == f"a {r.size} {r.colour} digit {r.digit} on {r.background}"
+    conf = digits(200, seed=0, noise=0.3, noise_kind="confusable").frame
+    for r in conf[conf["is_corrupted"]].itertuples():
+        named = r.caption.split(" digit ")[1].split(" on ")[0]
+        assert named in CONFUSABLE[r.digit]
+
+
+def test_shapes_new_kinds():
+    f = shapes(200, seed=0, noise=0.2, noise_kind="boilerplate").frame
+    assert set(f.loc[f["is_corrupted"], "caption"]) <= set(BOILERPLATE)
+    assert f["is_corrupted"].sum() == 40
+
+
+@pytest.mark.parametrize(
+    ("geometry", "lo", "hi"), [("clip_like", 0.25, 0.4), ("aligned", 0.55, 0.8)]
+)
+def test_concept_geometries_have_their_cosines(geometry, lo, hi):
+    x, y, f = concept_pairs(2000, 64, geometry=geometry, seed=0)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    matched = (x * y).sum(1).mean()
+    unmatched = (x[:500] @ y[500:1000].T).mean()
+    assert lo < matched < hi and 0.08 < unmatched < 0.25 and unmatched < matched - 0.1
+    # the same world for another seed: the same concepts map to the same directions
+    x2, y2, f2 = concept_pairs(2000, 64, geometry=geometry, seed=1)
+    same = (f["object"].to_numpy()[:, None] == f2["object"].to_numpy()[None, :])[:300, :300]
+    sim = x[:300] @ x2[:300].T
+    assert sim[same].mean() > sim[~same].mean() + 0.1
