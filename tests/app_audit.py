@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -18,8 +19,9 @@ def make_small_audit(
     train.to_parquet(out / "data" / "train", shard_size=shard_size)
     val.to_parquet(out / "data" / "val", shard_size=shard_size)
     model = f"local-dir:{model_dir}"
-    for split in ("train", "val"):
-        ecif.embed(out / "data" / split, out / "embeddings" / split, model=model, device="cpu")
+    with contextlib.chdir(out):  # relative input paths, as a user types them: the app and
+        for split in ("train", "val"):  # the tests then run from other working folders
+            ecif.embed(f"data/{split}", f"embeddings/{split}", model=model, device="cpu")
     val_set = ecif.EmbeddingSet.load(out / "embeddings" / "val")
     args = AuditArgs(batch_size=64, seed=0)
     score_shards(out / "embeddings" / "train", out, val_set, args=args, log=lambda s: None)

@@ -86,7 +86,7 @@ def test_suspects_export_and_mark_reviewed(monkeypatch, audit_copy):
     at.radio(key="fmt").set_value("parquet").run()
     at.button(key="export").click().run()
     files = list((audit_copy / "exports").glob("selected_ids_*.parquet"))
-    assert len(files) == 1 and pd.read_parquet(files[0])["key"].tolist() == ids
+    assert len(files) == 1 and pd.read_parquet(files[0])["id"].tolist() == ids
     assert any("Wrote 3 ids" in s.value for s in at.success)
     at.button(key="mark").click().run()
     assert support.read_reviewed(audit_copy)["id"].tolist() == ids
@@ -99,7 +99,7 @@ def test_suspects_export_and_mark_reviewed(monkeypatch, audit_copy):
     at.radio(key="fmt").set_value("csv").run()
     at.button(key="export").click().run()
     csv = sorted((audit_copy / "exports").glob("selected_ids_*.csv"))
-    assert sorted(pd.read_csv(csv[-1])["key"]) == sorted(ids)
+    assert sorted(pd.read_csv(csv[-1])["id"]) == sorted(ids)
 
 
 def test_table_row_selection_exports_those_rows(monkeypatch, audit_copy):
@@ -109,7 +109,7 @@ def test_table_row_selection_exports_those_rows(monkeypatch, audit_copy):
     at.run()
     at.button(key="export").click().run()
     out = next((audit_copy / "exports").glob("selected_ids_*.csv"))
-    assert pd.read_csv(out)["key"].tolist() == [ids[1], ids[4]]
+    assert pd.read_csv(out)["id"].tolist() == [ids[1], ids[4]]
 
 
 def test_pair_detail_shows_terms_neighbours_and_batch(monkeypatch, small_audit):

@@ -59,6 +59,6 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
     assert killed, "no worker was busy to kill"
     assert summary["ok"].sum() == 159 and summary["failed"].sum() == 1
     dask = _read(tmp_path / "dask")
-    assert list(dask["key"]) == list(local["key"])  # every row exactly once, in order
+    assert list(dask["id"]) == list(local["id"])  # every row exactly once, in order
     pd.testing.assert_frame_equal(dask, local)
     assert not list((tmp_path / "dask" / "scores").glob(".*tmp"))

@@ -57,7 +57,7 @@ def test_shards_equal_concatenated_and_rerun_skips(tmp_path):
     head = ecif.fit(train, batch_size=16, logit_scale=10.0, groups=groups)
     ref = ecif.score(head, train, val)
     ok = shard_scores[shard_scores["status"] == "ok"].reset_index(drop=True)
-    assert list(ok["key"]) == list(train.ids)
+    assert list(ok["id"]) == list(train.ids)
     assert np.allclose(ok["influence"], ref["influence"], rtol=1e-4, atol=1e-7)
     failed = shard_scores[shard_scores["status"] == "failed"]
     assert len(failed) == 1 and failed["error_message"].iloc[0] == "cannot decode image"

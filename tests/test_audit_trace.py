@@ -129,6 +129,20 @@ def test_planted_pairs_are_found_responsible(fitted):
     assert plant <= set(full[full["list"] == "responsible"]["id"])
 
 
+def test_test_pair_correctness_follows_captions_or_a_label_column(fitted):
+    train, test, _, head = fitted
+    tb = TraceBack(head, train)
+    meta = test.metadata.assign(
+        caption=["Class 0", "class  0", "class 2", "class 3"],  # t1 repeats t0's caption
+        group=["even", "odd", "even", "odd"],
+    )
+    test2 = ecif.EmbeddingSet(test.image, test.text, ids=test.ids, metadata=meta)
+    q = tb.query_from_set(test2, "t0")
+    assert q.positive.tolist() == [True, True, False, False]  # case and spacing aside
+    q = tb.query_from_set(test2, "t0", label_col="group")
+    assert q.positive.tolist() == [True, False, True, False]
+
+
 def test_exhaustive_ranking_equals_brute_force(fitted):
     train, test, _, head = fitted
     tb = TraceBack(head, train)

@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -267,3 +268,59 @@ def test_dask_distributor_matches_local(tmp_path, tiny_clip_dir, data, capsys):
     assert a.ids.tolist() == b.ids.tolist()
     man = json.loads((tmp_path / "dask" / "manifest.json").read_text())
     assert man["complete"] and man["rows"]["ok"] == 24 and len(man["parts"]) == 4
+
+
+def test_manifest_records_absolute_and_relative_shard_paths(
+    tmp_path, tiny_clip_dir, data, monkeypatch
+):
+    from ecif.data import layout
+
+    work = tmp_path / "work"
+    data.to_parquet(work / "in" / "train", shard_size=10)
+    monkeypatch.chdir(work)  # relative paths, as typed in a shell
+    ecif.embed("in/train", "emb", model=f"local-dir:{tiny_clip_dir}")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the app's working folder
+    man = json.loads((work / "emb" / "manifest.json").read_text())
+    src = [p["source"] for p in man["parts"]]
+    assert src == [str(work / "in" / "train" / f"{k:05d}.parquet") for k in range(3)]
+    assert man["input_shards"] == src and man["input_root"] == str(work / "in" / "train")
+    assert [p["source_relative"] for p in man["parts"]][0] == "../in/train/00000.parquet"
+    assert layout.part_sources(work / "emb") == dict(enumerate(src))
+
+    moved = tmp_path / "moved"  # the embeddings and their data moved together
+    (work / "in").rename(tmp_path / "in")
+    (work / "emb").rename(tmp_path / "emb")
+    assert layout.part_sources(tmp_path / "emb")[1] == str(
+        tmp_path / "in" / "train" / "00001.parquet"
+    )
+    (tmp_path / "in" / "train").rename(moved)  # the data alone moved: --data-root
+    assert not Path(layout.part_sources(tmp_path / "emb")[0]).exists()
+    assert layout.part_sources(tmp_path / "emb", moved)[2] == str(moved / "00002.parquet")
+
+
+def test_cli_embed_in_which_every_row_failed_exits_2(tmp_path, tiny_clip_dir, capsys):
+    pd.DataFrame({"path": ["gone/a.png", "gone/b.png"], "caption": ["a", "b"]}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    rc = main(["embed", str(tmp_path / "t.csv"), "-o", str(tmp_path / "out"),
+               "--model", f"local-dir:{tiny_clip_dir}", "--num-workers", "0", "--quiet"])  # fmt: skip
+    assert rc == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: every row failed (2: 2 x missing file)")
+    assert "embedded:" not in cap.out
+    meta = pd.read_parquet(tmp_path / "out" / "metadata" / "metadata_0.parquet")
+    assert (meta["status"] == "failed").all()  # the rows and their reasons are kept
+
+
+def test_model_mismatch_message_names_models_readably(tmp_path, tiny_clip_dir, data, capsys):
+    data.to_parquet(tmp_path / "pq", shard_size=30)
+    ecif.embed(tmp_path / "pq", tmp_path / "out", model=f"local-dir:{tiny_clip_dir}")
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    man["model"] = "local-dir:/elsewhere/model"
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(man))
+    rc = main(["embed", str(tmp_path / "pq"), "-o", str(tmp_path / "out"),
+               "--model", f"local-dir:{tiny_clip_dir}", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "written with model local-dir:/elsewhere/model, not local-dir:" in err
+    assert "/None" not in err and len(err.strip().splitlines()) == 1

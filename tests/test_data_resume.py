@@ -49,3 +49,37 @@ def test_kill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny_clip_dir):
     ref = EmbeddingSet.load(clean)
     np.testing.assert_allclose(es.image.astype(np.float32), ref.image.astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(es.text.astype(np.float32), ref.text.astype(np.float32), atol=2e-3)
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_completes(tmp_path, tiny_clip_dir):
+    data = datasets.shapes(48, seed=12, noise=0.1)
+    data.to_parquet(tmp_path / "shards", shard_size=6)  # 8 parts
+    model = f"local-dir:{tiny_clip_dir}"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ecif", "embed", str(tmp_path / "shards"), "-o", str(out),
+           "--model", model, "--batch-size", "3", "--num-workers", "2", "--quiet"]  # fmt: skip
+    env = dict(os.environ, ECIF_EMBED_TEST_SLEEP="0.25")
+    # its own process group, as a shell runs it: Ctrl-C reaches it and its loader workers
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    first = out / "metadata" / "metadata_0.parquet"
+    deadline = time.time() + 120
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no part appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.decode().strip() == "interrupted; rerun the same command to resume"
+    assert "Traceback" not in stderr.decode() and stdout == b""
+    finished = sorted(p.name for p in (out / "metadata").glob("metadata_*.parquet"))
+    assert 1 <= len(finished) < 8, f"the interrupt did not land mid-run: {finished}"
+    assert not list(out.rglob(".*.tmp")), "the interrupted part left temp files"
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped={6 * len(finished)}" in rerun.stdout
+    es = EmbeddingSet.load(out)
+    assert es.ids.tolist() == data.frame["key"].tolist()  # every row exactly once, in order

@@ -91,15 +91,20 @@ def load_heads(folder: str | os.PathLike) -> list[Head]:
 
 
 def test_folders(info: dict[str, Any]) -> list[str]:
-    """Embedding folders next to the training embeddings (e.g. the demo's embeddings/val)."""
+    """The audit's own validation set (audit.json ``validation_embeddings``) first, then other
+    embedding folders next to the training embeddings."""
+    found = []
+    val = info.get("validation_embeddings")
+    if val and (Path(val) / "metadata").is_dir():
+        found.append(str(val))
     emb = info.get("embeddings")
     if not emb:
-        return []
+        return found
     train = Path(emb)
-    found = []
     for p in sorted(train.parent.iterdir()) if train.parent.is_dir() else []:
         if p.is_dir() and p.resolve() != train.resolve() and (p / "metadata").is_dir():
-            found.append(str(p))
+            if not any(Path(f).resolve() == p.resolve() for f in found):
+                found.append(str(p))
     return found
 
 
@@ -110,20 +115,34 @@ def run_trace(
     test: EmbeddingSet | None = None,
     query_id: Any = None,
     image_path: str | os.PathLike | None = None,
+    image_name: str | None = None,
     caption: str | None = None,
+    classes: list[str] | None = None,
+    label: int | None = None,
     k: int = 10,
     candidates: int = 1000,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One trace-back query through ``ecif.audit.trace.TraceBack``: kind is "pair", "image" or
-    "caption". Returns (table with a ``list`` column "responsible"/"helped", info)."""
+    "caption"; ``classes`` (prompts) with the true ``label`` turn a pair or image query into
+    zero-shot classification. Returns (table with a ``list`` column, info)."""
+    if classes is not None:
+        classes = [c.strip() for c in classes if c.strip()]
+        if len(classes) < 2:
+            raise ValueError("give at least two class prompts, one per line")
+        if label is None or not 0 <= label < len(classes):
+            raise ValueError("choose the true class")
     if kind == "pair":
         if test is None:
             raise ValueError("choose a validation/test embedding folder")
-        q = tb.query_from_set(test, query_id)
+        emb = tb.embed_texts(classes) if classes else None
+        q = tb.query_from_set(test, query_id, classes=emb, class_names=classes, label=label)
     elif kind == "image":
-        if not caption or not caption.strip():
+        if classes:
+            q = tb.query_from_image(image_path, classes=classes, label=label, name=image_name)
+        elif not caption or not caption.strip():
             raise ValueError("type the caption this image should match")
-        q = tb.query_from_image(image_path, caption=caption.strip())
+        else:
+            q = tb.query_from_image(image_path, caption=caption.strip(), name=image_name)
     else:
         if not caption or not caption.strip():
             raise ValueError("type a caption")

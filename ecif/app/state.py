@@ -18,6 +18,7 @@ from ecif.app import detail, support
 from ecif.audit.folder import AuditFolderError
 
 FOLDER_KEY = "audit_folder"
+DATA_ROOT_KEY = "data_root"
 
 
 def default_folder() -> str:
@@ -29,6 +30,25 @@ def default_folder() -> str:
 
 def folder() -> str:
     return str(st.session_state.get(FOLDER_KEY) or default_folder())
+
+
+def data_root() -> str:
+    """Where the input shards are now, if they moved (sidebar; `ecif app --data-root`)."""
+    return str(st.session_state.get(DATA_ROOT_KEY) or os.environ.get(support.DATA_ROOT_ENV) or "")
+
+
+def audit_warnings(info: dict[str, Any]) -> list[str]:
+    """What the audit itself warned about, and a head whose fit did not converge."""
+    notes = [str(w) for w in info.get("warnings") or []]
+    for fit in info.get("fit") or []:
+        if isinstance(fit, dict) and fit.get("converged") is False:
+            g = fit.get("grad_max")
+            notes.append(
+                "The head's fit did not converge"
+                + (f" (largest gradient {g:.2e})" if isinstance(g, float) else "")
+                + ": scores may be off; see 'fit' in audit.json."
+            )
+    return notes
 
 
 @st.cache_data(show_spinner="Reading the audit table…", max_entries=4)
@@ -59,8 +79,8 @@ def reviewed(f: str) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def sources(embeddings: str | None) -> pd.Series:
-    return support.id_sources(embeddings)
+def sources(embeddings: str | None, root: str = "") -> pd.Series:
+    return support.id_sources(embeddings, root or None)
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -78,7 +98,8 @@ def thumbnails(
     info: dict[str, Any], ids: list[Any], size: int = 96
 ) -> tuple[list[bytes | None], list[str]]:
     """PNG thumbnails for these ids (only these are read) and the problems met on the way."""
-    src = sources(info.get("embeddings"))
+    src = sources(info.get("embeddings"), data_root())
+    id_col = info.get("source_id_column") or info.get("id_column")  # the input shards' name
     out: list[bytes | None] = [None] * len(ids)
     problems: list[str] = []
     if src.empty:
@@ -91,7 +112,7 @@ def thumbnails(
             by_shard.setdefault(str(src[i]), []).append(j)
     for path, js in by_shard.items():
         try:
-            thumbs = _shard_thumbs(path, info.get("id_column"), tuple(ids[j] for j in js), size)
+            thumbs = _shard_thumbs(path, id_col, tuple(ids[j] for j in js), size)
         except Exception as e:  # a moved/deleted/unreadable shard: say so, keep going
             problems.append(str(e))
             continue

@@ -22,8 +22,27 @@ import pandas as pd
 from ecif.audit.folder import AuditFolderError, read_audit
 
 AUDIT_ENV = "ECIF_AUDIT"
+DATA_ROOT_ENV = "ECIF_DATA_ROOT"  # `ecif app --data-root`: where the input shards are now
 REVIEWED_FILE = "reviewed.parquet"
-SORTABLE = ("rank", "misalign_score", "influence", "influence_pos", "influence_neg", "clip_score")
+# sortable columns -> descending puts the most suspicious first (the toggle follows the column)
+SUSPICIOUS_FIRST_DESCENDING = {
+    "rank": False,
+    "misalign_score": True,
+    "influence": False,
+    "influence_pos": False,
+    "influence_neg": False,
+    "clip_score": False,
+}
+SORTABLE = tuple(SUSPICIOUS_FIRST_DESCENDING)
+# shown in image cells whose thumbnail cannot be read (instead of the text "None")
+MISSING_IMAGE = (
+    "data:image/svg+xml;base64,"
+    + base64.b64encode(
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="96" height="96"><rect width="96" '
+        b'height="96" fill="#eee"/><text x="48" y="52" font-family="sans-serif" font-size="13" '
+        b'fill="#888" text-anchor="middle">no image</text></svg>'
+    ).decode()
+)
 
 
 def audit_stamp(folder: str | os.PathLike) -> float:
@@ -145,8 +164,12 @@ def export_ids(
 
 
 # -- images: id -> source shard -> bytes, only for the rows asked for -----------------------
-def id_sources(embeddings: str | os.PathLike | None) -> pd.Series:
-    """Series id -> input shard path, from the embedding folder's metadata ids and manifest."""
+def id_sources(
+    embeddings: str | os.PathLike | None, data_root: str | os.PathLike | None = None
+) -> pd.Series:
+    """Series id -> input shard path, from the embedding folder's metadata ids and manifest
+    (``ecif.data.layout.part_sources``: absolute, relative to the folder, or under
+    ``data_root``), whatever the working folder."""
     import pyarrow.parquet as pq
 
     from ecif.data import layout
@@ -156,7 +179,7 @@ def id_sources(embeddings: str | os.PathLike | None) -> pd.Series:
     folder = Path(embeddings)
     manifest = layout.read_manifest(folder) or {}
     id_col = manifest.get("id_column") or "key"
-    sources = {p["index"]: p.get("source", "") for p in manifest.get("parts", [])}
+    sources = layout.part_sources(folder, data_root or None)
     parts = []
     for k in layout.list_parts(folder):
         meta_p = layout.part_paths(folder, k)[2]
@@ -193,7 +216,10 @@ def open_image_shard(path: str | os.PathLike, id_col: str | None = None) -> Imag
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: image shard not found (moved or deleted?)")
+        raise FileNotFoundError(
+            f"{path}: image shard not found (moved or deleted? `ecif app --data-root DIR` or "
+            "the sidebar's image data folder points at where the input shards are now)"
+        )
     shard = open_shard(path, id_col=id_col)
     rows = pd.Series(np.arange(shard.n_rows), index=shard.meta[shard.id_col].to_numpy())
     out = ImageShard(path, shard.kind, rows, shard.image_col, shard.base_dir)
@@ -261,6 +287,18 @@ def thumbnail(data: bytes | None, size: int = 96) -> bytes | None:
     return buf.getvalue()
 
 
-def data_uri(png: bytes | None) -> str | None:
-    """A data: URI for st.column_config.ImageColumn."""
-    return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+def data_uri(png: bytes | None, missing: str | None = MISSING_IMAGE) -> str | None:
+    """A data: URI for st.column_config.ImageColumn; ``missing`` (a grey "no image" tile) when
+    there is no thumbnail."""
+    return missing if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def format_number(v: float) -> str:
+    """Three significant digits that stay short enough for a metric tile: ``-4.56e-05``
+    rather than a cut ``-0.0000...``."""
+    if v is None or not np.isfinite(v):
+        return "-"
+    if v != 0 and not 1e-3 <= abs(v) < 1e4:
+        mant, exp = f"{v:.2e}".split("e")
+        return f"{mant}e{int(exp)}"
+    return f"{v:.3g}"

@@ -13,19 +13,26 @@ import pandas as pd
 import torch
 
 import ecif.api as api
+from ecif.audit.labels import label_codes
 from ecif.engine.head import Head
 from ecif.engine.influence import pair_gradients
+from ecif.progress import step
 
 
-def retrieval_accuracy(head: Head, val, chunk: int = 4096) -> float:
-    """Image->text top-1 accuracy on ``val``: each image against all of val's captions."""
+def retrieval_accuracy(
+    head: Head, val, chunk: int = 4096, labels: np.ndarray | None = None
+) -> float:
+    """Image->text top-1 accuracy on ``val``: each image against all of val's captions; the
+    prediction is right when its caption carries the image's label (``labels``, integer codes;
+    default ``ecif.audit.labels.label_codes(val)``: the same caption string)."""
+    codes = torch.as_tensor(label_codes(val) if labels is None else np.asarray(labels))
     x = torch.as_tensor(np.asarray(val.image, dtype=np.float32), dtype=head.dtype)
     y = torch.as_tensor(np.asarray(val.text, dtype=np.float32), dtype=head.dtype)
     ty = (head.m @ y.T) * head.logit_scale
     hits = 0
     for s in range(0, len(x), chunk):
         pred = (x[s : s + chunk] @ ty).argmax(1)
-        hits += int((pred == torch.arange(s, s + len(pred))).sum())
+        hits += int((codes[pred] == codes[s : s + len(pred)]).sum())
     return hits / len(x)
 
 
@@ -49,10 +56,14 @@ def compare_cleaning(
     count: int | None = None,
     seed: int = 0,
     fit_kwargs: dict | None = None,
+    label_col: str | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Validation loss and retrieval accuracy after dropping ``count`` pairs by each strategy.
 
     ``table`` is the audit table (train order). ``count`` defaults to the flagged count.
+    ``label_col``: a validation metadata column whose equal values count as the right answer
+    (default: the same caption; ``ecif.audit.labels``). ``progress``: a spinner per refit.
     """
     n = len(train)
     count = int(table["is_misaligned"].sum()) if count is None else int(count)
@@ -72,19 +83,22 @@ def compare_cleaning(
         dtype="float64" if head.dtype == torch.float64 else "float32",
     )
     kw.update(fit_kwargs or {})
-    rows = [_row("none (all pairs)", head, val, 0)]
+    labels = label_codes(val, label_col)
+    rows = [_row("none (all pairs)", head, val, 0, labels)]
     for name, drop in choices.items():
-        refit = api.fit(train, exclude=train.ids[drop], init=head, **kw)
-        rows.append(_row(f"drop {name}", refit, val, count))
-    edit = one_step_edit(head, train, choices["ecif"])
-    rows.append(_row("ecif one-step edit (no refit)", edit, val, count))
+        with step(f"refitting without the {count:,} pairs picked by {name}", progress):
+            refit = api.fit(train, exclude=train.ids[drop], init=head, **kw)
+        rows.append(_row(f"drop {name}", refit, val, count, labels))
+    with step("the one-step ECIF edit", progress):
+        edit = one_step_edit(head, train, choices["ecif"])
+    rows.append(_row("ecif one-step edit (no refit)", edit, val, count, labels))
     return pd.DataFrame(rows)
 
 
-def _row(name: str, head: Head, val, dropped: int) -> dict:
+def _row(name: str, head: Head, val, dropped: int, labels: np.ndarray) -> dict:
     return {
         "strategy": name,
         "dropped": dropped,
         "val_loss": head.loss(val),
-        "val_i2t_acc": retrieval_accuracy(head, val),
+        "val_i2t_acc": retrieval_accuracy(head, val, labels=labels),
     }

@@ -9,6 +9,7 @@ ranks across all shards.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,7 @@ import torch
 
 import ecif.api as api
 from ecif.audit.auditor import AuditArgs, Auditor, clip_scores
+from ecif.audit.checks import check_threshold, check_training, check_validation
 from ecif.audit.folder import read_parquet_meta, write_audit_description, write_parquet_atomic
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
@@ -29,6 +31,12 @@ from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.batches import Partition
 from ecif.engine.head import Head
 from ecif.engine.influence import score_pass
+from ecif.progress import step
+
+_log = logging.getLogger(__name__)
+ID = "id"  # the id column of every score table; the input's own name is in the metadata
+# options that do not change a shard's scores: a rerun that differs only in them reuses it
+_NOT_IN_SCORES = ("threshold", "device")
 
 
 @dataclass
@@ -44,6 +52,8 @@ class PartInfo:
 
 def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise layout.FolderError(f"{folder}: no such folder")
     manifest = layout.read_manifest(folder) or {}
     sources = {p["index"]: p.get("source", "") for p in manifest.get("parts", [])}
     out = []
@@ -156,52 +166,78 @@ def score_shards(
     distributor: str = "local",
     scheduler: str | None = None,
     progress: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
+    allow_model_mismatch: bool = False,
 ) -> pd.DataFrame:
     """Score every shard of an embedding folder into ``output_dir/scores/<shard>.parquet``.
 
     Returns a summary DataFrame (one row per shard: name, ok, failed, skipped).
     ``distributor``: "local" (in-process) or "dask" (one task per shard; ``scheduler`` is a
-    ``tcp://host:port`` address, or None for a LocalCluster on 127.0.0.1).
+    ``tcp://host:port`` address, or None for a LocalCluster on 127.0.0.1). The options, the
+    validation set's widths and embedding model (``allow_model_mismatch``) and the number of
+    usable pairs are checked before the fit; nothing is written when they fail
+    (``ecif.audit.checks.AuditInputError``). ``log``: where the closing line goes (default:
+    this module's logger, at INFO). Score tables name their id column ``id``; the input's own
+    name is ``source_id_column`` in the metadata and audit.json.
     """
     from ecif import __version__
 
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
+    check_threshold(args.threshold)
     parts = list_embedding_parts(embeddings)
     manifest = layout.read_manifest(embeddings) or {}
     id_col = manifest.get("id_column") or "key"
     train = load_training_set(embeddings, id_col)
-    if args.logit_scale is None and train.logit_scale:
-        args.logit_scale = float(train.logit_scale)
+    check_training(train, embeddings, sum(p.rows for p in parts) - len(train))
     meta = {
         "model": manifest.get("model"),
         "pretrained": manifest.get("pretrained"),
         "method": "ecif",
-        "options": asdict(args),
         "ecif_version": __version__,
+        "id_column": ID,
+        "source_id_column": id_col,
     }
-    scores_dir = out / "scores"
-    scores_dir.mkdir(parents=True, exist_ok=True)
+    if val is not None:
+        mismatch = check_validation(
+            train,
+            val,
+            layout.model_identity(manifest),
+            allow_model_mismatch=allow_model_mismatch,
+        )
+        meta["validation"] = f"validation set ({len(val)} pairs)"
+        meta["validation_embeddings"] = val.source
+        meta["validation_model"] = val.model
+        if mismatch:
+            meta["warnings"] = [mismatch]
+    if args.logit_scale is None and train.logit_scale:
+        args.logit_scale = float(train.logit_scale)
+    meta["options"] = asdict(args)
     auditor = Auditor(train, val, args)
     if val is None:  # self-influence or cross-fit need the whole set at once: in-process
-        table = auditor.run(progress=progress)
+        with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
+            table = auditor.run(progress=progress)
         heads = auditor.heads
-        summary = _write_from_table(
-            embeddings, parts, train, table, scores_dir, {**meta, **table.attrs}, id_col
-        )
+        meta.update({k: v for k, v in table.attrs.items() if k not in ("threshold", "flagged")})
+        meta["options"] = asdict(args)
+        scores_dir = out / "scores"
+        summary = _write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
     else:
-        head = auditor._fit(train, progress)
+        with step(f"fitting the head on {len(train):,} pairs", progress):
+            head = auditor._fit(train, progress)
         heads = [head]
         g = api.loss_gradient(head, val)
-        w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
+        with step("solving w = H^-1 g_val (the validation direction)", progress):
+            w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
+        meta["fit"] = [dict(head.info)]
+        scores_dir = out / "scores"
+        scores_dir.mkdir(parents=True, exist_ok=True)
         np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per batch member
-        meta["validation"] = f"validation set ({len(val)} pairs)"
         jobs = []
         for p in parts:
             target = scores_dir / p.output_name
             rows = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
-            if target.exists() and read_parquet_meta(target).get("source") == p.source:
+            if target.exists() and _reusable(read_parquet_meta(target), p.source, meta):
                 jobs.append((p, None))
                 continue
             jobs.append(
@@ -209,12 +245,24 @@ def score_shards(
             )
         summary = _run_jobs(jobs, distributor, scheduler, progress)
     _finalize(scores_dir, args.threshold, meta)
-    write_audit_description(out, meta, heads, embeddings, summary, id_col)
+    write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
-    log(
+    (log or _log.info)(
         f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])} -> {out}"
     )
     return summary
+
+
+def _reusable(old: dict, source: str, meta: dict) -> bool:
+    """A finished shard from an earlier run holds the scores this run would write: same input
+    shard, model, validation set and score options (the threshold is applied afterwards)."""
+
+    def key(m: dict) -> tuple:
+        opts = {k: v for k, v in (m.get("options") or {}).items() if k not in _NOT_IN_SCORES}
+        fields = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
+        return tuple(m.get(f) for f in fields) + (sorted(opts.items()),)
+
+    return old.get("source") == source and key(old) == key(meta)
 
 
 def _run_jobs(jobs, distributor: str, scheduler: str | None, progress: bool) -> pd.DataFrame:
@@ -258,9 +306,10 @@ def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> 
 
 
 def shard_frame(pmeta: pd.DataFrame, keep: np.ndarray, id_col: str, scores: dict) -> pd.DataFrame:
-    """One output row per input row: scores for the ok rows, NaN and the status for the rest."""
+    """One output row per input row: scores for the ok rows, NaN and the status for the rest.
+    The input's ``id_col`` becomes ``id``."""
     n = len(pmeta)
-    out = pd.DataFrame({id_col: pmeta[id_col] if id_col in pmeta else np.arange(n)})
+    out = pd.DataFrame({ID: pmeta[id_col] if id_col in pmeta else np.arange(n)})
     out["caption"] = pmeta["caption"] if "caption" in pmeta else None
     for col, vals in scores.items():
         full = np.full(n, np.nan, dtype=np.float32)
@@ -284,6 +333,7 @@ def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
     rank, flag = rank_and_flag(allv, count)
     finite = np.isfinite(allv)
     meta.update(threshold=how, flagged=int(count))
+    meta["options"] = {**meta.get("options", {}), "threshold": threshold}
     start = 0
     for f, s in zip(files, scores):
         df = pd.read_parquet(f)
@@ -291,7 +341,6 @@ def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
         df["is_misaligned"] = flag[sl] & finite[sl]
         df["rank"] = pd.array(np.where(finite[sl], rank[sl], -1), dtype="Int64")
         df.loc[~finite[sl], "rank"] = pd.NA
-        write_parquet_atomic(
-            f, df, {**read_parquet_meta(f), "threshold": how, "flagged": int(count)}
-        )
+        old = read_parquet_meta(f)  # one truth: the options of the run that flagged
+        write_parquet_atomic(f, df, {**old, **meta, "source": old.get("source")})
         start += len(s)

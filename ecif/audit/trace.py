@@ -26,6 +26,7 @@ import torch
 
 import ecif.api as api
 from ecif.audit.folder import AuditFolderError, trace_head, training_set
+from ecif.audit.labels import answer_labels
 from ecif.audit.trace_cache import load_context, load_trace_cache, pair_norms, trace_solver
 from ecif.audit.trace_loss import TraceQuery, _unit, interleave, query_loss_and_gradient
 from ecif.data.embedding_set import EmbeddingSet
@@ -151,10 +152,12 @@ class TraceBack:
         classes: np.ndarray | None = None,
         class_names: list[str] | None = None,
         label: int | None = None,
+        label_col: str | None = None,
     ) -> TraceQuery:
-        """A test pair: its image against the test set's captions (its own, and any identical
-        caption, is correct), or against class prompt embeddings ``classes`` with the true
-        class ``label``."""
+        """A test pair: its image against the test set's captions, or against class prompt
+        embeddings ``classes`` with the true class ``label``. A caption is correct when it
+        carries the pair's label (``ecif.audit.labels``: the same caption, or the same value of
+        ``label_col``), the definition ``ecif clean``'s accuracy uses too."""
         pos = int(test.positions([query_id])[0])
         x, y = _unit(test.image[pos]), _unit(test.text[pos])
         if classes is not None:
@@ -165,9 +168,8 @@ class TraceBack:
             if meta is not None and "caption" in meta
             else [str(i) for i in test.ids]
         )
-        positive = np.zeros(len(test), dtype=bool)
-        positive[pos] = True
-        positive |= np.asarray(labels) == labels[pos]  # duplicates of its caption are right too
+        key = answer_labels(test, label_col)
+        positive = key == key[pos]  # its own caption, identical captions, or the same class
         return TraceQuery(
             "image->text",
             x,
@@ -205,12 +207,16 @@ class TraceBack:
         classes: list[str] | None = None,
         label: int | None = None,
         competitors: int = 50,
+        name: str | None = None,
     ) -> TraceQuery:
         """An image file: zero-shot against ``classes`` (prompts) with the true ``label``, or
-        retrieval of ``caption`` against the image's ``competitors`` nearest training captions."""
+        retrieval of ``caption`` against the image's ``competitors`` nearest training captions.
+        ``name``: how the query names the image (default: its path; the app passes the
+        uploaded file's name)."""
         x = self.embed_image(path)
+        name = name or str(path)
         if classes:
-            return self._classes_query(x, self.embed_texts(classes), classes, label, str(path))
+            return self._classes_query(x, self.embed_texts(classes), classes, label, name)
         if caption is None:
             raise ValueError("an image query needs --caption (the right text) or --classes/--label")
         y = self.embed_texts([caption])[0]
@@ -230,7 +236,7 @@ class TraceBack:
             [caption] + [caps[i] for i in keep],
             image=x,
             text=y,
-            description=f"{path}: {caption!r} against the image's {len(rows)} nearest captions",
+            description=f"{name}: {caption!r} against the image's {len(rows)} nearest captions",
         )
 
     def query_from_caption(self, caption: str, *, competitors: int = 50) -> TraceQuery:

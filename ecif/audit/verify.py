@@ -11,6 +11,7 @@ from scipy.stats import spearmanr
 
 import ecif.api as api
 from ecif.engine.head import Head
+from ecif.progress import step
 
 
 def verify(
@@ -22,12 +23,14 @@ def verify(
     neg: str = "exact",
     scores: pd.DataFrame | None = None,
     progress: Callable[[int], None] | None = None,
+    spinner: bool = False,
 ) -> tuple[float, pd.DataFrame]:
     """Refit after k sampled single removals (warm start, same partition) and compare.
 
     Returns (Spearman between predicted and actual validation-loss change, per-removal table).
     Half the sample comes from the most suspicious pairs and half at random, so the check
-    covers the pairs a user will act on as well as typical ones.
+    covers the pairs a user will act on as well as typical ones. ``progress(i)`` after each
+    refit; ``spinner``: a spinner line for the float64 refit and the scoring before them.
     """
     n = len(train)
     if k < 3 or k > n:
@@ -36,9 +39,12 @@ def verify(
         batch_size=head.batch_size, seed=head.seed, lam=head.lam, logit_scale=head.logit_scale
     )
     if head.dtype != torch.float64:  # single removals move the loss by ~1/N: below float32 noise
-        head = api.fit(train, init=head, dtype="float64", **kw)
+        with step("refitting the head in float64", spinner):
+            head = api.fit(train, init=head, dtype="float64", **kw)
         scores = None
-    scores = scores if scores is not None else api.score(head, train, val, neg=neg)
+    if scores is None:
+        with step("scoring every pair", spinner):
+            scores = api.score(head, train, val, neg=neg)
     infl = scores["influence"].to_numpy()
     rng = np.random.default_rng(seed)
     worst = np.argsort(infl, kind="stable")[: k // 2]

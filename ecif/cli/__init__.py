@@ -1,7 +1,10 @@
 """The ``ecif`` command line: one sub-command per verb, each in its own module.
 
-A verb module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-Register it in ``VERB_MODULES`` below.
+A verb module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
+(optionally ``INTERRUPTED``, what to print on Ctrl-C). Register it in ``VERB_MODULES`` below.
+
+User errors (see ``ecif.cli.errors``) end as one ``error: ...`` line on stderr and exit 2;
+Ctrl-C ends with one line and exit 130.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ VERB_MODULES: list[str] = ["embed", "score", "index", "trace", "clean", "verify"
 
 def build_parser() -> argparse.ArgumentParser:
     from ecif import __version__
+    from ecif.cli.errors import HelpFormatter, Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ecif",
         description="Audit image-text (CLIP) datasets with ECIF influence scores.",
     )
@@ -28,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
             mod.NAME,
             help=mod.HELP,
             description=getattr(mod, "DESCRIPTION", mod.HELP),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "INTERRUPTED", "interrupted"))
     return parser
 
 
@@ -41,7 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    from ecif.cli.errors import describe, is_user_error, setup_logging
+
+    setup_logging()
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(args._interrupted, file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

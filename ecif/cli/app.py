@@ -22,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--demo-output", default="ecif-demo", help="where to build the demo audit when needed"
     )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder that now holds the input shards, if they moved since `ecif embed` "
+        "(thumbnails are read from them); if not given: the paths in the manifest",
+    )
 
 
 def streamlit_command(folder: Path, port: int) -> list[str]:
@@ -52,7 +58,7 @@ def streamlit_command(folder: Path, port: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecif.app.support import AUDIT_ENV
+    from ecif.app.support import AUDIT_ENV, DATA_ROOT_ENV
     from ecif.audit.folder import AuditFolderError, read_audit
 
     if args.audit is None:
@@ -72,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     folder = folder.resolve()
     print(f"ecif app on {folder}: http://127.0.0.1:{args.port}", flush=True)
     env = dict(os.environ, **{AUDIT_ENV: str(folder)})
+    if args.data_root:
+        if not Path(args.data_root).is_dir():
+            print(f"error: --data-root {args.data_root}: no such folder", file=sys.stderr)
+            return 2
+        env[DATA_ROOT_ENV] = str(Path(args.data_root).resolve())
     cmd = streamlit_command(folder, args.port)
     if os.name == "posix":  # become the server: a signal to `ecif app` reaches Streamlit itself
         os.execve(cmd[0], cmd, env)

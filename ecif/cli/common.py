@@ -35,6 +35,69 @@ def resolve_device(name: str) -> str:
     return name
 
 
+SOLVERS = ("auto", "exact", "cg", "ekfac")
+
+
+def solver_help(auto: str) -> str:
+    """One description of the inverse-Hessian solvers for every verb; ``auto`` says what
+    'auto' picks in that verb."""
+    return (
+        "inverse-Hessian solver: 'exact' (dense Hessian, small heads), 'cg' (exact "
+        "Hessian-vector products, EK-FAC preconditioned, to relative residual 1e-4: scores to "
+        "~1e-3 of the largest), 'ekfac' (no iterations: fast but approximate, for screening), "
+        f"'auto' ({auto}) (default: %(default)s)"
+    )
+
+
+def threshold_arg(text: str) -> str:
+    """--threshold: 'auto', a fraction in (0, 1) or a count >= 0, checked at parse time."""
+    from ecif.audit.checks import AuditInputError, check_threshold
+
+    try:
+        check_threshold(text)
+    except AuditInputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("threshold: ")) from None
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_val(p: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
+    """--val and --allow-model-mismatch."""
+    p.add_argument(
+        "--val",
+        required=required,
+        help="embedding folder of trusted validation pairs, embedded with the training "
+        "embeddings' model" + what,
+    )
+    p.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="go on (with a warning) when --val's manifest names another embedding model "
+        "than the training embeddings'",
+    )
+
+
+def load_val(args: argparse.Namespace, train, train_folder: str | None):
+    """``--val``, checked against the training set (widths, model) before any fit."""
+    from ecif.audit.checks import check_validation
+    from ecif.data.embedding_set import EmbeddingSet
+    from ecif.data.layout import model_identity, read_manifest
+
+    val = EmbeddingSet.load(args.val)
+    model = model_identity(read_manifest(train_folder)) if train_folder else None
+    check_validation(train, val, model, allow_model_mismatch=args.allow_model_mismatch)
+    return val
+
+
 def warmup_epochs_arg(text: str) -> int | None:
     """--warmup-epochs: 'auto' (None) or an integer >= 0."""
     if text == "auto":
@@ -68,16 +131,14 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--solver",
-        choices=["auto", "exact", "cg", "ekfac"],
+        choices=SOLVERS,
         default="auto",
-        help="inverse-Hessian solver: 'exact' (dense Hessian, small heads), 'cg' (exact "
-        "Hessian-vector products, EK-FAC preconditioned, to relative residual 1e-4: scores to "
-        "~1e-3 of the largest), 'ekfac' (no iterations: fast but approximate, for screening), "
-        "'auto' (exact when that costs less than CG, else cg)",
+        help=solver_help("exact when that costs less than cg, else cg"),
     )
     g.add_argument(
         "--threshold",
         default="auto",
+        type=threshold_arg,
         help="how many to flag: 'auto' (estimated noise rate), a fraction like 0.1, or a count like 500",
     )
     g.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ecif.cli.common import add_quiet, show_progress
+from ecif.cli.common import add_quiet, add_seed, show_progress
 
 NAME = "demo"
 HELP = "run the whole audit on the embedded demo data (no downloads)"
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default="ecif-demo", help="folder to write")
     p.add_argument("--n", type=int, default=3000, help="training pairs")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of shuffled captions")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p)
     add_quiet(p)
 
 

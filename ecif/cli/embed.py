@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ecif.cli import common
@@ -15,8 +14,10 @@ DESCRIPTION = (
     ".tar shards, or CSV/parquet tables of `path, caption`, and write img_emb/, text_emb/, "
     "metadata/ and manifest.json. One output part per input shard, written atomically; "
     "rerunning into the same folder skips finished parts. Rows that cannot be embedded are "
-    "kept with status=failed and an error_message (zero embeddings)."
+    "kept with status=failed and an error_message (zero embeddings); a run in which every row "
+    "failed exits 2. Ctrl-C stops it; rerunning the same command resumes."
 )
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,29 +64,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ecif.data.embed import embed
-    from ecif.data.layout import FolderError
-    from ecif.data.models import ModelLoadError
-    from ecif.data.readers import InputError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        res = embed(
-            args.inputs,
-            args.output,
-            model=args.model,
-            pretrained=args.pretrained,
-            id_col=args.id_col,
-            caption_col=args.caption_col,
-            image_col=args.image_col,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=args.device,
-            progress=common.show_progress(args),
-            distributor=args.distributor,
-            scheduler=args.scheduler,
+    res = embed(
+        args.inputs,
+        args.output,
+        model=args.model,
+        pretrained=args.pretrained,
+        id_col=args.id_col,
+        caption_col=args.caption_col,
+        image_col=args.image_col,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        progress=common.show_progress(args),
+        distributor=args.distributor,
+        scheduler=args.scheduler,
+    )
+    kinds = ", ".join(f"{c} x {k}" for k, c in sorted(res.errors.items()))
+    if res.failed and not res.ok and not res.skipped:
+        print(
+            f"error: every row failed ({res.failed}: {kinds}); nothing usable in {res.folder} "
+            "(see error_message in its metadata/)",
+            file=sys.stderr,
         )
-    except (InputError, FolderError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
         return 2
     print(res.summary())
     for kind, count in sorted(res.errors.items()):

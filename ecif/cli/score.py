@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ecif.cli.common import add_audit_options, add_quiet, audit_args_from, show_progress
+from ecif.cli.common import add_audit_options, add_quiet, add_val, audit_args_from, show_progress
 
 NAME = "score"
 HELP = "score every pair of an embedding folder (one output shard per input shard)"
@@ -12,21 +13,33 @@ DESCRIPTION = """Fit the ECIF head on an embedding folder (from `ecif embed` or 
 score every pair's influence on a trusted validation set, flag the most harmful, and write
 AUDIT/scores/<shard>.parquet (one per input shard, atomic; a rerun skips finished shards),
 AUDIT/audit.json and AUDIT/head.pt. Negative influence = removing the pair lowers the
-validation loss = harmful; misalign_score grows with suspicion; rank 1 = most suspicious."""
+validation loss = harmful; misalign_score grows with suspicion; rank 1 = most suspicious.
+Options, the validation set's widths and model are checked before the fit."""
+INTERRUPTED = "interrupted; rerun the same command to resume (finished shards are kept)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("embeddings", help="embedding folder (img_emb/, text_emb/, metadata/)")
     p.add_argument("--output", "-o", required=True, help="audit folder to write")
-    p.add_argument("--val", help="embedding folder of trusted validation pairs (recommended)")
+    add_val(p, what=" (recommended)")
     p.add_argument(
         "--distributor", choices=["local", "dask"], default="local", help="where shard tasks run"
     )
     p.add_argument(
-        "--scheduler", help="Dask scheduler address tcp://HOST:PORT (default: a local cluster)"
+        "--scheduler", help="Dask scheduler address tcp://HOST:PORT (if not given: a local cluster)"
     )
     add_audit_options(p)
     add_quiet(p)
+
+
+def not_converged(fit: dict) -> str:
+    """The warning for a head whose fit stopped short of its tolerance."""
+    g, tol = fit.get("grad_max"), fit.get("tol")
+    how = f" (largest gradient {g:.2e}, tolerance {tol:.0e})" if g is not None and tol else ""
+    return (
+        f"the head's fit did not converge{how}: scores may be off; see 'fit' in audit.json "
+        "(more iterations, a larger --lam or float64 help)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.shards import score_shards
 
     val = ecif.EmbeddingSet.load(args.val) if args.val else None
-    score_shards(
+    summary = score_shards(
         args.embeddings,
         args.output,
         val,
@@ -42,13 +55,21 @@ def run(args: argparse.Namespace) -> int:
         distributor=args.distributor,
         scheduler=args.scheduler,
         progress=show_progress(args),
+        log=lambda s: None,
+        allow_model_mismatch=args.allow_model_mismatch,
     )
     table, info = ecif.audit.read_audit(args.output)
-    print(
-        f"validation: {info.get('validation', 'see audit.json')}; flagged {info.get('flagged')} ({info.get('threshold')})"
-    )
     top = table.sort_values("rank").head(10)[
         ["id", "caption", "clip_score", "influence", "misalign_score", "rank"]
     ]
     print(top.to_string(index=False))
+    for fit in info.get("fit") or []:
+        if fit.get("converged") is False:
+            print(f"warning: {not_converged(fit)}", file=sys.stderr)
+    s = summary.sum(numeric_only=True)
+    print(
+        f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])}"
+        f"; {info.get('validation', 'validation: unknown')}; flagged {info.get('flagged')} "
+        f"({info.get('threshold')}) -> {args.output}"
+    )
     return 0

@@ -52,11 +52,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also take candidates near the wrong answer's text (splits the budget three ways)",
     )
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (IVF indexes)")
-    p.add_argument(
+    p.add_argument(  # the old spelling, kept working
         "--method",
+        dest="solver",
+        choices=common.SOLVERS,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--solver",
         default="auto",
-        choices=["auto", "exact", "cg", "ekfac"],
-        help="inverse Hessian: auto = exact when small, else EK-FAC",
+        choices=common.SOLVERS,
+        help=common.solver_help(
+            "exact up to 4096 head parameters, else ekfac: a query's solve must be instant"
+        ),
+    )
+    p.add_argument(
+        "--label-col",
+        default=None,
+        help="--query-id: a --test metadata column (e.g. a class) whose equal values make a "
+        "caption right; if not given: the same caption",
     )
     p.add_argument("--embeddings", default=None, help="training embedding folder (override)")
     p.add_argument("--output", "-o", default=None, help="write both lists to .csv or .parquet")
@@ -90,7 +105,9 @@ def build_query(tb, args):
         if test.ids.dtype.kind in "iu" and str(qid).lstrip("-").isdigit():
             qid = int(qid)
         classes = tb.embed_texts(names) if names else None
-        return tb.query_from_set(test, qid, classes=classes, class_names=names, label=label)
+        return tb.query_from_set(
+            test, qid, classes=classes, class_names=names, label=label, label_col=args.label_col
+        )
     if args.image:
         return tb.query_from_image(
             args.image,
@@ -119,16 +136,21 @@ def _show(table: pd.DataFrame, name: str, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ecif.audit.folder import AuditFolderError
     from ecif.audit.trace import TraceBack
+    from ecif.cli.errors import describe
     from ecif.data.index import FaissIndexError
     from ecif.data.layout import FolderError
     from ecif.data.models import ModelLoadError
 
     start = time.time()
+    for path in (args.image, args.classes):  # before loading the audit
+        if path and not Path(path).is_file():
+            print(f"error: {path}: No such file or directory", file=sys.stderr)
+            return 2
     try:
         tb = TraceBack.from_audit(
             args.audit,
             embeddings=args.embeddings,
-            method=args.method,
+            method=args.solver,
             device=common.resolve_device(args.device),
             nprobe=args.nprobe,
         )
@@ -141,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
             q, k=args.k, candidates=args.candidates or None, wrong_answer=args.wrong_answer
         )
     except (AuditFolderError, FolderError, FaissIndexError, ModelLoadError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:  # OSError: a missing or unreadable image file
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     print(f"query: {info['query']}")
     verdict = "correct" if info["correct"] else "WRONG"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ecif.cli.common import add_quiet, show_progress
+from ecif.cli.common import add_quiet, add_seed, add_val, show_progress
 
 NAME = "verify"
 HELP = "refit after k sampled removals and report predicted-vs-actual Spearman"
@@ -16,33 +16,40 @@ ranking; low: the influence approximation does not hold on this data."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audit", help="audit folder from `ecif score` or `ecif demo`")
-    p.add_argument("--val", required=True, help="embedding folder of trusted validation pairs")
-    p.add_argument("-k", type=int, default=20, help="number of removals to refit")
-    p.add_argument("--seed", type=int, default=0)
+    add_val(p, required=True)
+    p.add_argument("-k", type=int, default=20, help="number of removals to refit (at least 3)")
+    add_seed(p)
     add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    import ecif
-    from ecif.audit.folder import read_heads
-    from ecif.audit.shards import load_training_set
     from ecif.audit.verify import verify
+    from ecif.cli.clean import audit_training_set
+    from ecif.cli.common import load_val
+    from ecif.cli.errors import UsageError
 
-    _, info = ecif.audit.read_audit(args.audit)
-    train = load_training_set(info["embeddings"])
-    head = read_heads(args.audit)[0]
-    bar = tqdm(total=args.k, desc="refits", disable=not show_progress(args))
-    rho, table = verify(
-        head,
-        train,
-        ecif.EmbeddingSet.load(args.val),
-        k=args.k,
-        seed=args.seed,
-        progress=lambda i: bar.update(1),
-    )
-    bar.close()
+    _, info, train, head = audit_training_set(args.audit)
+    if not 3 <= args.k <= len(train):
+        raise UsageError(
+            f"-k {args.k}: must be between 3 and {len(train)} (the audit's scored pairs)"
+        )
+    val = load_val(args, train, info["embeddings"])
+    show = show_progress(args)
+    bar = tqdm(total=args.k, desc="refits", disable=not show)
+    try:
+        rho, table = verify(
+            head,
+            train,
+            val,
+            k=args.k,
+            seed=args.seed,
+            progress=lambda i: bar.update(1),
+            spinner=show,
+        )
+    finally:
+        bar.close()
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3e}"))
     print(
         f"verify: Spearman(predicted, actual) = {rho:.3f} over {len(table)} refits; ok={len(table)} failed=0"

@@ -23,6 +23,7 @@ import torch
 
 from ecif.data import layout
 from ecif.data.models import LoadedModel, load_model
+from ecif.data.part_writer import PartWriter
 from ecif.data.readers import Shard, discover, isnull, open_shard
 
 log = logging.getLogger(__name__)
@@ -111,70 +112,6 @@ def _collate(items):
     }
 
 
-class _PartWriter:
-    """Temp memmaps for one part; rows land by position; ``finish`` publishes atomically."""
-
-    def __init__(self, folder: Path, index: int, shard: Shard, dims: tuple[int, int]):
-        self.folder, self.index, self.shard = folder, index, shard
-        n = shard.n_rows
-        self.paths = layout.part_paths(folder, index)
-        self.tmps = [layout.tmp_name(p) for p in self.paths[:2]]
-        self.arrays = []
-        for p, tmp, d in zip(self.paths[:2], self.tmps, dims):
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self.arrays.append(
-                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
-            )
-        self.errors: list[str | None] = [None] * n
-        self.seen = np.zeros(n, dtype=bool)
-        self.pre = _preflight(shard)
-
-    @property
-    def done(self) -> bool:
-        return bool(self.seen.all())
-
-    def put(self, rows: np.ndarray, errors: list, img: np.ndarray | None, txt: np.ndarray | None):
-        self.seen[rows] = True
-        for r, e in zip(rows, errors):
-            self.errors[r] = e
-        if img is not None:
-            good = np.array([e is None for e in errors])
-            self.arrays[0][rows[good]] = img
-            self.arrays[1][rows[good]] = txt
-
-    def finish(self, kv: dict[str, str]) -> tuple[int, int]:
-        errs = self.final_errors = [p or e for p, e in zip(self.pre, self.errors)]
-        for r, e in enumerate(errs):  # a pre-flight failure (bad id) zeroes an embedded row
-            if e is not None and self.errors[r] is None:
-                self.arrays[0][r] = 0
-                self.arrays[1][r] = 0
-        for arr in self.arrays:
-            arr.flush()
-        self.arrays = []
-        for tmp, p in zip(self.tmps, self.paths[:2]):
-            os.replace(tmp, p)
-        meta = self.shard.meta.copy()
-        meta["status"] = ["ok" if e is None else "failed" for e in errs]
-        meta["error_message"] = errs
-        failed = sum(e is not None for e in errs)
-        ok = self.shard.n_rows - failed
-        layout.publish_metadata(self.paths[2], meta, dict(kv, ok=ok, failed=failed))
-        return ok, failed
-
-
-def _preflight(shard: Shard) -> list[str | None]:
-    """Row errors known from metadata alone: null or duplicated ids."""
-    ids = shard.meta[shard.id_col]
-    out: list[str | None] = [None] * len(ids)
-    dup = ids.duplicated(keep="first").to_numpy()
-    for r, (null, d) in enumerate(zip(ids.isna().to_numpy(), dup)):
-        if null:
-            out[r] = f"null id in column {shard.id_col!r}"
-        elif d:
-            out[r] = f"duplicate id {ids.iat[r]!r} (an earlier row has it)"
-    return out
-
-
 def _encode(lm: LoadedModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     dev = lm.device
     images = batch["images"].to(dev, non_blocking=True)
@@ -192,12 +129,23 @@ def _encode(lm: LoadedModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     return u.cpu().numpy(), v.cpu().numpy()
 
 
-def _manifest(shards: Sequence[Shard], lm: LoadedModel, done_parts: dict[int, dict]) -> dict:
+def _manifest(
+    shards: Sequence[Shard], lm: LoadedModel, done_parts: dict[int, dict], out: Path
+) -> dict:
+    """Input shards by absolute path, by path relative to the embedding folder (a folder moved
+    together with its data) and under ``input_root`` (``--data-root`` re-points that)."""
     from ecif import __version__
 
+    paths = [sh.path.resolve() for sh in shards]
     parts = [
-        {"index": k, "source": str(sh.path), "rows": sh.n_rows, **done_parts.get(k, {})}
-        for k, sh in enumerate(shards)
+        {
+            "index": k,
+            "source": str(p),
+            "source_relative": os.path.relpath(p, out.resolve()),
+            "rows": sh.n_rows,
+            **done_parts.get(k, {}),
+        }
+        for k, (sh, p) in enumerate(zip(shards, paths))
     ]
     return {
         "ecif_version": __version__,
@@ -214,7 +162,8 @@ def _manifest(shards: Sequence[Shard], lm: LoadedModel, done_parts: dict[int, di
             "failed": sum(p.get("failed", 0) for p in done_parts.values()),
         },
         "complete": len(done_parts) == len(shards),
-        "input_shards": [str(sh.path) for sh in shards],
+        "input_shards": [str(p) for p in paths],
+        "input_root": os.path.commonpath([str(p.parent) for p in paths]) if paths else None,
         "parts": parts,
     }
 
@@ -247,7 +196,7 @@ def run_parts(
     dims = (lm.dim_image, lm.dim_text)
     base_kv = {"model": lm.name, "pretrained": lm.pretrained or "", "ecif_version": __version__}
 
-    writers: dict[int, _PartWriter] = {}
+    writers: dict[int, PartWriter] = {}
 
     def finish(s: int) -> None:
         k, sh = pending[s]
@@ -258,7 +207,7 @@ def run_parts(
 
     for s, (_, sh) in enumerate(pending):  # empty shards; others open lazily, so open
         if sh.n_rows == 0:  # temp files stay bounded by the shards in flight
-            writers[s] = _PartWriter(out, pending[s][0], sh, dims)
+            writers[s] = PartWriter(out, pending[s][0], sh, dims)
             finish(s)
     finished = {s for s, (_, sh) in enumerate(pending) if sh.n_rows == 0}
     total = sum(sh.n_rows for _, sh in pending)
@@ -276,7 +225,8 @@ def run_parts(
         sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
         from tqdm import tqdm
 
-        with tqdm(total=total, disable=not progress, unit="img", desc="embedding") as bar:
+        bar = tqdm(total=total, disable=not progress, unit="img", desc="embedding")
+        try:
             for batch in loader:
                 img = txt = None
                 if batch["images"] is not None:
@@ -288,7 +238,7 @@ def run_parts(
                     sel = cum[m & good]
                     errs = [e for e, keep in zip(batch["error"], m) if keep]
                     if s not in writers:
-                        writers[s] = _PartWriter(out, pending[s][0], pending[s][1], dims)
+                        writers[s] = PartWriter(out, pending[s][0], pending[s][1], dims)
                     writers[s].put(
                         batch["row"][m],
                         errs,
@@ -301,6 +251,12 @@ def run_parts(
                 bar.update(len(batch["row"]))
                 if sleep:
                     time.sleep(sleep)
+        except BaseException:  # Ctrl-C or an error: unfinished parts leave no temp files
+            for w in writers.values():
+                w.discard()
+            raise
+        finally:
+            bar.close()
     if writers or len(finished) != len(pending):
         missing = sorted(set(range(len(pending))) - finished)
         raise RuntimeError(f"internal error: parts {missing} did not receive all their rows")
@@ -351,8 +307,8 @@ def embed(
     old = layout.read_manifest(out)
     if old and (old.get("model"), old.get("pretrained")) != (lm.name, lm.pretrained):
         raise layout.FolderError(
-            f"{out}: was written with model {old.get('model')}/{old.get('pretrained')}, not "
-            f"{lm.name}/{lm.pretrained}; use another output folder"
+            f"{out}: was written with model {layout.model_label(old.get('model'), old.get('pretrained'))}"
+            f", not {layout.model_label(lm.name, lm.pretrained)}; use another output folder"
         )
     res = EmbedResult(out, model_seconds=t_model)
     pending: list[tuple[int, Shard]] = []
@@ -379,7 +335,7 @@ def embed(
         for kind, c in kinds.items():
             res.errors[kind] = res.errors.get(kind, 0) + c
         done_parts[k] = {"ok": ok, "failed": failed}
-        layout.write_manifest(out, _manifest(shards, lm, done_parts))
+        layout.write_manifest(out, _manifest(shards, lm, done_parts, out))
 
     run = dict(batch_size=batch_size, chunk_rows=chunk_rows, progress=progress, on_done=record)
     if distributor == "dask":
@@ -390,7 +346,7 @@ def embed(
         run_dask(pending, out, load, cols, scheduler=scheduler, **run)
     else:
         run_parts(pending, lm, out, num_workers=num_workers, **run)
-    layout.write_manifest(out, _manifest(shards, lm, done_parts))
+    layout.write_manifest(out, _manifest(shards, lm, done_parts, out))
     res.seconds = time.perf_counter() - t0
     log.info(res.summary())
     return res

@@ -19,11 +19,20 @@ class EmbeddingSet:
     ``image`` and ``text`` are (N, d) arrays (numpy, memory-mapped or not, or anything
     array-like). ``ids`` default to ``0..N-1``. ``metadata`` is an optional DataFrame with one
     row per pair (caption, url, status, ...), kept alongside and never reordered.
-    ``logit_scale``: the embedding model's exp(logit scale) when known (set by ``load`` from
-    the manifest), else None; subsets keep it.
+
+    ``logit_scale``: the embedding model's temperature exp(logit_scale), the ``t`` of the
+    head's ``S_ij = t x_i^T M y_j``. ``EmbeddingSet.load`` reads it from the folder's
+    manifest. Built from arrays it is None unless given, and ``ecif.fit`` then uses **100**
+    (OpenAI CLIP's trained value, also the cap open_clip trains towards); pass the model's own,
+    e.g. ``EmbeddingSet(img, txt, ids=ids, logit_scale=model.logit_scale.exp().item())``, or
+    ``ecif.fit(..., logit_scale=...)``. Subsets keep it.
+    ``source`` (the folder ``load`` read, absolute) and ``model`` (the manifest's
+    ``{"model", "pretrained"}``) say where the embeddings came from; None when unknown.
     """
 
     logit_scale: float | None = None
+    source: str | None = None
+    model: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -33,6 +42,7 @@ class EmbeddingSet:
         metadata: pd.DataFrame | None = None,
         *,
         check_finite: bool = True,
+        logit_scale: float | None = None,
     ) -> None:
         image = image if isinstance(image, np.ndarray) else np.asarray(image)
         text = text if isinstance(text, np.ndarray) else np.asarray(text)
@@ -72,6 +82,10 @@ class EmbeddingSet:
         self.text = text
         self.ids = ids
         self.metadata = metadata
+        if logit_scale is not None:
+            if not float(logit_scale) > 0:
+                raise EmbeddingSetError(f"logit_scale must be positive; got {logit_scale}")
+            self.logit_scale = float(logit_scale)
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -98,7 +112,7 @@ class EmbeddingSet:
             meta,
             check_finite=False,
         )
-        out.logit_scale = self.logit_scale
+        out.logit_scale, out.model = self.logit_scale, self.model
         return out
 
     def positions(self, ids: Sequence[Any] | np.ndarray) -> np.ndarray:

@@ -66,6 +66,40 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
         raise FolderError(f"{path}: not valid JSON ({e})") from e
 
 
+def part_sources(
+    folder: str | os.PathLike, data_root: str | os.PathLike | None = None
+) -> dict[int, str]:
+    """Part index -> the input shard it was embedded from, where that file is now.
+
+    Tried in order: ``data_root`` (the folder that now holds the inputs: the shard's path
+    under the manifest's ``input_root``, then its file name), the absolute ``source``, the
+    path relative to the embedding folder (``source_relative``), and an old manifest's
+    relative ``source`` taken from the embedding folder's parent. When none exists, the
+    recorded ``source`` is returned (and opening it names the missing file).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder) or {}
+    root = manifest.get("input_root")
+    out = {}
+    for p in manifest.get("parts", []):
+        src = p.get("source") or ""
+        if not src:
+            continue
+        tries = []
+        if data_root:
+            if root and Path(src).is_absolute() and Path(src).is_relative_to(root):
+                tries.append(Path(data_root) / Path(src).relative_to(root))
+            tries.append(Path(data_root) / Path(src).name)
+        tries.append(Path(src) if Path(src).is_absolute() else folder / src)
+        if p.get("source_relative"):
+            tries.append(folder / p["source_relative"])
+        if not Path(src).is_absolute():
+            tries.append(folder.parent / src)
+        found = next((t for t in tries if t.exists()), None)
+        out[int(p["index"])] = str(found.resolve() if found else src)
+    return out
+
+
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
     path = Path(folder) / MANIFEST
     atomic_write_bytes(path, json.dumps(manifest, indent=1, default=str).encode())
@@ -208,7 +242,26 @@ def load_folder(
     es = EmbeddingSet(image, text, ids=ids, metadata=meta)
     if manifest and manifest.get("logit_scale"):
         es.logit_scale = float(manifest["logit_scale"])
+    es.source = str(folder.resolve())
+    es.model = model_identity(manifest)
     return es
+
+
+def model_identity(manifest: dict | None) -> dict[str, Any] | None:
+    """``{"model", "pretrained"}`` of the model that wrote a folder; None when unrecorded."""
+    if not manifest or not manifest.get("model"):
+        return None
+    return {"model": manifest["model"], "pretrained": manifest.get("pretrained") or None}
+
+
+def model_label(model: str | dict | None, pretrained: str | None = None) -> str:
+    """How messages name a model: ``ViT-B-32 (pretrained laion2b_s34b_b79k)``, or the bare
+    name for local-dir: and ecif-tiny models, which have no tag."""
+    if isinstance(model, dict):
+        model, pretrained = model.get("model"), model.get("pretrained")
+    if not model:
+        return "an unrecorded model"
+    return f"{model} (pretrained {pretrained})" if pretrained else str(model)
 
 
 def _open_npy(path: Path) -> np.ndarray:

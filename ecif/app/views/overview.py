@@ -1,20 +1,16 @@
-"""Overview: what was audited, how many pairs are flagged, and how the scores spread."""
+"""Overview: what was audited, how many pairs are flagged, and how the scores spread.
+
+Charts are Vega-Lite specs given as dicts (no Altair import or schema validation on the way:
+the page's charts appear with the rest of it).
+"""
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ecif.app import state
+from ecif.app import charts, state
 
 table, info = state.audit()
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def histogram(values: np.ndarray, bins: int = 50) -> pd.DataFrame:
-    v = values[np.isfinite(values)]
-    counts, edges = np.histogram(v, bins=bins) if len(v) else (np.zeros(0), np.zeros(1))
-    centers = np.round((edges[:-1] + edges[1:]) / 2, 3)  # short axis labels
-    return pd.DataFrame({"misalign_score": centers, "pairs": counts})
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -37,21 +33,28 @@ st.markdown(
     f"**Validation:** {info.get('validation', 'none')}  \n"
     f"**Threshold:** {info.get('threshold', '?')}"
 )
+for note in state.audit_warnings(info):
+    st.warning(note)
 if ok.empty:
     st.warning("No pair was scored successfully; see the Suspects page with status 'failed'.")
     st.stop()
-cols = ["misalign_score", "influence", "influence_pos", "influence_neg", "clip_score", "flag"]
+cols = ["id", "misalign_score", "influence", "influence_pos", "influence_neg", "clip_score", "flag"]
 pts = sample(ok[[c for c in cols if c in ok]])
 st.subheader("misalign_score")
-st.bar_chart(histogram(ok["misalign_score"].to_numpy(np.float64)), x="misalign_score", y="pairs")
+scores = ok["misalign_score"].to_numpy(np.float64)
+cut = charts.threshold_cut(ok)
+hist = charts.histogram(scores, cut)
+st.vega_lite_chart(hist, charts.histogram_spec(cut, int(ok["is_misaligned"].sum())), key="hist")
+if cut is None:
+    st.caption("No pair is flagged, so there is no threshold line.")
 left, right = st.columns(2)
 with left:
     st.subheader("Positive vs negative influence")
     if {"influence_pos", "influence_neg"} <= set(pts):
-        st.scatter_chart(pts, x="influence_pos", y="influence_neg", color="flag", size=12)
+        st.vega_lite_chart(pts, charts.scatter_spec("influence_pos", "influence_neg"))
 with right:
     st.subheader("CLIP score vs influence")
     if {"clip_score", "influence"} <= set(pts):
-        st.scatter_chart(pts, x="clip_score", y="influence", color="flag", size=12)
+        st.vega_lite_chart(pts, charts.scatter_spec("clip_score", "influence"))
 if len(ok) > len(pts):
     st.caption(f"Scatter plots show a random sample of {len(pts):,} of {len(ok):,} pairs.")

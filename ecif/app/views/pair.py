@@ -1,6 +1,7 @@
 """Pair detail: one pair's image and caption, its influence terms, neighbours and batch effects."""
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from ecif.app import detail, state, support
@@ -13,7 +14,8 @@ st.title("Pair detail")
 top = table.sort_values("rank").iloc[0]["id"] if "rank" in table else table.iloc[0]["id"]
 if "pair_id_input" not in st.session_state:  # the widget's state is dropped off this page
     st.session_state["pair_id_input"] = str(st.session_state.get("pair_id", top))
-pid_text = st.text_input(f"Pair id ({info.get('id_column') or 'id'})", key="pair_id_input")
+source_id = info.get("source_id_column") or info.get("id_column") or "id"
+pid_text = st.text_input(f"Pair id (the input's {source_id!r})", key="pair_id_input")
 by_str = table["id"].astype(str)
 hit = np.nonzero((by_str == pid_text.strip()).to_numpy())[0]
 if not len(hit):
@@ -32,15 +34,14 @@ with left:
 with right:
     st.markdown(f"**Caption:** {pair.get('caption', '')}")
     c = st.columns(3)
-    c[0].metric("misalign_score", f"{pair['misalign_score']:.4g}")
-    c[1].metric("rank", f"{int(pair['rank']):,}" if np.isfinite(pair["rank"]) else "-")
+    c[0].metric("misalign_score", support.format_number(pair["misalign_score"]))
+    c[1].metric("rank", f"{int(pair['rank']):,}" if pd.notna(pair["rank"]) else "-")
     c[2].metric("flagged", "yes" if pair["is_misaligned"] else "no")
-    c = st.columns(4)
-    for col, name in zip(
-        c, ("influence", "influence_pos", "influence_neg", "clip_score"), strict=True
-    ):
-        if name in pair:
-            col.metric(name, f"{pair[name]:.3g}")
+    names = [n for n in ("influence", "influence_pos", "influence_neg", "clip_score") if n in pair]
+    for row in (names[:2], names[2:]):  # two per row: wide enough for -4.56e-5
+        c = st.columns(2)
+        for col, name in zip(c, row, strict=False):
+            col.metric(name, support.format_number(pair[name]), help=f"{float(pair[name])!r}")
     st.caption(
         "influence = predicted change of the validation loss if this pair is removed "
         "(negative: removing it helps, i.e. harmful). influence_pos comes from the pair's own "
@@ -75,7 +76,7 @@ def show_rows(df, what: str) -> None:
     )
     df = df.assign(caption=caps)
     thumbs, _ = state.thumbnails(info, df["id"].tolist(), size=96)
-    df = df.assign(image=[support.data_uri(t) for t in thumbs])
+    df = df.assign(image=[support.data_uri(t) for t in thumbs])  # missing: a "no image" tile
     st.dataframe(
         df[["image"] + [c for c in df if c not in ("image", "row")]],
         hide_index=True,

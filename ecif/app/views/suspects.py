@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from ecif.app import state, support
@@ -10,7 +11,16 @@ from ecif.app import state, support
 table, info = state.audit()
 folder = state.folder()
 reviewed = state.reviewed(folder)
-id_name = info.get("id_column") or "id"
+id_name = "id"  # exports and tables say id; the input's own column name is shown beside it
+source_id = info.get("source_id_column") or info.get("id_column") or "id"
+ROW_HEIGHT = 60
+
+
+def _follow_sort() -> None:
+    """The direction follows the column: most suspicious first for each."""
+    by = st.session_state["sort"]
+    st.session_state["descending"] = support.SUSPICIOUS_FIRST_DESCENDING.get(by, True)
+
 
 st.title("Suspects")
 with st.expander("Filter and sort", expanded=True):
@@ -27,8 +37,16 @@ with st.expander("Filter and sort", expanded=True):
     min_score = c[0].slider(
         "Minimum misalign_score", lo, max(hi, lo + 1e-9), lo, key="min_score", format="%.4g"
     )
-    sort_by = c[1].selectbox("Sort by", [s for s in support.SORTABLE if s in table], key="sort")
-    descending = c[2].toggle("Descending", value=sort_by != "rank", key="descending")
+    sort_by = c[1].selectbox(
+        "Sort by",
+        [s for s in support.SORTABLE if s in table],
+        key="sort",
+        on_change=_follow_sort,
+        help="the direction switches to most suspicious first for each column",
+    )
+    if "descending" not in st.session_state:
+        st.session_state["descending"] = support.SUSPICIOUS_FIRST_DESCENDING.get(sort_by, True)
+    descending = c[2].toggle("Descending", key="descending")
 
 f = support.Filters(
     flagged_only=flagged_only,
@@ -53,20 +71,39 @@ shown = view.assign(
     image=[support.data_uri(t) for t in thumbs],
     reviewed=view["id"].isin(reviewed["id"]).to_numpy(),
 )
-cols = ["image", "id", "caption", "misalign_score", "influence", "influence_pos"]
-cols += ["influence_neg", "clip_score", "rank", "flag", "reviewed", "status"]
-event = st.dataframe(
+cols = ["image", "rank", "id", "caption", "misalign_score", "influence", "influence_pos"]
+cols += ["influence_neg", "clip_score", "is_misaligned", "reviewed"]
+if status != "ok":  # only then can a row be anything but ok
+    cols += ["status", "error_message"]
+
+
+def _num(label: str, name: str, width: int):
+    return st.column_config.NumberColumn(label, format="%.3g", width=width, help=name)
+
+
+event = st.dataframe(  # narrow columns with short labels: all of them fit a 1400 px window
     shown[[c for c in cols if c in shown]],
     hide_index=True,
     key="suspects_table",
     on_select="rerun",
     selection_mode="multi-row",
-    row_height=68,
-    height=min(len(ids), 10) * 68 + 40,
+    row_height=ROW_HEIGHT,
+    height=(len(ids) + 1) * ROW_HEIGHT + 3,  # every row of the page, no inner scrolling
+    width="stretch",
     column_config={
-        "image": st.column_config.ImageColumn("image", width="small"),
-        "id": st.column_config.TextColumn(id_name),
-        "caption": st.column_config.TextColumn("caption", width="medium"),
+        "image": st.column_config.ImageColumn("image", width=56),
+        "rank": st.column_config.NumberColumn("rank", format="%d", width=50),
+        "id": st.column_config.TextColumn("id", width=120, help=f"the input's {source_id!r}"),
+        "caption": st.column_config.TextColumn("caption", width=180),
+        "misalign_score": _num("misalign", "misalign_score: higher = more suspicious", 80),
+        "influence": _num("influence", "influence: negative = removing it helps", 80),
+        "influence_pos": _num("pos", "influence_pos: the pair's own match term", 72),
+        "influence_neg": _num("neg", "influence_neg: its role as a negative", 72),
+        "clip_score": _num("clip", "clip_score: cosine of the raw embeddings", 62),
+        "is_misaligned": st.column_config.CheckboxColumn("flagged", width=60),
+        "reviewed": st.column_config.CheckboxColumn("reviewed", width=72),
+        "status": st.column_config.TextColumn("status", width=60),
+        "error_message": st.column_config.TextColumn("error", width=160),
     },
 )
 picked = [ids[i] for i in (event.selection.rows if event else []) if i < len(ids)]
@@ -104,7 +141,10 @@ if c[1].button("Open in Pair detail", key="open"):
     st.switch_page(Path(__file__).with_name("pair.py"))
 
 st.subheader("This page's images")
-caps = [f"#{int(r)} · {str(t)[:60]}" for r, t in zip(view["rank"], view["caption"], strict=True)]
+caps = [
+    f"#{int(r) if pd.notna(r) else '-'} · {str(t)[:60]}"
+    for r, t in zip(view["rank"], view["caption"], strict=True)
+]
 good = [(t, cap) for t, cap in zip(thumbs, caps, strict=True) if t is not None]
 if good:
     st.image([t for t, _ in good], caption=[cap for _, cap in good], width=128)

@@ -32,9 +32,12 @@ candidates = c[1].number_input(
 
 query: dict = {}
 if kind.startswith("A validation"):
-    found = detail.test_folders(info)
+    found = detail.test_folders(info)  # the audit's own validation set first
     test_path = st.text_input(
-        "Validation/test embedding folder", value=found[0] if found else "", key="trace_test"
+        "Validation/test embedding folder",
+        value=found[0] if found else "",
+        key="trace_test",
+        help="default: the validation set this audit was scored against (audit.json)",
     )
     if test_path:
         try:
@@ -62,10 +65,27 @@ elif kind.startswith("An uploaded"):
         tmp = tmp / f"{hashlib.sha1(data).hexdigest()[:16]}{Path(up.name).suffix}"
         if not tmp.exists():
             tmp.write_bytes(data)
-        query = dict(kind="image", image_path=tmp, caption=cap)
+        query = dict(kind="image", image_path=tmp, image_name=up.name, caption=cap)
 else:
     cap = st.text_input("Caption", key="trace_caption")
     query = dict(kind="caption", caption=cap)
+
+if query.get("kind") in ("pair", "image"):
+    use_classes = st.checkbox(
+        "Against class prompts (zero-shot) instead of captions",
+        key="trace_use_classes",
+        help="the query's image against these prompts; correct is the true class",
+    )
+    if use_classes:
+        c = st.columns([3, 1])
+        prompts = c[0].text_area(
+            "Class prompts, one per line",
+            key="trace_classes",
+            placeholder="a photo of a circle\na photo of a square\na photo of a triangle",
+        )
+        names = [ln.strip() for ln in prompts.splitlines() if ln.strip()]
+        true = c[1].selectbox("True class", names, key="trace_label") if names else None
+        query.update(classes=names, label=names.index(true) if true is not None else None)
 
 if st.button("Trace", type="primary", disabled=not query, key="trace_go"):
     try:

@@ -1,0 +1,84 @@
+"""Checks an audit runs before any fit: what would otherwise fail (or mislead) after it.
+
+A bad threshold, a validation set of another width or from another embedding model, or a
+training folder with too few usable rows are reported at once, before a minute of fitting
+and before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ecif.audit.thresholds import flag_count
+from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.layout import model_label
+
+log = logging.getLogger(__name__)
+
+
+class AuditInputError(ValueError):
+    """Inputs or options an audit cannot run with; found before the fit."""
+
+
+def check_threshold(threshold: Any) -> None:
+    """Raise AuditInputError unless ``threshold`` is 'auto', a fraction in (0, 1) or a count."""
+    try:
+        flag_count(np.zeros(0), threshold)
+    except (ValueError, TypeError) as e:
+        raise AuditInputError(f"threshold: {e}") from None
+
+
+def check_training(train: EmbeddingSet, folder: Any, failed: int = 0) -> None:
+    """At least 2 usable pairs."""
+    if len(train) < 2:
+        why = f" ({failed} rows failed to embed; see their error_message)" if failed else ""
+        raise AuditInputError(
+            f"{folder}: {len(train)} usable pair(s){why}; an audit needs at least 2"
+        )
+
+
+def check_validation(
+    train: EmbeddingSet,
+    val: EmbeddingSet,
+    train_model: dict | None,
+    *,
+    allow_model_mismatch: bool = False,
+) -> str | None:
+    """Same widths and the same embedding model as the training set.
+
+    The model identity is the manifests' ``model`` and ``pretrained``; when either folder
+    does not record one, nothing can be compared. Another model is refused unless
+    ``allow_model_mismatch``, which logs a warning and returns it (to be recorded).
+    """
+    if len(val) < 1:
+        raise AuditInputError(f"{val.source or 'the validation set'}: no usable pairs")
+    if (val.d_image, val.d_text) != (train.d_image, train.d_text):
+        raise AuditInputError(
+            f"validation widths (image {val.d_image}, text {val.d_text}) differ from the "
+            f"training widths (image {train.d_image}, text {train.d_text}): embed both with "
+            "the same model"
+        )
+    if not train_model or not val.model:
+        return None
+    same = (train_model.get("model"), train_model.get("pretrained") or None) == (
+        val.model.get("model"),
+        val.model.get("pretrained") or None,
+    )
+    if same:
+        return None
+    text = (
+        f"the validation set was embedded with {model_label(val.model)}, the training set "
+        f"with {model_label(train_model)}"
+    )
+    if not allow_model_mismatch:
+        raise AuditInputError(
+            f"{text}: influence across two embedding spaces means nothing; re-embed one of "
+            "them (or pass --allow-model-mismatch / allow_model_mismatch=True if the two "
+            "names are the same model)"
+        )
+    warning = f"{text}; going on because the mismatch was allowed"
+    log.warning(warning)
+    return warning

@@ -1,0 +1,40 @@
+"""When is a retrieved caption the right answer for an image? One definition for every verb.
+
+``ecif clean``'s validation accuracy and ``ecif trace``'s test-pair queries both count a
+prediction as correct when the predicted caption carries the same label as the pair's own:
+the value of a label column when one is given (``--label-col``: correctness follows classes),
+else the caption itself, compared without case and surrounding or repeated whitespace (so a
+repeated caption such as "a photo of a 3" is right wherever it appears). Sets without
+captions fall back to the pair's own id (only its own caption is right).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def caption_key(caption: Any) -> str:
+    """The form in which two captions are compared: lower case, single spaces."""
+    return " ".join(str(caption).split()).lower()
+
+
+def answer_labels(data: Any, label_col: str | None = None) -> np.ndarray:
+    """One label per pair of ``data`` (an EmbeddingSet); equal labels = interchangeable answers."""
+    meta = data.metadata
+    if label_col is not None:
+        if meta is None or label_col not in meta:
+            cols = [] if meta is None else list(meta.columns)
+            raise ValueError(f"label column {label_col!r} is not in the metadata columns {cols}")
+        return np.asarray([str(v) for v in meta[label_col]], dtype=object)
+    if meta is not None and "caption" in meta:
+        return np.asarray([caption_key(c) for c in meta["caption"]], dtype=object)
+    return np.asarray([f"id:{i}" for i in data.ids], dtype=object)
+
+
+def label_codes(data: Any, label_col: str | None = None) -> np.ndarray:
+    """``answer_labels`` as integer codes (equal code = equal label)."""
+    codes, _ = pd.factorize(answer_labels(data, label_col))
+    return codes

@@ -1,0 +1,86 @@
+"""One output part of ``ecif.embed`` while its rows arrive: temp memmaps, published atomically.
+
+Rows land by position in hidden temp ``.npy`` memmaps next to their final names; ``finish``
+renames them and writes the metadata last (the metadata marks a part done), ``discard``
+removes them (an interrupted run leaves nothing half-written).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ecif.data import layout
+from ecif.data.readers import Shard
+
+
+class PartWriter:
+    """Temp memmaps for one part; rows land by position; ``finish`` publishes atomically."""
+
+    def __init__(self, folder: Path, index: int, shard: Shard, dims: tuple[int, int]):
+        self.folder, self.index, self.shard = folder, index, shard
+        n = shard.n_rows
+        self.paths = layout.part_paths(folder, index)
+        self.tmps = [layout.tmp_name(p) for p in self.paths[:2]]
+        self.arrays = []
+        for p, tmp, d in zip(self.paths[:2], self.tmps, dims):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self.arrays.append(
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+            )
+        self.errors: list[str | None] = [None] * n
+        self.seen = np.zeros(n, dtype=bool)
+        self.pre = _preflight(shard)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.seen.all())
+
+    def put(self, rows: np.ndarray, errors: list, img: np.ndarray | None, txt: np.ndarray | None):
+        self.seen[rows] = True
+        for r, e in zip(rows, errors):
+            self.errors[r] = e
+        if img is not None:
+            good = np.array([e is None for e in errors])
+            self.arrays[0][rows[good]] = img
+            self.arrays[1][rows[good]] = txt
+
+    def discard(self) -> None:
+        """Drop the temp files of an unfinished part (an interrupted run): nothing half-written."""
+        self.arrays = []
+        for tmp in self.tmps:
+            tmp.unlink(missing_ok=True)
+
+    def finish(self, kv: dict[str, str]) -> tuple[int, int]:
+        errs = self.final_errors = [p or e for p, e in zip(self.pre, self.errors)]
+        for r, e in enumerate(errs):  # a pre-flight failure (bad id) zeroes an embedded row
+            if e is not None and self.errors[r] is None:
+                self.arrays[0][r] = 0
+                self.arrays[1][r] = 0
+        for arr in self.arrays:
+            arr.flush()
+        self.arrays = []
+        for tmp, p in zip(self.tmps, self.paths[:2]):
+            os.replace(tmp, p)
+        meta = self.shard.meta.copy()
+        meta["status"] = ["ok" if e is None else "failed" for e in errs]
+        meta["error_message"] = errs
+        failed = sum(e is not None for e in errs)
+        ok = self.shard.n_rows - failed
+        layout.publish_metadata(self.paths[2], meta, dict(kv, ok=ok, failed=failed))
+        return ok, failed
+
+
+def _preflight(shard: Shard) -> list[str | None]:
+    """Row errors known from metadata alone: null or duplicated ids."""
+    ids = shard.meta[shard.id_col]
+    out: list[str | None] = [None] * len(ids)
+    dup = ids.duplicated(keep="first").to_numpy()
+    for r, (null, d) in enumerate(zip(ids.isna().to_numpy(), dup)):
+        if null:
+            out[r] = f"null id in column {shard.id_col!r}"
+        elif d:
+            out[r] = f"duplicate id {ids.iat[r]!r} (an earlier row has it)"
+    return out

@@ -1,0 +1,236 @@
+"""Bad inputs and options end in one `error:` line on stderr and exit 2, before any fit and
+with nothing written; --help names each default once."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ecif
+from ecif.cli import VERB_MODULES, build_parser, main
+from ecif.data import layout
+from tests.test_audit_shards import _folder
+
+FAST = ["--batch-size", "16", "--logit-scale", "10", "--quiet"]
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "error:" in lines[0] and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _files(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A synthetic embedding folder (3 shards, one failed row), its val set and an audit."""
+    tmp = tmp_path_factory.mktemp("scored")
+    folder, val = _folder(tmp)
+    val.save(tmp / "val")
+    out = tmp / "audit"
+    rc = main(["score", str(folder), "--val", str(tmp / "val"), "-o", str(out), *FAST])
+    assert rc == 0
+    return tmp, folder, out
+
+
+def _no_fit(monkeypatch):
+    """Any fit now fails the test: the checks must come first."""
+    import ecif.api
+
+    def boom(*a, **k):
+        raise AssertionError("fit ran before the options were checked")
+
+    monkeypatch.setattr(ecif.api, "fit", boom)
+
+
+@pytest.mark.parametrize("case", ["empty", "missing", "val_missing"])
+def test_score_on_missing_or_empty_folders(tmp_path, capsys, monkeypatch, scored, case):
+    _no_fit(monkeypatch)
+    _, folder, _ = scored
+    (tmp_path / "empty").mkdir()
+    args = {
+        "empty": [str(tmp_path / "empty")],
+        "missing": [str(tmp_path / "nope")],
+        "val_missing": [str(folder), "--val", str(tmp_path / "nope")],
+    }[case]
+    out = tmp_path / "out"
+    assert main(["score", *args, "-o", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    want = "not an embedding folder" if case == "empty" else "no such folder"
+    _one_error_line(err, want)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc", "-3"])
+def test_score_bad_threshold_fails_at_parse_time(tmp_path, capsys, monkeypatch, scored, value):
+    _no_fit(monkeypatch)
+    _, folder, _ = scored
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["score", str(folder), "-o", str(out), "--threshold", value, *FAST])
+    assert e.value.code == 2
+    _one_error_line(capsys.readouterr().err, "--threshold", "ecif score --help")
+    assert not out.exists()
+
+
+def test_score_shards_checks_threshold_before_fitting(tmp_path, monkeypatch, scored):
+    from ecif.audit import AuditArgs
+    from ecif.audit.checks import AuditInputError
+    from ecif.audit.shards import score_shards
+
+    _no_fit(monkeypatch)
+    _, folder, _ = scored
+    with pytest.raises(AuditInputError, match="fraction"):
+        score_shards(folder, tmp_path / "out", None, args=AuditArgs(threshold=1.5))
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_of_another_width_is_refused_before_the_fit(tmp_path, capsys, monkeypatch):
+    folder, _ = _folder(tmp_path, d=8)
+    g = np.random.default_rng(0)
+    wide = ecif.EmbeddingSet(g.standard_normal((20, 12)), g.standard_normal((20, 12)))
+    wide.save(tmp_path / "wide")
+    _no_fit(monkeypatch)
+    out = tmp_path / "out"
+    rc = main(["score", str(folder), "--val", str(tmp_path / "wide"), "-o", str(out), *FAST])
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, "widths", "image 12", "image 8")
+    assert not out.exists()
+
+
+def test_all_failed_embeddings_are_one_error(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "emb"
+    meta = pd.DataFrame(
+        {"key": ["a", "b", "c"], "status": "failed", "error_message": "missing file: x.png"}
+    )
+    layout.write_part(folder, 0, np.zeros((3, 4)), np.zeros((3, 4)), meta)
+    _no_fit(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["score", str(folder), "-o", str(out), *FAST]) == 2
+    _one_error_line(capsys.readouterr().err, "0 usable pair", "3 rows failed")
+    assert not out.exists()
+
+
+def _manifest_model(folder, model, pretrained=None):
+    path = folder / "manifest.json"
+    man = json.loads(path.read_text())
+    man.update(model=model, pretrained=pretrained)
+    path.write_text(json.dumps(man))
+
+
+def test_validation_from_another_model_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+    folder, val = _folder(tmp_path)
+    val.save(tmp_path / "val")
+    _manifest_model(folder, "ViT-B-32", "laion2b_s34b_b79k")
+    _manifest_model(tmp_path / "val", "ViT-B-32", "openai")  # same width, other weights
+    out = tmp_path / "out"
+    base = ["score", str(folder), "--val", str(tmp_path / "val"), "-o", str(out), *FAST]
+    with monkeypatch.context() as m:
+        _no_fit(m)
+        assert main(base) == 2
+        _one_error_line(capsys.readouterr().err, "ViT-B-32 (pretrained openai)", "laion2b")
+        assert not out.exists()
+    assert main([*base, "--allow-model-mismatch"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "pretrained openai" in err
+    info = json.loads((out / "audit.json").read_text())
+    assert any("openai" in w for w in info["warnings"])
+    assert info["validation_model"] == {"model": "ViT-B-32", "pretrained": "openai"}
+
+
+def test_clean_and_verify_errors(scored, capsys, tmp_path):
+    tmp, _, audit = scored
+    before = _files(audit)
+    val = ["--val", str(tmp / "val")]
+    cases = [
+        (["clean", str(audit), *val, "--count", "99999"], "between 1 and 178"),
+        (["clean", str(audit), *val, "--fraction", "1.5"], "(0, 1)"),
+        (["verify", str(audit), *val, "-k", "2"], "between 3 and 179"),
+        (["verify", str(tmp_path), *val], "not an audit folder"),
+        (["clean", str(tmp_path / "nope"), *val], "no such folder"),
+        (["verify", str(audit), "--val", str(tmp_path / "nope")], "no such folder"),
+        (["clean", str(audit), *val, "--label-col", "nope"], "label column 'nope'"),
+    ]
+    for argv, needle in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        _one_error_line(capsys.readouterr().err, needle)
+    assert _files(audit) == before
+
+
+def test_os_errors_read_as_sentences():
+    from ecif.cli.errors import describe
+
+    try:
+        open("/no/such/file.jpg")
+    except OSError as e:
+        assert describe(e) == "/no/such/file.jpg: No such file or directory"
+    assert describe(ValueError("two\n  lines")) == "two; lines"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import ecif.cli.score as score
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score, "run", interrupted)
+    assert main(["score", "x", "-o", "y"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == score.INTERRUPTED and "rerun the same command" in err
+
+
+def test_help_names_each_default_once_and_every_option_is_explained(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "score" in a.choices)
+    for verb in VERB_MODULES:
+        p = sub.choices[verb]
+        for action in p._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"ecif {verb} {action.option_strings or action.dest}: no help"
+        text = p.format_help()
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat, verb
+        assert not re.search(r"default[^()]*\) \(default", flat), verb
+        fmt = p.formatter_class(prog="ecif")
+        for action in p._actions:
+            shown = fmt._get_help_string(action)
+            if action.required:
+                assert "(default:" not in shown, (verb, action.dest)
+            if action.default is None:
+                assert not shown.endswith("(default: %(default)s)"), (verb, action.dest)
+    score_help = " ".join(sub.choices["score"].format_help().split())
+    trace_help = " ".join(sub.choices["trace"].format_help().split())
+    for words in ("'ekfac' (no iterations", "'cg' (exact Hessian-vector products"):
+        assert words in score_help and words in trace_help
+    assert "--solver" in trace_help and "else EK-FAC" not in trace_help
+    assert "(default: the model's, else 100)" in score_help
+
+
+def test_python_dash_m_ecif_runs_the_cli():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "ecif", "score", "/no/such/folder", "-o", "/tmp/x-ecif-never"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    _one_error_line(r.stderr, "/no/such/folder: no such folder")
+
+
+def test_trace_on_a_missing_image_file_names_the_file(small_audit, tmp_path, capsys):
+    missing = tmp_path / "cat.jpg"
+    argv = ["trace", str(small_audit), "--image", str(missing), "--caption", "a cat", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_error_line(err, f"{missing}: No such file or directory")
+    assert "Errno" not in err
