@@ -175,6 +175,24 @@ def score(
     return df
 
 
+def pair_losses(head: Head, data) -> np.ndarray:
+    """Each pair's own loss -log p_nn - log q_nn under the head, within its batch (the head's
+    partition of ``data``, so ``data`` is the set the head was fit on, or one of its shards
+    with a matching partition). Rows in no batch (removed) are NaN."""
+    from ecif.engine.batches import iter_chunks
+    from ecif.engine.contrastive import batch_stats
+    from ecif.engine.contrastive import pair_losses as _pair_losses
+
+    x, y = as_arrays(data)
+    out = np.full(len(x), np.nan)
+    for ch in iter_chunks(x, y, head.partition, dtype=head.dtype, device=head.m.device):
+        s = head.logit_scale * (ch.x @ head.m) @ ch.y.transpose(-1, -2)
+        loss = _pair_losses(batch_stats(s, ch.mask)).cpu().numpy()
+        m = ch.mask.cpu().numpy()
+        out[ch.rows[m]] = loss[m]
+    return out
+
+
 def self_influence(
     head: Head,
     train,
@@ -270,6 +288,7 @@ __all__ = [
     "classification_gradient",
     "fit",
     "loss_gradient",
+    "pair_losses",
     "relative_influence",
     "score",
     "self_influence",

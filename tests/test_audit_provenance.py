@@ -119,14 +119,14 @@ def test_fit_and_solve_show_what_they_are_doing(tmp_path, capsys):
 def test_a_head_that_did_not_converge_is_reported(tmp_path, capsys, monkeypatch):
     from ecif.audit.auditor import Auditor
 
-    real = Auditor._fit
+    real = Auditor.fit_head
 
-    def unconverged(self, data, progress=False):
-        head = real(self, data, progress)
+    def unconverged(self, data, **kw):
+        head = real(self, data, **kw)
         head.info.update(converged=False, grad_max=3e-2, tol=1e-5)
         return head
 
-    monkeypatch.setattr(Auditor, "_fit", unconverged)
+    monkeypatch.setattr(Auditor, "fit_head", unconverged)
     folder, val = _folder(tmp_path)
     val.save(tmp_path / "val")
     out = tmp_path / "audit"

@@ -43,7 +43,7 @@ def _folder(tmp_path, parts=3, rows=60, d=8):
 
 def test_shards_equal_concatenated_and_rerun_skips(tmp_path):
     folder, val = _folder(tmp_path)
-    args = AuditArgs(batch_size=16, logit_scale=10.0, threshold=0.1)
+    args = AuditArgs(batch_size=16, logit_scale=10.0, lam=1e-3, threshold=0.1)
     out = tmp_path / "audit"
     summary = score_shards(folder, out, val, args=args, log=lambda s: None)
     assert summary["ok"].sum() == 179 and summary["failed"].sum() == 1

@@ -211,7 +211,7 @@ def test_help_names_each_default_once_and_every_option_is_explained(capsys):
     for words in ("'ekfac' (no iterations", "'cg' (exact Hessian-vector products"):
         assert words in score_help and words in trace_help
     assert "--solver" in trace_help and "else EK-FAC" not in trace_help
-    assert "(default: the model's, else 100)" in score_help
+    assert "auto|model|T" in score_help and "calibrates the pretrained similarity" in score_help
 
 
 def test_python_dash_m_ecif_runs_the_cli():

@@ -1,7 +1,9 @@
-"""The Auditor: fit the head, score every pair, flag the suspects, as one DataFrame.
+"""The Auditor: choose and fit the head, score every pair, flag the suspects, as one DataFrame.
 
-Columns (docs/formats.md): id, caption, clip_score, influence, influence_pos,
+Columns (docs/formats.md): id, caption, clip_score, pair_loss, influence, influence_pos,
 influence_neg, misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_score``).
+``misalign_score`` combines the signals with weights chosen on planted probes
+(``ecif.audit.selection``, ``ecif.audit.combine``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import numpy as np
 import pandas as pd
 
 import ecif.api as api
+from ecif.audit.combine import SIGNALS, Standardiser, combine, suspicion
+from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.head import Head
 
 VAL_MODES = ("auto", "self", "crossfit")
+WEIGHT_MODES = ("auto", "equal", *SIGNALS)
 
 
 @dataclass
@@ -25,8 +30,11 @@ class AuditArgs:
 
     batch_size: int = 256
     seed: int = 0
-    lam: float = 1e-3
-    logit_scale: float | None = None  # default: the embedding model's, else 100
+    # "auto": chosen by measurement on planted probes (ecif/audit/selection.py); "model":
+    # the embedding model's own scale (else 100); or a number
+    logit_scale: float | str | None = "auto"
+    lam: float | str = "auto"  # L2 pull towards the pretrained model: "auto" or a number
+    weights: str = "auto"  # misalign_score: "auto" (probes), "equal", or one signal's name
     neg: str = "exact"  # removal term: "exact" or "first_order"
     method: str = "auto"  # inverse-Hessian solver: auto, exact, cg, ekfac
     threshold: str | float | int = "auto"  # "auto", a fraction in (0, 1), or a count
@@ -35,33 +43,14 @@ class AuditArgs:
     dtype: str = "float32"
     device: str = "cpu"
     warmup_epochs: int | None = None  # minibatch epochs before the full-batch fit; None: auto
+    select: SelectArgs = field(default_factory=SelectArgs)
 
 
 def clip_scores(data: EmbeddingSet, chunk: int = 65536) -> np.ndarray:
     """Cosine similarity of each pair's raw image and text embeddings (the pretrained model)."""
-    out = np.empty(len(data), dtype=np.float32)
-    for s in range(0, len(data), chunk):
-        x = np.asarray(data.image[s : s + chunk], dtype=np.float32)
-        y = np.asarray(data.text[s : s + chunk], dtype=np.float32)
-        nx = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-        out[s : s + chunk] = (x * y).sum(1) / np.maximum(nx, 1e-12)
-    return out
+    from ecif.audit.baselines import cosine
 
-
-def pair_losses_of(head: Head, data) -> np.ndarray:
-    """Each pair's own loss -log p_ii - log q_ii under the head, within its batch."""
-    from ecif.engine.batches import iter_chunks
-    from ecif.engine.contrastive import batch_stats, pair_losses
-
-    out = np.zeros(len(data))
-    for ch in iter_chunks(
-        data.image, data.text, head.partition, dtype=head.dtype, device=head.m.device
-    ):
-        s = head.logit_scale * (ch.x @ head.m) @ ch.y.transpose(-1, -2)
-        loss = pair_losses(batch_stats(s, ch.mask)).cpu().numpy()
-        m = ch.mask.cpu().numpy()
-        out[ch.rows[m]] = loss[m]
-    return out
+    return cosine(data.image, data.text, chunk)
 
 
 def groups_of(data: EmbeddingSet) -> np.ndarray | None:
@@ -72,12 +61,25 @@ def groups_of(data: EmbeddingSet) -> np.ndarray | None:
     return None
 
 
+def _number(value, name: str) -> float | None:
+    if value in (None, "auto", "model"):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be 'auto' or a positive number; got {value!r}") from err
+    if not out > 0:
+        raise ValueError(f"{name} must be positive; got {value!r}")
+    return out
+
+
 @dataclass
 class Auditor:
     """Audit a training set against an optional trusted validation set.
 
     auditor = ecif.Auditor(train, val)
     table = auditor.run()            # one row per pair, most suspicious has rank 1
+    auditor.choice                   # the head and weights chosen, and why
     """
 
     train: EmbeddingSet
@@ -85,43 +87,115 @@ class Auditor:
     args: AuditArgs = field(default_factory=AuditArgs)
     heads: list[Head] = field(default_factory=list, init=False)
     val_source: str = field(default="", init=False)
+    choice: HeadChoice | None = field(default=None, init=False)
 
-    def _fit(self, data: EmbeddingSet, progress: bool = False) -> Head:
+    def fit_head(
+        self,
+        data: EmbeddingSet,
+        *,
+        logit_scale: float | None = None,
+        lam: float | None = None,
+        init: Head | None = None,
+        progress: bool = False,
+    ) -> Head:
+        """Fit a head on ``data`` with the audit's options; scale and pull: as given, else the
+        chosen ones, else the explicit options (lam 1e-2 and the model's scale otherwise)."""
         a = self.args
+        choice = self.choice
+        if lam is None:
+            lam = choice.lam if choice else (_number(a.lam, "lam") or 1e-2)
+        if logit_scale is None:
+            logit_scale = choice.logit_scale if choice else _number(a.logit_scale, "logit_scale")
         return api.fit(
             data,
             batch_size=a.batch_size,
             seed=a.seed,
-            lam=a.lam,
-            logit_scale=a.logit_scale,
+            lam=lam,
+            logit_scale=logit_scale,
             dtype=a.dtype,
             device=a.device,
-            groups=groups_of(data),
+            groups=groups_of(data) if init is None else None,
             warmup_epochs=a.warmup_epochs,
+            init=init,
             progress=progress,
         )
 
-    def _scores(self, progress: bool) -> pd.DataFrame:
+    def choose(self, progress: bool = False) -> HeadChoice:
+        """The logit scale, pull and signal weights for this audit (measured where "auto")."""
+        if self.choice is not None:
+            return self.choice
         a = self.args
-        if self.val is not None:
-            head = self._fit(self.train, progress)
-            self.heads = [head]
-            self.val_source = f"validation set ({len(self.val)} pairs)"
-            return api.score(
-                head, self.train, self.val, neg=a.neg, method=a.method, progress=progress
-            )
-        if a.no_val not in VAL_MODES:
-            raise ValueError(f"no_val must be one of {VAL_MODES}; got {a.no_val!r}")
-        if len(self.train) < 4:
-            raise ValueError("without a validation set, auditing needs at least 4 pairs")
-        mode = a.no_val
+        if a.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}; got {a.weights!r}")
+        scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
+        if a.logit_scale == "model" or a.logit_scale is None:
+            scale = float(getattr(self.train, "logit_scale", None) or 100.0)
+        fixed_weights = None
+        if a.weights == "equal":
+            fixed_weights = {k: 1.0 for k in SIGNALS}
+        elif a.weights != "auto":
+            fixed_weights = {k: float(k == a.weights) for k in SIGNALS}
+        if scale is not None and lam is not None and fixed_weights is not None:
+            self.choice = HeadChoice(scale, lam, fixed_weights, reason="as given")
+            return self.choice
+
+        def fit(data, logit_scale, lam, init):
+            return self.fit_head(data, logit_scale=logit_scale, lam=lam, init=init)
+
+        self.choice = choose_head(
+            self.train,
+            self.val,
+            fit=fit,
+            signals=self._selection_signals,
+            logit_scale=scale if scale is not None else "auto",
+            lam=lam if lam is not None else "auto",
+            weights=fixed_weights,
+            args=a.select,
+            seed=a.seed,
+            batch_size=a.batch_size,
+            progress=progress,
+        )
+        return self.choice
+
+    def _selection_signals(self, head: Head, data, val, is_probe: np.ndarray) -> dict:
+        """Suspicions of every row of ``data`` (pairs and probes) as the audit will score them."""
+        a = self.args
+        if self.val is None and self._no_val_mode() == "self":
+            inf = suspicion("self_influence", api.self_influence(head, data, neg=a.neg))
+        else:
+            df = api.score(head, data, val, neg=a.neg, method=a.method)
+            inf = suspicion("influence", df["influence"].to_numpy(), head.n_norm)
+        return {
+            "influence": inf,
+            "pair_loss": suspicion("pair_loss", api.pair_losses(head, data)),
+            "clip_score": suspicion("clip_score", clip_scores(data)),
+        }
+
+    def _no_val_mode(self) -> str:
+        mode = self.args.no_val
+        if mode not in VAL_MODES:
+            raise ValueError(f"no_val must be one of {VAL_MODES}; got {mode!r}")
         if mode == "auto":
             mode = "self" if self.train.d_image * self.train.d_text <= 4096 else "crossfit"
-        if mode == "self":
-            head = self._fit(self.train)
+        return mode
+
+    def _signals(self, progress: bool) -> pd.DataFrame:
+        a = self.args
+        if self.val is not None:
+            head = self.fit_head(self.train, progress=progress)
+            self.heads = [head]
+            self.val_source = f"validation set ({len(self.val)} pairs)"
+            df = api.score(
+                head, self.train, self.val, neg=a.neg, method=a.method, progress=progress
+            )
+            df["pair_loss"] = api.pair_losses(head, self.train)
+            return df
+        if len(self.train) < 4:
+            raise ValueError("without a validation set, auditing needs at least 4 pairs")
+        if self._no_val_mode() == "self":
+            head = self.fit_head(self.train)
             self.heads = [head]
             self.val_source = "self-influence (no validation set)"
-            si = api.self_influence(head, self.train, neg=a.neg)
             nan = np.full(len(self.train), np.nan)
             return pd.DataFrame(
                 {
@@ -129,23 +203,29 @@ class Auditor:
                     "influence": nan,
                     "influence_pos": nan,
                     "influence_neg": nan,
-                    "self_influence": si,
+                    "self_influence": api.self_influence(head, self.train, neg=a.neg),
+                    "pair_loss": api.pair_losses(head, self.train),
                 }
             )
-        # cross-fitting: each half is scored against the other half's best-fitting pairs (lowest
-        # loss under that half's own head) as a proxy validation set. All of the other half
-        # would carry its noise into g_val and make noisy pairs look helpful (measured on
-        # shapes: AP 0.58 untrimmed vs 0.97 trimmed); trimming by the raw clip_score instead
-        # fails when the pretrained similarity is uninformative (AUROC 0.42 on rotated pairs).
+        return self._crossfit(progress)
+
+    def _crossfit(self, progress: bool) -> pd.DataFrame:
+        # each half is scored against the other half's best-fitting pairs (lowest loss under
+        # that half's own head) as a proxy validation set. All of the other half would carry
+        # its noise into g_val and make noisy pairs look helpful (measured on shapes: AP 0.58
+        # untrimmed vs 0.97 trimmed); trimming by the raw clip_score instead fails when the
+        # pretrained similarity is uninformative (AUROC 0.42 on rotated pairs).
+        a = self.args
         rng = np.random.default_rng(a.seed)
         fold = rng.permutation(len(self.train)) % 2
         folds = [np.nonzero(fold == k)[0] for k in (0, 1)]
         subs = [self.train.subset(rows) for rows in folds]
-        self.heads = [self._fit(sub) for sub in subs]
-        proxies = []
-        for head, sub in zip(self.heads, subs):
-            loss = pair_losses_of(head, sub)
-            proxies.append(sub.subset(np.nonzero(loss <= np.quantile(loss, a.proxy_fraction))[0]))
+        self.heads = [self.fit_head(sub) for sub in subs]
+        losses = [api.pair_losses(h, sub) for h, sub in zip(self.heads, subs)]
+        proxies = [
+            sub.subset(np.nonzero(loss <= np.quantile(loss, a.proxy_fraction))[0])
+            for sub, loss in zip(subs, losses)
+        ]
         parts = []
         for k in (0, 1):
             df = api.score(
@@ -156,6 +236,7 @@ class Auditor:
                 method=a.method,
                 progress=progress,
             )
+            df["pair_loss"] = losses[k]
             df.index = folds[k]
             parts.append(df)
         self.val_source = (
@@ -165,7 +246,7 @@ class Auditor:
         return pd.concat(parts).sort_index()
 
     def run(self, progress: bool = False) -> pd.DataFrame:
-        """Fit, score and flag. Returns the audit table in training-set order."""
+        """Choose the head, fit, score and flag. Returns the audit table in training-set order."""
         if len(self.train) < 2:
             raise ValueError(f"need at least 2 pairs to audit; got {len(self.train)}")
         if self.val is not None and (self.val.d_image, self.val.d_text) != (
@@ -176,24 +257,27 @@ class Auditor:
                 f"validation widths ({self.val.d_image}, {self.val.d_text}) differ from training "
                 f"widths ({self.train.d_image}, {self.train.d_text}): embed both with the same model"
             )
-        scored = self._scores(progress)
+        self.choose(progress)
+        scored = self._signals(progress)
         table = pd.DataFrame({"id": self.train.ids})
         meta = self.train.metadata
         table["caption"] = (
             meta["caption"].to_numpy() if meta is not None and "caption" in meta else None
         )
         table["clip_score"] = clip_scores(self.train)
+        table["pair_loss"] = scored["pair_loss"].to_numpy(dtype=np.float32)
         for col in ("influence", "influence_pos", "influence_neg"):
             table[col] = scored[col].to_numpy(dtype=np.float32)
+        n_norm = float(np.mean([h.n_norm for h in self.heads]))
         if "self_influence" in scored:
-            misalign = scored["self_influence"].to_numpy()
-        else:
-            # -N * influence: the removal's effect on validation loss, free of the 1/N
-            n_norm = np.array([h.n_norm for h in self.heads], dtype=np.float64).mean()
-            misalign = -scored["influence"].to_numpy(dtype=np.float64) * n_norm
-        table["misalign_score"] = misalign.astype(np.float32)
-        count, how = flag_count(misalign, self.args.threshold)
-        table["rank"], table["is_misaligned"] = rank_and_flag(misalign, count)
+            table["self_influence"] = scored["self_influence"].to_numpy(dtype=np.float32)
+        table["misalign_score"] = misalign_scores(table, self.choice.weights, n_norm).astype(
+            np.float32
+        )
+        count, how = flag_count(table["misalign_score"].to_numpy(), self.args.threshold)
+        table["rank"], table["is_misaligned"] = rank_and_flag(
+            table["misalign_score"].to_numpy(), count
+        )
         table.attrs.update(self.describe(count, how))
         return table
 
@@ -210,6 +294,28 @@ class Auditor:
             "n": len(self.train),
             "options": asdict(self.args),
             "logit_scale": head.logit_scale,
+            "head_choice": self.choice.record() if self.choice else None,
             "fit": [dict(h.info) for h in self.heads],
             "ecif_version": __version__,
         }
+
+
+def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
+    """The audit table's signals as suspicions (larger = more suspect); the influence slot
+    holds self-influence when the audit had no validation set and used it."""
+    out = {
+        "pair_loss": suspicion("pair_loss", table["pair_loss"].to_numpy()),
+        "clip_score": suspicion("clip_score", table["clip_score"].to_numpy()),
+    }
+    if "self_influence" in table and table["influence"].isna().all():
+        out["influence"] = suspicion("self_influence", table["self_influence"].to_numpy())
+    else:
+        out["influence"] = suspicion("influence", table["influence"].to_numpy(), n_norm)
+    return out
+
+
+def misalign_scores(table: pd.DataFrame, weights: dict[str, float], n_norm: float) -> np.ndarray:
+    """misalign_score: the weighted sum of standardised suspicions (docs/math.md)."""
+    sus = signal_suspicions(table, n_norm)
+    stats = {k: Standardiser.of(v) for k, v in sus.items()}
+    return combine(sus, weights, stats)

@@ -165,9 +165,14 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
         raise AuditFolderError(f"{folder}: no head fit on all {len(train)} training pairs")
     from ecif.audit.auditor import AuditArgs, Auditor
 
-    opts = json.loads((folder / "audit.json").read_text()).get("options", {})
-    args = AuditArgs(**{k: v for k, v in opts.items() if k in AuditArgs.__dataclass_fields__})
-    head = Auditor(train, args=args)._fit(train)
+    info = json.loads((folder / "audit.json").read_text())
+    opts = info.get("options", {})
+    keep = set(AuditArgs.__dataclass_fields__) - {"select"}
+    args = AuditArgs(**{k: v for k, v in opts.items() if k in keep})
+    chosen = info.get("head_choice") or {}  # the audit's chosen scale and pull, not a new search
+    head = Auditor(train, args=args).fit_head(
+        train, logit_scale=chosen.get("logit_scale"), lam=chosen.get("lam")
+    )
     (folder / "index").mkdir(exist_ok=True)
     tmp = folder / "index" / f".head.pt.{os.getpid()}.tmp"
     torch.save([head.state_dict()], tmp)

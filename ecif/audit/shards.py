@@ -9,6 +9,7 @@ ranks across all shards.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 import ecif.api as api
-from ecif.audit.auditor import AuditArgs, Auditor, clip_scores
+from ecif.audit.auditor import AuditArgs, Auditor, clip_scores, misalign_scores
 from ecif.audit.checks import check_threshold, check_training, check_validation
 from ecif.audit.folder import read_parquet_meta, write_audit_description, write_parquet_atomic
 from ecif.audit.thresholds import flag_count, rank_and_flag
@@ -34,6 +35,15 @@ from ecif.engine.influence import score_pass
 from ecif.progress import step
 
 _log = logging.getLogger(__name__)
+SCORE_COLUMNS = (
+    "clip_score",
+    "pair_loss",
+    "influence",
+    "influence_pos",
+    "influence_neg",
+    "self_influence",
+    "misalign_score",
+)
 ID = "id"  # the id column of every score table; the input's own name is in the metadata
 # options that do not change a shard's scores: a rerun that differs only in them reuses it
 _NOT_IN_SCORES = ("threshold", "device")
@@ -147,10 +157,11 @@ def score_part(
     )
     scores = {
         "clip_score": clip_scores(EmbeddingSet(x, y, check_finite=False)),
+        "pair_loss": api.pair_losses(local_head, (x, y)),
         "influence": (d_pos + d_neg) / head.n_norm,
         "influence_pos": d_pos / head.n_norm,
         "influence_neg": d_neg / head.n_norm,
-        "misalign_score": -(d_pos + d_neg),
+        "misalign_score": np.full(len(x), np.nan),  # combined across all shards in _finalize
     }
     out = shard_frame(pmeta, keep, id_col, scores)
     write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
@@ -210,22 +221,25 @@ def score_shards(
         meta["validation_model"] = val.model
         if mismatch:
             meta["warnings"] = [mismatch]
-    if args.logit_scale is None and train.logit_scale:
-        args.logit_scale = float(train.logit_scale)
     meta["options"] = asdict(args)
     auditor = Auditor(train, val, args)
+    with step(f"choosing the head on {min(len(train), args.select.max_pairs):,} pairs", progress):
+        choice = auditor.choose(progress)
+    meta["head_choice"] = choice.record()
     if val is None:  # self-influence or cross-fit need the whole set at once: in-process
         with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
             table = auditor.run(progress=progress)
         heads = auditor.heads
         meta.update({k: v for k, v in table.attrs.items() if k not in ("threshold", "flagged")})
+        meta["n_norm"] = float(np.mean([h.n_norm for h in heads]))
         meta["options"] = asdict(args)
         scores_dir = out / "scores"
         summary = _write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
     else:
         with step(f"fitting the head on {len(train):,} pairs", progress):
-            head = auditor._fit(train, progress)
+            head = auditor.fit_head(train, progress=progress)
         heads = [head]
+        meta["n_norm"] = head.n_norm
         g = api.loss_gradient(head, val)
         with step("solving w = H^-1 g_val (the validation direction)", progress):
             w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
@@ -257,10 +271,11 @@ def _reusable(old: dict, source: str, meta: dict) -> bool:
     """A finished shard from an earlier run holds the scores this run would write: same input
     shard, model, validation set and score options (the threshold is applied afterwards)."""
 
-    def key(m: dict) -> tuple:
+    def key(m: dict) -> str:
         opts = {k: v for k, v in (m.get("options") or {}).items() if k not in _NOT_IN_SCORES}
         fields = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
-        return tuple(m.get(f) for f in fields) + (sorted(opts.items()),)
+        # as JSON, so tuples in this run's options equal the lists read back from a file
+        return json.dumps([[m.get(f) for f in fields], opts], sort_keys=True, default=str)
 
     return old.get("source") == source and key(old) == key(meta)
 
@@ -295,7 +310,7 @@ def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> 
         _, _, pmeta = read_part(Path(folder), p.index)
         keep = ok_rows(pmeta)
         sub = table.iloc[np.nonzero(part_col == p.index)[0]].reset_index(drop=True)
-        cols = ("clip_score", "influence", "influence_pos", "influence_neg", "misalign_score")
+        cols = [c for c in SCORE_COLUMNS if c in sub]
         out = shard_frame(pmeta, keep, id_col, {c: sub[c].to_numpy() for c in cols})
         n = len(pmeta)
         write_parquet_atomic(scores_dir / p.output_name, out, {**meta, "source": p.source})
@@ -323,24 +338,33 @@ def shard_frame(pmeta: pd.DataFrame, keep: np.ndarray, id_col: str, scores: dict
 
 
 def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
-    """Flag and rank across all shards, then rewrite each shard's two columns atomically."""
+    """Combine the signals into misalign_score, flag and rank across all shards, then rewrite
+    each shard atomically. The standardisation and the weights are global (audit.json)."""
     files = sorted(scores_dir.glob("*.parquet"))
-    scores = [
-        pd.read_parquet(f, columns=["misalign_score"])["misalign_score"].to_numpy() for f in files
-    ]
-    allv = np.concatenate(scores).astype(np.float64)
+    cols = ["clip_score", "pair_loss", "influence"]
+    frames = []
+    for f in files:
+        have = set(pq.read_schema(f).names)
+        frames.append(
+            pd.read_parquet(f, columns=[c for c in (*cols, "self_influence") if c in have])
+        )
+    table = pd.concat(frames, ignore_index=True)
+    weights = (meta.get("head_choice") or {}).get("weights") or {"influence": 1.0}
+    n_norm = float(meta.get("n_norm") or 1.0)
+    allv = misalign_scores(table, weights, n_norm)
     count, how = flag_count(allv, threshold)
     rank, flag = rank_and_flag(allv, count)
     finite = np.isfinite(allv)
     meta.update(threshold=how, flagged=int(count))
     meta["options"] = {**meta.get("options", {}), "threshold": threshold}
     start = 0
-    for f, s in zip(files, scores):
+    for f, part in zip(files, frames):
         df = pd.read_parquet(f)
-        sl = slice(start, start + len(s))
+        sl = slice(start, start + len(part))
+        df["misalign_score"] = allv[sl].astype(np.float32)
         df["is_misaligned"] = flag[sl] & finite[sl]
         df["rank"] = pd.array(np.where(finite[sl], rank[sl], -1), dtype="Int64")
         df.loc[~finite[sl], "rank"] = pd.NA
         old = read_parquet_meta(f)  # one truth: the options of the run that flagged
         write_parquet_atomic(f, df, {**old, **meta, "source": old.get("source")})
-        start += len(s)
+        start += len(part)

@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ecif.audit.metrics import two_gaussian_mixture
 
+FALLBACK_FRACTION = 0.1  # flagged when the noise rate cannot be estimated from the scores
 
-def estimate_noise_rate(scores: np.ndarray, iters: int = 200) -> float:
-    """Fraction of the high component of a two-Gaussian mixture fitted to the scores.
 
-    Misaligned pairs form a separate bump of high misalign_score; the mixture's weight of
-    the upper component estimates how many there are. Returns 0 when the data show no
-    second component (the upper mean within one pooled standard deviation of the lower).
+@dataclass(frozen=True)
+class NoiseRate:
+    """A noise-rate estimate and whether the scores support it."""
+
+    rate: float
+    reliable: bool
+    why: str = ""
+
+
+def noise_rate(scores: np.ndarray, iters: int = 200) -> NoiseRate:
+    """The weight of the upper component of a two-Gaussian mixture fitted to the scores.
+
+    Misaligned pairs form a separate bump of high misalign_score. When the ranking is weak
+    they do not: the mixture's means lie within one pooled standard deviation, and its weight
+    says nothing about the noise rate (on digits the tiny model cannot read, the old rule
+    returned 0 and flagged nothing of 15% planted noise). Such estimates are marked
+    unreliable, as are rates above 50%.
     """
     s = np.asarray(scores, dtype=np.float64)
     s = s[np.isfinite(s)]
     if len(s) < 10:
-        return 0.0
+        return NoiseRate(0.0, False, f"only {len(s)} scored pairs")
     fit = two_gaussian_mixture(s, iters)
+    rate = float((fit.posterior_upper(s) > 0.5).mean())
     if fit.separation < 1.0:
-        return 0.0
-    return float((fit.posterior_upper(s) > 0.5).mean())
+        return NoiseRate(
+            rate, False, f"no separate group of suspects (separation {fit.separation:.2f} sd)"
+        )
+    if not 0.0 < rate <= 0.5:
+        return NoiseRate(rate, False, f"implausible estimate {rate:.1%}")
+    return NoiseRate(rate, True)
+
+
+def estimate_noise_rate(scores: np.ndarray, iters: int = 200) -> float:
+    """The reliable noise-rate estimate, else 0 (see ``noise_rate``)."""
+    est = noise_rate(scores, iters)
+    return est.rate if est.reliable else 0.0
 
 
 def flag_count(scores: np.ndarray, threshold: str | float | int = "auto") -> tuple[int, str]:
     """How many of the top-scored pairs to flag, and a sentence saying how that was chosen.
 
-    ``threshold``: "auto" (estimated noise rate), a float in (0, 1) (that fraction), or an
-    int >= 1 (that many pairs).
+    ``threshold``: "auto" (estimated noise rate; when the scores cannot support an estimate,
+    the top ``FALLBACK_FRACTION`` and a sentence saying so), a float in (0, 1) (that
+    fraction), or an int >= 1 (that many pairs).
     """
     n = int(np.isfinite(scores).sum())
     if isinstance(threshold, str):
@@ -40,8 +67,14 @@ def flag_count(scores: np.ndarray, threshold: str | float | int = "auto") -> tup
                     f"threshold must be 'auto', a fraction or a count; got {threshold!r}"
                 ) from err
     if threshold == "auto":
-        rate = estimate_noise_rate(scores)
-        return int(round(rate * n)), f"auto: estimated noise rate {rate:.1%}"
+        est = noise_rate(scores)
+        if est.reliable:
+            return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}"
+        return int(round(FALLBACK_FRACTION * n)), (
+            f"auto: UNRELIABLE noise-rate estimate ({est.why}); flagged the top "
+            f"{FALLBACK_FRACTION:.0%}. If you know your noise rate, pass --threshold FRACTION "
+            "(e.g. 0.15) or a COUNT"
+        )
     if isinstance(threshold, float | np.floating) and not float(threshold).is_integer():
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"a fractional threshold must be in (0, 1); got {threshold}")

@@ -98,6 +98,27 @@ def load_val(args: argparse.Namespace, train, train_folder: str | None):
     return val
 
 
+def auto_or_positive(name: str, extra: tuple[str, ...] = ()):
+    """An argparse type: 'auto' (and the ``extra`` words) or a positive number."""
+
+    def parse(text: str):
+        if text in ("auto", *extra):
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            words = "', '".join(("auto", *extra))
+            raise argparse.ArgumentTypeError(
+                f"expected '{words}' or a positive number, got {text!r}"
+            )
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
 def warmup_epochs_arg(text: str) -> int | None:
     """--warmup-epochs: 'auto' (None) or an integer >= 0."""
     if text == "auto":
@@ -118,13 +139,27 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=256, help="contrastive batch size of the head's partition"
     )
     g.add_argument(
-        "--lam", type=float, default=1e-3, help="L2 pull of the head towards the pretrained model"
+        "--lam",
+        type=auto_or_positive("lam"),
+        default="auto",
+        metavar="auto|LAM",
+        help="L2 pull of the head towards the pretrained model; auto: chosen by how well the "
+        "scores rank planted probe pairs (see audit.json's head_choice)",
     )
     g.add_argument(
         "--logit-scale",
-        type=float,
-        default=None,
-        help="logit scale t (default: the model's, else 100)",
+        type=auto_or_positive("logit_scale", extra=("model",)),
+        default="auto",
+        metavar="auto|model|T",
+        help="logit scale t of the head; auto: searched around the temperature that calibrates "
+        "the pretrained similarity on the validation pairs; model: the embedding model's own",
+    )
+    g.add_argument(
+        "--weights",
+        choices=["auto", "equal", "influence", "pair_loss", "clip_score"],
+        default="auto",
+        help="how misalign_score combines the standardised signals: auto (chosen on the probes), "
+        "equal weights, or one signal alone",
     )
     g.add_argument(
         "--neg", choices=["exact", "first_order"], default="exact", help="form of the negative term"
@@ -168,6 +203,7 @@ def audit_args_from(args: argparse.Namespace):
         seed=args.seed,
         lam=args.lam,
         logit_scale=args.logit_scale,
+        weights=args.weights,
         neg=args.neg,
         method=args.solver,
         threshold=args.threshold,  # parsed by thresholds.flag_count

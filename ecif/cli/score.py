@@ -44,6 +44,7 @@ def not_converged(fit: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import ecif
+    from ecif.audit.selection import describe_choice
     from ecif.audit.shards import score_shards
 
     val = ecif.EmbeddingSet.load(args.val) if args.val else None
@@ -59,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
         allow_model_mismatch=args.allow_model_mismatch,
     )
     table, info = ecif.audit.read_audit(args.output)
-    top = table.sort_values("rank").head(10)[
-        ["id", "caption", "clip_score", "influence", "misalign_score", "rank"]
-    ]
+    cols = ["id", "caption", "clip_score", "pair_loss", "influence", "misalign_score", "rank"]
+    top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))
+    choice = info.get("head_choice")
+    if choice:
+        print(f"head: {describe_choice(choice)}")
     for fit in info.get("fit") or []:
         if fit.get("converged") is False:
             print(f"warning: {not_converged(fit)}", file=sys.stderr)

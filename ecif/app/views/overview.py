@@ -33,12 +33,18 @@ st.markdown(
     f"**Validation:** {info.get('validation', 'none')}  \n"
     f"**Threshold:** {info.get('threshold', '?')}"
 )
+choice = info.get("head_choice")
+if choice:
+    from ecif.audit.selection import describe_choice
+
+    st.markdown(f"**Head:** {describe_choice(choice)}")
 for note in state.audit_warnings(info):
     st.warning(note)
 if ok.empty:
     st.warning("No pair was scored successfully; see the Suspects page with status 'failed'.")
     st.stop()
-cols = ["id", "misalign_score", "influence", "influence_pos", "influence_neg", "clip_score", "flag"]
+cols = ["id", "misalign_score", "influence", "influence_pos", "influence_neg", "clip_score"]
+cols += ["pair_loss", "flag"]
 pts = sample(ok[[c for c in cols if c in ok]])
 st.subheader("misalign_score")
 scores = ok["misalign_score"].to_numpy(np.float64)
