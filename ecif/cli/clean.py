@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ecif.cli.clean_retrain import add_retrain_arguments
 from ecif.cli.common import add_quiet
 
 NAME = "clean"
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-output", help="write the ids kept by the ecif drop to this CSV/parquet")
     p.add_argument("--seed", type=int, default=0)
     add_quiet(p)
+    add_retrain_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
             args.keep_output, index=False
         )
         print(f"kept {len(keep)} ids -> {args.keep_output}")
+    if args.retrain_model:
+        from ecif.cli.clean_retrain import run_retrain
+
+        run_retrain(args, table, info, count)
     dropped = int(result["dropped"].max())
     print(f"clean: dropped {dropped} of {len(train)}; ok={len(train) - dropped} failed=0")
     return 0
