@@ -148,7 +148,7 @@ def labels_from_captions(captions: Sequence[str], classes: Sequence[str]) -> np.
 
 
 @torch.no_grad()
-def _encode_images(net, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+def encode_images(net, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     size = image_size(net)
     parts = [
         net.encode_image(images_to_tensor(images[s : s + batch], size), normalize=True)
@@ -158,7 +158,7 @@ def _encode_images(net, images: np.ndarray, batch: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _encode_texts(net, tok, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
+def encode_texts(net, tok, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
     parts = [
         net.encode_text(tok(list(texts[s : s + batch])), normalize=True)
         for s in range(0, len(texts), batch)
@@ -191,15 +191,15 @@ def evaluate(
     captions = [str(c) for c in captions]
     n = len(captions)
     distinct, inverse = np.unique(np.asarray(captions, dtype=object), return_inverse=True)
-    u = _encode_images(net, np.asarray(images))
-    v = _encode_texts(net, tokenizer, list(distinct))
+    u = encode_images(net, np.asarray(images))
+    v = encode_texts(net, tokenizer, list(distinct))
     out: dict[str, float] = {}
     # zero-shot
     if classes is None:
         prompts, lab = v, inverse
     else:
         lab = labels_from_captions(captions, classes) if labels is None else np.asarray(labels)
-        prompts = _encode_texts(net, tokenizer, [template.format(c) for c in classes])
+        prompts = encode_texts(net, tokenizer, [template.format(c) for c in classes])
     lab = np.asarray(lab)
     m = lab >= 0
     pred = (u[torch.as_tensor(m)] @ prompts.T).argmax(1).numpy()
