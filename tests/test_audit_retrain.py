@@ -141,3 +141,15 @@ def test_cli_clean_retrain_model(small_audit, tiny_clip_dir, tmp_path, capsys):
     assert list(table[1].astype(int)) == [0, 30, 30, 30] * 2
     assert list(table[2].astype(int)) == [240, 210, 210, 210] * 2
     assert (table[4].astype(int) == 80).all()  # every validation caption names one shape
+
+
+def test_cli_clean_retrain_without_images_is_a_one_line_error(small_audit, tmp_path, capsys):
+    from ecif.cli import main
+
+    val = ecif.EmbeddingSet.load(small_audit / "embeddings" / "val")
+    val.save(tmp_path / "val")  # embeddings only: no input shards recorded
+    argv = ["clean", str(small_audit), "--val", str(tmp_path / "val"), "--count", "30",
+            "--quiet", "--retrain-model", "audit"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "records no input shard" in err

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.retrain_model:
         from ecif.cli.clean_retrain import run_retrain
 
-        run_retrain(args, table, info, count)
+        if run_retrain(args, table, info, count):
+            return 2
     dropped = int(result["dropped"].max())
     print(f"clean: dropped {dropped} of {len(train)}; ok={len(train) - dropped} failed=0")
     return 0

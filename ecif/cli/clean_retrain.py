@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -47,8 +48,20 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_retrain(args: argparse.Namespace, table: pd.DataFrame, info: dict, count: int | None):
-    """Print the retraining comparison; ``table`` in training order, with an ``id`` column."""
+def run_retrain(
+    args: argparse.Namespace, table: pd.DataFrame, info: dict, count: int | None
+) -> int:
+    """Print the retraining comparison (``table`` in training order, with an ``id`` column);
+    returns the exit status: 0, or 2 after a one-line error."""
+    try:
+        _run(args, table, info, count)
+    except (ValueError, OSError) as e:  # unreadable shards or classes file, a bad model choice
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace, table: pd.DataFrame, info: dict, count: int | None) -> None:
     from ecif.audit.retrain import RetrainConfig, compare_retraining
 
     model = args.retrain_model
@@ -85,7 +98,6 @@ def run_retrain(args: argparse.Namespace, table: pd.DataFrame, info: dict, count
         f"{lrs}, seed {cfg.seed}); measured on the {args.val} pairs:"
     )
     print(res.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return res
 
 
 def _audit_model(info: dict) -> str:

@@ -60,6 +60,11 @@ def load_pair_images(
     images: list[np.ndarray] = []
     captions: list[str] = []
     for part in sorted(manifest["parts"], key=lambda p: p["index"]):
+        if not part.get("source"):
+            raise InputError(
+                f"{folder}: manifest.json records no input shard for part {part['index']} "
+                "(folders from EmbeddingSet.save keep no images); embed the shards with `ecif embed`"
+            )
         k, source = part["index"], Path(part["source"])
         meta = pd.read_parquet(layout.part_paths(folder, k)[2])
         if not source.exists():
