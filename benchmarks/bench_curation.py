@@ -54,14 +54,32 @@ FILTERS = (
     "TracIn",
     "ecif (head)",
 )
+
+
+def _digit_prompts() -> list[str]:
+    from ecif.data import digits as dg
+
+    return [f"a {s} {c} digit {{}} on {b}" for s in dg.SIZES for c in dg.COLOURS for b in dg.BACKGROUNDS]  # fmt: skip
+
+
+def _shape_prompts() -> list[str]:
+    from ecif.data import shapes as sh
+
+    return [
+        sh.caption_of("{}", c, s, p, b)
+        for s in sh.SIZES for c in sh.COLOURS for p in sh.POSITIONS for b in sh.BACKGROUNDS
+    ]  # fmt: skip
+
+
+# classes, the frame column holding each test image's class, and the zero-shot prompts: the
+# training caption with the class left open, ensembled over the other attributes' values
 DATASETS = {
-    # (classes, the frame column holding each image's class, zero-shot prompt template)
     "digits": (
         ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
         "digit",
-        "a digit {}",
+        _digit_prompts,
     ),
-    "shapes": (("circle", "square", "triangle", "cross"), "shape", "a {}"),
+    "shapes": (("circle", "square", "triangle", "cross"), "shape", _shape_prompts),
 }
 
 
@@ -116,7 +134,8 @@ def keep_sets(scores: dict, noisy: np.ndarray, budgets: list[int]) -> dict:
 
 
 def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
-    classes, label_col, template = DATASETS[args.dataset]
+    classes, label_col, prompts = DATASETS[args.dataset]
+    template = prompts()
     train_d = make_data(args.dataset, args.n, seed, args.noise)
     val_d = make_data(args.dataset, args.n_val, 10_000 + seed, 0.0)
     test_d = make_data(args.dataset, args.n_test, 20_000 + seed, 0.0)

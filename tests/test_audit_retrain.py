@@ -153,3 +153,20 @@ def test_cli_clean_retrain_without_images_is_a_one_line_error(small_audit, tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "records no input shard" in err
+
+
+def test_prompt_ensemble_is_the_normalised_mean(tiny_clip_dir):
+    from ecif.audit.retrain import class_prompts, create
+
+    net, tok = create(tiny_clip_dir)
+    templates = ["a small red {} on the left, white background", "a large blue {} at the top, black background"]  # fmt: skip
+    got = class_prompts(net, tok, ["circle", "cross"], templates).numpy()
+    with torch.no_grad():
+        e = [net.encode_text(tok([t.format(c) for t in templates]), normalize=True).numpy().mean(0)
+             for c in ("circle", "cross")]  # fmt: skip
+    want = np.stack(e) / np.linalg.norm(np.stack(e), axis=1, keepdims=True)
+    assert np.allclose(got, want, atol=1e-6)
+    single = class_prompts(net, tok, ["circle"], "a {}").numpy()
+    with torch.no_grad():
+        ref = net.encode_text(tok(["a circle"]), normalize=True).numpy()
+    assert np.allclose(single, ref, atol=1e-6)

@@ -167,6 +167,18 @@ def encode_texts(net, tok, texts: Sequence[str], batch: int = 256) -> torch.Tens
 
 
 @torch.no_grad()
+def class_prompts(
+    net: torch.nn.Module, tokenizer: Any, classes: Sequence[str], template: str | Sequence[str]
+) -> torch.Tensor:
+    """One unit text embedding per class: ``template.format(name)``, or with several templates
+    the normalised mean over them (CLIP's prompt ensembling)."""
+    templates = [template] if isinstance(template, str) else list(template)
+    texts = [t.format(c) for c in classes for t in templates]
+    e = encode_texts(net, tokenizer, texts).view(len(classes), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+@torch.no_grad()
 def evaluate(
     net: torch.nn.Module,
     tokenizer: Any,
@@ -175,12 +187,13 @@ def evaluate(
     *,
     classes: Sequence[str] | None = None,
     labels: np.ndarray | None = None,
-    template: str = "a photo of a {}.",
+    template: str | Sequence[str] = "a photo of a {}.",
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Zero-shot accuracy and recall@k of ``net`` on clean held-out pairs.
 
-    Zero-shot: each image against one prompt per class (``template.format(name)``); its label
+    Zero-shot: each image against one prompt per class (``template.format(name)``, or the
+    ensemble of several templates, ``class_prompts``); its label
     is ``labels`` (indices into ``classes``, -1 = skip) or, without them, the class its caption
     names (``labels_from_captions``). Without ``classes``, the classes are the distinct
     captions, used as their own prompts, and each image's label is its caption.
@@ -199,7 +212,7 @@ def evaluate(
         prompts, lab = v, inverse
     else:
         lab = labels_from_captions(captions, classes) if labels is None else np.asarray(labels)
-        prompts = encode_texts(net, tokenizer, [template.format(c) for c in classes])
+        prompts = class_prompts(net, tokenizer, classes, template)
     lab = np.asarray(lab)
     m = lab >= 0
     pred = (u[torch.as_tensor(m)] @ prompts.T).argmax(1).numpy()
@@ -234,7 +247,7 @@ def retrain_and_evaluate(
     config: RetrainConfig | None = None,
     classes: Sequence[str] | None = None,
     labels: np.ndarray | None = None,
-    template: str = "a photo of a {}.",
+    template: str | Sequence[str] = "a photo of a {}.",
     progress: bool = False,
 ) -> pd.DataFrame:
     """One row per (kept set, regime): the kept count and ``evaluate``'s metrics.
