@@ -154,7 +154,7 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
     k1 = int(noisy.sum())
     sets = keep_sets(scores, noisy, [k1, min(2 * k1, args.n - 2)])
     labels = np.array([classes.index(c) for c in test_d.frame[label_col]])
-    cfg = RetrainConfig(steps=args.steps, batch_size=args.batch_size, seed=seed)
+    cfg = RetrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed)
     rows = []
     for regime in args.regimes:
         for name, budget, mask in sets.values():
@@ -193,8 +193,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-test", type=int, default=1000, help="clean held-out test pairs")
     ap.add_argument("--seeds", type=int, default=5, help="paired seeds 0..S-1")
     ap.add_argument("--regimes", nargs="+", default=["finetune", "scratch"])
-    ap.add_argument("--steps", type=int, default=400, help="training steps per kept set")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps per kept set")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: 5e-4 fine-tune, 2e-3 scratch)",
+    )
+    ap.add_argument(
+        "--primary",
+        default="zero_shot_acc",
+        choices=["zero_shot_acc", "i2t_r@1", "t2i_r@1", "i2t_r@5", "t2i_r@5"],
+        help="the metric of the verdict, the gap closed and the figure",
+    )
     ap.add_argument("--model", default="ecif-tiny", help="pretrained base: ecif-tiny or a folder")
     ap.add_argument("--out", help="write the markdown report here too")
     ap.add_argument("--csv", help="write the raw per-run rows here")
@@ -227,7 +239,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.csv:
         runs.to_csv(args.csv, index=False)
     if args.figure:
-        Path(args.figure).write_text(svg_figure(runs, "zero_shot_acc"))
+        Path(args.figure).write_text(svg_figure(runs, args.primary))
     return text
 
 

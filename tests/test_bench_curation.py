@@ -56,3 +56,5 @@ def test_report_arithmetic():
         12.706 * (0.05 * np.sqrt(2)) / np.sqrt(2), rel=1e-3
     )
     assert "Goal (best and >= 50%): met" in verdict(raw)[0]
+    _, raw_r5 = regime_table(pd.DataFrame(rows).assign(**{"i2t_r@5": 0.5}), "i2t_r@5")
+    assert raw_r5["closed"].isna().all()  # no gap: the oracle equals no filtering
