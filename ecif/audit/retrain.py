@@ -289,7 +289,7 @@ def compare_retraining(
     regimes: Sequence[str] = ("finetune",),
     config: RetrainConfig | None = None,
     classes: Sequence[str] | None = None,
-    template: str = "a photo of a {}.",
+    template: str | Sequence[str] = "a photo of a {}.",
     progress: bool = False,
 ) -> pd.DataFrame:
     """``ecif clean --retrain-model``: retrain on all pairs and on what each strategy of

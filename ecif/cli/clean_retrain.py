@@ -44,7 +44,11 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
         "Without it, the classes are the distinct validation captions",
     )
     g.add_argument(
-        "--prompt", default="a photo of a {}.", help="zero-shot prompt template ({} = class)"
+        "--prompt",
+        nargs="+",
+        default=["a photo of a {}."],
+        metavar="TEMPLATE",
+        help="zero-shot prompt template ({} = class); several are ensembled (mean embedding)",
     )
 
 
@@ -90,7 +94,7 @@ def _run(args: argparse.Namespace, table: pd.DataFrame, info: dict, count: int |
         regimes=regimes,
         config=cfg,
         classes=classes,
-        template=args.prompt,
+        template=args.prompt[0] if len(args.prompt) == 1 else args.prompt,
     )
     lrs = ", ".join(f"{r} lr {cfg.lr_for(r):g}" for r in regimes)
     print(

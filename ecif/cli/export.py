@@ -33,7 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--drop-flagged", action="store_true", help="keep every scored pair that is not flagged"
     )
-    p.add_argument("--format", choices=["datacomp", "ids"], default="datacomp")
+    p.add_argument(
+        "--format",
+        choices=["datacomp", "ids"],
+        default="datacomp",
+        help="datacomp: a DataComp subset file of uids; ids: a list of the kept ids",
+    )
     p.add_argument(
         "--output", "-o", required=True, help="output file: .npy (datacomp); .csv or .parquet"
     )
