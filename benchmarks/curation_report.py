@@ -160,7 +160,7 @@ def svg_figure(runs: pd.DataFrame, metric: str = "zero_shot_acc") -> str:
                 f'<rect x="{left}" y="{y + 2}" width="{width * m / hi:.1f}" height="{bar_h - 4}" fill="{colour}"/>'
             )
             if not np.isnan(lo):
-                x1, x2 = left + width * lo / hi, left + width * hi_ci / hi
+                x1, x2 = (left + width * min(max(v / hi, 0.0), 1.0) for v in (lo, hi_ci))
                 parts.append(
                     f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{y + 7}" y2="{y + 7}" stroke="black"/>'
                 )
