@@ -55,7 +55,9 @@ def model_spec(model: str | os.PathLike) -> str:
     return model
 
 
-def create(model: str | os.PathLike, regime: str = "finetune", seed: int = 0):
+def create(
+    model: str | os.PathLike, regime: str = "finetune", seed: int = 0
+) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer): the pretrained weights (``finetune``) or a seeded random init of
     the same architecture (``scratch``), on the CPU, in float32."""
     import open_clip
@@ -88,7 +90,7 @@ def retrain(
     regime: str = "finetune",
     config: RetrainConfig | None = None,
     progress: bool = False,
-):
+) -> tuple[torch.nn.Module, Any]:
     """Train on the kept pairs; returns (model, tokenizer) in eval mode.
 
     ``images``: uint8 (N, H, W, 3) (resized to the model's input as open_clip's preprocess
