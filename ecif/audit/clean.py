@@ -48,6 +48,20 @@ def one_step_edit(head: Head, train, rows: np.ndarray, inverse=None, neg: str = 
     return head.with_theta(head.theta() + step, info={"one_step": True})
 
 
+def drop_choices(table: pd.DataFrame, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The rows each strategy drops (``count`` each): ecif's top ``misalign_score``, random
+    rows, the lowest ``clip_score``. ``table`` is the audit table in training order."""
+    n = len(table)
+    if not 0 < count < n:
+        raise ValueError(f"the number of pairs to drop must be in (0, {n}); got {count}")
+    rng = np.random.default_rng(seed)
+    return {
+        "ecif": np.argsort(-table["misalign_score"].to_numpy(), kind="stable")[:count],
+        "random": rng.choice(n, count, replace=False),
+        "clip_score": np.argsort(table["clip_score"].to_numpy(), kind="stable")[:count],
+    }
+
+
 def compare_cleaning(
     head: Head,
     train,
@@ -65,16 +79,8 @@ def compare_cleaning(
     ``label_col``: a validation metadata column whose equal values count as the right answer
     (default: the same caption; ``ecif.audit.labels``). ``progress``: a spinner per refit.
     """
-    n = len(train)
     count = int(table["is_misaligned"].sum()) if count is None else int(count)
-    if not 0 < count < n:
-        raise ValueError(f"the number of pairs to drop must be in (0, {n}); got {count}")
-    rng = np.random.default_rng(seed)
-    choices = {
-        "ecif": np.argsort(-table["misalign_score"].to_numpy(), kind="stable")[:count],
-        "random": rng.choice(n, count, replace=False),
-        "clip_score": np.argsort(table["clip_score"].to_numpy(), kind="stable")[:count],
-    }
+    choices = drop_choices(table, count, seed)
     kw = dict(
         batch_size=head.batch_size,
         seed=head.seed,

@@ -13,7 +13,17 @@ import argparse
 import importlib
 import sys
 
-VERB_MODULES: list[str] = ["embed", "score", "index", "trace", "clean", "verify", "demo", "app"]
+VERB_MODULES: list[str] = [
+    "embed",
+    "score",
+    "index",
+    "trace",
+    "clean",
+    "export",
+    "verify",
+    "demo",
+    "app",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

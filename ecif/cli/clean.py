@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ecif.cli.clean_retrain import add_retrain_arguments
 from ecif.cli.common import add_quiet, add_seed, add_val, show_progress
 
 NAME = "clean"
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-output", help="write the ids kept by the ecif drop to this CSV/parquet")
     add_seed(p)
     add_quiet(p)
+    add_retrain_arguments(p)
 
 
 def audit_training_set(folder: str):
@@ -100,5 +102,10 @@ def run(args: argparse.Namespace) -> int:
             args.keep_output, index=False
         )
         print(f"kept {len(keep)} ids -> {args.keep_output}")
+    if args.retrain_model:
+        from ecif.cli.clean_retrain import run_retrain
+
+        if run_retrain(args, table, info, count):
+            return 2
     print(f"clean: dropped {count} of {len(train)}; ok={len(train) - count} failed=0")
     return 0

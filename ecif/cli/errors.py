@@ -22,6 +22,7 @@ _USER_ERRORS = {
     "ecif.data.index": ("FaissIndexError",),
     "ecif.audit.folder": ("AuditFolderError",),
     "ecif.audit.checks": ("AuditInputError",),
+    "ecif.audit.export": ("ExportError",),
 }
 
 

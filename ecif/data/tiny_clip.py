@@ -189,40 +189,7 @@ def _train(out_dir, cfg, n_train, steps, batch_size, lr, seed, image_size, n_eva
     held = shapes(n_eval, seed=20_000 + seed, image_size=image_size)
     x_all = images_to_tensor(train.images, size)
     t_all = tokenizer(train.frame["caption"].tolist())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
-    )
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_train, generator=gen)
-    pos = 0
-    bar = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(bar, desc="training tiny CLIP", unit="step")
-    model.train()
-    for _ in bar:
-        if pos + batch_size > n_train:
-            order, pos = torch.randperm(n_train, generator=gen), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        u = model.encode_image(x_all[idx], normalize=True)
-        v = model.encode_text(t_all[idx], normalize=True)
-        logits = model.logit_scale.exp() * u @ v.T
-        target = torch.arange(len(idx))
-        loss = 0.5 * (
-            torch.nn.functional.cross_entropy(logits, target)
-            + torch.nn.functional.cross_entropy(logits.T, target)
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
+    fit_contrastive(model, x_all, t_all, steps, batch_size, lr, seed, progress=progress)
     acc, chance = retrieval_accuracy(model, tokenizer, held, candidates)
     seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - c0
@@ -245,6 +212,65 @@ def _train(out_dir, cfg, n_train, steps, batch_size, lr, seed, image_size, n_eva
     save_local_dir(model, cfg, out, extra={"report": asdict(report)})
     log.info("tiny CLIP: held-out top-1 %.3f (chance %.3f) in %.0f s", acc, chance, seconds)
     return report
+
+
+def fit_contrastive(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    *,
+    weight_decay: float = 0.05,
+    progress: bool = False,
+    desc: str = "training tiny CLIP",
+) -> torch.nn.Module:
+    """Train ``model`` in place with the symmetric CLIP loss; the one training loop of ecif.
+
+    ``images``: preprocessed (N, 3, S, S); ``tokens``: (N, L). AdamW, linear warm-up over the
+    first 5% of ``steps`` then cosine decay to 0; batches are drawn without replacement from a
+    permutation seeded by ``seed`` (reshuffled when it runs out). The logit scale is clamped to
+    [1, 100] after every step. Deterministic for fixed inputs, seed and thread count.
+    """
+    n = len(images)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    bar = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc=desc, unit="step")
+    model.train()
+    for _ in bar:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        u = model.encode_image(images[idx], normalize=True)
+        v = model.encode_text(tokens[idx], normalize=True)
+        logits = model.logit_scale.exp() * u @ v.T
+        target = torch.arange(len(idx))
+        loss = 0.5 * (
+            torch.nn.functional.cross_entropy(logits, target)
+            + torch.nn.functional.cross_entropy(logits.T, target)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+    model.eval()
+    return model
 
 
 def save_local_dir(

@@ -1,0 +1,60 @@
+"""benchmarks/bench_curation.py end to end at toy size (so the script cannot rot), and its
+report's arithmetic on hand-made runs."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_curation  # noqa: E402
+from curation_report import regime_table, t_interval, verdict  # noqa: E402
+
+
+def test_bench_curation_runs_end_to_end(tmp_path, tiny_clip_dir):
+    argv = [
+        "--dataset", "digits", "--n", "60", "--noise", "0.25", "--n-val", "30", "--n-test", "30",
+        "--seeds", "2", "--steps", "2", "--batch-size", "16", "--model", str(tiny_clip_dir),
+        "--out", str(tmp_path / "r.md"), "--csv", str(tmp_path / "r.csv"),
+        "--figure", str(tmp_path / "r.svg"),
+    ]  # fmt: skip
+    text = bench_curation.main(argv)
+    runs = pd.read_csv(tmp_path / "r.csv")
+    n_sets = 2 + 2 * len(bench_curation.FILTERS)  # none, oracle, every filter at 2 budgets
+    assert len(runs) == 2 * 2 * n_sets  # seeds x regimes x kept sets
+    noisy = 15  # 25% of 60
+    oracle = runs[runs["filter"] == "oracle"]
+    assert (oracle["kept"] == 60 - noisy).all() and (oracle["noisy_kept"] == 0).all()
+    assert (runs.loc[runs["budget"] == "1x", "kept"] == 60 - noisy).all()
+    assert (runs.loc[runs["budget"] == "2x", "kept"] == 60 - 2 * noisy).all()
+    assert runs["zero_shot_acc"].between(0, 1).all() and runs["t2i_r@5"].between(0, 1).all()
+    assert "### finetune" in text and "### scratch" in text and "ecif (head) @1x" in text
+    assert (tmp_path / "r.md").read_text() == text
+    assert (tmp_path / "r.svg").read_text().startswith("<svg")
+
+
+def test_report_arithmetic():
+    rows = []
+    for seed, (none, oracle, ecif, clip) in enumerate([(0.4, 0.8, 0.6, 0.5), (0.5, 0.9, 0.8, 0.5)]):
+        for f, b, acc in (("none", "0", none), ("oracle", "noisy", oracle),
+                          ("ecif (head)", "1x", ecif), ("clip_score", "1x", clip)):  # fmt: skip
+            rows.append({"seed": seed, "filter": f, "budget": b, "kept": 10, "noisy_kept": 1,
+                         "zero_shot_acc": acc, "i2t_r@1": acc, "t2i_r@1": acc,
+                         "i2t_r@5": acc, "t2i_r@5": acc})  # fmt: skip
+    table, raw = regime_table(pd.DataFrame(rows))
+    # gap: oracle 0.85 - none 0.45 = 0.4; ecif 0.7 - 0.45 = 0.25 -> 62.5%; clip 0.05 -> 12.5%
+    closed = raw.set_index("filter")["closed"]
+    assert closed["ecif (head)"] == pytest.approx(0.625) and closed["clip_score"] == pytest.approx(
+        0.125
+    )
+    assert table.set_index("filter").loc["ecif (head) @1x", "gap closed"] == "62%"
+    m, lo, hi = t_interval([0.2, 0.3])  # sd (ddof 1) 0.05 * sqrt(2); t(0.975, 1) = 12.706
+    assert m == pytest.approx(0.25) and hi - m == pytest.approx(
+        12.706 * (0.05 * np.sqrt(2)) / np.sqrt(2), rel=1e-3
+    )
+    assert "Goal (best and >= 50%): met" in verdict(raw)[0]
+    _, raw_r5 = regime_table(pd.DataFrame(rows).assign(**{"i2t_r@5": 0.5}), "i2t_r@5")
+    assert raw_r5["closed"].isna().all()  # no gap: the oracle equals no filtering
