@@ -29,7 +29,6 @@ import torch
 
 import ecif
 from ecif.audit import AuditArgs, Auditor
-from ecif.audit.auditor import pair_losses_of
 from ecif.audit.baselines import cosine, lemon, loss_mixture, neg_clip_loss
 from ecif.audit.metrics import average_precision
 from ecif.audit.retrain import (
@@ -107,7 +106,7 @@ def suspicion_scores(train: ecif.EmbeddingSet, val: ecif.EmbeddingSet, seed: int
     x, y = np.asarray(train.image), np.asarray(train.text)
     g = loss_gradient(head, val.image, val.text)
     d_pos, d_neg = score_pass(head, x, y, g)
-    loss = pair_losses_of(head, train)
+    loss = table["pair_loss"].to_numpy(np.float64)
     return {
         "random": np.random.default_rng(10_000 + seed).random(len(train)),
         "clip_score": -cosine(x, y),

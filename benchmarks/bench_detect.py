@@ -101,6 +101,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
         train, val, ecif.AuditArgs(seed=seed, logit_scale="model", lam=1e-3, weights="influence")
     )
     x, y = np.asarray(train.image), np.asarray(train.text)
+    loss = table["pair_loss"].to_numpy(np.float64)
     rng = np.random.default_rng(seed)
     rankings = {
         "ecif misalign_score (default)": table["misalign_score"].to_numpy(),
@@ -109,7 +110,9 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
         "ecif before selection (t model, lam 1e-3)": old.run()["misalign_score"].to_numpy(),
         "clip_score": -cosine(x, y),
         "negCLIPLoss": neg_clip_loss(x, y, logit_scale=train.logit_scale or 100.0, seed=seed),
-        "per-pair loss + GMM": loss_mixture(table["pair_loss"].to_numpy()),
+        # the mixture's posterior saturates at 0 and 1: the loss itself breaks its ties
+        "per-pair loss + GMM": loss_mixture(loss)
+        + 1e-9 * (loss - loss.min()) / max(np.ptp(loss), 1e-12),
         "LEMoN-style": lemon(x, y),
         "TracIn (identity H)": -(d_pos + d_neg),
         "random": rng.random(len(train)),
@@ -136,7 +139,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
             "p@k": float(labels[table["is_misaligned"].to_numpy()].mean())
             if table["is_misaligned"].any()
             else np.nan,
-            "choice": f"t={choice.logit_scale:.3g} lam={choice.lam:g} w={choice.weights}",
+            "choice": f"t={choice.logit_scale:.3g} lam={choice.lam:g}",
             "reliable": "UNRELIABLE" not in table.attrs["threshold"],
             "seconds": seconds,
         }

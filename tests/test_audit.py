@@ -8,7 +8,7 @@ import torch
 import ecif
 from ecif.audit import AuditArgs, Auditor
 from ecif.audit.clean import compare_cleaning, one_step_edit, retrieval_accuracy
-from ecif.audit.demo import auroc, average_precision
+from ecif.audit.metrics import auroc, average_precision
 from ecif.audit.thresholds import estimate_noise_rate, flag_count, rank_and_flag
 from ecif.audit.verify import verify
 from tests.engine_reference import synthetic_pairs

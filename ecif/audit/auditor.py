@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 import ecif.api as api
-from ecif.audit.combine import SIGNALS, Standardiser, combine, suspicion
+from ecif.audit.combine import SIGNALS, fit_mixture, suspicion, weighted_sum
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
-from ecif.audit.thresholds import flag_count, rank_and_flag
+from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.head import Head
 
@@ -30,11 +30,13 @@ class AuditArgs:
 
     batch_size: int = 256
     seed: int = 0
-    # "auto": chosen by measurement on planted probes (ecif/audit/selection.py); "model":
-    # the embedding model's own scale (else 100); or a number
+    # "auto": half the temperature that calibrates the pretrained similarity on the trusted
+    # pairs (ecif/audit/selection.py); "model": the embedding model's own (else 100); a number
     logit_scale: float | str | None = "auto"
     lam: float | str = "auto"  # L2 pull towards the pretrained model: "auto" or a number
-    weights: str = "auto"  # misalign_score: "auto" (probes), "equal", or one signal's name
+    # misalign_score: "auto" (log-odds of a two-component mixture over the signals), "equal"
+    # (sum of standardised signals), or one signal's name alone
+    weights: str = "auto"
     neg: str = "exact"  # removal term: "exact" or "first_order"
     method: str = "auto"  # inverse-Hessian solver: auto, exact, cg, ekfac
     threshold: str | float | int = "auto"  # "auto", a fraction in (0, 1), or a count
@@ -101,7 +103,7 @@ class Auditor:
         """Fit a head on ``data`` with the audit's options; scale and pull: as given, else the
         chosen ones, else the explicit options (lam 1e-2 and the model's scale otherwise)."""
         a = self.args
-        choice = self.choice
+        choice = self.choose() if lam is None or logit_scale is None else self.choice
         if lam is None:
             lam = choice.lam if choice else (_number(a.lam, "lam") or 1e-2)
         if logit_scale is None:
@@ -120,8 +122,8 @@ class Auditor:
             progress=progress,
         )
 
-    def choose(self, progress: bool = False) -> HeadChoice:
-        """The logit scale, pull and signal weights for this audit (measured where "auto")."""
+    def choose(self) -> HeadChoice:
+        """The logit scale and pull for this audit (measured where "auto")."""
         if self.choice is not None:
             return self.choice
         a = self.args
@@ -130,46 +132,16 @@ class Auditor:
         scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
         if a.logit_scale == "model" or a.logit_scale is None:
             scale = float(getattr(self.train, "logit_scale", None) or 100.0)
-        fixed_weights = None
-        if a.weights == "equal":
-            fixed_weights = {k: 1.0 for k in SIGNALS}
-        elif a.weights != "auto":
-            fixed_weights = {k: float(k == a.weights) for k in SIGNALS}
-        if scale is not None and lam is not None and fixed_weights is not None:
-            self.choice = HeadChoice(scale, lam, fixed_weights, reason="as given")
-            return self.choice
-
-        def fit(data, logit_scale, lam, init):
-            return self.fit_head(data, logit_scale=logit_scale, lam=lam, init=init)
-
         self.choice = choose_head(
             self.train,
             self.val,
-            fit=fit,
-            signals=self._selection_signals,
             logit_scale=scale if scale is not None else "auto",
             lam=lam if lam is not None else "auto",
-            weights=fixed_weights,
             args=a.select,
             seed=a.seed,
             batch_size=a.batch_size,
-            progress=progress,
         )
         return self.choice
-
-    def _selection_signals(self, head: Head, data, val, is_probe: np.ndarray) -> dict:
-        """Suspicions of every row of ``data`` (pairs and probes) as the audit will score them."""
-        a = self.args
-        if self.val is None and self._no_val_mode() == "self":
-            inf = suspicion("self_influence", api.self_influence(head, data, neg=a.neg))
-        else:
-            df = api.score(head, data, val, neg=a.neg, method=a.method)
-            inf = suspicion("influence", df["influence"].to_numpy(), head.n_norm)
-        return {
-            "influence": inf,
-            "pair_loss": suspicion("pair_loss", api.pair_losses(head, data)),
-            "clip_score": suspicion("clip_score", clip_scores(data)),
-        }
 
     def _no_val_mode(self) -> str:
         mode = self.args.no_val
@@ -257,7 +229,7 @@ class Auditor:
                 f"validation widths ({self.val.d_image}, {self.val.d_text}) differ from training "
                 f"widths ({self.train.d_image}, {self.train.d_text}): embed both with the same model"
             )
-        self.choose(progress)
+        self.choose()
         scored = self._signals(progress)
         table = pd.DataFrame({"id": self.train.ids})
         meta = self.train.metadata
@@ -271,14 +243,14 @@ class Auditor:
         n_norm = float(np.mean([h.n_norm for h in self.heads]))
         if "self_influence" in scored:
             table["self_influence"] = scored["self_influence"].to_numpy(dtype=np.float32)
-        table["misalign_score"] = misalign_scores(table, self.choice.weights, n_norm).astype(
-            np.float32
-        )
-        count, how = flag_count(table["misalign_score"].to_numpy(), self.args.threshold)
+        score, combination, rate = misalign_scores(table, self.args.weights, n_norm)
+        table["misalign_score"] = score.astype(np.float32)
+        count, how = flag_count(score, self.args.threshold, rate)
         table["rank"], table["is_misaligned"] = rank_and_flag(
             table["misalign_score"].to_numpy(), count
         )
         table.attrs.update(self.describe(count, how))
+        table.attrs["combination"] = combination
         return table
 
     def describe(self, flagged: int, how: str) -> dict:
@@ -314,8 +286,21 @@ def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarra
     return out
 
 
-def misalign_scores(table: pd.DataFrame, weights: dict[str, float], n_norm: float) -> np.ndarray:
-    """misalign_score: the weighted sum of standardised suspicions (docs/math.md)."""
+def misalign_scores(
+    table: pd.DataFrame, mode: str, n_norm: float
+) -> tuple[np.ndarray, dict, NoiseRate | None]:
+    """misalign_score from the table's signals (docs/math.md), what combined them, and the
+    noise rate the combination implies (the mixture's; None for the other modes)."""
     sus = signal_suspicions(table, n_norm)
-    stats = {k: Standardiser.of(v) for k, v in sus.items()}
-    return combine(sus, weights, stats)
+    if mode == "auto":
+        try:
+            mix = fit_mixture(sus)
+        except ValueError:  # too few pairs for a mixture: the equal-weight sum
+            mode = "equal"
+        else:
+            score = mix.log_odds(sus)
+            return score, mix.record(), mixture_noise_rate(score, mix.separation)
+    weights = (
+        {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in SIGNALS}
+    )
+    return weighted_sum(sus, weights), {"kind": "weighted sum", "weights": weights}, None

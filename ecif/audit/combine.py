@@ -3,10 +3,16 @@
 No single signal wins everywhere: the pretrained similarity (``clip_score``) is strong when the
 encoder knows the domain, the pair's own loss under the head when a caption is plainly wrong,
 ECIF's influence when the validation set says which pairs pull the head the wrong way. Each
-signal is turned into a suspicion (larger = more suspect), standardised robustly (median and
-interquartile range over the training set), and summed with weights. The weights are chosen
-per audit by how well the sum ranks planted probes (``ecif.audit.selection``), from a small
-fixed set of candidates, so the choice cannot overfit much.
+signal becomes a suspicion (larger = more suspect), standardised robustly (median and
+interquartile range), and its tails are made Gaussian: z -> c asinh(z / c) with c chosen so
+the kurtosis is 3 (heavy-tailed signals are compressed, light-tailed ones left alone: a few
+extreme pairs must not own the fit, and a flattened signal must not look like two groups).
+The default combination is a two-component Gaussian mixture with full covariance over these
+features, started from the top fifth by summed suspicion: one component for the bulk of the
+pairs, one for the suspects; ``misalign_score`` is the log-odds of the suspect component. The
+mixture weighs each signal by how well it separates a minority group on this data, with no
+labels, and the same fit estimates the noise rate (the pairs with positive log-odds).
+``docs/math.md`` has the formulas; benchmarks/README.md the measurements.
 """
 
 from __future__ import annotations
@@ -17,16 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
-# candidate weightings, the equal-weight sum first (the fallback when probes cannot tell)
-CANDIDATE_WEIGHTS: tuple[dict[str, float], ...] = (
-    {"influence": 1.0, "pair_loss": 1.0, "clip_score": 1.0},
-    {"influence": 1.0, "pair_loss": 0.0, "clip_score": 0.0},
-    {"influence": 0.0, "pair_loss": 1.0, "clip_score": 0.0},
-    {"influence": 0.0, "pair_loss": 0.0, "clip_score": 1.0},
-    {"influence": 1.0, "pair_loss": 1.0, "clip_score": 0.0},
-    {"influence": 1.0, "pair_loss": 0.0, "clip_score": 1.0},
-    {"influence": 0.0, "pair_loss": 1.0, "clip_score": 1.0},
-)
+GAUSSIAN_KURTOSIS = 3.0
 
 
 def suspicion(name: str, values: np.ndarray, n_norm: float = 1.0) -> np.ndarray:
@@ -34,9 +31,7 @@ def suspicion(name: str, values: np.ndarray, n_norm: float = 1.0) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if name == "influence":  # negative influence = removing the pair lowers validation loss
         return -v * n_norm
-    if name == "self_influence":  # the head bends far to fit the pair
-        return v
-    if name == "pair_loss":
+    if name in ("self_influence", "pair_loss"):  # the head bends far / fits it badly
         return v
     if name == "clip_score":
         return -v
@@ -66,27 +61,158 @@ class Standardiser:
         return (np.asarray(values, dtype=np.float64) - self.median) / self.scale
 
 
-def combine(
-    suspicions: Mapping[str, np.ndarray],
-    weights: Mapping[str, float],
-    stats: Mapping[str, Standardiser] | None = None,
-) -> np.ndarray:
-    """sum_k w_k * z_k, z_k the standardised suspicion k (``stats`` from the training set;
-    computed from ``suspicions`` when not given). Signals with weight 0 are not read."""
+def weighted_sum(suspicions: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """sum_k w_k * z_k over standardised suspicions (signals with weight 0 are not read)."""
     out = None
     for name, w in weights.items():
-        if w == 0:
-            continue
-        if name not in suspicions:
-            raise KeyError(f"the combination needs the signal {name!r}")
-        st = (stats or {}).get(name) or Standardiser.of(suspicions[name])
-        term = w * st(suspicions[name])
-        out = term if out is None else out + term
+        if w:
+            term = w * Standardiser.of(suspicions[name])(suspicions[name])
+            out = term if out is None else out + term
     if out is None:
         raise ValueError("all combination weights are 0")
     return out
 
 
-def describe_weights(weights: Mapping[str, float]) -> str:
-    used = [f"{w:g} x {k}" for k, w in weights.items() if w]
-    return " + ".join(used) if used else "nothing"
+@dataclass
+class SuspectMixture:
+    """Two Gaussians over tail-Gaussianised standardised suspicions; component 1 = suspects."""
+
+    signals: tuple[str, ...]
+    standardisers: tuple[Standardiser, ...]
+    weights: np.ndarray  # (2,)
+    means: np.ndarray  # (2, k)
+    covs: np.ndarray  # (2, k, k)
+    compress: tuple[float, ...]  # c per signal (inf: left linear)
+
+    def features(self, suspicions: Mapping[str, np.ndarray]) -> np.ndarray:
+        cols = zip(self.signals, self.standardisers, self.compress)
+        return np.stack([_compress(st(suspicions[k]), c) for k, st, c in cols], axis=1)
+
+    def log_odds(self, suspicions: Mapping[str, np.ndarray]) -> np.ndarray:
+        """log P(suspect | signals) - log P(bulk | signals); NaN where a signal is NaN."""
+        z = self.features(suspicions)
+        ok = np.isfinite(z).all(axis=1)
+        out = np.full(len(z), np.nan)
+        dens = _log_densities(z[ok], self.weights, self.means, self.covs)
+        out[ok] = dens[:, 1] - dens[:, 0]
+        return out
+
+    @property
+    def separation(self) -> float:
+        """Mahalanobis distance between the two means under the weighted pooled covariance."""
+        pooled = (self.weights[:, None, None] * self.covs).sum(0)
+        diff = self.means[1] - self.means[0]
+        return float(np.sqrt(diff @ np.linalg.solve(pooled, diff)))
+
+    def record(self) -> dict:
+        """JSON-ready parameters (so the combination can be recomputed from audit.json)."""
+        return {
+            "kind": "mixture",
+            "signals": list(self.signals),
+            "standardisers": [[s.median, s.scale] for s in self.standardisers],
+            "compress": [c if np.isfinite(c) else None for c in self.compress],
+            "weights": self.weights.tolist(),
+            "means": self.means.tolist(),
+            "covs": self.covs.tolist(),
+            "separation": self.separation,
+        }
+
+
+def fit_mixture(suspicions: Mapping[str, np.ndarray], iters: int = 300) -> SuspectMixture:
+    """EM for two full-covariance Gaussians, started from the top fifth by summed suspicion
+    (deterministic); the component with the larger summed mean is the suspects'."""
+    signals = tuple(suspicions)
+    stds = tuple(Standardiser.of(suspicions[k]) for k in signals)
+    comp = tuple(gaussian_tail_scale(st(suspicions[k])) for k, st in zip(signals, stds))
+    blank = SuspectMixture(signals, stds, np.ones(2), np.zeros((2, 1)), np.zeros((2, 1, 1)), comp)
+    z = blank.features(suspicions)
+    z = z[np.isfinite(z).all(axis=1)]
+    n, k = z.shape
+    if n < 4 * (k + 1):
+        raise ValueError(f"a mixture over {k} signals needs at least {4 * (k + 1)} scored pairs")
+    top = z.sum(1) >= np.quantile(z.sum(1), 0.8)
+    weights, means, covs = _em(z, np.stack([~top, top], axis=1).astype(np.float64), iters)
+    order = np.argsort(means.sum(1))  # bulk first, suspects second
+    return SuspectMixture(signals, stds, weights[order], means[order], covs[order], comp)
+
+
+def gaussian_tail_scale(z: np.ndarray, target: float = GAUSSIAN_KURTOSIS) -> float:
+    """The c at which c asinh(z / c) has a Gaussian's kurtosis (inf when z's tails are no
+    heavier than a Gaussian's: such a signal is left as it is). Bisection on log c."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z[np.isfinite(z)]
+    if len(z) < 4 or _kurtosis(z) <= target:
+        return float("inf")
+    lo, hi = np.log(0.05), np.log(1e3)
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if _kurtosis(_compress(z, float(np.exp(mid)))) > target:
+            hi = mid
+        else:
+            lo = mid
+    return float(np.exp(0.5 * (lo + hi)))
+
+
+def _compress(z: np.ndarray, c: float) -> np.ndarray:
+    return z if not np.isfinite(c) else c * np.arcsinh(z / c)
+
+
+def _kurtosis(v: np.ndarray) -> float:
+    d = v - v.mean()
+    var = (d**2).mean()
+    return float((d**4).mean() / var**2) if var > 0 else 0.0
+
+
+def _em(z: np.ndarray, resp: np.ndarray, iters: int):
+    """EM from initial responsibilities: (weights, means, covariances)."""
+    n, k = z.shape
+    ridge = 1e-6 * np.eye(k)
+    last = -np.inf
+    for _ in range(iters):
+        nk = resp.sum(0) + 1e-12
+        weights = nk / n
+        means = (resp.T @ z) / nk[:, None]
+        covs = np.stack(
+            [
+                ((resp[:, j, None] * (z - means[j])).T @ (z - means[j])) / nk[j] + ridge
+                for j in (0, 1)
+            ]
+        )
+        dens = _log_densities(z, weights, means, covs)
+        top_d = dens.max(1, keepdims=True)
+        total = top_d[:, 0] + np.log(np.exp(dens - top_d).sum(1))
+        resp = np.exp(dens - total[:, None])
+        ll = float(total.mean())
+        if ll - last < 1e-9 * max(1.0, abs(ll)):
+            break
+        last = ll
+    return weights, means, covs
+
+
+def _log_densities(z: np.ndarray, weights, means, covs) -> np.ndarray:
+    """log(w_j N(z | mu_j, S_j)) for both components: (n, 2)."""
+    out = np.empty((len(z), 2))
+    for j in (0, 1):
+        chol = np.linalg.cholesky(covs[j])
+        sol = np.linalg.solve(chol, (z - means[j]).T)
+        logdet = 2.0 * np.log(np.diag(chol)).sum()
+        out[:, j] = (
+            np.log(weights[j] + 1e-300)
+            - 0.5 * (sol**2).sum(0)
+            - 0.5 * logdet
+            - 0.5 * z.shape[1] * np.log(2 * np.pi)
+        )
+    return out
+
+
+def describe_combination(record: Mapping) -> str:
+    """One line: how misalign_score was made from the signals."""
+    if record.get("kind") == "mixture":
+        return (
+            f"log-odds of the suspect component of a two-Gaussian mixture over "
+            f"{', '.join(record['signals'])} (suspects {record['weights'][1]:.1%}, "
+            f"separation {record['separation']:.2f})"
+        )
+    used = [f"{w:g} x {k}" for k, w in (record.get("weights") or {}).items() if w]
+    why = f" ({record['why']})" if record.get("why") else ""
+    return "sum of standardised " + (" + ".join(used) if used else "nothing") + why

@@ -113,6 +113,10 @@ def run_demo(
 
     if figures["head"]:
         log(f"head: {describe_choice(figures['head'])}")
+    if info.get("combination"):
+        from ecif.audit.combine import describe_combination
+
+        log(f"misalign_score: {describe_combination(info['combination'])}")
     log("ranking against the planted noise (AUROC / AP):")
     for k, m in figures["signals"].items():
         what = "the combined score (default)" if k == "misalign_score" else "alone"

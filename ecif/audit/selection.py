@@ -1,41 +1,32 @@
-"""Choosing the head (logit scale, pull) and the signal weights by measurement on the user's data.
+"""The head's logit scale and pull, set from the user's data.
 
-Validation loss is not the goal: a sharp head that fits the validation set best can rank
-misaligned pairs worst. What a user wants is a ranking that puts misaligned pairs first, so
-that is what is measured, without labels: a few percent of the (sub-sampled) training pairs
-are copied with planted captions (probes: another pair's caption, the caption of the nearest
-image's pair, a generic caption), the head is fit on pairs and probes at each candidate
-setting, and the candidate whose ``misalign_score`` ranks the probes highest wins. The logit
-scale is anchored at the temperature that calibrates the pretrained similarity on the trusted
-pairs; the pull is searched on a short path, warm-started from the strongest pull.
+The scale is measured: half the temperature at which the pretrained similarity's InfoNCE is
+lowest on the trusted pairs, so the head starts from logits as sharp as the data supports
+(CLIP's own 100 saturates the softmax on most data and ranks misaligned pairs worse). The
+pull is a fixed default. Searching the pull or the scale by validation loss, or by how well
+planted probe pairs (``make_probes``) are ranked, was measured and lost to this rule on data
+nobody tuned for (benchmarks/bench_select.py); ``make_probes`` stays for that study.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import ecif.api as api
-from ecif.audit.combine import CANDIDATE_WEIGHTS, Standardiser, combine
-from ecif.audit.metrics import auroc
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.batches import make_partition
-from ecif.engine.head import Head
 
 
 @dataclass
 class SelectArgs:
-    """How the head is chosen when ``logit_scale`` or ``lam`` is "auto"."""
+    """How the head's scale and pull are set when they are "auto"."""
 
-    scale_multiples: tuple[float, ...] = (0.5, 1.0)  # times the calibrated scale
-    lams: tuple[float, ...] = (1e-1, 1e-2, 1e-3)  # strongest pull first (warm starts)
-    probe_fraction: float = 0.1  # probes per selection pair
-    max_pairs: int = 20_000  # selection runs on at most this many training pairs
-    margin: float = 0.005  # probe AUROC a candidate must gain over the equal-weight default
+    scale_factor: float = 0.5  # times the calibrated temperature of the pretrained similarity
+    lam: float = 1e-2
+    max_pairs: int = 20_000  # pairs the temperature is calibrated on
 
 
 @dataclass
@@ -44,22 +35,16 @@ class HeadChoice:
 
     logit_scale: float
     lam: float
-    weights: dict[str, float]
     calibrated_scale: float | None = None
-    probe_auroc: float | None = None
     reason: str = ""
-    candidates: list[dict] = field(default_factory=list)
 
     def record(self) -> dict:
-        """JSON-ready: what was chosen, why, and every candidate measured."""
+        """JSON-ready: what was chosen and why."""
         return {
             "logit_scale": self.logit_scale,
             "lam": self.lam,
-            "weights": dict(self.weights),
             "calibrated_scale": self.calibrated_scale,
-            "probe_auroc": self.probe_auroc,
             "reason": self.reason,
-            "candidates": list(self.candidates),
         }
 
     def summary(self) -> str:
@@ -67,12 +52,10 @@ class HeadChoice:
 
 
 def describe_choice(record: dict) -> str:
-    """One line: the chosen logit scale, pull and misalign_score weights, and why."""
-    from ecif.audit.combine import describe_weights
-
+    """One line: the chosen logit scale and pull, and why."""
     return (
-        f"logit scale {record['logit_scale']:.3g}, lam {record['lam']:g}; misalign_score = "
-        f"{describe_weights(record.get('weights') or {})} ({record.get('reason', '')})"
+        f"logit scale {record['logit_scale']:.3g}, lam {record['lam']:g} "
+        f"({record.get('reason', '')})"
     )
 
 
@@ -164,91 +147,39 @@ def choose_head(
     train: EmbeddingSet,
     val: EmbeddingSet | None,
     *,
-    fit: Callable[..., Head],
-    signals: Callable[[Head, EmbeddingSet, EmbeddingSet | None, np.ndarray], dict],
     logit_scale: float | str = "auto",
     lam: float | str = "auto",
-    weights: dict[str, float] | None = None,
     args: SelectArgs | None = None,
     seed: int = 0,
     batch_size: int = 256,
-    progress: bool = False,
 ) -> HeadChoice:
-    """Measure candidate heads on probes and return the best (explicit values are kept).
+    """The head's logit scale and pull for this audit (explicit values are kept).
 
-    ``fit(data, logit_scale=, lam=, init=)`` fits a head with the audit's options;
-    ``signals(head, data, val, is_probe)`` returns the suspicions of ``SIGNALS`` for every row
-    of ``data`` (the audit's own way of scoring: against ``val``, or without one). Without a
-    validation set, the half of the selection pairs that the first head fits best stands in
-    for it. ``weights``: fixed signal weights (only the head is chosen).
+    "auto" scale: ``args.scale_factor`` times the temperature that calibrates the pretrained
+    similarity on the trusted pairs (the validation set; the training set without one), so
+    the head starts from logits as sharp as the data supports; "auto" pull: ``args.lam``.
+    Why not a search: over 4 geometries x 5 noise kinds, choosing the pull (or the scale) by
+    validation loss or by how well planted probes are ranked gave lower AP than this rule
+    (benchmarks/bench_select.py, benchmarks/README.md).
     """
-    from tqdm.auto import tqdm
-
     args = args or SelectArgs()
-    rng = np.random.default_rng(seed)
-    n = len(train)
-    rows = np.sort(rng.choice(n, args.max_pairs, replace=False)) if n > args.max_pairs else None
-    sub = train.subset(rows) if rows is not None else train
-    x, y = np.asarray(sub.image, np.float32), np.asarray(sub.text, np.float32)
-    ref = val if val is not None else sub
-    t_cal = calibrated_scale(ref.image, ref.text, batch_size, seed)
-    scales = (
-        [float(logit_scale)] if logit_scale != "auto" else [m * t_cal for m in args.scale_multiples]
-    )
-    lams = [float(lam)] if lam != "auto" else list(args.lams)
-    candidates = [weights] if weights is not None else list(CANDIDATE_WEIGHTS)
-    px, py, _ = make_probes(x, y, args.probe_fraction, seed + 1)
-    data = EmbeddingSet(np.concatenate([x, px]), np.concatenate([y, py]), check_finite=False)
-    is_probe = np.r_[np.zeros(len(x), bool), np.ones(len(px), bool)]
-    cells = []
-    bar = tqdm(total=len(scales) * len(lams), desc="choosing the head", disable=not progress)
-    proxy = val
-    for t in scales:
-        head = None
-        for lm in lams:
-            head = fit(data, logit_scale=t, lam=lm, init=head)
-            if proxy is None:
-                proxy = _best_fitting(head, data, ~is_probe)
-            sig = signals(head, data, proxy, is_probe)
-            stats = {k: Standardiser.of(v[~is_probe]) for k, v in sig.items()}
-            for k, w in enumerate(candidates):
-                cells.append(
-                    {
-                        "logit_scale": t,
-                        "lam": lm,
-                        "weights": k,
-                        "probe_auroc": auroc(is_probe, combine(sig, w, stats)),
-                        "converged": bool(head.info.get("converged", True)),
-                    }
-                )
-            bar.update(1)
-    bar.close()
-
-    def key(c):
-        return (c["converged"], c["probe_auroc"])
-
-    best = max(cells, key=key)
-    default = max((c for c in cells if c["weights"] == 0), key=key)
-    if best["probe_auroc"] < default["probe_auroc"] + args.margin:
-        best = default  # not clearly better than the equal-weight sum: keep the sum
-    reason = (
-        f"best probe AUROC {best['probe_auroc']:.3f} of {len(cells)} candidates on "
-        f"{len(x):,} pairs + {len(px):,} probes; calibrated scale {t_cal:.3g}"
-    )
-    return HeadChoice(
-        logit_scale=best["logit_scale"],
-        lam=best["lam"],
-        weights=dict(candidates[best["weights"]]),
-        calibrated_scale=t_cal,
-        probe_auroc=best["probe_auroc"],
-        reason=reason,
-        candidates=[{**c, "weights": candidates[c["weights"]]} for c in cells],
-    )
-
-
-def _best_fitting(head, data: EmbeddingSet, rows: np.ndarray) -> EmbeddingSet:
-    """The half of ``rows`` with the lowest own loss under ``head``: a stand-in validation set."""
-    loss = api.pair_losses(head, data)
-    idx = np.nonzero(rows)[0]
-    keep = idx[loss[idx] <= np.quantile(loss[idx], 0.5)]
-    return data.subset(keep)
+    ref = val if val is not None else train
+    t_cal = calibrated_scale(ref.image, ref.text, batch_size, seed, args.max_pairs)
+    why = []
+    if logit_scale == "auto":
+        t = args.scale_factor * t_cal
+        source = "validation" if val is not None else "training"
+        why.append(
+            f"scale = {args.scale_factor:g} x {t_cal:.3g}, the temperature that calibrates "
+            f"the pretrained similarity on the {source} pairs"
+        )
+    else:
+        t = float(logit_scale)
+        why.append("scale as given")
+    if lam == "auto":
+        pull = args.lam
+        why.append(f"lam = {pull:g} (the default pull)")
+    else:
+        pull = float(lam)
+        why.append("lam as given")
+    return HeadChoice(t, pull, calibrated_scale=t_cal, reason="; ".join(why))

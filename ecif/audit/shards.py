@@ -223,9 +223,7 @@ def score_shards(
             meta["warnings"] = [mismatch]
     meta["options"] = asdict(args)
     auditor = Auditor(train, val, args)
-    with step(f"choosing the head on {min(len(train), args.select.max_pairs):,} pairs", progress):
-        choice = auditor.choose(progress)
-    meta["head_choice"] = choice.record()
+    meta["head_choice"] = auditor.choose().record()
     if val is None:  # self-influence or cross-fit need the whole set at once: in-process
         with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
             table = auditor.run(progress=progress)
@@ -349,10 +347,10 @@ def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
             pd.read_parquet(f, columns=[c for c in (*cols, "self_influence") if c in have])
         )
     table = pd.concat(frames, ignore_index=True)
-    weights = (meta.get("head_choice") or {}).get("weights") or {"influence": 1.0}
-    n_norm = float(meta.get("n_norm") or 1.0)
-    allv = misalign_scores(table, weights, n_norm)
-    count, how = flag_count(allv, threshold)
+    mode = (meta.get("options") or {}).get("weights", "auto")
+    allv, combination, rate = misalign_scores(table, mode, float(meta.get("n_norm") or 1.0))
+    meta["combination"] = combination
+    count, how = flag_count(allv, threshold, rate)
     rank, flag = rank_and_flag(allv, count)
     finite = np.isfinite(allv)
     meta.update(threshold=how, flagged=int(count))

@@ -44,6 +44,7 @@ def not_converged(fit: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import ecif
+    from ecif.audit.combine import describe_combination
     from ecif.audit.selection import describe_choice
     from ecif.audit.shards import score_shards
 
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     choice = info.get("head_choice")
     if choice:
         print(f"head: {describe_choice(choice)}")
+    if info.get("combination"):
+        print(f"misalign_score: {describe_combination(info['combination'])}")
     for fit in info.get("fit") or []:
         if fit.get("converged") is False:
             print(f"warning: {not_converged(fit)}", file=sys.stderr)

@@ -38,6 +38,10 @@ if choice:
     from ecif.audit.selection import describe_choice
 
     st.markdown(f"**Head:** {describe_choice(choice)}")
+if info.get("combination"):
+    from ecif.audit.combine import describe_combination
+
+    st.markdown(f"**misalign_score:** {describe_combination(info['combination'])}")
 for note in state.audit_warnings(info):
     st.warning(note)
 if ok.empty:
