@@ -127,3 +127,38 @@ def test_mixture_rate_is_unreliable_without_a_suspect_group_and_flags_a_fallback
     assert not rate.reliable
     count, how = flag_count(score, "auto", rate)
     assert count == 300 and "UNRELIABLE" in how and "--threshold" in how
+
+
+def test_threshold_on_digits_the_model_cannot_read_flags_a_sensible_count():
+    """The failure case from a new user's run: 15% of captions name the wrong digit, which the
+    tiny CLIP (trained on shapes) cannot see. The old rule flagged 0 of them; the audit must
+    flag a sensible count and say that its noise-rate estimate is unreliable if it is."""
+    import pandas as pd
+
+    from ecif.data.models import load_model
+    from ecif.data.tiny_clip import images_to_tensor, tiny_clip
+
+    lm = load_model(f"local-dir:{tiny_clip()}", device="cpu")
+
+    def embed(data):
+        import torch
+
+        with torch.no_grad():
+            x = lm.model.encode_image(images_to_tensor(data.images, lm.image_size), normalize=True)
+            y = lm.model.encode_text(lm.tokenizer(data.captions), normalize=True)
+        return x.numpy(), y.numpy()
+
+    train = ecif.datasets.digits(1400, seed=0, noise=0.15, noise_kind="confusable")
+    val = ecif.datasets.digits(400, seed=1, noise=0.0)
+    x, y = embed(train)
+    meta = pd.DataFrame({"caption": train.captions})
+    table = ecif.Auditor(
+        ecif.EmbeddingSet(x, y, metadata=meta, logit_scale=lm.logit_scale),
+        ecif.EmbeddingSet(*embed(val)),
+    ).run()
+    planted = int(train.frame["is_corrupted"].sum())
+    flagged = int(table["is_misaligned"].sum())
+    print(flagged, planted, table.attrs["threshold"])
+    assert 0.4 * planted <= flagged <= 2.5 * planted
+    if "estimated noise rate" not in table.attrs["threshold"]:
+        assert "UNRELIABLE" in table.attrs["threshold"]
