@@ -10,8 +10,9 @@ head re-evaluated in float64 (the fit's own arithmetic cannot flatter itself the
 distance to the float64 optimum (max-abs entry of M over max-abs of the float64 fit's M).
 
 Cases: ``clip32``: clip_like_pairs(5000, 32, noise 0.2), the damped-Newton path (the issue's
-regression); ``digits``: scikit-learn's digits rendered as images, 15% wrong captions, 1400
-pairs embedded by the tiny CLIP (64-d, Newton path; the set's logit scale);
+regression); ``digits``: ecif.datasets.digits (scikit-learn's scans drawn in colour, 15%
+shuffled captions), 1400 pairs embedded by the tiny CLIP (64-d, Newton path; the set's logit
+scale);
 ``shapes``: the shapes demo set (2000 pairs, 64-d, Newton); ``clip128``:
 clip_like_pairs(20000, 128), the L-BFGS path. The tiny model is trained once and cached.
 """
@@ -39,9 +40,18 @@ def _clip(n, d):
 
 
 def _digits():
-    from ecif.data.digits import digits_embedded
+    """ecif.datasets.digits(1400, noise 0.15) as a new user would: parquet shards, then
+    ``ecif.embed`` with the tiny CLIP (cached under the ecif cache)."""
+    from ecif.data.layout import read_manifest
+    from ecif.data.tiny_clip import cache_dir, tiny_clip
 
-    return ecif.EmbeddingSet.load(digits_embedded(1400, 0.15, 0))
+    folder = cache_dir() / "datasets" / "bench-convergence-digits-1400-0.15-0"
+    emb = folder / "emb"
+    man = read_manifest(emb) if emb.exists() else None
+    if not (man and man.get("complete")):
+        ecif.datasets.digits(1400, seed=0, noise=0.15).to_parquet(folder / "shards")
+        ecif.embed(folder / "shards", emb, model=f"local-dir:{tiny_clip()}")
+    return ecif.EmbeddingSet.load(emb)
 
 
 def _shapes():
