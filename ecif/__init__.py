@@ -13,6 +13,7 @@ from ecif.audit import AuditArgs, Auditor
 from ecif.audit.shards import score_shards
 from ecif.data import EmbeddingSet
 from ecif.data.embed import embed
+from ecif.engine.fit import ConvergenceWarning
 from ecif.engine.head import Head
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ from ecif import datasets  # noqa: E402,F401  (ecif.datasets.shapes(...) after i
 __all__ = [
     "AuditArgs",
     "Auditor",
+    "ConvergenceWarning",
     "EmbeddingSet",
     "Head",
     "__version__",

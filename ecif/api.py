@@ -82,6 +82,11 @@ def fit(
     2 on the L-BFGS path from 50k pairs without ``init``, else 0. ``whiten``: L-BFGS in
     variables whitened by the embeddings' second moments (same optimum, far fewer passes on
     anisotropic embeddings). ``progress``: bars.
+
+    ``tol``: on the gradient's max-abs; default 1e-5 in float32, 1e-9 in float64.
+    ``head.info["converged"]`` is True when the fit met it; when it did not, a
+    ``ecif.ConvergenceWarning`` says so and what to try (``head.info["stop"]``: ``max_iter``,
+    or ``precision``: no step lowers the gradient any more at this dtype's precision).
     """
     x, y = as_arrays(train)
     if len(x) < 2:

@@ -17,8 +17,12 @@ def test_whitened_lbfgs_reaches_newtons_optimum_where_plain_lbfgs_crawls():
     assert white.info["converged"] and white.info["evaluations"] < 150
     rel = float((white.m - newton.m).abs().max() / newton.m.abs().max())
     assert rel < 1e-5
-    plain = ecif.fit((x, y), solver="lbfgs", tol=1e-7, max_iter=300, whiten=False, **KW)
-    assert plain.info["grad_max"] > 1e-7  # 300 iterations are not enough without whitening
+    # plain L-BFGS crawls (> 300 iterations without Newton-CG); since issue 13 it hands over
+    # to Newton-CG when it slows down, and still costs more passes (measured 93 against 66)
+    plain = ecif.fit((x, y), solver="lbfgs", tol=1e-7, max_iter=3000, whiten=False, **KW)
+    assert plain.info["converged"]
+    assert float((plain.m - newton.m).abs().max() / newton.m.abs().max()) < 1e-5
+    assert white.info["evaluations"] < plain.info["evaluations"]
 
 
 def test_whitening_with_a_learned_scale_reaches_a_stationary_point():

@@ -102,7 +102,9 @@ class ShapesData:
                     image_format: blobs,
                 }
             )
-            for col in ("true_caption", "is_corrupted", "corrupted_attribute", *ATTRIBUTES):
+            truth = ("true_caption", "is_corrupted", "corrupted_attribute", *ATTRIBUTES)
+            extra = [c for c in part.columns if c not in truth and c not in ("key", "caption")]
+            for col in [c for c in truth if c in part.columns] + extra:  # digits: no shape
                 table[col] = part[col].to_numpy()
             path = folder / f"{s:05d}.parquet"
             tmp = path.with_name(path.name + ".tmp")
