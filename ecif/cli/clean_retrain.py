@@ -32,7 +32,7 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
         help="fine-tune the model's weights, train its architecture from scratch, or both",
     )
     g.add_argument("--retrain-steps", type=int, default=300, help="training steps per kept set")
-    g.add_argument("--retrain-batch-size", type=int, default=64)
+    g.add_argument("--retrain-batch-size", type=int, default=64, help="pairs per training step")
     g.add_argument(
         "--retrain-lr", type=float, default=None, help="default: 5e-4 fine-tune, 2e-3 scratch"
     )
