@@ -1,5 +1,7 @@
 """ecif: audit image-text (CLIP) datasets with ECIF, a closed-form contrastive influence function."""
 
+from ecif import datasets  # noqa: F401  (ecif.datasets.shapes(...) after import ecif)
+from ecif._version import __version__
 from ecif.api import (
     classification_gradient,
     fit,
@@ -15,10 +17,6 @@ from ecif.data import EmbeddingSet
 from ecif.data.embed import embed
 from ecif.engine.fit import ConvergenceWarning
 from ecif.engine.head import Head
-
-__version__ = "0.1.0"
-
-from ecif import datasets  # noqa: E402,F401  (ecif.datasets.shapes(...) after import ecif)
 
 __all__ = [
     "AuditArgs",

@@ -23,7 +23,6 @@ from ecif.data.shapes import ShapesData, caption_of, shapes
 from ecif.data.tiny_clip import (
     TINY_NAME,
     TinyClipReport,
-    cache_dir,
     read_report,
     register_config,
     retrieval_accuracy,
@@ -31,6 +30,7 @@ from ecif.data.tiny_clip import (
     tiny_config,
     train_tiny_clip,
 )
+from ecif.paths import cache_dir
 
 if TYPE_CHECKING:
     from ecif.data.embedding_set import EmbeddingSet

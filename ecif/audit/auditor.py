@@ -255,7 +255,7 @@ class Auditor:
 
     def describe(self, flagged: int, how: str) -> dict:
         """What produced the table: recorded beside it in files and shown in the app."""
-        from ecif import __version__
+        from ecif._version import __version__
 
         head = self.heads[0]
         return {

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 import ecif.api as api
+from ecif._version import __version__
 from ecif.audit.auditor import AuditArgs, Auditor, clip_scores, misalign_scores
 from ecif.audit.checks import check_threshold, check_training, check_validation
 from ecif.audit.folder import read_parquet_meta, write_audit_description, write_parquet_atomic
@@ -191,8 +192,6 @@ def score_shards(
     this module's logger, at INFO). Score tables name their id column ``id``; the input's own
     name is ``source_id_column`` in the metadata and audit.json.
     """
-    from ecif import __version__
-
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
     check_threshold(args.threshold)

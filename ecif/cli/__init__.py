@@ -27,7 +27,7 @@ VERB_MODULES: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ecif import __version__
+    from ecif._version import __version__
     from ecif.cli.errors import HelpFormatter, Parser
 
     parser = Parser(

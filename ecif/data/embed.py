@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecif._version import __version__
 from ecif.data import layout
 from ecif.data.models import LoadedModel, load_model
 from ecif.data.part_writer import PartWriter
@@ -134,8 +135,6 @@ def _manifest(
 ) -> dict:
     """Input shards by absolute path, by path relative to the embedding folder (a folder moved
     together with its data) and under ``input_root`` (``--data-root`` re-points that)."""
-    from ecif import __version__
-
     paths = [sh.path.resolve() for sh in shards]
     parts = [
         {
@@ -191,8 +190,6 @@ def run_parts(
 ) -> None:
     """Embed ``(part index, shard)`` pairs into ``out``; ``on_done(k, ok, failed, error_kinds)``
     after each part is published. The streaming core shared by the local and Dask paths."""
-    from ecif import __version__
-
     dims = (lm.dim_image, lm.dim_text)
     base_kv = {"model": lm.name, "pretrained": lm.pretrained or "", "ecif_version": __version__}
 

@@ -341,7 +341,7 @@ def _pick_ids(
 
 def save_folder(es: EmbeddingSet, folder: str | os.PathLike, *, part_rows: int = 1_000_000) -> Path:
     """Write an EmbeddingSet in the clip-retrieval layout (float16), ``part_rows`` per part."""
-    from ecif import __version__
+    from ecif._version import __version__
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ecif.data.shapes import ShapesData, shapes
+from ecif.paths import cache_dir  # noqa: F401  (also ecif.data.tiny_clip.cache_dir, as before)
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,6 @@ TINY_NAME = "ecif-tiny"
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 _FORMAT_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """ecif's cache: ``$ECIF_CACHE_DIR`` if set, else ``~/.cache/ecif``."""
-    env = os.environ.get("ECIF_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ecif"
 
 
 def tiny_config(
