@@ -8,9 +8,19 @@ import time
 import pandas as pd
 from dask.distributed import Client, LocalCluster
 
+import ecif.audit.shards as shards
 from ecif.audit import AuditArgs
 from ecif.audit.shards import score_shards
 from tests.test_audit_shards import _folder
+
+_score_part = shards.score_part
+
+
+def held_score_part(*args, **kwargs):
+    """The shard task, held 3 s first so a worker is busy when the test kills it. A module
+    function, so Dask's worker processes import it (and the real task) by name."""
+    time.sleep(3)
+    return _score_part(*args, **kwargs)
 
 
 def _read(folder):
@@ -24,7 +34,7 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
     score_shards(folder, tmp_path / "local", val, args=args, log=lambda s: None)
     local = _read(tmp_path / "local")
 
-    monkeypatch.setenv("ECIF_SCORE_TEST_SLEEP", "3")
+    monkeypatch.setattr(shards, "score_part", held_score_part)
     cluster = LocalCluster(
         host="127.0.0.1", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     )

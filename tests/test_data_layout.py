@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from ecif import EmbeddingSet
-from ecif.data.layout import FolderError, load_folder
+from ecif.data.embedding_set import load_folder
+from ecif.data.layout import FolderError
 
 
 def _unit(rng, n, d):

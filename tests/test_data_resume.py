@@ -5,11 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import ecif
 from ecif import EmbeddingSet, datasets
+
+SLOW_CLI = [sys.executable, str(Path(__file__).with_name("slow_cli.py"))]  # 0.25 s a batch
 
 
 def test_kill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny_clip_dir):
@@ -17,12 +20,10 @@ def test_kill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny_clip_dir):
     data.to_parquet(tmp_path / "shards", shard_size=6)  # 16 small shards -> 16 parts
     model = f"local-dir:{tiny_clip_dir}"
     out = tmp_path / "out"
-    launcher = "import sys; from ecif.cli import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", launcher, "embed", str(tmp_path / "shards"), "-o", str(out),
-           "--model", model, "--batch-size", "3", "--num-workers", "0", "--quiet"]  # fmt: skip
     # slow the child down (0.25 s per batch of 3 -> ~8 s for 96 rows) so the kill lands mid-run
-    env = dict(os.environ, ECIF_EMBED_TEST_SLEEP="0.25")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [*SLOW_CLI, "embed", str(tmp_path / "shards"), "-o", str(out),
+           "--model", model, "--batch-size", "3", "--num-workers", "0", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = out / "metadata" / "metadata_0.parquet"
     deadline = time.time() + 120
     while not first.exists():
@@ -56,12 +57,11 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_completes(tmp_path, tiny_clip_d
     data.to_parquet(tmp_path / "shards", shard_size=6)  # 8 parts
     model = f"local-dir:{tiny_clip_dir}"
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ecif", "embed", str(tmp_path / "shards"), "-o", str(out),
-           "--model", model, "--batch-size", "3", "--num-workers", "2", "--quiet"]  # fmt: skip
-    env = dict(os.environ, ECIF_EMBED_TEST_SLEEP="0.25")
+    args = ["embed", str(tmp_path / "shards"), "-o", str(out),
+            "--model", model, "--batch-size", "3", "--num-workers", "2", "--quiet"]  # fmt: skip
     # its own process group, as a shell runs it: Ctrl-C reaches it and its loader workers
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        [*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     first = out / "metadata" / "metadata_0.parquet"
     deadline = time.time() + 120
@@ -78,6 +78,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_completes(tmp_path, tiny_clip_d
     assert 1 <= len(finished) < 8, f"the interrupt did not land mid-run: {finished}"
     assert not list(out.rglob(".*.tmp")), "the interrupted part left temp files"
 
+    cmd = [sys.executable, "-m", "ecif", *args]  # the real entry point, at full speed
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipped={6 * len(finished)}" in rerun.stdout

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ecif.atomic import atomic_path
 from ecif.audit.folder import AuditFolderError, read_audit
 
 AUDIT_ENV = "ECIF_AUDIT"
@@ -132,9 +133,8 @@ def mark_reviewed(folder: str | os.PathLike, ids: Sequence[Any]) -> int:
     add = pd.DataFrame({"id": new, "reviewed_at": [stamp] * len(new)})
     out = pd.concat([old, add], ignore_index=True) if len(old) else add
     path = Path(folder) / REVIEWED_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    out.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out.to_parquet(tmp, index=False)
     return len(new)
 
 
@@ -167,24 +167,25 @@ def export_ids(
 def id_sources(
     embeddings: str | os.PathLike | None, data_root: str | os.PathLike | None = None
 ) -> pd.Series:
-    """Series id -> input shard path, from the embedding folder's metadata ids and manifest
+    """Series id -> input shard path, from the embedding folder's metadata ids (the id column
+    ``ecif.data.folder_reader`` picks, as the audit did) and manifest
     (``ecif.data.layout.part_sources``: absolute, relative to the folder, or under
     ``data_root``), whatever the working folder."""
     import pyarrow.parquet as pq
 
     from ecif.data import layout
+    from ecif.data.folder_reader import folder_id_column
 
     if not embeddings or not Path(embeddings).is_dir():
         return pd.Series(dtype=object)
     folder = Path(embeddings)
-    manifest = layout.read_manifest(folder) or {}
-    id_col = manifest.get("id_column") or "key"
+    id_col = folder_id_column(folder)
     sources = layout.part_sources(folder, data_root or None)
     parts = []
     for k in layout.list_parts(folder):
         meta_p = layout.part_paths(folder, k)[2]
         names = pq.read_schema(meta_p).names
-        if id_col not in names:
+        if id_col is None or id_col not in names:
             continue
         ids = pq.read_table(meta_p, columns=[id_col]).column(0).to_pandas()
         parts.append(pd.Series(sources.get(k, ""), index=ids.to_numpy()))
@@ -238,7 +239,7 @@ def read_images(shard: ImageShard, ids: Sequence[Any]) -> list[bytes | None]:
     """Image bytes for the given ids (None where missing), reading only what holds them."""
     import pyarrow.parquet as pq
 
-    from ecif.data.readers import _image_value, isnull
+    from ecif.data.readers import image_value, isnull
 
     pos = [int(shard.rows[i]) if i in shard.rows.index else -1 for i in ids]
     out: list[Any] = [None] * len(pos)
@@ -252,7 +253,7 @@ def read_images(shard: ImageShard, ids: Sequence[Any]) -> list[bytes | None]:
             lo = shard.row_starts[g]
             for j, p in enumerate(pos):
                 if p >= 0 and lo <= p < shard.row_starts[g + 1]:
-                    out[j] = _image_value(col[p - lo].as_py())
+                    out[j] = image_value(col[p - lo].as_py())
     elif shard.kind == "table":
         for j, p in enumerate(pos):
             if p >= 0 and not isnull(shard.paths.iat[p]):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ecif.atomic import atomic_path
 from ecif.audit.folder import AuditFolderError, read_audit
 
 UID_DTYPE = np.dtype("u8,u8")
@@ -53,11 +54,8 @@ def write_subset_file(uids: Iterable[str], path: str | os.PathLike) -> Path:
     """Write a DataComp subset file (``.npy``) atomically; returns its path."""
     path = Path(path)
     arr = uids_to_array(uids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
     return path
 
 
@@ -143,7 +141,8 @@ def _scored(table: pd.DataFrame) -> np.ndarray:
 
 def source_id_column(info: dict[str, Any]) -> str:
     """The id column's name in the input data: the training embeddings' manifest, else the
-    audit's ``id_column``."""
+    audit's ``source_id_column`` (the column ``ecif score`` took the ids from), else its
+    ``id_column``."""
     from ecif.data import layout
 
     emb = info.get("embeddings")
@@ -151,7 +150,7 @@ def source_id_column(info: dict[str, Any]) -> str:
         name = (layout.read_manifest(emb) or {}).get("id_column")
         if name:
             return str(name)
-    return str(info.get("id_column") or "id")
+    return str(info.get("source_id_column") or info.get("id_column") or "id")
 
 
 def _uids(ids: np.ndarray, info: dict[str, Any], id_name: str) -> np.ndarray:
@@ -251,10 +250,8 @@ def _read(audit: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def _write_ids(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    else:
-        frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)

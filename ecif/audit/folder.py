@@ -16,34 +16,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from ecif.atomic import (
+    atomic_path,
+    read_parquet_meta,  # noqa: F401  (also ecif.audit.folder.read_parquet_meta)
+    write_json,
+    write_parquet_atomic,
+)
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.head import Head
 
 
 class AuditFolderError(ValueError):
     """The folder is not an audit folder, or is incomplete."""
-
-
-def write_parquet_atomic(path: Path, df: pd.DataFrame, meta: dict[str, Any]) -> None:
-    """Write a parquet file with ecif's key-value metadata, via a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    kv = dict(table.schema.metadata or {})
-    kv.update({f"ecif.{k}".encode(): json.dumps(v, default=str).encode() for k, v in meta.items()})
-    table = table.replace_schema_metadata(kv)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def read_parquet_meta(path: Path) -> dict[str, Any]:
-    """ecif's key-value metadata of a parquet file written by ``write_parquet_atomic``."""
-    kv = pq.read_schema(path).metadata or {}
-    return {k.decode()[5:]: json.loads(v) for k, v in kv.items() if k.decode().startswith("ecif.")}
 
 
 def float32_scores(table: pd.DataFrame) -> pd.DataFrame:
@@ -119,19 +105,15 @@ def write_audit_description(
     scores: str = "scores",
 ) -> None:
     """audit.json and head.pt for an audit whose scores are already written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".head.pt.{os.getpid()}.tmp"
-    torch.save([h.state_dict() for h in heads], tmp)
-    os.replace(tmp, folder / "head.pt")
+    with atomic_path(folder / "head.pt") as tmp:
+        torch.save([h.state_dict() for h in heads], tmp)
     desc = dict(meta)
     desc.update(id_column=id_column, scores=scores)
     if embeddings is not None:
         desc["embeddings"] = str(Path(embeddings).resolve())
     if summary is not None:
         desc["shards"] = summary.to_dict(orient="records")
-    tmp = folder / f".audit.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(desc, indent=1, default=str))
-    os.replace(tmp, folder / "audit.json")
+    write_json(folder / "audit.json", desc)
 
 
 def training_set(
@@ -173,8 +155,6 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
     head = Auditor(train, args=args).fit_head(
         train, logit_scale=chosen.get("logit_scale"), lam=chosen.get("lam")
     )
-    (folder / "index").mkdir(exist_ok=True)
-    tmp = folder / "index" / f".head.pt.{os.getpid()}.tmp"
-    torch.save([head.state_dict()], tmp)
-    os.replace(tmp, folder / "index" / "head.pt")
+    with atomic_path(folder / "index" / "head.pt") as tmp:
+        torch.save([head.state_dict()], tmp)
     return head

@@ -24,12 +24,15 @@ import torch
 
 import ecif.api as api
 from ecif._version import __version__
+from ecif.atomic import read_parquet_meta, write_parquet_atomic
 from ecif.audit.auditor import AuditArgs, Auditor, clip_scores, misalign_scores
 from ecif.audit.checks import check_threshold, check_training, check_validation
-from ecif.audit.folder import read_parquet_meta, write_audit_description, write_parquet_atomic
+from ecif.audit.folder import write_audit_description
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.folder_reader import ok_mask, read_folder, read_part
+from ecif.distributed import run_tasks
 from ecif.engine.batches import Partition
 from ecif.engine.head import Head
 from ecif.engine.influence import score_pass
@@ -79,39 +82,28 @@ def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
     return out
 
 
-def read_part(folder: Path, k: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    img_p, txt_p, meta_p = layout.part_paths(Path(folder), k)
-    meta = pd.read_parquet(meta_p)
-    img = np.load(img_p, mmap_mode="r")
-    txt = np.load(txt_p, mmap_mode="r")
-    if "status" not in meta:
-        meta["status"] = "ok"
-    return img, txt, meta
-
-
 def ok_rows(meta: pd.DataFrame) -> np.ndarray:
-    return np.nonzero((meta["status"].astype(str) == "ok").to_numpy())[0]
+    """Positions of a part's usable rows (``ecif.data.folder_reader.ok_mask``)."""
+    return np.nonzero(ok_mask(meta))[0]
 
 
 def load_training_set(folder: str | os.PathLike, id_col: str | None = None) -> EmbeddingSet:
-    """All ok rows of an embedding folder, with a ``part`` column (for shard-local batches)."""
-    folder = Path(folder)
-    manifest = layout.read_manifest(folder) or {}
-    id_col = id_col or manifest.get("id_column") or "key"
-    imgs, txts, metas = [], [], []
-    for p in list_embedding_parts(folder):
-        img, txt, meta = read_part(folder, p.index)
-        keep = ok_rows(meta)
-        imgs.append(np.asarray(img[keep], dtype=np.float32))
-        txts.append(np.asarray(txt[keep], dtype=np.float32))
-        m = meta.iloc[keep].reset_index(drop=True)
-        m["part"] = p.index
-        metas.append(m)
-    meta = pd.concat(metas, ignore_index=True)
-    ids = meta[id_col].to_numpy() if id_col in meta else np.arange(len(meta))
-    es = EmbeddingSet(np.concatenate(imgs), np.concatenate(txts), ids=ids, metadata=meta)
-    es.logit_scale = manifest.get("logit_scale")
-    return es
+    """All usable rows of an embedding folder in float32, with a ``part`` column (for
+    shard-local batches). Rows and ids follow ``ecif.data.folder_reader``, as in
+    ``EmbeddingSet.load``."""
+    return _training_set(folder, id_col)[0]
+
+
+def _training_set(folder: str | os.PathLike, id_col: str | None) -> tuple[EmbeddingSet, str | None]:
+    """(training set, its id column in the metadata or None for row positions)."""
+    rows = read_folder(folder, id_col=id_col, dtype=np.float32)
+    meta = rows.metadata.copy()
+    if "status" not in meta:
+        meta["status"] = "ok"
+    meta["part"] = rows.part
+    es = EmbeddingSet(rows.image, rows.text, ids=rows.ids, metadata=meta)
+    es.logit_scale = (rows.manifest or {}).get("logit_scale")
+    return es, rows.id_column
 
 
 def _local_partition(head: Head, global_rows: np.ndarray) -> Partition:
@@ -139,14 +131,12 @@ def score_part(
     out_path: str | os.PathLike,
     meta: dict[str, Any],
     neg: str = "exact",
-    id_col: str = "key",
+    id_col: str | None = "key",
 ) -> dict[str, int]:
-    """Score one shard with a broadcast head and w; write its output atomically. Pure of globals."""
+    """Score one shard with a broadcast head and w; write its output atomically. Pure of globals.
+    ``id_col``: the input's id column (None: ids are positions among the folder's usable rows,
+    ``global_rows``)."""
     head = Head.from_state_dict(head_state)
-    if os.environ.get("ECIF_SCORE_TEST_SLEEP"):  # tests: hold a task so a worker can be killed
-        import time
-
-        time.sleep(float(os.environ["ECIF_SCORE_TEST_SLEEP"]))
     img, txt, pmeta = read_part(Path(folder), part.index)
     keep = ok_rows(pmeta)
     local = _local_partition(head, global_rows)
@@ -164,7 +154,7 @@ def score_part(
         "influence_neg": d_neg / head.n_norm,
         "misalign_score": np.full(len(x), np.nan),  # combined across all shards in _finalize
     }
-    out = shard_frame(pmeta, keep, id_col, scores)
+    out = shard_frame(pmeta, keep, id_col, scores, global_rows)
     write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
     return {"ok": int(len(keep)), "failed": int(len(pmeta) - len(keep))}
 
@@ -197,8 +187,7 @@ def score_shards(
     check_threshold(args.threshold)
     parts = list_embedding_parts(embeddings)
     manifest = layout.read_manifest(embeddings) or {}
-    id_col = manifest.get("id_column") or "key"
-    train = load_training_set(embeddings, id_col)
+    train, id_col = _training_set(embeddings, None)
     check_training(train, embeddings, sum(p.rows for p in parts) - len(train))
     meta = {
         "model": manifest.get("model"),
@@ -289,11 +278,8 @@ def _run_jobs(jobs, distributor: str, scheduler: str | None, progress: bool) -> 
         for p, a in tqdm(todo, desc="shards", disable=not progress):
             rows.append({"shard": p.output_name, **score_part(*a), "skipped": 0})
     elif distributor == "dask":
-        from ecif.audit.distributed import run_on_dask
-
-        for p, res in zip(
-            [p for p, _ in todo], run_on_dask(score_part, [a for _, a in todo], scheduler)
-        ):
+        results = run_tasks(score_part, [a for _, a in todo], scheduler)
+        for (p, _), res in zip(todo, results):
             rows.append({"shard": p.output_name, **res, "skipped": 0})
     else:
         raise ValueError(f"distributor must be 'local' or 'dask'; got {distributor!r}")
@@ -306,9 +292,10 @@ def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> 
     for p in parts:
         _, _, pmeta = read_part(Path(folder), p.index)
         keep = ok_rows(pmeta)
-        sub = table.iloc[np.nonzero(part_col == p.index)[0]].reset_index(drop=True)
+        rows_p = np.nonzero(part_col == p.index)[0]
+        sub = table.iloc[rows_p].reset_index(drop=True)
         cols = [c for c in SCORE_COLUMNS if c in sub]
-        out = shard_frame(pmeta, keep, id_col, {c: sub[c].to_numpy() for c in cols})
+        out = shard_frame(pmeta, keep, id_col, {c: sub[c].to_numpy() for c in cols}, rows_p)
         n = len(pmeta)
         write_parquet_atomic(scores_dir / p.output_name, out, {**meta, "source": p.source})
         rows.append(
@@ -317,11 +304,24 @@ def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> 
     return pd.DataFrame(rows)
 
 
-def shard_frame(pmeta: pd.DataFrame, keep: np.ndarray, id_col: str, scores: dict) -> pd.DataFrame:
-    """One output row per input row: scores for the ok rows, NaN and the status for the rest.
-    The input's ``id_col`` becomes ``id``."""
+def shard_frame(
+    pmeta: pd.DataFrame,
+    keep: np.ndarray,
+    id_col: str | None,
+    scores: dict,
+    rows: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """One output row per input row: scores and status ``ok`` for the usable rows (``keep``),
+    NaN and the input's status for the rest. The input's ``id_col`` becomes ``id``; without
+    one, a usable row's id is its position among the folder's usable rows (``rows``, as in
+    the training set) and the other rows' is null."""
     n = len(pmeta)
-    out = pd.DataFrame({ID: pmeta[id_col] if id_col in pmeta else np.arange(n)})
+    if id_col is not None:
+        ids = pmeta[id_col]
+    else:
+        ids = pd.array([pd.NA] * n, dtype="Int64")
+        ids[keep] = np.arange(len(keep)) if rows is None else rows
+    out = pd.DataFrame({ID: ids})
     out["caption"] = pmeta["caption"] if "caption" in pmeta else None
     for col, vals in scores.items():
         full = np.full(n, np.nan, dtype=np.float32)
@@ -329,7 +329,10 @@ def shard_frame(pmeta: pd.DataFrame, keep: np.ndarray, id_col: str, scores: dict
         out[col] = full
     out["is_misaligned"] = False
     out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
-    out["status"] = pmeta["status"].astype(str).to_numpy()
+    status = pmeta["status"] if "status" in pmeta else pd.Series("ok", index=pmeta.index)
+    status = status.astype(str).to_numpy(dtype=object)
+    status[keep] = "ok"  # "success" (img2dataset's word) was scored too
+    out["status"] = status
     out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
     return out
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ecif.atomic import atomic_dir, atomic_path
 from ecif.engine.batch_context import DEFAULT_TOP, context_names, fill_context, new_context
 from ecif.engine.head import Head
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
@@ -108,9 +108,8 @@ def save_trace_cache(
         "info": dict(info, solver=inverse.method),
     }
     path = folder / CACHE_NAME
-    tmp = folder / f".{CACHE_NAME}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -147,38 +146,36 @@ def build_context(
     is float16, else float32) atomically; returns the opened arrays and the seconds taken."""
     folder = Path(folder)
     start = time.time()
-    tmp = folder / f".context.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     vec = np.float16 if np.dtype(getattr(x, "dtype", np.float32)) == np.float16 else np.float32
     names = iter(context_names())
+    with atomic_dir(folder / "context") as tmp:
 
-    def alloc(shape, dtype):
-        path = tmp / f"{next(names)}.npy"
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        def alloc(shape, dtype):
+            path = tmp / f"{next(names)}.npy"
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    ctx = new_context(head.partition.n, *head.m.shape, top=top, vector_dtype=vec, alloc=alloc)
-    bar = tqdm(
-        total=head.partition.num_batches, desc="batch context", unit="batch", disable=not progress
-    )
-    with bar:
-        fill_context(head, x, y, ctx, progress=bar.update)
-    norm_max = [float(v) for v in ctx.pop("norm_max", (0.0, 0.0))]
-    es_max = float(ctx.pop("es_max", 0.0))
-    for arr in ctx.values():
-        arr.flush()
-    del ctx
-    meta = {
-        "format": CONTEXT_FORMAT,
-        "fingerprint": fingerprint(head),
-        "norm_max": norm_max,
-        "es_max": es_max,
-        "top": top,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    out = folder / "context"
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        ctx = new_context(head.partition.n, *head.m.shape, top=top, vector_dtype=vec, alloc=alloc)
+        bar = tqdm(
+            total=head.partition.num_batches,
+            desc="batch context",
+            unit="batch",
+            disable=not progress,
+        )
+        with bar:
+            fill_context(head, x, y, ctx, progress=bar.update)
+        norm_max = [float(v) for v in ctx.pop("norm_max", (0.0, 0.0))]
+        es_max = float(ctx.pop("es_max", 0.0))
+        for arr in ctx.values():
+            arr.flush()
+        del ctx
+        meta = {
+            "format": CONTEXT_FORMAT,
+            "fingerprint": fingerprint(head),
+            "norm_max": norm_max,
+            "es_max": es_max,
+            "top": top,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
     return load_context(folder, head), time.time() - start
 
 

@@ -3,8 +3,9 @@
 Parts are independent and published atomically, so tasks need no coordination: each worker
 loads the model once (cached per process), embeds its shard into the shared output folder and
 returns the counts; the client writes the manifest as results arrive. Input and output paths
-must be visible to every worker (a shared filesystem). Without a scheduler address an
-in-process cluster is used (no sockets).
+must be visible to every worker (a shared filesystem). Tasks run through the one Dask driver,
+``ecif.distributed.run_tasks``; without a scheduler address its in-process cluster is used
+(threads of this process, no sockets), so the model is loaded once.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ecif.data.readers import Shard
+from ecif.data.embed_stream import run_parts
+from ecif.data.models import LoadedModel, load_model
+from ecif.data.readers import Shard, open_shard
+from ecif.distributed import run_tasks
 
-_MODELS: dict[tuple, Any] = {}
+_MODELS: dict[tuple, LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
-def _model(load: dict[str, Any]):
-    from ecif.data.models import load_model
-
+def _model(load: dict[str, Any]) -> LoadedModel:
     key = tuple(sorted(load.items()))
     with _LOCK:
         if key not in _MODELS:
@@ -40,9 +42,6 @@ def embed_shard_task(
     chunk_rows: int | None,
 ) -> tuple[int, int, int, dict[str, int]]:
     """Embed one shard as part ``k`` of ``out``; returns (k, ok, failed, error kinds)."""
-    from ecif.data.embed import run_parts
-    from ecif.data.readers import open_shard
-
     lm = _model(load)
     shard = open_shard(Path(path), **cols)
     got: list[tuple] = []
@@ -65,40 +64,15 @@ def run_dask(
     on_done: Callable[[int, int, int, dict[str, int]], None] | None = None,
 ) -> None:
     """Submit one task per pending shard and report each finished part to ``on_done``."""
-    from dask.distributed import Client, LocalCluster, as_completed
     from tqdm import tqdm
 
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(
-            processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
-        )
-        client = Client(cluster)
-    try:
-        futures = [
-            client.submit(
-                embed_shard_task,
-                k,
-                str(sh.path),
-                str(out),
-                load,
-                cols,
-                batch_size,
-                chunk_rows,
-                key=f"ecif-embed-{k}-{sh.path.name}",
-                pure=False,
-            )  # fmt: skip
-            for k, sh in pending
-        ]
-        with tqdm(total=len(futures), disable=not progress, unit="shard", desc="embedding") as bar:
-            for fut in as_completed(futures):
-                k, ok, failed, kinds = fut.result()
-                if on_done:
-                    on_done(k, ok, failed, kinds)
-                bar.update(1)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    args = [(k, str(sh.path), str(out), load, cols, batch_size, chunk_rows) for k, sh in pending]
+    keys = [f"ecif-embed-{k}-{sh.path.name}" for k, sh in pending]
+    with tqdm(total=len(args), disable=not progress, unit="shard", desc="embedding") as bar:
+
+        def finished(_: int, result: tuple) -> None:
+            if on_done:
+                on_done(*result)
+            bar.update(1)
+
+        run_tasks(embed_shard_task, args, scheduler, keys=keys, on_result=finished, processes=False)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ecif._version import __version__
+from ecif.data import layout
+from ecif.data.folder_reader import read_folder
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddingSetError(ValueError):
@@ -131,15 +140,11 @@ class EmbeddingSet:
     ) -> EmbeddingSet:
         """Read a clip-retrieval embedding folder (``ecif embed`` output or clip-retrieval's own),
         memory-mapped. Rows whose ``status`` is not ``"ok"`` are dropped (count logged) unless
-        ``keep_failed``. See ``ecif.data.layout.load_folder``."""
-        from ecif.data.layout import load_folder
-
+        ``keep_failed``. See ``load_folder`` and ``ecif.data.folder_reader``."""
         return load_folder(folder, keep_failed=keep_failed, id_col=id_col)
 
     def save(self, folder: str | Any, *, part_rows: int = 1_000_000) -> Any:
         """Write this set in the clip-retrieval layout (float16) plus a manifest."""
-        from ecif.data.layout import save_folder
-
         return save_folder(self, folder, part_rows=part_rows)
 
     def split(self, fraction: float, seed: int = 0) -> tuple[EmbeddingSet, EmbeddingSet]:
@@ -150,6 +155,71 @@ class EmbeddingSet:
         perm = rng.permutation(len(self))
         k = max(1, int(round(fraction * len(self))))
         return self.subset(np.sort(perm[k:])), self.subset(np.sort(perm[:k]))
+
+
+def load_folder(
+    folder: str | os.PathLike,
+    *,
+    keep_failed: bool = False,
+    id_col: str | None = None,
+    in_memory_limit: int = 1 << 30,
+) -> EmbeddingSet:
+    """Load a clip-retrieval embedding folder as an EmbeddingSet (``ecif.data.folder_reader``).
+
+    A single part with no dropped rows stays memory-mapped. Several parts (or dropped rows)
+    are gathered into RAM when they fit in ``in_memory_limit`` bytes, else into one
+    memory-mapped file under the ecif cache. Rows whose ``status`` is neither ``"ok"`` nor
+    ``"success"`` are dropped unless ``keep_failed`` (their embeddings are zeros); the count
+    is logged.
+    """
+    rows = read_folder(
+        folder, keep_failed=keep_failed, id_col=id_col, in_memory_limit=in_memory_limit
+    )
+    if rows.dropped:
+        n = rows.dropped + len(rows.metadata)
+        msg = f"{folder}: dropped {rows.dropped} of {n} rows whose status is not ok"
+        log.warning(msg + " (keep_failed=True keeps them)")
+    es = EmbeddingSet(rows.image, rows.text, ids=rows.ids, metadata=rows.metadata)
+    manifest = rows.manifest
+    if manifest and manifest.get("logit_scale"):
+        es.logit_scale = float(manifest["logit_scale"])
+    es.source = str(Path(folder).resolve())
+    es.model = layout.model_identity(manifest)
+    return es
+
+
+def save_folder(es: EmbeddingSet, folder: str | os.PathLike, *, part_rows: int = 1_000_000) -> Path:
+    """Write an EmbeddingSet in the clip-retrieval layout (float16), ``part_rows`` per part."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = es.metadata.copy() if es.metadata is not None else pd.DataFrame(index=range(len(es)))
+    id_column = "id"
+    if "id" not in meta.columns:
+        meta.insert(0, "id", es.ids)
+    elif not np.array_equal(meta["id"].to_numpy(), es.ids):
+        id_column = "ecif_id"
+        meta.insert(0, id_column, es.ids)
+    if "status" not in meta.columns:
+        meta["status"] = layout.STATUS_OK
+    counts = []
+    for n, start in enumerate(range(0, max(len(es), 1), part_rows)):
+        sl = slice(start, start + part_rows)
+        layout.write_part(
+            folder, n, es.image[sl], es.text[sl], meta.iloc[sl], {"id_column": id_column}
+        )
+        counts.append(len(meta.iloc[sl]))
+    layout.write_manifest(
+        folder,
+        {
+            "ecif_version": __version__,
+            "id_column": id_column,
+            "dims": {"image": es.d_image, "text": es.d_text},
+            "logit_scale": es.logit_scale,
+            "rows": {"total": len(es), "ok": int((meta["status"] == layout.STATUS_OK).sum())},
+            "parts": [{"index": i, "rows": c} for i, c in enumerate(counts)],
+        },
+    )
+    return folder
 
 
 def _nonfinite_rows(arr: np.ndarray, chunk: int = 65536) -> np.ndarray:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ecif.atomic import atomic_path, write_json
+
 IVF_MIN_ROWS = 200_000
 KINDS = ("auto", "flat", "ivf")
 SIDES = ("image", "text")
@@ -177,13 +179,9 @@ class VectorIndex:
         folder.mkdir(parents=True, exist_ok=True)
         cpu = faiss.index_gpu_to_cpu(self.index) if self._gpu else self.index
         path = folder / f"{self.info.side}.faiss"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        faiss.write_index(cpu, str(tmp))
-        os.replace(tmp, path)
-        meta = folder / f"{self.info.side}.json"
-        tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self.info), indent=1))
-        os.replace(tmp, meta)
+        with atomic_path(path) as tmp:
+            faiss.write_index(cpu, str(tmp))
+        write_json(folder / f"{self.info.side}.json", asdict(self.info))
         return path
 
     @classmethod

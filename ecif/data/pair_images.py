@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ecif.data import layout
+from ecif.data.folder_reader import ok_mask
 from ecif.data.readers import InputError, open_shard
 
 
@@ -75,8 +76,7 @@ def load_pair_images(
                 f"{source}: has {shard.n_rows} rows, but part {k} of {folder} has {len(meta)}; "
                 "the input shard changed since it was embedded"
             )
-        status = meta["status"].astype(str).to_numpy() if "status" in meta else None
-        ok = np.ones(len(meta), bool) if status is None else np.isin(status, layout.OK_VALUES)
+        ok = ok_mask(meta)
         got: dict[int, tuple[np.ndarray, str]] = {}
         n_chunks = shard.chunks(chunk_rows)
         for row, image, caption in shard.iter_chunks(chunk_rows, [True] * n_chunks):

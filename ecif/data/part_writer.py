@@ -7,11 +7,11 @@ removes them (an interrupted run leaves nothing half-written).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ecif import atomic
 from ecif.data import layout
 from ecif.data.readers import Shard
 
@@ -23,7 +23,7 @@ class PartWriter:
         self.folder, self.index, self.shard = folder, index, shard
         n = shard.n_rows
         self.paths = layout.part_paths(folder, index)
-        self.tmps = [layout.tmp_name(p) for p in self.paths[:2]]
+        self.tmps = [atomic.tmp_name(p) for p in self.paths[:2]]
         self.arrays = []
         for p, tmp, d in zip(self.paths[:2], self.tmps, dims):
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ class PartWriter:
             arr.flush()
         self.arrays = []
         for tmp, p in zip(self.tmps, self.paths[:2]):
-            os.replace(tmp, p)
+            atomic.publish(tmp, p)
         meta = self.shard.meta.copy()
         meta["status"] = ["ok" if e is None else "failed" for e in errs]
         meta["error_message"] = errs

@@ -74,7 +74,7 @@ class Shard:
                         if any(owned[row // chunk_rows : (row + n - 1) // chunk_rows + 1]):
                             for i, v in enumerate(batch.column(0).to_pylist()):
                                 if owned[(row + i) // chunk_rows]:
-                                    v = _image_value(v)
+                                    v = image_value(v)
                                     if isinstance(v, str):  # {bytes: None, path: ...}
                                         v = self.base_dir / v
                                     yield row + i, v, caps.iat[row + i]
@@ -115,7 +115,7 @@ def isnull(v: Any) -> bool:
         return False
 
 
-def _image_value(v: Any) -> Any:
+def image_value(v: Any) -> Any:
     """bytes, a path string, or a {bytes, path} struct (Hugging Face style) -> bytes/str/None."""
     if isinstance(v, dict):
         return v.get("bytes") or v.get("path")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from ecif.atomic import atomic_path
 from ecif.data.noisy import NOISE_KINDS, AttributeSpace, caption_texts, plant_noise
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -107,9 +108,8 @@ class ShapesData:
             for col in [c for c in truth if c in part.columns] + extra:  # digits: no shape
                 table[col] = part[col].to_numpy()
             path = folder / f"{s:05d}.parquet"
-            tmp = path.with_name(path.name + ".tmp")
-            table.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                table.to_parquet(tmp, index=False)
             paths.append(path)
         return paths
 

@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ecif.atomic import atomic_dir, write_text
 from ecif.data.shapes import ShapesData, shapes
 from ecif.paths import cache_dir  # noqa: F401  (also ecif.data.tiny_clip.cache_dir, as before)
 
@@ -73,7 +72,7 @@ def register_config(name: str = TINY_NAME, cfg: dict[str, Any] | None = None) ->
     path = folder / f"{name}.json"
     text = json.dumps(cfg, indent=1, sort_keys=True)
     if not path.exists() or path.read_text() != text:
-        _atomic_write_text(path, text)
+        write_text(path, text)
     open_clip.add_model_config(path)
     return name
 
@@ -275,18 +274,14 @@ def save_local_dir(
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     preprocess = {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic"}
     doc = {"model_cfg": cfg, "preprocess_cfg": preprocess}
-    (tmp / "open_clip_config.json").write_text(json.dumps(doc, indent=1))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "open_clip_model.safetensors"))
-    if extra:
-        (tmp / "report.json").write_text(json.dumps(extra.get("report", extra), indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        (tmp / "open_clip_config.json").write_text(json.dumps(doc, indent=1))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        if extra:
+            (tmp / "report.json").write_text(json.dumps(extra.get("report", extra), indent=1))
     return out
 
 
@@ -313,9 +308,3 @@ def tiny_clip(
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
     """The training report saved next to a tiny model."""
     return json.loads((Path(path) / "report.json").read_text())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
