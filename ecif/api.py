@@ -22,6 +22,7 @@ from ecif.engine.fit import FitArgs, fit_head, new_head
 from ecif.engine.head import Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
 from ecif.engine.influence import loss_gradient as _loss_gradient
+from ecif.engine.influence import negative_breakdown as _negative_breakdown
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import candidate_pass
 
@@ -289,10 +290,22 @@ def relative_influence(
     return df
 
 
+def negative_breakdown(
+    head: Head, data, w: torch.Tensor, row: int, *, neg: str = "exact"
+) -> pd.DataFrame:
+    """How pair ``row``'s negative influence (``influence_neg`` for the direction ``w``, e.g.
+    an audit's ``w.npy``) splits over the other members of its batch: one row per member,
+    the shares summing to the pair's ``influence_neg``. ``data`` as for ``score``."""
+    x, y = as_arrays(data)
+    return _negative_breakdown(head, x, y, w, row, neg=neg)
+
+
 __all__ = [
+    "Head",
     "classification_gradient",
     "fit",
     "loss_gradient",
+    "negative_breakdown",
     "pair_losses",
     "relative_influence",
     "score",

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ecif.api import Head, negative_breakdown
 from ecif.audit.folder import AuditFolderError, read_heads
 from ecif.data.embedding_set import EmbeddingSet
-from ecif.engine.head import Head
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -64,8 +64,6 @@ def negative_members(
 
     Needs AUDIT/w.npy (H^-1 g_val, written when a validation set was used).
     """
-    from ecif.engine.influence import negative_breakdown
-
     w_path = Path(folder) / "w.npy"
     if not w_path.exists():
         raise AuditFolderError(
@@ -76,7 +74,7 @@ def negative_members(
     if head is None:
         raise AuditFolderError("no saved head covers this pair's batch (cross-fitted audit?)")
     w = torch.as_tensor(np.load(w_path))
-    df = negative_breakdown(head, train.image, train.text, w, row)
+    df = negative_breakdown(head, train, w, row)
     df["id"] = train.ids[df["row"].to_numpy()]
     order = np.argsort(-np.abs(df["share"].to_numpy()), kind="stable")
     return df.iloc[order[:k]].reset_index(drop=True)

@@ -16,6 +16,7 @@ from ecif.audit.auditor import AuditArgs
 from ecif.audit.folder import read_audit
 from ecif.audit.metrics import auroc, average_precision
 from ecif.audit.shards import score_shards
+from ecif.data.embedding_set import EmbeddingSet
 
 
 @dataclass
@@ -34,7 +35,8 @@ def run_demo(
     args: DemoArgs | None = None, progress: bool = False, log: Callable[[str], None] = print
 ) -> dict:
     """Build the demo audit folder and return its headline figures."""
-    import ecif
+    from ecif.data.embed import embed
+    from ecif.data.shapes import shapes
     from ecif.data.tiny_clip import tiny_clip
 
     args = args or DemoArgs()
@@ -44,19 +46,17 @@ def run_demo(
         f"[1/4] shapes data: {args.n_train} training pairs ({args.noise:.0%} {args.noise_kind} "
         f"caption noise), {args.n_val} clean validation pairs"
     )
-    train = ecif.datasets.shapes(
-        n=args.n_train, seed=args.seed, noise=args.noise, noise_kind=args.noise_kind
-    )
-    val = ecif.datasets.shapes(n=args.n_val, seed=args.seed + 1000, noise=0.0)
+    train = shapes(n=args.n_train, seed=args.seed, noise=args.noise, noise_kind=args.noise_kind)
+    val = shapes(n=args.n_val, seed=args.seed + 1000, noise=0.0)
     if not (out / "data" / "train").exists():
         train.to_parquet(out / "data" / "train", shard_size=args.shard_size)
         val.to_parquet(out / "data" / "val", shard_size=args.shard_size)
     log("[2/4] embedding with the tiny CLIP (trained once, cached)")
     model = f"local-dir:{tiny_clip(progress=progress)}"
-    ecif.embed(out / "data" / "train", out / "embeddings" / "train", model=model, progress=progress)
-    ecif.embed(out / "data" / "val", out / "embeddings" / "val", model=model, progress=progress)
+    embed(out / "data" / "train", out / "embeddings" / "train", model=model, progress=progress)
+    embed(out / "data" / "val", out / "embeddings" / "val", model=model, progress=progress)
     log("[3/4] choosing and fitting the head, scoring every shard")
-    val_set = ecif.EmbeddingSet.load(out / "embeddings" / "val")
+    val_set = EmbeddingSet.load(out / "embeddings" / "val")
     audit_args = AuditArgs(batch_size=args.batch_size, seed=args.seed)
     score_shards(
         out / "embeddings" / "train", out, val_set, args=audit_args, progress=progress, log=log

@@ -36,11 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def audit_training_set(folder: str):
     """The audit table, its info and training set (scored rows, in training order), the head."""
-    import ecif
-    from ecif.audit.folder import AuditFolderError, read_heads
+    from ecif.audit.folder import AuditFolderError, read_audit, read_heads
     from ecif.audit.shards import load_training_set
 
-    table, info = ecif.audit.read_audit(folder)
+    table, info = read_audit(folder)
     if not info.get("embeddings"):
         raise AuditFolderError(f"{folder}/audit.json records no training embeddings")
     train = load_training_set(info["embeddings"])

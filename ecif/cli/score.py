@@ -43,12 +43,13 @@ def not_converged(fit: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ecif
     from ecif.audit.combine import describe_combination
+    from ecif.audit.folder import read_audit
     from ecif.audit.selection import describe_choice
     from ecif.audit.shards import score_shards
+    from ecif.data.embedding_set import EmbeddingSet
 
-    val = ecif.EmbeddingSet.load(args.val) if args.val else None
+    val = EmbeddingSet.load(args.val) if args.val else None
     summary = score_shards(
         args.embeddings,
         args.output,
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         log=lambda s: None,
         allow_model_mismatch=args.allow_model_mismatch,
     )
-    table, info = ecif.audit.read_audit(args.output)
+    table, info = read_audit(args.output)
     cols = ["id", "caption", "clip_score", "pair_loss", "influence", "misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))
