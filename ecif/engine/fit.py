@@ -272,7 +272,7 @@ def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
                 opt.step(closure)
             except (_Converged, _Handover) as e:
                 outcome = e  # ``last`` met the tolerance (a line-search trial, maybe)
-            done = int(opt.state[opt._params[0]].get("n_iter", 0))
+            done = int(opt.state[phi].get("n_iter", 0))
             iterations += done
             if isinstance(outcome, _Converged):
                 return iterations, False
