@@ -1,10 +1,10 @@
 """What the shared solvers need from an objective, and an objective from a plain function.
 
-The Newton loop and the Newton directions (``ecif.grad.newton``) and the inverse-Hessian
-solves take any object with these methods: the head's ``HeadObjective`` (closed forms
-streamed over batches, ``ecif.engine.head``) or a ``FunctionObjective`` over a torch
-function (autodiff, ``ecif.grad.autodiff``), which is how the tests run the same solvers on
-the reference objective and how parameters without closed forms would plug in.
+The Newton loop and its directions (``ecif.grad.newton``, CG included) take any object with
+these methods: the head's ``HeadObjective`` (closed forms streamed over batches,
+``ecif.engine.head``) or a ``FunctionObjective`` over a torch function (autodiff,
+``ecif.grad.autodiff``), which is how the tests run the same solvers on the reference
+objective and how parameters without closed forms would plug in.
 """
 
 from __future__ import annotations
