@@ -67,7 +67,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     head, x, y, g = problem(a)
     inv = InverseHessian(head, x, y, SolverArgs(method="ekfac", ekfac_batches=None))
-    pre = inv._ekfac.apply
+    pre = inv.ekfac.apply
     # one preconditioned CG run, keeping the iterates
     xs, rels = [], []
     w, r = torch.zeros_like(g), g.clone()

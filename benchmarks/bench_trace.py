@@ -239,7 +239,7 @@ def latency(args) -> None:
     norms = np.ones(n)  # a query's cost does not depend on the norms' values
     tb = TraceBack(head, train, idx, norms=norms, context=ctx, context_top=args.top)
     tb.query_threads = args.query_threads
-    tb._inverse = inv
+    tb.inverse = inv
     qrows = g.choice(n, args.queries, replace=False)
     print(
         f"torch threads {torch.get_num_threads()} (queries {args.query_threads}); "

@@ -258,7 +258,7 @@ def relative_influence(
     if norms is None and context is not None and inv.method == "ekfac" and not head.learn_scale:
         # EK-FAC norms from the context's low-rank gradients: no batch recomputed
         dot, bound = context_dots(head, x, y, context, w, rows, top=context_top, neg=neg)
-        norm, _ = context_norms(head, x, y, context, inv._ekfac, rows, top=context_top, neg=neg)
+        norm, _ = context_norms(head, x, y, context, inv.ekfac, rows, top=context_top, neg=neg)
         how = "ekfac"
     elif norms is None:
         dot, norm = candidate_pass(

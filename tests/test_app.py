@@ -51,6 +51,12 @@ def test_overview_shows_counts_and_charts(monkeypatch, small_audit):
     assert metrics["Method"] == "ecif"
     assert len(at.get("arrow_vega_lite_chart")) == 3 or len(at.get("vega_lite_chart")) == 3
     assert not at.error
+    # what the audit chose, from audit.json: the head's scale and pull, and how misalign_score
+    # combined its signals
+    info = json.loads((small_audit / "audit.json").read_text())
+    text = " ".join(m.value for m in at.markdown)
+    assert f"logit scale {info['head_choice']['logit_scale']:.3g}" in text
+    assert "misalign_score:** log-odds of the suspect component" in text
 
 
 def test_suspects_filters_sort_and_pages(monkeypatch, small_audit):

@@ -8,11 +8,10 @@ from ecif.engine.contrastive import (
     loss_grad_logits,
     loss_hessian_logits,
     removal_directional,
-    removal_directional_fast,
     removal_grad_logits,
-    removal_values,
     removal_weights,
 )
+from tests.engine_reference import removal_directional_reference, removal_values
 
 B = 7
 
@@ -73,7 +72,8 @@ def test_removal_values_and_gradients_match_autograd(form):
     w = removal_weights(s, st, form)
     pos, neg = removal_values(st, w)
     ds = torch.randn(1, B, B, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    d_pos, d_neg = removal_directional(st, w, ds)
+    d_pos, d_neg = removal_directional_reference(st, w, ds)
+    lib = removal_directional(s, ds, mask, form)  # the library's one implementation
     g_pos, g_neg = removal_grad_logits(st, w, torch.tensor(members))
     for k, n in enumerate(members):
         sv = s.clone().requires_grad_(True)
@@ -87,6 +87,8 @@ def test_removal_values_and_gradients_match_autograd(form):
         assert torch.allclose(g_neg[k], gn[0], atol=1e-12)
         assert float(d_pos[0, n]) == pytest.approx(float((gp * ds).sum()), rel=1e-10, abs=1e-12)
         assert float(d_neg[0, n]) == pytest.approx(float((gn * ds).sum()), rel=1e-10, abs=1e-12)
+        assert float(lib.pos[0, n]) == pytest.approx(float((gp * ds).sum()), rel=1e-10, abs=1e-12)
+        assert float(lib.neg[0, n]) == pytest.approx(float((gn * ds).sum()), rel=1e-10, abs=1e-12)
 
 
 def test_loss_gradient_and_hessian_of_logits_match_autograd():
@@ -141,7 +143,12 @@ def test_fast_scoring_path_equals_reference_terms(form, masked):
     for k in masked:
         mask[0, k] = False
     st = batch_stats(s, mask)
-    ref_pos, ref_neg = removal_directional(st, removal_weights(s, st, form), ds)
-    fast_pos, fast_neg = removal_directional_fast(s, ds, mask, form)
-    assert torch.allclose(fast_pos, ref_pos, atol=1e-12)
-    assert torch.allclose(fast_neg, ref_neg, atol=1e-10)
+    ref_pos, ref_neg = removal_directional_reference(st, removal_weights(s, st, form), ds)
+    fast = removal_directional(s, ds, mask, form)
+    assert torch.allclose(fast.pos, ref_pos, atol=1e-12)
+    assert torch.allclose(fast.neg, ref_neg, atol=1e-10)
+    # selected members only (the trace-back form): the same values, member by member
+    ci, ni = torch.nonzero(mask, as_tuple=True)
+    some = removal_directional(s, ds, mask, form, at=(ci, ni))
+    assert torch.allclose(some.pos, ref_pos[ci, ni], atol=1e-12)
+    assert torch.allclose(some.neg, ref_neg[ci, ni], atol=1e-10)

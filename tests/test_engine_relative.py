@@ -5,18 +5,16 @@ import pytest
 import torch
 
 import ecif
-from ecif.engine.contrastive import removal_directional_fast
+from ecif.engine.contrastive import batch_stats, removal_directional, removal_weights
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import (
-    _directional_many,
-    candidate_dots,
     candidate_pass,
     exact_norms,
     low_rank,
     probe_norms,
     removal_terms,
 )
-from tests.engine_reference import Reference, synthetic_pairs
+from tests.engine_reference import Reference, removal_directional_reference, synthetic_pairs
 
 F64 = dict(dtype="float64", newton_steps=3)
 
@@ -52,14 +50,15 @@ def test_many_directions_equal_one_at_a_time():
     s[2, 4:], s[2, :, 4:] = 0.0, 0.0  # missing members have zero embeddings
     ds[:, 2, 4:], ds[:, 2, :, 4:] = 0.0, 0.0
     for neg in ("exact", "first_order"):
-        many = _directional_many(s, ds, mask, neg)
+        many = removal_directional(s, ds, mask, neg).total  # (K, c, B): softmaxes once
+        st = batch_stats(s, mask)
         for k in range(5):
-            pos, ng = removal_directional_fast(s, ds[k], mask, neg)
+            pos, ng = removal_directional_reference(st, removal_weights(s, st, neg), ds[k])
             assert torch.allclose(many[k], pos + ng, atol=1e-12), neg
 
 
 @pytest.mark.parametrize("neg", ["exact", "first_order"])
-def test_candidate_dots_equal_the_full_batch_terms(neg):
+def test_selected_members_equal_the_full_batch_terms(neg):
     g = torch.Generator().manual_seed(3)
     s = 4 * torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
     s[0, 2, 5] = 60.0  # a confident wrong match: 1 - p needs the direct sum (no cancellation)
@@ -70,8 +69,11 @@ def test_candidate_dots_equal_the_full_batch_terms(neg):
     s[2, 5:], s[2, :, 5:], ds[2, 5:], ds[2, :, 5:] = 0.0, 0.0, 0.0, 0.0
     ci = np.array([0, 0, 1, 1, 2, 2, 2])
     ni = np.array([5, 2, 1, 4, 0, 4, 3])
-    got = candidate_dots(s, ds, mask, ci, ni, neg)
-    want = removal_terms(s, ds, mask, neg)["dot"][ci, ni]
+    got = removal_directional(s, ds, mask, neg, at=(ci, ni)).total
+    st = batch_stats(s, mask)
+    pos, ng = removal_directional_reference(st, removal_weights(s, st, neg), ds)
+    assert torch.allclose(got, (pos + ng)[ci, ni], rtol=1e-10, atol=1e-12)
+    want = removal_terms(s, ds, mask, neg)["dot"][ci, ni]  # the norms pass's full form
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -157,10 +159,10 @@ def test_context_norms_equal_the_batch_pass_ekfac_norms_and_respect_their_bound(
     inv = InverseHessian(head, x, y, SolverArgs(method="ekfac"))
     rows = np.arange(len(train))
     _, want = candidate_pass(head, x, y, None, rows, neg=neg, inverse=inv)
-    got, bound = context_norms(head, x, y, ctx, inv._ekfac, rows, top=8, neg=neg, chunk=7)
+    got, bound = context_norms(head, x, y, ctx, inv.ekfac, rows, top=8, neg=neg, chunk=7)
     assert np.allclose(got, want, rtol=1e-10)
     assert np.all(bound <= 1e-12)  # every member kept: nothing dropped
-    cut, bound = context_norms(head, x, y, ctx, inv._ekfac, rows, top=1, neg=neg)
+    cut, bound = context_norms(head, x, y, ctx, inv.ekfac, rows, top=1, neg=neg)
     assert np.all(np.abs(cut - want) <= bound + 1e-12)
     assert np.abs(cut - want).max() > 1e-6  # the cut is real
     g = torch.randn(
@@ -185,7 +187,7 @@ def test_float16_context_on_a_float32_head_stays_close_to_the_batch_pass():
     rows = np.arange(0, 600, 7)
     want_dot, want_norm = candidate_pass(head, x, y, w, rows, inverse=inv)
     dot, bound = context_dots(head, x, y, ctx, w, rows)
-    norm, _ = context_norms(head, x, y, ctx, inv._ekfac, rows)
+    norm, _ = context_norms(head, x, y, ctx, inv.ekfac, rows)
     assert bound.max() < 1e-6  # 31 others per batch, 32 kept: nothing dropped
     assert np.abs(dot - want_dot).max() < 3e-3 * np.abs(want_dot).max()  # measured 2e-4
     assert np.abs(norm / want_norm - 1).max() < 3e-3  # measured 4e-4: float16 partners

@@ -18,9 +18,12 @@ from ecif.audit.combine import SIGNALS, fit_mixture, suspicion, weighted_sum
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
-from ecif.engine.head import Head
+from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head
 
 VAL_MODES = ("auto", "self", "crossfit")
+# no validation set, "auto": self-influence (a solve per pair, affordable with the head's dense
+# factorization) up to this many adapter entries, cross-fitting above
+SELF_INFLUENCE_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS
 WEIGHT_MODES = ("auto", "equal", *SIGNALS)
 
 
@@ -148,7 +151,8 @@ class Auditor:
         if mode not in VAL_MODES:
             raise ValueError(f"no_val must be one of {VAL_MODES}; got {mode!r}")
         if mode == "auto":
-            mode = "self" if self.train.d_image * self.train.d_text <= 4096 else "crossfit"
+            small = self.train.d_image * self.train.d_text <= SELF_INFLUENCE_MAX_PARAMS
+            mode = "self" if small else "crossfit"
         return mode
 
     def _signals(self, progress: bool) -> pd.DataFrame:

@@ -99,7 +99,7 @@ class TraceBack:
         tb = cls(head, train, idx, method=method, model=model, device=device)
         if method == "auto":  # the saved factors and norms are the auto solver's
             inv, tb.norms, info = load_trace_cache(folder / "index", head, train.image, train.text)
-            tb._inverse, tb.norms_estimated = inv, bool(info.get("probes"))
+            tb.inverse, tb.norms_estimated = inv, bool(info.get("probes"))
             tb.context = load_context(folder / "index", head) if tb.norms is not None else None
             if idx is not None:
                 tb.cache_note = info.get("stale")
@@ -114,9 +114,15 @@ class TraceBack:
     # -- the solver and the indexes, made on first use ----------------------------------
     @property
     def inverse(self) -> InverseHessian:
+        """The trace solver, built on first use unless one was set."""
         if self._inverse is None:
             self._inverse = trace_solver(self.head, self.train.image, self.train.text, self.method)
         return self._inverse
+
+    @inverse.setter
+    def inverse(self, inv: InverseHessian | None) -> None:
+        """Use ``inv`` (e.g. loaded from ``trace.pt``); None: build it again on next use."""
+        self._inverse = inv
 
     def precompute_norms(self, probes: int | str | None = "auto", progress: bool = True) -> dict:
         """||d_n|| for every training pair, once, so queries pay only their numerator."""

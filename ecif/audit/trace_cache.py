@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ecif.atomic import atomic_dir, atomic_path
 from ecif.engine.batch_context import DEFAULT_TOP, context_names, fill_context, new_context
-from ecif.engine.head import Head
+from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import exact_norms, probe_norms
 
@@ -47,7 +47,7 @@ def trace_solver(head: Head, x, y, method: str = "auto", **kw: Any) -> InverseHe
     """The trace-back solver: exact for small heads, else EK-FAC on a batch subsample (no
     per-query CG: a query's solve is two d x d rotations)."""
     if method == "auto":
-        method = "exact" if head.num_params <= 4096 else "ekfac"
+        method = "exact" if head.num_params <= DENSE_HESSIAN_MAX_PARAMS else "ekfac"
     if method != "exact" and "hessian_batches" not in kw:
         nb = head.partition.num_batches
         kw["hessian_batches"] = TRACE_HESSIAN_BATCHES if nb > TRACE_HESSIAN_BATCHES else None

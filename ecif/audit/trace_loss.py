@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ecif.engine.head import Head
-from ecif.engine.influence import _flat
 
 
 @dataclass
@@ -64,7 +63,7 @@ def query_loss_and_gradient(head: Head, q: TraceQuery) -> tuple[dict[str, Any], 
         "predicted_index": pred,
         "correct": bool(q.positive[pred]),
     }
-    return info, _flat(head, g_m, (err * logits).sum())
+    return info, head.flatten(g_m, (err * logits).sum())
 
 
 def interleave(lists: list[np.ndarray], count: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from ecif.grad import (
     dimension_scores,
     gradient_second_moment,
     masked_divergence,
+    masked_mean,
     top_directions,
 )
 
@@ -169,8 +170,7 @@ class LinearProjector(nn.Module):
 def task_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over supervised positions (labels aligned with logits)."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    m = mask.reshape(-1).to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
+    return masked_mean(ce, mask.reshape(-1))
 
 
 def feature_loss(

@@ -22,9 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ecif.engine.batches import _take, iter_chunks
+from ecif.engine.batches import iter_chunks, take_rows
 from ecif.engine.head import Head
-from ecif.engine.influence import _unflat
 
 SCALARS = ("es_r", "es_c")
 SIDES = ("r", "c")  # r: the rows k weighing on candidate n's column; c: the columns on its row
@@ -171,7 +170,7 @@ def context_dots(
     if len(rows) and (head.partition.batch_of()[rows] < 0).any():
         raise ValueError("some rows are not in the head's partition (removed pairs)")
     dev, dt_ = head.m.device, head.dtype
-    wm, w_tau = _unflat(head, w.to(dt_))
+    wm, w_tau = head.unflatten(w.to(dt_))
     tau = 0.0 if w_tau is None else float(w_tau)
     t, m = head.logit_scale, head.m
     k_use = min(top, ctx["top_r"].shape[1])
@@ -184,11 +183,11 @@ def context_dots(
     dots, bounds = np.zeros(len(rows)), np.zeros(len(rows))
 
     def take(name, idx):
-        return _take(ctx[name], idx, dt_, dev)
+        return take_rows(ctx[name], idx, dt_, dev)
 
     for start in range(0, len(rows), chunk):
         rn = rows[start : start + chunk]
-        xn, yn = _take(x, rn, dt_, dev), _take(y, rn, dt_, dev)
+        xn, yn = take_rows(x, rn, dt_, dev), take_rows(y, rn, dt_, dev)
         xw = xn @ wm  # (K, dt)
         # the candidate's own terms, exactly
         r_n = t * (xw * take("ybar", rn)).sum(-1) + tau * take("es_r", rn)
@@ -199,7 +198,7 @@ def context_dots(
         for side, own, partner in (("r", x, "ybar"), ("c", y, "xbar")):
             wt, rest, safe = _members(ctx, rn, side, k_use, exact, dt_, dev)
             shape = (*safe.shape, -1)
-            mem = _take(own, safe.reshape(-1), dt_, dev).reshape(shape)  # x_k (r) or y_k (c)
+            mem = take_rows(own, safe.reshape(-1), dt_, dev).reshape(shape)  # x_k (r) or y_k (c)
             par = take(partner, safe.reshape(-1)).reshape(shape)  # ybar_k or xbar_k
             es_k = take(f"es_{side}", safe.reshape(-1)).reshape(safe.shape)
             if side == "r":  # dS_kn = t x_k^T W y_n, r_k = t x_k^T W ybar_k
@@ -250,7 +249,7 @@ def context_norms(
     norms, bounds = np.zeros(len(rows)), np.zeros(len(rows))
 
     def take(arr, idx):
-        return _take(arr, idx, dt_, dev)
+        return take_rows(arr, idx, dt_, dev)
 
     for start in range(0, len(rows), chunk):
         rn = rows[start : start + chunk]

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+CHUNK_ROWS = 8192  # rows a pass reads at a time unless told otherwise (whole batches)
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -96,7 +98,8 @@ class Chunk:
     batch_ids: np.ndarray
 
 
-def _take(arr, rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def take_rows(arr, rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Rows of a tensor or (memory-mapped) array as a tensor of ``dtype`` on ``device``."""
     if isinstance(arr, torch.Tensor):
         idx = torch.as_tensor(rows, device=arr.device)
         return arr.index_select(0, idx).to(device=device, dtype=dtype)
@@ -122,14 +125,14 @@ def iter_chunks(
     ids = np.arange(index.shape[0]) if batch_ids is None else np.asarray(batch_ids)
     b = partition.batch_size
     if batches_per_chunk is None:
-        batches_per_chunk = max(1, 8192 // b)
+        batches_per_chunk = max(1, CHUNK_ROWS // b)
     for start in range(0, len(ids), batches_per_chunk):
         sel = ids[start : start + batches_per_chunk]
         rows = index[sel]
         mask = rows >= 0
         safe = np.where(mask, rows, 0).reshape(-1)
-        xs = _take(x, safe, dtype, device).reshape(len(sel), b, -1)
-        ys = _take(y, safe, dtype, device).reshape(len(sel), b, -1)
+        xs = take_rows(x, safe, dtype, device).reshape(len(sel), b, -1)
+        ys = take_rows(y, safe, dtype, device).reshape(len(sel), b, -1)
         m = torch.from_numpy(mask).to(device)
         xs = xs * m[:, :, None]
         ys = ys * m[:, :, None]

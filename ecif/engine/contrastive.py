@@ -104,7 +104,9 @@ class RemovalWeights:
 
 
 def removal_weights(s: torch.Tensor, st: BatchStats, neg: str = "exact") -> RemovalWeights:
-    """Weights of Neg_n's derivative and its value, in the exact or first-order form."""
+    """Weights of Neg_n's derivative and its value, in the exact or first-order form (the
+    weights again, in the form per-pair gradients need; ``removal_directional`` forms its own
+    in the scoring pass's fewer passes)."""
     if neg not in NEG_FORMS:
         raise ValueError(f"neg must be one of {NEG_FORMS}; got {neg!r}")
     off = ~torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
@@ -124,28 +126,6 @@ def removal_weights(s: torch.Tensor, st: BatchStats, neg: str = "exact") -> Remo
         bq = torch.where(valid, st.q, zero)
         neg_val = a.sum(-2) + bq.sum(-1)
     return RemovalWeights(a=a, bq=bq, neg_values=torch.where(st.mask, neg_val, zero))
-
-
-def removal_values(st: BatchStats, w: RemovalWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Pos_n, Neg_n) for every member, (c, B) each."""
-    return pair_losses(st), w.neg_values
-
-
-def removal_directional(
-    st: BatchStats, w: RemovalWeights, ds: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Directional derivatives (dPos_n, dNeg_n) along a logit perturbation ``ds``: (c, B) each.
-
-    dPos_n = -2 dS_nn + sum_j p_nj dS_nj + sum_j q_jn dS_jn
-    dNeg_n = sum_k A_kn (dS_kn - r_k) + sum_k Bq_nk (dS_nk - c_k)
-    with r_k = sum_j p_kj dS_kj and c_k = sum_j q_jk dS_jk.
-    """
-    r = (st.p * ds).sum(-1)
-    c = (st.q * ds).sum(-2)
-    zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
-    d_pos = torch.where(st.mask, -2.0 * _diag(ds) + r + c, zero)
-    d_neg = (w.a * (ds - r.unsqueeze(-1))).sum(-2) + (w.bq * (ds - c.unsqueeze(-2))).sum(-1)
-    return d_pos, torch.where(st.mask, d_neg, zero)
 
 
 def removal_grad_logits(
@@ -172,32 +152,81 @@ def removal_grad_logits(
     return g_pos, g_neg
 
 
-def _side_weights(s: torch.Tensor, ds: torch.Tensor, neg: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """For softmax along the last dim: expectations r = E_p[ds] (..., B, 1) and the weights
-    A = p/(1-p) (exact) or p (first order), diagonal zeroed, in as few passes as possible."""
-    mx, am = s.max(dim=-1, keepdim=True)
-    e = (s - mx).exp_()
+def _line(
+    s_m: torch.Tensor, ds: torch.Tensor, neg: str, at: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side of the batches, softmax along the last dim of masked logits ``s_m`` (-inf at
+    masked columns): r = E_p[ds] (..., c, B, 1) and the removal weights A_kn = p_kn / (1 - p_kn)
+    (exact) or p_kn (first order), zero at k = n. All of them (c, B, B), A[k, n], or with
+    ``at`` = (ci, ni) only member ni's column of batch ci, (K, B) over k. 1 - p is (z - e) / z
+    with e = exp(s - max): at a row's maximum z - e is summed directly (no cancellation)."""
+    mx, am = s_m.max(dim=-1, keepdim=True)
+    e = (s_m - mx).exp_()
     z = e.sum(-1, keepdim=True)
     r = (e * ds).sum(-1, keepdim=True) / z
+    tiny = torch.finfo(s_m.dtype).tiny
+    if at is None:
+        if neg == "exact":
+            z_wo = e.scatter(-1, am, 0.0).sum(-1, keepdim=True)
+            d = (z - e).scatter_(-1, am, z_wo)
+            a = e.div_(d.clamp_min_(tiny))
+        else:
+            a = e.div_(z)
+        a.diagonal(dim1=-2, dim2=-1).zero_()
+        return r, a
+    ci, ni = at
+    k = torch.arange(len(ci), device=s_m.device)
+    e_n, z_n = e[ci, :, ni], z[ci, :, 0]  # (K, B): row k's entry in column n, its partition
     if neg == "exact":
-        # 1 - p = (z - e) / z; at the row maximum z - e is summed directly (no cancellation)
-        z_wo = e.scatter(-1, am, 0.0).sum(-1, keepdim=True)
-        d = (z - e).scatter_(-1, am, z_wo)
-        a = e.div_(d.clamp_min_(torch.finfo(s.dtype).tiny))
+        at_max = am[ci, :, 0] == ni[:, None]
+        at_max[k, ni] = False  # k = n carries no weight
+        denom = z_n - e_n
+        if bool(at_max.any()):
+            denom = torch.where(at_max, e.scatter(-1, am, 0.0).sum(-1)[ci], denom)
+        a = e_n / denom.clamp_min(tiny)
     else:
-        a = e.div_(z)
-    a.diagonal(dim1=-2, dim2=-1).zero_()
+        a = e_n / z_n
+    a[k, ni] = 0.0
     return r, a
 
 
-def removal_directional_fast(
-    s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, neg: str = "exact"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dPos_n, dNeg_n) along ``ds`` straight from the logits: the scoring pass's hot loop.
+@dataclass
+class RemovalDirectional:
+    """The removal term's directional derivative along a logit perturbation ``ds`` and its
+    pieces. Full form: (c, B) per member, weights (c, B, B); with ``at`` = (ci, ni): (K,) per
+    selected member, weights (K, B) over k. Leading dimensions of ``ds`` carry through."""
 
-    Same values as ``removal_directional(batch_stats(...), removal_weights(...), ds)``, with
-    the row and column sides computed by one helper on s and s^T and no full-size masks
-    unless the stack has missing members.
+    pos: torch.Tensor  # dPos_n
+    neg: torch.Tensor  # dNeg_n
+    r: torch.Tensor  # (..., c, B): r_k = E_{p_k}[dS_k.], the rows' expectations
+    c: torch.Tensor  # (..., c, B): c_k = E_{q_k}[dS_.k], the columns' expectations
+    a: torch.Tensor  # a[k, n] = A_kn, row k's weight on pair n
+    bq: torch.Tensor  # bq[k, n] = Bq_nk, column k's weight on pair n
+
+    @property
+    def total(self) -> torch.Tensor:
+        """dR_n = dPos_n + dNeg_n."""
+        return self.pos + self.neg
+
+
+def removal_directional(
+    s: torch.Tensor,
+    ds: torch.Tensor,
+    mask: torch.Tensor,
+    neg: str = "exact",
+    *,
+    at: tuple | None = None,
+) -> RemovalDirectional:
+    """dPos_n and dNeg_n along ``ds`` straight from the logits ``s`` (c, B, B): the library's one
+    implementation of the removal term's directional derivative (docs/math.md section 5),
+
+      dPos_n = -2 dS_nn + r_n + c_n,  dNeg_n = sum_k A_kn (dS_kn - r_k) + sum_k Bq_nk (dS_nk - c_k)
+
+    with r_k = E_{p_k}[dS_k.], c_k = E_{q_k}[dS_.k]. The row and column sides are one helper on
+    s and s^T, with no full-size masks unless the stack has missing members. In the full form
+    ``ds`` may carry leading dimensions (K directions: the softmaxes computed once). ``at`` =
+    (ci, ni), member ni of batch ci for each of K members: only those members' removal weights
+    are formed (the B x B work is then the expectations r and c).
     """
     if neg not in NEG_FORMS:
         raise ValueError(f"neg must be one of {NEG_FORMS}; got {neg!r}")
@@ -208,13 +237,24 @@ def removal_directional_fast(
     else:
         s_r = s.masked_fill(~mask[:, None, :], float("-inf"))
         s_c = s_t.masked_fill(~mask[:, None, :], float("-inf"))
-    r, a = _side_weights(s_r, ds, neg)  # rows: a[k, n] = A_kn
-    c, b = _side_weights(s_c.contiguous(), ds_t.contiguous(), neg)  # columns: b[k, n] = Bq_nk
-    if not full:
-        a.mul_(mask[:, :, None])
-        b.mul_(mask[:, :, None])
-    # dNeg_n = sum_k A_kn (dS_kn - r_k) + sum_k Bq_nk (dS_nk - c_k)
-    d_neg = (a * (ds - r)).sum(-2) + (b * (ds_t - c)).sum(-2)
-    d_pos = -2.0 * ds.diagonal(dim1=-2, dim2=-1) + r[..., 0] + c[..., 0]
+    if at is not None:
+        at = tuple(torch.as_tensor(i, device=s.device) for i in at)
+    r, a = _line(s_r, ds, neg, at)  # rows: a[k, n] = A_kn
+    c, b = _line(s_c.contiguous(), ds_t.contiguous(), neg, at)  # columns: b[k, n] = Bq_nk
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    return torch.where(mask, d_pos, zero), torch.where(mask, d_neg, zero)
+    if at is None:
+        if not full:
+            a.mul_(mask[:, :, None])
+            b.mul_(mask[:, :, None])
+        d_neg = (a * (ds - r)).sum(-2) + (b * (ds_t - c)).sum(-2)
+        d_pos = -2.0 * ds.diagonal(dim1=-2, dim2=-1) + r[..., 0] + c[..., 0]
+        d_pos, d_neg = torch.where(mask, d_pos, zero), torch.where(mask, d_neg, zero)
+        return RemovalDirectional(d_pos, d_neg, r[..., 0], c[..., 0], a, b)
+    ci, ni = at
+    k = torch.arange(len(ci), device=s.device)
+    keep = mask[ci].to(s.dtype)
+    a, b = a * keep, b * keep
+    r_k, c_k = r[ci, :, 0], c[ci, :, 0]  # (K, B)
+    d_neg = (a * (ds[ci, :, ni] - r_k)).sum(-1) + (b * (ds_t[ci, :, ni] - c_k)).sum(-1)
+    d_pos = -2.0 * ds[ci, ni, ni] + r_k[k, ni] + c_k[k, ni]
+    return RemovalDirectional(d_pos, d_neg, r[..., 0], c[..., 0], a, b)

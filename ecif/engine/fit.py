@@ -2,7 +2,7 @@
 
 The objective is strongly convex in M, so both reach the unique optimum. L-BFGS hands over
 to Newton-CG when it stalls or slows down; Newton steps are judged on the gradient where
-float32 cannot resolve the objective's decrease (ecif/engine/newton.py). A fit that stops
+float32 cannot resolve the objective's decrease (ecif/grad/newton.py). A fit that stops
 short of the tolerance says so: ``info["converged"]`` False and a ``ConvergenceWarning``.
 On large sets a streamed minibatch warm-up (ecif/engine/warmup.py) gives the full-batch
 solver a better start.
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from ecif.engine.batches import make_partition
-from ecif.engine.head import DTYPES, Head, HeadObjective
-from ecif.engine.newton import cg_direction, dense_direction, newton
+from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, DTYPES, Head, HeadObjective
+from ecif.engine.inverse_hessian import newton_cg_direction
 from ecif.engine.precondition import moment_whitener
 from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
+from ecif.grad.newton import dense_direction, newton
 from ecif.grad.solvers import conjugate_gradient
 
 
@@ -79,7 +80,7 @@ def new_head(
     )
 
 
-NEWTON_MAX_PARAMS = 4096  # the dense Hessian is P x P: never assembled above this
+NEWTON_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS  # Newton assembles the dense Hessian: not above
 
 
 def choose_optimizer(head: Head) -> str:
@@ -154,7 +155,7 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         "iterations": iterations,
         "evaluations": evaluations,  # full-batch passes of the solver (the warm-up's aside)
         "converged": gmax <= tol,
-        # tol, max_iter, precision or direction (ecif/engine/newton.py)
+        # tol, max_iter, precision or direction (ecif/grad/newton.py)
         "stop": "tol" if gmax <= tol else stop,
         "tol": tol,
         "warmup": warmup,  # None, or the warm-up's epochs, steps, seconds (warmup.py)
@@ -271,7 +272,7 @@ def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
                 opt.step(closure)
             except (_Converged, _Handover) as e:
                 outcome = e  # ``last`` met the tolerance (a line-search trial, maybe)
-            done = int(opt.state[opt._params[0]].get("n_iter", 0))
+            done = int(opt.state[phi].get("n_iter", 0))
             iterations += done
             if isinstance(outcome, _Converged):
                 return iterations, False
@@ -294,9 +295,9 @@ def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
         if iterations >= args.max_iter:
             stop = "max_iter"
             break
-        # stalled or slowed down short of tol: Newton-CG, its steps judged as in newton.py
+        # stalled or slowed down short of tol: Newton-CG, its steps judged as in ecif/grad/newton.py
         theta, value, grad, its, spent, stop = newton(
-            obj, last[0], cg_direction(obj), tol, args.max_iter - iterations, start=last[1:]
+            obj, last[0], newton_cg_direction(obj), tol, args.max_iter - iterations, start=last[1:]
         )
         last[:] = [theta, value, grad]
         iterations += its

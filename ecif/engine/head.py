@@ -8,12 +8,13 @@ has one optimum and leave-one-out retraining is verifiable (docs/math.md section
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from ecif.engine.batches import Partition, iter_chunks, make_partition
+from ecif.engine.batches import Chunk, Partition, iter_chunks, make_partition
 from ecif.engine.contrastive import (
     batch_stats,
     loss_grad_logits,
@@ -22,6 +23,9 @@ from ecif.engine.contrastive import (
 )
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# the dense Hessian is P x P (128 MiB in float64 at this size): assembled, factored or used
+# for Newton steps only up to this many parameters (d_img = d_txt = 64)
+DENSE_HESSIAN_MAX_PARAMS = 4096
 
 
 @dataclass
@@ -64,6 +68,23 @@ class Head:
         if self.learn_scale:
             parts.append(torch.tensor([self.log_scale], dtype=self.m.dtype, device=self.m.device))
         return torch.cat(parts)
+
+    def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flat vectors (..., P) as their M part (..., d_img, d_txt) and their log-scale part
+        (...), None when the scale is fixed: the layout of ``theta``."""
+        di, dt = self.m.shape
+        vm = v[..., : di * dt].reshape(*v.shape[:-1], di, dt)
+        return vm, (v[..., -1] if self.learn_scale else None)
+
+    def flatten(self, gm: torch.Tensor, g_tau: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse of ``unflatten``: (..., d_img, d_txt) and (...) to flat (..., P).
+        ``g_tau`` is dropped when the scale is fixed and required when it is learned."""
+        flat = gm.reshape(*gm.shape[:-2], -1)
+        if self.learn_scale:
+            if g_tau is None:
+                raise ValueError("a head with a learned scale needs the log-scale part")
+            flat = torch.cat([flat, g_tau.reshape(*gm.shape[:-2], 1)], dim=-1)
+        return flat
 
     def with_theta(self, theta: torch.Tensor, **kw) -> Head:
         m = theta[: self.m.numel()].reshape(self.m.shape).clone()
@@ -162,12 +183,14 @@ class HeadObjective:
         self._cache_theta: torch.Tensor | None = None
         self._cache_batches = 0
 
-    def _split(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(M, t) at ``theta``: the adapter as a matrix and the logit scale as a number."""
         m = theta[: self.di * self.dt].reshape(self.di, self.dt)
         t = math.exp(float(theta[-1])) if self.head.learn_scale else self.head.logit_scale
         return m, t
 
-    def _chunks(self):
+    def chunks(self) -> Iterable[Chunk]:
+        """The stacks of batches the data term sums over (a subclass may supply its own)."""
         h = self.head
         return iter_chunks(
             self.x, self.y, h.partition, dtype=h.dtype, device=h.m.device, batch_ids=self.batch_ids
@@ -184,11 +207,11 @@ class HeadObjective:
         return torch.cat(parts)
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
-        m, t = self._split(theta)
+        m, t = self.split(theta)
         loss = torch.zeros((), dtype=theta.dtype, device=theta.device)
         g_m = torch.zeros_like(m)
         g_tau = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        for ch in self._chunks():
+        for ch in self.chunks():
             s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
             st = batch_stats(s, ch.mask)
             loss = loss + pair_losses(st).sum()
@@ -210,7 +233,7 @@ class HeadObjective:
         """Exact H v for v of shape (P,) or (K, P)."""
         single = v.dim() == 1
         vv = v.unsqueeze(0) if single else v
-        m, t = self._split(theta)
+        m, t = self.split(theta)
         k = vv.shape[0]
         vm = vv[:, : self.di * self.dt].reshape(k, self.di, self.dt)
         delta = vv[:, -1] if self.head.learn_scale else None
@@ -237,7 +260,7 @@ class HeadObjective:
     def _forward_at(self, theta: torch.Tensor):
         """(chunk, S, softmaxes) for every chunk at theta, the cached ones first (see
         ``cache_bytes``); the rest read and computed, filling the cache on a new theta."""
-        m, t = self._split(theta)
+        m, t = self.split(theta)
         h = self.head
         hit = self._cache_theta is not None and torch.equal(self._cache_theta, theta)
         if hit:
@@ -248,7 +271,7 @@ class HeadObjective:
         ids = np.arange(h.partition.num_batches) if self.batch_ids is None else self.batch_ids
         filling, used = not hit and self.cache_bytes > 0, 0
         rest = (
-            self._chunks()
+            self.chunks()
             if self.cache_bytes <= 0
             else iter_chunks(
                 self.x,
@@ -279,10 +302,10 @@ class HeadObjective:
         H_MM = (t^2/N) [sum_i x_i x_i^T (x) Cov_{p_i}(y) + sum_j Cov_{q_j}(x) (x) y_j y_j^T] + lambda I;
         the log-scale row and column, when learned, come from one exact Hessian-vector product.
         """
-        m, t = self._split(theta)
+        m, t = self.split(theta)
         di, dt = self.di, self.dt
         acc = torch.zeros(di * di, dt * dt, dtype=theta.dtype, device=theta.device)
-        for ch in self._chunks():
+        for ch in self.chunks():
             s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
             st = batch_stats(s, ch.mask)
             ybar, xbar = st.p @ ch.y, st.q.transpose(-1, -2) @ ch.x

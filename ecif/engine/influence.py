@@ -18,24 +18,14 @@ from ecif.engine.batches import Partition, iter_chunks, make_partition
 from ecif.engine.contrastive import (
     batch_stats,
     loss_grad_logits,
-    removal_directional_fast,
+    removal_directional,
     removal_grad_logits,
     removal_weights,
 )
 from ecif.engine.head import Head
 
-
-def _unflat(head: Head, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    di, dt = head.m.shape
-    vm = v[..., : di * dt].reshape(*v.shape[:-1], di, dt)
-    return vm, (v[..., -1] if head.learn_scale else None)
-
-
-def _flat(head: Head, gm: torch.Tensor, g_tau: torch.Tensor | None) -> torch.Tensor:
-    flat = gm.reshape(*gm.shape[:-2], -1)
-    if head.learn_scale:
-        flat = torch.cat([flat, g_tau.reshape(*gm.shape[:-2], 1)], dim=-1)
-    return flat
+# rows of a scoring chunk: B x B softmax work over this many rows at a time stays in cache
+SCORE_CHUNK_ROWS = 4096
 
 
 def loss_gradient(head: Head, x, y, partition: Partition | None = None) -> torch.Tensor:
@@ -55,7 +45,7 @@ def loss_gradient(head: Head, x, y, partition: Partition | None = None) -> torch
         g_m += t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y)
         g_tau += (g * s).sum()
         count += int(ch.mask.sum())
-    return _flat(head, g_m / count, g_tau / count)
+    return head.flatten(g_m / count, g_tau / count)
 
 
 def classification_gradient(
@@ -76,7 +66,7 @@ def classification_gradient(
     err = p.clone()
     err[label] -= 1.0
     g_m = t * torch.outer(x, err @ yc)
-    return _flat(head, g_m, (err * logits).sum())
+    return head.flatten(g_m, (err * logits).sum())
 
 
 def score_pass(
@@ -95,11 +85,11 @@ def score_pass(
     n = head.partition.n
     d_pos = np.full(n, np.nan)
     d_neg = np.full(n, np.nan)
-    wm, w_tau = _unflat(head, w.to(head.dtype))
+    wm, w_tau = head.unflatten(w.to(head.dtype))
     t = head.logit_scale
     mw = torch.cat([head.m, wm], dim=1)  # one matmul gives both X M and X W
     dt = head.m.shape[1]
-    chunk = max(1, 4096 // head.batch_size)  # keeps the B x B work in cache
+    chunk = max(1, SCORE_CHUNK_ROWS // head.batch_size)
     for ch in iter_chunks(
         x, y, head.partition, dtype=head.dtype, device=head.m.device, batches_per_chunk=chunk
     ):
@@ -109,10 +99,10 @@ def score_pass(
         ds = t * u[..., dt:] @ yt
         if w_tau is not None:
             ds = ds + w_tau * s
-        dp, dn = removal_directional_fast(s, ds, ch.mask, neg)
+        d = removal_directional(s, ds, ch.mask, neg)
         m = ch.mask.cpu().numpy()
-        d_pos[ch.rows[m]] = dp.cpu().numpy()[m]
-        d_neg[ch.rows[m]] = dn.cpu().numpy()[m]
+        d_pos[ch.rows[m]] = d.pos.cpu().numpy()[m]
+        d_neg[ch.rows[m]] = d.neg.cpu().numpy()[m]
         if progress is not None:
             progress(len(ch.batch_ids))
     return d_pos, d_neg
@@ -151,7 +141,7 @@ def pair_gradients(
         xb, yb = ch.x[0], ch.y[0]
         for g, out in ((g_pos, out_pos), (g_neg, out_neg)):
             gm = t * torch.einsum("bi,kbj->kij", xb, g @ yb)
-            out[torch.as_tensor(sel)] = _flat(head, gm, (g * s[0]).sum((1, 2)))
+            out[torch.as_tensor(sel)] = head.flatten(gm, (g * s[0]).sum((1, 2)))
     return out_pos, out_neg
 
 
@@ -174,18 +164,15 @@ def negative_breakdown(
         )
     )
     n = int(np.nonzero(ch.rows[0] == row)[0][0])
-    wm, w_tau = _unflat(head, w.to(head.dtype))
+    wm, w_tau = head.unflatten(w.to(head.dtype))
     t = head.logit_scale
     s = t * (ch.x @ head.m) @ ch.y.transpose(-1, -2)
     ds = t * (ch.x @ wm) @ ch.y.transpose(-1, -2)
     if w_tau is not None:
         ds = ds + w_tau * s
-    st = batch_stats(s, ch.mask)
-    rw = removal_weights(s, st, neg)
-    r = (st.p * ds).sum(-1)[0]
-    c = (st.q * ds).sum(-2)[0]
-    as_row = rw.a[0, :, n] * (ds[0, :, n] - r)  # n as a negative text in row k
-    as_col = rw.bq[0, n, :] * (ds[0, n, :] - c)  # n as a negative image in column k
+    d = removal_directional(s, ds, ch.mask, neg, at=([0], [n]))  # the summands of dNeg_n
+    as_row = d.a[0] * (ds[0, :, n] - d.r[0])  # n as a negative text in row k
+    as_col = d.bq[0] * (ds[0, n, :] - d.c[0])  # n as a negative image in column k
     valid = ch.mask[0].cpu().numpy() & (np.arange(len(ch.rows[0])) != n)
     return pd.DataFrame(
         {

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ecif.engine.batches import _take
+from ecif.engine.batches import CHUNK_ROWS, take_rows
 from ecif.engine.head import Head
 
 SAMPLE_ROWS = 65536  # rows read for the second moments (a random sample beyond that)
@@ -40,8 +40,8 @@ def second_moments(x, y, *, rows: int = SAMPLE_ROWS, seed: int = 0):
     out = []
     for arr in (x, y):
         acc = None
-        for s in range(0, len(pick), 8192):
-            block = _take(arr, pick[s : s + 8192], torch.float64, torch.device("cpu"))
+        for s in range(0, len(pick), CHUNK_ROWS):
+            block = take_rows(arr, pick[s : s + CHUNK_ROWS], torch.float64, torch.device("cpu"))
             acc = block.T @ block if acc is None else acc + block.T @ block
         out.append(acc / len(pick))
     return out[0], out[1]

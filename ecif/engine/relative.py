@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from ecif.engine.batches import iter_chunks
-from ecif.engine.contrastive import _side_weights
+from ecif.engine.contrastive import removal_directional
 from ecif.engine.head import Head
-from ecif.engine.influence import _flat, _unflat
 
 
 # -- the removal term's gradient, contracted without forming dR_n/dS ----------------------
@@ -27,23 +26,15 @@ def removal_terms(s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, neg: st
     dR_n/dS = e_n (p_n - e_n + Bq_n.)^T + (q_.n - e_n + A_.n) e_n^T - diag(A_.n) P - Q diag(Bq_n.)
     (docs/math.md sections 3 and 5), which is what ``removal_grad_m`` contracts.
     """
-    full = bool(mask.all())
-    s_t, ds_t = s.transpose(-1, -2), ds.transpose(-1, -2)
-    if full:
-        s_r, s_c = s, s_t.contiguous()
+    d = removal_directional(s, ds, mask, neg)
+    if bool(mask.all()):
+        s_r, s_c = s, s.transpose(-1, -2)
     else:
         s_r = s.masked_fill(~mask[:, None, :], float("-inf"))
-        s_c = s_t.masked_fill(~mask[:, None, :], float("-inf")).contiguous()
+        s_c = s.transpose(-1, -2).masked_fill(~mask[:, None, :], float("-inf"))
     p = torch.softmax(s_r, -1) * mask[:, :, None]  # rows: image -> text
     qt = torch.softmax(s_c, -1) * mask[:, :, None]  # qt[j, i] = q_ij: text -> image
-    r, a = _side_weights(s_r, ds, neg)  # a[k, n] = A_kn
-    c, b = _side_weights(s_c, ds_t.contiguous(), neg)  # b[k, n] = Bq_nk
-    if not full:
-        a.mul_(mask[:, :, None])
-        b.mul_(mask[:, :, None])
-    d_neg = (a * (ds - r)).sum(-2) + (b * (ds_t - c)).sum(-2)
-    d_pos = -2.0 * ds.diagonal(dim1=-2, dim2=-1) + r[..., 0] + c[..., 0]
-    return {"p": p, "qt": qt, "a": a, "b": b, "dot": d_pos + d_neg}
+    return {"p": p, "qt": qt, "a": d.a, "b": d.bq, "dot": d.total}
 
 
 def removal_grad_m(terms: dict, xs: torch.Tensor, ys: torch.Tensor, ci, ni) -> torch.Tensor:
@@ -103,47 +94,6 @@ def low_rank(wm: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor] 
     return None
 
 
-def candidate_dots(
-    s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, ci, ni, neg: str = "exact"
-) -> torch.Tensor:
-    """dR_n along ds for members (ci, ni) only: the B x B work is the two softmax expectations
-    r = E_p[ds] and c = E_q[ds]; the removal weights are formed for the members' columns only.
-    Same values as ``removal_terms(...)["dot"][ci, ni]``."""
-    ci, ni = torch.as_tensor(ci), torch.as_tensor(ni)
-    out = []
-    for dim, s_m in (
-        (-1, s.masked_fill(~mask[:, None, :], float("-inf"))),
-        (-2, s.masked_fill(~mask[:, :, None], float("-inf"))),
-    ):
-        mx, am = s_m.max(dim=dim, keepdim=True)
-        e = (s_m - mx).exp_()
-        z = e.sum(dim, keepdim=True)
-        r = (e * ds).sum(dim) / z.squeeze(dim)  # (c, B): E over row k (dim -1) / column k
-        if dim == -1:
-            e_n, am_n = e[ci, :, ni], am[ci, :, 0]  # (K, B): row k's weight on column n
-            ds_n = ds[ci, :, ni]
-        else:
-            e_n, am_n = e[ci, ni, :], am[ci, 0, :]
-            ds_n = ds[ci, ni, :]
-        zk = z.squeeze(dim)[ci]
-        if neg == "exact":
-            at_max = am_n == ni[:, None]
-            at_max[torch.arange(len(ci)), ni] = False  # k = n carries no weight
-            denom = zk - e_n
-            if bool(at_max.any()):  # 1 - p at a row's maximum: sum the other entries directly
-                z_wo = e.scatter(dim, am, 0.0).sum(dim)[ci]
-                denom = torch.where(at_max, z_wo, denom)
-            a = e_n / denom.clamp_min(torch.finfo(s.dtype).tiny)
-        else:
-            a = e_n / zk
-        a = a * mask[ci].to(s.dtype)
-        a[torch.arange(len(ci)), ni] = 0.0
-        rk = r[ci]
-        out.append(((a * (ds_n - rk)).sum(-1), rk[torch.arange(len(ci)), ni]))
-    (neg_r, r_n), (neg_c, c_n) = out
-    return -2.0 * ds[ci, ni, ni] + r_n + c_n + neg_r + neg_c
-
-
 def _member_slots(n: int, rows: np.ndarray, batch_of: np.ndarray) -> np.ndarray:
     if len(rows) and (batch_of[rows] < 0).any():
         raise ValueError("some rows are not in the head's partition (removed pairs)")
@@ -175,12 +125,12 @@ def candidate_pass(
     slot = _member_slots(head.partition.n, rows, batch_of)
     if w is None:  # norms only
         w = torch.zeros(head.num_params, dtype=head.dtype, device=head.m.device)
-    wm, w_tau = _unflat(head, w.to(head.dtype))
+    wm, w_tau = head.unflatten(w.to(head.dtype))
     if not bool(wm.any()):
         wm = wm[:, :0]
     ek = None
     if inverse is not None and inverse.method != "exact" and not head.learn_scale:
-        ek = inverse._ekfac
+        ek = inverse.ekfac
     lr = low_rank(wm, rank_tol) if inverse is None and wm.numel() else None
     mats = [head.m, wm if lr is None else lr[0]] + ([ek.q1] if ek is not None else [])
     mw = torch.cat(mats, dim=1)
@@ -213,7 +163,8 @@ def candidate_pass(
         ci, ni = np.nonzero((at >= 0) & mask)
         out = at[ci, ni]
         if inverse is None:
-            dot[out] = candidate_dots(s, ds, ch.mask, ci, ni, neg).cpu().numpy()
+            d = removal_directional(s, ds, ch.mask, neg, at=(ci, ni))
+            dot[out] = d.total.cpu().numpy()
             continue
         terms = removal_terms(s, ds, ch.mask, neg)
         dot[out] = terms["dot"][ci, ni].cpu().numpy()
@@ -222,28 +173,9 @@ def candidate_pass(
         if ek is not None:
             norm[out] = (gm / ek.diag).flatten(1).norm(dim=1).cpu().numpy()
         else:
-            grads = _flat(head, gm, removal_grad_tau(terms, s, ci, ni))
+            grads = head.flatten(gm, removal_grad_tau(terms, s, ci, ni))
             norm[out] = inverse.solve(grads).norm(dim=1).cpu().numpy()
     return dot, norm
-
-
-def _directional_many(s: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor, neg: str):
-    """dR_n along each of K directions at once: ds (K, c, B, B) -> (K, c, B); the softmax
-    weights of s are computed once for all K."""
-    zero = torch.zeros_like(s)
-    _, a = _side_weights(s.masked_fill(~mask[:, None, :], float("-inf")), zero, neg)
-    s_c = s.transpose(-1, -2).masked_fill(~mask[:, None, :], float("-inf")).contiguous()
-    _, b = _side_weights(s_c, zero, neg)
-    p = torch.softmax(s.masked_fill(~mask[:, None, :], float("-inf")), -1)
-    q = torch.softmax(s_c, -1)
-    keep = mask[:, :, None].to(s.dtype)
-    a, b = a * keep, b * keep
-    ds_t = ds.transpose(-1, -2)
-    r = (p * ds).sum(-1, keepdim=True)
-    c = (q * ds_t).sum(-1, keepdim=True)
-    d_neg = (a * (ds - r)).sum(-2) + (b * (ds_t - c)).sum(-2)
-    d_pos = -2.0 * ds.diagonal(dim1=-2, dim2=-1) + r[..., 0] + c[..., 0]
-    return (d_pos + d_neg) * mask.to(s.dtype)
 
 
 def probe_norms(
@@ -265,7 +197,7 @@ def probe_norms(
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(probes, head.num_params, generator=gen, dtype=torch.float64)
     v = inverse.solve(z.to(device=head.m.device, dtype=head.dtype))
-    vm, v_tau = _unflat(head, v)  # (K, di, dt)
+    vm, v_tau = head.unflatten(v)  # (K, di, dt)
     di, dt = head.m.shape
     mv = torch.cat([head.m[None], vm], dim=0).permute(1, 0, 2).reshape(di, -1)
     t = head.logit_scale
@@ -279,7 +211,7 @@ def probe_norms(
         s, ds = st[0], st[1:]
         if v_tau is not None:
             ds = ds + v_tau[:, None, None, None] * s
-        dots = _directional_many(s, ds, ch.mask, neg)  # (K, c, B)
+        dots = removal_directional(s, ds, ch.mask, neg).total  # (K, c, B)
         mask = ch.mask.cpu().numpy()
         sq[ch.rows[mask]] = dots.square().mean(0).cpu().numpy()[mask]
         if progress is not None:

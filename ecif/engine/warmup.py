@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from ecif.engine.batches import Chunk, iter_chunks
+from ecif.engine.batches import CHUNK_ROWS, Chunk, iter_chunks
 from ecif.engine.head import Head, HeadObjective
 
 AUTO_EPOCHS = 2  # epochs when warmup_epochs is None and the warm-up is on
@@ -88,7 +88,7 @@ class _ChunkObjective(HeadObjective):
         super().__init__(head, None, None, weight=weight)
         self.chunk = chunk
 
-    def _chunks(self):
+    def chunks(self) -> list[Chunk]:
         return [self.chunk]
 
 
@@ -131,7 +131,7 @@ def minibatch_warmup(
     total = epochs * steps_per_epoch
     if lr is None:
         lr = auto_lr(head, total)
-    per_chunk = k * max(1, (8192 // head.batch_size) // k)  # whole steps per chunk read
+    per_chunk = k * max(1, (CHUNK_ROWS // head.batch_size) // k)  # whole steps per chunk read
     theta = start.detach().clone()
     m1 = torch.zeros_like(theta)
     m2 = torch.zeros((), dtype=theta.dtype, device=theta.device)  # one second moment: RMS

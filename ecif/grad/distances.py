@@ -1,4 +1,5 @@
-"""Cosine and angular distances between weight vectors (rows of a matrix or flat tensors)."""
+"""Distances between weight vectors (rows of a matrix or flat tensors): cosine, angular,
+Euclidean, and the log of their norms' ratio."""
 
 from __future__ import annotations
 
@@ -35,3 +36,10 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.T
 def euclidean_distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Plain L2 distance, the Minkowski baseline that angular distance replaces."""
     return (a - b).norm(dim=dim)
+
+
+def log_norm_ratio(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """|log(||b|| / ||a||)|: the change of scale that angular distance cannot see (norms are
+    clamped at the dtype's smallest normal number, so a zero vector gives a finite value)."""
+    tiny = torch.finfo(a.dtype).tiny
+    return (b.norm(dim=dim).clamp_min(tiny).log() - a.norm(dim=dim).clamp_min(tiny).log()).abs()

@@ -1,4 +1,5 @@
-"""Iterative solvers on matrix-free linear operators (batched right-hand sides)."""
+"""Solvers for H x = b: CG and Lanczos on matrix-free linear operators (batched right-hand
+sides), and a damped Cholesky factor for dense ones."""
 
 from __future__ import annotations
 
@@ -117,3 +118,19 @@ def lanczos_eigs(
     order = torch.argsort(evals, descending=True)[:k]
     vecs = (evecs[:, order].T @ basis[:used]).reshape((len(order),) + tuple(shape))
     return evals[order], vecs
+
+
+def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of H, or of H + mu I (mu from 1e-6 of the largest diagonal entry, ten
+    times larger each try) when H is not positive definite: e.g. the head with a learned
+    scale far from its optimum, convex in M but not jointly in (M, log t)."""
+    mu = 0.0
+    scale = float(h.diagonal().abs().max())
+    for _ in range(30):
+        factor, info = torch.linalg.cholesky_ex(
+            h + mu * torch.eye(len(h), dtype=h.dtype, device=h.device)
+        )
+        if int(info) == 0:
+            return factor
+        mu = max(mu * 10.0, 1e-6 * scale)
+    raise RuntimeError("Hessian could not be made positive definite")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ecif.grad.distances import angular_distance, euclidean_distance
+from ecif.grad.distances import angular_distance, euclidean_distance, log_norm_ratio
 
 DriftFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], torch.Tensor]
 
@@ -31,8 +31,7 @@ def _random(old: torch.Tensor, new: torch.Tensor, gen: torch.Generator | None) -
 
 
 def _scale(old: torch.Tensor, new: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    tiny = torch.finfo(old.dtype).tiny
-    return (new.norm(dim=-1).clamp_min(tiny).log() - old.norm(dim=-1).clamp_min(tiny).log()).abs()
+    return log_norm_ratio(old, new, dim=-1)
 
 
 DRIFT_CRITERIA: dict[str, DriftFn] = {

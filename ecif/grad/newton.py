@@ -1,8 +1,11 @@
-"""Newton's method on the head objective, with a step test that still works in float32.
+"""Newton's method on any objective, with a step test that still works in float32.
 
-Two ways to get the Newton step H^-1 g: the dense Hessian's Cholesky factor (small heads) or
-conjugate gradients on exact Hessian-vector products preconditioned by EK-FAC (large heads,
-after L-BFGS; ecif/engine/inverse_hessian.py). Both share the loop in ``newton``.
+The loop takes the objective (``value_and_grad``, ``ecif.grad.objective.Objective``) and a
+``Direction``: how to get the Newton step H^-1 g at a point. Two generic ones are here: the
+dense Hessian's (damped) Cholesky factor, and conjugate gradients on exact Hessian-vector
+products with an optional preconditioner rebuilt at each point. The head fit
+(``ecif.engine.fit``) uses the dense one for small heads and CG preconditioned by EK-FAC
+(``ecif.engine.inverse_hessian.newton_cg_direction``) after L-BFGS on large ones.
 
 Why the step test matters (issue 13): in float32 the objective's VALUE is quantised at about
 eps |J| (a sum of N per-pair losses; J ~ 4 moves in steps of ~4e-7 at 5,000 pairs), while
@@ -24,9 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from ecif.engine.head import HeadObjective
-from ecif.engine.inverse_hessian import _EKFAC, SolverArgs
-from ecif.grad.solvers import conjugate_gradient
+from ecif.grad.objective import DenseObjective, Objective
+from ecif.grad.solvers import LinearOp, conjugate_gradient, damped_cholesky
 
 # relative rounding (in units of eps) below which the objective's value no longer judges a
 # step: float32 sums of per-pair losses are quantised at ~1 eps |J| (measured)
@@ -39,13 +41,13 @@ Direction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
 
 
 def newton(
-    obj: HeadObjective,
+    obj: Objective,
     theta: torch.Tensor,
     direction: Direction,
     tol: float,
     max_iter: int,
     start: tuple[float, torch.Tensor] | None = None,
-):
+) -> tuple[torch.Tensor, float, torch.Tensor, int, int, str]:
     """Newton steps from ``theta`` until max |g| <= ``tol``. Returns (theta, value, grad,
     iterations, passes, stop) with stop "tol", "precision", "max_iter" (see module doc) or
     "direction" (the solve gave no descent direction; the caller falls back)."""
@@ -89,9 +91,9 @@ def newton(
     return theta, value, grad, iterations, passes, stop
 
 
-def dense_direction(obj: HeadObjective) -> Direction:
-    """H^-1 g from the dense Hessian (damped if indefinite); the build is not counted as a
-    pass (the solver's passes count objective evaluations, as before)."""
+def dense_direction(obj: DenseObjective) -> Direction:
+    """H^-1 g from ``obj.dense_hessian(theta)`` (damped if indefinite); the build is not
+    counted as a pass (the solver's passes count objective evaluations)."""
 
     def solve(theta: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         factor = damped_cholesky(obj.dense_hessian(theta))
@@ -100,50 +102,21 @@ def dense_direction(obj: HeadObjective) -> Direction:
     return solve
 
 
-def cg_direction(obj: HeadObjective, rel_tol: float = 1e-2, max_iter: int = 100) -> Direction:
-    """H^-1 g by CG on exact Hessian-vector products (one pass each), preconditioned by
-    EK-FAC rebuilt at each point (two passes). Solving to 1e-2 cuts the gradient ~100x a
-    step (measured: 7e-3 -> 1.8e-9 in 4 steps of ~30 products, 10k x 128 CLIP-like pairs)."""
-    # CG's products at one point reuse the chunks' softmaxes, as the scoring solver's do
-    cached = HeadObjective(obj.head, obj.x, obj.y, cache_bytes=SolverArgs().cache_bytes)
+def cg_direction(
+    obj: Objective,
+    *,
+    precond: Callable[[torch.Tensor], tuple[LinearOp, int]] | None = None,
+    rel_tol: float = 1e-2,
+    max_iter: int = 100,
+) -> Direction:
+    """H^-1 g by CG on ``obj.hvp`` (one pass a product) to relative residual ``rel_tol``;
+    ``precond(theta)`` gives the preconditioner at theta and the passes its build spent."""
 
     def solve(theta: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
-        ekfac = _EKFAC.build(HeadObjective(obj.head.with_theta(theta), obj.x, obj.y))
+        pre, spent = precond(theta) if precond is not None else (None, 0)
         res = conjugate_gradient(
-            lambda v: cached.hvp(theta, v),
-            grad,
-            precond=_positive(ekfac),
-            tol=rel_tol,
-            max_iter=max_iter,
+            lambda v: obj.hvp(theta, v), grad, precond=pre, tol=rel_tol, max_iter=max_iter
         )
-        return res.x, 2 + res.iterations
+        return res.x, spent + res.iterations
 
     return solve
-
-
-def _positive(ekfac: _EKFAC) -> Callable[[torch.Tensor], torch.Tensor]:
-    """EK-FAC as a CG preconditioner, which must be positive definite. With a learned scale
-    its Schur complement can be negative away from the optimum (the M block's approximation
-    is rough against the exact coupling column; measured -3.5 at grad 2.5e-2): then the M
-    block and the exact H_tau,tau on the diagonal instead."""
-    if ekfac.schur is None or ekfac.schur > 0:
-        return lambda r: ekfac.apply(r[None])[0]
-    h_tt = ekfac.schur + float(ekfac.tau_col @ ekfac.tau_u)
-    if not h_tt > 0:
-        return lambda r: torch.cat([ekfac._apply_m(r[None, :-1])[0], r[-1:]])
-    return lambda r: torch.cat([ekfac._apply_m(r[None, :-1])[0], r[-1:] / h_tt])
-
-
-def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of H, or of H + mu I when H is indefinite (learned scale, far from the
-    optimum: the objective is convex in M but not jointly in (M, log t))."""
-    mu = 0.0
-    scale = float(h.diagonal().abs().max())
-    for _ in range(30):
-        factor, info = torch.linalg.cholesky_ex(
-            h + mu * torch.eye(len(h), dtype=h.dtype, device=h.device)
-        )
-        if int(info) == 0:
-            return factor
-        mu = max(mu * 10.0, 1e-6 * scale)
-    raise RuntimeError("Hessian could not be made positive definite")
