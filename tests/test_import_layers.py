@@ -17,7 +17,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ecif"
 
 # modules that import nothing from ecif: what every layer may use
-BASE = {"ecif._version", "ecif.paths", "ecif.progress", "ecif.atomic", "ecif.distributed"}
+BASE = {
+    "ecif._version",
+    "ecif.paths",
+    "ecif.progress",
+    "ecif.atomic",
+    "ecif.distributed",
+    "ecif.device",
+    "ecif.options",
+}
 
 # layer -> the layers it may import from (besides itself)
 ALLOWED: dict[str, set[str]] = {

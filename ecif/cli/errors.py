@@ -15,6 +15,7 @@ import sys
 # module -> class names; a class is only checked when its module is already imported (an
 # exception cannot be of a type whose module never loaded), so `ecif --help` stays light.
 _USER_ERRORS = {
+    "ecif.device": ("DeviceError",),
     "ecif.data.layout": ("FolderError",),
     "ecif.data.readers": ("InputError",),
     "ecif.data.models": ("ModelLoadError",),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ecif.atomic import atomic_path, write_json
+from ecif.device import DEFAULT_DEVICE, resolve_device
 
 IVF_MIN_ROWS = 200_000
 KINDS = ("auto", "flat", "ivf")
@@ -60,6 +61,11 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _wants_gpu(device: str) -> bool:
+    """cuda asked for, or auto on a machine with CUDA (an index falls back to the CPU)."""
+    return (resolve_device(device) if device == "auto" else device).startswith("cuda")
+
+
 def _normalized(block: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(block, dtype=np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -90,7 +96,7 @@ class VectorIndex:
         kind: str = "auto",
         nlist: int | None = None,
         nprobe: int = 32,
-        device: str = "cpu",
+        device: str = DEFAULT_DEVICE,
         chunk: int = 65536,
         train_rows: int | None = None,
         seed: int = 0,
@@ -128,7 +134,7 @@ class VectorIndex:
             index.nprobe = min(nprobe, nlist)
         info = IndexInfo(kind=kind, n=n, d=d, side=side, nlist=nlist, nprobe=index_nprobe(index))
         out = cls(index, info)
-        if device.startswith("cuda") and gpu_available():
+        if _wants_gpu(device) and gpu_available():
             out.to_gpu()
         from tqdm.auto import tqdm
 
@@ -185,8 +191,11 @@ class VectorIndex:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, side: str, *, device: str = "cpu") -> VectorIndex:
-        """Read an index written by ``save``; onto the GPU when ``device`` is cuda and possible."""
+    def load(
+        cls, folder: str | os.PathLike, side: str, *, device: str = DEFAULT_DEVICE
+    ) -> VectorIndex:
+        """Read an index written by ``save``; onto the GPU when ``device`` resolves to cuda
+        and faiss has GPU support."""
         faiss = _faiss()
         folder = Path(folder)
         path, meta = folder / f"{side}.faiss", folder / f"{side}.json"
@@ -198,7 +207,7 @@ class VectorIndex:
         out = cls(faiss.read_index(str(path)), info)
         if out.n != info.n:
             raise FaissIndexError(f"{path}: holds {out.n} rows but {meta.name} says {info.n}")
-        if device.startswith("cuda"):
+        if _wants_gpu(device):
             out.to_gpu()
         return out
 
@@ -221,6 +230,8 @@ def build_indexes(
     return out
 
 
-def load_indexes(folder: str | os.PathLike, *, device: str = "cpu") -> dict[str, VectorIndex]:
+def load_indexes(
+    folder: str | os.PathLike, *, device: str = DEFAULT_DEVICE
+) -> dict[str, VectorIndex]:
     """Both sides' indexes from ``folder``."""
     return {side: VectorIndex.load(folder, side, device=device) for side in SIDES}

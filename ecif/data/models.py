@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+from ecif.device import DeviceError, resolve_device
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device"]
+
 
 class ModelLoadError(RuntimeError):
     """The model could not be created or its weights could not be found."""
@@ -32,15 +36,6 @@ class LoadedModel:
     dim_image: int
     dim_text: int
     logit_scale: float | None = None  # exp(model.logit_scale), the scale CLIP trained with
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without one is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' asked for, but no CUDA device is available")
-    return device
 
 
 def _offline() -> bool:
@@ -65,7 +60,10 @@ def load_model(
 
     from ecif.data.tiny_clip import TINY_NAME, register_config
 
-    device = resolve_device(device)
+    try:
+        device = resolve_device(device)
+    except DeviceError as e:
+        raise ModelLoadError(str(e)) from None
     if pretrained == "auto":  # the model's own weights: first listed tag, cached tiny, or folder
         tags = open_clip.list_pretrained_tags_by_model(model)
         pretrained = tags[0] if tags and not model.startswith(TINY_NAME) else None
