@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--d", type=int, default=256)
     a = ap.parse_args()
-    args = AuditArgs(batch_size=256, threshold=0.1, method="ekfac")
+    args = AuditArgs(batch_size=256, threshold=0.1, solver="ekfac")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = make_folder(root, a.shards, a.rows, a.d)

@@ -52,7 +52,7 @@ def main() -> None:
             t0 = time.perf_counter()
             h = ecif.fit(
                 (x, y),
-                solver="lbfgs",
+                optimizer="lbfgs",
                 whiten=whiten,
                 max_iter=a.max_iter,
                 warmup_epochs=a.warmup_epochs,

@@ -76,7 +76,7 @@ drawn with seed s (seed 0 is tests/test_engine_influence.py's study exactly).
 timing: synthetic unit pairs (20% shuffled captions), a head fitted by L-BFGS with a capped
 budget (the cost of attributing does not depend on how converged M is), float32, 2 threads.
 ecif: ``ecif.score`` end to end (g_val + H^-1 g_val + scoring pass) with its default solver,
-``method="ekfac"`` and ``method="cg"``, and the scoring pass alone. Peers: the whole
+``solver="ekfac"`` and ``solver="cg"``, and the scoring pass alone. Peers: the whole
 attribution of all N pairs to the one measurement (factors / featurizing / Hessian work
 included, fitting not). A peer with a cap below N (``--peer-max-n``) runs on the first
 cap/4 and cap pairs (whole batches, the same M) and its time at N is the line through those
@@ -609,7 +609,7 @@ def fidelity_methods(args, p: int):
         ("ecif exact (default)", None, lambda pb: ecif_scores(pb)["influence"]),
         ("ecif first-order Neg", None, lambda pb: ecif_scores(pb, neg="first_order")["influence"]),
         ("ecif Pos only", None, lambda pb: ecif_scores(pb)["pos"]),
-        ("ecif EK-FAC solver", None, lambda pb: ecif_scores(pb, method="ekfac")["influence"]),
+        ("ecif EK-FAC solver", None, lambda pb: ecif_scores(pb, solver="ekfac")["influence"]),
     ]
     dims = sorted({min(k, p) for k in args.trak_proj_dim}, reverse=True)
     for k in dims:
@@ -753,7 +753,7 @@ def timing_problem(args):
         lam=args.lam,
         logit_scale=args.logit_scale,
         dtype="float32",
-        solver="lbfgs",
+        optimizer="lbfgs",
         max_iter=args.fit_iter,
     )
     print(
@@ -827,7 +827,7 @@ def run_timing(args):
         kw = {} if m == "default" else {"method": m}
         label = f"ecif.score, default solver ({default})" if m == "default" else f"ecif.score, {m}"
         jobs.append((("ecif", m), label, ecif_call(kw)))
-    inv = InverseHessian(pb.head, pb.x, pb.y, SolverArgs(method="ekfac"))
+    inv = InverseHessian(pb.head, pb.x, pb.y, SolverArgs(solver="ekfac"))
     w = inv.solve(pb.gval())  # the pass costs the same for any w
     jobs.append(
         (

@@ -45,12 +45,12 @@ def run_one(n: int, d: int, iters: int) -> dict:
     emb_mb = 2 * n * d * 4 / 2**20
     t0 = time.perf_counter()
     head = ecif.fit(
-        train, batch_size=256, solver="lbfgs", max_iter=iters, tol=1e-12, warmup_epochs=0
+        train, batch_size=256, optimizer="lbfgs", max_iter=iters, tol=1e-12, warmup_epochs=0
     )
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     inv = ecif.solver(
-        head, train, method="cg", hessian_batches=min(40, head.partition.num_batches), tol=1e-4
+        head, train, solver="cg", hessian_batches=min(40, head.partition.num_batches), tol=1e-4
     )
     w = inv.solve(loss_gradient(head, x[:4096].numpy(), y[:4096].numpy()))
     t_solve = time.perf_counter() - t0
@@ -127,7 +127,7 @@ def run_fit(px: str, py: str, warmup: str, out: str, threads: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    head = ecif.fit((x, y), batch_size=256, solver="lbfgs", warmup_epochs=epochs)
+    head = ecif.fit((x, y), batch_size=256, optimizer="lbfgs", warmup_epochs=epochs)
     t_fit = time.perf_counter() - t0
     stop.set()
     sampler.join()

@@ -79,7 +79,7 @@ def main() -> None:
     gval = loss_gradient(head, x[:4096], y[:4096])
     t0 = time.perf_counter()
     inv = InverseHessian(
-        head, x, y, SolverArgs(method="cg", hessian_batches=args.hessian_batches, tol=1e-4)
+        head, x, y, SolverArgs(solver="cg", hessian_batches=args.hessian_batches, tol=1e-4)
     )
     t_build = time.perf_counter() - t0
     w = inv.solve(gval)

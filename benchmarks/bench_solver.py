@@ -66,7 +66,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     head, x, y, g = problem(a)
-    inv = InverseHessian(head, x, y, SolverArgs(method="ekfac", ekfac_batches=None))
+    inv = InverseHessian(head, x, y, SolverArgs(solver="ekfac", ekfac_batches=None))
     pre = inv.ekfac.apply
     # one preconditioned CG run, keeping the iterates
     xs, rels = [], []
@@ -100,7 +100,7 @@ def main() -> None:
     for k in (None, 256, 64):
         if k is not None and k >= nb:
             continue
-        ek = InverseHessian(head, x, y, SolverArgs(method="ekfac", ekfac_batches=k))
+        ek = InverseHessian(head, x, y, SolverArgs(solver="ekfac", ekfac_batches=k))
         s = scores(head, x, y, ek.solve(g))
         print(f"| EK-FAC alone, {k or nb} batches | | {compare(s, ref)} |")
     print("\n| CG solve at the default tolerance | wall s | iterations |")
@@ -108,7 +108,7 @@ def main() -> None:
     for _round in range(2):  # interleaved, the second round is the one to read
         for cache in (0, SolverArgs().cache_bytes):
             t0 = time.perf_counter()
-            inv = InverseHessian(head, x, y, SolverArgs(method="cg", cache_bytes=cache))
+            inv = InverseHessian(head, x, y, SolverArgs(solver="cg", cache_bytes=cache))
             inv.solve(g)
             label = "recomputing every product" if cache == 0 else f"cache {cache >> 20} MiB"
             print(

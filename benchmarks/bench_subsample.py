@@ -61,7 +61,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     train, val, head = problem(a)
     g = loss_gradient(head, val.image, val.text)
-    full, w_full, sec_full = timed_solver(head, train, g, method="cg", tol=a.tol)
+    full, w_full, sec_full = timed_solver(head, train, g, solver="cg", tol=a.tol)
     ref = ecif.score(head, train, val, inverse=full)["influence"].to_numpy()
     tops = {p: set(np.argsort(ref)[: max(1, int(p * len(ref)))]) for p in (0.1, 0.01)}
     nb = head.partition.num_batches
@@ -78,7 +78,7 @@ def main() -> None:
     for k in counts:
         if k >= nb:
             continue
-        sub, w, sec = timed_solver(head, train, g, method="cg", tol=a.tol, hessian_batches=k)
+        sub, w, sec = timed_solver(head, train, g, solver="cg", tol=a.tol, hessian_batches=k)
         s = ecif.score(head, train, val, inverse=sub)["influence"].to_numpy()
         cos = float((w @ w_full) / (w.norm() * w_full.norm()))
         over = {p: len(t & set(np.argsort(s)[: len(t)])) / len(t) for p, t in tops.items()}

@@ -34,6 +34,7 @@ from scipy.stats import spearmanr
 
 import ecif
 from ecif.audit.trace import TraceBack, TraceQuery, query_loss_and_gradient
+from ecif.audit.trace_args import TraceArgs
 from ecif.audit.trace_cache import build_context, load_context, trace_solver
 from ecif.data.index import VectorIndex
 from ecif.engine.batches import make_partition
@@ -144,7 +145,7 @@ def norms(args) -> None:
         tb.norms = est
         sp, kept = [], {False: [], True: []}
         for refine in (False, True):
-            tb.norms_estimated, tb.refine = refine, args.refine
+            tb.norms_estimated, tb.args.refine = refine, args.refine
             for q, r in zip(queries, ref, strict=True):
                 v = tb.rank(q)["relative_influence"].to_numpy()
                 if not refine:
@@ -237,8 +238,8 @@ def latency(args) -> None:
         how = "built"
     print(f"batch context ({how}): {time.perf_counter() - t0:.1f} s")
     norms = np.ones(n)  # a query's cost does not depend on the norms' values
-    tb = TraceBack(head, train, idx, norms=norms, context=ctx, context_top=args.top)
-    tb.query_threads = args.query_threads
+    targs = TraceArgs(context_top=args.top, query_threads=args.query_threads)
+    tb = TraceBack(head, train, idx, targs, norms=norms, context=ctx)
     tb.inverse = inv
     qrows = g.choice(n, args.queries, replace=False)
     print(
@@ -273,7 +274,7 @@ def latency(args) -> None:
             ranked = tb.rank(q, rows)  # the numerators from the stored batch context
             t4 = time.perf_counter()
             assert ranked.attrs["norm"] == "precomputed"
-            tb.norms_estimated, tb.refine = True, args.refine
+            tb.norms_estimated, tb.args.refine = True, args.refine
             tb.rank(q, rows)  # the same + exact norms for each side's top rows
             t5 = time.perf_counter()
             solve = t2 - t1

@@ -3,6 +3,8 @@
 from ecif import datasets  # noqa: F401  (ecif.datasets.shapes(...) after import ecif)
 from ecif._version import __version__
 from ecif.api import (
+    FitArgs,
+    SolverArgs,
     classification_gradient,
     fit,
     loss_gradient,
@@ -13,6 +15,7 @@ from ecif.api import (
 )
 from ecif.audit import AuditArgs, Auditor
 from ecif.audit.shards import score_shards
+from ecif.audit.trace_args import TraceArgs
 from ecif.data import EmbeddingSet
 from ecif.data.embed import embed
 from ecif.engine.fit import ConvergenceWarning
@@ -23,7 +26,10 @@ __all__ = [
     "Auditor",
     "ConvergenceWarning",
     "EmbeddingSet",
+    "FitArgs",
     "Head",
+    "SolverArgs",
+    "TraceArgs",
     "__version__",
     "classification_gradient",
     "datasets",

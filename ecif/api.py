@@ -17,14 +17,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ecif.engine.batch_context import context_dots, context_norms
+from ecif.engine.batch_context import DEFAULT_TOP, context_dots, context_norms
 from ecif.engine.fit import FitArgs, fit_head, new_head
-from ecif.engine.head import Head, as_arrays
+from ecif.engine.head import CLIP_LOGIT_SCALE, Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
 from ecif.engine.influence import loss_gradient as _loss_gradient
 from ecif.engine.influence import negative_breakdown as _negative_breakdown
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import candidate_pass
+from ecif.options import rename_keywords, renamed, with_options
 
 
 def _ids(data) -> np.ndarray:
@@ -51,66 +52,39 @@ def _check_widths(head: Head, data, what: str) -> None:
 
 def fit(
     train,
+    args: FitArgs | None = None,
     *,
-    batch_size: int = 256,
-    seed: int = 0,
-    lam: float = 1e-3,
-    logit_scale: float | None = None,
-    learn_scale: bool = False,
-    dtype: str = "float32",
-    device: str = "cpu",
     exclude: Sequence[Any] | None = None,
     init: Head | None = None,
-    max_iter: int = 500,
-    tol: float | None = None,
-    newton_steps: int = 0,
-    solver: str = "auto",
     groups: np.ndarray | None = None,
-    warmup_epochs: int | None = None,
-    warmup_lr: float | None = None,
-    whiten: bool = True,
-    progress: bool = False,
+    **options: Any,
 ) -> Head:
     """Fit the bilinear head on ``train`` to a stationary point.
+
+    Options: ``args`` (a ``FitArgs``) and/or its fields as keywords (``batch_size``, ``seed``,
+    ``lam``, ``logit_scale``, ``learn_scale``, ``dtype``, ``device``, ``max_iter``, ``tol``,
+    ``optimizer``, ``warmup_epochs``, ``whiten``, ``progress``, ...; their defaults and meaning:
+    ``ecif.engine.fit.FitArgs``). ``logit_scale`` None: the set's own (``train.logit_scale``)
+    or 100, CLIP's.
 
     ``exclude``: ids removed from their batches (the partition of ``init`` or of ``seed`` is
     kept; the per-pair weight 1/N stays that of the full set, so a removal deletes exactly
     that pair's terms). ``init``: warm start (and its partition). ``groups``: a label per row
     (the input shard); batches never cross groups, so shards can be scored one by one.
-    ``logit_scale`` defaults to the set's own (``train.logit_scale``) or 100, CLIP's.
-    ``warmup_epochs``: epochs of streamed minibatch steps (peak ``warmup_lr``) before the
-    full-batch solver, which still runs to ``tol`` (same optimum, fewer full passes); None:
-    2 on the L-BFGS path from 50k pairs without ``init``, else 0. ``whiten``: L-BFGS in
-    variables whitened by the embeddings' second moments (same optimum, far fewer passes on
-    anisotropic embeddings). ``progress``: bars.
 
-    ``tol``: on the gradient's max-abs; default 1e-5 in float32, 1e-9 in float64.
-    ``head.info["converged"]`` is True when the fit met it; when it did not, a
-    ``ecif.ConvergenceWarning`` says so and what to try (``head.info["stop"]``: ``max_iter``,
-    or ``precision``: no step lowers the gradient any more at this dtype's precision).
+    ``tol``: on the gradient's max-abs. ``head.info["converged"]`` is True when the fit met
+    it; when it did not, a ``ecif.ConvergenceWarning`` says so and what to try
+    (``head.info["stop"]``: ``max_iter``, or ``precision``: no step lowers the gradient any
+    more at this dtype's precision).
     """
+    options = rename_keywords(options, {"solver": "optimizer"}, "ecif.fit")  # one release
+    args = with_options(FitArgs, args, options, "ecif.fit")
     x, y = as_arrays(train)
     if len(x) < 2:
         raise ValueError(f"need at least 2 pairs to fit a contrastive head; got {len(x)}")
-    if logit_scale is None:
-        logit_scale = float(getattr(train, "logit_scale", None) or 100.0)
-    args = FitArgs(
-        batch_size=batch_size,
-        seed=seed,
-        lam=lam,
-        logit_scale=logit_scale,
-        learn_scale=learn_scale,
-        dtype=dtype,
-        device=device,
-        max_iter=max_iter,
-        tol=tol,
-        newton_steps=newton_steps,
-        solver=solver,
-        warmup_epochs=warmup_epochs,
-        warmup_lr=warmup_lr,
-        whiten=whiten,
-        progress=progress,
-    )
+    if args.logit_scale is None:
+        scale = getattr(train, "logit_scale", None) or CLIP_LOGIT_SCALE
+        args = replace(args, logit_scale=float(scale))
     head = new_head(x, y, args, groups=groups)
     if init is not None:
         if init.partition.n != len(x):
@@ -130,12 +104,17 @@ def loss_gradient(head: Head, data) -> torch.Tensor:
     return _loss_gradient(head, x, y)
 
 
-def solver(head: Head, train, *, method: str = "auto", **kw) -> InverseHessian:
-    """The inverse-Hessian operator of a fitted head (``exact``, ``cg``, ``ekfac``, ``auto``)."""
+@renamed(method="solver")
+def solver(head: Head, train, args: SolverArgs | None = None, **options: Any) -> InverseHessian:
+    """The inverse-Hessian operator of a fitted head. Options: ``args`` (a ``SolverArgs``)
+    and/or its fields as keywords: ``solver`` (``exact``, ``cg``, ``ekfac``, ``auto``),
+    ``tol``, ``hessian_batches``, ``ekfac_batches``, ... (``ecif.engine.inverse_hessian``)."""
+    args = with_options(SolverArgs, args, options, "ecif.solver")
     x, y = as_arrays(train)
-    return InverseHessian(head, x, y, SolverArgs(method=method, **kw))
+    return InverseHessian(head, x, y, args)
 
 
+@renamed(method="solver")
 def score(
     head: Head,
     train,
@@ -143,7 +122,7 @@ def score(
     *,
     query_grad: torch.Tensor | None = None,
     neg: str = "exact",
-    method: str = "auto",
+    solver: str | SolverArgs | None = None,
     inverse: InverseHessian | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -152,6 +131,8 @@ def score(
     Columns: id, influence, influence_pos, influence_neg. ``influence`` is the predicted change
     of the validation loss if the pair is removed: negative = removing it helps = harmful.
     Give ``val`` (an EmbeddingSet) or ``query_grad`` (a flat gradient, e.g. of a test loss).
+    ``solver``: the inverse-Hessian solver's name or its ``SolverArgs`` (None: the defaults,
+    ``auto``); ``inverse``: one already built.
     """
     _check_widths(head, train, "training")
     x, y = as_arrays(train)
@@ -163,7 +144,9 @@ def score(
         _check_widths(head, val, "validation")
         vx, vy = as_arrays(val)
         query_grad = _loss_gradient(head, vx, vy)
-    inv = inverse or InverseHessian(head, x, y, SolverArgs(method=method))
+    if not isinstance(solver, SolverArgs):
+        solver = SolverArgs() if solver is None else SolverArgs(solver=solver)
+    inv = inverse or InverseHessian(head, x, y, solver)
     w = inv.solve(query_grad.to(head.dtype))
     bar = tqdm(total=head.partition.num_batches, desc="scoring", unit="batch", disable=not progress)
     d_pos, d_neg = score_pass(head, x, y, w, neg=neg, progress=bar.update)
@@ -234,7 +217,7 @@ def relative_influence(
     norms: np.ndarray | None = None,
     rank_tol: float = 1e-3,
     context: dict | None = None,
-    context_top: int = 32,
+    context_top: int = DEFAULT_TOP,
     batches_per_step: int = 8,
 ) -> pd.DataFrame:
     """RelatIF-style trace-back: g_test^T d_n / ||d_n||, d_n = H^-1 grad R_n, for candidate rows.
@@ -301,7 +284,9 @@ def negative_breakdown(
 
 
 __all__ = [
+    "FitArgs",
     "Head",
+    "SolverArgs",
     "classification_gradient",
     "fit",
     "loss_gradient",

@@ -166,7 +166,7 @@ def test_exhaustive_ranking_equals_brute_force(fitted):
     assert np.allclose(ranked["relative_influence"], expected, rtol=1e-7, atol=1e-12)
     assert np.allclose(ranked["influence"], (d @ g).numpy() / len(train), rtol=1e-7)
     # EK-FAC norms: the closed form equals the norm of an explicit EK-FAC solve
-    inv = ecif.solver(head, train, method="ekfac")
+    inv = ecif.solver(head, train, solver="ekfac")
     rows = np.arange(0, len(train), 7)
     ek = ecif.relative_influence(head, train, g, rows, inverse=inv)
     de = inv.solve(grads[rows])
@@ -262,7 +262,7 @@ def test_relative_influence_with_learned_scale_and_a_short_batch(method):
         head.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
     )
     rows = [0, 3, 44, 40, 21]
-    inv = ecif.solver(head, train, method=method)
+    inv = ecif.solver(head, train, solver=method)
     got = ecif.relative_influence(head, train, g, rows, inverse=inv)
     grads = torch.stack([ref.removal_grad(n) for n in rows])
     h = ref.hessian() if method == "exact" else None
@@ -357,7 +357,7 @@ def test_index_precomputes_norms_that_match_per_candidate_norms(tmp_path, capsys
     ratio = est / tb.norms
     assert 0.8 < np.median(ratio) < 1.2 and np.abs(ratio - 1).max() > 1e-3
     # estimated norms: each side's top rows are re-scored with exact norms
-    tb_est.refine = 5
+    tb_est.args.refine = 5
     got = tb_est.rank(q)
     assert "top" in got.attrs["norm"]
     rel, want = got["relative_influence"].to_numpy(), slow["relative_influence"].to_numpy()

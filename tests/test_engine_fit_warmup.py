@@ -11,7 +11,7 @@ from ecif.engine.fit import FitArgs, fit_head, new_head
 from tests.engine_reference import Reference, synthetic_pairs
 
 # Forced onto the L-BFGS path (the warm-up's path; auto would pick Newton for these widths).
-KW = dict(batch_size=32, lam=1e-2, logit_scale=20.0, dtype="float64", solver="lbfgs")
+KW = dict(batch_size=32, lam=1e-2, logit_scale=20.0, dtype="float64", optimizer="lbfgs")
 
 
 def noisy_copies(n, d, seed):
@@ -54,13 +54,13 @@ def test_warm_fit_reaches_the_tolerance_and_the_cold_optimum(rotated):
     # strongly convex with modulus lam: |theta_w - theta_c| <= |g_w - g_c| / lam
     assert float((warm.m - cold.m).abs().max()) < 1e-7
     # and the same point as the dense-Hessian Newton solver reaches
-    newton = ecif.fit(train, **{**KW, "solver": "newton"})
+    newton = ecif.fit(train, **{**KW, "optimizer": "newton"})
     assert float((warm.m - newton.m).abs().max()) < 1e-7
 
 
 def test_warm_up_lowers_the_full_passes():
     # lam 1e-3, logit scale 100; tol 1e-8 is about where float64 line searches stall here
-    kw = dict(batch_size=32, dtype="float64", solver="lbfgs", tol=1e-8)
+    kw = dict(batch_size=32, dtype="float64", optimizer="lbfgs", tol=1e-8)
     cold_passes = warm_passes = 0
     for seed in (0, 1):
         x, y = noisy_copies(10_000, 16, seed)
@@ -100,7 +100,7 @@ def test_warm_up_streams_float16_memmaps(tmp_path):
         paths.append(tmp_path / f"{name}.npy")
     xm, ym = (np.load(p, mmap_mode="r") for p in paths)
     assert isinstance(xm, np.memmap) and xm.dtype == np.float16
-    kw = dict(batch_size=32, solver="lbfgs", warmup_epochs=2, dtype="float64", tol=1e-8)
+    kw = dict(batch_size=32, optimizer="lbfgs", warmup_epochs=2, dtype="float64", tol=1e-8)
     head = ecif.fit((xm, ym), **kw)
     assert head.info["warmup"]["finite"] and head.info["grad_max"] <= 1e-8
     # the same numbers as in-memory float64 copies of the same half-precision values
@@ -171,7 +171,7 @@ def test_bad_batches_per_step_is_refused():
 
 def test_progress_bars_go_to_stderr(capsys):
     x, y, _ = synthetic_pairs(256, 4, seed=0)
-    ecif.fit((x, y), batch_size=16, solver="lbfgs", warmup_epochs=1, progress=True)
+    ecif.fit((x, y), batch_size=16, optimizer="lbfgs", warmup_epochs=1, progress=True)
     err = capsys.readouterr().err
     assert "fit warm-up" in err and "fit (L-BFGS)" in err
 

@@ -12,14 +12,14 @@ KW = dict(batch_size=64, lam=1e-3, dtype="float64")
 
 def test_whitened_lbfgs_reaches_newtons_optimum_where_plain_lbfgs_crawls():
     x, y, _ = clip_like_pairs(3000, 32, seed=0)  # anisotropic, like CLIP embeddings
-    newton = ecif.fit((x, y), solver="newton", **KW)  # dense Hessian: the reference optimum
-    white = ecif.fit((x, y), solver="lbfgs", tol=1e-7, max_iter=3000, **KW)
+    newton = ecif.fit((x, y), optimizer="newton", **KW)  # dense Hessian: the reference optimum
+    white = ecif.fit((x, y), optimizer="lbfgs", tol=1e-7, max_iter=3000, **KW)
     assert white.info["converged"] and white.info["evaluations"] < 150
     rel = float((white.m - newton.m).abs().max() / newton.m.abs().max())
     assert rel < 1e-5
     # plain L-BFGS crawls (> 300 iterations without Newton-CG); since issue 13 it hands over
     # to Newton-CG when it slows down, and still costs more passes (measured 93 against 66)
-    plain = ecif.fit((x, y), solver="lbfgs", tol=1e-7, max_iter=3000, whiten=False, **KW)
+    plain = ecif.fit((x, y), optimizer="lbfgs", tol=1e-7, max_iter=3000, whiten=False, **KW)
     assert plain.info["converged"]
     assert float((plain.m - newton.m).abs().max() / newton.m.abs().max()) < 1e-5
     assert white.info["evaluations"] < plain.info["evaluations"]
@@ -27,15 +27,15 @@ def test_whitened_lbfgs_reaches_newtons_optimum_where_plain_lbfgs_crawls():
 
 def test_whitening_with_a_learned_scale_reaches_a_stationary_point():
     x, y, _ = clip_like_pairs(2000, 16, seed=1)
-    head = ecif.fit((x, y), solver="lbfgs", learn_scale=True, tol=1e-7, max_iter=3000, **KW)
+    head = ecif.fit((x, y), optimizer="lbfgs", learn_scale=True, tol=1e-7, max_iter=3000, **KW)
     assert head.info["converged"]
-    newton = ecif.fit((x, y), solver="newton", learn_scale=True, **KW)
+    newton = ecif.fit((x, y), optimizer="newton", learn_scale=True, **KW)
     assert abs(head.logit_scale - newton.logit_scale) < 1e-4 * newton.logit_scale
 
 
 def test_whitener_is_symmetric_and_inverts_the_damped_second_moments():
     x, y, _ = clip_like_pairs(500, 6, seed=2)
-    head = ecif.fit((x, y), solver="newton", **KW)
+    head = ecif.fit((x, y), optimizer="newton", **KW)
     lin = moment_whitener(head, x, y)
     g = torch.Generator().manual_seed(0)
     u, v = (torch.randn(36, generator=g, dtype=torch.float64) for _ in range(2))

@@ -20,17 +20,17 @@ def _small(learn_scale=False, n=48, d=4):
     return train, val, head
 
 
-@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+@pytest.mark.parametrize("optimizer", ["newton", "lbfgs"])
 @pytest.mark.parametrize("learn_scale", [False, True])
-def test_fit_reaches_a_stationary_point_of_the_reference_objective(learn_scale, solver):
+def test_fit_reaches_a_stationary_point_of_the_reference_objective(learn_scale, optimizer):
     x, y, _ = synthetic_pairs(48, 4, noise=0.25, seed=1)
     train = ecif.EmbeddingSet(x, y)
     kw = dict(batch_size=8, lam=1e-2, logit_scale=8.0, learn_scale=learn_scale, dtype="float64")
-    head = ecif.fit(train, solver=solver, **kw)
+    head = ecif.fit(train, optimizer=optimizer, **kw)
     ref = Reference(head, train.image, train.text)
     g = torch.func.grad(ref.objective)(head.theta())
     assert float(g.abs().max()) < 1e-8
-    assert head.info["converged"] and head.info["solver"] == solver
+    assert head.info["converged"] and head.info["optimizer"] == optimizer
 
 
 @pytest.mark.parametrize("learn_scale", [False, True])
@@ -40,7 +40,7 @@ def test_hvp_matches_dense_autograd_hessian(learn_scale):
     v = torch.randn(3, head.num_params, dtype=torch.float64)
     hv = HeadObjective(head, train.image, train.text).hvp(head.theta(), v)
     assert torch.allclose(hv, v @ h.T, atol=1e-10 * float(h.abs().max()))
-    dense = ecif.solver(head, train, method="exact").dense()
+    dense = ecif.solver(head, train, solver="exact").dense()
     assert torch.allclose(dense, h, atol=1e-10 * float(h.abs().max()))
 
 
@@ -50,10 +50,10 @@ def test_score_equals_brute_force_formula(learn_scale):
     ref = Reference(head, train.image, train.text)
     w = torch.linalg.solve(ref.hessian(), ref.val_grad(val.image, val.text))
     expected = np.array([float(ref.removal_grad(n) @ w) / len(train) for n in range(len(train))])
-    for method in ("exact", "cg"):
-        inverse = ecif.solver(head, train, method=method, tol=1e-11)
+    for solver in ("exact", "cg"):
+        inverse = ecif.solver(head, train, solver=solver, tol=1e-11)
         df = ecif.score(head, train, val, inverse=inverse)
-        assert np.allclose(df["influence"], expected, rtol=1e-6, atol=1e-10), method
+        assert np.allclose(df["influence"], expected, rtol=1e-6, atol=1e-10), solver
         assert np.allclose(df["influence_pos"] + df["influence_neg"], df["influence"], atol=1e-12)
     assert list(df["id"]) == list(train.ids)
 
@@ -78,10 +78,10 @@ def test_cg_and_ekfac_solvers_against_exact():
     train = ecif.EmbeddingSet(x, y)
     head = ecif.fit(train, batch_size=32, lam=1e-3, logit_scale=10.0, **F64)
     g = torch.randn(4, head.num_params, dtype=torch.float64)
-    exact = ecif.solver(head, train, method="exact").solve(g)
-    cg = ecif.solver(head, train, method="cg", tol=1e-10)
+    exact = ecif.solver(head, train, solver="exact").solve(g)
+    cg = ecif.solver(head, train, solver="cg", tol=1e-10)
     assert torch.allclose(cg.solve(g), exact, rtol=1e-7, atol=1e-9)
-    ek = ecif.solver(head, train, method="ekfac").solve(g)
+    ek = ecif.solver(head, train, solver="ekfac").solve(g)
     cos = torch.nn.functional.cosine_similarity(ek, exact, dim=1)
     assert float(cos.min()) > 0.9
 
@@ -91,14 +91,14 @@ def test_ekfac_from_a_batch_sample_stays_close_and_cg_stays_exact():
     train = ecif.EmbeddingSet(x, y)
     head = ecif.fit(train, batch_size=16, lam=1e-3, logit_scale=10.0, **F64)  # 125 batches
     g = torch.randn(3, head.num_params, dtype=torch.float64)
-    exact = ecif.solver(head, train, method="exact").solve(g)
-    full = ecif.solver(head, train, method="ekfac", ekfac_batches=None)
-    some = ecif.solver(head, train, method="ekfac", ekfac_batches=32)
+    exact = ecif.solver(head, train, solver="exact").solve(g)
+    full = ecif.solver(head, train, solver="ekfac", ekfac_batches=None)
+    some = ecif.solver(head, train, solver="ekfac", ekfac_batches=32)
     assert full.info["ekfac_batches"] == 125 and some.info["ekfac_batches"] == 32
     a, b = full.solve(g), some.solve(g)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
     assert float(cos.min()) > 0.98 and not torch.allclose(a, b)
-    cg = ecif.solver(head, train, method="cg", tol=1e-10, ekfac_batches=32)
+    cg = ecif.solver(head, train, solver="cg", tol=1e-10, ekfac_batches=32)
     assert torch.allclose(cg.solve(g), exact, rtol=1e-7, atol=1e-9)
 
 
@@ -121,8 +121,8 @@ def test_cached_hessian_vector_products_equal_recomputed_ones(learn_scale):
         assert torch.allclose(first, want, rtol=1e-12) and torch.allclose(again, want, rtol=1e-12)
         moved = theta + 0.01 * torch.randn_like(theta)  # a new theta invalidates the cache
         assert torch.allclose(cached.hvp(moved, v), plain.hvp(moved, v), rtol=1e-12)
-    a = ecif.solver(head, train, method="cg", tol=1e-10, cache_bytes=0).solve(v)
-    b = ecif.solver(head, train, method="cg", tol=1e-10).solve(v)
+    a = ecif.solver(head, train, solver="cg", tol=1e-10, cache_bytes=0).solve(v)
+    b = ecif.solver(head, train, solver="cg", tol=1e-10).solve(v)
     assert torch.allclose(a, b, rtol=1e-10)
 
 
@@ -134,7 +134,7 @@ def test_auto_solver_picks_the_cheaper_method_and_scores_agree():
     train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
     head = ecif.fit(train, batch_size=64, lam=1e-3, logit_scale=10.0, **F64)
     auto = ecif.score(head, train, val)
-    exact = ecif.score(head, train, val, method="exact")
+    exact = ecif.score(head, train, val, solver="exact")
     assert auto.attrs["solver"]["method"] == "cg"
     ref = exact["influence"].to_numpy()
     np.testing.assert_allclose(auto["influence"], ref, rtol=0, atol=1e-3 * np.abs(ref).max())
@@ -230,7 +230,7 @@ def test_negative_breakdown_sums_to_influence_neg():
     from ecif.engine.influence import loss_gradient, negative_breakdown
 
     train, val, head = _small()
-    w = ecif.solver(head, train, method="exact").solve(loss_gradient(head, val.image, val.text))
+    w = ecif.solver(head, train, solver="exact").solve(loss_gradient(head, val.image, val.text))
     df = ecif.score(head, train, val)
     for row in (0, 9, 30):
         parts = negative_breakdown(head, train.image, train.text, w, row)

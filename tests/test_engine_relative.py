@@ -36,7 +36,7 @@ def test_exact_norms_equal_brute_force(learn_scale):
     ref = Reference(head, train.image, train.text)
     grads = torch.stack([ref.removal_grad(n) for n in range(len(train))])
     expected = torch.linalg.solve(ref.hessian(), grads.T).T.norm(dim=1).numpy()
-    inv = InverseHessian(head, train.image, train.text, SolverArgs(method="exact"))
+    inv = InverseHessian(head, train.image, train.text, SolverArgs(solver="exact"))
     got = exact_norms(head, train.image, train.text, inv)
     assert np.allclose(got, expected, rtol=1e-8)
 
@@ -79,7 +79,7 @@ def test_selected_members_equal_the_full_batch_terms(neg):
 
 def test_probe_norms_estimate_exact_norms():
     train, _, head = _head()
-    inv = InverseHessian(head, train.image, train.text, SolverArgs(method="exact"))
+    inv = InverseHessian(head, train.image, train.text, SolverArgs(solver="exact"))
     exact = exact_norms(head, train.image, train.text, inv)
     est = probe_norms(head, train.image, train.text, inv, probes=3000, seed=1)
     ratio = est / exact
@@ -96,14 +96,14 @@ def test_low_rank_w_and_precomputed_norms_match_the_full_path():
     g_test = ref.val_grad(val.image[:5], val.text[:5])
     rows = np.arange(len(train))  # every batch, the short one (200 = 12 x 16 + 8) included
     full = ecif.relative_influence(head, train, g_test, rows)
-    inv = InverseHessian(head, train.image, train.text, SolverArgs(method="exact"))
+    inv = InverseHessian(head, train.image, train.text, SolverArgs(solver="exact"))
     norms = exact_norms(head, train.image, train.text, inv)
     fast = ecif.relative_influence(head, train, g_test, rows, inverse=inv, norms=norms, rank_tol=0)
     assert np.allclose(fast["relative_influence"], full["relative_influence"], rtol=1e-7)
     assert fast.attrs["norm"] == "precomputed"
     # a truncated W (EK-FAC's, as traces at scale use): the dot products move by at most
     # ||grad R_n|| * ||W - W_r||
-    w = InverseHessian(head, train.image, train.text, SolverArgs(method="ekfac")).solve(g_test)
+    w = InverseHessian(head, train.image, train.text, SolverArgs(solver="ekfac")).solve(g_test)
     wm = w.reshape(32, 32)
     lr = low_rank(wm, 0.05)
     assert lr is not None
@@ -156,7 +156,7 @@ def test_context_norms_equal_the_batch_pass_ekfac_norms_and_respect_their_bound(
     train, val, head = _head(n=45, d=4, learn_scale=False)  # a short last batch
     x, y = train.image, train.text
     ctx = fill_context(head, x, y, new_context(len(train), 4, 4, vector_dtype=np.float64))
-    inv = InverseHessian(head, x, y, SolverArgs(method="ekfac"))
+    inv = InverseHessian(head, x, y, SolverArgs(solver="ekfac"))
     rows = np.arange(len(train))
     _, want = candidate_pass(head, x, y, None, rows, neg=neg, inverse=inv)
     got, bound = context_norms(head, x, y, ctx, inv.ekfac, rows, top=8, neg=neg, chunk=7)
@@ -182,7 +182,7 @@ def test_float16_context_on_a_float32_head_stays_close_to_the_batch_pass():
     x, y = x.astype(np.float16), y.astype(np.float16)  # as clip-retrieval stores them
     head = ecif.fit((x, y), batch_size=32, lam=1e-3, logit_scale=30.0)  # float32 head
     ctx = fill_context(head, x, y, new_context(600, 8, 8, vector_dtype=np.float16))
-    inv = InverseHessian(head, x, y, SolverArgs(method="ekfac"))
+    inv = InverseHessian(head, x, y, SolverArgs(solver="ekfac"))
     w = inv.solve(torch.randn(head.num_params, generator=torch.Generator().manual_seed(1)))
     rows = np.arange(0, 600, 7)
     want_dot, want_norm = candidate_pass(head, x, y, w, rows, inverse=inv)

@@ -8,7 +8,8 @@ influence_neg, misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_sc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,37 +19,101 @@ from ecif.audit.combine import SIGNALS, fit_mixture, suspicion, weighted_sum
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
-from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head
+from ecif.device import resolve_device
+from ecif.engine.fit import FitArgs
+from ecif.engine.head import CLIP_LOGIT_SCALE, DENSE_HESSIAN_MAX_PARAMS, Head
+from ecif.engine.inverse_hessian import SolverArgs
+from ecif.options import borrow, default_of, option, renamed
 
 VAL_MODES = ("auto", "self", "crossfit")
 # no validation set, "auto": self-influence (a solve per pair, affordable with the head's dense
 # factorization) up to this many adapter entries, cross-fitting above
 SELF_INFLUENCE_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS
 WEIGHT_MODES = ("auto", "equal", *SIGNALS)
+NEG_FORMS = ("exact", "first_order")
+# the fit's options an audit hands on (FitArgs's own fields), and the solve's (SolverArgs's)
+FIT_OPTIONS = ("batch_size", "seed", "dtype", "device", "warmup_epochs")
+SOLVER_OPTIONS = ("solver",)
+RENAMED_OPTIONS = {"method": "solver"}  # recorded options of older audits: old -> new name
 
 
+@renamed(**RENAMED_OPTIONS)
 @dataclass
 class AuditArgs:
-    """Everything that decides an audit's numbers (recorded in every output)."""
+    """Everything that decides an audit's numbers (recorded in every output).
 
-    batch_size: int = 256
-    seed: int = 0
-    # "auto": half the temperature that calibrates the pretrained similarity on the trusted
-    # pairs (ecif/audit/selection.py); "model": the embedding model's own (else 100); a number
-    logit_scale: float | str | None = "auto"
-    lam: float | str = "auto"  # L2 pull towards the pretrained model: "auto" or a number
-    # misalign_score: "auto" (log-odds of a two-component mixture over the signals), "equal"
-    # (sum of standardised signals), or one signal's name alone
-    weights: str = "auto"
-    neg: str = "exact"  # removal term: "exact" or "first_order"
-    method: str = "auto"  # inverse-Hessian solver: auto, exact, cg, ekfac
-    threshold: str | float | int = "auto"  # "auto", a fraction in (0, 1), or a count
-    no_val: str = "auto"  # without a validation set: "self", "crossfit", or auto (self if small)
-    proxy_fraction: float = 0.5  # crossfit: share of the other half (highest clip_score) kept
-    dtype: str = "float32"
-    device: str = "cpu"
-    warmup_epochs: int | None = None  # minibatch epochs before the full-batch fit; None: auto
-    select: SelectArgs = field(default_factory=SelectArgs)
+    The options it hands on to the fit and the solve are ``FitArgs``'s and ``SolverArgs``'s
+    own fields (``borrow``: one default, one help text); ``fit_args()`` and ``solver_args()``
+    compose those stages' options from them. The rest are the audit's own: the head's scale
+    and pull are chosen per audit ("auto"), unlike a plain ``ecif.fit``.
+    """
+
+    batch_size: int = borrow(FitArgs, "batch_size")
+    seed: int = borrow(
+        FitArgs, "seed", help="seed of the batch partition, the scale calibration and cross-fitting"
+    )
+    logit_scale: float | str | None = option(
+        "auto",
+        help="logit scale t of the head; auto: half the temperature that calibrates the "
+        "pretrained similarity on the trusted pairs (the validation set, else the training "
+        f"set); model: the embedding model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
+    )
+    lam: float | str = option(
+        "auto",
+        help="L2 pull of the head towards the pretrained model; auto: "
+        f"{default_of(SelectArgs, 'lam'):g} (select.lam; audit.json's head_choice records the "
+        "pull used), or a number",
+    )
+    weights: str = option(
+        "auto",
+        help="how misalign_score combines the standardised signals: auto (log-odds of a "
+        "two-component mixture over the signals), equal (sum of standardised signals), or one "
+        "signal alone",
+        choices=WEIGHT_MODES,
+    )
+    neg: str = option("exact", help="form of the removal term", choices=NEG_FORMS)
+    solver: str = borrow(SolverArgs, "solver")
+    threshold: str | float | int = option(
+        "auto",
+        help="how many to flag: 'auto' (estimated noise rate), a fraction like 0.1, or a count "
+        "like 500",
+    )
+    no_val: str = option(
+        "auto",
+        help="without a validation set: self-influence or cross-fitting (auto: self for small "
+        "heads)",
+        choices=VAL_MODES,
+    )
+    proxy_fraction: float = option(
+        0.5,
+        help="cross-fitting: share of the other half (lowest pair loss) kept as its proxy "
+        "validation set",
+    )
+    dtype: str = borrow(FitArgs, "dtype")
+    device: str = borrow(FitArgs, "device")
+    warmup_epochs: int | None = borrow(FitArgs, "warmup_epochs")
+    select: SelectArgs = option(
+        default_factory=SelectArgs, help="how the head's scale and pull are set when auto"
+    )
+
+    def fit_args(self, **overrides: Any) -> FitArgs:
+        """The fit's options: this audit's, FitArgs's defaults for the rest, ``overrides``."""
+        return FitArgs(**{k: getattr(self, k) for k in FIT_OPTIONS}, **overrides)
+
+    def solver_args(self, **overrides: Any) -> SolverArgs:
+        """The inverse-Hessian solve's options: this audit's solver, SolverArgs's defaults."""
+        return SolverArgs(**{k: getattr(self, k) for k in SOLVER_OPTIONS}, **overrides)
+
+    def record(self) -> dict:
+        """The options as recorded beside the scores, with the device that computed them."""
+        return {**asdict(self), "device": resolve_device(self.device)}
+
+    @classmethod
+    def from_record(cls, options: dict) -> AuditArgs:
+        """The options recorded by an audit (older names read too; ``select`` as default)."""
+        opts = {RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}
+        keep = {f.name for f in fields(cls)} - {"select"}
+        return cls(**{k: v for k, v in opts.items() if k in keep})
 
 
 def clip_scores(data: EmbeddingSet, chunk: int = 65536) -> np.ndarray:
@@ -104,25 +169,18 @@ class Auditor:
         progress: bool = False,
     ) -> Head:
         """Fit a head on ``data`` with the audit's options; scale and pull: as given, else the
-        chosen ones, else the explicit options (lam 1e-2 and the model's scale otherwise)."""
+        chosen ones, else the explicit options (``select.lam`` and the model's scale otherwise)."""
         a = self.args
         choice = self.choose() if lam is None or logit_scale is None else self.choice
         if lam is None:
-            lam = choice.lam if choice else (_number(a.lam, "lam") or 1e-2)
+            lam = choice.lam if choice else (_number(a.lam, "lam") or a.select.lam)
         if logit_scale is None:
             logit_scale = choice.logit_scale if choice else _number(a.logit_scale, "logit_scale")
         return api.fit(
             data,
-            batch_size=a.batch_size,
-            seed=a.seed,
-            lam=lam,
-            logit_scale=logit_scale,
-            dtype=a.dtype,
-            device=a.device,
+            a.fit_args(lam=lam, logit_scale=logit_scale, progress=progress),
             groups=groups_of(data) if init is None else None,
-            warmup_epochs=a.warmup_epochs,
             init=init,
-            progress=progress,
         )
 
     def choose(self) -> HeadChoice:
@@ -134,7 +192,7 @@ class Auditor:
             raise ValueError(f"weights must be one of {WEIGHT_MODES}; got {a.weights!r}")
         scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
         if a.logit_scale == "model" or a.logit_scale is None:
-            scale = float(getattr(self.train, "logit_scale", None) or 100.0)
+            scale = float(getattr(self.train, "logit_scale", None) or CLIP_LOGIT_SCALE)
         self.choice = choose_head(
             self.train,
             self.val,
@@ -162,7 +220,12 @@ class Auditor:
             self.heads = [head]
             self.val_source = f"validation set ({len(self.val)} pairs)"
             df = api.score(
-                head, self.train, self.val, neg=a.neg, method=a.method, progress=progress
+                head,
+                self.train,
+                self.val,
+                neg=a.neg,
+                solver=a.solver_args(),
+                progress=progress,
             )
             df["pair_loss"] = api.pair_losses(head, self.train)
             return df
@@ -209,7 +272,7 @@ class Auditor:
                 subs[k],
                 proxies[1 - k],
                 neg=a.neg,
-                method=a.method,
+                solver=a.solver_args(),
                 progress=progress,
             )
             df["pair_loss"] = losses[k]
@@ -268,7 +331,7 @@ class Auditor:
             "threshold": how,
             "flagged": int(flagged),
             "n": len(self.train),
-            "options": asdict(self.args),
+            "options": self.args.record(),
             "logit_scale": head.logit_scale,
             "head_choice": self.choice.record() if self.choice else None,
             "fit": [dict(h.info) for h in self.heads],

@@ -17,18 +17,23 @@ from ecif.audit.folder import read_audit
 from ecif.audit.metrics import auroc, average_precision
 from ecif.audit.shards import score_shards
 from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.noisy import NOISE_KINDS
+from ecif.engine.fit import FitArgs
+from ecif.options import borrow, option
 
 
 @dataclass
 class DemoArgs:
-    output: str = "ecif-demo"
-    n_train: int = 3000
-    n_val: int = 600
-    noise: float = 0.2
-    noise_kind: str = "mixed"  # shuffles, near-miss shapes, one-attribute edits, boilerplate
-    seed: int = 0
-    batch_size: int = 256
-    shard_size: int = 1000
+    """The demo's data and where it goes (``ecif demo``'s options)."""
+
+    output: str = option("ecif-demo", help="folder the demo audit is written to")
+    n_train: int = option(3000, help="training pairs")
+    n_val: int = option(600, help="clean validation pairs")
+    noise: float = option(0.2, help="fraction of corrupted captions")
+    noise_kind: str = option("mixed", help="how captions are corrupted", choices=NOISE_KINDS)
+    seed: int = borrow(FitArgs, "seed", help="seed of the data, the noise and the audit")
+    batch_size: int = borrow(FitArgs, "batch_size")
+    shard_size: int = option(1000, help="pairs per input shard")
 
 
 def run_demo(

@@ -148,9 +148,7 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
     from ecif.audit.auditor import AuditArgs, Auditor
 
     info = json.loads((folder / "audit.json").read_text())
-    opts = info.get("options", {})
-    keep = set(AuditArgs.__dataclass_fields__) - {"select"}
-    args = AuditArgs(**{k: v for k, v in opts.items() if k in keep})
+    args = AuditArgs.from_record(info.get("options", {}))
     chosen = info.get("head_choice") or {}  # the audit's chosen scale and pull, not a new search
     head = Auditor(train, args=args).fit_head(
         train, logit_scale=chosen.get("logit_scale"), lam=chosen.get("lam")

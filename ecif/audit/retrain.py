@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ecif.data.tiny_clip import fit_contrastive, images_to_tensor
+from ecif.options import option
 
 REGIMES = ("finetune", "scratch")
 DEFAULT_LR = {"finetune": 5e-4, "scratch": 2e-3}
@@ -32,12 +33,16 @@ DEFAULT_LR = {"finetune": 5e-4, "scratch": 2e-3}
 class RetrainConfig:
     """One training recipe, applied unchanged to every kept set."""
 
-    steps: int = 300
-    batch_size: int = 64
-    lr: float | None = None  # None: DEFAULT_LR of the regime
-    weight_decay: float = 0.05
-    seed: int = 0
-    threads: int | None = 1  # torch threads while training; None keeps torch's setting
+    steps: int = option(300, help="training steps per kept set")
+    batch_size: int = option(64, help="pairs per training step")
+    lr: float | None = option(
+        None,
+        help="learning rate; if not given: "
+        + ", ".join(f"{v:g} {k.replace('finetune', 'fine-tune')}" for k, v in DEFAULT_LR.items()),
+    )
+    weight_decay: float = option(0.05, help="AdamW weight decay")
+    seed: int = option(0, help="seed of the initialisation and the batches")
+    threads: int | None = option(1, help="torch threads while training; None keeps torch's setting")
 
     def lr_for(self, regime: str) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR[regime])

@@ -18,15 +18,18 @@ import torch
 
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.engine.batches import make_partition
+from ecif.options import option
 
 
 @dataclass
 class SelectArgs:
     """How the head's scale and pull are set when they are "auto"."""
 
-    scale_factor: float = 0.5  # times the calibrated temperature of the pretrained similarity
-    lam: float = 1e-2
-    max_pairs: int = 20_000  # pairs the temperature is calibrated on
+    scale_factor: float = option(
+        0.5, help="auto scale: this times the calibrated temperature of the pretrained similarity"
+    )
+    lam: float = option(1e-2, help="auto pull: this lam")
+    max_pairs: int = option(20_000, help="pairs the temperature is calibrated on")
 
 
 @dataclass

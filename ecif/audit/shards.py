@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,13 @@ import torch
 import ecif.api as api
 from ecif._version import __version__
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
-from ecif.audit.auditor import AuditArgs, Auditor, clip_scores, misalign_scores
+from ecif.audit.auditor import (
+    RENAMED_OPTIONS,
+    AuditArgs,
+    Auditor,
+    clip_scores,
+    misalign_scores,
+)
 from ecif.audit.checks import check_threshold, check_training, check_validation
 from ecif.audit.folder import write_audit_description
 from ecif.audit.thresholds import flag_count, rank_and_flag
@@ -209,7 +215,7 @@ def score_shards(
         meta["validation_model"] = val.model
         if mismatch:
             meta["warnings"] = [mismatch]
-    meta["options"] = asdict(args)
+    meta["options"] = args.record()
     auditor = Auditor(train, val, args)
     meta["head_choice"] = auditor.choose().record()
     if val is None:  # self-influence or cross-fit need the whole set at once: in-process
@@ -218,7 +224,7 @@ def score_shards(
         heads = auditor.heads
         meta.update({k: v for k, v in table.attrs.items() if k not in ("threshold", "flagged")})
         meta["n_norm"] = float(np.mean([h.n_norm for h in heads]))
-        meta["options"] = asdict(args)
+        meta["options"] = args.record()
         scores_dir = out / "scores"
         summary = _write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
     else:
@@ -228,7 +234,7 @@ def score_shards(
         meta["n_norm"] = head.n_norm
         g = api.loss_gradient(head, val)
         with step("solving w = H^-1 g_val (the validation direction)", progress):
-            w = api.solver(head, train, method=args.method).solve(g).cpu().numpy()
+            w = api.solver(head, train, args.solver_args()).solve(g).cpu().numpy()
         meta["fit"] = [dict(head.info)]
         scores_dir = out / "scores"
         scores_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +264,8 @@ def _reusable(old: dict, source: str, meta: dict) -> bool:
     shard, model, validation set and score options (the threshold is applied afterwards)."""
 
     def key(m: dict) -> str:
-        opts = {k: v for k, v in (m.get("options") or {}).items() if k not in _NOT_IN_SCORES}
+        opts = (m.get("options") or {}).items()  # older runs name some options differently
+        opts = {RENAMED_OPTIONS.get(k, k): v for k, v in opts if k not in _NOT_IN_SCORES}
         fields = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
         # as JSON, so tuples in this run's options equal the lists read back from a file
         return json.dumps([[m.get(f) for f in fields], opts], sort_keys=True, default=str)

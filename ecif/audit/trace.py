@@ -16,7 +16,7 @@ test loss = it pushed the model towards the mistake ("responsible"); positive = 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,32 @@ import torch
 import ecif.api as api
 from ecif.audit.folder import AuditFolderError, trace_head, training_set
 from ecif.audit.labels import answer_labels
+from ecif.audit.trace_args import QUERY_OPTIONS, TraceArgs
 from ecif.audit.trace_cache import load_context, load_trace_cache, pair_norms, trace_solver
-from ecif.audit.trace_loss import TraceQuery, _unit, interleave, query_loss_and_gradient
+from ecif.audit.trace_loss import (
+    TraceQuery,
+    _unit,
+    interleave,
+    query_loss_and_gradient,
+    result_table,
+)
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.index import VectorIndex, build_indexes, load_indexes
 from ecif.engine.head import Head
 from ecif.engine.inverse_hessian import InverseHessian
+from ecif.options import renamed, with_options
 
 POSITIVE_COSINE = 0.98
 
 
+@renamed(
+    method="args.solver",
+    neg="args.neg",
+    device="args.device",
+    refine="args.refine",
+    context_top="args.context_top",
+    query_threads="args.query_threads",
+)
 @dataclass
 class TraceBack:
     """Trace test mistakes to training pairs with a fitted head and FAISS indexes.
@@ -49,16 +65,11 @@ class TraceBack:
     head: Head
     train: EmbeddingSet
     indexes: dict[str, VectorIndex] | None = None
-    method: str = "auto"  # "auto": exact solve when small, else EK-FAC (no per-query CG)
-    neg: str = "exact"
+    args: TraceArgs = field(default_factory=TraceArgs)
     model: dict[str, Any] | None = None  # {"model": ..., "pretrained": ...} for files/captions
-    device: str = "cpu"
     norms: np.ndarray | None = None  # ||d_n|| per training pair (trace.pt from `ecif index`)
     norms_estimated: bool = False  # the norms are K-probe estimates: re-score the top exactly
-    refine: int = 30  # rows per side re-scored with exact norms when norms_estimated
     context: dict | None = None  # per-pair batch context (index/context/ from `ecif index`)
-    context_top: int = 32  # batch members whose r_k enters a numerator exactly (bound on rest)
-    query_threads: int | None = 1  # torch threads for a query: its ops are small (benchmarks)
     cache_note: str | None = None  # why index/ precomputations were not used (from_audit)
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
@@ -71,33 +82,36 @@ class TraceBack:
             )
 
     @classmethod
+    @renamed(method="solver")
     def from_audit(
         cls,
         folder: str | os.PathLike,
+        args: TraceArgs | None = None,
         *,
         embeddings: str | os.PathLike | None = None,
-        method: str = "auto",
-        device: str = "cpu",
-        nprobe: int | None = None,
+        **options: Any,
     ) -> TraceBack:
-        """Open an audit folder: its head, its training embeddings and AUDIT/index/."""
+        """Open an audit folder: its head, its training embeddings and AUDIT/index/. Options:
+        ``args`` (a ``TraceArgs``) and/or its fields as keywords (``solver``, ``device``,
+        ``nprobe``, ...)."""
+        a = with_options(TraceArgs, args, options, "TraceBack.from_audit")
         folder = Path(folder)
         train, emb = training_set(folder, embeddings)
         head = trace_head(folder, train)
         idx = None
         if (folder / "index" / "image.faiss").exists():
-            idx = load_indexes(folder / "index", device=device)
+            idx = load_indexes(folder / "index", device=a.device)
             if any(i.n != len(train) for i in idx.values()):
                 raise AuditFolderError(f"{folder}/index does not match the training set; rerun")
-            if nprobe:
+            if a.nprobe:
                 for i in idx.values():
-                    i.set_nprobe(nprobe)
+                    i.set_nprobe(a.nprobe)
         from ecif.data.layout import read_manifest
 
         man = read_manifest(emb) or {}
         model = {"model": man.get("model"), "pretrained": man.get("pretrained") or None}
-        tb = cls(head, train, idx, method=method, model=model, device=device)
-        if method == "auto":  # the saved factors and norms are the auto solver's
+        tb = cls(head, train, idx, a, model=model)
+        if a.solver == "auto":  # the saved factors and norms are the auto solver's
             inv, tb.norms, info = load_trace_cache(folder / "index", head, train.image, train.text)
             tb.inverse, tb.norms_estimated = inv, bool(info.get("probes"))
             tb.context = load_context(folder / "index", head) if tb.norms is not None else None
@@ -116,7 +130,8 @@ class TraceBack:
     def inverse(self) -> InverseHessian:
         """The trace solver, built on first use unless one was set."""
         if self._inverse is None:
-            self._inverse = trace_solver(self.head, self.train.image, self.train.text, self.method)
+            x, y = self.train.image, self.train.text
+            self._inverse = trace_solver(self.head, x, y, self.args.solver)
         return self._inverse
 
     @inverse.setter
@@ -132,7 +147,7 @@ class TraceBack:
             self.train.text,
             self.inverse,
             probes=probes,
-            neg=self.neg,
+            neg=self.args.neg,
             progress=progress,
         )
         self.norms_estimated = bool(info["probes"])
@@ -140,7 +155,7 @@ class TraceBack:
 
     def ensure_indexes(self) -> dict[str, VectorIndex]:
         if self.indexes is None:
-            self.indexes = build_indexes(self.train.image, self.train.text, device=self.device)
+            self.indexes = build_indexes(self.train.image, self.train.text, device=self.args.device)
         return self.indexes
 
     # -- queries -----------------------------------------------------------------------
@@ -212,11 +227,12 @@ class TraceBack:
         caption: str | None = None,
         classes: list[str] | None = None,
         label: int | None = None,
-        competitors: int = 50,
+        competitors: int | None = None,
         name: str | None = None,
     ) -> TraceQuery:
         """An image file: zero-shot against ``classes`` (prompts) with the true ``label``, or
-        retrieval of ``caption`` against the image's ``competitors`` nearest training captions.
+        retrieval of ``caption`` against the image's ``competitors`` nearest training captions
+        (None: ``args.competitors``).
         ``name``: how the query names the image (default: its path; the app passes the
         uploaded file's name)."""
         x = self.embed_image(path)
@@ -226,6 +242,7 @@ class TraceBack:
         if caption is None:
             raise ValueError("an image query needs --caption (the right text) or --classes/--label")
         y = self.embed_texts([caption])[0]
+        competitors = competitors or self.args.competitors
         _, rows = self.ensure_indexes()["text"].search(x[None], competitors)
         rows = rows[0][rows[0] >= 0]
         caps = self.captions(rows)
@@ -245,9 +262,10 @@ class TraceBack:
             description=f"{name}: {caption!r} against the image's {len(rows)} nearest captions",
         )
 
-    def query_from_caption(self, caption: str, *, competitors: int = 50) -> TraceQuery:
+    def query_from_caption(self, caption: str, *, competitors: int | None = None) -> TraceQuery:
         """A caption: text -> image retrieval against its nearest training images; correct are
         the images whose training caption is this caption (or embeds within cosine 0.98)."""
+        competitors = competitors or self.args.competitors
         y = self.embed_texts([caption])[0]
         idx = self.ensure_indexes()
         _, img_rows = idx["image"].search(y[None], competitors)
@@ -289,7 +307,7 @@ class TraceBack:
                     "captions cannot be embedded (use --query-id with --test)"
                 )
             self._encoder = load_model(
-                self.model["model"], self.model.get("pretrained"), self.device
+                self.model["model"], self.model.get("pretrained"), self.args.device
             )
         return self._encoder
 
@@ -325,19 +343,20 @@ class TraceBack:
         """Relative influence of the given rows (all rows if None) on the query's loss."""
         _, g = query_loss_and_gradient(self.head, q)
         rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
-        kw = dict(neg=self.neg, inverse=self.inverse)
-        fast = dict(norms=self.norms, context=self.context, context_top=self.context_top)
+        a = self.args
+        kw = dict(neg=a.neg, inverse=self.inverse)
+        fast = dict(norms=self.norms, context=self.context, context_top=a.context_top)
         threads = torch.get_num_threads()
-        torch.set_num_threads(self.query_threads or threads)
+        torch.set_num_threads(a.query_threads or threads)
         try:
             ranked = api.relative_influence(self.head, self.train, g, rows, **fast, **kw)
-            if self.norms is None or not self.norms_estimated or self.refine <= 0:
+            if self.norms is None or not self.norms_estimated or a.refine <= 0:
                 return ranked
             # estimated norms reorder near-ties: re-score each side's top rows with exact
             # norms (from the batch context when there is one, else from their batches)
             order = np.argsort(ranked["relative_influence"].to_numpy())
-            top = np.unique(np.r_[order[: self.refine], order[::-1][: self.refine]])
-            ctx = dict(context=self.context, context_top=self.context_top)
+            top = np.unique(np.r_[order[: a.refine], order[::-1][: a.refine]])
+            ctx = dict(context=self.context, context_top=a.context_top)
             exact = api.relative_influence(self.head, self.train, g, rows[top], **ctx, **kw)
         finally:
             torch.set_num_threads(threads)
@@ -345,20 +364,19 @@ class TraceBack:
         ranked.attrs["norm"] = f"precomputed, top {len(top)} exact"
         return ranked
 
-    def trace(
-        self,
-        q: TraceQuery,
-        *,
-        k: int = 10,
-        candidates: int | None = 1000,
-        wrong_answer: bool = False,
-    ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    def trace(self, q: TraceQuery, **options: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The k pairs most responsible for the query's loss and the k that helped most.
 
-        ``candidates=None`` ranks every training pair (exhaustive; slow on large sets).
-        ``wrong_answer``: also search near the wrong answer's text; off by default, as it split
-        the budget without raising recall in bench_trace.py (benchmarks/README.md).
+        Options (``args``' unless given here): ``k``, ``candidates`` (0 or None ranks every
+        training pair: exhaustive, slow on large sets), ``wrong_answer`` (also search near the
+        wrong answer's text; off by default, as it split the budget without raising recall in
+        bench_trace.py, benchmarks/README.md).
         """
+        bad = sorted(set(options) - set(QUERY_OPTIONS))
+        if bad:
+            raise TypeError(f"TraceBack.trace() got unexpected keyword(s) {bad}")
+        a = replace(self.args, **options)
+        k, candidates, wrong_answer = a.k, a.candidates or None, a.wrong_answer
         info, _ = query_loss_and_gradient(self.head, q)
         wrong = None
         if wrong_answer and not info["correct"]:
@@ -373,24 +391,3 @@ class TraceBack:
             solver=ranked.attrs.get("norm"),
         )
         return table, info
-
-
-def result_table(ranked: pd.DataFrame, tb: TraceBack, q: TraceQuery, k: int) -> pd.DataFrame:
-    """Two lists in one table: ``list`` is "responsible" (most negative first) or "helped"."""
-    rel = ranked["relative_influence"].to_numpy()
-    neg = ranked[rel < 0].sort_values("relative_influence").head(k)
-    pos = ranked[rel > 0].sort_values("relative_influence", ascending=False).head(k)
-    parts = []
-    for name, part in (("responsible", neg), ("helped", pos)):
-        part = part.copy()
-        part.insert(0, "list", name)
-        part.insert(1, "rank", np.arange(1, len(part) + 1))
-        parts.append(part)
-    out = pd.concat(parts, ignore_index=True)
-    r = out["row"].to_numpy()
-    out["caption"] = tb.captions(r)
-    if q.image is not None and len(r):
-        out["image_similarity"] = _unit(np.asarray(tb.train.image[r])) @ _unit(q.image)
-    if q.text is not None and len(r):
-        out["text_similarity"] = _unit(np.asarray(tb.train.text[r])) @ _unit(q.text)
-    return out

@@ -27,6 +27,7 @@ from ecif.engine.batch_context import DEFAULT_TOP, context_names, fill_context, 
 from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import exact_norms, probe_norms
+from ecif.options import renamed
 
 CACHE_NAME = "trace.pt"
 EXACT_FLOP_BUDGET = 2e12  # ~10-30 s on a laptop CPU
@@ -43,15 +44,16 @@ def fingerprint(head: Head) -> str:
     return h.hexdigest()[:16]
 
 
-def trace_solver(head: Head, x, y, method: str = "auto", **kw: Any) -> InverseHessian:
+@renamed(method="solver")
+def trace_solver(head: Head, x, y, solver: str = "auto", **kw: Any) -> InverseHessian:
     """The trace-back solver: exact for small heads, else EK-FAC on a batch subsample (no
-    per-query CG: a query's solve is two d x d rotations)."""
-    if method == "auto":
-        method = "exact" if head.num_params <= DENSE_HESSIAN_MAX_PARAMS else "ekfac"
-    if method != "exact" and "hessian_batches" not in kw:
+    per-query CG: a query's solve is two d x d rotations). ``kw``: other SolverArgs fields."""
+    if solver == "auto":
+        solver = "exact" if head.num_params <= DENSE_HESSIAN_MAX_PARAMS else "ekfac"
+    if solver != "exact" and "hessian_batches" not in kw:
         nb = head.partition.num_batches
         kw["hessian_batches"] = TRACE_HESSIAN_BATCHES if nb > TRACE_HESSIAN_BATCHES else None
-    return InverseHessian(head, x, y, SolverArgs(method=method, **kw))
+    return InverseHessian(head, x, y, SolverArgs(solver=solver, **kw))
 
 
 def choose_probes(head: Head, probes: int | str | None) -> int:

@@ -1,4 +1,5 @@
-"""The test loss of a trace-back query and the merge of neighbour lists (docs/math.md section 8).
+"""The test loss of a trace-back query, the merge of neighbour lists (docs/math.md section 8),
+and the table of a trace's two lists.
 
 A query is one embedding against candidate answers of the other modality with one or more
 correct ones: L = -log sum_{c correct} softmax_c(t x^T M y_c) (image -> text) or the same with
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ecif.engine.head import Head
@@ -79,3 +81,25 @@ def interleave(lists: list[np.ndarray], count: int) -> np.ndarray:
                 if len(out) >= count:
                     return np.asarray(out, dtype=np.int64)
     return np.asarray(out, dtype=np.int64)
+
+
+def result_table(ranked: pd.DataFrame, tb: Any, q: TraceQuery, k: int) -> pd.DataFrame:
+    """Two lists in one table: ``list`` is "responsible" (most negative first) or "helped";
+    ``tb`` (a ``TraceBack``) gives the captions and the training embeddings."""
+    rel = ranked["relative_influence"].to_numpy()
+    neg = ranked[rel < 0].sort_values("relative_influence").head(k)
+    pos = ranked[rel > 0].sort_values("relative_influence", ascending=False).head(k)
+    parts = []
+    for name, part in (("responsible", neg), ("helped", pos)):
+        part = part.copy()
+        part.insert(0, "list", name)
+        part.insert(1, "rank", np.arange(1, len(part) + 1))
+        parts.append(part)
+    out = pd.concat(parts, ignore_index=True)
+    r = out["row"].to_numpy()
+    out["caption"] = tb.captions(r)
+    if q.image is not None and len(r):
+        out["image_similarity"] = _unit(np.asarray(tb.train.image[r])) @ _unit(q.image)
+    if q.text is not None and len(r):
+        out["text_similarity"] = _unit(np.asarray(tb.train.text[r])) @ _unit(q.text)
+    return out

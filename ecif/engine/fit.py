@@ -17,43 +17,77 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ecif.device import DEFAULT_DEVICE, DEVICES, resolve_device
 from ecif.engine.batches import make_partition
-from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, DTYPES, Head, HeadObjective
+from ecif.engine.head import (
+    CLIP_LOGIT_SCALE,
+    DENSE_HESSIAN_MAX_PARAMS,
+    DTYPES,
+    Head,
+    HeadObjective,
+)
 from ecif.engine.inverse_hessian import newton_cg_direction
 from ecif.engine.precondition import moment_whitener
 from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
 from ecif.grad.newton import dense_direction, newton
 from ecif.grad.solvers import conjugate_gradient
+from ecif.options import option, renamed
+
+OPTIMIZERS = ("auto", "newton", "lbfgs")
 
 
+@renamed(solver="optimizer")
 @dataclass
 class FitArgs:
-    """How to fit the head. Defaults suit unit-norm CLIP embeddings."""
+    """How to fit the head: ``ecif.fit``'s keywords, each default here and nowhere else.
+    Defaults suit unit-norm CLIP embeddings."""
 
-    batch_size: int = 256
-    seed: int = 0
-    lam: float = 1e-3
-    logit_scale: float = 100.0
-    learn_scale: bool = False
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_iter: int = 500
-    tol: float | None = None  # gradient max-abs tolerance; default by dtype
-    history_size: int = 20
-    # L-BFGS in variables whitened by the embeddings' second moments (ecif/engine/precondition.py):
-    # the same optimum in far fewer passes on anisotropic (CLIP-like) embeddings
-    whiten: bool = True
-    newton_steps: int = 0  # exact Newton-CG polish after L-BFGS (for tight retraining checks)
-    # "newton" (dense Hessian, damped), "lbfgs"; auto: newton while assembling the dense Hessian
-    # a few times costs less than ~100 L-BFGS passes (choose_optimizer), else lbfgs
-    solver: str = "auto"
-    # streamed minibatch epochs (RMS-normalised momentum) before the full-batch solver; None:
-    # auto (2 on the L-BFGS path from 50k pairs, without init), 0: off. Same optimum, fewer
-    # full passes (ecif/engine/warmup.py).
-    warmup_epochs: int | None = None
-    warmup_lr: float | None = None  # peak RMS step per entry of M; None: by width and steps
-    warmup_batches: int = 1  # partition batches per warm-up step
-    progress: bool = False  # progress bars for the warm-up and the L-BFGS evaluations
+    batch_size: int = option(256, help="contrastive batch size of the head's partition")
+    seed: int = option(0, help="seed of the batch partition")
+    lam: float = option(1e-3, help="L2 pull of the head towards the pretrained model")
+    logit_scale: float | None = option(
+        None,
+        help="logit scale t of the head; None: the training set's own (its embedding model's), "
+        f"else {CLIP_LOGIT_SCALE:g}, CLIP's",
+    )
+    learn_scale: bool = option(False, help="learn the logit scale too")
+    dtype: str = option("float32", help="precision of the fit and the scores", choices=DTYPES)
+    device: str = option(
+        DEFAULT_DEVICE,
+        help="where to compute: auto (CUDA when present, else the CPU), cpu or cuda",
+        choices=DEVICES,
+    )
+    max_iter: int = option(500, help="iterations of the optimizer at most")
+    tol: float | None = option(
+        None, help="tolerance on the gradient's max-abs; None: 1e-5 in float32, 1e-9 in float64"
+    )
+    history_size: int = option(20, help="L-BFGS history")
+    # ecif/engine/precondition.py: the same optimum in far fewer passes on anisotropic
+    # (CLIP-like) embeddings
+    whiten: bool = option(
+        True, help="L-BFGS in variables whitened by the embeddings' second moments"
+    )
+    newton_steps: int = option(
+        0, help="exact Newton-CG steps after L-BFGS (for tight retraining checks)"
+    )
+    optimizer: str = option(
+        "auto",
+        help="newton (damped, dense Hessian) or lbfgs; auto: newton while assembling the dense "
+        "Hessian a few times costs less than ~100 L-BFGS passes (choose_optimizer), else lbfgs",
+        choices=OPTIMIZERS,
+    )
+    # same optimum, fewer full passes (ecif/engine/warmup.py)
+    warmup_epochs: int | None = option(
+        None,
+        help="epochs of streamed minibatch steps before the full-batch fit, which still runs to "
+        "its tolerance (same head, fewer passes over the embeddings); 0 turns it off; auto "
+        "(Python: None): 2 from 50k pairs when the head is fit by L-BFGS without a warm start",
+    )
+    warmup_lr: float | None = option(
+        None, help="peak RMS step per entry of M in the warm-up; None: by width and steps"
+    )
+    warmup_batches: int = option(1, help="partition batches per warm-up step")
+    progress: bool = option(False, help="progress bars for the warm-up and the L-BFGS passes")
 
 
 def new_head(
@@ -63,10 +97,11 @@ def new_head(
     dtype = DTYPES[args.dtype]
     di, dt = int(x.shape[1]), int(y.shape[1])
     if m0 is None:
-        m0 = torch.eye(di, dt, dtype=dtype, device=args.device)
-    if args.logit_scale <= 0:
+        m0 = torch.eye(di, dt, dtype=dtype, device=resolve_device(args.device))
+    scale = CLIP_LOGIT_SCALE if args.logit_scale is None else args.logit_scale
+    if scale <= 0:
         raise ValueError("logit_scale must be positive")
-    tau0 = math.log(args.logit_scale)
+    tau0 = math.log(scale)
     part = make_partition(len(x), args.batch_size, args.seed, groups=groups)
     return Head(
         m=m0.clone(),
@@ -110,14 +145,14 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
     if start.numel() != head.num_params:
         raise ValueError("init head has a different shape or learn_scale setting")
     tol = args.tol if args.tol is not None else (1e-9 if head.dtype == torch.float64 else 1e-5)
-    solver = args.solver
-    if solver == "auto":
-        solver = choose_optimizer(head)
-    if solver not in ("newton", "lbfgs"):
-        raise ValueError(f"solver must be auto, newton or lbfgs; got {args.solver!r}")
+    optimizer = args.optimizer
+    if optimizer == "auto":
+        optimizer = choose_optimizer(head)
+    if optimizer not in OPTIMIZERS[1:]:
+        raise ValueError(f"optimizer must be auto, newton or lbfgs; got {args.optimizer!r}")
     check_warmup_args(args.warmup_epochs, args.warmup_lr, args.warmup_batches)
     members = int((head.partition.index >= 0).sum())
-    epochs = auto_epochs(args.warmup_epochs, solver, members, warm_start=init is not None)
+    epochs = auto_epochs(args.warmup_epochs, optimizer, members, warm_start=init is not None)
     warmup = None
     if epochs > 0:
         start, warmup = minibatch_warmup(
@@ -130,7 +165,7 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
             batches_per_step=args.warmup_batches,
             progress=args.progress,
         )
-    if solver == "newton":
+    if optimizer == "newton":
         theta, value, grad, iterations, evaluations, stop = newton(
             obj, start, dense_direction(obj), tol, args.max_iter
         )
@@ -151,7 +186,8 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         "objective": value,
         "grad_max": gmax,
         "grad_norm": float(grad.norm()),
-        "solver": solver,
+        "optimizer": optimizer,
+        "solver": optimizer,  # its old name, kept for one release
         "iterations": iterations,
         "evaluations": evaluations,  # full-batch passes of the solver (the warm-up's aside)
         "converged": gmax <= tol,
@@ -173,12 +209,12 @@ class ConvergenceWarning(UserWarning):
 def _not_converged_message(info: dict, dtype: torch.dtype) -> str:
     what = (
         f"head fit did not converge: gradient max-abs {info['grad_max']:.2e} > tol "
-        f"{info['tol']:.0e} after {info['iterations']} {info['solver']} iterations"
+        f"{info['tol']:.0e} after {info['iterations']} {info['optimizer']} iterations"
     )
     if info["stop"] == "max_iter":
         hint = "raise max_iter (or warm-start with init=head)"
     elif info["stop"] == "direction":
-        hint = "Newton-CG found no descent direction (learned scale?); try solver='newton'"
+        hint = "Newton-CG found no descent direction (learned scale?); try optimizer='newton'"
     else:
         hint = (
             f"no step lowers the gradient any more at {str(dtype).replace('torch.', '')} "

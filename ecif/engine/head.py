@@ -23,6 +23,7 @@ from ecif.engine.contrastive import (
 )
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: the head's when nothing else is known
 # the dense Hessian is P x P (128 MiB in float64 at this size): assembled, factored or used
 # for Newton steps only up to this many parameters (d_img = d_txt = 64)
 DENSE_HESSIAN_MAX_PARAMS = 4096

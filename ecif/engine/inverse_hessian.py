@@ -9,7 +9,7 @@ preconditioner for CG with exact Hessian-vector products.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -18,36 +18,59 @@ from ecif.engine.contrastive import batch_stats
 from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head, HeadObjective
 from ecif.grad.newton import Direction, cg_direction
 from ecif.grad.solvers import LinearOp, conjugate_gradient
+from ecif.options import option, renamed
 
-METHODS = ("auto", "exact", "cg", "ekfac")
-
+SOLVERS = ("auto", "exact", "cg", "ekfac")
+METHODS = SOLVERS  # the old name, kept for one release
+# what each solver is; a stage adds what its 'auto' picks
+SOLVER_HELP = (
+    "inverse-Hessian solver: 'exact' (dense Hessian, small heads), 'cg' (exact Hessian-vector "
+    "products, EK-FAC preconditioned, to relative residual 1e-4: scores to ~1e-3 of the "
+    "largest), 'ekfac' (no iterations: fast but approximate, for screening)"
+)
 
 # CG iterations expected with the EK-FAC preconditioner (5-10 measured at d <= 64)
 CG_ITERATIONS_EXPECTED = 12
 PASS_OVERHEAD = 1e6  # fixed cost of one streamed pass (Python, chunking), in flop units
 
 
+@renamed(method="solver")
 @dataclass
 class SolverArgs:
-    """How to apply H^-1. ``auto``: the dense exact factorization when it costs less than the
-    CG solves it replaces (and P <= ``exact_max_params``), else CG preconditioned by EK-FAC."""
+    """How to apply H^-1 (``ecif.solver``'s keywords, each default here and nowhere else)."""
 
-    method: str = "auto"
-    # CG relative residual: scores to ~1e-3 of the largest (Spearman 1.0000 against 1e-7 on
-    # rotated and CLIP-like sets, d = 128-256), 25-40% fewer iterations than 1e-6
-    tol: float = 1e-4
-    max_iter: int = 300
-    exact_max_params: int = DENSE_HESSIAN_MAX_PARAMS  # memory ceiling of the dense Hessian
-    solves: int = 1  # right-hand sides expected; many favour the dense factorization
-    hessian_batches: int | None = None  # subsample this many batches for H (None: all)
-    # EK-FAC factors and diagonal from at most this many batches (None: all). At 100k pairs
-    # 256 of 400 batches gave scores with Spearman 0.9997 (d = 64) / 0.998 (d = 256) against
-    # all, and the same CG iterations as a preconditioner: passes saved at scale, not fidelity
-    ekfac_batches: int | None = 256
-    # CG keeps batches' embeddings and softmaxes in memory up to this many bytes across its
-    # Hessian-vector products (0: recompute every time); ~6 KB a pair at d = 512, B = 256
-    cache_bytes: int = 1 << 30
-    seed: int = 0
+    solver: str = option(
+        "auto",
+        help=f"{SOLVER_HELP}, 'auto' (exact when that costs less than cg, else cg)",
+        choices=SOLVERS,
+    )
+    # 1e-4: Spearman 1.0000 against 1e-7 on rotated and CLIP-like sets (d = 128-256), 25-40%
+    # fewer iterations than 1e-6
+    tol: float = option(1e-4, help="CG's relative residual: scores to ~1e-3 of the largest at 1e-4")
+    max_iter: int = option(300, help="CG iterations at most")
+    exact_max_params: int = option(
+        DENSE_HESSIAN_MAX_PARAMS,
+        help="'auto' takes the dense exact factorization only up to this many head parameters "
+        "(the dense Hessian's memory ceiling)",
+    )
+    solves: int = option(1, help="right-hand sides expected; many favour the dense factorization")
+    hessian_batches: int | None = option(None, help="subsample this many batches for H (None: all)")
+    # at 100k pairs 256 of 400 batches gave scores with Spearman 0.9997 (d = 64) / 0.998
+    # (d = 256) against all, and the same CG iterations as a preconditioner: passes saved at
+    # scale, not fidelity
+    ekfac_batches: int | None = option(
+        256, help="EK-FAC factors and diagonal from at most this many batches (None: all)"
+    )
+    # ~6 KB a pair at d = 512, B = 256
+    cache_bytes: int = option(
+        1 << 30,
+        help="CG keeps batches' embeddings and softmaxes in memory up to this many bytes across "
+        "its Hessian-vector products (0: recompute every time)",
+    )
+    seed: int = option(0, help="seed of the batch subsamples")
+
+
+SOLVER_FIELDS = tuple(f.name for f in fields(SolverArgs))
 
 
 def _subsample(nb: int, k: int | None, seed: int) -> np.ndarray | None:
@@ -83,10 +106,10 @@ class InverseHessian:
 
     def __init__(self, head: Head, x, y, args: SolverArgs | None = None):
         args = args or SolverArgs()
-        if args.method not in METHODS:
-            raise ValueError(f"solver method must be one of {METHODS}; got {args.method!r}")
+        if args.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {args.solver!r}")
         self.head, self.args = head, args
-        method = args.method
+        method = args.solver
         if method == "auto":
             method = auto_method(head, args)
         self.method = method
@@ -120,7 +143,7 @@ class InverseHessian:
     def ekfac_state(self) -> dict:
         """EK-FAC's factors (to save beside an index so queries skip the two passes)."""
         if self._ekfac is None:
-            raise ValueError("this solver has no EK-FAC factors (method exact)")
+            raise ValueError("this solver has no EK-FAC factors (solver exact)")
         ek = self._ekfac
         return {
             "q1": ek.q1,
@@ -134,8 +157,10 @@ class InverseHessian:
 
     @classmethod
     def from_ekfac_state(cls, head: Head, x, y, state: dict) -> InverseHessian:
-        """A ``method="ekfac"`` solver from saved factors, without rebuilding them."""
-        args = SolverArgs(**{**state["args"], "method": "ekfac"})
+        """A ``solver="ekfac"`` solver from saved factors, without rebuilding them (``state``
+        from ``ekfac_state``; older files name the solver ``method``)."""
+        saved = {k: v for k, v in state["args"].items() if k in SOLVER_FIELDS}
+        args = SolverArgs(**{**saved, "solver": "ekfac"})
         out = cls.__new__(cls)
         out.head, out.args, out.method = head, args, "ekfac"
         out.objective = HeadObjective(head, x, y)

@@ -60,7 +60,7 @@ def check_warmup_args(epochs: int | None, lr: float | None, batches_per_step: in
         raise ValueError(f"warmup_batches must be an integer >= 1; got {batches_per_step!r}")
 
 
-def auto_epochs(epochs: int | None, solver: str, n_pairs: int, warm_start: bool) -> int:
+def auto_epochs(epochs: int | None, optimizer: str, n_pairs: int, warm_start: bool) -> int:
     """Epochs to run: as asked, or (None) AUTO_EPOCHS on the L-BFGS path for large sets.
 
     Auto leaves Newton fits (small heads), small sets and warm starts (refits from a fitted
@@ -68,7 +68,7 @@ def auto_epochs(epochs: int | None, solver: str, n_pairs: int, warm_start: bool)
     """
     if epochs is not None:
         return int(epochs)
-    if solver == "lbfgs" and n_pairs >= AUTO_MIN_PAIRS and not warm_start:
+    if optimizer == "lbfgs" and n_pairs >= AUTO_MIN_PAIRS and not warm_start:
         return AUTO_EPOCHS
     return 0
 
