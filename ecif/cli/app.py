@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ecif.cli.options import add_field
+
 NAME = "app"
 HELP = "open the auditing app (Streamlit) on an audit folder"
 DESCRIPTION = """Start the Streamlit app on 127.0.0.1: overview, suspects (filter, export, mark
@@ -19,8 +21,15 @@ missing (about a minute, no downloads)."""
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("audit", nargs="?", default=None, help="audit folder (default: ./ecif-demo)")
     p.add_argument("--port", type=int, default=8501, help="port to serve on (127.0.0.1 only)")
-    p.add_argument(
-        "--demo-output", default="ecif-demo", help="where to build the demo audit when needed"
+    from ecif.audit.demo import DemoArgs
+
+    add_field(
+        p,
+        DemoArgs,
+        "output",
+        "--demo-output",
+        dest="demo_output",
+        note="; built there when no audit folder is given and it is missing",
     )
     p.add_argument(
         "--data-root",

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ecif.cli.options import add_field
+
 
 def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
+    from ecif.audit.retrain import RetrainConfig
+
     g = p.add_argument_group(
         "retraining (downstream metrics)",
         "Retrain a small open_clip model on each kept set (all pairs, and after each drop) and "
@@ -31,11 +35,11 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
         default="finetune",
         help="fine-tune the model's weights, train its architecture from scratch, or both",
     )
-    g.add_argument("--retrain-steps", type=int, default=300, help="training steps per kept set")
-    g.add_argument("--retrain-batch-size", type=int, default=64, help="pairs per training step")
-    g.add_argument(
-        "--retrain-lr", type=float, default=None, help="default: 5e-4 fine-tune, 2e-3 scratch"
+    add_field(g, RetrainConfig, "steps", "--retrain-steps", dest="retrain_steps", type=int)
+    add_field(
+        g, RetrainConfig, "batch_size", "--retrain-batch-size", dest="retrain_batch_size", type=int
     )
+    add_field(g, RetrainConfig, "lr", "--retrain-lr", dest="retrain_lr", type=float)
     g.add_argument(
         "--classes",
         help="text file, one class name per line, for zero-shot classification; a validation "

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ecif.cli.options import add_field
+from ecif.device import resolve_device
+
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute"
-    )
+    from ecif.api import FitArgs
+
+    add_field(p, FitArgs, "device")
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
@@ -23,30 +26,6 @@ def add_seed(p: argparse.ArgumentParser) -> None:
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars unless --quiet or stderr is not a terminal."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
-    return name
-
-
-SOLVERS = ("auto", "exact", "cg", "ekfac")
-
-
-def solver_help(auto: str) -> str:
-    """One description of the inverse-Hessian solvers for every verb; ``auto`` says what
-    'auto' picks in that verb."""
-    return (
-        "inverse-Hessian solver: 'exact' (dense Hessian, small heads), 'cg' (exact "
-        "Hessian-vector products, EK-FAC preconditioned, to relative residual 1e-4: scores to "
-        "~1e-3 of the largest), 'ekfac' (no iterations: fast but approximate, for screening), "
-        f"'auto' ({auto}) (default: %(default)s)"
-    )
 
 
 def threshold_arg(text: str) -> str:
@@ -132,82 +111,56 @@ def warmup_epochs_arg(text: str) -> int | None:
     return value
 
 
+# the flags of `ecif score` that set AuditArgs fields (the rest keep AuditArgs's defaults)
+AUDIT_FLAGS = (
+    "batch_size",
+    "lam",
+    "logit_scale",
+    "weights",
+    "neg",
+    "solver",
+    "threshold",
+    "no_val",
+    "warmup_epochs",
+    "seed",
+    "device",
+)
+
+
 def add_audit_options(p: argparse.ArgumentParser) -> None:
-    """The options that decide an audit's numbers (recorded in its outputs)."""
+    """The options that decide an audit's numbers (recorded in its outputs): AuditArgs's."""
+    from ecif.audit.auditor import AuditArgs
+
     g = p.add_argument_group("audit options")
-    g.add_argument(
-        "--batch-size", type=int, default=256, help="contrastive batch size of the head's partition"
-    )
-    g.add_argument(
-        "--lam",
-        type=auto_or_positive("lam"),
-        default="auto",
-        metavar="auto|LAM",
-        help="L2 pull of the head towards the pretrained model; auto: chosen by how well the "
-        "scores rank planted probe pairs (see audit.json's head_choice)",
-    )
-    g.add_argument(
-        "--logit-scale",
+    add_field(g, AuditArgs, "batch_size", type=int)
+    add_field(g, AuditArgs, "lam", type=auto_or_positive("lam"), metavar="auto|LAM")
+    add_field(
+        g,
+        AuditArgs,
+        "logit_scale",
         type=auto_or_positive("logit_scale", extra=("model",)),
-        default="auto",
         metavar="auto|model|T",
-        help="logit scale t of the head; auto: searched around the temperature that calibrates "
-        "the pretrained similarity on the validation pairs; model: the embedding model's own",
     )
-    g.add_argument(
-        "--weights",
-        choices=["auto", "equal", "influence", "pair_loss", "clip_score"],
-        default="auto",
-        help="how misalign_score combines the standardised signals: auto (chosen on the probes), "
-        "equal weights, or one signal alone",
-    )
-    g.add_argument(
-        "--neg", choices=["exact", "first_order"], default="exact", help="form of the negative term"
-    )
-    g.add_argument(
-        "--solver",
-        choices=SOLVERS,
-        default="auto",
-        help=solver_help("exact when that costs less than cg, else cg"),
-    )
-    g.add_argument(
-        "--threshold",
-        default="auto",
-        type=threshold_arg,
-        help="how many to flag: 'auto' (estimated noise rate), a fraction like 0.1, or a count like 500",
-    )
-    g.add_argument(
-        "--no-val",
-        choices=["auto", "self", "crossfit"],
-        default="auto",
-        help="without --val: self-influence or cross-fitting (auto: self for small heads)",
-    )
-    g.add_argument(
-        "--warmup-epochs",
+    add_field(g, AuditArgs, "weights")
+    add_field(g, AuditArgs, "neg")
+    add_field(g, AuditArgs, "solver")
+    add_field(g, AuditArgs, "threshold", type=threshold_arg)
+    add_field(g, AuditArgs, "no_val")
+    add_field(
+        g,
+        AuditArgs,
+        "warmup_epochs",
         type=warmup_epochs_arg,
         default="auto",  # argparse runs string defaults through type: None
         metavar="auto|N",
-        help="epochs of streamed minibatch steps before the full-batch fit, which still runs to "
-        "its tolerance (same head, fewer passes over the embeddings); 0 turns it off; auto: 2 "
-        "from 50k pairs when the head is fit by L-BFGS",
     )
-    add_seed(p)
-    add_device(p)
+    add_field(p, AuditArgs, "seed", type=int)
+    add_field(p, AuditArgs, "device")
 
 
 def audit_args_from(args: argparse.Namespace):
+    """AuditArgs from `ecif score`'s flags, its device resolved (a missing GPU: an error now)."""
     from ecif.audit import AuditArgs
 
-    return AuditArgs(
-        batch_size=args.batch_size,
-        seed=args.seed,
-        lam=args.lam,
-        logit_scale=args.logit_scale,
-        weights=args.weights,
-        neg=args.neg,
-        method=args.solver,
-        threshold=args.threshold,  # parsed by thresholds.flag_count
-        no_val=args.no_val,
-        warmup_epochs=args.warmup_epochs,
-        device=resolve_device(args.device),
-    )
+    values = {name: getattr(args, name) for name in AUDIT_FLAGS}
+    return AuditArgs(**{**values, "device": resolve_device(args.device)})

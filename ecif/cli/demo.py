@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ecif.cli.common import add_quiet, add_seed, show_progress
+from ecif.cli.common import add_quiet, show_progress
+from ecif.cli.options import add_field
 
 NAME = "demo"
 HELP = "run the whole audit on the embedded demo data (no downloads)"
@@ -15,17 +16,17 @@ once and cached), choose and fit the head, score, index, and write an audit fold
 known corruptions."""
 
 
+DEMO_FLAGS = ("output", "n_train", "noise", "noise_kind", "seed")  # the DemoArgs fields set here
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", default="ecif-demo", help="folder to write")
-    p.add_argument("--n", type=int, default=3000, help="training pairs")
-    p.add_argument("--noise", type=float, default=0.2, help="fraction of corrupted captions")
-    p.add_argument(
-        "--noise-kind",
-        choices=["shuffle", "confusable", "attribute", "boilerplate", "mixed"],
-        default="mixed",
-        help="how captions are corrupted",
-    )
-    add_seed(p)
+    from ecif.audit.demo import DemoArgs
+
+    add_field(p, DemoArgs, "output", "--output", "-o")
+    add_field(p, DemoArgs, "n_train", "--n", type=int, metavar="N")
+    add_field(p, DemoArgs, "noise", type=float)
+    add_field(p, DemoArgs, "noise_kind")
+    add_field(p, DemoArgs, "seed", type=int)
     add_quiet(p)
 
 
@@ -33,13 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.demo import DemoArgs, run_demo
 
     run_demo(
-        DemoArgs(
-            output=args.output,
-            n_train=args.n,
-            noise=args.noise,
-            noise_kind=args.noise_kind,
-            seed=args.seed,
-        ),
+        DemoArgs(**{name: getattr(args, name) for name in DEMO_FLAGS}),
         progress=show_progress(args),
     )
     print(f"open it with: ecif app {args.output}")

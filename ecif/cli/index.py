@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ecif.cli import common
+from ecif.device import resolve_device
 
 NAME = "index"
 HELP = "build FAISS indexes (image and text side) over the training embeddings for trace-back"
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             kind=args.kind,
             nlist=args.nlist,
             nprobe=args.nprobe,
-            device=common.resolve_device(args.device),
+            device=resolve_device(args.device),
             chunk=args.chunk_size,
             seed=args.seed,
             progress=common.show_progress(args),

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ecif.audit.trace_args import TraceArgs
 from ecif.cli import common
+from ecif.cli.options import add_field
+from ecif.device import resolve_device
 
 NAME = "trace"
 HELP = "trace a misprediction back to the training pairs responsible for it"
@@ -36,37 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", default=None, help="embedding folder holding --query-id")
     p.add_argument("--classes", default=None, help="text file, one class prompt per line")
     p.add_argument("--label", default=None, help="true class: line number (0-based) or prompt")
-    p.add_argument("-k", type=int, default=10, help="pairs per list")
-    p.add_argument(
-        "--candidates",
-        type=int,
-        default=1000,
-        help="nearest-neighbour candidates ranked by relative influence (0: all pairs)",
-    )
-    p.add_argument(
-        "--competitors", type=int, default=50, help="nearest answers a file/caption competes with"
-    )
-    p.add_argument(
-        "--wrong-answer",
-        action="store_true",
-        help="also take candidates near the wrong answer's text (splits the budget three ways)",
-    )
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (IVF indexes)")
-    p.add_argument(  # the old spelling, kept working
-        "--method",
-        dest="solver",
-        choices=common.SOLVERS,
-        default=argparse.SUPPRESS,
-        help=argparse.SUPPRESS,
-    )
-    p.add_argument(
-        "--solver",
-        default="auto",
-        choices=common.SOLVERS,
-        help=common.solver_help(
-            "exact up to 4096 head parameters, else ekfac: a query's solve must be instant"
-        ),
-    )
+    add_field(p, TraceArgs, "k", "-k", type=int)
+    add_field(p, TraceArgs, "candidates", type=int)
+    add_field(p, TraceArgs, "competitors", type=int)
+    add_field(p, TraceArgs, "wrong_answer")
+    add_field(p, TraceArgs, "nprobe", type=int)
+    add_field(p, TraceArgs, "solver", old=("--method",))
     p.add_argument(
         "--label-col",
         default=None,
@@ -75,8 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--embeddings", default=None, help="training embedding folder (override)")
     p.add_argument("--output", "-o", default=None, help="write both lists to .csv or .parquet")
-    common.add_device(p)
+    add_field(p, TraceArgs, "device")
     common.add_quiet(p)
+
+
+TRACE_FLAGS = ("k", "candidates", "competitors", "wrong_answer", "nprobe", "solver", "device")
+
+
+def trace_args_from(args: argparse.Namespace) -> TraceArgs:
+    """TraceArgs from the flags, the device resolved (a missing GPU: an error now)."""
+    values = {name: getattr(args, name) for name in TRACE_FLAGS}
+    return TraceArgs(**{**values, "device": resolve_device(args.device)})
 
 
 def _classes(args):
@@ -114,10 +101,9 @@ def build_query(tb, args):
             caption=args.caption,
             classes=names,
             label=label,
-            competitors=args.competitors,
         )
     if args.caption:
-        return tb.query_from_caption(args.caption, competitors=args.competitors)
+        return tb.query_from_caption(args.caption)
     raise ValueError("give a query: --image FILE, --caption TEXT, or --query-id ID --test FOLDER")
 
 
@@ -147,21 +133,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {path}: No such file or directory", file=sys.stderr)
             return 2
     try:
-        tb = TraceBack.from_audit(
-            args.audit,
-            embeddings=args.embeddings,
-            method=args.solver,
-            device=common.resolve_device(args.device),
-            nprobe=args.nprobe,
-        )
+        tb = TraceBack.from_audit(args.audit, trace_args_from(args), embeddings=args.embeddings)
         if tb.indexes is None:
             print("note: no index in the audit folder; building one in memory", file=sys.stderr)
         elif tb.cache_note:
             print(f"note: {tb.cache_note}", file=sys.stderr)
         q = build_query(tb, args)
-        table, info = tb.trace(
-            q, k=args.k, candidates=args.candidates or None, wrong_answer=args.wrong_answer
-        )
+        table, info = tb.trace(q)
     except (AuditFolderError, FolderError, FaissIndexError, ModelLoadError, KeyError) as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
