@@ -1,0 +1,99 @@
+"""ECIF influence through a trainable part of the encoders: w = (G + lam + damping)^-1 g_val
+by CG, and every pair's score in one forward-mode pass.
+
+influence_n = (1/N) w^T grad R_n is the derivative of R_n along w. One JVP of a batch's
+embeddings along w (``torch.func.jvp`` through the part) gives every member's tangent
+(dx, dy, d log t); the logits move by dS = t (dx y^T + x dy^T) + d(log t) S, and
+``removal_directional`` turns (S, dS) into dPos_n and dNeg_n for all members at once, exactly
+as in the head mode (docs/math.md sections 5 and 12). No per-pair backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import func
+
+from ecif.engine.contrastive import removal_directional
+from ecif.engine.encoder_model import EncoderModel, EncoderObjective, feature_chunks
+from ecif.grad.solvers import conjugate_gradient
+
+
+def logit_tangents(model: EncoderModel, ch, w: torch.Tensor):
+    """(S, dS): a chunk's logits and their derivative along w, by one JVP through the part."""
+    (x, y, log_t), (dx, dy, dlog_t) = func.jvp(
+        lambda th: model.part.embed(th, ch.image, ch.text), (model.theta,), (w,)
+    )
+    t = log_t.exp()
+    s = t * x @ y.transpose(-1, -2)
+    ds = t * (dx @ y.transpose(-1, -2) + x @ dy.transpose(-1, -2)) + dlog_t * s
+    return s, ds
+
+
+def score_pass(
+    model: EncoderModel,
+    image,
+    text,
+    w: torch.Tensor,
+    *,
+    neg: str = "exact",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(dPos_n, dNeg_n) along w for every row, in row order (NaN for removed rows); times
+    1/N these are influence_pos and influence_neg."""
+    n = model.partition.n
+    d_pos, d_neg = np.full(n, np.nan), np.full(n, np.nan)
+    w = w.to(dtype=model.dtype, device=model.device)
+    for ch in feature_chunks(image, text, model.partition, dtype=model.dtype, device=model.device):
+        with torch.no_grad():
+            s, ds = logit_tangents(model, ch, w)
+            d = removal_directional(s, ds, ch.mask, neg)
+        m = ch.mask.cpu().numpy()
+        d_pos[ch.rows[m]] = d.pos.cpu().numpy()[m]
+        d_neg[ch.rows[m]] = d.neg.cpu().numpy()[m]
+        if progress is not None:
+            progress(len(ch.rows))
+    return d_pos, d_neg
+
+
+class ModelInverse:
+    """Applies (H + damping I)^-1, H = curvature of J (Gauss-Newton by default, plus the pull),
+    by CG on Hessian-vector products through the part (a JVP then a VJP per batch).
+
+    ``damping`` is added on top of the pull ``lam``; with the Gauss-Newton curvature the
+    operator is positive definite without it. With ``curvature="exact"`` the Hessian can be
+    indefinite away from a minimum: a damping of about the pull's size is the usual fix.
+    """
+
+    def __init__(
+        self,
+        model: EncoderModel,
+        image,
+        text,
+        *,
+        curvature: str | None = None,
+        damping: float = 0.0,
+        tol: float = 1e-4,
+        max_iter: int = 300,
+    ):
+        self.model = model
+        self.objective = EncoderObjective(model, image, text, curvature=curvature)
+        self.damping = float(damping)
+        self.tol, self.max_iter = tol, max_iter
+        self.info: dict = {
+            "method": "cg",
+            "curvature": self.objective.curvature,
+            "damping": self.damping,
+        }
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.objective.hvp(self.model.theta, v) + self.damping * v
+
+    def solve(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.to(dtype=self.model.dtype, device=self.model.device)
+        res = conjugate_gradient(self.matvec, g, tol=self.tol, max_iter=self.max_iter)
+        self.info.update(iterations=res.iterations, converged=res.converged)
+        return res.x

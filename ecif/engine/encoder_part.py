@@ -1,0 +1,155 @@
+"""The trainable part of a CLIP model in the model modes: what maps cached features to embeddings.
+
+In the head mode the parameters are a bilinear adapter over frozen embeddings. In a model
+mode they sit inside the encoders: the frozen trunk runs once and its output (the features
+entering the trainable part) is cached; a part maps a batch of those features, given a flat
+parameter vector ``theta``, to unit-norm image and text embeddings and the log temperature.
+Everything downstream (loss, removal term, scores) is the same function of the batch's
+logits as in the head mode (docs/math.md section 12).
+
+``ProjectionPart``: both towers' output projections (and biases when the model has them)
+plus the log temperature, the "projection" mode. ``ecif.engine.lora_part`` adds low-rank
+adapters inside the last blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+# norm below which an embedding counts as zero (F.normalize's floor): padded batch slots
+NORM_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of a part's parameters, in the order of the flat vector ``theta``."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named tensors of ``theta`` (views, differentiable)."""
+        parts = torch.split(theta, self.sizes)
+        return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The flat vector of named tensors (in layout order)."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+
+class TrainablePart(Protocol):
+    """What the model-mode engine needs from a trainable part."""
+
+    kind: str
+    layout: ParamLayout
+
+    def initial(self) -> torch.Tensor:
+        """theta_0: the pretrained values, flat (the pull is towards them)."""
+        ...
+
+    def embed(
+        self, theta: torch.Tensor, image: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, log_t): unit-norm embeddings of a stack of batches ``(c, B, ...)`` of cached
+        features and the log temperature."""
+        ...
+
+    def state(self) -> dict:
+        """What rebuilds the part (tensors and options), for saving."""
+        ...
+
+
+def normalize(v: torch.Tensor) -> torch.Tensor:
+    """Unit rows; zero rows (padded slots) stay zero."""
+    return F.normalize(v, dim=-1, eps=NORM_FLOOR)
+
+
+class ProjectionPart:
+    """x = normalize(f_img P_img + b_img), y = normalize(f_txt P_txt + b_txt), t = exp(theta_t).
+
+    ``image_proj`` (d_f_img, d), ``text_proj`` (d_f_txt, d): the model's output projections as
+    right-multiplied matrices (open_clip's ``visual.proj`` and ``text_projection``; an
+    ``nn.Linear`` projection is its transposed weight plus bias). ``learn_scale=False`` keeps
+    the temperature at ``log_scale`` (not a parameter).
+    """
+
+    kind = "projection"
+
+    def __init__(
+        self,
+        image_proj: torch.Tensor,
+        text_proj: torch.Tensor,
+        log_scale: float,
+        *,
+        image_bias: torch.Tensor | None = None,
+        text_bias: torch.Tensor | None = None,
+        learn_scale: bool = True,
+    ):
+        if image_proj.shape[1] != text_proj.shape[1]:
+            raise ValueError(
+                f"projections map to different widths: {tuple(image_proj.shape)} and "
+                f"{tuple(text_proj.shape)}"
+            )
+        self.tensors = {"image_proj": image_proj, "text_proj": text_proj}
+        if image_bias is not None:
+            self.tensors["image_bias"] = image_bias
+        if text_bias is not None:
+            self.tensors["text_bias"] = text_bias
+        self.log_scale = float(log_scale)
+        self.learn_scale = bool(learn_scale)
+        names = list(self.tensors)
+        shapes = [tuple(t.shape) for t in self.tensors.values()]
+        if self.learn_scale:
+            names.append("log_scale")
+            shapes.append(())
+        self.layout = ParamLayout(tuple(names), tuple(shapes))
+
+    def initial(self) -> torch.Tensor:
+        flat = [t.reshape(-1).double() for t in self.tensors.values()]
+        if self.learn_scale:
+            flat.append(torch.tensor([self.log_scale], dtype=torch.float64))
+        return torch.cat(flat)
+
+    def embed(self, theta, image, text):
+        p = self.layout.unflatten(theta)
+        u = image @ p["image_proj"]
+        v = text @ p["text_proj"]
+        if "image_bias" in p:
+            u = u + p["image_bias"]
+        if "text_bias" in p:
+            v = v + p["text_bias"]
+        log_t = p["log_scale"] if self.learn_scale else theta.new_tensor(self.log_scale)
+        return normalize(u), normalize(v), log_t
+
+    def state(self) -> dict:
+        return {
+            "kind": self.kind,
+            "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()},
+            "log_scale": self.log_scale,
+            "learn_scale": self.learn_scale,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> ProjectionPart:
+        t = state["tensors"]
+        return cls(
+            t["image_proj"],
+            t["text_proj"],
+            state["log_scale"],
+            image_bias=t.get("image_bias"),
+            text_bias=t.get("text_bias"),
+            learn_scale=state["learn_scale"],
+        )
