@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective
+from ecif.engine.encoder_precondition import KroneckerPreconditioner
 from ecif.engine.fit import ConvergenceWarning
 from ecif.grad.newton import Direction, newton
 from ecif.grad.solvers import conjugate_gradient
@@ -29,7 +30,9 @@ HANDOVER_FACTOR = 10.0
 CG_MAX_ITER = 200
 
 
-def truncated_newton_direction(exact: EncoderObjective, gn: EncoderObjective) -> Direction:
+def truncated_newton_direction(
+    exact: EncoderObjective, gn: EncoderObjective, precond=None
+) -> Direction:
     """H^-1 g by CG on the exact Hessian, stopped at the first direction of non-positive
     curvature (Nocedal and Wright, algorithm 7.1: every iterate is a descent direction);
     if that happens at once, CG on the Gauss-Newton matrix plus the pull (positive definite)
@@ -39,8 +42,10 @@ def truncated_newton_direction(exact: EncoderObjective, gn: EncoderObjective) ->
     def solve(theta: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, int]:
         gnorm = float(g.norm())
         target = min(0.5, gnorm**0.5) * gnorm
+        pre = precond if precond is not None else (lambda v: v)
         z, r = torch.zeros_like(g), g.clone()
-        d, rr = r.clone(), float(r @ r)
+        y = pre(r)
+        d, rr = y.clone(), float(r @ y)
         for j in range(CG_MAX_ITER):
             hd = exact.hvp(theta, d)
             curv = float(d @ hd)
@@ -48,16 +53,17 @@ def truncated_newton_direction(exact: EncoderObjective, gn: EncoderObjective) ->
                 if j > 0:
                     return z, j + 1
                 res = conjugate_gradient(
-                    lambda v: gn.hvp(theta, v), g, tol=1e-2, max_iter=CG_MAX_ITER
+                    lambda v: gn.hvp(theta, v), g, precond=precond, tol=1e-2, max_iter=CG_MAX_ITER
                 )
                 return res.x, j + 1 + res.iterations
             alpha = rr / curv
             z = z + alpha * d
             r = r - alpha * hd
-            rr_new = float(r @ r)
-            if rr_new**0.5 <= target:
+            if float(r.norm()) <= target:
                 return z, j + 1
-            d = r + (rr_new / rr) * d
+            y = pre(r)
+            rr_new = float(r @ y)
+            d = y + (rr_new / rr) * d
             rr = rr_new
         return z, CG_MAX_ITER
 
@@ -73,8 +79,10 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
-def _lbfgs(obj: EncoderObjective, start: torch.Tensor, tol: float, max_iter: int, bar):
-    """L-BFGS until the tolerance or slow progress; returns (theta, value, grad, passes)."""
+def _lbfgs(obj: EncoderObjective, start: torch.Tensor, tol: float, max_iter: int, bar, lin):
+    """L-BFGS on phi with theta = start + L phi (L symmetric: the preconditioner's inverse
+    square root) until the tolerance on theta's gradient or slow progress; returns (theta,
+    value, grad, passes)."""
     best: list = []
     history: list[float] = []
 
@@ -89,7 +97,7 @@ def _lbfgs(obj: EncoderObjective, start: torch.Tensor, tol: float, max_iter: int
             bar.set_postfix(grad_max=f"{gmax:.2e}", refresh=False)
         return value, grad, gmax
 
-    phi = torch.nn.Parameter(start.clone())
+    phi = torch.nn.Parameter(torch.zeros_like(start))
     opt = torch.optim.LBFGS(
         [phi],
         lr=1.0,
@@ -102,11 +110,11 @@ def _lbfgs(obj: EncoderObjective, start: torch.Tensor, tol: float, max_iter: int
     )
 
     def closure():
-        value, grad, gmax = evaluate(phi.detach())
+        value, grad, gmax = evaluate(start + lin(phi.detach()))
         k = HANDOVER_PASSES
         if gmax <= tol or (len(history) > k and history[-1 - k] < HANDOVER_FACTOR * history[-1]):
             raise _Stop
-        phi.grad = grad
+        phi.grad = lin(grad)
         return torch.tensor(value, dtype=phi.dtype)
 
     try:
@@ -144,11 +152,14 @@ def fit_encoder(
     tol = tol if tol is not None else default_tol(model.dtype)
     gn = EncoderObjective(model, image, text, curvature="gauss_newton")
     bar = tqdm(desc="fit (model)", unit="pass", disable=not progress)
-    theta, value, grad, passes = _lbfgs(gn, model.theta.clone(), tol, max_iter, bar)
+    precond = KroneckerPreconditioner(gn, model.theta)
+    theta, value, grad, passes = _lbfgs(
+        gn, model.theta.clone(), tol, max_iter, bar, precond.inverse_sqrt
+    )
     iterations, stop = 0, "tol"
     if float(grad.abs().max()) > tol:
         exact = EncoderObjective(model, image, text, curvature="exact")
-        direction = truncated_newton_direction(exact, gn)
+        direction = truncated_newton_direction(exact, gn, KroneckerPreconditioner(gn, theta))
         theta, value, grad, iterations, spent, stop = newton(
             exact, theta, direction, tol, max_iter, start=(value, grad)
         )

@@ -18,6 +18,7 @@ from torch import func
 
 from ecif.engine.contrastive import removal_directional
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective, feature_chunks
+from ecif.engine.encoder_precondition import KroneckerPreconditioner
 from ecif.grad.solvers import conjugate_gradient
 
 
@@ -60,7 +61,8 @@ def score_pass(
 
 class ModelInverse:
     """Applies (H + damping I)^-1, H = curvature of J (Gauss-Newton by default, plus the pull),
-    by CG on Hessian-vector products through the part (a JVP then a VJP per batch).
+    by CG on Hessian-vector products through the part (a JVP then a VJP per batch),
+    preconditioned by K-FAC over the part's linear maps (``encoder_precondition``).
 
     ``damping`` is added on top of the pull ``lam``; with the Gauss-Newton curvature the
     operator is positive definite without it. With ``curvature="exact"`` the Hessian can be
@@ -77,13 +79,17 @@ class ModelInverse:
         damping: float = 0.0,
         tol: float = 1e-4,
         max_iter: int = 300,
+        precondition: bool = True,
     ):
         self.model = model
         self.objective = EncoderObjective(model, image, text, curvature=curvature)
         self.damping = float(damping)
         self.tol, self.max_iter = tol, max_iter
+        self.precond = (
+            KroneckerPreconditioner(self.objective, model.theta) if precondition else None
+        )
         self.info: dict = {
-            "method": "cg",
+            "method": "cg+kfac" if precondition else "cg",
             "curvature": self.objective.curvature,
             "damping": self.damping,
         }
@@ -94,6 +100,8 @@ class ModelInverse:
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         g = g.to(dtype=self.model.dtype, device=self.model.device)
-        res = conjugate_gradient(self.matvec, g, tol=self.tol, max_iter=self.max_iter)
+        res = conjugate_gradient(
+            self.matvec, g, precond=self.precond, tol=self.tol, max_iter=self.max_iter
+        )
         self.info.update(iterations=res.iterations, converged=res.converged)
         return res.x

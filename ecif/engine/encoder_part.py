@@ -87,6 +87,8 @@ class ProjectionPart:
     """
 
     kind = "projection"
+    # linear maps of the part and the features they read (for the K-FAC preconditioner)
+    linear_blocks = {"image_proj": "image", "text_proj": "text"}
 
     def __init__(
         self,
