@@ -21,10 +21,20 @@ from ecif.audit.trace_args import TraceArgs
 from ecif.device import DEFAULT_DEVICE, DeviceError, resolve_device
 from ecif.engine.fit import FitArgs
 from ecif.engine.inverse_hessian import METHODS, SOLVERS, InverseHessian, SolverArgs
+from ecif.engine.model_mode import ModelArgs
 from ecif.options import default_of, source_of
 from tests.engine_reference import synthetic_pairs
 
-OPTIONS = (FitArgs, SolverArgs, AuditArgs, SelectArgs, TraceArgs, DemoArgs, RetrainConfig)
+OPTIONS = (
+    FitArgs,
+    SolverArgs,
+    AuditArgs,
+    SelectArgs,
+    TraceArgs,
+    DemoArgs,
+    RetrainConfig,
+    ModelArgs,
+)
 
 # the same name in two options classes for two different things (so two defaults), and why
 DIFFERENT = {
@@ -37,6 +47,8 @@ DIFFERENT = {
     ("RetrainConfig", "batch_size"): "a CLIP's training batch, not the head's partition",
     ("RetrainConfig", "seed"): "seeds the retraining run",
     ("DemoArgs", "output"): "a folder, in no other stage",
+    ("ModelArgs", "lam"): "the pull on the encoders' projections (0.1: see model_mode.MODEL_LAM)",
+    ("ModelArgs", "logit_scale"): "a fixed temperature for the model modes (None: the model's)",
 }
 
 
