@@ -13,9 +13,9 @@ from ecif.data import embed_stream
 _encode = embed_stream._encode
 
 
-def _held_encode(lm, batch):
+def _held_encode(*args, **kwargs):
     time.sleep(0.25)
-    return _encode(lm, batch)
+    return _encode(*args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ FUNCTION_PARAMS = {
     ("embed", "batch_size"): (ecif.embed, "batch_size", None),
     ("embed", "distributor"): (ecif.embed, "distributor", None),
     ("embed", "scheduler"): (ecif.embed, "scheduler", None),
+    ("embed", "cache_features"): (ecif.embed, "cache_features", None),
     ("score", "distributor"): (score_shards, "distributor", None),
     ("score", "scheduler"): (score_shards, "scheduler", None),
     ("score", "allow_model_mismatch"): (score_shards, "allow_model_mismatch", None),

@@ -58,6 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler", default=None, help="Dask scheduler address, tcp://host:port (dask only)"
     )
+    p.add_argument(
+        "--cache-features",
+        default=None,
+        choices=["projection"],
+        help="also store, per pair, the frozen trunk's output that enters the trainable part "
+        "(projection: the pooled image and text features before the model's output "
+        "projections, float16, in features/ with the projections' initial weights), so an "
+        "influence audit through the model's own projections (ecif score --params projection) "
+        "reads them instead of running the model again; the embeddings are unchanged",
+    )
     common.add_device(p)
     common.add_quiet(p)
 
@@ -79,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         progress=common.show_progress(args),
         distributor=args.distributor,
         scheduler=args.scheduler,
+        cache_features=args.cache_features,
     )
     kinds = ", ".join(f"{c} x {k}" for k, c in sorted(res.errors.items()))
     if res.failed and not res.ok and not res.skipped:

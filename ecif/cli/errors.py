@@ -19,6 +19,7 @@ _USER_ERRORS = {
     "ecif.data.layout": ("FolderError",),
     "ecif.data.readers": ("InputError",),
     "ecif.data.models": ("ModelLoadError",),
+    "ecif.data.features": ("FeatureCacheError",),
     "ecif.data.embedding_set": ("EmbeddingSetError",),
     "ecif.data.index": ("FaissIndexError",),
     "ecif.audit.folder": ("AuditFolderError",),

@@ -40,14 +40,17 @@ def embed_shard_task(
     cols: dict[str, Any],
     batch_size: int,
     chunk_rows: int | None,
+    cache_features: str | None = None,
 ) -> tuple[int, int, int, dict[str, int]]:
-    """Embed one shard as part ``k`` of ``out``; returns (k, ok, failed, error kinds)."""
+    """Embed one shard as part ``k`` of ``out`` (with its feature cache when
+    ``cache_features``); returns (k, ok, failed, error kinds)."""
     lm = _model(load)
     shard = open_shard(Path(path), **cols)
     got: list[tuple] = []
     # DataLoader workers cannot start inside daemonic Dask workers: decode in the task
     run_parts([(k, shard)], lm, Path(out), batch_size=batch_size, num_workers=0,
-              chunk_rows=chunk_rows, on_done=lambda *a: got.append(a))  # fmt: skip
+              chunk_rows=chunk_rows, on_done=lambda *a: got.append(a),
+              cache_features=cache_features)  # fmt: skip
     return got[0]
 
 
@@ -62,11 +65,16 @@ def run_dask(
     chunk_rows: int | None = None,
     progress: bool = False,
     on_done: Callable[[int, int, int, dict[str, int]], None] | None = None,
+    cache_features: str | None = None,
 ) -> None:
-    """Submit one task per pending shard and report each finished part to ``on_done``."""
+    """Submit one task per pending shard and report each finished part to ``on_done``;
+    ``cache_features`` as in ``run_parts`` (each task writes its part's features)."""
     from tqdm import tqdm
 
-    args = [(k, str(sh.path), str(out), load, cols, batch_size, chunk_rows) for k, sh in pending]
+    args = [
+        (k, str(sh.path), str(out), load, cols, batch_size, chunk_rows, cache_features)
+        for k, sh in pending
+    ]
     keys = [f"ecif-embed-{k}-{sh.path.name}" for k, sh in pending]
     with tqdm(total=len(args), disable=not progress, unit="shard", desc="embedding") as bar:
 

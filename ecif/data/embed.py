@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ecif._version import __version__
-from ecif.data import layout
+from ecif.data import features, layout
 from ecif.data.distributed import run_dask
 from ecif.data.embed_stream import run_parts
 from ecif.data.models import LoadedModel, load_model
@@ -51,10 +51,15 @@ class EmbedResult:
 
 
 def _manifest(
-    shards: Sequence[Shard], lm: LoadedModel, done_parts: dict[int, dict], out: Path
+    shards: Sequence[Shard],
+    lm: LoadedModel,
+    done_parts: dict[int, dict],
+    out: Path,
+    cache: dict | None = None,
 ) -> dict:
     """Input shards by absolute path, by path relative to the embedding folder (a folder moved
-    together with its data) and under ``input_root`` (``--data-root`` re-points that)."""
+    together with its data) and under ``input_root`` (``--data-root`` re-points that);
+    ``cache``: the ``features`` entry of a run with ``cache_features`` (absent otherwise)."""
     paths = [sh.path.resolve() for sh in shards]
     parts = [
         {
@@ -84,7 +89,21 @@ def _manifest(
         "input_shards": [str(p) for p in paths],
         "input_root": os.path.commonpath([str(p.parent) for p in paths]) if paths else None,
         "parts": parts,
+        **({"features": cache} if cache else {}),
     }
+
+
+def _check_cache(meta_p: Path, k: int, had: str | None, wants: str | None) -> None:
+    """A finished part must have been written with the same ``cache_features`` as this run."""
+    if had == wants:
+        return
+    flag = "--cache-features"
+    was = f"with {flag} {had}" if had else f"without {flag}"
+    now = f"asks for {flag} {wants}" if wants else f"has no {flag}"
+    raise layout.FolderError(
+        f"{meta_p}: part {k} was written {was} and this run {now}; use another output folder "
+        "(or rerun as the folder was written)"
+    )
 
 
 def embed(
@@ -104,6 +123,7 @@ def embed(
     random_init: bool = False,
     distributor: str = "local",
     scheduler: str | None = None,
+    cache_features: str | None = None,
 ) -> EmbedResult:
     """Embed image-text shards into a clip-retrieval folder at ``output``; returns counts.
 
@@ -115,10 +135,16 @@ def embed(
     embeddings). Finished parts of an earlier run into the same folder are skipped.
     ``distributor="dask"``: one task per shard on the Dask ``scheduler`` (``tcp://...``; none:
     an in-process cluster); each worker loads the model once and writes its parts itself.
+    ``cache_features="projection"``: the trunk runs once and each part also stores, per pair,
+    the pooled features before the model's output projections (``features/``, float16), the
+    embeddings being those features through the projections; ``features/trainable_init.pt``
+    holds the projections and logit scale (``ecif.data.features``, read by
+    ``load_features``). Parts of an earlier run must have been written the same way.
     """
     t0 = time.perf_counter()
     if distributor not in ("local", "dask"):
         raise ValueError(f"distributor must be 'local' or 'dask', not {distributor!r}")
+    features.check_kind(cache_features)
     out = Path(output)
     paths = discover(inputs)
     shards = [
@@ -127,6 +153,8 @@ def embed(
     t_model = time.perf_counter()
     lm = load_model(model, pretrained, device, random_init=random_init)
     t_model = time.perf_counter() - t_model
+    if cache_features:
+        features.check_model(lm)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     layout.clean_stale_temps(out)
     old = layout.read_manifest(out)
@@ -147,11 +175,17 @@ def embed(
                     f"{meta_p}: part {k} was made from {kv.get('source')!r}, not "
                     f"{sh.path.name!r}; the input shards changed, use another output folder"
                 )
+            _check_cache(meta_p, k, kv.get("features") or None, cache_features)
             res.skipped += sh.n_rows
             res.parts_skipped += 1
             done_parts[k] = {"ok": int(kv.get("ok", 0)), "failed": int(kv.get("failed", 0))}
         else:
             pending.append((k, sh))
+
+    cache = None
+    if cache_features:  # the init first: every part with features finds it
+        features.write_trainable_init(out, lm, cache_features)
+        cache = features.manifest_entry(lm, cache_features)
 
     def record(k: int, ok: int, failed: int, kinds: dict[str, int]) -> None:
         res.ok += ok
@@ -160,16 +194,22 @@ def embed(
         for kind, c in kinds.items():
             res.errors[kind] = res.errors.get(kind, 0) + c
         done_parts[k] = {"ok": ok, "failed": failed}
-        layout.write_manifest(out, _manifest(shards, lm, done_parts, out))
+        layout.write_manifest(out, _manifest(shards, lm, done_parts, out, cache))
 
-    run = dict(batch_size=batch_size, chunk_rows=chunk_rows, progress=progress, on_done=record)
+    run = dict(
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+        progress=progress,
+        on_done=record,
+        cache_features=cache_features,
+    )
     if distributor == "dask":
         cols = dict(id_col=id_col, caption_col=caption_col, image_col=image_col)
         load = dict(model=lm.name, pretrained=lm.pretrained, device=device, random_init=random_init)
         run_dask(pending, out, load, cols, scheduler=scheduler, **run)
     else:
         run_parts(pending, lm, out, num_workers=num_workers, **run)
-    layout.write_manifest(out, _manifest(shards, lm, done_parts, out))
+    layout.write_manifest(out, _manifest(shards, lm, done_parts, out, cache))
     res.seconds = time.perf_counter() - t0
     log.info(res.summary())
     return res

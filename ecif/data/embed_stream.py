@@ -3,12 +3,14 @@
 DataLoader workers decode and tokenize chunks of rows; the main process runs the model
 (``_encode``) and writes each row straight into its part's temp ``.npy`` memmaps
 (``ecif.data.part_writer``), so memory is bounded by the batch. A part is published once all
-its rows are in. Used by the local path (``ecif.data.embed``) and by each Dask task
+its rows are in. With ``cache_features`` the trunk runs once per batch and gives both the
+features before the output projections and the embeddings from them (``ecif.data.features``). Used by the local path (``ecif.data.embed``) and by each Dask task
 (``ecif.data.distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from ecif._version import __version__
+from ecif.data import features
 from ecif.data.models import LoadedModel
 from ecif.data.part_writer import PartWriter
 from ecif.data.readers import Shard, isnull
@@ -82,21 +85,32 @@ def _collate(items):
     }
 
 
-def _encode(lm: LoadedModel, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    lm: LoadedModel, batch: dict, cache_features: str | None = None
+) -> tuple[np.ndarray, ...]:
+    """(image, text) unit-norm embeddings of the batch's good rows; with ``cache_features``
+    also (image, text) features before the projections, float16, from the same trunk pass."""
     dev = lm.device
     images = batch["images"].to(dev, non_blocking=True)
     tokens = batch["tokens"].to(dev, non_blocking=True)
+    feats: tuple[torch.Tensor, ...] = ()
     with torch.inference_mode():
         if dev.startswith("cuda"):
-            with torch.autocast("cuda", dtype=torch.float16):
+            ctx = torch.autocast("cuda", dtype=torch.float16)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            if cache_features:
+                fu, fv, u, v = features.encode(lm.model, images, tokens)
+                feats = (fu, fv)
+            else:
                 u = lm.model.encode_image(images)
                 v = lm.model.encode_text(tokens)
-        else:
-            u = lm.model.encode_image(images)
-            v = lm.model.encode_text(tokens)
         u = torch.nn.functional.normalize(u.float(), dim=-1)
         v = torch.nn.functional.normalize(v.float(), dim=-1)
-    return u.cpu().numpy(), v.cpu().numpy()
+        out = [u.cpu().numpy(), v.cpu().numpy()]
+        out += [f.to(torch.float16).cpu().numpy() for f in feats]
+    return tuple(out)
 
 
 def _error_kinds(errors: Sequence[str | None]) -> dict[str, int]:
@@ -119,11 +133,18 @@ def run_parts(
     chunk_rows: int | None = None,
     progress: bool = False,
     on_done: Callable[[int, int, int, dict[str, int]], None] | None = None,
+    cache_features: str | None = None,
 ) -> None:
     """Embed ``(part index, shard)`` pairs into ``out``; ``on_done(k, ok, failed, error_kinds)``
-    after each part is published. The streaming core shared by the local and Dask paths."""
+    after each part is published. The streaming core shared by the local and Dask paths.
+    ``cache_features="projection"``: each part also gets its features before the output
+    projections (``ecif.data.features``), published before its metadata."""
+    features.check_kind(cache_features)
     dims = (lm.dim_image, lm.dim_text)
+    fdims = features.feature_dims(lm.model) if cache_features else None
     base_kv = {"model": lm.name, "pretrained": lm.pretrained or "", "ecif_version": __version__}
+    if cache_features:  # (absent without a cache: those parts stay as they were)
+        base_kv["features"] = cache_features
 
     writers: dict[int, PartWriter] = {}
 
@@ -136,7 +157,7 @@ def run_parts(
 
     for s, (_, sh) in enumerate(pending):  # empty shards; others open lazily, so open
         if sh.n_rows == 0:  # temp files stay bounded by the shards in flight
-            writers[s] = PartWriter(out, pending[s][0], sh, dims)
+            writers[s] = PartWriter(out, pending[s][0], sh, dims, fdims)
             finish(s)
     finished = {s for s, (_, sh) in enumerate(pending) if sh.n_rows == 0}
     total = sum(sh.n_rows for _, sh in pending)
@@ -157,8 +178,9 @@ def run_parts(
         try:
             for batch in loader:
                 img = txt = None
+                feats: tuple[np.ndarray, ...] = ()
                 if batch["images"] is not None:
-                    img, txt = _encode(lm, batch)
+                    img, txt, *feats = _encode(lm, batch, cache_features)
                 good = np.array([e is None for e in batch["error"]])
                 cum = np.cumsum(good) - 1
                 for s in np.unique(batch["shard"]):
@@ -166,12 +188,13 @@ def run_parts(
                     sel = cum[m & good]
                     errs = [e for e, keep in zip(batch["error"], m) if keep]
                     if s not in writers:
-                        writers[s] = PartWriter(out, pending[s][0], pending[s][1], dims)
+                        writers[s] = PartWriter(out, pending[s][0], pending[s][1], dims, fdims)
                     writers[s].put(
                         batch["row"][m],
                         errs,
                         None if img is None else img[sel],
                         None if txt is None else txt[sel],
+                        tuple(f[sel] for f in feats) if feats else None,
                     )
                     if writers[s].done:
                         finish(s)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +58,19 @@ def ok_mask(meta: pd.DataFrame) -> np.ndarray:
 
 def read_part(folder: str | os.PathLike, n: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Part ``n``: (image, text) memory-mapped and its metadata, checked to agree in rows."""
-    img_p, txt_p, meta_p = part_paths(Path(folder), n)
+    return read_part_arrays(folder, n, part_paths(Path(folder), n)[:2], "embeddings")
+
+
+def read_part_arrays(
+    folder: str | os.PathLike, n: int, paths: Sequence[Path], what: str
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Part ``n``'s two row-aligned arrays at ``paths`` (memory-mapped; ``what`` names them
+    in errors, e.g. ``"features"``) and its metadata, checked to agree in rows."""
+    img_p, txt_p = paths
+    meta_p = part_paths(Path(folder), n)[2]
     for p in (img_p, txt_p):
         if not p.exists():
-            raise FolderError(f"{p}: missing (part {n} has metadata but no embeddings)")
+            raise FolderError(f"{p}: missing (part {n} has metadata but no {what})")
     img, txt = _open_npy(img_p), _open_npy(txt_p)
     meta = pd.read_parquet(meta_p)
     if not (len(img) == len(txt) == len(meta)):
@@ -123,6 +132,31 @@ def read_folder(
     RAM up to ``in_memory_limit`` bytes, else into one memory-mapped file under the ecif
     cache. ``dtype`` (e.g. ``np.float32``): always gather into RAM, in that dtype.
     """
+    return read_arrays(
+        folder,
+        lambda n: part_paths(Path(folder), n)[:2],
+        keep_failed=keep_failed,
+        id_col=id_col,
+        in_memory_limit=in_memory_limit,
+        dtype=dtype,
+    )
+
+
+def read_arrays(
+    folder: str | os.PathLike,
+    paths_of: Callable[[int], Sequence[Path]],
+    *,
+    what: str = "embeddings",
+    tags: tuple[str, str] = ("img", "text"),
+    keep_failed: bool = False,
+    id_col: str | None = None,
+    in_memory_limit: int = 1 << 30,
+    dtype: Any = None,
+) -> FolderRows:
+    """``read_folder`` over any two row-aligned arrays per part: ``paths_of(n)`` gives part
+    ``n``'s (image, text) files (the embeddings, or the feature cache of
+    ``ecif.data.features``); the same parts, rows, order and ids as the embeddings.
+    ``what`` names the arrays in errors, ``tags`` the consolidated files in the cache."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FolderError(f"{folder}: no such folder")
@@ -134,11 +168,11 @@ def read_folder(
     imgs, txts, metas = [], [], []
     d_img = d_txt = first = None
     for n in parts:
-        img, txt, meta = read_part(folder, n)
+        img_p, txt_p = paths_of(n)
+        img, txt, meta = read_part_arrays(folder, n, (img_p, txt_p), what)
         if d_img is None:
             d_img, d_txt, first = img.shape[1], txt.shape[1], n
         elif img.shape[1] != d_img or txt.shape[1] != d_txt:
-            img_p, txt_p, _ = part_paths(folder, n)
             raise FolderError(
                 f"{img_p if img.shape[1] != d_img else txt_p}: width "
                 f"{img.shape[1] if img.shape[1] != d_img else txt.shape[1]} differs from part "
@@ -150,8 +184,8 @@ def read_folder(
     meta = pd.concat(metas, ignore_index=True) if len(metas) > 1 else metas[0]
     part = np.repeat(np.asarray(parts), [len(m) for m in metas])
     keep = np.ones(len(meta), dtype=bool) if keep_failed else ok_mask(meta)
-    image = _gather(imgs, keep, folder, "img", in_memory_limit, dtype)
-    text = _gather(txts, keep, folder, "text", in_memory_limit, dtype)
+    image = _gather(imgs, keep, folder, tags[0], in_memory_limit, dtype)
+    text = _gather(txts, keep, folder, tags[1], in_memory_limit, dtype)
     if not keep.all():
         meta = meta[keep].reset_index(drop=True)
     manifest = read_manifest(folder)

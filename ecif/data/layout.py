@@ -3,6 +3,9 @@
 Layout: ``img_emb/img_emb_{N}.npy`` and ``text_emb/text_emb_{N}.npy`` (float16, unit norm) and
 ``metadata/metadata_{N}.parquet``, rows aligned by position, plus ecif's ``manifest.json``.
 Folders that clip-retrieval wrote itself (no manifest, no ``status`` column) load as well.
+``ecif embed --cache-features projection`` adds ``features/img_feat_{N}.npy`` and
+``features/text_feat_{N}.npy`` (float16, the pooled features before the model's output
+projections) and ``features/trainable_init.pt`` (``ecif.data.features``).
 
 Rows that could not be embedded keep their metadata row with ``status`` != ``"ok"`` and an
 ``error_message``; their embedding rows are all zeros. Reading a folder (which rows count,
@@ -25,6 +28,8 @@ from ecif import atomic
 
 MANIFEST = "manifest.json"
 STATUS_OK = "ok"
+FEATURES = "features"  # the feature cache's folder (ecif.data.features)
+TRAINABLE_INIT = "trainable_init.pt"
 _PART = re.compile(r"^metadata_(\d+)\.parquet$")
 
 
@@ -38,6 +43,14 @@ def part_paths(folder: Path, n: int) -> tuple[Path, Path, Path]:
         folder / "img_emb" / f"img_emb_{n}.npy",
         folder / "text_emb" / f"text_emb_{n}.npy",
         folder / "metadata" / f"metadata_{n}.parquet",
+    )
+
+
+def feature_paths(folder: Path, n: int) -> tuple[Path, Path]:
+    """(img, text) paths of part ``n``'s cached features (``--cache-features``)."""
+    return (
+        folder / FEATURES / f"img_feat_{n}.npy",
+        folder / FEATURES / f"text_feat_{n}.npy",
     )
 
 
@@ -100,7 +113,10 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
 
 def clean_stale_temps(folder: Path) -> int:
     """Remove temp files a killed run left behind; returns how many."""
-    return sum(atomic.clean_temps(folder / sub) for sub in ("img_emb", "text_emb", "metadata", "."))
+    return sum(
+        atomic.clean_temps(folder / sub)
+        for sub in ("img_emb", "text_emb", "metadata", FEATURES, ".")
+    )
 
 
 def write_part(
