@@ -16,6 +16,7 @@ import pandas as pd
 
 import ecif.api as api
 from ecif.audit.combine import SIGNALS, fit_mixture, suspicion, weighted_sum
+from ecif.audit.model_signals import model_signals
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
@@ -23,6 +24,7 @@ from ecif.device import resolve_device
 from ecif.engine.fit import FitArgs
 from ecif.engine.head import CLIP_LOGIT_SCALE, DENSE_HESSIAN_MAX_PARAMS, Head
 from ecif.engine.inverse_hessian import SolverArgs
+from ecif.engine.model_mode import PARAMS
 from ecif.options import borrow, default_of, option, renamed
 
 VAL_MODES = ("auto", "self", "crossfit")
@@ -48,6 +50,13 @@ class AuditArgs:
     and pull are chosen per audit ("auto"), unlike a plain ``ecif.fit``.
     """
 
+    params: str = option(
+        "head",
+        help="what influence is taken through: head (a bilinear head over the frozen "
+        "embeddings) or projection (both of the model's output projections; needs feature "
+        "caches from `ecif embed --cache-features projection` and a validation set)",
+        choices=PARAMS,
+    )
     batch_size: int = borrow(FitArgs, "batch_size")
     seed: int = borrow(
         FitArgs, "seed", help="seed of the batch partition, the scale calibration and cross-fitting"
@@ -155,7 +164,10 @@ class Auditor:
     train: EmbeddingSet
     val: EmbeddingSet | None = None
     args: AuditArgs = field(default_factory=AuditArgs)
-    heads: list[Head] = field(default_factory=list, init=False)
+    # the model modes' inputs (params != "head"): ecif.data.features.FeatureSet of each set
+    train_features: Any = None
+    val_features: Any = None
+    heads: list = field(default_factory=list, init=False)  # Head, or EncoderModel per mode
     val_source: str = field(default="", init=False)
     choice: HeadChoice | None = field(default=None, init=False)
 
@@ -215,6 +227,8 @@ class Auditor:
 
     def _signals(self, progress: bool) -> pd.DataFrame:
         a = self.args
+        if a.params != "head":
+            return model_signals(self, progress)
         if self.val is not None:
             head = self.fit_head(self.train, progress=progress)
             self.heads = [head]

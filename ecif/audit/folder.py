@@ -104,8 +104,10 @@ def write_audit_description(
     id_column: str = "key",
     scores: str = "scores",
 ) -> None:
-    """audit.json and head.pt for an audit whose scores are already written."""
-    with atomic_path(folder / "head.pt") as tmp:
+    """audit.json and head.pt (model.pt in a model mode) for an audit whose scores are
+    already written."""
+    name = "model.pt" if heads and hasattr(heads[0], "part") else "head.pt"
+    with atomic_path(folder / name) as tmp:
         torch.save([h.state_dict() for h in heads], tmp)
     desc = dict(meta)
     desc.update(id_column=id_column, scores=scores)
@@ -137,7 +139,14 @@ def training_set(
 
 def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True) -> Head:
     """A head fit on the whole training set: the audit's own, or AUDIT/index/head.pt (what
-    `ecif index` fits when the audit cross-fitted halves), else fit now with its options."""
+    `ecif index` fits when the audit cross-fitted halves), else fit now with its options.
+    Audits in a model mode (params != "head") have no head: trace-back is not built there."""
+    params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
+    if params not in (None, "head"):
+        raise AuditFolderError(
+            f"{folder}: an audit with params={params!r}; trace-back and verification are built "
+            "for the head mode only (rerun `ecif score` without --params for them)"
+        )
     for path in (folder, folder / "index"):
         if (path / "head.pt").exists():
             for h in read_heads(path):

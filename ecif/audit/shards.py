@@ -32,8 +32,13 @@ from ecif.audit.auditor import (
     clip_scores,
     misalign_scores,
 )
-from ecif.audit.checks import check_threshold, check_training, check_validation
+from ecif.audit.checks import (
+    check_threshold,
+    check_training,
+    check_validation,
+)
 from ecif.audit.folder import write_audit_description
+from ecif.audit.model_signals import model_inputs
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
@@ -216,9 +221,9 @@ def score_shards(
         if mismatch:
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
-    auditor = Auditor(train, val, args)
+    auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
     meta["head_choice"] = auditor.choose().record()
-    if val is None:  # self-influence or cross-fit need the whole set at once: in-process
+    if val is None or args.params != "head":  # the whole set at once: in-process
         with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
             table = auditor.run(progress=progress)
         heads = auditor.heads

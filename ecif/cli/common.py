@@ -113,6 +113,7 @@ def warmup_epochs_arg(text: str) -> int | None:
 
 # the flags of `ecif score` that set AuditArgs fields (the rest keep AuditArgs's defaults)
 AUDIT_FLAGS = (
+    "params",
     "batch_size",
     "lam",
     "logit_scale",
@@ -132,6 +133,7 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
     from ecif.audit.auditor import AuditArgs
 
     g = p.add_argument_group("audit options")
+    add_field(g, AuditArgs, "params")
     add_field(g, AuditArgs, "batch_size", type=int)
     add_field(g, AuditArgs, "lam", type=auto_or_positive("lam"), metavar="auto|LAM")
     add_field(

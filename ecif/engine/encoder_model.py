@@ -60,6 +60,30 @@ class EncoderModel:
     def num_params(self) -> int:
         return int(self.theta.numel())
 
+    @property
+    def logit_scale(self) -> float:
+        """The temperature t at theta (fixed, or fitted with ``learn_scale``)."""
+        p = self.part.layout.unflatten(self.theta)
+        return (
+            float(p["log_scale"].exp()) if "log_scale" in p else float(np.exp(self.part.log_scale))
+        )
+
+    def state_dict(self) -> dict:
+        """Everything that rebuilds the fitted part (saved as an audit's model.pt)."""
+        return {
+            "params": self.part.kind,
+            "part": self.part.state(),
+            "theta": self.theta.detach().cpu(),
+            "theta0": self.theta0.detach().cpu(),
+            "lam": self.lam,
+            "partition": self.partition.index,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "n_norm": self.n_norm,
+            "curvature": self.curvature,
+            "info": dict(self.info),
+        }
+
     def with_theta(self, theta: torch.Tensor, info: dict | None = None) -> EncoderModel:
         return replace(self, theta=theta, info=dict(info or self.info))
 

@@ -72,9 +72,13 @@ class TrainablePart(Protocol):
         ...
 
 
-def normalize(v: torch.Tensor) -> torch.Tensor:
-    """Unit rows; zero rows (padded slots) stay zero."""
-    return F.normalize(v, dim=-1, eps=NORM_FLOOR)
+def normalize(v: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """Unit rows (zero rows, padded slots, stay zero); with ``floor`` r > 0,
+    v / sqrt(|v|^2 + r^2): the same to (r/|v|)^2 / 2 where |v| >> r, and no singularity at
+    v = 0 (see ``ProjectionPart``)."""
+    if floor <= 0:
+        return F.normalize(v, dim=-1, eps=NORM_FLOOR)
+    return v * torch.rsqrt((v * v).sum(-1, keepdim=True) + floor * floor)
 
 
 class ProjectionPart:
@@ -84,6 +88,14 @@ class ProjectionPart:
     right-multiplied matrices (open_clip's ``visual.proj`` and ``text_projection``; an
     ``nn.Linear`` projection is its transposed weight plus bias). ``learn_scale=False`` keeps
     the temperature at ``log_scale`` (not a parameter).
+
+    ``floors`` (r_img, r_txt): normalisation as u / sqrt(|u|^2 + r^2). CLIP's exact
+    normalisation is singular at u = 0 and blind to |u|, so a fit can rotate one caption's
+    embedding almost for free by shrinking its projected feature: on the tiny CLIP the fit
+    drove a feature's norm from ~9 to 1e-5 and its gradient up to 30, and never converged.
+    With a floor far below the pretrained norms (``model_mode.FLOOR_FRACTION`` of the median)
+    the part equals CLIP's to ~1e-3 where features stay near their pretrained norms, and the
+    objective is smooth everywhere.
     """
 
     kind = "projection"
@@ -99,6 +111,7 @@ class ProjectionPart:
         image_bias: torch.Tensor | None = None,
         text_bias: torch.Tensor | None = None,
         learn_scale: bool = True,
+        floors: tuple[float, float] = (0.0, 0.0),
     ):
         if image_proj.shape[1] != text_proj.shape[1]:
             raise ValueError(
@@ -112,6 +125,7 @@ class ProjectionPart:
             self.tensors["text_bias"] = text_bias
         self.log_scale = float(log_scale)
         self.learn_scale = bool(learn_scale)
+        self.floors = (float(floors[0]), float(floors[1]))
         names = list(self.tensors)
         shapes = [tuple(t.shape) for t in self.tensors.values()]
         if self.learn_scale:
@@ -134,7 +148,7 @@ class ProjectionPart:
         if "text_bias" in p:
             v = v + p["text_bias"]
         log_t = p["log_scale"] if self.learn_scale else theta.new_tensor(self.log_scale)
-        return normalize(u), normalize(v), log_t
+        return normalize(u, self.floors[0]), normalize(v, self.floors[1]), log_t
 
     def state(self) -> dict:
         return {
@@ -142,6 +156,7 @@ class ProjectionPart:
             "tensors": {k: v.detach().cpu() for k, v in self.tensors.items()},
             "log_scale": self.log_scale,
             "learn_scale": self.learn_scale,
+            "floors": self.floors,
         }
 
     @classmethod
@@ -154,4 +169,5 @@ class ProjectionPart:
             image_bias=t.get("image_bias"),
             text_bias=t.get("text_bias"),
             learn_scale=state["learn_scale"],
+            floors=tuple(state.get("floors", (0.0, 0.0))),
         )

@@ -38,6 +38,7 @@ PARAMS = ("head", "projection")
 # digits drove a caption's projected feature to norm 1e-5, where normalisation is singular,
 # and never converged; at 0.1 it converged in 49 passes (benchmarks/README.md, model modes)
 MODEL_LAM = 0.1
+FLOOR_FRACTION = 0.05  # the normalisation floor, a share of the median pretrained norm
 
 
 @dataclass
@@ -66,8 +67,10 @@ class ModelArgs:
     damping: float = option(0.0, help="added to the pull in the solve (H + lam + damping)")
 
 
-def make_part(init: dict, args: ModelArgs) -> ProjectionPart:
-    """The trainable part from a feature cache's ``init`` record (pretrained tensors)."""
+def make_part(init: dict, args: ModelArgs, features=None) -> ProjectionPart:
+    """The trainable part from a feature cache's ``init`` record (pretrained tensors); with
+    ``features`` (the training set's), the normalisation floors: ``FLOOR_FRACTION`` of each
+    tower's median pretrained projected norm."""
     kind = init.get("kind", "projection")
     if args.params != "projection" or kind != "projection":
         raise ValueError(
@@ -82,7 +85,20 @@ def make_part(init: dict, args: ModelArgs) -> ProjectionPart:
         image_bias=t.get("image_bias"),
         text_bias=t.get("text_bias"),
         learn_scale=args.learn_scale,
+        floors=(0.0, 0.0) if features is None else floors_of(t, features),
     )
+
+
+def floors_of(tensors: dict, features, rows: int = 4096) -> tuple[float, float]:
+    """FLOOR_FRACTION x the median norm of f P_0 (+ b_0) per tower, on up to ``rows`` rows."""
+    out = []
+    for side, key in (("image", "image"), ("text", "text")):
+        f = torch.as_tensor(np.asarray(getattr(features, side)[:rows]), dtype=torch.float64)
+        u = f @ tensors[f"{key}_proj"]
+        if f"{key}_bias" in tensors:
+            u = u + tensors[f"{key}_bias"]
+        out.append(FLOOR_FRACTION * float(u.norm(dim=-1).median()))
+    return out[0], out[1]
 
 
 def fit_model(
@@ -102,7 +118,7 @@ def fit_model(
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     groups = getattr(train, "part", None)
     model = new_model(
-        make_part(init, args),
+        make_part(init, args, train),
         len(train.image),
         lam=args.lam,
         batch_size=args.batch_size,

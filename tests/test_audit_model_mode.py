@@ -1,0 +1,133 @@
+"""The projection mode end to end: shards embedded with the feature cache, `ecif score
+--params projection`, the Python Auditor, and the errors a user meets on the way."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ecif
+from ecif import datasets
+from ecif.audit.auditor import AuditArgs, Auditor
+from ecif.cli import main
+from ecif.data.features import load_features
+from ecif.engine.encoder_model import EncoderObjective
+from ecif.engine.model_mode import ModelArgs, fit_model, score_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_clip_dir):
+    root = tmp_path_factory.mktemp("model-mode")
+    model = f"local-dir:{tiny_clip_dir}"
+    out = {}
+    for name, n, noise, seed in (("train", 160, 0.25, 0), ("val", 64, 0.0, 1)):
+        datasets.shapes(n, seed=seed, noise=noise).to_parquet(root / f"{name}-shards")
+        ecif.embed(root / f"{name}-shards", root / name, model=model, cache_features="projection")
+        out[name] = root / name
+    out["root"] = root
+    return out
+
+
+def test_score_cli_in_projection_mode_matches_the_python_api(folders):
+    audit = folders["root"] / "audit"
+    code = main(
+        [
+            "score",
+            str(folders["train"]),
+            "--val",
+            str(folders["val"]),
+            "-o",
+            str(audit),
+            "--params",
+            "projection",
+            "--batch-size",
+            "32",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    info = json.loads((audit / "audit.json").read_text())
+    assert info["options"]["params"] == "projection"
+    assert (audit / "model.pt").exists() and not (audit / "head.pt").exists()
+    assert info["fit"][0]["converged"]
+    table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))
+    assert {
+        "influence",
+        "influence_pos",
+        "influence_neg",
+        "misalign_score",
+        "is_misaligned",
+    } <= set(table)
+    # the same numbers from the library, with the options the audit recorded
+    train, val = load_features(folders["train"]), load_features(folders["val"])
+    scale = info["head_choice"]["calibrated_scale"]
+    model = fit_model(train, train.init, ModelArgs(batch_size=32, logit_scale=scale))
+    ref = score_model(model, train, val).set_index("id")["influence"]
+    got = table.set_index("id")["influence"]
+    np.testing.assert_allclose(got.loc[ref.index].to_numpy(), ref.to_numpy(), rtol=1e-3, atol=1e-7)
+    # the fitted model is stationary: its gradient, recomputed from the saved state, is ~0
+    state = torch.load(audit / "model.pt", weights_only=False)[0]
+    fitted = model.with_theta(state["theta"].to(model.dtype))
+    _, g = EncoderObjective(fitted, train.image, train.text).value_and_grad(fitted.theta)
+    assert float(g.abs().max()) <= 1e-5
+
+
+def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):
+    train_set = ecif.EmbeddingSet.load(folders["train"])
+    val_set = ecif.EmbeddingSet.load(folders["val"])
+    auditor = Auditor(
+        train_set,
+        val_set,
+        AuditArgs(params="projection", batch_size=32),
+        train_features=load_features(folders["train"]),
+        val_features=load_features(folders["val"]),
+    )
+    table = auditor.run()
+    labels = pd.read_parquet(folders["root"] / "train-shards").set_index("key")
+    y = labels.loc[np.asarray(table["id"]).astype(str), "is_corrupted"].to_numpy()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, -table["influence"].to_numpy()) > 0.6
+    assert table.attrs["options"]["params"] == "projection"
+
+
+def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
+    no_val = main(
+        ["score", str(folders["train"]), "-o", str(tmp_path / "a"), "--params", "projection"]
+    )
+    assert no_val == 2
+    assert "needs a validation set" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    ecif.embed(
+        folders["root"] / "val-shards",
+        plain,
+        model=json.loads((folders["val"] / "manifest.json").read_text())["model"],
+    )
+    code = main(
+        [
+            "score",
+            str(folders["train"]),
+            "--val",
+            str(plain),
+            "-o",
+            str(tmp_path / "b"),
+            "--params",
+            "projection",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "feature cache" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / "scores").exists()
