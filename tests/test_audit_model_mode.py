@@ -41,7 +41,7 @@ def folders(tmp_path_factory, tiny_clip_dir):
     return out
 
 
-def test_score_cli_in_projection_mode_matches_the_python_api(folders):
+def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):
     audit = folders["root"] / "audit"
     code = main(
         [
@@ -71,6 +71,11 @@ def test_score_cli_in_projection_mode_matches_the_python_api(folders):
         "misalign_score",
         "is_misaligned",
     } <= set(table)
+    val_id = str(ecif.EmbeddingSet.load(folders["val"]).ids[0])
+    trace = ["trace", str(audit), "--query-id", val_id, "--test", str(folders["val"])]
+    for verb in (["verify", str(audit), "--val", str(folders["val"])], trace):
+        assert main(verb) == 2, verb
+        assert "model mode" in capsys.readouterr().err
     # the same numbers from the library, with the options the audit recorded
     train, val = load_features(folders["train"]), load_features(folders["val"])
     scale = info["head_choice"]["calibrated_scale"]

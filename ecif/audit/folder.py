@@ -91,6 +91,12 @@ def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
 def read_heads(folder: str | os.PathLike) -> list[Head]:
     path = Path(folder) / "head.pt"
     if not path.exists():
+        if (Path(folder) / "model.pt").exists():
+            raise AuditFolderError(
+                f"{folder}: an audit in a model mode (model.pt, no head); trace-back, "
+                "verification, cleaning by refits and the breakdown are built for the head mode "
+                "only (rerun `ecif score` without --params for them)"
+            )
         raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
     return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
 
@@ -144,8 +150,9 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
     params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
     if params not in (None, "head"):
         raise AuditFolderError(
-            f"{folder}: an audit with params={params!r}; trace-back and verification are built "
-            "for the head mode only (rerun `ecif score` without --params for them)"
+            f"{folder}: an audit in a model mode (params={params!r}); trace-back and "
+            "verification are built for the head mode only (rerun `ecif score` without "
+            "--params for them)"
         )
     for path in (folder, folder / "index"):
         if (path / "head.pt").exists():
