@@ -152,11 +152,12 @@ def test_removal_identity_holds_through_the_part():
 def test_inverse_solves_the_damped_system():
     model, fi, ft, ref = setup()
     g = loss_gradient(model, fi[:10], ft[:10])
-    inv = ModelInverse(model, fi, ft, damping=0.01, tol=1e-12, max_iter=500)
-    w = inv.solve(g)
-    obj = EncoderObjective(model, fi, ft)
-    torch.testing.assert_close(obj.hvp(model.theta, w) + 0.01 * w, g, rtol=1e-8, atol=1e-10)
-    assert inv.info["converged"]
+    for curvature, at in (("gauss_newton", model), ("exact", fit_encoder(model, fi, ft))):
+        inv = ModelInverse(at, fi, ft, curvature=curvature, damping=0.01, tol=1e-12, max_iter=500)
+        w = inv.solve(g)
+        obj = EncoderObjective(at, fi, ft, curvature=curvature)
+        torch.testing.assert_close(obj.hvp(at.theta, w) + 0.01 * w, g, rtol=1e-8, atol=1e-10)
+        assert inv.info["converged"] and inv.info["curvature"] == curvature
 
 
 def test_fit_reaches_a_stationary_point_of_the_reference_objective():

@@ -37,7 +37,7 @@ class EncoderModel:
     lam: float
     partition: Partition
     n_norm: int
-    curvature: str = "gauss_newton"
+    curvature: str = "exact"
     info: dict = field(default_factory=dict)
 
     @property
@@ -200,7 +200,7 @@ def new_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     groups: np.ndarray | None = None,
-    curvature: str = "gauss_newton",
+    curvature: str = "exact",
 ) -> EncoderModel:
     """The starting point: theta = theta_0 = the pretrained values, a fresh partition."""
     if lam <= 0:

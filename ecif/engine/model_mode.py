@@ -62,7 +62,10 @@ class ModelArgs:
     tol: float | None = borrow(FitArgs, "tol")
     max_iter: int = borrow(FitArgs, "max_iter")
     curvature: str = option(
-        "gauss_newton", help="H in the solve: gauss_newton or exact", choices=CURVATURES
+        "exact",
+        help="H in the solve: exact (falls back to gauss_newton where CG meets non-positive "
+        "curvature) or gauss_newton",
+        choices=CURVATURES,
     )
     damping: float = option(0.0, help="added to the pull in the solve (H + lam + damping)")
 
