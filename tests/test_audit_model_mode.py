@@ -136,3 +136,24 @@ def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "feature cache" in err and "Traceback" not in err
     assert not (tmp_path / "b" / "scores").exists()
+
+
+def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
+    """The overview, suspects and pair pages of the app on the audit the CLI wrote."""
+    from streamlit.testing.v1 import AppTest
+
+    from ecif.app import APP_SCRIPT, support
+
+    audit = folders["root"] / "audit-app"
+    args = ["score", str(folders["train"]), "--val", str(folders["val"]), "-o", str(audit)]
+    assert main(args + ["--params", "projection", "--batch-size", "32", "--quiet"]) == 0
+    monkeypatch.setenv(support.AUDIT_ENV, str(audit))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Pairs"] == "160"
+    for page in ("suspects", "pair", "trace"):
+        at.switch_page(f"views/{page}.py")
+        at.run()
+        assert not at.exception, (page, [e.value for e in at.exception])
