@@ -10,7 +10,8 @@ CLIP with ``ecif.embed(..., cache_features="projection")``; a clean validation s
 way. The head mode is the default Auditor on the embeddings; the projection mode fits both
 output projections (pull 0.1) at two temperatures: the model's own and the one that
 calibrates the pretrained similarity on the validation pairs (as the head's "auto" does,
-without its factor 1/2). Fidelity: float64 refits without single pairs (warm-started, same
+without its factor 1/2), the solve on the exact Hessian (the default) and, for detection, on
+the Gauss-Newton matrix. Fidelity: float64 refits without single pairs (warm-started, same
 batches) and without random 5% subsets: Spearman and LDS. Cost: the scoring pass against a
 plain forward pass of the part over the same chunks.
 """
@@ -124,6 +125,8 @@ def run_seed(seed: int, n: int, singles: int, groups: int) -> dict:
             out[f"proj ({label}) converged"] = float(model.info["converged"])
             det(f"proj ({label}) influence", -scores["influence"].to_numpy())
             if label == "calibrated scale":
+                gn = score_model(model.with_curvature("gauss_newton"), train, val)
+                det(f"proj ({label}, gauss_newton solve) influence", -gn["influence"].to_numpy())
                 out.update(
                     {
                         f"proj {k}": v

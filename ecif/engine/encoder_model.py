@@ -84,6 +84,12 @@ class EncoderModel:
             "info": dict(self.info),
         }
 
+    def with_curvature(self, curvature: str) -> EncoderModel:
+        """The same fitted model with another curvature for its solves."""
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}")
+        return replace(self, curvature=curvature)
+
     def with_theta(self, theta: torch.Tensor, info: dict | None = None) -> EncoderModel:
         return replace(self, theta=theta, info=dict(info or self.info))
 
