@@ -47,6 +47,7 @@ DIFFERENT = {
     ("RetrainConfig", "batch_size"): "a CLIP's training batch, not the head's partition",
     ("RetrainConfig", "seed"): "seeds the retraining run",
     ("DemoArgs", "output"): "a folder, in no other stage",
+    ("ModelArgs", "params"): "which model mode to fit; the audit's params also offers head",
     ("ModelArgs", "lam"): "the pull on the encoders' projections (0.1: see model_mode.MODEL_LAM)",
     ("ModelArgs", "logit_scale"): "a fixed temperature for the model modes (None: the model's)",
 }

@@ -96,7 +96,7 @@ def floors_of(tensors: dict, features, rows: int = 4096) -> tuple[float, float]:
     """FLOOR_FRACTION x the median norm of f P_0 (+ b_0) per tower, on up to ``rows`` rows."""
     out = []
     for side, key in (("image", "image"), ("text", "text")):
-        f = torch.as_tensor(np.asarray(getattr(features, side)[:rows]), dtype=torch.float64)
+        f = torch.tensor(np.asarray(getattr(features, side)[:rows]), dtype=torch.float64)
         u = f @ tensors[f"{key}_proj"]
         if f"{key}_bias" in tensors:
             u = u + tensors[f"{key}_bias"]
