@@ -110,11 +110,9 @@ def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):
 
 
 def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
-    no_val = main(
-        ["score", str(folders["train"]), "-o", str(tmp_path / "a"), "--params", "projection"]
-    )
-    assert no_val == 2
-    assert "needs a validation set" in capsys.readouterr().err
+    args = ["score", str(folders["train"]), "-o", str(tmp_path / "a"), "--params", "projection"]
+    assert main(args + ["--no-val", "self"]) == 2
+    assert "self-influence is head-mode only" in capsys.readouterr().err
     plain = tmp_path / "plain"
     ecif.embed(
         folders["root"] / "val-shards",
@@ -157,3 +155,20 @@ def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
         at.switch_page(f"views/{page}.py")
         at.run()
         assert not at.exception, (page, [e.value for e in at.exception])
+
+
+def test_projection_mode_without_a_validation_set_cross_fits(folders):
+    """Two halves, each fit on its own features and scored against the other's best-fitting
+    half: planted noise still ranks above chance, and the audit says how it was scored."""
+    audit = folders["root"] / "audit-noval"
+    args = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
+    assert main(args + ["--batch-size", "32", "--quiet"]) == 0
+    info = json.loads((audit / "audit.json").read_text())
+    assert "cross-fit" in info["validation"] and len(info["fit"]) == 2
+    assert all(f["converged"] for f in info["fit"])
+    table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))
+    labels = pd.read_parquet(folders["root"] / "train-shards").set_index("key")
+    y = labels.loc[np.asarray(table["id"]).astype(str), "is_corrupted"].to_numpy()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(y, -table["influence"].to_numpy()) > 0.6

@@ -11,8 +11,10 @@ at the model's own 21.8, one seed; benchmarks/bench_model_mode.py), "auto" pull 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ecif.audit.checks import AuditInputError
@@ -45,10 +47,7 @@ def model_signals(auditor: Any, progress: bool) -> pd.DataFrame:
     """id, influence (and its parts) and pair_loss for the training set, in its order."""
     a = auditor.args
     if auditor.val is None:
-        raise ValueError(
-            f"params={a.params!r} needs a validation set (--val): self-influence and "
-            "cross-fitting are built for the head mode only"
-        )
+        return model_crossfit(auditor, progress)
     train, val = auditor.train_features, auditor.val_features
     if train is None or val is None:
         raise ValueError(
@@ -75,14 +74,69 @@ def model_inputs(args: Any, embeddings: Path, val: Any) -> dict:
     any fit, so a missing cache or validation set fails at once."""
     if args.params == "head":
         return {}
-    if val is None:
-        raise AuditInputError(f"--params {args.params} needs a validation set (--val)")
+    if val is None and args.no_val == "self":
+        raise AuditInputError(
+            f"--params {args.params}: self-influence is head-mode only; use --no-val crossfit "
+            "or give a validation set (--val)"
+        )
     from ecif.data.features import load_features
 
     try:
         return {
             "train_features": load_features(embeddings),
-            "val_features": load_features(val.source),
+            "val_features": None if val is None else load_features(val.source),
         }
     except (OSError, ValueError) as err:
         raise AuditInputError(str(err).splitlines()[0]) from err
+
+
+def feature_rows(feats: Any, rows: np.ndarray) -> SimpleNamespace:
+    """The rows ``rows`` of a FeatureSet (image, text, ids, init; batches drawn anew)."""
+    return SimpleNamespace(
+        image=feats.image[rows],
+        text=feats.text[rows],
+        ids=np.asarray(feats.ids)[rows],
+        init=feats.init,
+    )
+
+
+def model_crossfit(auditor: Any, progress: bool) -> pd.DataFrame:
+    """Without a validation set, as the head mode's cross-fitting: each half of the training
+    set is fit on its own and scored against the other half's best-fitting pairs (lowest
+    pair loss under that half's model) as a proxy validation set."""
+    a = auditor.args
+    if a.no_val == "self":
+        raise ValueError(f"params={a.params!r}: self-influence is built for the head mode only")
+    train = auditor.train_features
+    if train is None:
+        raise ValueError(
+            f"params={a.params!r} needs the training set's feature cache: embed it with "
+            f"--cache-features {a.params}"
+        )
+    if len(train.image) < 8:
+        raise ValueError("without a validation set, a model-mode audit needs at least 8 pairs")
+    rng = np.random.default_rng(a.seed)
+    fold = rng.permutation(len(train.image)) % 2
+    folds = [np.nonzero(fold == k)[0] for k in (0, 1)]
+    subs = [feature_rows(train, rows) for rows in folds]
+    margs = model_args(auditor)
+    models = [fit_model(sub, train.init, margs, progress=progress) for sub in subs]
+    losses = [model_pair_losses(m, sub) for m, sub in zip(models, subs)]
+    proxies = [
+        feature_rows(sub, np.nonzero(loss <= np.quantile(loss, a.proxy_fraction))[0])
+        for sub, loss in zip(subs, losses)
+    ]
+    parts = []
+    for k in (0, 1):
+        df = score_model(models[k], subs[k], proxies[1 - k], neg=a.neg, progress=progress)
+        df["pair_loss"] = losses[k]
+        df.index = folds[k]
+        parts.append(df)
+    auditor.heads = models
+    auditor.val_source = (
+        f"cross-fit, params={a.params}: each half scored against the other half's "
+        f"best-fitting {a.proxy_fraction:.0%} (no validation set)"
+    )
+    out = pd.concat(parts).sort_index()
+    out["id"] = auditor.train.ids
+    return out
