@@ -188,3 +188,17 @@ def test_single_removal_scores_track_real_refits():
     rho = spearmanr(predicted, actual).statistic
     assert rho > 0.95, rho  # measured 0.967 (one removal of 40 moves the loss a lot here:
     assert pearsonr(predicted, actual).statistic > 0.9  # first order under-reads the largest)
+
+
+@pytest.mark.parametrize("learn_scale,bias,floor", [(True, True, 0.3), (False, False, 0.0)])
+def test_closed_form_embedding_tangents_equal_torch_func_jvp(learn_scale, bias, floor):
+    part, fi, ft = problem(learn_scale=learn_scale, bias=bias)
+    part.floors = (floor, 2 * floor)
+    theta = part.initial() + 0.1 * torch.randn(
+        part.layout.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    w = torch.randn(part.layout.numel, generator=torch.Generator().manual_seed(4)).double()
+    got = part.embed_jvp(theta, w, fi, ft)
+    ref = torch.func.jvp(lambda th: part.embed(th, fi, ft), (theta,), (w,))
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -23,10 +23,15 @@ from ecif.grad.solvers import conjugate_gradient
 
 
 def logit_tangents(model: EncoderModel, ch, w: torch.Tensor):
-    """(S, dS): a chunk's logits and their derivative along w, by one JVP through the part."""
-    (x, y, log_t), (dx, dy, dlog_t) = func.jvp(
-        lambda th: model.part.embed(th, ch.image, ch.text), (model.theta,), (w,)
-    )
+    """(S, dS): a chunk's logits and their derivative along w, by one JVP through the part
+    (the part's own closed form, ``embed_jvp``, where it has one)."""
+    closed = getattr(model.part, "embed_jvp", None)
+    if closed is not None:
+        (x, y, log_t), (dx, dy, dlog_t) = closed(model.theta, w, ch.image, ch.text)
+    else:
+        (x, y, log_t), (dx, dy, dlog_t) = func.jvp(
+            lambda th: model.part.embed(th, ch.image, ch.text), (model.theta,), (w,)
+        )
     t = log_t.exp()
     s = t * x @ y.transpose(-1, -2)
     ds = t * (dx @ y.transpose(-1, -2) + x @ dy.transpose(-1, -2)) + dlog_t * s

@@ -150,6 +150,29 @@ class ProjectionPart:
         log_t = p["log_scale"] if self.learn_scale else theta.new_tensor(self.log_scale)
         return normalize(u, self.floors[0]), normalize(v, self.floors[1]), log_t
 
+    def embed_jvp(self, theta, w, image, text):
+        """``embed`` and its derivative along ``w`` in closed form (what ``torch.func.jvp``
+        gives, without its dual tensors): with u = f P + b and s = sqrt(|u|^2 + r^2),
+        x = u / s and dx = du / s - u (u . du) / s^3, du = f dP + db."""
+        p, dp = self.layout.unflatten(theta), self.layout.unflatten(w)
+        out, tangents = [], []
+        for side, f, r in (("image", image, self.floors[0]), ("text", text, self.floors[1])):
+            u = f @ p[f"{side}_proj"]
+            du = f @ dp[f"{side}_proj"]
+            if f"{side}_bias" in p:
+                u = u + p[f"{side}_bias"]
+                du = du + dp[f"{side}_bias"]
+            sq = (u * u).sum(-1, keepdim=True)
+            inv = torch.rsqrt(sq + r * r) if r > 0 else torch.rsqrt(sq.clamp_min(NORM_FLOOR**2))
+            x = u * inv
+            out.append(x)
+            tangents.append(du * inv - x * (x * du).sum(-1, keepdim=True) * inv)
+        if self.learn_scale:
+            log_t, dlog_t = p["log_scale"], dp["log_scale"]
+        else:
+            log_t, dlog_t = theta.new_tensor(self.log_scale), theta.new_zeros(())
+        return (out[0], out[1], log_t), (tangents[0], tangents[1], dlog_t)
+
     def state(self) -> dict:
         return {
             "kind": self.kind,
