@@ -235,3 +235,8 @@ def test_bench_rescale_probe_with_dead_units_does_not_crash():
     res = bench_continual.rescale_probe(lrn, [(x, y), (x, y)], seed=0)
     assert set(res) >= {"L0x0.5", "L0x2.0", "L1x0.5", "L1x2.0"}
     assert all(math.isfinite(v) for v in res.values())
+    with torch.no_grad():
+        lrn.net.layers[1].weight.zero_()  # a whole layer of dead units: nothing to rescale
+    res = bench_continual.rescale_probe(lrn, [(x, y), (x, y)], seed=0)
+    assert math.isnan(res["L1x0.5"]) and math.isnan(res["L1x2.0"])
+    assert math.isfinite(res["L0x0.5"]) and math.isfinite(res["L0x2.0"])
