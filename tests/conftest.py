@@ -37,3 +37,16 @@ def small_audit(tmp_path_factory, tiny_clip_dir):
     from tests.app_audit import make_small_audit
 
     return make_small_audit(tmp_path_factory.mktemp("audit") / "audit", tiny_clip_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch problems on a loaded 2-core machine: two threads spin-wait on each other and
+    run tiny ops 30-100x slower; one thread does not. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

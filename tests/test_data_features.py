@@ -32,13 +32,7 @@ from tests.test_data_resume import SLOW_CLI
 PROJ = "projection"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a loaded machine: one torch thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

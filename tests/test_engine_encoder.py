@@ -16,13 +16,7 @@ from ecif.grad import dense_hessian, jacobian
 D_FI, D_FT, D = 12, 10, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one thread (two spin-wait on a loaded 2-core machine, 100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch_loss(s):

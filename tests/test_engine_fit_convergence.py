@@ -15,14 +15,7 @@ import ecif
 from ecif.datasets import clip_like_pairs
 from tests.engine_reference import Reference
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small problems: threads only add contention on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _autograd_grad_max(head, x, y) -> float:
