@@ -27,7 +27,7 @@ from ecif.data.features import FeatureCacheError, load_features
 from ecif.data.folder_reader import read_folder
 from ecif.data.layout import FolderError
 from ecif.data.tiny_clip import register_config, tiny_config
-from tests.test_data_resume import SLOW_CLI
+from tests.test_data_resume import SLOW_CLI, wait_for_first_part
 
 PROJ = "projection"
 
@@ -262,12 +262,7 @@ def test_kill_then_rerun_with_the_cache_gives_every_row_exactly_once(tmp_path, t
     cmd = [*SLOW_CLI, "embed", str(tmp_path / "pq"), "-o", str(out), "--model", model,
            "--batch-size", "2", "--num-workers", "0", "--cache-features", PROJ, "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = out / "metadata" / "metadata_0.parquet"
-    deadline = time.time() + 120
-    while not first.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no part appeared"
-        time.sleep(0.02)
+    wait_for_first_part(proc, out)
     time.sleep(0.3)  # inside a later part
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -15,6 +15,16 @@ from ecif import EmbeddingSet, datasets
 SLOW_CLI = [sys.executable, str(Path(__file__).with_name("slow_cli.py"))]  # 0.25 s a batch
 
 
+def wait_for_first_part(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Until the embed run in ``proc`` has published part 0 of ``out`` (it must not exit)."""
+    first = out / "metadata" / "metadata_0.parquet"
+    deadline = time.time() + timeout
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no part appeared"
+        time.sleep(0.02)
+
+
 def test_kill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny_clip_dir):
     data = datasets.shapes(96, seed=11, noise=0.1)
     data.to_parquet(tmp_path / "shards", shard_size=6)  # 16 small shards -> 16 parts
@@ -24,12 +34,7 @@ def test_kill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny_clip_dir):
     cmd = [*SLOW_CLI, "embed", str(tmp_path / "shards"), "-o", str(out),
            "--model", model, "--batch-size", "3", "--num-workers", "0", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = out / "metadata" / "metadata_0.parquet"
-    deadline = time.time() + 120
-    while not first.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no part appeared"
-        time.sleep(0.02)
+    wait_for_first_part(proc, out)
     time.sleep(0.4)  # let it be inside a later part
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -63,12 +68,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_completes(tmp_path, tiny_clip_d
     proc = subprocess.Popen(
         [*SLOW_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
-    first = out / "metadata" / "metadata_0.parquet"
-    deadline = time.time() + 120
-    while not first.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no part appeared"
-        time.sleep(0.02)
+    wait_for_first_part(proc, out)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
