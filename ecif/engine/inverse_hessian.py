@@ -14,8 +14,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from ecif.engine.batches import Chunk
 from ecif.engine.contrastive import batch_stats
 from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head, HeadObjective
+from ecif.engine.row_sums import Pass, RowSource
 from ecif.grad.newton import Direction, cg_direction
 from ecif.grad.solvers import LinearOp, conjugate_gradient
 from ecif.options import option, renamed
@@ -104,7 +106,9 @@ def auto_method(head: Head, args: SolverArgs) -> str:
 class InverseHessian:
     """H^-1 of the fitted head's objective, applied to flat vectors of shape (P,) or (K, P)."""
 
-    def __init__(self, head: Head, x, y, args: SolverArgs | None = None):
+    def __init__(
+        self, head: Head, x, y, args: SolverArgs | None = None, *, rows: RowSource | None = None
+    ):
         args = args or SolverArgs()
         if args.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; got {args.solver!r}")
@@ -118,7 +122,7 @@ class InverseHessian:
         weight = 1.0 if batch_ids is None else nb / len(batch_ids)
         cache = args.cache_bytes if method == "cg" else 0
         self.objective = HeadObjective(
-            head, x, y, batch_ids=batch_ids, weight=weight, cache_bytes=cache
+            head, x, y, batch_ids=batch_ids, weight=weight, cache_bytes=cache, rows=rows
         )
         self.theta = head.theta()
         self.info: dict = {"method": method, "hessian_batches": args.hessian_batches or nb}
@@ -131,7 +135,9 @@ class InverseHessian:
             pick = _subsample(len(pool), args.ekfac_batches, args.seed + 1)
             ek_obj = self.objective
             if pick is not None:
-                ek_obj = HeadObjective(head, x, y, batch_ids=pool[pick], weight=nb / len(pick))
+                ek_obj = self.objective.with_head(
+                    head, batch_ids=pool[pick], weight=nb / len(pick), cache_bytes=0
+                )
             self.info["ekfac_batches"] = len(pool) if pick is None else len(pick)
             self._ekfac = EKFAC.build(ek_obj)
 
@@ -156,14 +162,16 @@ class InverseHessian:
         }
 
     @classmethod
-    def from_ekfac_state(cls, head: Head, x, y, state: dict) -> InverseHessian:
+    def from_ekfac_state(
+        cls, head: Head, x, y, state: dict, *, rows: RowSource | None = None
+    ) -> InverseHessian:
         """A ``solver="ekfac"`` solver from saved factors, without rebuilding them (``state``
         from ``ekfac_state``; older files name the solver ``method``)."""
         saved = {k: v for k, v in state["args"].items() if k in SOLVER_FIELDS}
         args = SolverArgs(**{**saved, "solver": "ekfac"})
         out = cls.__new__(cls)
         out.head, out.args, out.method = head, args, "ekfac"
-        out.objective = HeadObjective(head, x, y)
+        out.objective = HeadObjective(head, x, y, rows=rows)
         out.theta = head.theta()
         out.info = {"method": "ekfac", "hessian_batches": args.hessian_batches, "loaded": True}
         out._chol = None
@@ -224,29 +232,11 @@ class EKFAC:
     def build(cls, obj: HeadObjective) -> EKFAC:
         head = obj.head
         m, t = obj.split(head.theta())
-        di, dt = m.shape
-        a_img = torch.zeros(di, di, dtype=m.dtype, device=m.device)
-        a_txt = torch.zeros(dt, dt, dtype=m.dtype, device=m.device)
-        for ch, st in _stats(obj, m, t):
-            xbar = st.q.transpose(-1, -2) @ ch.x  # (c, B, di): mean image under column j
-            ybar = st.p @ ch.y  # (c, B, dt): mean text under row i
-            wp = st.p.sum(-2)  # column sums of P: weight of y_j y_j^T in sum_i Cov_{p_i}(y)
-            mx = ch.mask.to(m.dtype)
-            a_img += torch.einsum("cb,cbi,cbk->ik", mx + st.q.sum(-1), ch.x, ch.x)
-            a_img -= torch.einsum("cbi,cbk->ik", xbar, xbar)
-            a_txt += torch.einsum("cb,cbi,cbk->ik", mx + wp, ch.y, ch.y)
-            a_txt -= torch.einsum("cbi,cbk->ik", ybar, ybar)
+
+        a_img, a_txt = obj.reduce(Pass(factor_terms, (m, t)))
         q1 = torch.linalg.eigh(0.5 * (a_img + a_img.T))[1]
         q2 = torch.linalg.eigh(0.5 * (a_txt + a_txt.T))[1]
-        diag = torch.zeros(di, dt, dtype=m.dtype, device=m.device)
-        for ch, st in _stats(obj, m, t):
-            al = ch.x @ q1  # (c, B, di)
-            be = ch.y @ q2  # (c, B, dt)
-            var_r = st.p @ be.square() - (st.p @ be).square()  # Var_{p_i}(beta): (c, B, dt)
-            qt = st.q.transpose(-1, -2)
-            var_c = qt @ al.square() - (qt @ al).square()  # Var_{q_j}(alpha): (c, B, di)
-            diag += torch.einsum("cbi,cbj->ij", al.square(), var_r)
-            diag += torch.einsum("cbi,cbj->ij", var_c, be.square())
+        (diag,) = obj.reduce(Pass(diagonal_terms, (m, t, q1, q2)))
         diag = diag * (t * t * obj.weight / head.n_norm) + head.lam
         out = cls(q1=q1, q2=q2, diag=diag, tau_col=None, tau_u=None, schur=None)
         if head.learn_scale:  # the scale couples to every entry of M: keep that block exact
@@ -305,16 +295,38 @@ def newton_cg_direction(
     gradient ~100x a step (measured: 7e-3 -> 1.8e-9 in 4 steps of ~30 products, 10k x 128
     CLIP-like pairs)."""
     # CG's products at one point reuse the chunks' softmaxes, as the scoring solver's do
-    cached = HeadObjective(obj.head, obj.x, obj.y, cache_bytes=SolverArgs().cache_bytes)
+    cached = obj.with_head(obj.head, cache_bytes=SolverArgs().cache_bytes)
 
     def precond(theta: torch.Tensor) -> tuple[LinearOp, int]:
-        ekfac = EKFAC.build(HeadObjective(obj.head.with_theta(theta), obj.x, obj.y))
+        ekfac = EKFAC.build(obj.with_head(obj.head.with_theta(theta), cache_bytes=0))
         return ekfac.preconditioner(), 2
 
     return cg_direction(cached, precond=precond, rel_tol=rel_tol, max_iter=max_iter)
 
 
-def _stats(obj: HeadObjective, m: torch.Tensor, t: float):
-    for ch in obj.chunks():
-        s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
-        yield ch, batch_stats(s, ch.mask)
+def factor_terms(ch: Chunk, _state, m: torch.Tensor, t: float):
+    """A chunk's part of the summed Kronecker factors (image side, text side)."""
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = batch_stats(s, ch.mask)
+    xbar = st.q.transpose(-1, -2) @ ch.x  # (c, B, di): mean image under column j
+    ybar = st.p @ ch.y  # (c, B, dt): mean text under row i
+    wp = st.p.sum(-2)  # column sums of P: weight of y_j y_j^T in sum_i Cov_{p_i}(y)
+    mx = ch.mask.to(m.dtype)
+    a_img = torch.einsum("cb,cbi,cbk->ik", mx + st.q.sum(-1), ch.x, ch.x)
+    a_img = a_img - torch.einsum("cbi,cbk->ik", xbar, xbar)
+    a_txt = torch.einsum("cb,cbi,cbk->ik", mx + wp, ch.y, ch.y)
+    a_txt = a_txt - torch.einsum("cbi,cbk->ik", ybar, ybar)
+    return a_img, a_txt
+
+
+def diagonal_terms(ch: Chunk, _state, m: torch.Tensor, t: float, q1, q2):
+    """A chunk's part of H's diagonal in the eigenbasis q1 (x) q2 (before t^2/N, damping)."""
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = batch_stats(s, ch.mask)
+    al = ch.x @ q1  # (c, B, di)
+    be = ch.y @ q2  # (c, B, dt)
+    var_r = st.p @ be.square() - (st.p @ be).square()  # Var_{p_i}(beta): (c, B, dt)
+    qt = st.q.transpose(-1, -2)
+    var_c = qt @ al.square() - (qt @ al).square()  # Var_{q_j}(alpha): (c, B, di)
+    diag = torch.einsum("cbi,cbj->ij", al.square(), var_r)
+    return (diag + torch.einsum("cbi,cbj->ij", var_c, be.square()),)
