@@ -28,6 +28,7 @@ from ecif.engine.head import (
 )
 from ecif.engine.inverse_hessian import newton_cg_direction
 from ecif.engine.precondition import moment_whitener
+from ecif.engine.row_sums import RowSource
 from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
 from ecif.grad.newton import dense_direction, newton
 from ecif.grad.solvers import conjugate_gradient
@@ -133,12 +134,21 @@ def choose_optimizer(head: Head) -> str:
     return "newton" if newton <= lbfgs else "lbfgs"
 
 
-def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
+def fit_head(
+    head: Head,
+    x,
+    y,
+    args: FitArgs,
+    init: Head | None = None,
+    rows: RowSource | None = None,
+) -> Head:
     """Fit to a gradient tolerance: damped Newton (dense Hessian) for small heads, full-batch
-    L-BFGS (strong Wolfe) for large ones; warm start from ``init``."""
+    L-BFGS (strong Wolfe) for large ones; warm start from ``init``. ``rows``: where the
+    passes run (default: this process; ``ClusterRows``: a Dask cluster's workers, and the
+    auto warm-up, which streams every row through this process, stays off)."""
     if head.lam <= 0:
         raise ValueError("lam must be > 0: the L2 pull makes the Hessian invertible")
-    obj = HeadObjective(head, x, y)
+    obj = HeadObjective(head, x, y, rows=rows)
     start = (
         head.theta() if init is None else init.theta().to(dtype=head.dtype, device=head.m.device)
     )
@@ -152,7 +162,9 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         raise ValueError(f"optimizer must be auto, newton or lbfgs; got {args.optimizer!r}")
     check_warmup_args(args.warmup_epochs, args.warmup_lr, args.warmup_batches)
     members = int((head.partition.index >= 0).sum())
-    epochs = auto_epochs(args.warmup_epochs, optimizer, members, warm_start=init is not None)
+    epochs = auto_epochs(
+        args.warmup_epochs, optimizer, members, warm_start=init is not None or rows is not None
+    )
     warmup = None
     if epochs > 0:
         start, warmup = minibatch_warmup(

@@ -70,7 +70,11 @@ def blocks_of(
         raise ValueError("batch ids of a pass must be sorted and distinct")
     block = ids // BLOCK_BATCHES
     cuts = np.nonzero(np.diff(block))[0] + 1
-    return [(int(block[s[0]]), s) for s in np.split(ids, cuts) if len(s)]
+    return [(int(s[0]) // BLOCK_BATCHES, s) for s in np.split(ids, cuts) if len(s)]
+
+
+def num_blocks(partition: Partition) -> int:
+    return -(-partition.num_batches // BLOCK_BATCHES)
 
 
 def block_batches(partition: Partition, k: int) -> np.ndarray:
@@ -110,6 +114,7 @@ class ChunkCache:
         self.budget = budget
         self.key: bytes | None = None
         self.items: dict[int, list[tuple[Chunk, Any]]] = {}
+        self.ids: dict[int, np.ndarray] = {}  # the batches each slot's chunks came from
         self.used = 0
 
     def run(
@@ -120,7 +125,10 @@ class ChunkCache:
         if p.cache_key is None or self.budget <= 0:
             return sum_chunks(p, chunks(ids))
         if p.cache_key != self.key:
-            self.key, self.items, self.used = p.cache_key, {}, 0
+            self.key, self.items, self.ids, self.used = p.cache_key, {}, {}, 0
+        if slot in self.ids and not np.array_equal(self.ids[slot], ids):
+            return sum_chunks(p, chunks(ids))  # other batches at the same key: not cached
+        self.ids[slot] = ids
         kept = self.items.setdefault(slot, [])
         total, done = None, 0
         for ch, state in kept:
