@@ -27,6 +27,7 @@ from ecif.engine.influence import score_pass
 from ecif.engine.row_sums import (
     ChunkCache,
     Pass,
+    PassCount,
     Sums,
     add,
     block_batches,
@@ -129,12 +130,14 @@ class ClusterRows:
         loader: Loader | None = None,
         cache_bytes: int = 0,
         _store: OrderedDict | None = None,
+        _count: PassCount | None = None,
     ):
         if loader is None and (x is None or y is None):
             raise ValueError("ClusterRows needs the row arrays or a loader")
         self.client, self.x, self.y, self.loader = client, x, y, loader
         self.cache_bytes = cache_bytes
         self._store: OrderedDict = OrderedDict() if _store is None else _store
+        self.count = PassCount() if _count is None else _count
 
     def with_cache(self, cache_bytes: int) -> ClusterRows:
         """The same held blocks; the workers keep chunks of keyed passes up to this budget
@@ -146,6 +149,7 @@ class ClusterRows:
             loader=self.loader,
             cache_bytes=cache_bytes,
             _store=self._store,
+            _count=self.count,
         )
 
     def blocks(self, partition: Partition) -> dict[int, Any]:
@@ -194,6 +198,7 @@ class ClusterRows:
             )
             for k, ids in blocks_of(partition, batch_ids)
         ]
+        self.count.computed += sum(len(ids) for _, ids in blocks_of(partition, batch_ids))
         total = None
         for part in self.client.gather(futures):
             total = add(total, part)

@@ -56,7 +56,13 @@ class RowSource(Protocol):
         ...
 
     def with_cache(self, cache_bytes: int) -> RowSource:
-        """The same rows, keeping chunks of keyed passes up to ``cache_bytes``."""
+        """The same rows (and pass count), keeping chunks of keyed passes up to
+        ``cache_bytes``."""
+        ...
+
+    @property
+    def count(self) -> PassCount:
+        """Batches the passes over these rows computed so far."""
         ...
 
 
@@ -159,12 +165,22 @@ def sum_chunks(p: Pass, chunks: Iterable[Chunk]) -> Sums | None:
     return total
 
 
+@dataclass
+class PassCount:
+    """Batches a source's passes computed (cached ones included) and read from the rows:
+    divided by the partition's batches, the passes spent (``ecif.engine.sampled_newton``)."""
+
+    computed: int = 0
+    read: int = 0
+
+
 class LocalRows:
     """The pairs as row arrays of this process (NumPy, memory-mapped or torch)."""
 
-    def __init__(self, x, y, cache_bytes: int = 0):
+    def __init__(self, x, y, cache_bytes: int = 0, count: PassCount | None = None):
         self.x, self.y = x, y
         self.cache = ChunkCache(cache_bytes)
+        self.count = count if count is not None else PassCount()
 
     def reduce(
         self,
@@ -178,15 +194,17 @@ class LocalRows:
         for k, ids in blocks_of(partition, batch_ids):
 
             def chunks(sel: np.ndarray) -> Iterable[Chunk]:
+                self.count.read += len(sel)
                 return iter_chunks(
                     self.x, self.y, partition, dtype=dtype, device=device, batch_ids=sel
                 )
 
             total = add(total, self.cache.run(p, k, ids, chunks))
+            self.count.computed += len(ids)
         return total
 
     def with_cache(self, cache_bytes: int) -> LocalRows:
-        return LocalRows(self.x, self.y, cache_bytes)
+        return LocalRows(self.x, self.y, cache_bytes, self.count)
 
 
 class FixedChunks:
@@ -194,6 +212,7 @@ class FixedChunks:
 
     def __init__(self, chunks: Sequence[Chunk]):
         self.chunks = list(chunks)
+        self.count = PassCount()
 
     def reduce(self, p: Pass, partition, batch_ids, dtype, device) -> Sums | None:
         return sum_chunks(p, self.chunks)
