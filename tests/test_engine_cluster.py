@@ -176,3 +176,17 @@ def test_a_worker_killed_mid_pass_changes_nothing(small_blocks):
     finally:
         cluster.close()
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_cluster_sampled_fit_and_solve_are_bitwise_local(client, small_blocks):
+    x, y = _pairs(6000, 4)  # 188 batches; a 24-batch sample spread over the blocks
+    val = ecif.EmbeddingSet(*_pairs(300, 4, seed=1))
+    kw = dict(batch_size=32, logit_scale=10.0, optimizer="lbfgs", sample_batches=24)
+    train, local, cluster, rows = _local_and_cluster(client, x, y, val, **kw)
+    assert local.info["sample_batches"] == 24 and local.info["converged"]
+    assert torch.equal(local.m, cluster.m) and local.info["passes"] == cluster.info["passes"]
+    opts = ecif.SolverArgs(solver="cg", sample_batches=24)
+    a = ecif.score(local, train, val, solver=opts)
+    b = ecif.score(cluster, train, val, solver=opts, rows=rows)
+    assert a.attrs["solver"]["sample_batches"] == 24
+    np.testing.assert_array_equal(a.influence.to_numpy(), b.influence.to_numpy())
