@@ -5,7 +5,8 @@
     python benchmarks/bench_scale.py --warmup --sizes 100000 1000000   # warm-up vs cold fit
     python benchmarks/bench_scale.py --stages --data clip_like --sizes 100000 1000000
 
---stages: an audit's fit, solve and scoring pass with default options, every pass over the
+--stages: an audit's fit, solve and scoring pass with default options (the scale and pull
+``ecif score`` chooses, from a 4,096-pair validation set of the same world), every pass over the
 pairs counted (batches computed / batches, so a pass over a batch sample counts its
 fraction), with the curvature sample off and on (auto): passes and seconds per stage, and
 how far the two runs' head, w and scores are apart.
@@ -160,6 +161,7 @@ def run_stages(px: str, py: str, sample: str, out: str, threads: int) -> dict:
     import torch
 
     import ecif
+    from ecif.audit.selection import choose_head
     from ecif.datasets import clip_like_pairs
     from ecif.engine.influence import score_pass
     from ecif.engine.row_sums import LocalRows
@@ -168,12 +170,17 @@ def run_stages(px: str, py: str, sample: str, out: str, threads: int) -> dict:
         torch.set_num_threads(threads)
     x, y = np.load(px, mmap_mode="r"), np.load(py, mmap_mode="r")
     xv, yv, _ = clip_like_pairs(4096, x.shape[1], seed=0, rows_seed=999)
+    val = ecif.EmbeddingSet(xv, yv)
     k = None if sample == "auto" else int(sample)
     rows = LocalRows(x, y)
     nb = -(-len(x) // 256)
-    res: dict = {"n": len(x)}
+    # the head an audit fits by default: its scale and pull (ecif.audit.selection)
+    choice = choose_head(val, val)
+    res: dict = {"n": len(x), "logit_scale": choice.logit_scale, "lam": choice.lam}
     t0 = time.perf_counter()
-    head = ecif.fit((x, y), rows=rows, sample_batches=k)
+    head = ecif.fit(
+        (x, y), rows=rows, sample_batches=k, logit_scale=choice.logit_scale, lam=choice.lam
+    )
     res.update(fit_s=time.perf_counter() - t0, fit_passes=rows.count.computed / nb)
     res.update(grad_max=head.info["grad_max"], converged=head.info["converged"])
     res["warmup_s"] = (head.info["warmup"] or {}).get("seconds", 0.0)
@@ -207,7 +214,8 @@ def stages_table(a) -> None:
             total = r["fit_passes"] + r["solve_passes"] + r["score_passes"]
             name = "sample off" if sample == "0" else "default (sample auto)"
             print(
-                f"N={n:>9,} {a.data} d={a.d} {name}: passes fit {r['fit_passes']:.1f} "
+                f"N={n:>9,} {a.data} d={a.d} scale {r['logit_scale']:.3g} lam {r['lam']:g} "
+                f"{name}: passes fit {r['fit_passes']:.1f} "
                 f"(warm-up {r['warmup_s']:.0f} s aside) + solve {r['solve_passes']:.1f} (CG "
                 f"{r['cg']}, residual {r['residual']:.1e}) + score 1 = {total:.1f}; seconds fit "
                 f"{r['fit_s']:.0f}, solve {r['solve_s']:.0f}, score {r['score_s']:.1f}; grad max "

@@ -72,7 +72,9 @@ def main() -> None:
                     run = passes * pass_seconds(n, d, w, dev, a)
                     cells.append(f"{_t(load)} + {_t(run)} = {_t(load + run)}")
                 mem = n / w * 4 * d / 2**30
-                print(f"| {d} | {n:.0e} | {w} | {passes:.0f} | {cells[0]} | {cells[1]} | {mem:.1f} GiB |")
+                print(
+                    f"| {d} | {n:.0e} | {w} | {passes:.0f} | {cells[0]} | {cells[1]} | {mem:.1f} GiB |"
+                )
 
 
 def measured_passes(n: float, d: int) -> float:

@@ -41,7 +41,7 @@ from ecif.engine.row_sums import LocalRows, RowSource
 from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
 from ecif.grad.newton import dense_direction, newton
 from ecif.grad.solvers import conjugate_gradient
-from ecif.options import option, renamed
+from ecif.options import borrow, option, renamed
 
 OPTIMIZERS = ("auto", "newton", "lbfgs")
 
@@ -99,8 +99,9 @@ class FitArgs:
     warmup_batches: int = option(1, help="partition batches per warm-up step")
     progress: bool = option(False, help="progress bars for the warm-up and the L-BFGS passes")
     # fewer passes at scale: the same optimum, judged on the full gradient (fit_on_sample)
-    sample_batches: int | None = option(
-        None,
+    sample_batches: int | None = borrow(
+        SolverArgs,
+        "sample_batches",
         help="L-BFGS fits first on a sample of this many batches, then Newton steps on all the "
         "pairs take their curvature from that sample; the fit still stops on the full "
         f"gradient's tolerance. None: auto (at least {SAMPLE_BATCHES} batches and "
