@@ -155,7 +155,9 @@ def run_fit(px: str, py: str, warmup: str, out: str, threads: int) -> dict:
     }
 
 
-def run_stages(px: str, py: str, sample: str, out: str, threads: int) -> dict:
+def run_stages(
+    px: str, py: str, sample: str, out: str, threads: int, head_kind: str = "audit"
+) -> dict:
     """An audit's three stages on memory-mapped pairs, every pass counted (``PassCount``)."""
     import numpy as np
     import torch
@@ -175,12 +177,12 @@ def run_stages(px: str, py: str, sample: str, out: str, threads: int) -> dict:
     rows = LocalRows(x, y)
     nb = -(-len(x) // 256)
     # the head an audit fits by default: its scale and pull (ecif.audit.selection)
+    # (--head fit: ecif.fit's own defaults, CLIP's scale 100 and lam 1e-3)
     choice = choose_head(val, val)
-    res: dict = {"n": len(x), "logit_scale": choice.logit_scale, "lam": choice.lam}
+    scale, lam = (choice.logit_scale, choice.lam) if head_kind == "audit" else (100.0, 1e-3)
+    res: dict = {"n": len(x), "logit_scale": scale, "lam": lam}
     t0 = time.perf_counter()
-    head = ecif.fit(
-        (x, y), rows=rows, sample_batches=k, logit_scale=choice.logit_scale, lam=choice.lam
-    )
+    head = ecif.fit((x, y), rows=rows, sample_batches=k, logit_scale=scale, lam=lam)
     res.update(fit_s=time.perf_counter() - t0, fit_passes=rows.count.computed / nb)
     res.update(grad_max=head.info["grad_max"], converged=head.info["converged"])
     res["warmup_s"] = (head.info["warmup"] or {}).get("seconds", 0.0)
@@ -205,9 +207,9 @@ def stages_table(a) -> None:
         px, py = make_memmaps(n, a.d, Path(a.workdir), a.data)
         got = {}
         for sample in ("0", "auto"):
-            out = Path(a.workdir) / f"stages_{a.data}_{n}_{a.d}_{sample}.pt"
+            out = Path(a.workdir) / f"stages_{a.data}_{n}_{a.d}_{sample}_{a.head}.pt"
             cmd = [sys.executable, __file__, "--stages-one", str(px), str(py), sample, str(out)]
-            cmd += ["--threads", str(a.threads)]
+            cmd += ["--threads", str(a.threads), "--head", a.head]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             got[sample] = (json.loads(res.stdout.strip().splitlines()[-1]), torch.load(out))
         for sample, (r, _) in got.items():
@@ -300,12 +302,18 @@ def main() -> None:
     ap.add_argument("--fit-one", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--stages", action="store_true", help="passes per stage, sample off vs auto")
     ap.add_argument("--stages-one", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--head",
+        choices=["audit", "fit"],
+        default="audit",
+        help="--stages: the head an audit chooses, or ecif.fit's defaults (scale 100, lam 1e-3)",
+    )
     a = ap.parse_args()
     if a.fit_one:
         print(json.dumps(run_fit(*a.fit_one, a.threads)))
         return
     if a.stages_one:
-        print(json.dumps(run_stages(*a.stages_one, a.threads)))
+        print(json.dumps(run_stages(*a.stages_one, a.threads, a.head)))
         return
     if a.stages:
         stages_table(a)
