@@ -117,3 +117,85 @@ def test_digits28_are_the_bundled_digits_centred_in_a_28x28_frame():
     # of the top-left 2x2 source block
     want = x8.view(-1, 8, 8)[:, :2, :2].mean((1, 2))
     assert torch.allclose(img[:, 4 + 2, 4 + 2], want, atol=1e-6)
+
+
+# Reproducibility of the benchmark (issue 18): the same small command line twice gives the same
+# tables and per-run figures, and those figures match a learner run here by hand.
+
+SMALL = "--seeds 2 --steps 3 --tasks 2 --hidden 16 8 --corr-units 6 --workers 1".split()
+
+
+def _bench():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_continual
+
+    return bench_continual
+
+
+def _strip(results) -> str:
+    """Every figure but the timings; repr keeps all float digits and prints NaN equal to NaN."""
+    return repr([{k: v for k, v in r.items() if k != "seconds"} for r in results])
+
+
+def test_small_benchmark_gives_identical_figures_twice_and_matches_a_direct_run():
+    from ecif.companions.continual import permuted_tasks
+
+    bench = _bench()
+    args = bench.build_parser().parse_args(SMALL)
+    res1, text1 = bench.run(args)
+    res2, text2 = bench.run(bench.build_parser().parse_args(SMALL + ["--workers", "2"]))
+    assert text1 == text2 and _strip(res1) == _strip(res2)
+    assert "| den-angular |" in text1 and "Spearman" in text1
+    by = {(r["seed"], r["method"]): r for r in res1}
+    assert len(by) == 12  # 2 seeds x 6 arms
+    assert by[(0, "none")]["acc"] != by[(1, "none")]["acc"]  # seeds are not ignored
+
+    # the same no-split and DEN-rule runs, built here without the benchmark's code
+    tasks = permuted_tasks(*digits28_xy(), 2, seed=1)
+    for method, extra in [
+        ("none", dict(split_top_m=0)),
+        ("den-euclidean", dict(split_top_m=None, split_threshold=0.05, split_pick="least")),
+    ]:
+        cfg = DENConfig(hidden=(16, 8), steps=3, l1=3e-4, seed=1, **extra)
+        lrn = DENLearner(784, cfg)
+        for t in tasks:
+            lrn.learn_task(t.x_train, t.y_train, t.n_classes)
+        acc = sum(lrn.evaluate(t.x_test, t.y_test, s)[0] for s, t in enumerate(tasks)) / 2
+        w = lrn.net.layers[0].weight[lrn.net.alive(0, 1)]
+        r = by[(1, method)]
+        assert r["acc"] == pytest.approx(acc, abs=1e-12)
+        assert r["zero_share"][0] == pytest.approx(float((w == 0).float().mean()), abs=1e-12)
+        assert r["split"] == sum(len(s) for rep in lrn.reports for s in rep.split)
+        assert r["nonzero"] == lrn.net.n_nonzero()
+
+
+@pytest.mark.parametrize("drift", ["euclidean", "angular"])
+def test_dead_units_in_a_strong_l1_run_have_zero_drift_and_are_never_split(drift):
+    # L1 0.03 per step zeroes whole rows within a few steps (dead units)
+    from ecif.companions.continual import incoming, permuted_tasks
+
+    tasks = permuted_tasks(*digits28_xy(), 2, seed=0)
+    cfg = DENConfig(hidden=(16, 8), steps=3, l1=0.03, drift=drift, split_top_m=None)
+    cfg.split_pick = "least"
+    lrn = DENLearner(784, cfg)
+    lrn.learn_task(tasks[0].x_train, tasks[0].y_train, 10)
+    dead = {}
+
+    def hook(learner, task, snap, rep):
+        for layer, cand in enumerate(rep.candidates):
+            units = learner.net.alive(layer, task)
+            units = units[units < snap.weights[layer].shape[0]]
+            old, new = incoming(learner.net, snap, layer, units, False)
+            dead[layer] = set(units[(old == 0).all(1) & (new == 0).all(1)].tolist())
+            is_dead = torch.tensor([int(c) in dead[layer] for c in cand], dtype=torch.bool)
+            # a dead unit moves at most its bias; if it is a candidate, its drift is 0
+            assert torch.equal(rep.drift[layer][is_dead], torch.zeros(int(is_dead.sum())))
+
+    rep = lrn.learn_task(tasks[1].x_train, tasks[1].y_train, 10, before_split=hook)
+    assert len(dead[0]) > 0  # the regime does make dead units
+    for layer, split in enumerate(rep.split):
+        assert not set(split) & dead[layer]
+    assert all(torch.isfinite(lrn.net(t.x_test, s)).all() for s, t in enumerate(tasks))
