@@ -19,7 +19,7 @@ parameters, the share of exactly-zero live weights, with 95% bootstrap intervals
 paired differences; Spearman of each drift score with a unit's damage to the old tasks; the
 split gain of the units each rule picks; the damage of a pure rescaling (angle 0).
 
-    python benchmarks/bench_continual.py --workers 1   # the defaults: 10 seeds
+    python benchmarks/bench_continual.py --workers 1   # the defaults: 10 seeds, 13-18 min
     python benchmarks/bench_continual.py --seeds 2 --steps 10 --workers 1   # smoke run
     python benchmarks/bench_continual.py --data digits8 --hidden 100 50 --l1 1e-5 --steps 300 \\
         --tasks 5 --seeds 5 --m 5 20 --seqs permuted split --methods none all euclidean angular \\

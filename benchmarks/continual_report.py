@@ -37,6 +37,8 @@ def fmt(t: tuple[float, float, float], scale: float = 1.0, nd: int = 2) -> str:
 
 def rule_name(method: str, m: int, thresholds: dict[str, float], cap: int) -> str:
     """How each arm picks its splits, for the table."""
+    if method == "random":
+        return f"{m} at random"
     if method in MATCHED:
         return f"top {m} most drifted"
     if method.startswith("den-"):
