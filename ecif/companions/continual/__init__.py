@@ -24,10 +24,17 @@ from ecif.companions.continual.damage import (
     split_gain,
 )
 from ecif.companions.continual.drift import DRIFT_CRITERIA, drift_scores
-from ecif.companions.continual.learner import DENLearner, TaskReport, changed_units, incoming
+from ecif.companions.continual.learner import (
+    DENLearner,
+    TaskReport,
+    changed_units,
+    choose_splits,
+    incoming,
+)
 from ecif.companions.continual.network import NEVER, Snapshot, TimestampedMLP
 from ecif.companions.continual.tasks import (
     Task,
+    digits28_xy,
     digits_xy,
     permuted_tasks,
     split_tasks,
@@ -44,6 +51,8 @@ __all__ = [
     "TaskReport",
     "TimestampedMLP",
     "changed_units",
+    "choose_splits",
+    "digits28_xy",
     "digits_xy",
     "drift_scores",
     "incoming",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SPLIT_PICKS = ("most", "least")
+
 
 @dataclass
 class DENConfig:
@@ -18,7 +20,10 @@ class DENConfig:
     Ours (reconstructed, not published): fixed step counts instead of DEN's early stopping on a
     validation loss; the split restores the old copy exactly instead of retraining it;
     ``split_top_m`` splits the m most drifted units per layer so that criteria can be compared
-    at a matched number of new units; ``drift`` picks the criterion (``euclidean`` is DEN,
+    at a matched number of new units. Without it, the units over ``split_threshold`` are split,
+    at most ``max_split_per_layer``; ``split_pick`` says which ones when more are over it:
+    ``"most"`` drifted first (ours), or ``"least"`` drifted first, as DEN's public code does
+    (``np.argsort(drifts)[:k]`` over the units above the threshold, k = 10). ``drift`` picks the criterion (``euclidean`` is DEN,
     ``angular`` is Saadi & Khan 2021, ``random`` and ``scale`` are controls).
     """
 
@@ -34,6 +39,7 @@ class DENConfig:
     split_threshold: float = 0.05
     split_top_m: int | None = None
     max_split_per_layer: int | None = 10
+    split_pick: str = "most"
     drift: str = "euclidean"
     drift_include_bias: bool = False
     steps: int = 1000
@@ -47,6 +53,8 @@ class DENConfig:
             raise ValueError("expand_k and split_top_m must be non-negative")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if self.split_pick not in SPLIT_PICKS:
+            raise ValueError(f"split_pick must be one of {SPLIT_PICKS}, not {self.split_pick!r}")
 
     @property
     def n_head_steps(self) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ecif.companions.continual.config import DENConfig
+from ecif.companions.continual.config import SPLIT_PICKS, DENConfig
 from ecif.companions.continual.drift import drift_scores
 from ecif.companions.continual.network import Snapshot, TimestampedMLP
 
@@ -67,6 +67,30 @@ def incoming(
         old = torch.cat([old, snap.biases[layer][units, None]], 1)
         new = torch.cat([new, lay.bias[units, None]], 1)
     return old, new
+
+
+def choose_splits(
+    scores: torch.Tensor,
+    top_m: int | None,
+    threshold: float,
+    cap: int | None,
+    pick: str = "most",
+) -> torch.Tensor:
+    """Positions (into ``scores``) of the units to split, in the order they were picked.
+
+    With ``top_m``: the m most (``pick="most"``) or least drifted units, whatever their drift,
+    so that criteria split the same number of units. Without: only units with drift strictly
+    over ``threshold``, at most ``cap``; when more are over it, ``"most"`` takes the most
+    drifted and ``"least"`` the least drifted, which is what DEN's public code does. Ties keep
+    candidate order.
+    """
+    if pick not in SPLIT_PICKS:
+        raise ValueError(f"pick must be 'most' or 'least', not {pick!r}")
+    order = torch.argsort(scores, descending=pick == "most", stable=True)
+    if top_m is not None:
+        return order[:top_m]
+    over = order[scores[order] > threshold]
+    return over if cap is None else over[:cap]
 
 
 class DENLearner:
@@ -209,13 +233,10 @@ class DENLearner:
             rep.pruned.append(len(useless))
 
     def _choose_splits(self, scores: torch.Tensor) -> torch.Tensor:
-        """Positions (into the candidate list) of the units to split, most drifted first."""
         cfg = self.config
-        order = torch.argsort(scores, descending=True, stable=True)
-        if cfg.split_top_m is not None:
-            return order[: cfg.split_top_m]
-        over = order[scores[order] > cfg.split_threshold]
-        return over if cfg.max_split_per_layer is None else over[: cfg.max_split_per_layer]
+        return choose_splits(
+            scores, cfg.split_top_m, cfg.split_threshold, cfg.max_split_per_layer, cfg.split_pick
+        )
 
     def _split(self, task: int, snap: Snapshot, rep: TaskReport, before: BeforeSplit | None):
         cfg = self.config

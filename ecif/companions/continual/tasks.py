@@ -1,7 +1,7 @@
 """Task sequences for continual learning: permuted and split versions of one labelled set.
 
 Nothing is downloaded: the inputs are either synthetic Gaussian blobs or scikit-learn's bundled
-8x8 digits (shipped inside the wheel).
+8x8 digits (shipped inside the wheel), optionally upsampled to MNIST's 28x28 = 784 pixels.
 """
 
 from __future__ import annotations
@@ -42,6 +42,20 @@ def digits_xy() -> tuple[torch.Tensor, torch.Tensor]:
 
     d = load_digits()
     return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+
+
+def digits28_xy() -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled digits in MNIST's layout: 784 inputs as in the DEN and angular-drift papers.
+
+    Each 8x8 image is upsampled bilinearly to 20x20 and centred in a 28x28 zero frame, as MNIST
+    centres its digits in a 20x20 box; a constant border means many inputs carry no signal, so
+    the L1 step can zero their weights, the high-dimensional sparse regime the papers argue for.
+    """
+    import torch.nn.functional as F
+
+    x, y = digits_xy()
+    img = F.interpolate(x.view(-1, 1, 8, 8), size=(20, 20), mode="bilinear", align_corners=False)
+    return F.pad(img, (4, 4, 4, 4)).reshape(-1, 784).clamp(0.0, 1.0), y
 
 
 def _split(name: str, x: torch.Tensor, y: torch.Tensor, n_classes: int, g: torch.Generator):
