@@ -56,7 +56,15 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.05, help="seconds per pass, scheduling")
     ap.add_argument("--net", type=float, default=1.25e9, help="driver bytes/s in (10 Gb/s)")
     ap.add_argument("--disk", type=float, default=5e8, help="bytes/s a worker reads")
+    ap.add_argument(
+        "--cpu-pass-s",
+        type=float,
+        help="seconds one CPU worker takes for a pass over 1M pairs at the first --d "
+        "(your own bench_scale.py --stages figure: seconds / passes); replaces the recorded rate",
+    )
     a = ap.parse_args()
+    if a.cpu_pass_s:
+        RATES[("cpu", a.d[0])] = 1e6 / a.cpu_pass_s
     print(
         "| d | N | workers | passes | CPU: load + passes = total | GPU: load + passes = total "
         "| memory per worker |"
@@ -86,8 +94,8 @@ def measured_passes(n: float, d: int) -> float:
     return PASSES_FULL
 
 
-PASSES_FULL = 125.0  # 1M clip-like pairs, d = 128: fit 108 + solve ~16 + score 1
-PASSES_SAMPLED = 30.0  # placeholder until measured; see benchmarks/README.md
+PASSES_FULL = 43.0  # 1M clip-like pairs, d = 128, the audit's head: 41.1 + the 2 warm-up epochs
+PASSES_SAMPLED = 12.1  # the same with the batch sample (bench_scale.py --stages)
 
 
 def _t(s: float) -> str:
