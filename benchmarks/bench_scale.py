@@ -3,6 +3,13 @@
     python benchmarks/bench_scale.py                      # N = 10k, 100k, 1M at d = 128
     python benchmarks/bench_scale.py --sizes 10000 100000 --d 256
     python benchmarks/bench_scale.py --warmup --sizes 100000 1000000   # warm-up vs cold fit
+    python benchmarks/bench_scale.py --stages --data clip_like --sizes 100000 1000000
+
+--stages: an audit's fit, solve and scoring pass with default options (the scale and pull
+``ecif score`` chooses, from a 4,096-pair validation set of the same world), every pass over the
+pairs counted (batches computed / batches, so a pass over a batch sample counts its
+fraction), with the curvature sample off and on (auto): passes and seconds per stage, and
+how far the two runs' head, w and scores are apart.
 
 Each size runs in a fresh subprocess so its peak RSS is its own. The fit is full-batch L-BFGS
 (a fixed iteration budget, so time per iteration is comparable across N), the solve is CG on
@@ -148,6 +155,87 @@ def run_fit(px: str, py: str, warmup: str, out: str, threads: int) -> dict:
     }
 
 
+def run_stages(
+    px: str, py: str, sample: str, out: str, threads: int, head_kind: str = "audit"
+) -> dict:
+    """An audit's three stages on memory-mapped pairs, every pass counted (``PassCount``)."""
+    import numpy as np
+    import torch
+
+    import ecif
+    from ecif.audit.selection import choose_head
+    from ecif.datasets import clip_like_pairs
+    from ecif.engine.influence import score_pass
+    from ecif.engine.row_sums import LocalRows
+
+    if threads:
+        torch.set_num_threads(threads)
+    x, y = np.load(px, mmap_mode="r"), np.load(py, mmap_mode="r")
+    xv, yv, _ = clip_like_pairs(4096, x.shape[1], seed=0, rows_seed=999)
+    val = ecif.EmbeddingSet(xv, yv)
+    k = None if sample == "auto" else int(sample)
+    rows = LocalRows(x, y)
+    nb = -(-len(x) // 256)
+    # the head an audit fits by default: its scale and pull (ecif.audit.selection)
+    # (--head fit: ecif.fit's own defaults, CLIP's scale 100 and lam 1e-3)
+    choice = choose_head(val, val)
+    scale, lam = (choice.logit_scale, choice.lam) if head_kind == "audit" else (100.0, 1e-3)
+    res: dict = {"n": len(x), "logit_scale": scale, "lam": lam}
+    t0 = time.perf_counter()
+    head = ecif.fit((x, y), rows=rows, sample_batches=k, logit_scale=scale, lam=lam)
+    res.update(fit_s=time.perf_counter() - t0, fit_passes=rows.count.computed / nb)
+    res.update(grad_max=head.info["grad_max"], converged=head.info["converged"])
+    res["warmup_s"] = (head.info["warmup"] or {}).get("seconds", 0.0)
+    t0, before = time.perf_counter(), rows.count.computed
+    inv = ecif.solver(head, (x, y), rows=rows, sample_batches=k)
+    w = inv.solve(ecif.loss_gradient(head, (xv, yv)))
+    res.update(solve_s=time.perf_counter() - t0, solve_passes=(rows.count.computed - before) / nb)
+    res.update(cg=inv.info["cg_iterations"], residual=inv.info["cg_rel_residual"])
+    t0 = time.perf_counter()
+    d_pos, d_neg = score_pass(head, x, y, w)
+    res.update(score_s=time.perf_counter() - t0, score_passes=1.0)
+    torch.save({"m": head.m, "w": w, "scores": torch.from_numpy(d_pos + d_neg)}, out)
+    return res
+
+
+def stages_table(a) -> None:
+    import torch
+    from scipy.stats import spearmanr
+
+    print(f"load before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    for n in a.sizes:
+        px, py = make_memmaps(n, a.d, Path(a.workdir), a.data)
+        got = {}
+        for sample in ("0", "auto"):
+            out = Path(a.workdir) / f"stages_{a.data}_{n}_{a.d}_{sample}_{a.head}.pt"
+            cmd = [sys.executable, __file__, "--stages-one", str(px), str(py), sample, str(out)]
+            cmd += ["--threads", str(a.threads), "--head", a.head]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            got[sample] = (json.loads(res.stdout.strip().splitlines()[-1]), torch.load(out))
+        for sample, (r, _) in got.items():
+            total = r["fit_passes"] + r["solve_passes"] + r["score_passes"]
+            name = "sample off" if sample == "0" else "default (sample auto)"
+            print(
+                f"N={n:>9,} {a.data} d={a.d} scale {r['logit_scale']:.3g} lam {r['lam']:g} "
+                f"{name}: passes fit {r['fit_passes']:.1f} "
+                f"(warm-up {r['warmup_s']:.0f} s aside) + solve {r['solve_passes']:.1f} (CG "
+                f"{r['cg']}, residual {r['residual']:.1e}) + score 1 = {total:.1f}; seconds fit "
+                f"{r['fit_s']:.0f}, solve {r['solve_s']:.0f}, score {r['score_s']:.1f}; grad max "
+                f"{r['grad_max']:.1e} (converged {r['converged']})",
+                flush=True,
+            )
+        (_, a0), (_, a1) = got["0"], got["auto"]
+        rho = spearmanr(a0["scores"].numpy(), a1["scores"].numpy())[0]
+        dm = float((a0["m"] - a1["m"]).abs().max() / a0["m"].abs().max())
+        dw = float((a0["w"] - a1["w"]).norm() / a0["w"].norm())
+        print(
+            f"N={n:>9,} agreement: max|dM|/max|M| {dm:.1e}, |dw|/|w| {dw:.1e}, "
+            f"scores Spearman {rho:.6f}",
+            flush=True,
+        )
+    print(f"load after: {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def _rss_anon_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -204,14 +292,31 @@ def main() -> None:
         "--warmup-epochs", default="auto", help="warm-up epochs for --warmup (default auto)"
     )
     ap.add_argument(
-        "--data", choices=["bench", "rotation", "clip_like"], default="bench", help="--warmup data"
+        "--data",
+        choices=["bench", "rotation", "clip_like"],
+        default="bench",
+        help="--warmup and --stages data",
     )
     ap.add_argument("--workdir", default="/tmp/ecif_bench_scale", help="--warmup memmap folder")
     ap.add_argument("--threads", type=int, default=0, help="--warmup: torch threads (0: default)")
     ap.add_argument("--fit-one", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--stages", action="store_true", help="passes per stage, sample off vs auto")
+    ap.add_argument("--stages-one", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--head",
+        choices=["audit", "fit"],
+        default="audit",
+        help="--stages: the head an audit chooses, or ecif.fit's defaults (scale 100, lam 1e-3)",
+    )
     a = ap.parse_args()
     if a.fit_one:
         print(json.dumps(run_fit(*a.fit_one, a.threads)))
+        return
+    if a.stages_one:
+        print(json.dumps(run_stages(*a.stages_one, a.threads, a.head)))
+        return
+    if a.stages:
+        stages_table(a)
         return
     if a.warmup:
         warmup_table(a)

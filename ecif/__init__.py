@@ -3,6 +3,7 @@
 from ecif import datasets  # noqa: F401  (ecif.datasets.shapes(...) after import ecif)
 from ecif._version import __version__
 from ecif.api import (
+    ClusterRows,
     FitArgs,
     SolverArgs,
     classification_gradient,
@@ -23,6 +24,7 @@ from ecif.engine.head import Head
 
 __all__ = [
     "AuditArgs",
+    "ClusterRows",
     "Auditor",
     "ConvergenceWarning",
     "EmbeddingSet",

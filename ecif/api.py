@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ecif.engine.batch_context import DEFAULT_TOP, context_dots, context_norms
+from ecif.engine.cluster_rows import ClusterRows  # noqa: F401  (ecif.ClusterRows)
 from ecif.engine.fit import FitArgs, fit_head, new_head
 from ecif.engine.head import CLIP_LOGIT_SCALE, Head, as_arrays
 from ecif.engine.influence import classification_gradient, pair_gradients, score_pass
@@ -25,6 +26,7 @@ from ecif.engine.influence import loss_gradient as _loss_gradient
 from ecif.engine.influence import negative_breakdown as _negative_breakdown
 from ecif.engine.inverse_hessian import InverseHessian, SolverArgs
 from ecif.engine.relative import candidate_pass
+from ecif.engine.row_sums import RowSource
 from ecif.options import rename_keywords, renamed, with_options
 
 
@@ -57,6 +59,7 @@ def fit(
     exclude: Sequence[Any] | None = None,
     init: Head | None = None,
     groups: np.ndarray | None = None,
+    rows: RowSource | None = None,
     **options: Any,
 ) -> Head:
     """Fit the bilinear head on ``train`` to a stationary point.
@@ -71,6 +74,8 @@ def fit(
     kept; the per-pair weight 1/N stays that of the full set, so a removal deletes exactly
     that pair's terms). ``init``: warm start (and its partition). ``groups``: a label per row
     (the input shard); batches never cross groups, so shards can be scored one by one.
+    ``rows``: where the passes over the pairs run; ``ecif.ClusterRows(client, x, y)`` keeps
+    them on a Dask cluster's workers (the same head, bitwise, as here without a warm-up).
 
     ``tol``: on the gradient's max-abs. ``head.info["converged"]`` is True when the fit met
     it; when it did not, a ``ecif.ConvergenceWarning`` says so and what to try
@@ -94,7 +99,7 @@ def fit(
         )
     if exclude is not None and len(exclude):
         head = replace(head, partition=head.partition.without(_positions(train, exclude)))
-    return fit_head(head, x, y, args, init=init)
+    return fit_head(head, x, y, args, init=init, rows=rows)
 
 
 def loss_gradient(head: Head, data) -> torch.Tensor:
@@ -105,13 +110,21 @@ def loss_gradient(head: Head, data) -> torch.Tensor:
 
 
 @renamed(method="solver")
-def solver(head: Head, train, args: SolverArgs | None = None, **options: Any) -> InverseHessian:
+def solver(
+    head: Head,
+    train,
+    args: SolverArgs | None = None,
+    *,
+    rows: RowSource | None = None,
+    **options: Any,
+) -> InverseHessian:
     """The inverse-Hessian operator of a fitted head. Options: ``args`` (a ``SolverArgs``)
     and/or its fields as keywords: ``solver`` (``exact``, ``cg``, ``ekfac``, ``auto``),
-    ``tol``, ``hessian_batches``, ``ekfac_batches``, ... (``ecif.engine.inverse_hessian``)."""
+    ``tol``, ``hessian_batches``, ``ekfac_batches``, ... (``ecif.engine.inverse_hessian``).
+    ``rows``: where its passes run (``ecif.ClusterRows``: on a Dask cluster)."""
     args = with_options(SolverArgs, args, options, "ecif.solver")
     x, y = as_arrays(train)
-    return InverseHessian(head, x, y, args)
+    return InverseHessian(head, x, y, args, rows=rows)
 
 
 @renamed(method="solver")
@@ -125,6 +138,7 @@ def score(
     solver: str | SolverArgs | None = None,
     inverse: InverseHessian | None = None,
     progress: bool = False,
+    rows: RowSource | None = None,
 ) -> pd.DataFrame:
     """Influence of every training pair on the validation loss, one row per pair in train order.
 
@@ -132,7 +146,8 @@ def score(
     of the validation loss if the pair is removed: negative = removing it helps = harmful.
     Give ``val`` (an EmbeddingSet) or ``query_grad`` (a flat gradient, e.g. of a test loss).
     ``solver``: the inverse-Hessian solver's name or its ``SolverArgs`` (None: the defaults,
-    ``auto``); ``inverse``: one already built.
+    ``auto``); ``inverse``: one already built. ``rows``: where the solve's and the scoring's
+    passes run (``ecif.ClusterRows``: on a Dask cluster).
     """
     _check_widths(head, train, "training")
     x, y = as_arrays(train)
@@ -146,10 +161,13 @@ def score(
         query_grad = _loss_gradient(head, vx, vy)
     if not isinstance(solver, SolverArgs):
         solver = SolverArgs() if solver is None else SolverArgs(solver=solver)
-    inv = inverse or InverseHessian(head, x, y, solver)
+    inv = inverse or InverseHessian(head, x, y, solver, rows=rows)
     w = inv.solve(query_grad.to(head.dtype))
     bar = tqdm(total=head.partition.num_batches, desc="scoring", unit="batch", disable=not progress)
-    d_pos, d_neg = score_pass(head, x, y, w, neg=neg, progress=bar.update)
+    if rows is None:
+        d_pos, d_neg = score_pass(head, x, y, w, neg=neg, progress=bar.update)
+    else:
+        d_pos, d_neg = rows.score(head, w, neg=neg, progress=bar.update)
     bar.close()
     out_dtype = np.float64 if head.dtype == torch.float64 else np.float32  # keep the head's
     df = pd.DataFrame(

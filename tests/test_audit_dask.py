@@ -1,16 +1,21 @@
 """Dask scoring on a LocalCluster bound to 127.0.0.1: same outputs as local, survives a kill."""
 
 import os
+import pickle
 import signal
 import threading
 import time
 
+import numpy as np
 import pandas as pd
+import pytest
 from dask.distributed import Client, LocalCluster
 
 import ecif.audit.shards as shards
 from ecif.audit import AuditArgs
 from ecif.audit.shards import score_shards
+from ecif.data.row_reader import FolderRowReader
+from ecif.engine import row_sums
 from tests.test_audit_shards import _folder
 
 _score_part = shards.score_part
@@ -72,3 +77,28 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
     assert list(dask["id"]) == list(local["id"])  # every row exactly once, in order
     pd.testing.assert_frame_equal(dask, local)
     assert not list((tmp_path / "dask" / "scores").glob(".*tmp"))
+
+
+def test_folder_rows_read_on_a_worker_are_the_training_rows(tmp_path):
+    folder, _ = _folder(tmp_path, parts=3, rows=40)
+    train = shards.load_training_set(folder)
+    reader = FolderRowReader(folder)
+    rows = np.array([118, 0, 45, 46, 80, 39])  # across parts, the failed row's neighbours
+    x, y = pickle.loads(pickle.dumps(reader))(rows)
+    np.testing.assert_array_equal(x, train.image[rows])
+    np.testing.assert_array_equal(y, train.text[rows])
+    with pytest.raises(IndexError, match="out of range"):
+        reader(np.array([len(train)]))
+
+
+def test_dask_fit_and_solve_give_the_local_scores_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(row_sums, "BLOCK_BATCHES", 2)  # 8 batches: 4 blocks over 2 workers
+    folder, val = _folder(tmp_path, parts=4, rows=40)
+    args = AuditArgs(batch_size=16, logit_scale=10.0, threshold=0.1, solver="cg")
+    score_shards(folder, tmp_path / "local", val, args=args, log=lambda s: None)
+    score_shards(folder, tmp_path / "dask", val, args=args, distributor="dask", log=lambda s: None)
+    local, dask = _read(tmp_path / "local"), _read(tmp_path / "dask")
+    pd.testing.assert_frame_equal(dask, local, check_exact=True)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "dask" / "w.npy"), np.load(tmp_path / "local" / "w.npy")
+    )

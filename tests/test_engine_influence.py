@@ -117,7 +117,7 @@ def test_cached_hessian_vector_products_equal_recomputed_ones(learn_scale):
         cached = HeadObjective(head, x, y, cache_bytes=budget)
         want = plain.hvp(theta, v)
         first, again = cached.hvp(theta, v), cached.hvp(theta, v)  # fill, then reuse
-        assert cached._cache_batches == (128 if budget == first_chunk else 157)
+        assert cached.cached_batches == (128 if budget == first_chunk else 157)
         assert torch.allclose(first, want, rtol=1e-12) and torch.allclose(again, want, rtol=1e-12)
         moved = theta + 0.01 * torch.randn_like(theta)  # a new theta invalidates the cache
         assert torch.allclose(cached.hvp(moved, v), plain.hvp(moved, v), rtol=1e-12)

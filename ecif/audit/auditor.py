@@ -179,9 +179,11 @@ class Auditor:
         lam: float | None = None,
         init: Head | None = None,
         progress: bool = False,
+        rows: Any = None,
     ) -> Head:
         """Fit a head on ``data`` with the audit's options; scale and pull: as given, else the
-        chosen ones, else the explicit options (``select.lam`` and the model's scale otherwise)."""
+        chosen ones, else the explicit options (``select.lam`` and the model's scale otherwise).
+        ``rows``: where the fit's passes run (``ecif.ClusterRows``: a Dask cluster)."""
         a = self.args
         choice = self.choose() if lam is None or logit_scale is None else self.choice
         if lam is None:
@@ -193,6 +195,7 @@ class Auditor:
             a.fit_args(lam=lam, logit_scale=logit_scale, progress=progress),
             groups=groups_of(data) if init is None else None,
             init=init,
+            rows=rows,
         )
 
     def choose(self) -> HeadChoice:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,10 @@ from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.folder_reader import ok_mask, read_folder, read_part
-from ecif.distributed import run_tasks
+from ecif.data.row_reader import FolderRowReader
+from ecif.distributed import open_client, run_tasks
 from ecif.engine.batches import Partition
+from ecif.engine.cluster_rows import ClusterRows
 from ecif.engine.head import Head
 from ecif.engine.influence import score_pass
 from ecif.progress import step
@@ -233,28 +236,32 @@ def score_shards(
         scores_dir = out / "scores"
         summary = _write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
     else:
-        with step(f"fitting the head on {len(train):,} pairs", progress):
-            head = auditor.fit_head(train, progress=progress)
-        heads = [head]
-        meta["n_norm"] = head.n_norm
-        g = api.loss_gradient(head, val)
-        with step("solving w = H^-1 g_val (the validation direction)", progress):
-            w = api.solver(head, train, args.solver_args()).solve(g).cpu().numpy()
-        meta["fit"] = [dict(head.info)]
-        scores_dir = out / "scores"
-        scores_dir.mkdir(parents=True, exist_ok=True)
-        np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per batch member
-        jobs = []
-        for p in parts:
-            target = scores_dir / p.output_name
-            rows = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
-            if target.exists() and _reusable(read_parquet_meta(target), p.source, meta):
-                jobs.append((p, None))
-                continue
-            jobs.append(
-                (p, (embeddings, p, head.state_dict(), w, rows, target, meta, args.neg, id_col))
-            )
-        summary = _run_jobs(jobs, distributor, scheduler, progress)
+        with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
+            where = " on the cluster" if rows is not None else ""
+            with step(f"fitting the head on {len(train):,} pairs{where}", progress):
+                head = auditor.fit_head(train, progress=progress, rows=rows)
+            heads = [head]
+            meta["n_norm"] = head.n_norm
+            g = api.loss_gradient(head, val)
+            with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
+                inv = api.solver(head, train, args.solver_args(), rows=rows)
+                w = inv.solve(g).cpu().numpy()
+            if rows is not None:
+                rows.close()  # the blocks go; the shards are scored one task each
+            meta["fit"] = [dict(head.info)]
+            scores_dir = out / "scores"
+            scores_dir.mkdir(parents=True, exist_ok=True)
+            np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per member
+            jobs = []
+            for p in parts:
+                target = scores_dir / p.output_name
+                rows_p = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
+                if target.exists() and _reusable(read_parquet_meta(target), p.source, meta):
+                    jobs.append((p, None))
+                    continue
+                job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
+                jobs.append((p, job))
+            summary = _run_jobs(jobs, distributor, client, progress)
     _finalize(scores_dir, args.threshold, meta)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
@@ -278,7 +285,20 @@ def _reusable(old: dict, source: str, meta: dict) -> bool:
     return old.get("source") == source and key(old) == key(meta)
 
 
-def _run_jobs(jobs, distributor: str, scheduler: str | None, progress: bool) -> pd.DataFrame:
+@contextmanager
+def _cluster(distributor: str, scheduler: str | None, train: EmbeddingSet, folder: Path):
+    """(client, rows held by its workers) for a Dask run, else (None, None)."""
+    if distributor == "local":
+        yield None, None
+    elif distributor == "dask":
+        with open_client(scheduler) as client:
+            loader = FolderRowReader(folder)  # workers read their blocks' rows themselves
+            yield client, ClusterRows(client, train.image, train.text, loader=loader)
+    else:
+        raise ValueError(f"distributor must be 'local' or 'dask'; got {distributor!r}")
+
+
+def _run_jobs(jobs, distributor: str, client: Any, progress: bool) -> pd.DataFrame:
     rows = []
     todo = [(p, a) for p, a in jobs if a is not None]
     for p, a in jobs:
@@ -290,7 +310,7 @@ def _run_jobs(jobs, distributor: str, scheduler: str | None, progress: bool) -> 
         for p, a in tqdm(todo, desc="shards", disable=not progress):
             rows.append({"shard": p.output_name, **score_part(*a), "skipped": 0})
     elif distributor == "dask":
-        results = run_tasks(score_part, [a for _, a in todo], scheduler)
+        results = run_tasks(score_part, [a for _, a in todo], client=client)
         for (p, _), res in zip(todo, results):
             rows.append({"shard": p.output_name, **res, "skipped": 0})
     else:

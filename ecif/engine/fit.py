@@ -26,12 +26,22 @@ from ecif.engine.head import (
     Head,
     HeadObjective,
 )
-from ecif.engine.inverse_hessian import newton_cg_direction
+from ecif.engine.inverse_hessian import (
+    AUTO_SAMPLE_RATIO,
+    SAMPLE_BATCHES,
+    SAMPLE_PAIRS_PER_PARAM,
+    SolverArgs,
+    newton_cg_direction,
+    sample_objective,
+    sample_size,
+    sampled_inverse,
+)
 from ecif.engine.precondition import moment_whitener
+from ecif.engine.row_sums import LocalRows, RowSource
 from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
 from ecif.grad.newton import dense_direction, newton
 from ecif.grad.solvers import conjugate_gradient
-from ecif.options import option, renamed
+from ecif.options import borrow, option, renamed
 
 OPTIMIZERS = ("auto", "newton", "lbfgs")
 
@@ -88,6 +98,16 @@ class FitArgs:
     )
     warmup_batches: int = option(1, help="partition batches per warm-up step")
     progress: bool = option(False, help="progress bars for the warm-up and the L-BFGS passes")
+    # fewer passes at scale: the same optimum, judged on the full gradient (fit_on_sample)
+    sample_batches: int | None = borrow(
+        SolverArgs,
+        "sample_batches",
+        help="L-BFGS fits first on a sample of this many batches, then Newton steps on all the "
+        "pairs take their curvature from that sample; the fit still stops on the full "
+        f"gradient's tolerance. None: auto (at least {SAMPLE_BATCHES} batches and "
+        f"{SAMPLE_PAIRS_PER_PARAM} pairs a parameter, where the partition has "
+        f"{AUTO_SAMPLE_RATIO}x as many batches, without a warm start), 0: off",
+    )
 
 
 def new_head(
@@ -133,12 +153,21 @@ def choose_optimizer(head: Head) -> str:
     return "newton" if newton <= lbfgs else "lbfgs"
 
 
-def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
+def fit_head(
+    head: Head,
+    x,
+    y,
+    args: FitArgs,
+    init: Head | None = None,
+    rows: RowSource | None = None,
+) -> Head:
     """Fit to a gradient tolerance: damped Newton (dense Hessian) for small heads, full-batch
-    L-BFGS (strong Wolfe) for large ones; warm start from ``init``."""
+    L-BFGS (strong Wolfe) for large ones; warm start from ``init``. ``rows``: where the
+    passes run (default: this process; ``ClusterRows``: a Dask cluster's workers, and the
+    auto warm-up, which streams every row through this process, stays off)."""
     if head.lam <= 0:
         raise ValueError("lam must be > 0: the L2 pull makes the Hessian invertible")
-    obj = HeadObjective(head, x, y)
+    obj = HeadObjective(head, x, y, rows=rows)
     start = (
         head.theta() if init is None else init.theta().to(dtype=head.dtype, device=head.m.device)
     )
@@ -152,7 +181,15 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         raise ValueError(f"optimizer must be auto, newton or lbfgs; got {args.optimizer!r}")
     check_warmup_args(args.warmup_epochs, args.warmup_lr, args.warmup_batches)
     members = int((head.partition.index >= 0).sum())
-    epochs = auto_epochs(args.warmup_epochs, optimizer, members, warm_start=init is not None)
+    remote = rows is not None and not isinstance(rows, LocalRows)  # the warm-up streams here
+    k = sample_size(args.sample_batches, head)
+    k = k if optimizer == "lbfgs" and (init is None or args.sample_batches) else 0
+    epochs = auto_epochs(
+        args.warmup_epochs,
+        optimizer,
+        members,
+        warm_start=init is not None or remote or k > 0,
+    )
     warmup = None
     if epochs > 0:
         start, warmup = minibatch_warmup(
@@ -165,10 +202,13 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
             batches_per_step=args.warmup_batches,
             progress=args.progress,
         )
+    count, counted = obj.rows.count, obj.rows.count.computed
     if optimizer == "newton":
         theta, value, grad, iterations, evaluations, stop = newton(
             obj, start, dense_direction(obj), tol, args.max_iter
         )
+    elif k:
+        theta, value, grad, iterations, evaluations, stop = fit_on_sample(obj, start, args, tol, k)
     else:
         theta, value, grad, iterations, evaluations, stop = _lbfgs(obj, start, args, tol)
     gmax = float(grad.abs().max())
@@ -190,6 +230,9 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
         "solver": optimizer,  # its old name, kept for one release
         "iterations": iterations,
         "evaluations": evaluations,  # full-batch passes of the solver (the warm-up's aside)
+        # batches computed / batches: full passes' worth, sample passes included
+        "passes": (count.computed - counted) / head.partition.num_batches,
+        "sample_batches": k,
         "converged": gmax <= tol,
         # tol, max_iter, precision or direction (ecif/grad/newton.py)
         "stop": "tol" if gmax <= tol else stop,
@@ -199,6 +242,24 @@ def fit_head(head: Head, x, y, args: FitArgs, init: Head | None = None) -> Head:
     if not info["converged"]:
         warnings.warn(_not_converged_message(info, head.dtype), ConvergenceWarning, stacklevel=3)
     return head.with_theta(theta.detach(), info=info)
+
+
+def fit_on_sample(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float, k: int):
+    """L-BFGS on a ``k``-batch sample's objective (its passes cost k/num_batches of one),
+    then Newton steps on the full objective with directions solved on the sample's Hessian
+    (one full pass a step, plus the line search's). Where those stop short of ``tol``, the
+    full-data L-BFGS takes over from there. Returns what ``_lbfgs`` returns (full passes)."""
+    sample = sample_objective(obj, k, args.seed + 1, SolverArgs().cache_bytes)
+    theta, *_ = _lbfgs(sample, start, args, tol)
+
+    def direction(at: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return sampled_inverse(sample, at)(grad), 0  # sample passes only: counted apart
+
+    theta, value, grad, its, passes, stop = newton(obj, theta, direction, tol, args.max_iter)
+    if stop in ("tol", "max_iter"):
+        return theta, value, grad, its, passes, stop
+    theta, value, grad, more, spent, stop = _lbfgs(obj, theta, args, tol)
+    return theta, value, grad, its + more, passes + spent, stop
 
 
 class ConvergenceWarning(UserWarning):

@@ -7,8 +7,8 @@ has one optimum and leave-one-out retraining is verifiable (docs/math.md section
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -21,6 +21,7 @@ from ecif.engine.contrastive import (
     loss_hessian_logits,
     pair_losses,
 )
+from ecif.engine.row_sums import LocalRows, Pass, RowSource, Sums
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: the head's when nothing else is known
@@ -155,11 +156,72 @@ def as_arrays(data):
     raise TypeError("expected an EmbeddingSet (with .image and .text) or an (image, text) tuple")
 
 
+def pass_key(theta: torch.Tensor) -> bytes:
+    """A short key of a parameter vector: passes at the same theta share cached chunks."""
+    return hashlib.sha1(theta.detach().cpu().contiguous().numpy().tobytes()).digest()
+
+
+def value_grad_terms(ch: Chunk, _state, m: torch.Tensor, t: float, learn_scale: bool):
+    """A chunk's sum of pair losses, its gradient in M and in log t (zero when fixed)."""
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = batch_stats(s, ch.mask)
+    g = loss_grad_logits(st)
+    g_m = t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y)
+    g_tau = (g * s).sum() if learn_scale else torch.zeros((), dtype=s.dtype, device=s.device)
+    return pair_losses(st).sum(), g_m, g_tau
+
+
+def forward_state(ch: Chunk, m: torch.Tensor, t: float, learn_scale: bool):
+    """What Hessian-vector products at one theta reuse: the softmaxes (and S when the scale
+    is learned)."""
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = replace(batch_stats(s, ch.mask), log_p=None, log_q=None)
+    return (s if learn_scale else None), st
+
+
+def hvp_terms(ch: Chunk, state, t: float, vm: torch.Tensor, delta: torch.Tensor | None):
+    """A chunk's part of H v for K directions: (K, d_img, d_txt) in M and (K,) in log t."""
+    s, st = state
+    yt = ch.y.transpose(-1, -2)
+    ds = t * torch.einsum("cbi,kij->kcbj", ch.x, vm) @ yt
+    if delta is not None:
+        ds = ds + delta[:, None, None, None] * s
+    dg = loss_hessian_logits(st, ds)
+    h_m = t * torch.einsum("cbi,kcbj->kij", ch.x, dg @ ch.y)
+    h_tau = torch.zeros(vm.shape[0], dtype=vm.dtype, device=vm.device)
+    if delta is not None:
+        g = loss_grad_logits(st)
+        h_m = h_m + delta[:, None, None] * (t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y))
+        h_tau = (dg * s).sum((1, 2, 3)) + (g * ds).sum((1, 2, 3))
+    return h_m, h_tau
+
+
+def dense_terms(ch: Chunk, _state, m: torch.Tensor, t: float):
+    """A chunk's part of the Kronecker sum behind the dense Hessian (d_img^2 x d_txt^2)."""
+    di, dt = m.shape
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = batch_stats(s, ch.mask)
+    ybar, xbar = st.p @ ch.y, st.q.transpose(-1, -2) @ ch.x
+    cov_y = (
+        torch.einsum("cij,cjb,cje->cibe", st.p, ch.y, ch.y)
+        - ybar[..., :, None] * ybar[..., None, :]
+    )
+    cov_x = (
+        torch.einsum("cij,cia,cik->cjak", st.q, ch.x, ch.x)
+        - xbar[..., :, None] * xbar[..., None, :]
+    )
+    xx = (ch.x[..., :, None] * ch.x[..., None, :]).reshape(-1, di * di)
+    yy = (ch.y[..., :, None] * ch.y[..., None, :]).reshape(-1, dt * dt)
+    return (xx.T @ cov_y.reshape(-1, dt * dt) + cov_x.reshape(-1, di * di).T @ yy,)
+
+
 class HeadObjective:
     """J(theta), its gradient and exact Hessian-vector products over a fixed partition.
 
-    Matrix-free: every quantity is a stream over batch stacks, so memory is bounded by the
-    chunk, never by N (docs/math.md section 6).
+    Matrix-free: every quantity is a pass of a per-chunk term over the batches
+    (``ecif.engine.row_sums``), so memory is bounded by the chunk, never by N (docs/math.md
+    section 6), and the pass runs where ``rows`` keeps the pairs: this process by default,
+    a cluster's workers with ``ecif.engine.cluster_rows.ClusterRows``.
     """
 
     def __init__(
@@ -170,7 +232,8 @@ class HeadObjective:
         *,
         batch_ids: np.ndarray | None = None,
         weight: float = 1.0,
-        cache_bytes: int = 0,
+        cache_bytes: int | None = None,
+        rows: RowSource | None = None,
     ):
         self.head = head
         self.x, self.y = x, y
@@ -178,11 +241,24 @@ class HeadObjective:
         self.weight = weight  # rescales a subsampled data term back to the full sum
         self.di, self.dt = head.m.shape
         # Hessian-vector products at one theta (CG) keep the first chunks' embeddings and
-        # softmaxes in memory up to this many bytes, skipping their reads and forward pass
-        self.cache_bytes = cache_bytes
-        self._cache: list = []
-        self._cache_theta: torch.Tensor | None = None
-        self._cache_batches = 0
+        # softmaxes in memory up to ``cache_bytes``, skipping their reads and forward pass
+        # (None: 0 here, the source's own budget for a given ``rows``)
+        if rows is None:
+            rows = LocalRows(x, y, cache_bytes or 0)
+        elif cache_bytes is not None:
+            rows = rows.with_cache(cache_bytes)
+        self.rows = rows
+
+    def with_head(self, head: Head, **kw) -> HeadObjective:
+        """The same pairs (and where they are) for another head; ``kw``: other options."""
+        opts = {"batch_ids": self.batch_ids, "weight": self.weight, "rows": self.rows, **kw}
+        return HeadObjective(head, self.x, self.y, **opts)
+
+    @property
+    def cached_batches(self) -> int:
+        """Batches whose chunks the Hessian-vector products keep in memory."""
+        cache = getattr(self.rows, "cache", None)
+        return 0 if cache is None else cache.batches
 
     def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(M, t) at ``theta``: the adapter as a matrix and the logit scale as a number."""
@@ -190,12 +266,13 @@ class HeadObjective:
         t = math.exp(float(theta[-1])) if self.head.learn_scale else self.head.logit_scale
         return m, t
 
-    def chunks(self) -> Iterable[Chunk]:
-        """The stacks of batches the data term sums over (a subclass may supply its own)."""
+    def reduce(self, p: Pass) -> Sums:
+        """The pass's sums over this objective's batches, on the head's device."""
         h = self.head
-        return iter_chunks(
-            self.x, self.y, h.partition, dtype=h.dtype, device=h.m.device, batch_ids=self.batch_ids
-        )
+        out = self.rows.reduce(p, h.partition, self.batch_ids, h.dtype, h.m.device)
+        if out is None:
+            raise ValueError("the objective has no batches")
+        return tuple(a.to(h.m.device) for a in out)
 
     def _reg(self, theta: torch.Tensor) -> torch.Tensor:
         return theta - self.head_theta0()
@@ -209,24 +286,11 @@ class HeadObjective:
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         m, t = self.split(theta)
-        loss = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        g_m = torch.zeros_like(m)
-        g_tau = torch.zeros((), dtype=theta.dtype, device=theta.device)
-        for ch in self.chunks():
-            s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
-            st = batch_stats(s, ch.mask)
-            loss = loss + pair_losses(st).sum()
-            g = loss_grad_logits(st)
-            g_m = g_m + t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y)
-            if self.head.learn_scale:
-                g_tau = g_tau + (g * s).sum()
+        learn = self.head.learn_scale
+        loss, g_m, g_tau = self.reduce(Pass(value_grad_terms, (m, t, learn)))
         scale = self.weight / self.head.n_norm
         r = self._reg(theta)
-        grad = (
-            torch.cat([g_m.reshape(-1), g_tau.reshape(1)])
-            if self.head.learn_scale
-            else g_m.reshape(-1)
-        )
+        grad = torch.cat([g_m.reshape(-1), g_tau.reshape(1)]) if learn else g_m.reshape(-1)
         value = float(loss) * scale + 0.5 * self.head.lam * float(r @ r)
         return value, grad * scale + self.head.lam * r
 
@@ -238,64 +302,14 @@ class HeadObjective:
         k = vv.shape[0]
         vm = vv[:, : self.di * self.dt].reshape(k, self.di, self.dt)
         delta = vv[:, -1] if self.head.learn_scale else None
-        h_m = torch.zeros_like(vm)
-        h_tau = torch.zeros(k, dtype=v.dtype, device=v.device)
-        for ch, s, st in self._forward_at(theta):
-            yt = ch.y.transpose(-1, -2)
-            ds = t * torch.einsum("cbi,kij->kcbj", ch.x, vm) @ yt
-            if delta is not None:
-                ds = ds + delta[:, None, None, None] * s
-            dg = loss_hessian_logits(st, ds)
-            h_m = h_m + t * torch.einsum("cbi,kcbj->kij", ch.x, dg @ ch.y)
-            if delta is not None:
-                g = loss_grad_logits(st)
-                xgy = t * torch.einsum("cbi,cbj->ij", ch.x, g @ ch.y)
-                h_m = h_m + delta[:, None, None] * xgy
-                h_tau = h_tau + (dg * s).sum((1, 2, 3)) + (g * ds).sum((1, 2, 3))
+        learn = self.head.learn_scale
+        p = Pass(hvp_terms, (t, vm, delta), forward_state, (m, t, learn), pass_key(theta))
+        h_m, h_tau = self.reduce(p)
         out = h_m.reshape(k, -1)
         if delta is not None:
             out = torch.cat([out, h_tau[:, None]], dim=1)
         out = out * (self.weight / self.head.n_norm) + self.head.lam * vv
         return out[0] if single else out
-
-    def _forward_at(self, theta: torch.Tensor):
-        """(chunk, S, softmaxes) for every chunk at theta, the cached ones first (see
-        ``cache_bytes``); the rest read and computed, filling the cache on a new theta."""
-        m, t = self.split(theta)
-        h = self.head
-        hit = self._cache_theta is not None and torch.equal(self._cache_theta, theta)
-        if hit:
-            yield from self._cache
-        else:
-            self._cache, self._cache_batches = [], 0
-            self._cache_theta = theta.detach().clone() if self.cache_bytes > 0 else None
-        ids = np.arange(h.partition.num_batches) if self.batch_ids is None else self.batch_ids
-        filling, used = not hit and self.cache_bytes > 0, 0
-        rest = (
-            self.chunks()
-            if self.cache_bytes <= 0
-            else iter_chunks(
-                self.x,
-                self.y,
-                h.partition,
-                dtype=h.dtype,
-                device=h.m.device,
-                batch_ids=np.asarray(ids)[self._cache_batches :],
-            )
-        )
-        for ch in rest:
-            s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
-            st = batch_stats(s, ch.mask)
-            if filling:
-                keep = (ch, s if h.learn_scale else None, replace(st, log_p=None, log_q=None))
-                size = sum(a.numel() * a.element_size() for a in (ch.x, ch.y, st.p, st.q))
-                size += s.numel() * s.element_size() if h.learn_scale else 0
-                filling = used + size <= self.cache_bytes
-                if filling:
-                    self._cache.append(keep)
-                    self._cache_batches += len(ch.batch_ids)
-                    used += size
-            yield ch, s, st
 
     def dense_hessian(self, theta: torch.Tensor) -> torch.Tensor:
         """The dense Hessian, assembled from its Kronecker structure (no P Hessian-vector products).
@@ -305,22 +319,7 @@ class HeadObjective:
         """
         m, t = self.split(theta)
         di, dt = self.di, self.dt
-        acc = torch.zeros(di * di, dt * dt, dtype=theta.dtype, device=theta.device)
-        for ch in self.chunks():
-            s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
-            st = batch_stats(s, ch.mask)
-            ybar, xbar = st.p @ ch.y, st.q.transpose(-1, -2) @ ch.x
-            cov_y = (
-                torch.einsum("cij,cjb,cje->cibe", st.p, ch.y, ch.y)
-                - ybar[..., :, None] * ybar[..., None, :]
-            )
-            cov_x = (
-                torch.einsum("cij,cia,cik->cjak", st.q, ch.x, ch.x)
-                - xbar[..., :, None] * xbar[..., None, :]
-            )
-            xx = (ch.x[..., :, None] * ch.x[..., None, :]).reshape(-1, di * di)
-            yy = (ch.y[..., :, None] * ch.y[..., None, :]).reshape(-1, dt * dt)
-            acc += xx.T @ cov_y.reshape(-1, dt * dt) + cov_x.reshape(-1, di * di).T @ yy
+        (acc,) = self.reduce(Pass(dense_terms, (m, t)))
         h = acc.reshape(di, di, dt, dt).permute(0, 2, 1, 3).reshape(di * dt, di * dt)
         h = h * (t * t * self.weight / self.head.n_norm)
         p = self.head.num_params

@@ -14,8 +14,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from ecif.engine.batches import Chunk
 from ecif.engine.contrastive import batch_stats
 from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head, HeadObjective
+from ecif.engine.row_sums import Pass, RowSource
 from ecif.grad.newton import Direction, cg_direction
 from ecif.grad.solvers import LinearOp, conjugate_gradient
 from ecif.options import option, renamed
@@ -28,6 +30,18 @@ SOLVER_HELP = (
     "products, EK-FAC preconditioned, to relative residual 1e-4: scores to ~1e-3 of the "
     "largest), 'ekfac' (no iterations: fast but approximate, for screening)"
 )
+
+# a batch sample's Hessian as curvature (CG's preconditioner here, the fit's Newton steps in
+# ecif/engine/fit.py). Its pairs must outnumber the parameters: at 1.5 pairs a parameter the
+# fit spent more passes than without (the sample's optimum was far off, its Newton steps
+# cut the gradient <2x each), at 8-32 it saved 40% (d = 8, 16k pairs) and at 16 the fit
+# took 5 full passes instead of 92 (d = 64, 300k pairs). Auto: at least 256 batches and 8
+# pairs a parameter, only where that is at most a quarter of the batches.
+SAMPLE_BATCHES = 256
+SAMPLE_PAIRS_PER_PARAM = 8
+AUTO_SAMPLE_RATIO = 4
+INNER_TOL = 1e-2  # the sample's own solve: its Hessian is only ~that close to the full one
+INNER_MAX_ITER = 100
 
 # CG iterations expected with the EK-FAC preconditioner (5-10 measured at d <= 64)
 CG_ITERATIONS_EXPECTED = 12
@@ -68,6 +82,15 @@ class SolverArgs:
         "its Hessian-vector products (0: recompute every time)",
     )
     seed: int = option(0, help="seed of the batch subsamples")
+    # ecif/engine/inverse_hessian.py sampled_inverse: the same residual tolerance on the full
+    # Hessian, with CG's full-data products cut several-fold at 1M pairs
+    sample_batches: int | None = option(
+        None,
+        help="precondition CG's full-data products by a solve on this many batches' Hessian "
+        f"(flexible CG; the residual is still the full one's); None: auto (at least "
+        f"{SAMPLE_BATCHES} batches and {SAMPLE_PAIRS_PER_PARAM} pairs a parameter, where the "
+        f"partition has {AUTO_SAMPLE_RATIO}x as many batches), 0: EK-FAC alone",
+    )
 
 
 SOLVER_FIELDS = tuple(f.name for f in fields(SolverArgs))
@@ -104,7 +127,9 @@ def auto_method(head: Head, args: SolverArgs) -> str:
 class InverseHessian:
     """H^-1 of the fitted head's objective, applied to flat vectors of shape (P,) or (K, P)."""
 
-    def __init__(self, head: Head, x, y, args: SolverArgs | None = None):
+    def __init__(
+        self, head: Head, x, y, args: SolverArgs | None = None, *, rows: RowSource | None = None
+    ):
         args = args or SolverArgs()
         if args.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; got {args.solver!r}")
@@ -118,12 +143,13 @@ class InverseHessian:
         weight = 1.0 if batch_ids is None else nb / len(batch_ids)
         cache = args.cache_bytes if method == "cg" else 0
         self.objective = HeadObjective(
-            head, x, y, batch_ids=batch_ids, weight=weight, cache_bytes=cache
+            head, x, y, batch_ids=batch_ids, weight=weight, cache_bytes=cache, rows=rows
         )
         self.theta = head.theta()
         self.info: dict = {"method": method, "hessian_batches": args.hessian_batches or nb}
         self._chol = None
         self._ekfac = None
+        self._sample: HeadObjective | None = None
         if method == "exact":
             self._chol = torch.linalg.cholesky(self.dense())
         else:  # EK-FAC (the approximation, or CG's preconditioner) from a batch sample
@@ -131,9 +157,15 @@ class InverseHessian:
             pick = _subsample(len(pool), args.ekfac_batches, args.seed + 1)
             ek_obj = self.objective
             if pick is not None:
-                ek_obj = HeadObjective(head, x, y, batch_ids=pool[pick], weight=nb / len(pick))
+                ek_obj = self.objective.with_head(
+                    head, batch_ids=pool[pick], weight=nb / len(pick), cache_bytes=0
+                )
             self.info["ekfac_batches"] = len(pool) if pick is None else len(pick)
             self._ekfac = EKFAC.build(ek_obj)
+            k = sample_size(args.sample_batches, head) if method == "cg" else 0
+            if k and batch_ids is None:
+                self._sample = sample_objective(self.objective, k, args.seed + 1, cache)
+                self.info["sample_batches"] = k
 
     @property
     def ekfac(self) -> EKFAC | None:
@@ -156,17 +188,20 @@ class InverseHessian:
         }
 
     @classmethod
-    def from_ekfac_state(cls, head: Head, x, y, state: dict) -> InverseHessian:
+    def from_ekfac_state(
+        cls, head: Head, x, y, state: dict, *, rows: RowSource | None = None
+    ) -> InverseHessian:
         """A ``solver="ekfac"`` solver from saved factors, without rebuilding them (``state``
         from ``ekfac_state``; older files name the solver ``method``)."""
         saved = {k: v for k, v in state["args"].items() if k in SOLVER_FIELDS}
         args = SolverArgs(**{**saved, "solver": "ekfac"})
         out = cls.__new__(cls)
         out.head, out.args, out.method = head, args, "ekfac"
-        out.objective = HeadObjective(head, x, y)
+        out.objective = HeadObjective(head, x, y, rows=rows)
         out.theta = head.theta()
         out.info = {"method": "ekfac", "hessian_batches": args.hessian_batches, "loaded": True}
         out._chol = None
+        out._sample = None
         dev = dict(dtype=head.dtype, device=head.m.device)
         keys = ("q1", "q2", "diag", "tau_col", "tau_u")
         parts = {k: None if state[k] is None else state[k].to(**dev) for k in keys}
@@ -188,14 +223,21 @@ class InverseHessian:
         elif self.method == "ekfac":
             out = self._ekfac.apply(gg)
         else:
+            count, start = self.objective.rows.count, self.objective.rows.count.computed
+            precond, flexible = self._ekfac.apply, False
+            if self._sample is not None:
+                precond, flexible = sampled_inverse(self._sample, self.theta, self._ekfac), True
             res = conjugate_gradient(
                 self.hvp,
                 gg,
-                precond=self._ekfac.apply,
+                precond=precond,
                 tol=self.args.tol,
                 max_iter=self.args.max_iter,
                 batch_dims=1,
+                flexible=flexible,
             )
+            nb = self.head.partition.num_batches
+            self.info["passes"] = (count.computed - start) / nb
             self.info.update(cg_iterations=res.iterations, cg_converged=res.converged)
             self.info["cg_rel_residual"] = float(res.rel_residual.max())
             out = res.x
@@ -224,29 +266,11 @@ class EKFAC:
     def build(cls, obj: HeadObjective) -> EKFAC:
         head = obj.head
         m, t = obj.split(head.theta())
-        di, dt = m.shape
-        a_img = torch.zeros(di, di, dtype=m.dtype, device=m.device)
-        a_txt = torch.zeros(dt, dt, dtype=m.dtype, device=m.device)
-        for ch, st in _stats(obj, m, t):
-            xbar = st.q.transpose(-1, -2) @ ch.x  # (c, B, di): mean image under column j
-            ybar = st.p @ ch.y  # (c, B, dt): mean text under row i
-            wp = st.p.sum(-2)  # column sums of P: weight of y_j y_j^T in sum_i Cov_{p_i}(y)
-            mx = ch.mask.to(m.dtype)
-            a_img += torch.einsum("cb,cbi,cbk->ik", mx + st.q.sum(-1), ch.x, ch.x)
-            a_img -= torch.einsum("cbi,cbk->ik", xbar, xbar)
-            a_txt += torch.einsum("cb,cbi,cbk->ik", mx + wp, ch.y, ch.y)
-            a_txt -= torch.einsum("cbi,cbk->ik", ybar, ybar)
+
+        a_img, a_txt = obj.reduce(Pass(factor_terms, (m, t)))
         q1 = torch.linalg.eigh(0.5 * (a_img + a_img.T))[1]
         q2 = torch.linalg.eigh(0.5 * (a_txt + a_txt.T))[1]
-        diag = torch.zeros(di, dt, dtype=m.dtype, device=m.device)
-        for ch, st in _stats(obj, m, t):
-            al = ch.x @ q1  # (c, B, di)
-            be = ch.y @ q2  # (c, B, dt)
-            var_r = st.p @ be.square() - (st.p @ be).square()  # Var_{p_i}(beta): (c, B, dt)
-            qt = st.q.transpose(-1, -2)
-            var_c = qt @ al.square() - (qt @ al).square()  # Var_{q_j}(alpha): (c, B, di)
-            diag += torch.einsum("cbi,cbj->ij", al.square(), var_r)
-            diag += torch.einsum("cbi,cbj->ij", var_c, be.square())
+        (diag,) = obj.reduce(Pass(diagonal_terms, (m, t, q1, q2)))
         diag = diag * (t * t * obj.weight / head.n_norm) + head.lam
         out = cls(q1=q1, q2=q2, diag=diag, tau_col=None, tau_u=None, schur=None)
         if head.learn_scale:  # the scale couples to every entry of M: keep that block exact
@@ -305,16 +329,76 @@ def newton_cg_direction(
     gradient ~100x a step (measured: 7e-3 -> 1.8e-9 in 4 steps of ~30 products, 10k x 128
     CLIP-like pairs)."""
     # CG's products at one point reuse the chunks' softmaxes, as the scoring solver's do
-    cached = HeadObjective(obj.head, obj.x, obj.y, cache_bytes=SolverArgs().cache_bytes)
+    cached = obj.with_head(obj.head, cache_bytes=SolverArgs().cache_bytes)
 
     def precond(theta: torch.Tensor) -> tuple[LinearOp, int]:
-        ekfac = EKFAC.build(HeadObjective(obj.head.with_theta(theta), obj.x, obj.y))
+        ekfac = EKFAC.build(obj.with_head(obj.head.with_theta(theta), cache_bytes=0))
         return ekfac.preconditioner(), 2
 
     return cg_direction(cached, precond=precond, rel_tol=rel_tol, max_iter=max_iter)
 
 
-def _stats(obj: HeadObjective, m: torch.Tensor, t: float):
-    for ch in obj.chunks():
-        s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
-        yield ch, batch_stats(s, ch.mask)
+def sample_size(requested: int | None, head: Head) -> int:
+    """Batches of the curvature sample: as asked (0, or all of them: none), else auto (see
+    ``SAMPLE_PAIRS_PER_PARAM``)."""
+    nb = head.partition.num_batches
+    if requested is None:
+        k = max(SAMPLE_BATCHES, -(-SAMPLE_PAIRS_PER_PARAM * head.num_params // head.batch_size))
+        return k if nb >= AUTO_SAMPLE_RATIO * k else 0
+    return 0 if requested >= nb else int(requested)
+
+
+def sample_objective(obj: HeadObjective, k: int, seed: int, cache_bytes: int) -> HeadObjective:
+    """The objective over a seeded sample of ``k`` of ``obj``'s batches, its data term
+    reweighted to the full sum (its chunks cached for repeated products at one theta)."""
+    nb = obj.head.partition.num_batches
+    ids = np.sort(np.random.default_rng(seed).choice(nb, size=k, replace=False))
+    return obj.with_head(obj.head, batch_ids=ids, weight=nb / k, cache_bytes=cache_bytes)
+
+
+def sampled_inverse(
+    sample: HeadObjective, theta: torch.Tensor, ekfac: EKFAC | None = None
+) -> LinearOp:
+    """v -> H_sample(theta)^-1 v on rows (K, P) or a vector: CG on the sample's products to
+    ``INNER_TOL``, preconditioned by EK-FAC (built on the sample at theta unless given).
+    Not a fixed linear map (CG stops early): an outer CG using it must be flexible."""
+    if ekfac is None:
+        ekfac = EKFAC.build(sample.with_head(sample.head.with_theta(theta), cache_bytes=0))
+    pre = ekfac.preconditioner()
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        hvp = lambda u: sample.hvp(theta, u)  # noqa: E731
+        return conjugate_gradient(hvp, v, precond=pre, tol=INNER_TOL, max_iter=INNER_MAX_ITER).x
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return one(v) if v.dim() == 1 else torch.stack([one(r) for r in v])
+
+    return apply
+
+
+def factor_terms(ch: Chunk, _state, m: torch.Tensor, t: float):
+    """A chunk's part of the summed Kronecker factors (image side, text side)."""
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = batch_stats(s, ch.mask)
+    xbar = st.q.transpose(-1, -2) @ ch.x  # (c, B, di): mean image under column j
+    ybar = st.p @ ch.y  # (c, B, dt): mean text under row i
+    wp = st.p.sum(-2)  # column sums of P: weight of y_j y_j^T in sum_i Cov_{p_i}(y)
+    mx = ch.mask.to(m.dtype)
+    a_img = torch.einsum("cb,cbi,cbk->ik", mx + st.q.sum(-1), ch.x, ch.x)
+    a_img = a_img - torch.einsum("cbi,cbk->ik", xbar, xbar)
+    a_txt = torch.einsum("cb,cbi,cbk->ik", mx + wp, ch.y, ch.y)
+    a_txt = a_txt - torch.einsum("cbi,cbk->ik", ybar, ybar)
+    return a_img, a_txt
+
+
+def diagonal_terms(ch: Chunk, _state, m: torch.Tensor, t: float, q1, q2):
+    """A chunk's part of H's diagonal in the eigenbasis q1 (x) q2 (before t^2/N, damping)."""
+    s = t * (ch.x @ m) @ ch.y.transpose(-1, -2)
+    st = batch_stats(s, ch.mask)
+    al = ch.x @ q1  # (c, B, di)
+    be = ch.y @ q2  # (c, B, dt)
+    var_r = st.p @ be.square() - (st.p @ be).square()  # Var_{p_i}(beta): (c, B, dt)
+    qt = st.q.transpose(-1, -2)
+    var_c = qt @ al.square() - (qt @ al).square()  # Var_{q_j}(alpha): (c, B, di)
+    diag = torch.einsum("cbi,cbj->ij", al.square(), var_r)
+    return (diag + torch.einsum("cbi,cbj->ij", var_c, be.square()),)

@@ -33,6 +33,7 @@ import torch
 
 from ecif.engine.batches import CHUNK_ROWS, Chunk, iter_chunks
 from ecif.engine.head import Head, HeadObjective
+from ecif.engine.row_sums import FixedChunks
 
 AUTO_EPOCHS = 2  # epochs when warmup_epochs is None and the warm-up is on
 AUTO_LR = 1.0  # warmup_lr None: AUTO_LR / sqrt(sqrt(d_img d_txt) * steps), at most MAX_AUTO_LR
@@ -81,15 +82,9 @@ def auto_lr(head: Head, total_steps: int) -> float:
     return min(MAX_AUTO_LR, AUTO_LR / math.sqrt(width * max(total_steps, 1)))
 
 
-class _ChunkObjective(HeadObjective):
+def _chunk_objective(head: Head, chunk: Chunk, weight: float) -> HeadObjective:
     """The head objective over an already gathered stack of batches."""
-
-    def __init__(self, head: Head, chunk: Chunk, weight: float):
-        super().__init__(head, None, None, weight=weight)
-        self.chunk = chunk
-
-    def chunks(self) -> list[Chunk]:
-        return [self.chunk]
+    return HeadObjective(head, None, None, weight=weight, rows=FixedChunks([chunk]))
 
 
 def _split(ch: Chunk, k: int):
@@ -151,7 +146,7 @@ def minibatch_warmup(
             batches_per_chunk=per_chunk,
         ):
             for part in _split(ch, k):
-                value, grad = _ChunkObjective(head, part, nb / len(part.batch_ids)).value_and_grad(
+                value, grad = _chunk_objective(head, part, nb / len(part.batch_ids)).value_and_grad(
                     theta
                 )
                 acc += value * len(part.batch_ids) / nb

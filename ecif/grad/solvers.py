@@ -39,12 +39,14 @@ def conjugate_gradient(
     tol: float = 1e-6,
     max_iter: int = 500,
     batch_dims: int = 0,
+    flexible: bool = False,
 ) -> CGResult:
     """Preconditioned CG for a symmetric positive definite operator.
 
     ``b`` may carry ``batch_dims`` leading dimensions of independent right-hand sides; the
     operator must accept and return that shape. Stops when every relative residual is
-    below ``tol``.
+    below ``tol``. ``flexible``: the preconditioner may change from call to call (an inner
+    iterative solve); CG then takes the Polak-Ribiere beta, which keeps it converging.
     """
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
@@ -60,10 +62,13 @@ def conjugate_gradient(
         active = rel > tol
         alpha = torch.where(active, rz / pap.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
         x = x + _expand(alpha, x, batch_dims) * p
+        r_old = r
         r = r - _expand(alpha, r, batch_dims) * ap
         z = precond(r) if precond is not None else r
         rz_new = _dot(r, z, batch_dims)
-        beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+        # Polak-Ribiere (r_new - r_old)^T z_new when flexible; Fletcher-Reeves otherwise
+        num = rz_new - _dot(r_old, z, batch_dims) if flexible else rz_new
+        beta = torch.where(active, num / rz.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
         p = z + _expand(beta, p, batch_dims) * p
         rz = rz_new
         rel = _dot(r, r, batch_dims).sqrt() / bnorm
