@@ -104,10 +104,12 @@ def distill(cfg: CalibratedKDConfig | None, teacher: TinyLM, init: TinyLM, seed:
 
 
 def evaluate(model: TinyLM, problems) -> dict[str, float]:
-    """Greedy answer accuracy and step validity, from one set of greedy traces."""
+    """Greedy answer accuracy and step validity, from one set of greedy traces, and a digest
+    of the weights (sum of |w| in float64) that tells bit-for-bit reruns apart."""
     traces = sample_traces(model, problems, greedy=True)
     ok = [T.trace_valid(t) for t in traces]
     return {
+        "digest": float(sum(p.detach().double().abs().sum() for p in model.parameters())),
         "acc": float(np.mean([T.final_answer(t) == sum(p) for t, p in zip(traces, problems)])),
         "valid": sum(a for a, _ in ok) / max(1, sum(b for _, b in ok)),
     }
