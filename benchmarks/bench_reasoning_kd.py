@@ -14,6 +14,11 @@ time) is distilled into students (d=32) warm-started per seed on gold traces. Ar
   control.
 - ``filtered_sft``: teacher traces kept only when every step checks and the answer is right.
 
+A second setting has no per-step checker, only the final answer (run with --arms; not in the
+default): ``own_step_mc`` and ``onpolicy_jsd_own_mc`` take V from --mc rollouts of the
+teacher from prefix + step (the share reaching the gold answer), and ``answer_sft`` is the
+baseline there, teacher traces kept when their answer is right.
+
 Every arm of a seed starts from the same student and draws its problems, its prefix choices
 (student or teacher trace) and its first traces from the same seeded generators; proposals
 and shuffles use a separate generator. All draws are seeded, so the same command (same
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import sys
@@ -40,6 +46,7 @@ from ecif.companions.reasoning_kd import (
     CalibratedKDConfig,
     build_calibrated_batch,
     calibrated_kd_loss,
+    filter_answer_traces,
     filter_valid_traces,
     sample_traces,
 )
@@ -50,7 +57,7 @@ from bench_distill import TASK, make_lm, sft_step, train_sft  # noqa: E402
 from curation_report import t_interval  # noqa: E402
 
 C = CalibratedKDConfig
-ARMS: dict[str, CalibratedKDConfig | None] = {
+ARMS: dict[str, CalibratedKDConfig | str] = {  # a string: SFT on traces filtered by it
     "plain_fkl": C(weighting="none"),
     "calibrated": C(weighting="linear"),
     "own_step": C(proposals="own"),
@@ -60,8 +67,16 @@ ARMS: dict[str, CalibratedKDConfig | None] = {
     "onpolicy_jsd_shuffled": C(
         divergence="jsd", student_prefix_frac=1.0, proposals="own", weighting="shuffled"
     ),
-    "filtered_sft": None,
+    "filtered_sft": "steps",
 }
+MC_ARMS: dict[str, CalibratedKDConfig | str] = {  # no per-step checker: answers only
+    "own_step_mc": C(proposals="own", validity="rollout"),
+    "onpolicy_jsd_own_mc": C(
+        divergence="jsd", student_prefix_frac=1.0, proposals="own", validity="rollout"
+    ),
+    "answer_sft": "answer",
+}
+ALL_ARMS = {**ARMS, **MC_ARMS}
 CONTRASTS = (  # (arm, reference): reported as arm - reference when both ran
     ("own_step", "plain_fkl"),
     ("own_step", "own_step_shuffled"),
@@ -72,10 +87,15 @@ CONTRASTS = (  # (arm, reference): reported as arm - reference when both ran
     ("onpolicy_jsd", "plain_fkl"),
     ("filtered_sft", "onpolicy_jsd"),
     ("filtered_sft", "onpolicy_jsd_own"),
+    ("own_step_mc", "plain_fkl"),
+    ("own_step_mc", "answer_sft"),
+    ("onpolicy_jsd_own_mc", "onpolicy_jsd"),
+    ("onpolicy_jsd_own_mc", "answer_sft"),
+    ("answer_sft", "onpolicy_jsd"),
 )
 
 
-def distill(cfg: CalibratedKDConfig | None, teacher: TinyLM, init: TinyLM, seed: int, args):
+def distill(cfg: CalibratedKDConfig | str, teacher: TinyLM, init: TinyLM, seed: int, args):
     """One arm of one seed; the seeded streams make arms of a seed share their draws."""
     student = copy.deepcopy(init)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
@@ -84,9 +104,9 @@ def distill(cfg: CalibratedKDConfig | None, teacher: TinyLM, init: TinyLM, seed:
     pgen = torch.Generator().manual_seed(20_000 + seed)
     for _ in range(args.b_steps):
         probs = [TASK.sample(probs_rng) for _ in range(args.bs)]
-        if cfg is None:
-            golds = [sum(p) for p in probs]
-            traces = filter_valid_traces(sample_traces(teacher, probs, gen), golds)
+        if isinstance(cfg, str):
+            keep = filter_valid_traces if cfg == "steps" else filter_answer_traces
+            traces = keep(sample_traces(teacher, probs, gen), [sum(p) for p in probs])
             if traces:
                 student.train()
                 sft_step(student, opt, traces)
@@ -139,7 +159,10 @@ def run(args) -> dict:
         init = train_sft(make_lm(32, 2000 + seed), args.warm_steps, 700 + seed, bs=32)
         row = {"seed": seed, "init": evaluate(init, test), "arms": {}}
         for arm in args.arms:
-            row["arms"][arm] = evaluate(distill(ARMS[arm], teacher, init, seed, args), test)
+            cfg = ALL_ARMS[arm]
+            if isinstance(cfg, CalibratedKDConfig) and cfg.validity == "rollout":
+                cfg = dataclasses.replace(cfg, n_rollouts=args.mc)
+            row["arms"][arm] = evaluate(distill(cfg, teacher, init, seed, args), test)
         out["seeds"].append(row)
         if args.json:  # after every seed, so a stopped run keeps its finished seeds
             args.json.write_text(json.dumps(out, indent=1))
@@ -200,7 +223,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--seed0", type=int, default=0, help="first seed (figures are per seed)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ALL_ARMS))
+    ap.add_argument("--mc", type=int, default=2, help="rollouts per proposal (the _mc arms)")
     ap.add_argument("--teacher-steps", type=int, default=800)
     ap.add_argument("--warm-steps", type=int, default=400)
     ap.add_argument("--b-steps", type=int, default=200)

@@ -13,6 +13,7 @@ from ecif.companions.reasoning_kd import (
     build_calibrated_batch,
     calibrated_kd_loss,
     checker_validity,
+    filter_answer_traces,
     filter_valid_traces,
     response_mask,
     rollout_validity,
@@ -285,3 +286,13 @@ def test_own_step_on_real_models_scores_the_traces_own_steps():
     w = (1 + b.v_teacher - b.v_student) / 2
     firsts = [(r, s) for r, row in enumerate(b.ids.tolist()) for s, _ in T.step_spans(row)]
     assert [float(b.token_weights[r, s]) for r, s in firsts] == w.tolist()
+
+
+def test_answer_filter_keeps_right_answers_whatever_the_steps():
+    # 9+8 written as 7 (invalid) then 7+5 as 22 (invalid): two wrong steps, right answer 22
+    lucky = _enc("^9+8+5=7+5;22$")
+    right, wrong = _enc("^9+8+5=17+5;22$"), _enc("^9+8+5=9+3;12$")
+    unfinished = _enc("^9+8+5=17+5;")
+    got = filter_answer_traces([lucky, right, wrong, unfinished], [22] * 4)
+    assert got == [lucky, right]
+    assert filter_valid_traces([lucky, right, wrong, unfinished], [22] * 4) == [right]

@@ -36,6 +36,15 @@ def test_tiny_run_twice_gives_identical_figures():
     assert "own_step - plain_fkl" in B.report(first, args)
 
 
+def test_answer_only_arms_run_and_reproduce():
+    arms = ["--arms", "own_step_mc", "answer_sft", "--mc", "1", "--seeds", "1"]
+    args = B.parse(TINY + arms)
+    first = B.run(args)
+    assert first == B.run(args)
+    row = first["seeds"][0]
+    assert row["arms"]["own_step_mc"]["digest"] != row["init"]["digest"]
+
+
 def test_seeds_change_the_figures():
     """The reproducibility test above could pass on a run that ignores its seeds."""
     args = B.parse(TINY + ["--seeds", "1", "--arms", "onpolicy_jsd_own"])

@@ -316,3 +316,9 @@ def filter_valid_traces(traces: Sequence[Sequence[int]], golds: Sequence[int]) -
         if n and ok == n and T.final_answer(tr) == g:
             keep.append(list(tr))
     return keep
+
+
+def filter_answer_traces(traces: Sequence[Sequence[int]], golds: Sequence[int]) -> list[list[int]]:
+    """Answer-only filtered SFT data, for settings without a per-step checker: keep traces
+    whose final answer is the gold one, whatever their steps."""
+    return [list(tr) for tr, g in zip(traces, golds) if T.final_answer(tr) == g]
