@@ -1,25 +1,19 @@
 """Distillation companions on the synthetic addition-by-rewrites task, paired seeds, CPU-sized.
 
-Part A (Flex-KD): a d=64 teacher trained on gold traces; students of widths 16 and 32 learn
-from a small pool of traces with L_task + alpha*KD + beta*L_feat. Arms: logit KD only,
-Flex-KD (gradient-selected dims), random-dims control, learned linear projector.
-Part B (calibrated reasoning KD): an imperfect teacher (drops carries on large merges); a
-student warm-started with a short run on gold traces is distilled with: validity-calibrated
-forward KL, plain forward KL (same prefixes, w = 1), on-policy JSD, checker-filtered SFT,
-and the calibrated weights shuffled within each batch (--mc N adds Monte-Carlo validity,
---wnorm the sum-of-weights normalisation).
+Part A (Flex-KD, issue 7): a d=64 teacher trained on gold traces; students of widths 16 and 32
+learn from a small pool of traces with L_task + alpha*KD + beta*L_feat. Arms: logit KD only,
+Flex-KD (gradient-selected dims), random-dims control, learned linear projector. Issue 18's
+runs live in bench_flexkd.py (Flex-KD) and bench_reasoning_kd.py (validity-calibrated
+reasoning KD, which replaced this script's part B and reuses its helpers below).
 
 Every arm of a seed starts from the same student and sees the same number of optimizer steps
 and batch size. Reports greedy answer accuracy on held-out problems, means over seeds and
-bootstrap 95% intervals of paired differences. Run: python benchmarks/bench_distill.py
-(the README section names the exact commands; seeds reproduce exactly, so arms run in
-separate invocations with --arms stay paired).
+bootstrap 95% intervals of paired differences. Run: python benchmarks/bench_distill.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import time
 
@@ -37,14 +31,7 @@ from ecif.companions.flexkd import (
     teacher_dimension_scores,
     teacher_directions,
 )
-from ecif.companions.reasoning_kd import (
-    CalibratedKDConfig,
-    build_calibrated_batch,
-    calibrated_kd_loss,
-    filter_valid_traces,
-    response_mask,
-    sample_traces,
-)
+from ecif.companions.reasoning_kd import response_mask, sample_traces
 from ecif.companions.toy_lm import LMConfig, TinyLM, freeze, pad_batch
 
 TASK = T.AdditionTask(n_operands=4)
@@ -99,12 +86,6 @@ def heldout_ce(model, traces) -> float:
     ids, mask = lm_batch(traces)
     logits, _ = model(ids)
     return float(task_ce(logits[:, :-1], ids[:, 1:], mask[:, 1:]))
-
-
-def step_validity(model, problems) -> float:
-    traces = sample_traces(model, problems, greedy=True)
-    ok = [T.trace_valid(t) for t in traces]
-    return sum(a for a, _ in ok) / max(1, sum(b for _, b in ok))
 
 
 def paired_ci(diff, n_boot=10000, seed=0):
@@ -206,93 +187,6 @@ def part_a(args, test):
     return res, res_ce
 
 
-# ----------------------------------------------------------------------------- Part B
-
-B_ARMS = {
-    "calibrated": CalibratedKDConfig(weighting="linear"),
-    "plain_fkl": CalibratedKDConfig(weighting="none"),
-    "onpolicy_jsd": CalibratedKDConfig(weighting="none", divergence="jsd", student_prefix_frac=1.0),
-    "filtered_sft": None,
-    "shuffled": CalibratedKDConfig(weighting="shuffled"),
-}
-
-
-def reasoning_run(cfg, teacher, init, seed, steps, bs):
-    student = copy.deepcopy(init)
-    opt = torch.optim.AdamW(student.parameters(), lr=2e-3, weight_decay=0.01)
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        probs = [TASK.sample(rng) for _ in range(bs)]
-        if cfg is None:
-            traces = filter_valid_traces(
-                sample_traces(teacher, probs, gen), [sum(p) for p in probs]
-            )
-            if traces:
-                student.train()
-                sft_step(student, opt, traces)
-            continue
-        batch = build_calibrated_batch(teacher, student, probs, cfg, TASK, rng, gen)
-        student.train()
-        with torch.no_grad():
-            t_logits, _ = teacher(batch.ids)
-        s_logits, _ = student(batch.ids)
-        loss = calibrated_kd_loss(s_logits, t_logits, batch.target_mask, batch.token_weights, cfg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return student
-
-
-def part_b(args, test):
-    t0 = time.time()
-    teacher = freeze(
-        train_sft(
-            make_lm(64, 11),
-            args.teacher_steps,
-            seed=11,
-            carry_error=args.teacher_error,
-            error_min_units=args.error_min_units,
-        )
-    )
-    print(
-        f"[B] teacher acc {accuracy(teacher, test):.3f} step-valid "
-        f"{step_validity(teacher, test):.3f} ({time.time() - t0:.0f}s)",
-        flush=True,
-    )
-    arms = dict(B_ARMS)
-    if args.mc:
-        arms["calibrated_mc"] = CalibratedKDConfig(validity="rollout", n_rollouts=args.mc)
-    arms["calibrated_wnorm"] = CalibratedKDConfig(normalize="weights")
-    extra = {  # run only when named in --arms
-        "calibrated_sigmoid": CalibratedKDConfig(weighting="sigmoid"),
-        "calibrated_floor": CalibratedKDConfig(floor=0.25),
-        "calibrated_rkl": CalibratedKDConfig(divergence="rkl"),
-        "plain_rkl": CalibratedKDConfig(weighting="none", divergence="rkl"),
-    }
-    if args.arms:
-        arms = {a: {**arms, **extra}[a] for a in args.arms}
-    elif not args.wnorm:
-        del arms["calibrated_wnorm"]
-    res = {a: [] for a in arms}
-    res_valid = {a: [] for a in arms}
-    init_acc = []
-    for seed in range(args.seeds):
-        init = train_sft(make_lm(32, 2000 + seed), args.warm_steps, 700 + seed, bs=32)
-        init_acc.append(accuracy(init, test))
-        for arm, cfg in arms.items():
-            st = reasoning_run(cfg, teacher, init, seed, args.b_steps, 32)
-            res[arm].append(accuracy(st, test))
-            res_valid[arm].append(step_validity(st, test))
-        print(
-            f"[B] seed {seed}: init={init_acc[-1]:.3f} "
-            + " ".join(f"{a}={res[a][-1]:.3f}" for a in arms)
-            + f" ({time.time() - t0:.0f}s)",
-            flush=True,
-        )
-    return res, res_valid, init_acc
-
-
 def table(res, ref, label, metric="answer acc"):
     rows = [f"| {label} | {metric} | diff vs {ref} [95% CI] |", "|---|---|---|"]
     for arm, vals in res.items():
@@ -312,16 +206,9 @@ def main(argv=None):
     ap.add_argument("--teacher-steps", type=int, default=800)
     ap.add_argument("--pool", type=int, default=256, help="training traces per seed")
     ap.add_argument("--a-steps", type=int, default=300)
-    ap.add_argument("--warm-steps", type=int, default=400)
-    ap.add_argument("--b-steps", type=int, default=200)
-    ap.add_argument("--teacher-error", type=float, default=0.9)
-    ap.add_argument("--error-min-units", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--directions", action="store_true", help="add the eigen-directions arm")
-    ap.add_argument("--mc", type=int, default=0, help="add a Monte-Carlo validity arm (rollouts)")
-    ap.add_argument("--wnorm", action="store_true", help="add calibrated, normalised by sum w")
-    ap.add_argument("--arms", nargs="+", help="subset of part-B arms (paired seeds reproduce)")
-    ap.add_argument("--parts", default="AB")
+    ap.add_argument("--parts", default="A", help="A (part B moved to bench_reasoning_kd.py)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -334,16 +221,6 @@ def main(argv=None):
             print(f"\nFlex-KD, student width {w} (teacher 64), {args.seeds} paired seeds")
             print(table(res[w], "flex", f"arm (d_S={w})"))
             print(table(res_ce[w], "flex", f"arm (d_S={w})", "held-out CE"))
-    if "B" in args.parts:
-        res, res_valid, init_acc = part_b(args, test)
-        print(
-            f"\nCalibrated reasoning KD, answer accuracy ({args.seeds} paired seeds; "
-            f"warm-start student {np.mean(init_acc):.3f})"
-        )
-        ref = "calibrated" if "calibrated" in res else next(iter(res))
-        print(table(res, ref, "arm"))
-        print("\nStep validity (greedy traces)")
-        print(table(res_valid, ref, "arm", "step validity"))
     print(f"\ntotal {time.time() - t0:.0f}s")
 
 

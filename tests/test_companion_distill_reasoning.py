@@ -5,12 +5,15 @@ import random
 import pytest
 import torch
 
+from ecif.companions import reasoning_kd as RK
 from ecif.companions import tasks as T
 from ecif.companions.reasoning_kd import (
     CalibratedKDConfig,
+    author_validities,
     build_calibrated_batch,
     calibrated_kd_loss,
     checker_validity,
+    filter_answer_traces,
     filter_valid_traces,
     response_mask,
     rollout_validity,
@@ -20,6 +23,8 @@ from ecif.companions.reasoning_kd import (
 )
 from ecif.companions.toy_lm import LMConfig, TinyLM, generate, pad_batch
 from ecif.grad import masked_divergence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TASK = T.AdditionTask(n_operands=4)
 
@@ -182,3 +187,112 @@ def test_validity_estimators():
     assert traces[0][: len(T.prompt([1, 2, 3]))] == T.prompt([1, 2, 3])
     ids, lens = pad_batch([[1, 2, 3], [4]])
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and lens.tolist() == [3, 1]
+
+
+# ----------------------------------------------------------------- own-step proposals
+
+
+def test_author_validities_put_the_own_step_on_its_authors_side():
+    v_own = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    v_other = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    vt, vs = author_validities(v_own, v_other, [False, False, True, True])
+    assert vt.tolist() == [1.0, 0.0, 1.0, 1.0] and vs.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert validity_weights(vt, vs).tolist() == [1.0, 0.0, 0.5, 1.0]
+
+
+# a teacher trace whose first step drops the carry (8+5 -> 3), then two valid steps
+_TEACHER_TRACE = "^9+8+5+3=9+3+3;12+3;15$"
+_STUDENT_TRACE = "^9+8+5+3=17+5+3;17+8;24$"  # last step wrong (17+8 = 25)
+
+
+def _fixed_models(monkeypatch, from_student):
+    """Tiny models whose traces and proposals are fixed by hand: the teacher proposes the
+    first merge with the carry dropped (invalid), the student the correct first merge."""
+    teacher, student = _models()
+    traces = {id(teacher): _enc(_TEACHER_TRACE), id(student): _enc(_STUDENT_TRACE)}
+    first = {id(teacher): _enc("9+3+3;"), id(student): _enc("17+5+3;")}
+    calls = []
+
+    def fake_traces(model, problems, generator=None, temperature=1.0, greedy=False):
+        return [list(traces[id(model)]) for _ in problems]
+
+    def fake_propose(model, prefixes, task, generator=None, temperature=1.0):
+        calls.append((id(model) == id(teacher), len(prefixes)))
+        out = []
+        for p in prefixes:
+            state = T.state_before(p)
+            if len(state) == 4:
+                out.append(list(first[id(model)]))
+            else:  # later steps: the correct merge of the first pair
+                rest = [state[0] + state[1]] + state[2:]
+                out.append(T.terms_tokens(rest) + [T.SEP if len(rest) > 1 else T.EOS])
+        return out
+
+    monkeypatch.setattr(RK, "sample_traces", fake_traces)
+    monkeypatch.setattr(RK, "propose_steps", fake_propose)
+    frac = 1.0 if from_student else 0.0
+    return teacher, student, frac, calls
+
+
+@pytest.mark.parametrize("from_student", [False, True])
+def test_own_step_weights_by_hand(monkeypatch, from_student):
+    teacher, student, frac, calls = _fixed_models(monkeypatch, from_student)
+    cfg = CalibratedKDConfig(proposals="own", student_prefix_frac=frac)
+    b = build_calibrated_batch(teacher, student, [[9, 8, 5, 3]], cfg, TASK, random.Random(0))
+    if not from_student:
+        # own steps (teacher): invalid, valid, valid; student proposals: all valid
+        assert b.v_teacher.tolist() == [0.0, 1.0, 1.0]
+        assert b.v_student.tolist() == [1.0, 1.0, 1.0]
+        step_w, spans = [0.0, 0.5, 0.5], T.step_spans(_enc(_TEACHER_TRACE))
+        assert calls == [(False, 3)]  # only the student proposes
+    else:
+        # own steps (student): valid, valid, invalid; teacher proposals: invalid, valid, valid
+        assert b.v_student.tolist() == [1.0, 1.0, 0.0]
+        assert b.v_teacher.tolist() == [0.0, 1.0, 1.0]
+        step_w, spans = [0.0, 0.5, 1.0], T.step_spans(_enc(_STUDENT_TRACE))
+        assert calls == [(True, 3)]  # only the teacher proposes
+    ref = torch.zeros_like(b.token_weights)
+    for (s, e), w in zip(spans, step_w):
+        ref[0, s:e] = w
+    assert torch.equal(b.token_weights, ref)
+
+
+def test_sampled_proposals_ignore_the_distilled_step(monkeypatch):
+    teacher, student, frac, calls = _fixed_models(monkeypatch, True)
+    cfg = CalibratedKDConfig(proposals="sampled", student_prefix_frac=frac)
+    b = build_calibrated_batch(teacher, student, [[9, 8, 5, 3]], cfg, TASK, random.Random(0))
+    # the student trace's wrong last step (24) is not what is scored: its fresh proposal (25)
+    # is, so the last step gets w = 1/2 where own-step gives 1
+    assert b.v_student.tolist() == [1.0, 1.0, 1.0] and b.v_teacher.tolist() == [0.0, 1.0, 1.0]
+    assert calls == [(True, 3), (False, 3)]
+    s, e = T.step_spans(_enc(_STUDENT_TRACE))[-1]
+    assert b.token_weights[0, s:e].tolist() == [0.5] * (e - s)
+    with pytest.raises(ValueError):
+        bad = CalibratedKDConfig(proposals="both", student_prefix_frac=frac)
+        build_calibrated_batch(teacher, student, [[9, 8, 5, 3]], bad, TASK, random.Random(0))
+
+
+def test_own_step_on_real_models_scores_the_traces_own_steps():
+    teacher, student = _models()
+    rng = random.Random(1)
+    probs = [TASK.sample(rng) for _ in range(6)]
+    gen, pgen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    cfg = CalibratedKDConfig(proposals="own", student_prefix_frac=0.0)
+    b = build_calibrated_batch(teacher, student, probs, cfg, TASK, rng, gen, pgen)
+    own = []
+    for row in b.ids.tolist():
+        own += [T.check_step(T.state_before(row[:s]), row[s:e]) for s, e in T.step_spans(row)]
+    assert b.v_teacher.tolist() == [float(v) for v in own]
+    w = (1 + b.v_teacher - b.v_student) / 2
+    firsts = [(r, s) for r, row in enumerate(b.ids.tolist()) for s, _ in T.step_spans(row)]
+    assert [float(b.token_weights[r, s]) for r, s in firsts] == w.tolist()
+
+
+def test_answer_filter_keeps_right_answers_whatever_the_steps():
+    # 9+8 written as 7 (invalid) then 7+5 as 22 (invalid): two wrong steps, right answer 22
+    lucky = _enc("^9+8+5=7+5;22$")
+    right, wrong = _enc("^9+8+5=17+5;22$"), _enc("^9+8+5=9+3;12$")
+    unfinished = _enc("^9+8+5=17+5;")
+    got = filter_answer_traces([lucky, right, wrong, unfinished], [22] * 4)
+    assert got == [lucky, right]
+    assert filter_valid_traces([lucky, right, wrong, unfinished], [22] * 4) == [right]

@@ -8,7 +8,11 @@ the distillation loss on that step's tokens is weighted by w = (1 + V_T - V_S) /
 a teacher error the student avoids is not imitated (w = 0). w = 1 is plain KD.
 
 Prefixes are GKD-style: a trace is sampled from the student with probability
-``student_prefix_frac``, else from the teacher. The synthetic task lives in
+``student_prefix_frac``, else from the teacher. With ``proposals='sampled'`` both proposals
+are drawn afresh at each boundary and the weight lands on the trace's own step, which neither
+proposal is; with ``proposals='own'`` the trace's own step is its author's proposal (the
+teacher's for a teacher trace, the student's for a student trace) and only the other model's
+proposal is sampled, so the weight is computed from the step actually distilled. The synthetic task lives in
 :mod:`ecif.companions.tasks`; the divergences in :mod:`ecif.grad.divergences`.
 """
 
@@ -42,6 +46,7 @@ class CalibratedKDConfig:
     n_rollouts: int = 4  # Monte-Carlo rollouts per proposal (validity='rollout')
     sample_temperature: float = 1.0
     normalize: str = "tokens"  # tokens: w scales the pull; weights: only relative reweighting
+    proposals: str = "sampled"  # sampled: both proposals drawn; own: the trace's step is one
 
 
 def validity_weights(
@@ -189,6 +194,17 @@ def sample_traces(
     return [p + c for p, c in zip(prompts, cont)]
 
 
+def author_validities(
+    v_own: torch.Tensor, v_other: torch.Tensor, by_student: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V_T, V_S) when the trace's own step is its author's proposal: ``v_own`` scores the
+    step in the trace, ``v_other`` the other model's proposal under the same prefix, and
+    ``by_student[i]`` says the student wrote step i's trace."""
+    who = torch.tensor([bool(b) for b in by_student], dtype=torch.bool)
+    v_own, v_other = v_own.float(), v_other.float()
+    return torch.where(who, v_other, v_own), torch.where(who, v_own, v_other)
+
+
 @dataclass
 class CalibratedBatch:
     """A training batch: token ids, which tokens are distilled, and their weights."""
@@ -208,8 +224,14 @@ def build_calibrated_batch(
     task: T.AdditionTask,
     rng: random.Random,
     generator: torch.Generator | None = None,
+    proposal_generator: torch.Generator | None = None,
 ) -> CalibratedBatch:
-    """Sample traces (student or teacher), propose steps at each boundary, score, weight."""
+    """Sample traces (student or teacher), propose steps at each boundary, score, weight.
+
+    ``proposal_generator`` (default: ``generator``) draws the proposals, rollouts and the
+    shuffle, so arms that differ only in weighting can share their trace draws.
+    """
+    pgen = generator if proposal_generator is None else proposal_generator
     from_student = [rng.random() < cfg.student_prefix_frac for _ in problems]
     traces: list[list[int]] = [[] for _ in problems]
     for who, model in ((True, student), (False, teacher)):
@@ -227,23 +249,43 @@ def build_calibrated_batch(
         vt = vs = torch.ones(0)
         flat_w = torch.ones(len(owners))
     else:
-        prop_t = propose_steps(teacher, prefixes, task, generator, cfg.sample_temperature)
-        prop_s = propose_steps(student, prefixes, task, generator, cfg.sample_temperature)
         if cfg.validity == "checker":
-            vt, vs = checker_validity(prefixes, prop_t), checker_validity(prefixes, prop_s)
+
+            def score(props: list[list[int]]) -> torch.Tensor:
+                return checker_validity(prefixes, props)
+
         elif cfg.validity == "rollout":
             golds = [sum(problems[b]) for b, _ in owners]
-            vt, vs = (
-                rollout_validity(teacher, prefixes, pr, golds, cfg.n_rollouts, generator)
-                for pr in (prop_t, prop_s)
-            )
+
+            def score(props: list[list[int]]) -> torch.Tensor:
+                return rollout_validity(teacher, prefixes, props, golds, cfg.n_rollouts, pgen)
+
         else:
             raise ValueError(f"unknown validity estimator {cfg.validity!r}")
+        if cfg.proposals == "sampled":
+            vt = score(propose_steps(teacher, prefixes, task, pgen, cfg.sample_temperature))
+            vs = score(propose_steps(student, prefixes, task, pgen, cfg.sample_temperature))
+        elif cfg.proposals == "own":
+            by_student = [from_student[b] for b, _ in owners]
+            other: list[list[int]] = [[] for _ in owners]
+            for model, who in ((student, False), (teacher, True)):  # the non-author proposes
+                idx = [i for i, s in enumerate(by_student) if s == who]
+                if not idx:
+                    continue
+                got = propose_steps(
+                    model, [prefixes[i] for i in idx], task, pgen, cfg.sample_temperature
+                )
+                for i, st in zip(idx, got):
+                    other[i] = st
+            own = [traces[b][spans[b][k][0] : spans[b][k][1]] for b, k in owners]
+            vt, vs = author_validities(score(own), score(other), by_student)
+        else:
+            raise ValueError(f"unknown proposals {cfg.proposals!r}; expected sampled | own")
         flat_w = validity_weights(
             vt, vs, cfg.weighting, floor=cfg.floor, sigmoid_scale=cfg.sigmoid_scale
         )
         if cfg.weighting == "shuffled":
-            perm = torch.randperm(len(flat_w), generator=generator)
+            perm = torch.randperm(len(flat_w), generator=pgen)
             flat_w = flat_w[perm]
     per_row: list[list[float]] = [[] for _ in traces]
     for (b, _k), w in zip(owners, flat_w.tolist()):
@@ -274,3 +316,9 @@ def filter_valid_traces(traces: Sequence[Sequence[int]], golds: Sequence[int]) -
         if n and ok == n and T.final_answer(tr) == g:
             keep.append(list(tr))
     return keep
+
+
+def filter_answer_traces(traces: Sequence[Sequence[int]], golds: Sequence[int]) -> list[list[int]]:
+    """Answer-only filtered SFT data, for settings without a per-step checker: keep traces
+    whose final answer is the gold one, whatever their steps."""
+    return [list(tr) for tr, g in zip(traces, golds) if T.final_answer(tr) == g]
