@@ -1,9 +1,6 @@
 """Dask scoring on a LocalCluster bound to 127.0.0.1: same outputs as local, survives a kill."""
 
-import os
 import pickle
-import signal
-import threading
 import time
 
 import numpy as np
@@ -16,6 +13,7 @@ from ecif.audit import AuditArgs
 from ecif.audit.shards import score_shards
 from ecif.data.row_reader import FolderRowReader
 from ecif.engine import row_sums
+from tests.dask_kill import killing_one_busy_worker
 from tests.test_audit_shards import _folder
 
 _score_part = shards.score_part
@@ -43,22 +41,8 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
     cluster = LocalCluster(
         host="127.0.0.1", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     )
-    killed = []
     try:
-        with Client(cluster) as client:
-            pids = client.run(os.getpid)
-
-            def kill_one_busy_worker():
-                deadline = time.time() + 60
-                while time.time() < deadline and not killed:
-                    busy = [w for w, tasks in client.processing().items() if tasks]
-                    if busy:
-                        os.kill(pids[busy[0]], signal.SIGKILL)
-                        killed.append(busy[0])
-                    time.sleep(0.2)
-
-            killer = threading.Thread(target=kill_one_busy_worker)
-            killer.start()
+        with Client(cluster) as client, killing_one_busy_worker(client, poll=0.2) as killed:
             summary = score_shards(
                 folder,
                 tmp_path / "dask",
@@ -68,7 +52,6 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
                 scheduler=cluster.scheduler_address,
                 log=lambda s: None,
             )
-            killer.join()
     finally:
         cluster.close()
     assert killed, "no worker was busy to kill"

@@ -1,10 +1,7 @@
 """Every pass over the pairs, block by block: against autograd locally, and bitwise the same on
 a Dask LocalCluster (127.0.0.1) with 1 or 2 workers, through a worker killed mid-pass."""
 
-import os
-import signal
 import sys
-import threading
 import time
 
 import cloudpickle
@@ -18,6 +15,7 @@ from ecif.distributed import open_client
 from ecif.engine import row_sums
 from ecif.engine.head import HeadObjective, value_grad_terms
 from ecif.engine.row_sums import Pass
+from tests.dask_kill import killing_one_busy_worker
 from tests.engine_reference import Reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,28 +148,14 @@ def test_a_worker_killed_mid_pass_changes_nothing(small_blocks):
     cluster = LocalCluster(
         host="127.0.0.1", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     )
-    killed = []
     try:
         with Client(cluster) as c:
             obj = HeadObjective(head, x, y, rows=ecif.ClusterRows(c, x, y))
             obj.reduce(Pass(value_grad_terms, (m, t, False)))  # blocks now held by both
             held = {w for w, keys in c.has_what().items() if keys}
             assert len(held) == 2
-            pids = c.run(os.getpid)
-
-            def kill_one_busy_worker():
-                deadline = time.time() + 60
-                while time.time() < deadline and not killed:
-                    busy = [w for w, tasks in c.processing().items() if tasks]
-                    if busy:
-                        os.kill(pids[busy[0]], signal.SIGKILL)
-                        killed.append(busy[0])
-                    time.sleep(0.05)
-
-            killer = threading.Thread(target=kill_one_busy_worker)
-            killer.start()
-            got = obj.reduce(p)  # 24 blocks x 0.3 s: the kill lands mid-pass
-            killer.join()
+            with killing_one_busy_worker(c) as killed:
+                got = obj.reduce(p)  # 24 blocks x 0.3 s: the kill lands mid-pass
             assert killed and killed[0] not in c.scheduler_info()["workers"]
     finally:
         cluster.close()
