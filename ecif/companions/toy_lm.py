@@ -150,8 +150,9 @@ def generate(
 ) -> list[list[int]]:
     """Sample continuations of each prefix until a stop token (kept) or ``max_new`` tokens.
 
-    Batched without a KV cache: prefixes sit right-padded in one buffer and each row reads the
-    logits at its own last position, which causal attention makes exact.
+    Batched with a key/value cache: prefixes sit right-padded in one buffer, one forward pass
+    fills the cache, and each row then reads the logits at its own last position and extends
+    the cache one token at a time there (causal attention makes this exact).
     """
     was_training = model.training
     model.eval()
