@@ -261,7 +261,7 @@ def score_shards(
                     continue
                 job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
                 jobs.append((p, job))
-            summary = _run_jobs(jobs, distributor, client, progress)
+            summary = _run_jobs(jobs, client, progress)
     _finalize(scores_dir, args.threshold, meta)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
@@ -298,23 +298,23 @@ def _cluster(distributor: str, scheduler: str | None, train: EmbeddingSet, folde
         raise ValueError(f"distributor must be 'local' or 'dask'; got {distributor!r}")
 
 
-def _run_jobs(jobs, distributor: str, client: Any, progress: bool) -> pd.DataFrame:
+def _run_jobs(jobs, client: Any, progress: bool) -> pd.DataFrame:
+    """Score the pending shards: here, or one Dask task each on ``client`` (``_cluster``
+    has checked the distributor)."""
     rows = []
     todo = [(p, a) for p, a in jobs if a is not None]
     for p, a in jobs:
         if a is None:
             rows.append({"shard": p.output_name, "ok": 0, "failed": 0, "skipped": 1})
-    if distributor == "local":
+    if client is None:
         from tqdm.auto import tqdm
 
         for p, a in tqdm(todo, desc="shards", disable=not progress):
             rows.append({"shard": p.output_name, **score_part(*a), "skipped": 0})
-    elif distributor == "dask":
+    else:
         results = run_tasks(score_part, [a for _, a in todo], client=client)
         for (p, _), res in zip(todo, results):
             rows.append({"shard": p.output_name, **res, "skipped": 0})
-    else:
-        raise ValueError(f"distributor must be 'local' or 'dask'; got {distributor!r}")
     return pd.DataFrame(rows, columns=["shard", "ok", "failed", "skipped"])
 
 

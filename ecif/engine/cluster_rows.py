@@ -185,6 +185,7 @@ class ClusterRows:
         held = self.blocks(partition)
         p = Pass(p.kernel, _to_cpu(p.args), p.prepare, _to_cpu(p.prepare_args), p.cache_key)
         budget = self.cache_bytes // max(1, len(held))  # the whole cache over the blocks
+        parts = blocks_of(partition, batch_ids)
         futures = [
             self.client.submit(
                 reduce_block,
@@ -196,9 +197,9 @@ class ClusterRows:
                 pure=False,
                 retries=RETRIES,
             )
-            for k, ids in blocks_of(partition, batch_ids)
+            for k, ids in parts
         ]
-        self.count.computed += sum(len(ids) for _, ids in blocks_of(partition, batch_ids))
+        self.count.computed += sum(len(ids) for _, ids in parts)
         total = None
         for part in self.client.gather(futures):
             total = add(total, part)
