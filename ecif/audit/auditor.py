@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 import ecif.api as api
-from ecif.audit.combine import SIGNALS, fit_mixture, suspicion, weighted_sum
+from ecif.audit.combine import SIGNALS, fit_mixture, hedged_score, suspicion, weighted_sum
 from ecif.audit.model_signals import model_signals
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
@@ -382,8 +382,11 @@ def misalign_scores(
         except ValueError:  # too few pairs for a mixture: the equal-weight sum
             mode = "equal"
         else:
-            score = mix.log_odds(sus)
-            return score, mix.record(), mixture_noise_rate(score, mix.separation)
+            score, record = mix.log_odds(sus), mix.record()
+            rate = mixture_noise_rate(score, mix.separation)
+            if not rate.reliable:  # an untrusted split: hedge with the equal-weight sum
+                score, record["hedge"] = hedged_score(mix, sus)
+            return score, record, rate
     weights = (
         {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in SIGNALS}
     )
