@@ -239,9 +239,11 @@ def stages_table(a) -> None:
         for sample in ("0", "auto"):
             out = Path(a.workdir) / f"stages_{a.data}_{n}_{a.d}_{sample}_{a.head}.pt"
             record = out.with_suffix(".json")
-            if sample == "0" and a.reuse_off and out.exists() and record.exists():
+            if sample == "0" and a.reuse_off and out.exists():
                 # the sample-off run does not depend on the sample's code: its saved outputs
-                got[sample] = (json.loads(record.read_text()), torch.load(out))
+                # (and its figures where they were recorded)
+                r = json.loads(record.read_text()) if record.exists() else None
+                got[sample] = (r, torch.load(out))
                 print(f"N={n:>9,}: sample off reused from {out}", flush=True)
                 continue
             cmd = [sys.executable, __file__, "--stages-one", str(px), str(py), sample, str(out)]
@@ -250,6 +252,8 @@ def stages_table(a) -> None:
             record.write_text(res.stdout.strip().splitlines()[-1])
             got[sample] = (json.loads(record.read_text()), torch.load(out))
         for sample, (r, _) in got.items():
+            if r is None:
+                continue
             total = r["fit_passes"] + r["solve_passes"] + r["score_passes"]
             name = "sample off" if sample == "0" else "default (sample auto)"
             print(
