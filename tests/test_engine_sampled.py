@@ -91,3 +91,42 @@ def test_auto_samples_only_where_the_sample_is_large_and_a_small_share(problem):
     assert sample_size(None, at(500_000, 128)) == 0
     assert sample_size(None, at(1_000_000, 512)) == 0  # 8,192 batches: a 34M-pair set
     assert sample_size(50, at(256 * 40, 8)) == 0 and sample_size(12, at(256 * 40, 8)) == 12
+
+
+def test_inner_solve_spends_at_most_one_pass_of_sample_products(problem):
+    from ecif.engine import inverse_hessian as ih
+    from ecif.engine.head import HeadObjective
+
+    train, _ = problem
+    head = ecif.fit(train, optimizer="newton", **KW)
+    obj = HeadObjective(head, train.image, train.text)
+    # 500 batches: a product on 32 of them is 32/500 of a pass, so 16 make one pass
+    assert ih.inner_budget(ih.sample_objective(obj, 32, 1, 0)) == 16
+    assert ih.inner_budget(ih.sample_objective(obj, 125, 1, 0)) == 4
+    assert ih.inner_budget(ih.sample_objective(obj, 2, 1, 0)) == ih.INNER_MAX_ITER  # 250 > 100
+    assert ih.inner_budget(obj) == ih.INNER_MAX_ITER  # not a sample
+
+
+def test_sample_fit_that_hands_over_early_reaches_the_full_optimum(problem, monkeypatch):
+    """Where L-BFGS slows down on the sample, Newton steps on all pairs take over at once
+    (no Newton-CG on the sample): still the dense Newton optimum, in fewer passes."""
+    from ecif.engine import fit as fit_mod
+
+    train, _ = problem
+    kw = {**KW, "logit_scale": 100.0}  # ill-conditioned: L-BFGS slows down
+    newton = ecif.fit(train, optimizer="newton", **kw)
+    seen = []
+    lbfgs = fit_mod._lbfgs
+
+    def spy(obj, start, args, tol, finish=True):
+        out = lbfgs(obj, start, args, tol, finish)
+        seen.append((obj.batch_ids is not None, finish, out[-1]))
+        return out
+
+    monkeypatch.setattr(fit_mod, "_lbfgs", spy)
+    monkeypatch.setattr(fit_mod, "HANDOVER_PASSES", 5)  # hand over early, far from the optimum
+    sampled = ecif.fit(train, optimizer="lbfgs", sample_batches=32, **kw)
+    assert seen[0] == (True, False, "handover")
+    assert sampled.info["converged"]
+    scale = float(newton.m.abs().max())
+    assert float((sampled.m - newton.m).abs().max()) / scale < 1e-7

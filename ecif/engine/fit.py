@@ -250,7 +250,10 @@ def fit_on_sample(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: f
     (one full pass a step, plus the line search's). Where those stop short of ``tol``, the
     full-data L-BFGS takes over from there. Returns what ``_lbfgs`` returns (full passes)."""
     sample = sample_objective(obj, k, args.seed + 1, SolverArgs().cache_bytes)
-    theta, *_ = _lbfgs(sample, start, args, tol)
+    # where L-BFGS slows down on the sample, the Newton steps below take over at once: past
+    # the sample's sampling error (its gradient's distance from the full one) a Newton-CG
+    # finish on the sample alone would only refine the sample's optimum, not the full one
+    theta, *_ = _lbfgs(sample, start, args, tol, finish=False)
 
     def direction(at: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
         return sampled_inverse(sample, at)(grad), 0  # sample passes only: counted apart
@@ -304,12 +307,13 @@ HANDOVER_PASSES = 30
 HANDOVER_FACTOR = 10.0
 
 
-def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
+def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float, finish: bool = True):
     """torch's L-BFGS on phi with theta = base + L phi (L symmetric: the whitening, or the
     identity); stops on the gradient in theta, the quantity ``tol`` is about. Where it stalls
     or slows down short of ``tol``, Newton-CG (EK-FAC preconditioned) finishes the fit; if
     that finds no descent direction (learned scale, far out), L-BFGS resumes without
-    handing over."""
+    handing over. ``finish`` False: where it slows down it returns its best point instead
+    (stop "handover"), for the caller's own finish (``fit_on_sample``)."""
     from tqdm.auto import tqdm
 
     lin = moment_whitener(obj.head, obj.x, obj.y) if args.whiten else (lambda v: v)
@@ -388,6 +392,10 @@ def _lbfgs(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: float):
     # the scale is negative even at the optimum), measured 373 passes against 123 without
     iterations, handed_over = run(start.clone(), 0, handover=not obj.head.learn_scale)
     stop = "tol"
+    if handed_over and not finish:
+        bar.close()
+        theta, value, grad = last
+        return theta, value, grad, iterations, passes[0], "handover"
     while float(last[2].abs().max()) > tol:
         if iterations >= args.max_iter:
             stop = "max_iter"
