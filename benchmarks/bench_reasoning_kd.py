@@ -175,6 +175,28 @@ def run(args) -> dict:
     return out
 
 
+def merge(outs: list[dict]) -> dict:
+    """One run from several runs of other arms: per seed, the union of their arms.
+
+    The runs must share the teacher and, seed by seed, the warm start (same digests), which
+    holds for runs of the same settings, since an arm's figures do not depend on the arms
+    run beside it. An arm found in two runs must have identical figures there.
+    """
+    base = copy.deepcopy(outs[0])
+    for other in outs[1:]:
+        if other["teacher"] != base["teacher"]:
+            raise ValueError("runs with different teachers cannot be merged")
+        if [r["seed"] for r in other["seeds"]] != [r["seed"] for r in base["seeds"]]:
+            raise ValueError("runs with different seeds cannot be merged")
+        for row, extra in zip(base["seeds"], other["seeds"]):
+            if extra["init"] != row["init"]:
+                raise ValueError(f"seed {row['seed']}: the warm starts differ")
+            for arm, fig in extra["arms"].items():
+                if row["arms"].setdefault(arm, fig) != fig:
+                    raise ValueError(f"seed {row['seed']}: arm {arm} differs between runs")
+    return base
+
+
 def summary(out: dict) -> dict:
     """Per-arm means and paired differences (95 % Student-t intervals over seeds)."""
     arms = list(out["seeds"][0]["arms"]) if out["seeds"] else []
@@ -235,13 +257,21 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write every figure here (after each seed)")
-    ap.add_argument("--report", type=Path, help="print the tables of a --json file and exit")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        help="print the tables of --json files and exit (several: their arms merged per seed)",
+    )
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    out = json.loads(args.report.read_text()) if args.report else run(args)
+    if args.report:
+        out = merge([json.loads(p.read_text()) for p in args.report])
+    else:
+        out = run(args)
     print("\n" + report(out, args))
     return out
 
