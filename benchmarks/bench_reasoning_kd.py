@@ -176,19 +176,24 @@ def run(args) -> dict:
 
 
 def merge(outs: list[dict]) -> dict:
-    """One run from several runs of other arms: per seed, the union of their arms.
+    """One run from several runs of other arms: per seed, the union of their arms, over the
+    seeds that every run has (a stopped run keeps its finished seeds).
 
     The runs must share the teacher and, seed by seed, the warm start (same digests), which
     holds for runs of the same settings, since an arm's figures do not depend on the arms
     run beside it. An arm found in two runs must have identical figures there.
     """
+    common = set.intersection(*({r["seed"] for r in o["seeds"]} for o in outs))
+    if not common:
+        raise ValueError("the runs have no seed in common")
     base = copy.deepcopy(outs[0])
+    base["seeds"] = [r for r in base["seeds"] if r["seed"] in common]
     for other in outs[1:]:
         if other["teacher"] != base["teacher"]:
             raise ValueError("runs with different teachers cannot be merged")
-        if [r["seed"] for r in other["seeds"]] != [r["seed"] for r in base["seeds"]]:
-            raise ValueError("runs with different seeds cannot be merged")
-        for row, extra in zip(base["seeds"], other["seeds"]):
+        rows = {r["seed"]: r for r in other["seeds"]}
+        for row in base["seeds"]:
+            extra = rows[row["seed"]]
             if extra["init"] != row["init"]:
                 raise ValueError(f"seed {row['seed']}: the warm starts differ")
             for arm, fig in extra["arms"].items():
@@ -227,7 +232,9 @@ def report(out: dict, args) -> str:
     n = len(out["seeds"])
     lines = [
         f"teacher: answer acc {out['teacher']['acc']:.4f}, step validity "
-        f"{out['teacher']['valid']:.4f}; warm start acc {f(*res['init'])} ({n} seeds)",
+        f"{out['teacher']['valid']:.4f}; warm start acc {f(*res['init'])} ({n} seeds: "
+        + " ".join(str(r["seed"]) for r in out["seeds"])
+        + ")",
         "",
         "| arm | answer acc [95% CI] | step validity [95% CI] | acc - warm start [95% CI] |",
         "|---|---|---|---|",
@@ -261,7 +268,7 @@ def parse(argv=None) -> argparse.Namespace:
         "--report",
         type=Path,
         nargs="+",
-        help="print the tables of --json files and exit (several: their arms merged per seed)",
+        help="print the tables of --json files and exit (several: arms merged per common seed)",
     )
     return ap.parse_args(argv)
 

@@ -89,10 +89,12 @@ def test_runs_of_other_arms_merge_into_one(tmp_path):
     (tmp_path / "b.json").write_text(B.json.dumps(b))
     files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
     assert B.main(["--report", *files]) == merged
+    short = B.merge([{**b, "seeds": b["seeds"][1:]}, a])  # a stopped run: seed 1 only
+    assert short["seeds"] == merged["seeds"][1:]
     b["seeds"][1]["arms"]["own_step"]["acc"] += 0.25
     with pytest.raises(ValueError, match="arm own_step differs"):
         B.merge([a, b])
-    with pytest.raises(ValueError, match="different seeds"):
-        B.merge([a, {**a, "seeds": a["seeds"][:1]}])
+    with pytest.raises(ValueError, match="no seed in common"):
+        B.merge([a, {**a, "seeds": []}])
     with pytest.raises(ValueError, match="different teachers"):
         B.merge([a, {**a, "teacher": {**a["teacher"], "acc": 2.0}}])
