@@ -241,7 +241,10 @@ def report(out: dict, args) -> str:
     ]
     for a, r in res["arms"].items():
         lines.append(f"| {a} | {f(*r['acc'])} | {f(*r['valid'])} | {f(*r['acc_vs_init'], '+')} |")
-    lines += ["", f"| paired difference ({n} seeds) | answer acc [95% CI] | step validity |"]
+    lines += [
+        "",
+        f"| paired difference ({n} seeds) | answer acc [95% CI] | step validity [95% CI] |",
+    ]
     lines.append("|---|---|---|")
     for name, r in res["contrasts"].items():
         lines.append(f"| {name} | {f(*r['acc'], '+')} | {f(*r['valid'], '+')} |")
