@@ -175,6 +175,33 @@ def run(args) -> dict:
     return out
 
 
+def merge(outs: list[dict]) -> dict:
+    """One run from several runs of other arms: per seed, the union of their arms, over the
+    seeds that every run has (a stopped run keeps its finished seeds).
+
+    The runs must share the teacher and, seed by seed, the warm start (same digests), which
+    holds for runs of the same settings, since an arm's figures do not depend on the arms
+    run beside it. An arm found in two runs must have identical figures there.
+    """
+    common = set.intersection(*({r["seed"] for r in o["seeds"]} for o in outs))
+    if not common:
+        raise ValueError("the runs have no seed in common")
+    base = copy.deepcopy(outs[0])
+    base["seeds"] = [r for r in base["seeds"] if r["seed"] in common]
+    for other in outs[1:]:
+        if other["teacher"] != base["teacher"]:
+            raise ValueError("runs with different teachers cannot be merged")
+        rows = {r["seed"]: r for r in other["seeds"]}
+        for row in base["seeds"]:
+            extra = rows[row["seed"]]
+            if extra["init"] != row["init"]:
+                raise ValueError(f"seed {row['seed']}: the warm starts differ")
+            for arm, fig in extra["arms"].items():
+                if row["arms"].setdefault(arm, fig) != fig:
+                    raise ValueError(f"seed {row['seed']}: arm {arm} differs between runs")
+    return base
+
+
 def summary(out: dict) -> dict:
     """Per-arm means and paired differences (95 % Student-t intervals over seeds)."""
     arms = list(out["seeds"][0]["arms"]) if out["seeds"] else []
@@ -205,14 +232,19 @@ def report(out: dict, args) -> str:
     n = len(out["seeds"])
     lines = [
         f"teacher: answer acc {out['teacher']['acc']:.4f}, step validity "
-        f"{out['teacher']['valid']:.4f}; warm start acc {f(*res['init'])} ({n} seeds)",
+        f"{out['teacher']['valid']:.4f}; warm start acc {f(*res['init'])} ({n} seeds: "
+        + " ".join(str(r["seed"]) for r in out["seeds"])
+        + ")",
         "",
         "| arm | answer acc [95% CI] | step validity [95% CI] | acc - warm start [95% CI] |",
         "|---|---|---|---|",
     ]
     for a, r in res["arms"].items():
         lines.append(f"| {a} | {f(*r['acc'])} | {f(*r['valid'])} | {f(*r['acc_vs_init'], '+')} |")
-    lines += ["", f"| paired difference ({n} seeds) | answer acc [95% CI] | step validity |"]
+    lines += [
+        "",
+        f"| paired difference ({n} seeds) | answer acc [95% CI] | step validity [95% CI] |",
+    ]
     lines.append("|---|---|---|")
     for name, r in res["contrasts"].items():
         lines.append(f"| {name} | {f(*r['acc'], '+')} | {f(*r['valid'], '+')} |")
@@ -235,13 +267,21 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-test", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write every figure here (after each seed)")
-    ap.add_argument("--report", type=Path, help="print the tables of a --json file and exit")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        help="print the tables of --json files and exit (several: arms merged per common seed)",
+    )
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    out = json.loads(args.report.read_text()) if args.report else run(args)
+    if args.report:
+        out = merge([json.loads(p.read_text()) for p in args.report])
+    else:
+        out = run(args)
     print("\n" + report(out, args))
     return out
 

@@ -1,6 +1,6 @@
 """benchmarks/bench_reasoning_kd.py: a tiny configuration run twice gives identical figures
 (teacher included), per-seed figures do not depend on the seeds run beside them, and the
-paired summary's arithmetic."""
+paired summary's arithmetic, and runs of other arms merged per seed."""
 
 import sys
 from pathlib import Path
@@ -72,3 +72,29 @@ def test_summary_pairs_arms_by_seed():
     assert lo == pytest.approx(0.2 - 1.270620) and hi == pytest.approx(0.2 + 1.270620)
     assert res["arms"]["own_step"]["acc_vs_init"][0] == pytest.approx(0.5)
     assert "own_step - own_step_shuffled" not in res["contrasts"]  # only arms that ran
+
+
+def test_runs_of_other_arms_merge_into_one(tmp_path):
+    def go(*arms):
+        return B.run(B.parse(TINY + ["--seeds", "2", "--arms", *arms]))
+
+    both, a, b = go("own_step", "plain_fkl"), go("own_step"), go("plain_fkl", "own_step")
+    merged = B.merge([a, b])
+    assert merged["seeds"] == [
+        {**row, "arms": {k: row["arms"][k] for k in ("own_step", "plain_fkl")}}
+        for row in both["seeds"]
+    ]
+    assert a["seeds"][0]["arms"] == {"own_step": both["seeds"][0]["arms"]["own_step"]}  # unchanged
+    (tmp_path / "a.json").write_text(B.json.dumps(a))
+    (tmp_path / "b.json").write_text(B.json.dumps(b))
+    files = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert B.main(["--report", *files]) == merged
+    short = B.merge([{**b, "seeds": b["seeds"][1:]}, a])  # a stopped run: seed 1 only
+    assert short["seeds"] == merged["seeds"][1:]
+    b["seeds"][1]["arms"]["own_step"]["acc"] += 0.25
+    with pytest.raises(ValueError, match="arm own_step differs"):
+        B.merge([a, b])
+    with pytest.raises(ValueError, match="no seed in common"):
+        B.merge([a, {**a, "seeds": []}])
+    with pytest.raises(ValueError, match="different teachers"):
+        B.merge([a, {**a, "teacher": {**a["teacher"], "acc": 2.0}}])
