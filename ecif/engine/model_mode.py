@@ -184,7 +184,12 @@ def model_pair_losses(model: EncoderModel, data: Any) -> np.ndarray:
     """Each pair's symmetric InfoNCE inside its batch of the model's partition (NaN if removed)."""
     out = np.full(model.partition.n, np.nan)
     chunks = feature_chunks(
-        data.image, data.text, model.partition, dtype=model.dtype, device=model.device
+        data.image,
+        data.text,
+        model.partition,
+        dtype=model.dtype,
+        device=model.device,
+        rows_per_chunk=model.chunk_rows,
     )
     with torch.no_grad():
         for ch in chunks:
