@@ -20,7 +20,7 @@ from ecif.data import lora_features as lf
 from ecif.data.tiny_clip import tiny_config
 from ecif.engine.encoder_fit import fit_encoder
 from ecif.engine.encoder_influence import ModelInverse, score_pass
-from ecif.engine.encoder_model import EncoderObjective, new_model
+from ecif.engine.encoder_model import EncoderObjective, loss_gradient, new_model
 from ecif.engine.lora_part import LoraPart
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -279,3 +279,33 @@ def test_fit_is_stationary_and_a_warm_refit_without_a_pair_matches_a_cold_one():
     assert inv.info["converged"] and inv.info["curvature"] == "exact"
     obj = EncoderObjective(model, prob.fi, prob.ft, curvature="exact")
     torch.testing.assert_close(obj.hvp(model.theta, w), g, rtol=1e-8, atol=1e-10)
+
+
+def test_model_mode_builds_the_lora_part_from_a_cache_record_and_scores_through_it():
+    """``ModelArgs(params="lora")``: the part from a cache's init record (float16 rows as
+    stored), the normalisation floors from its pretrained norms, scores that are the JVP
+    pass's, and a one-line error for a cache of the other kind."""
+    from types import SimpleNamespace
+
+    from ecif.engine.model_mode import ModelArgs, make_part, score_model
+
+    prob = Problem()
+    tensors, config = lf.lora_init(prob.net, 1)
+    init = {"kind": "lora", "tensors": tensors, "config": config, "log_scale": math.log(5.0)}
+    rows = SimpleNamespace(image=prob.fi.numpy().astype(np.float16),
+                           text=prob.ft.numpy().astype(np.float16), ids=np.arange(N))  # fmt: skip
+    args = ModelArgs(params="lora", lora_rank=3, lam=1.0, batch_size=BATCH, dtype="float64")
+    part = make_part(init, args, rows)
+    assert isinstance(part, LoraPart) and part.rank == 3 and part.blocks == 1
+    with torch.no_grad():
+        u, _ = lf.finish(prob.net, prob.fi, prob.ft, 1)
+    assert part.floors[0] == pytest.approx(0.05 * float(u.norm(dim=-1).median()), rel=1e-2)
+    with pytest.raises(ValueError, match="params='projection' with a 'lora' feature cache"):
+        make_part(init, ModelArgs(params="projection"))
+    model = new_model(part, N, lam=1.0, batch_size=BATCH, seed=2, dtype=torch.float64)
+    fi, ft = (torch.from_numpy(a.astype(np.float64)) for a in (rows.image, rows.text))
+    df = score_model(model, rows, rows)
+    w = ModelInverse(model, fi, ft).solve(loss_gradient(model, fi, ft))
+    d_pos, d_neg = score_pass(model, fi, ft, w)
+    np.testing.assert_allclose(df["influence"], (d_pos + d_neg) / N, rtol=1e-4, atol=1e-9)
+    assert df.attrs["params"] == "lora" and np.isfinite(df["influence"]).all()
