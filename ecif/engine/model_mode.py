@@ -34,7 +34,7 @@ from ecif.engine.fit import FitArgs
 from ecif.engine.lora_part import LoraPart
 from ecif.options import borrow, option
 
-PARAMS = ("head", "projection")  # the audit's choices; "lora" is engine-level so far (issue 16)
+PARAMS = ("head", "projection", "lora")
 # the pull towards the pretrained projections. At 1e-2 (the head's) the tiny CLIP's fit on
 # digits drove a caption's projected feature to norm 1e-5, where normalisation is singular,
 # and never converged; at 0.1 it converged in 49 passes (benchmarks/README.md, model modes)
