@@ -147,8 +147,10 @@ def test_split_forward_equals_encode_for_parameter_and_linear_projections(custom
 def test_a_model_without_a_split_is_refused_in_one_line():
     with pytest.raises(FeatureCacheError, match="needs an open_clip ViT image tower"):
         features.check_model(SimpleNamespace(model=torch.nn.Module(), name="m"))
-    with pytest.raises(ValueError, match=r"cache_features must be None or one of \['projection'\]"):
-        ecif.embed([], "nowhere", cache_features="lora")
+    with pytest.raises(
+        ValueError, match=r"cache_features must be None or one of \['projection', 'lora'\]"
+    ):
+        ecif.embed([], "nowhere", cache_features="head")
 
 
 def test_linear_text_projection_with_bias_through_embed(tmp_path, monkeypatch, data):

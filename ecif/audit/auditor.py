@@ -24,7 +24,7 @@ from ecif.device import resolve_device
 from ecif.engine.fit import FitArgs
 from ecif.engine.head import CLIP_LOGIT_SCALE, DENSE_HESSIAN_MAX_PARAMS, Head
 from ecif.engine.inverse_hessian import SolverArgs
-from ecif.engine.model_mode import PARAMS
+from ecif.engine.model_mode import PARAMS, ModelArgs
 from ecif.options import borrow, default_of, option, renamed
 
 VAL_MODES = ("auto", "self", "crossfit")
@@ -53,10 +53,13 @@ class AuditArgs:
     params: str = option(
         "head",
         help="what influence is taken through: head (a bilinear head over the frozen "
-        "embeddings) or projection (both of the model's output projections; needs feature "
-        "caches from `ecif embed --cache-features projection` and a validation set)",
+        "embeddings), projection (both of the model's output projections) or lora (low-rank "
+        "adapters in the last blocks of both towers, plus the projections); the model modes "
+        "need feature caches from `ecif embed --cache-features projection|lora`",
         choices=PARAMS,
     )
+    lora_rank: int = borrow(ModelArgs, "lora_rank")
+    lora_blocks: int | None = borrow(ModelArgs, "lora_blocks")
     batch_size: int = borrow(FitArgs, "batch_size")
     seed: int = borrow(
         FitArgs, "seed", help="seed of the batch partition, the scale calibration and cross-fitting"

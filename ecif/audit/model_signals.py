@@ -34,6 +34,8 @@ def model_args(auditor: Any) -> ModelArgs:
     lam = MODEL_LAM if a.lam == "auto" else float(a.lam)
     return ModelArgs(
         params=a.params,
+        lora_rank=a.lora_rank,
+        lora_blocks=a.lora_blocks,
         lam=lam,
         logit_scale=scale,
         batch_size=a.batch_size,

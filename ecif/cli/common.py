@@ -114,6 +114,8 @@ def warmup_epochs_arg(text: str) -> int | None:
 # the flags of `ecif score` that set AuditArgs fields (the rest keep AuditArgs's defaults)
 AUDIT_FLAGS = (
     "params",
+    "lora_rank",
+    "lora_blocks",
     "batch_size",
     "lam",
     "logit_scale",
@@ -134,6 +136,8 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("audit options")
     add_field(g, AuditArgs, "params")
+    add_field(g, AuditArgs, "lora_rank", type=int)
+    add_field(g, AuditArgs, "lora_blocks", type=int)
     add_field(g, AuditArgs, "batch_size", type=int)
     add_field(g, AuditArgs, "lam", type=auto_or_positive("lam"), metavar="auto|LAM")
     add_field(

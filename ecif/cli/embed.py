@@ -61,12 +61,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-features",
         default=None,
-        choices=["projection"],
+        choices=["projection", "lora"],
         help="also store, per pair, the frozen trunk's output that enters the trainable part "
         "(projection: the pooled image and text features before the model's output "
-        "projections, float16, in features/ with the projections' initial weights), so an "
-        "influence audit through the model's own projections (ecif score --params projection) "
+        "projections; lora: the token states entering block L-k of each tower, k = "
+        "--cache-blocks; float16, in features/ with the trainable part's initial weights), so "
+        "an influence audit through the model itself (ecif score --params projection) "
         "reads them instead of running the model again; the embeddings are unchanged",
+    )
+    p.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=1,
+        help="with --cache-features lora: k, the number of last blocks of each tower the cache "
+        "stops before (the blocks LoRA adapters can go into)",
     )
     common.add_device(p)
     common.add_quiet(p)
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         distributor=args.distributor,
         scheduler=args.scheduler,
         cache_features=args.cache_features,
+        cache_blocks=args.cache_blocks,
     )
     kinds = ", ".join(f"{c} x {k}" for k, c in sorted(res.errors.items()))
     if res.failed and not res.ok and not res.skipped:

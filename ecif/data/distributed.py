@@ -41,6 +41,7 @@ def embed_shard_task(
     batch_size: int,
     chunk_rows: int | None,
     cache_features: str | None = None,
+    cache_blocks: int = 1,
 ) -> tuple[int, int, int, dict[str, int]]:
     """Embed one shard as part ``k`` of ``out`` (with its feature cache when
     ``cache_features``); returns (k, ok, failed, error kinds)."""
@@ -50,7 +51,7 @@ def embed_shard_task(
     # DataLoader workers cannot start inside daemonic Dask workers: decode in the task
     run_parts([(k, shard)], lm, Path(out), batch_size=batch_size, num_workers=0,
               chunk_rows=chunk_rows, on_done=lambda *a: got.append(a),
-              cache_features=cache_features)  # fmt: skip
+              cache_features=cache_features, cache_blocks=cache_blocks)  # fmt: skip
     return got[0]
 
 
@@ -66,13 +67,24 @@ def run_dask(
     progress: bool = False,
     on_done: Callable[[int, int, int, dict[str, int]], None] | None = None,
     cache_features: str | None = None,
+    cache_blocks: int = 1,
 ) -> None:
     """Submit one task per pending shard and report each finished part to ``on_done``;
     ``cache_features`` as in ``run_parts`` (each task writes its part's features)."""
     from tqdm import tqdm
 
     args = [
-        (k, str(sh.path), str(out), load, cols, batch_size, chunk_rows, cache_features)
+        (
+            k,
+            str(sh.path),
+            str(out),
+            load,
+            cols,
+            batch_size,
+            chunk_rows,
+            cache_features,
+            cache_blocks,
+        )
         for k, sh in pending
     ]
     keys = [f"ecif-embed-{k}-{sh.path.name}" for k, sh in pending]

@@ -94,7 +94,8 @@ def _manifest(
 
 
 def _check_cache(meta_p: Path, k: int, had: str | None, wants: str | None) -> None:
-    """A finished part must have been written with the same ``cache_features`` as this run."""
+    """A finished part must have been written with the same ``cache_features`` (and, for
+    ``lora``, ``cache_blocks``: ``had``/``wants`` then read ``lora:k``) as this run."""
     if had == wants:
         return
     flag = "--cache-features"
@@ -104,6 +105,12 @@ def _check_cache(meta_p: Path, k: int, had: str | None, wants: str | None) -> No
         f"{meta_p}: part {k} was written {was} and this run {now}; use another output folder "
         "(or rerun as the folder was written)"
     )
+
+
+def _cache_label(kv: dict) -> str | None:
+    """A part's cache as ``_check_cache`` compares it: None, ``projection`` or ``lora:k``."""
+    kind = kv.get("features") or None
+    return f"{kind}:{kv.get('feature_blocks', '1')}" if kind == "lora" else kind
 
 
 def embed(
@@ -124,6 +131,7 @@ def embed(
     distributor: str = "local",
     scheduler: str | None = None,
     cache_features: str | None = None,
+    cache_blocks: int = 1,
 ) -> EmbedResult:
     """Embed image-text shards into a clip-retrieval folder at ``output``; returns counts.
 
@@ -139,7 +147,10 @@ def embed(
     the pooled features before the model's output projections (``features/``, float16), the
     embeddings being those features through the projections; ``features/trainable_init.pt``
     holds the projections and logit scale (``ecif.data.features``, read by
-    ``load_features``). Parts of an earlier run must have been written the same way.
+    ``load_features``). ``cache_features="lora"``: the token states entering block
+    L-``cache_blocks`` of each tower, and in ``trainable_init.pt`` the last ``cache_blocks``
+    blocks that finish the towers (``ecif.data.lora_features``). Parts of an earlier run must
+    have been written the same way.
     """
     t0 = time.perf_counter()
     if distributor not in ("local", "dask"):
@@ -154,7 +165,7 @@ def embed(
     lm = load_model(model, pretrained, device, random_init=random_init)
     t_model = time.perf_counter() - t_model
     if cache_features:
-        features.check_model(lm)  # before anything is written
+        features.check_model(lm, cache_features, cache_blocks)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     layout.clean_stale_temps(out)
     old = layout.read_manifest(out)
@@ -164,6 +175,7 @@ def embed(
             f", not {layout.model_label(lm.name, lm.pretrained)}; use another output folder"
         )
     res = EmbedResult(out, model_seconds=t_model)
+    wants_kv = {"features": cache_features or "", "feature_blocks": str(cache_blocks)}
     pending: list[tuple[int, Shard]] = []
     done_parts: dict[int, dict] = {}
     for k, sh in enumerate(shards):
@@ -175,7 +187,7 @@ def embed(
                     f"{meta_p}: part {k} was made from {kv.get('source')!r}, not "
                     f"{sh.path.name!r}; the input shards changed, use another output folder"
                 )
-            _check_cache(meta_p, k, kv.get("features") or None, cache_features)
+            _check_cache(meta_p, k, _cache_label(kv), _cache_label(wants_kv))
             res.skipped += sh.n_rows
             res.parts_skipped += 1
             done_parts[k] = {"ok": int(kv.get("ok", 0)), "failed": int(kv.get("failed", 0))}
@@ -184,8 +196,8 @@ def embed(
 
     cache = None
     if cache_features:  # the init first: every part with features finds it
-        features.write_trainable_init(out, lm, cache_features)
-        cache = features.manifest_entry(lm, cache_features)
+        features.write_trainable_init(out, lm, cache_features, cache_blocks)
+        cache = features.manifest_entry(lm, cache_features, cache_blocks)
 
     def record(k: int, ok: int, failed: int, kinds: dict[str, int]) -> None:
         res.ok += ok
@@ -202,6 +214,7 @@ def embed(
         progress=progress,
         on_done=record,
         cache_features=cache_features,
+        cache_blocks=cache_blocks,
     )
     if distributor == "dask":
         cols = dict(id_col=id_col, caption_col=caption_col, image_col=image_col)

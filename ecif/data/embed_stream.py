@@ -86,7 +86,7 @@ def _collate(items):
 
 
 def _encode(
-    lm: LoadedModel, batch: dict, cache_features: str | None = None
+    lm: LoadedModel, batch: dict, cache_features: str | None = None, cache_blocks: int = 1
 ) -> tuple[np.ndarray, ...]:
     """(image, text) unit-norm embeddings of the batch's good rows; with ``cache_features``
     also (image, text) features before the projections, float16, from the same trunk pass."""
@@ -101,7 +101,9 @@ def _encode(
             ctx = contextlib.nullcontext()
         with ctx:
             if cache_features:
-                fu, fv, u, v = features.encode(lm.model, images, tokens)
+                fu, fv, u, v = features.encode(
+                    lm.model, images, tokens, cache_features, cache_blocks
+                )
                 feats = (fu, fv)
             else:
                 u = lm.model.encode_image(images)
@@ -134,17 +136,23 @@ def run_parts(
     progress: bool = False,
     on_done: Callable[[int, int, int, dict[str, int]], None] | None = None,
     cache_features: str | None = None,
+    cache_blocks: int = 1,
 ) -> None:
     """Embed ``(part index, shard)`` pairs into ``out``; ``on_done(k, ok, failed, error_kinds)``
     after each part is published. The streaming core shared by the local and Dask paths.
     ``cache_features="projection"``: each part also gets its features before the output
-    projections (``ecif.data.features``), published before its metadata."""
+    projections (``ecif.data.features``), published before its metadata; ``"lora"``: the
+    token states entering block L-``cache_blocks`` (``ecif.data.lora_features``)."""
     features.check_kind(cache_features)
     dims = (lm.dim_image, lm.dim_text)
-    fdims = features.feature_dims(lm.model) if cache_features else None
+    fdims = (
+        features.feature_dims(lm.model, cache_features, cache_blocks) if cache_features else None
+    )
     base_kv = {"model": lm.name, "pretrained": lm.pretrained or "", "ecif_version": __version__}
     if cache_features:  # (absent without a cache: those parts stay as they were)
         base_kv["features"] = cache_features
+        if cache_features == "lora":
+            base_kv["feature_blocks"] = str(cache_blocks)
 
     writers: dict[int, PartWriter] = {}
 
@@ -180,7 +188,7 @@ def run_parts(
                 img = txt = None
                 feats: tuple[np.ndarray, ...] = ()
                 if batch["images"] is not None:
-                    img, txt, *feats = _encode(lm, batch, cache_features)
+                    img, txt, *feats = _encode(lm, batch, cache_features, cache_blocks)
                 good = np.array([e is None for e in batch["error"]])
                 cum = np.cumsum(good) - 1
                 for s in np.unique(batch["shard"]):

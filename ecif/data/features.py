@@ -9,6 +9,10 @@ the projections (``x @ proj``, or the text ``Linear``'s ``x W^T + b``) and norma
 are what a plain ``encode_image`` / ``encode_text`` gives. Audits through the model's own
 projections (``ecif score --params projection``) read the cache and need no model load.
 
+``--cache-features lora`` (``cache_blocks=k``) stores instead the token states entering block
+L-k of each tower, one flattened row per pair, and in ``trainable_init.pt`` the last k blocks
+that finish the towers (``ecif.data.lora_features``).
+
 On disk, beside the embedding folder's parts (``ecif.data.layout``)::
 
     EMB/features/img_feat_{N}.npy     (rows, d_f_img) float16, rows aligned with part N
@@ -16,7 +20,7 @@ On disk, beside the embedding folder's parts (``ecif.data.layout``)::
     EMB/features/trainable_init.pt    the projections and logit scale the features enter
 
 A part's feature files are published before its metadata file, so a part with metadata has
-its features; ``manifest.json`` records ``features`` (kind, widths). Failed rows hold zeros.
+its features; ``manifest.json`` records ``features`` (kind, widths; ``blocks`` for lora). Failed rows hold zeros.
 ``load_features`` reads the cache with the same rows, order and ids as ``EmbeddingSet.load``.
 """
 
@@ -32,6 +36,15 @@ import pandas as pd
 import torch
 
 from ecif import atomic
+from ecif.data import lora_features
+from ecif.data.clip_split import (  # noqa: F401  (re-exported: ecif.data.features.*)
+    FeatureCacheError,
+    pooled_image,
+    pooled_text,
+    project,
+    projection_tensors,
+    towers,
+)
 from ecif.data.folder_reader import read_arrays
 from ecif.data.layout import (
     FEATURES,
@@ -41,12 +54,8 @@ from ecif.data.layout import (
     read_manifest,
 )
 
-KINDS = ("projection",)
+KINDS = ("projection", "lora")
 NO_CACHE_HINT = "embed with --cache-features projection"
-
-
-class FeatureCacheError(ValueError):
-    """A model whose trainable part ``ecif embed --cache-features`` cannot separate."""
 
 
 def check_kind(kind: str | None) -> str | None:
@@ -56,129 +65,51 @@ def check_kind(kind: str | None) -> str | None:
     return kind
 
 
-# --- the trunk: pooled features before the projections -----------------------------------
-def _towers(model: torch.nn.Module) -> tuple[Any, Any, str]:
-    """(image tower, text owner, text kind): ``"clip"`` (open_clip's CLIP, the text layers on
-    the model itself) or ``"tower"`` (CustomTextCLIP's ``model.text``, a TextTransformer)."""
-    from open_clip.transformer import TextTransformer, VisionTransformer
-
-    visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer) or getattr(visual, "proj", None) is None:
-        raise FeatureCacheError(
-            f"--cache-features projection needs an open_clip ViT image tower with an output "
-            f"projection (visual.proj); this model's is {type(visual).__name__}"
-        )
-    text = getattr(model, "text", None)
-    if isinstance(text, TextTransformer):
-        owner, kind = text, "tower"
-    elif hasattr(model, "token_embedding") and hasattr(model, "ln_final"):
-        owner, kind = model, "clip"
-    else:
-        raise FeatureCacheError(
-            "--cache-features projection needs open_clip's own text transformer; this model's "
-            f"text tower is {type(text).__name__}"
-        )
-    if getattr(owner, "text_projection", None) is None:
-        raise FeatureCacheError(
-            "--cache-features projection needs a text output projection (text_projection); "
-            "this model has none"
-        )
-    return visual, owner, kind
-
-
-def pooled_image(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The image tower's pooled output before ``visual.proj`` (open_clip's forward, less the
-    projection)."""
-    visual, _, _ = _towers(model)
-    x = visual._embeds(images)
-    x = visual.transformer(x)
-    pooled, _ = visual._pool(x)
-    return pooled
-
-
-def pooled_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The text tower's pooled output before ``text_projection`` (``encode_text``, less the
-    projection)."""
-    from open_clip.transformer import text_global_pool
-
-    _, t, kind = _towers(model)
-    if kind == "clip":
-        cast = t.transformer.get_cast_dtype()
-        x = t.token_embedding(tokens).to(cast)
-        x = x + t.positional_embedding.to(cast)
-        x = t.transformer(x, attn_mask=t.attn_mask)
-        x = t.ln_final(x)
-        eos = getattr(t, "text_eos_id", None)
-        return text_global_pool(x, tokens, t.text_pool_type, eos_token_id=eos)
-    x, attn_mask = t._embeds(tokens)
-    x = t.transformer(x, attn_mask=attn_mask)
-    if t.cls_emb is not None:  # CoCa style: the appended class token, normed after pooling
-        return t.ln_final(text_global_pool(x, pool_type="last"))
-    x = t.ln_final(x)
-    eos = getattr(t, "eos_id", None)
-    return text_global_pool(x, tokens, pool_type=t.pool_type, eos_token_id=eos)
-
-
-def project(
-    model: torch.nn.Module, image_features: torch.Tensor, text_features: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embeddings (not normalised) from pooled features, through the model's own
-    projections, as open_clip applies them."""
-    visual, t, _ = _towers(model)
-    proj = t.text_projection
-    u = image_features @ visual.proj
-    v = proj(text_features) if isinstance(proj, torch.nn.Linear) else text_features @ proj
-    return u, v
-
-
+# --- the trunk: see ecif.data.clip_split ---------------------------------------------------
 def encode(
-    model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    kind: str = "projection",
+    blocks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One trunk pass: (image features, text features, image embeddings, text embeddings),
-    the embeddings not normalised (as ``encode_image`` / ``encode_text`` give them)."""
+    the embeddings not normalised (as ``encode_image`` / ``encode_text`` give them);
+    ``kind="lora"``: the features are the token-state rows of ``ecif.data.lora_features``."""
+    if kind == "lora":
+        return lora_features.encode(model, images, tokens, blocks)
     fu, fv = pooled_image(model, images), pooled_text(model, tokens)
     u, v = project(model, fu, fv)
     return fu, fv, u, v
 
 
-def projection_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The projections as right-multiplied matrices (float32 CPU copies): ``image_proj``
-    (d_f_img, d), ``text_proj`` (d_f_txt, d), and ``image_bias`` / ``text_bias`` (d,) when
-    the projection has one (a ``Linear`` text projection: its ``weight.T`` and ``bias``)."""
-    visual, t, _ = _towers(model)
-
-    def cpu(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to("cpu", torch.float32).clone()
-
-    out = {"image_proj": cpu(visual.proj)}
-    proj = t.text_projection
-    if isinstance(proj, torch.nn.Linear):
-        out["text_proj"] = cpu(proj.weight.T)
-        if proj.bias is not None:
-            out["text_bias"] = cpu(proj.bias)
-    else:
-        out["text_proj"] = cpu(proj)
-    return out
-
-
-def feature_dims(model: torch.nn.Module) -> tuple[int, int]:
-    """(d_f_img, d_f_txt): the widths of the cached features."""
+def feature_dims(
+    model: torch.nn.Module, kind: str = "projection", blocks: int = 1
+) -> tuple[int, int]:
+    """(d_f_img, d_f_txt): the widths of the cached feature rows."""
+    if kind == "lora":
+        return lora_features.dims(model, blocks)
     t = projection_tensors(model)
     return int(t["image_proj"].shape[0]), int(t["text_proj"].shape[0])
 
 
-def check_model(lm: Any) -> None:
+def check_model(lm: Any, kind: str = "projection", blocks: int = 1) -> None:
     """Refuse a model whose towers ecif cannot split (``FeatureCacheError``), and check on one
     dummy pair that features through the projections give ``encode_image`` /
-    ``encode_text`` (a changed open_clip forward would fail here, not in an audit)."""
+    ``encode_text`` (a changed open_clip forward would fail here, not in an audit); for
+    ``kind="lora"``, that the cached rows through the last ``blocks`` blocks do."""
     model = lm.model
-    _towers(model)
+    towers(model)
+    if kind == "lora":
+        lora_features.check(model, blocks)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, lm.image_size, lm.image_size, generator=gen).to(lm.device)
     tokens = lm.tokenizer(["a photo of a thing"]).to(lm.device)
     with torch.inference_mode():
-        _, _, u, v = encode(model, image, tokens)
+        fu, fv, u, v = encode(model, image, tokens, kind, blocks)
         ref_u, ref_v = model.encode_image(image), model.encode_text(tokens)
+        if kind == "lora":
+            u, v = lora_features.finish(model, fu, fv, blocks)
     for name, got, ref in (("image", u, ref_u), ("text", v, ref_v)):
         if not torch.allclose(
             got.float(), ref.float(), rtol=1e-3, atol=1e-4 * float(ref.abs().max())
@@ -189,36 +120,43 @@ def check_model(lm: Any) -> None:
             )
 
 
-def trainable_init(lm: Any, kind: str = "projection") -> dict[str, Any]:
+def trainable_init(lm: Any, kind: str = "projection", blocks: int = 1) -> dict[str, Any]:
     """What ``features/trainable_init.pt`` holds: the trainable part at the pretrained
-    weights, so an audit of the cache needs no model load."""
+    weights, so an audit of the cache needs no model load (for ``"lora"`` also the last
+    ``blocks`` blocks, the final norms and a ``config``: ``lora_features.lora_init``)."""
     scale = getattr(lm.model, "logit_scale", None)
     log_scale = float(scale.detach().reshape(-1)[0]) if isinstance(scale, torch.Tensor) else None
-    return {
+    out = {
         "kind": kind,
         "tensors": projection_tensors(lm.model),
         "log_scale": log_scale,
         "model": lm.name,
         "pretrained": lm.pretrained,
     }
+    if kind == "lora":
+        out["tensors"], out["config"] = lora_features.lora_init(lm.model, blocks)
+    return out
 
 
-def write_trainable_init(folder: str | os.PathLike, lm: Any, kind: str = "projection") -> Path:
+def write_trainable_init(
+    folder: str | os.PathLike, lm: Any, kind: str = "projection", blocks: int = 1
+) -> Path:
     """Write ``features/trainable_init.pt`` atomically; returns its path."""
     path = Path(folder) / FEATURES / TRAINABLE_INIT
     with atomic.atomic_path(path) as tmp:
-        torch.save(trainable_init(lm, kind), tmp)
+        torch.save(trainable_init(lm, kind, blocks), tmp)
     return path
 
 
-def manifest_entry(lm: Any, kind: str = "projection") -> dict[str, Any]:
-    """The manifest's ``features`` entry."""
-    d_img, d_txt = feature_dims(lm.model)
+def manifest_entry(lm: Any, kind: str = "projection", blocks: int = 1) -> dict[str, Any]:
+    """The manifest's ``features`` entry (``"lora"``: also ``blocks``, the k of L-k)."""
+    d_img, d_txt = feature_dims(lm.model, kind, blocks)
     return {
         "kind": kind,
         "dims": {"image": d_img, "text": d_txt},
         "dtype": "float16",
         "init": f"{FEATURES}/{TRAINABLE_INIT}",
+        **({"blocks": int(blocks)} if kind == "lora" else {}),
     }
 
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import func
 
 from ecif.engine.contrastive import removal_directional
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective, feature_chunks
 from ecif.engine.encoder_precondition import KroneckerPreconditioner
+from ecif.grad.autodiff import jvp
 from ecif.grad.solvers import conjugate_gradient
 
 
@@ -29,8 +29,8 @@ def logit_tangents(model: EncoderModel, ch, w: torch.Tensor):
     if closed is not None:
         (x, y, log_t), (dx, dy, dlog_t) = closed(model.theta, w, ch.image, ch.text)
     else:
-        (x, y, log_t), (dx, dy, dlog_t) = func.jvp(
-            lambda th: model.part.embed(th, ch.image, ch.text), (model.theta,), (w,)
+        (x, y, log_t), (dx, dy, dlog_t) = jvp(
+            lambda th: model.part.embed(th, ch.image, ch.text), model.theta, w
         )
     t = log_t.exp()
     s = t * x @ y.transpose(-1, -2)
@@ -52,7 +52,15 @@ def score_pass(
     n = model.partition.n
     d_pos, d_neg = np.full(n, np.nan), np.full(n, np.nan)
     w = w.to(dtype=model.dtype, device=model.device)
-    for ch in feature_chunks(image, text, model.partition, dtype=model.dtype, device=model.device):
+    chunks = feature_chunks(
+        image,
+        text,
+        model.partition,
+        dtype=model.dtype,
+        device=model.device,
+        rows_per_chunk=model.chunk_rows,
+    )
+    for ch in chunks:
         with torch.no_grad():
             s, ds = logit_tangents(model, ch, w)
             d = removal_directional(s, ds, ch.mask, neg)

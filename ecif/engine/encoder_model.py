@@ -57,6 +57,11 @@ class EncoderModel:
         return self.partition.seed
 
     @property
+    def chunk_rows(self) -> int:
+        """Rows a pass holds at a time: the part's ``chunk_rows`` (token states are wide)."""
+        return int(getattr(self.part, "chunk_rows", MODEL_CHUNK_ROWS))
+
+    @property
     def num_params(self) -> int:
         return int(self.theta.numel())
 
@@ -157,7 +162,14 @@ class EncoderObjective:
 
     def chunks(self) -> Iterator[FeatureChunk]:
         m = self.model
-        return feature_chunks(self.image, self.text, m.partition, dtype=m.dtype, device=m.device)
+        return feature_chunks(
+            self.image,
+            self.text,
+            m.partition,
+            dtype=m.dtype,
+            device=m.device,
+            rows_per_chunk=m.chunk_rows,
+        )
 
     def pull(self, theta: torch.Tensor) -> torch.Tensor:
         return theta - self.model.theta0
@@ -231,7 +243,9 @@ def loss_gradient(model: EncoderModel, image, text) -> torch.Tensor:
     part = make_partition(len(image), model.batch_size, model.seed)
     grad = torch.zeros_like(model.theta)
     count = 0
-    for ch in feature_chunks(image, text, part, dtype=model.dtype, device=model.device):
+    for ch in feature_chunks(
+        image, text, part, dtype=model.dtype, device=model.device, rows_per_chunk=model.chunk_rows
+    ):
         grad += func.grad(lambda th, ch=ch: chunk_loss(model.part, th, ch))(model.theta)
         count += int(ch.mask.sum())
     return grad / count
@@ -242,7 +256,14 @@ def mean_loss(model: EncoderModel, image, text) -> float:
     part = make_partition(len(image), model.batch_size, model.seed)
     total, count = 0.0, 0
     with torch.no_grad():
-        for ch in feature_chunks(image, text, part, dtype=model.dtype, device=model.device):
+        for ch in feature_chunks(
+            image,
+            text,
+            part,
+            dtype=model.dtype,
+            device=model.device,
+            rows_per_chunk=model.chunk_rows,
+        ):
             total += float(chunk_loss(model.part, model.theta, ch))
             count += int(ch.mask.sum())
     return total / count

@@ -29,11 +29,12 @@ from ecif.engine.encoder_model import (
     loss_gradient,
     new_model,
 )
-from ecif.engine.encoder_part import ProjectionPart
+from ecif.engine.encoder_part import ProjectionPart, TrainablePart
 from ecif.engine.fit import FitArgs
+from ecif.engine.lora_part import LoraPart
 from ecif.options import borrow, option
 
-PARAMS = ("head", "projection")
+PARAMS = ("head", "projection", "lora")
 # the pull towards the pretrained projections. At 1e-2 (the head's) the tiny CLIP's fit on
 # digits drove a caption's projected feature to norm 1e-5, where normalisation is singular,
 # and never converged; at 0.1 it converged in 49 passes (benchmarks/README.md, model modes)
@@ -47,8 +48,13 @@ class ModelArgs:
 
     params: str = option(
         "projection",
-        help="trainable part: projection (both output projections)",
-        choices=("projection",),
+        help="trainable part: projection (both output projections) or lora (rank-r adapters "
+        "in the last blocks of both towers, plus the projections; a lora feature cache)",
+        choices=("projection", "lora"),
+    )
+    lora_rank: int = option(4, help="lora: the adapters' rank r")
+    lora_blocks: int | None = option(
+        None, help="lora: adapters in this many last blocks (None: all the cache's k)"
     )
     lam: float = option(MODEL_LAM, help="L2 pull towards the pretrained weights")
     logit_scale: float | None = option(
@@ -70,17 +76,30 @@ class ModelArgs:
     damping: float = option(0.0, help="added to the pull in the solve (H + lam + damping)")
 
 
-def make_part(init: dict, args: ModelArgs, features=None) -> ProjectionPart:
+def make_part(init: dict, args: ModelArgs, features=None) -> TrainablePart:
     """The trainable part from a feature cache's ``init`` record (pretrained tensors); with
     ``features`` (the training set's), the normalisation floors: ``FLOOR_FRACTION`` of each
     tower's median pretrained projected norm."""
     kind = init.get("kind", "projection")
-    if args.params != "projection" or kind != "projection":
+    if args.params not in ("projection", "lora") or kind != args.params:
         raise ValueError(
-            f"params={args.params!r} with a {kind!r} feature cache: only 'projection' is built"
+            f"params={args.params!r} with a {kind!r} feature cache: embed with "
+            f"--cache-features {args.params}"
         )
     t = {k: torch.as_tensor(v).double() for k, v in init["tensors"].items()}
     log_scale = np.log(args.logit_scale) if args.logit_scale else float(init["log_scale"])
+    if kind == "lora":
+        part = LoraPart(
+            t,
+            init["config"],
+            log_scale,
+            rank=args.lora_rank,
+            blocks=args.lora_blocks,
+            learn_scale=args.learn_scale,
+        )
+        if features is not None:
+            part.floors = lora_floors(part, features)
+        return part
     return ProjectionPart(
         t["image_proj"],
         t["text_proj"],
@@ -89,6 +108,20 @@ def make_part(init: dict, args: ModelArgs, features=None) -> ProjectionPart:
         text_bias=t.get("text_bias"),
         learn_scale=args.learn_scale,
         floors=(0.0, 0.0) if features is None else floors_of(t, features),
+    )
+
+
+def lora_floors(part: LoraPart, features, rows: int = 512) -> tuple[float, float]:
+    """``floors_of`` for the lora part: its projected embeddings at theta_0 (the model's own,
+    before normalisation) on up to ``rows`` rows."""
+    dtype = torch.float64
+    fi = torch.tensor(np.asarray(features.image[:rows]), dtype=dtype)
+    ft = torch.tensor(np.asarray(features.text[:rows]), dtype=dtype)
+    with torch.no_grad():
+        u, v = part.project(part.initial(), fi, ft)
+    return (
+        FLOOR_FRACTION * float(u.norm(dim=-1).median()),
+        FLOOR_FRACTION * float(v.norm(dim=-1).median()),
     )
 
 
@@ -184,7 +217,12 @@ def model_pair_losses(model: EncoderModel, data: Any) -> np.ndarray:
     """Each pair's symmetric InfoNCE inside its batch of the model's partition (NaN if removed)."""
     out = np.full(model.partition.n, np.nan)
     chunks = feature_chunks(
-        data.image, data.text, model.partition, dtype=model.dtype, device=model.device
+        data.image,
+        data.text,
+        model.partition,
+        dtype=model.dtype,
+        device=model.device,
+        rows_per_chunk=model.chunk_rows,
     )
     with torch.no_grad():
         for ch in chunks:
