@@ -176,29 +176,30 @@ def run(args) -> dict:
 
 
 def merge(outs: list[dict]) -> dict:
-    """One run from several runs of other arms: per seed, the union of their arms, over the
-    seeds that every run has (a stopped run keeps its finished seeds).
+    """One run from several runs of other arms or other seeds: per seed, the union of the arms
+    of the runs that have it, over the seeds that end up with every arm (a stopped run keeps
+    its finished seeds; a run of seeds 4-9 completes one of seeds 0-3).
 
     The runs must share the teacher and, seed by seed, the warm start (same digests), which
     holds for runs of the same settings, since an arm's figures do not depend on the arms
     run beside it. An arm found in two runs must have identical figures there.
     """
-    common = set.intersection(*({r["seed"] for r in o["seeds"]} for o in outs))
-    if not common:
-        raise ValueError("the runs have no seed in common")
-    base = copy.deepcopy(outs[0])
-    base["seeds"] = [r for r in base["seeds"] if r["seed"] in common]
-    for other in outs[1:]:
+    base = {**copy.deepcopy(outs[0]), "seeds": []}
+    rows: dict[int, dict] = {}
+    for other in outs:
         if other["teacher"] != base["teacher"]:
             raise ValueError("runs with different teachers cannot be merged")
-        rows = {r["seed"]: r for r in other["seeds"]}
-        for row in base["seeds"]:
-            extra = rows[row["seed"]]
+        for extra in other["seeds"]:
+            row = rows.setdefault(extra["seed"], {**copy.deepcopy(extra), "arms": {}})
             if extra["init"] != row["init"]:
                 raise ValueError(f"seed {row['seed']}: the warm starts differ")
             for arm, fig in extra["arms"].items():
                 if row["arms"].setdefault(arm, fig) != fig:
                     raise ValueError(f"seed {row['seed']}: arm {arm} differs between runs")
+    arms = set().union(*(r["arms"] for r in rows.values()))
+    base["seeds"] = [rows[k] for k in sorted(rows) if set(rows[k]["arms"]) == arms]
+    if not base["seeds"]:
+        raise ValueError("no seed has every arm of the runs")
     return base
 
 

@@ -94,7 +94,10 @@ def test_runs_of_other_arms_merge_into_one(tmp_path):
     b["seeds"][1]["arms"]["own_step"]["acc"] += 0.25
     with pytest.raises(ValueError, match="arm own_step differs"):
         B.merge([a, b])
-    with pytest.raises(ValueError, match="no seed in common"):
-        B.merge([a, {**a, "seeds": []}])
+    halves = B.merge([{**both, "seeds": both["seeds"][1:]}, {**both, "seeds": both["seeds"][:1]}])
+    assert halves["seeds"] == both["seeds"]  # runs of other seeds: their union, in seed order
+    plain_only = {**b, "seeds": [{**b["seeds"][1], "arms": {"plain_fkl": {"acc": 0.1}}}]}
+    with pytest.raises(ValueError, match="no seed has every arm"):
+        B.merge([{**a, "seeds": a["seeds"][:1]}, plain_only])
     with pytest.raises(ValueError, match="different teachers"):
         B.merge([a, {**a, "teacher": {**a["teacher"], "acc": 2.0}}])
