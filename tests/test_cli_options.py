@@ -37,6 +37,7 @@ FUNCTION_PARAMS = {
     ("embed", "distributor"): (ecif.embed, "distributor", None),
     ("embed", "scheduler"): (ecif.embed, "scheduler", None),
     ("embed", "cache_features"): (ecif.embed, "cache_features", None),
+    ("embed", "cache_blocks"): (ecif.embed, "cache_blocks", None),
     ("score", "distributor"): (score_shards, "distributor", None),
     ("score", "scheduler"): (score_shards, "scheduler", None),
     ("score", "allow_model_mismatch"): (score_shards, "allow_model_mismatch", None),
