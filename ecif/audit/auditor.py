@@ -388,7 +388,7 @@ def misalign_scores(
             score, record = mix.log_odds(sus), mix.record()
             rate = mixture_noise_rate(score, mix.separation)
             if not rate.reliable:  # an untrusted split: hedge with the equal-weight sum
-                score, record["hedge"] = hedged_score(mix, sus)
+                score, record["hedge"] = hedged_score(mix, sus, score)
             return score, record, rate
     weights = (
         {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in SIGNALS}
