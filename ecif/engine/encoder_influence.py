@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ecif.engine.contrastive import removal_directional
-from ecif.engine.encoder_model import EncoderModel, EncoderObjective, feature_chunks
+from ecif.engine.encoder_model import EncoderModel, EncoderObjective
 from ecif.engine.encoder_precondition import KroneckerPreconditioner
 from ecif.grad.autodiff import jvp
 from ecif.grad.solvers import conjugate_gradient
@@ -52,15 +52,7 @@ def score_pass(
     n = model.partition.n
     d_pos, d_neg = np.full(n, np.nan), np.full(n, np.nan)
     w = w.to(dtype=model.dtype, device=model.device)
-    chunks = feature_chunks(
-        image,
-        text,
-        model.partition,
-        dtype=model.dtype,
-        device=model.device,
-        rows_per_chunk=model.chunk_rows,
-    )
-    for ch in chunks:
+    for ch in model.chunks(image, text):
         with torch.no_grad():
             s, ds = logit_tangents(model, ch, w)
             d = removal_directional(s, ds, ch.mask, neg)

@@ -65,6 +65,18 @@ class EncoderModel:
     def num_params(self) -> int:
         return int(self.theta.numel())
 
+    def chunks(self, image, text, partition: Partition | None = None) -> Iterator[FeatureChunk]:
+        """The rows' chunks in the model's dtype, device and chunk size, batched by
+        ``partition`` (the model's own unless given)."""
+        return feature_chunks(
+            image,
+            text,
+            self.partition if partition is None else partition,
+            dtype=self.dtype,
+            device=self.device,
+            rows_per_chunk=self.chunk_rows,
+        )
+
     @property
     def logit_scale(self) -> float:
         """The temperature t at theta (fixed, or fitted with ``learn_scale``)."""
@@ -161,15 +173,7 @@ class EncoderObjective:
             raise ValueError(f"curvature must be one of {CURVATURES}; got {self.curvature!r}")
 
     def chunks(self) -> Iterator[FeatureChunk]:
-        m = self.model
-        return feature_chunks(
-            self.image,
-            self.text,
-            m.partition,
-            dtype=m.dtype,
-            device=m.device,
-            rows_per_chunk=m.chunk_rows,
-        )
+        return self.model.chunks(self.image, self.text)
 
     def pull(self, theta: torch.Tensor) -> torch.Tensor:
         return theta - self.model.theta0
@@ -243,9 +247,7 @@ def loss_gradient(model: EncoderModel, image, text) -> torch.Tensor:
     part = make_partition(len(image), model.batch_size, model.seed)
     grad = torch.zeros_like(model.theta)
     count = 0
-    for ch in feature_chunks(
-        image, text, part, dtype=model.dtype, device=model.device, rows_per_chunk=model.chunk_rows
-    ):
+    for ch in model.chunks(image, text, part):
         grad += func.grad(lambda th, ch=ch: chunk_loss(model.part, th, ch))(model.theta)
         count += int(ch.mask.sum())
     return grad / count
@@ -256,14 +258,7 @@ def mean_loss(model: EncoderModel, image, text) -> float:
     part = make_partition(len(image), model.batch_size, model.seed)
     total, count = 0.0, 0
     with torch.no_grad():
-        for ch in feature_chunks(
-            image,
-            text,
-            part,
-            dtype=model.dtype,
-            device=model.device,
-            rows_per_chunk=model.chunk_rows,
-        ):
+        for ch in model.chunks(image, text, part):
             total += float(chunk_loss(model.part, model.theta, ch))
             count += int(ch.mask.sum())
     return total / count

@@ -25,7 +25,6 @@ from ecif.engine.encoder_model import (
     CURVATURES,
     EncoderModel,
     batch_logits,
-    feature_chunks,
     loss_gradient,
     new_model,
 )
@@ -216,16 +215,8 @@ def score_model(
 def model_pair_losses(model: EncoderModel, data: Any) -> np.ndarray:
     """Each pair's symmetric InfoNCE inside its batch of the model's partition (NaN if removed)."""
     out = np.full(model.partition.n, np.nan)
-    chunks = feature_chunks(
-        data.image,
-        data.text,
-        model.partition,
-        dtype=model.dtype,
-        device=model.device,
-        rows_per_chunk=model.chunk_rows,
-    )
     with torch.no_grad():
-        for ch in chunks:
+        for ch in model.chunks(data.image, data.text):
             losses = pair_losses(batch_stats(batch_logits(model.part, model.theta, ch), ch.mask))
             m = ch.mask.cpu().numpy()
             out[ch.rows[m]] = losses.cpu().numpy()[m]
