@@ -3,6 +3,8 @@
     python benchmarks/bench_curation.py                  # digits, 5 paired seeds, both regimes
     python benchmarks/bench_curation.py --dataset shapes --out curation_shapes.md
     python benchmarks/bench_curation.py --quick          # smoke run (minutes): not a result
+    python benchmarks/bench_curation.py --seed-start 3 --seeds 2 --csv b.csv   # seeds 3, 4
+    python benchmarks/bench_curation.py --report a.csv b.csv   # one report from split runs
 
 For every seed: a noisy training set (``noise_kind="mixed"``: random shuffles, confusable
 swaps, one-attribute edits) of digits (scikit-learn scans, a domain the tiny CLIP never saw)
@@ -190,7 +192,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--noise", type=float, default=0.3, help="true noise rate of the training set")
     ap.add_argument("--n-val", type=int, default=300, help="clean validation pairs (for ecif)")
     ap.add_argument("--n-test", type=int, default=1000, help="clean held-out test pairs")
-    ap.add_argument("--seeds", type=int, default=5, help="paired seeds 0..S-1")
+    ap.add_argument("--seeds", type=int, default=5, help="how many paired seeds")
+    ap.add_argument(
+        "--seed-start",
+        type=int,
+        default=0,
+        help="first seed (seeds are seed-start .. seed-start+seeds-1), to split a run over "
+        "processes or machines; join the CSVs with --report",
+    )
     ap.add_argument("--regimes", nargs="+", default=["finetune", "scratch"])
     ap.add_argument("--steps", type=int, default=1500, help="training steps per kept set")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -208,13 +217,40 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--model", default="ecif-tiny", help="pretrained base: ecif-tiny or a folder")
     ap.add_argument("--out", help="write the markdown report here too")
-    ap.add_argument("--csv", help="write the raw per-run rows here")
+    ap.add_argument(
+        "--csv",
+        help="write the raw per-run rows here (after every seed, so a killed run keeps its "
+        "finished seeds); the detection APs go beside it, to NAME.detect.csv",
+    )
+    ap.add_argument(
+        "--report",
+        nargs="+",
+        metavar="CSV",
+        help="no training: join the CSVs of earlier runs (and their .detect.csv) into one "
+        "report, with this run's --primary/--out/--figure",
+    )
     ap.add_argument("--figure", help="write an SVG figure here")
     ap.add_argument("--quick", action="store_true", help="smoke run: small n, few steps, 2 seeds")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.n_val, args.n_test, args.seeds, args.steps = 400, 100, 200, 2, 30
     return args
+
+
+def detect_path(csv: str | Path) -> Path:
+    """Where the detection APs of the run whose rows are in ``csv`` are kept."""
+    csv = Path(csv)
+    return csv.with_name(csv.stem + ".detect.csv")
+
+
+def joined(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows and detection APs of split runs; a seed run twice is an error, not a mean."""
+    runs = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    det = pd.concat([pd.read_csv(detect_path(p)) for p in paths], ignore_index=True)
+    twice = runs.duplicated(["seed", "regime", "filter", "budget"])
+    if twice.any():
+        raise SystemExit(f"seed(s) {sorted(set(runs.loc[twice, 'seed']))} appear in two CSVs")
+    return runs.sort_values("seed", kind="stable"), det.sort_values("seed", kind="stable")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -225,18 +261,25 @@ def main(argv: list[str] | None = None) -> str:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    rows, det = [], []
-    for seed in range(args.seeds):
-        r, d = one_seed(args, seed, args.model, log)
-        rows += r
-        det += d
-    runs = pd.DataFrame(rows)
-    text = report(runs, pd.DataFrame(det), vars(args), time.perf_counter() - t0)
+    if args.report:
+        runs, det = joined(args.report)
+        args.seeds = runs["seed"].nunique()
+        seconds = float(runs["train_s"].sum())
+    else:
+        rows, det_rows = [], []
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
+            r, d = one_seed(args, seed, args.model, log)
+            rows += r
+            det_rows += d
+            if args.csv:  # every finished seed is kept, whatever happens to the next one
+                pd.DataFrame(rows).to_csv(args.csv, index=False)
+                pd.DataFrame(det_rows).to_csv(detect_path(args.csv), index=False)
+        runs, det = pd.DataFrame(rows), pd.DataFrame(det_rows)
+        seconds = time.perf_counter() - t0
+    text = report(runs, det, vars(args), seconds)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    if args.csv:
-        runs.to_csv(args.csv, index=False)
     if args.figure:
         Path(args.figure).write_text(svg_figure(runs, args.primary))
     return text

@@ -104,7 +104,12 @@ def report(runs: pd.DataFrame, det: pd.DataFrame, params: dict, seconds: float) 
     keys = ("dataset", "n", "noise", "n_val", "n_test", "seeds", "steps", "batch_size", "lr")
     keys += ("model", "primary")
     lines.append("Settings: " + ", ".join(f"{k}={params.get(k)}" for k in keys))
-    lines.append(f"Wall time: {seconds:.0f} s ({len(runs)} trainings).")
+    if params.get("report"):
+        lines.append(
+            f"Training time: {seconds:.0f} s summed over {len(runs)} trainings (joined runs)."
+        )
+    else:
+        lines.append(f"Wall time: {seconds:.0f} s ({len(runs)} trainings).")
     lines += ["", "### Detection: average precision against the planted noise", ""]
     g = det.groupby("filter", sort=False)["ap"]
     lines.append(markdown(pd.DataFrame({"filter": g.mean().index, "AP": [

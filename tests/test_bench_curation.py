@@ -58,3 +58,36 @@ def test_report_arithmetic():
     assert "Goal (best and >= 50%): met" in verdict(raw)[0]
     _, raw_r5 = regime_table(pd.DataFrame(rows).assign(**{"i2t_r@5": 0.5}), "i2t_r@5")
     assert raw_r5["closed"].isna().all()  # no gap: the oracle equals no filtering
+
+
+def test_split_seeds_join_to_the_same_report(tmp_path, tiny_clip_dir):
+    """Seeds 0 and 1 run in two processes and joined by --report give the one-run report."""
+    common = [
+        "--dataset", "shapes", "--n", "40", "--noise", "0.25", "--n-val", "20", "--n-test", "20",
+        "--steps", "2", "--batch-size", "16", "--model", str(tiny_clip_dir),
+        "--regimes", "finetune",
+    ]  # fmt: skip
+    whole = bench_curation.main([*common, "--seeds", "2", "--csv", str(tmp_path / "w.csv")])
+    for start in (0, 1):
+        bench_curation.main(
+            [
+                *common,
+                "--seeds",
+                "1",
+                "--seed-start",
+                str(start),
+                "--csv",
+                str(tmp_path / f"{start}.csv"),
+            ]
+        )
+    assert set(pd.read_csv(tmp_path / "1.csv")["seed"]) == {1}
+    assert set(pd.read_csv(tmp_path / "1.detect.csv")["seed"]) == {1}
+    parts = [str(tmp_path / "0.csv"), str(tmp_path / "1.csv")]
+    joined = bench_curation.main([*common, "--report", *parts])
+
+    def body(text):  # everything but the timing line
+        return [ln for ln in text.splitlines() if not ln.startswith(("Wall time", "Training time"))]
+
+    assert body(joined) == body(whole)
+    with pytest.raises(SystemExit, match="two CSVs"):
+        bench_curation.main([*common, "--report", parts[0], str(tmp_path / "w.csv")])
