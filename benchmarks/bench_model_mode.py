@@ -1,8 +1,9 @@
-"""The "projection" model mode against the head mode and the CLIP score: fidelity to real
-retraining, detection on a domain the pretrained model does not know, and cost.
+"""A model mode ("projection" or "lora") against the head mode and the CLIP score: fidelity to
+real retraining, detection on a domain the pretrained model does not know, and cost.
 
-    python benchmarks/bench_model_mode.py                 # digits, 3 seeds, n=600
+    python benchmarks/bench_model_mode.py                 # projection, digits, 3 seeds, n=600
     python benchmarks/bench_model_mode.py --seeds 1 --n 400
+    python benchmarks/bench_model_mode.py --params lora --lora-blocks 1 --lora-rank 4
 
 Per seed: scikit-learn digits rendered as images with captions, 20% mixed noise (shuffles,
 confusable swaps, one-attribute edits), written as parquet shards and embedded by the tiny
@@ -13,7 +14,9 @@ calibrates the pretrained similarity on the validation pairs (as the head's "aut
 without its factor 1/2), the solve on the exact Hessian (the default) and, for detection, on
 the Gauss-Newton matrix. Fidelity: float64 refits without single pairs (warm-started, same
 batches) and without random 5% subsets: Spearman and LDS. Cost: the scoring pass against a
-plain forward pass of the part over the same chunks.
+plain forward pass of the part over the same chunks. With ``--params lora`` the cache holds the
+token states entering the last ``--lora-blocks`` blocks and the part adds rank
+``--lora-rank`` adapters there; ``--damping`` is added to the pull in the solve.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -40,18 +45,22 @@ from ecif.engine.encoder_model import feature_chunks, mean_loss
 from ecif.engine.model_mode import ModelArgs, fit_model, make_part, score_model
 
 
-def embedded(folder: Path, n: int, seed: int, noise: float):
+def embedded(folder: Path, n: int, seed: int, noise: float, kind: str, blocks: int):
     ecif.datasets.digits(n, seed=seed, noise=noise, noise_kind="mixed").to_parquet(folder / "s")
     ecif.embed(
-        folder / "s", folder / "e", model=f"local-dir:{tiny_clip()}", cache_features="projection"
+        folder / "s",
+        folder / "e",
+        model=f"local-dir:{tiny_clip()}",
+        cache_features=kind,
+        cache_blocks=blocks,
     )
     feats = load_features(folder / "e", dtype=np.float64)
     labels = pd.read_parquet(folder / "s").set_index("key")
     return feats, ecif.EmbeddingSet.load(folder / "e"), labels
 
 
-def calibrated(val, init) -> float:
-    part = make_part(init, ModelArgs())
+def calibrated(val, init, base: ModelArgs) -> float:
+    part = make_part(init, base)
     with torch.no_grad():
         x, y, _ = part.embed(part.initial(), torch.as_tensor(val.image), torch.as_tensor(val.text))
     return calibrated_scale(x.numpy(), y.numpy(), batch_size=64)
@@ -60,7 +69,7 @@ def calibrated(val, init) -> float:
 def fidelity(train, val, args: ModelArgs, seed: int, singles: int, groups: int) -> dict:
     args = ModelArgs(**{**args.__dict__, "dtype": "float64", "tol": 1e-9})
     model = fit_model(train, train.init, args)
-    pred = score_model(model, train, val)["influence"].to_numpy()
+    pred = score_model(model, train, val, damping=args.damping)["influence"].to_numpy()
     base = mean_loss(model, val.image, val.text)
     rng = np.random.default_rng(seed)
     n = len(train.image)
@@ -94,12 +103,14 @@ def cost(train, model, reps: int = 3) -> dict:
     return {"score/forward": scoring / forward}
 
 
-def run_seed(seed: int, n: int, singles: int, groups: int) -> dict:
+def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> dict:
     out: dict = {}
+    blocks = base.lora_blocks or 1
+    tag = "proj" if base.params == "projection" else "lora"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train, train_set, labels = embedded(tmp / "train", n, seed, 0.2)
-        val, val_set, _ = embedded(tmp / "val", 300, seed + 1000, 0.0)
+        train, train_set, labels = embedded(tmp / "train", n, seed, 0.2, base.params, blocks)
+        val, val_set, _ = embedded(tmp / "val", 300, seed + 1000, 0.0, base.params, blocks)
         y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
 
         def det(name, suspicion):
@@ -112,28 +123,32 @@ def run_seed(seed: int, n: int, singles: int, groups: int) -> dict:
         det("clip_score", -table["clip_score"].to_numpy())
         det("head influence", -table["influence"].to_numpy())
         det("head misalign_score", table["misalign_score"].to_numpy())
-        scales = {"model scale": None, "calibrated scale": calibrated(val, train.init)}
+        scales = {"model scale": None, "calibrated scale": calibrated(val, train.init, base)}
         for label, scale in scales.items():
-            args = ModelArgs(batch_size=64, seed=seed, logit_scale=scale)
+            args = replace(base, batch_size=64, seed=seed, logit_scale=scale)
             t = time.perf_counter()
             model = fit_model(train, train.init, args)
             fit_s = time.perf_counter() - t
             t = time.perf_counter()
-            scores = score_model(model, train, val)
-            out[f"proj ({label}) fit s"] = fit_s
-            out[f"proj ({label}) solve+score s"] = time.perf_counter() - t
-            out[f"proj ({label}) converged"] = float(model.info["converged"])
-            det(f"proj ({label}) influence", -scores["influence"].to_numpy())
+            scores = score_model(model, train, val, damping=args.damping)
+            out[f"{tag} ({label}) fit s"] = fit_s
+            out[f"{tag} ({label}) fit passes"] = float(model.info["evaluations"])
+            out[f"{tag} ({label}) solve+score s"] = time.perf_counter() - t
+            out[f"{tag} ({label}) CG iterations"] = float(scores.attrs["solver"]["iterations"])
+            out[f"{tag} ({label}) converged"] = float(model.info["converged"])
+            det(f"{tag} ({label}) influence", -scores["influence"].to_numpy())
             if label == "calibrated scale":
-                gn = score_model(model.with_curvature("gauss_newton"), train, val)
-                det(f"proj ({label}, gauss_newton solve) influence", -gn["influence"].to_numpy())
+                gn = score_model(
+                    model.with_curvature("gauss_newton"), train, val, damping=args.damping
+                )
+                det(f"{tag} ({label}, gauss_newton solve) influence", -gn["influence"].to_numpy())
                 out.update(
                     {
-                        f"proj {k}": v
+                        f"{tag} {k}": v
                         for k, v in fidelity(train, val, args, seed, singles, groups).items()
                     }
                 )
-                out.update({f"proj {k}": v for k, v in cost(train, model).items()})
+                out.update({f"{tag} {k}": v for k, v in cost(train, model).items()})
     return out
 
 
@@ -145,15 +160,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--singles", type=int, default=30, help="single-removal refits per seed")
     ap.add_argument("--groups", type=int, default=20, help="5%% subset refits per seed")
+    ap.add_argument("--params", choices=("projection", "lora"), default="projection")
+    ap.add_argument("--lora-rank", type=int, default=4, help="lora: the adapters' rank")
+    ap.add_argument("--lora-blocks", type=int, default=1, help="lora: adapted last blocks")
+    ap.add_argument("--damping", type=float, default=0.0, help="added to the pull in the solve")
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed")
     a = ap.parse_args()
+    base = ModelArgs(
+        params=a.params, lora_rank=a.lora_rank, lora_blocks=a.lora_blocks, damping=a.damping
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     rows = []
-    for seed in range(a.seeds):
-        rows.append(run_seed(seed, a.n, a.singles, a.groups))
+    for seed in range(a.seed_start, a.seed_start + a.seeds):
+        rows.append(run_seed(seed, a.n, a.singles, a.groups, base))
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()), flush=True)
     df = pd.DataFrame(rows)
-    half = 1.96 * df.std(ddof=1) / np.sqrt(len(df)) if len(df) > 1 else df.mean() * np.nan
+    # 95% Student-t intervals over seeds (with 3 seeds, t = 4.30, not the normal 1.96)
+    t = stats.t.ppf(0.975, len(df) - 1) if len(df) > 1 else np.nan
+    half = t * df.std(ddof=1) / np.sqrt(len(df))
     print("\n| quantity | mean | 95% interval |\n|---|---|---|")
     for k in df.columns:
         print(

@@ -19,6 +19,8 @@ import pandas as pd
 
 from ecif.audit.checks import AuditInputError
 from ecif.engine.model_mode import MODEL_LAM, ModelArgs, fit_model, model_pair_losses, score_model
+from ecif.engine.model_probes import DEFAULT_PROBES as PROBES
+from ecif.engine.model_probes import probe_estimate
 
 
 def model_args(auditor: Any) -> ModelArgs:
@@ -49,6 +51,8 @@ def model_signals(auditor: Any, progress: bool) -> pd.DataFrame:
     """id, influence (and its parts) and pair_loss for the training set, in its order."""
     a = auditor.args
     if auditor.val is None:
+        if a.no_val == "self":
+            return model_self_influence(auditor, progress)
         return model_crossfit(auditor, progress)
     train, val = auditor.train_features, auditor.val_features
     if train is None or val is None:
@@ -76,11 +80,6 @@ def model_inputs(args: Any, embeddings: Path, val: Any) -> dict:
     any fit, so a missing cache or validation set fails at once."""
     if args.params == "head":
         return {}
-    if val is None and args.no_val == "self":
-        raise AuditInputError(
-            f"--params {args.params}: self-influence is head-mode only; use --no-val crossfit "
-            "or give a validation set (--val)"
-        )
     from ecif.data.features import load_features
 
     try:
@@ -102,19 +101,48 @@ def feature_rows(feats: Any, rows: np.ndarray) -> SimpleNamespace:
     )
 
 
+def training_features(auditor: Any) -> Any:
+    """The training set's feature cache, or a clear error."""
+    train = auditor.train_features
+    if train is None:
+        a = auditor.args
+        raise ValueError(
+            f"params={a.params!r} needs the training set's feature cache: embed it with "
+            f"--cache-features {a.params}"
+        )
+    return train
+
+
+def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
+    """Without a validation set, ``no_val="self"``: grad R_n^T H^-1 grad R_n through the
+    trainable part, estimated from ``PROBES`` random probes (``ecif.engine.model_probes``)."""
+    a = auditor.args
+    train = training_features(auditor)
+    model = fit_model(train, train.init, model_args(auditor), progress=progress)
+    auditor.heads = [model]
+    est = probe_estimate(model, train, probes=PROBES, neg=a.neg, seed=a.seed)
+    auditor.val_source = (
+        f"self-influence, params={a.params} ({PROBES} random probes; no validation set)"
+    )
+    nan = np.full(len(train.image), np.nan)
+    return pd.DataFrame(
+        {
+            "id": auditor.train.ids,
+            "influence": nan,
+            "influence_pos": nan,
+            "influence_neg": nan,
+            "self_influence": est.self_influence(),
+            "pair_loss": model_pair_losses(model, train),
+        }
+    )
+
+
 def model_crossfit(auditor: Any, progress: bool) -> pd.DataFrame:
     """Without a validation set, as the head mode's cross-fitting: each half of the training
     set is fit on its own and scored against the other half's best-fitting pairs (lowest
     pair loss under that half's model) as a proxy validation set."""
     a = auditor.args
-    if a.no_val == "self":
-        raise ValueError(f"params={a.params!r}: self-influence is built for the head mode only")
-    train = auditor.train_features
-    if train is None:
-        raise ValueError(
-            f"params={a.params!r} needs the training set's feature cache: embed it with "
-            f"--cache-features {a.params}"
-        )
+    train = training_features(auditor)
     if len(train.image) < 8:
         raise ValueError("without a validation set, a model-mode audit needs at least 8 pairs")
     rng = np.random.default_rng(a.seed)

@@ -71,6 +71,10 @@ class KroneckerPreconditioner:
         """(c A + lam)^-1/2 v per block: the whitening for L-BFGS."""
         return self._apply(v, -0.5)
 
+    def sqrt(self, v: torch.Tensor) -> torch.Tensor:
+        """(c A + lam)^1/2 v per block: the inverse of ``inverse_sqrt``."""
+        return self._apply(v, 0.5)
+
 
 def _moments(obj: EncoderObjective, sides: set[str], seed: int) -> dict[str, torch.Tensor]:
     model = obj.model
