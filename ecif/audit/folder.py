@@ -94,11 +94,21 @@ def read_heads(folder: str | os.PathLike) -> list[Head]:
         if (Path(folder) / "model.pt").exists():
             raise AuditFolderError(
                 f"{folder}: an audit in a model mode (model.pt, no head); trace-back, "
-                "verification, cleaning by refits and the breakdown are built for the head mode "
-                "only (rerun `ecif score` without --params for them)"
+                "cleaning by refits and the breakdown are built for the head mode only (rerun "
+                "`ecif score` without --params for them; `ecif verify` works in both)"
             )
         raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
     return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
+
+
+def read_models(folder: str | os.PathLike) -> list:
+    """The fitted trainable parts of a model-mode audit (model.pt)."""
+    from ecif.engine.encoder_model import EncoderModel
+
+    path = Path(folder) / "model.pt"
+    if not path.exists():
+        raise AuditFolderError(f"{folder}: no model.pt (a model-mode audit's fitted part)")
+    return [EncoderModel.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
 
 
 def write_audit_description(
@@ -150,9 +160,8 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
     params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
     if params not in (None, "head"):
         raise AuditFolderError(
-            f"{folder}: an audit in a model mode (params={params!r}); trace-back and "
-            "verification are built for the head mode only (rerun `ecif score` without "
-            "--params for them)"
+            f"{folder}: an audit in a model mode (params={params!r}); trace-back is built "
+            "for the head mode only (rerun `ecif score` without --params for it)"
         )
     for path in (folder, folder / "index"):
         if (path / "head.pt").exists():

@@ -46,10 +46,7 @@ def verify(
         with step("scoring every pair", spinner):
             scores = api.score(head, train, val, neg=neg)
     infl = scores["influence"].to_numpy()
-    rng = np.random.default_rng(seed)
-    worst = np.argsort(infl, kind="stable")[: k // 2]
-    rest = np.setdiff1d(np.arange(n), worst)
-    rows = np.concatenate([worst, rng.choice(rest, k - len(worst), replace=False)])
+    rows = sampled_rows(infl, k, seed)
     base = head.loss(val)
     actual = []
     for i, r in enumerate(rows):
@@ -57,8 +54,61 @@ def verify(
         actual.append(refit.loss(val) - base)
         if progress:
             progress(i + 1)
+    return compared(np.asarray(train.ids), rows, infl, actual)
+
+
+def sampled_rows(influence: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Half the k rows from the most harmful pairs (lowest influence), half at random."""
+    n = len(influence)
+    if k < 3 or k > n:
+        raise ValueError(f"k must be in [3, {n}]; got {k}")
+    worst = np.argsort(influence, kind="stable")[: k // 2]
+    rest = np.setdiff1d(np.arange(n), worst)
+    rng = np.random.default_rng(seed)
+    return np.concatenate([worst, rng.choice(rest, k - len(worst), replace=False)])
+
+
+def compared(ids: np.ndarray, rows: np.ndarray, influence: np.ndarray, actual) -> tuple:
+    """(Spearman, table of id, predicted, actual) for the refit rows."""
     table = pd.DataFrame(
-        {"id": train.ids[rows], "predicted": infl[rows], "actual": np.array(actual)}
+        {"id": ids[rows], "predicted": influence[rows], "actual": np.asarray(actual, float)}
     )
-    rho = float(spearmanr(table["predicted"], table["actual"])[0])
-    return rho, table
+    return float(spearmanr(table["predicted"], table["actual"])[0]), table
+
+
+def verify_model(
+    model,
+    train,
+    val,
+    k: int = 20,
+    seed: int = 0,
+    neg: str = "exact",
+    progress: Callable[[int], None] | None = None,
+    spinner: bool = False,
+) -> tuple[float, pd.DataFrame]:
+    """``verify`` in a model mode (an ``EncoderModel`` fit on ``train``'s feature cache):
+    the trainable part refit in float64 after each of k single removals (warm start, same
+    batches), against the influence on ``val``'s mean loss."""
+    from ecif.engine.encoder_fit import fit_encoder
+    from ecif.engine.encoder_model import mean_loss
+    from ecif.engine.model_mode import score_model
+
+    n = len(train.image)
+    if model.partition.n != n:
+        raise ValueError(f"the model was fit on {model.partition.n} pairs; the features have {n}")
+    if k < 3 or k > n:
+        raise ValueError(f"k must be in [3, {n}]; got {k}")
+    with step("refitting the model in float64", spinner):
+        model = fit_encoder(model.to(torch.float64), train.image, train.text)
+    with step("scoring every pair", spinner):
+        infl = score_model(model, train, val, neg=neg)["influence"].to_numpy(np.float64)
+    rows = sampled_rows(infl, k, seed)
+    base = mean_loss(model, val.image, val.text)
+    actual = []
+    for i, r in enumerate(rows):
+        refit = fit_encoder(model, train.image, train.text, init=model, exclude_positions=[r])
+        actual.append(mean_loss(refit, val.image, val.text) - base)
+        if progress:
+            progress(i + 1)
+    ids = np.asarray(getattr(train, "ids", np.arange(n)))
+    return compared(ids, rows, infl, actual)

@@ -11,7 +11,9 @@ HELP = "refit after k sampled removals and report predicted-vs-actual Spearman"
 DESCRIPTION = """Retrain the head (warm start, same batch partition, float64) after removing each
 of k sampled pairs (half the most harmful, half random) and print the Spearman correlation
 between the predicted and the actual change of validation loss. Close to 1: trust the
-ranking; low: the influence approximation does not hold on this data."""
+ranking; low: the influence approximation does not hold on this data. In a model mode
+(`ecif score --params projection|lora`) the trainable part is refit instead, from the feature
+caches of the training set and of --val."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,22 +27,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ecif.audit.verify import verify
+    from ecif.audit.verify import verify, verify_model
     from ecif.cli.clean import audit_training_set
     from ecif.cli.common import load_val
     from ecif.cli.errors import UsageError
 
-    _, info, train, head = audit_training_set(args.audit)
-    if not 3 <= args.k <= len(train):
-        raise UsageError(
-            f"-k {args.k}: must be between 3 and {len(train)} (the audit's scored pairs)"
-        )
-    val = load_val(args, train, info["embeddings"])
+    if audit_params(args.audit) == "head":
+        _, info, train, fitted = audit_training_set(args.audit)
+        n, check = len(train), verify
+        val = load_val(args, train, info["embeddings"])
+    else:
+        from ecif.data.embedding_set import EmbeddingSet
+
+        train, fitted, info = model_audit(args.audit)
+        n, check = len(train.image), verify_model
+        load_val(args, EmbeddingSet.load(info["embeddings"]), info["embeddings"])  # the checks
+        val = features_of(args.val)
+    if not 3 <= args.k <= n:
+        raise UsageError(f"-k {args.k}: must be between 3 and {n} (the audit's scored pairs)")
     show = show_progress(args)
     bar = tqdm(total=args.k, desc="refits", disable=not show)
     try:
-        rho, table = verify(
-            head,
+        rho, table = check(
+            fitted,
             train,
             val,
             k=args.k,
@@ -55,3 +64,47 @@ def run(args: argparse.Namespace) -> int:
         f"verify: Spearman(predicted, actual) = {rho:.3f} over {len(table)} refits; ok={len(table)} failed=0"
     )
     return 0
+
+
+def audit_params(folder: str) -> str:
+    """The audit's trainable part: "head", "projection" or "lora"."""
+    import json
+    from pathlib import Path
+
+    from ecif.audit.folder import AuditFolderError
+
+    path = Path(folder) / "audit.json"
+    if not path.exists():
+        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
+    return json.loads(path.read_text()).get("options", {}).get("params") or "head"
+
+
+def features_of(folder: str):
+    """A folder's feature cache, or a one-line usage error."""
+    from ecif.cli.errors import UsageError
+    from ecif.data.features import load_features
+
+    try:
+        return load_features(folder)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err).splitlines()[0]) from err
+
+
+def model_audit(folder: str):
+    """(training features, the model fit on all of them, audit.json) of a model-mode audit."""
+    import json
+    from pathlib import Path
+
+    from ecif.audit.folder import AuditFolderError, read_models
+
+    info = json.loads((Path(folder) / "audit.json").read_text())
+    if not info.get("embeddings"):
+        raise AuditFolderError(f"{folder}/audit.json records no training embeddings")
+    train = features_of(info["embeddings"])
+    whole = [m for m in read_models(folder) if m.partition.n == len(train.image)]
+    if not whole:
+        raise AuditFolderError(
+            f"{folder}: the audit fit two cross-fitted halves (no validation set); verify "
+            "needs a model fit on all pairs: rerun `ecif score` with --val"
+        )
+    return train, whole[0], info

@@ -94,12 +94,39 @@ class EncoderModel:
             "theta0": self.theta0.detach().cpu(),
             "lam": self.lam,
             "partition": self.partition.index,
+            "partition_n": self.partition.n,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "n_norm": self.n_norm,
             "curvature": self.curvature,
             "info": dict(self.info),
         }
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> EncoderModel:
+        """The fitted part ``state_dict`` saved (an audit's model.pt holds a list of them)."""
+        from ecif.engine.encoder_part import ProjectionPart
+        from ecif.engine.lora_part import LoraPart
+
+        kinds = {"projection": ProjectionPart, "lora": LoraPart}
+        if sd.get("params") not in kinds:
+            raise ValueError(f"unknown trainable part {sd.get('params')!r} in the saved model")
+        index = np.asarray(sd["partition"])
+        n = int(sd.get("partition_n", (index >= 0).sum()))
+        return cls(
+            part=kinds[sd["params"]].from_state(sd["part"]),
+            theta=sd["theta"],
+            theta0=sd["theta0"],
+            lam=float(sd["lam"]),
+            partition=Partition(index, int(sd["batch_size"]), int(sd["seed"]), n),
+            n_norm=int(sd["n_norm"]),
+            curvature=str(sd.get("curvature", "exact")),
+            info=dict(sd.get("info", {})),
+        )
+
+    def to(self, dtype: torch.dtype) -> EncoderModel:
+        """The same model with theta and theta_0 in ``dtype``."""
+        return replace(self, theta=self.theta.to(dtype), theta0=self.theta0.to(dtype))
 
     def with_curvature(self, curvature: str) -> EncoderModel:
         """The same fitted model with another curvature for its solves."""
