@@ -12,6 +12,7 @@ from ecif.engine.encoder_fit import fit_encoder
 from ecif.engine.encoder_influence import ModelInverse
 from ecif.engine.encoder_model import new_model
 from ecif.engine.model_probes import probe_estimate
+from ecif.engine.model_trace import query_gradient, query_loss, relative_influence
 from ecif.grad import dense_hessian
 from tests.test_engine_encoder import Reference, problem
 
@@ -68,3 +69,52 @@ def test_gaussian_probes_estimate_them(fitted, seed):
     assert np.median(err) < 0.3  # sd about sqrt(2/K) = 0.18
     assert spearmanr(white.self_influence(), truth.self_inf)[0] > 0.9
     assert spearmanr(plain.norms(), truth.norms)[0] > 0.9
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """20 training rows and a query (row 20's image against rows 20-25's captions)."""
+    part, fi, ft = problem(n=26)
+    model = new_model(part, 20, lam=0.05, batch_size=8, seed=3, dtype=torch.float64)
+    model = fit_encoder(model, fi[:20], ft[:20], tol=1e-10)
+    ref = Reference(model, fi, ft)
+    positive = np.array([True, False, False, True, False, False])
+
+    def loss(theta, direction):
+        x, y, t = ref.embed(theta, np.arange(20, 26))
+        s = t * (y @ x[0] if direction == "image->text" else x @ y[0])
+        return -(torch.logsumexp(s[positive], 0) - torch.logsumexp(s, 0))
+
+    h = dense_hessian(ref.objective, model.theta)
+    grads = torch.stack(
+        [torch.func.grad(lambda th, n=n: ref.removal(th, n))(model.theta) for n in range(20)]
+    )
+    d = torch.linalg.solve(h, grads.T).T
+    train = SimpleNamespace(image=fi[:20], text=ft[:20])
+    return model, train, fi, ft, positive, loss, h, d
+
+
+@pytest.mark.parametrize("direction", ["image->text", "text->image"])
+def test_query_gradient_and_relative_influence_equal_dense_autograd(traced, direction):
+    model, train, fi, ft, positive, loss, h, d = traced
+    if direction == "image->text":
+        query, cands = fi[20], ft[20:26]
+    else:
+        query, cands = ft[20], fi[20:26]
+    got_loss = query_loss(model, query, cands, positive, direction=direction)
+    assert float(got_loss) == pytest.approx(float(loss(model.theta, direction)), rel=1e-12)
+    g = query_gradient(model, query, cands, positive, direction=direction)
+    g_ref = torch.func.grad(lambda th: loss(th, direction))(model.theta)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    truth = (d @ g_ref).numpy() / d.norm(dim=1).numpy()  # grad R_n^T H^-1 g / ||H^-1 grad R_n||
+    inv = ModelInverse(model, train.image, train.text)
+    inv.solve = lambda v: torch.linalg.solve(h, v)
+    p = model.num_params
+    exact = relative_influence(
+        model, train, g, probes=np.sqrt(p) * torch.eye(p, dtype=torch.float64), inverse=inv
+    )
+    np.testing.assert_allclose(exact["relative_influence"], truth, rtol=1e-6)
+    np.testing.assert_allclose(exact["influence"], (d @ g_ref).numpy() / 20, rtol=1e-6)
+    # the defaults: CG and 32 Gaussian probes
+    approx = relative_influence(model, train, g)
+    assert spearmanr(approx["relative_influence"], truth)[0] > 0.9

@@ -1,0 +1,98 @@
+"""Trace-back in the model modes: a query's loss and gradient through the trainable part, and
+every training pair's relative influence on it (docs/math.md sections 8 and 12).
+
+A query is one cached feature row of one modality against candidate rows of the other, with
+one or more correct answers: L = -log sum_{c correct} softmax_c(t <x(theta), y_c(theta)>)
+(image -> text; text -> image swaps the towers), as in the head mode's ``TraceQuery``.
+rIS_n = grad R_n^T H^-1 g / ||H^-1 grad R_n||: the numerator is the scoring pass along
+w = H^-1 g, the denominator the random-probe norms (``model_probes``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ecif.engine.encoder_influence import ModelInverse, score_pass
+from ecif.engine.encoder_model import EncoderModel
+from ecif.engine.model_probes import DEFAULT_PROBES, probe_estimate
+
+DIRECTIONS = ("image->text", "text->image")
+
+
+def query_loss(
+    model: EncoderModel,
+    query,
+    candidates,
+    positive,
+    *,
+    direction: str = "image->text",
+    theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L(theta) of one query: ``query`` one feature row (image features for image->text),
+    ``candidates`` (C, F) rows of the other modality, ``positive`` (C,) bool."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+    theta = model.theta if theta is None else theta
+    kw = dict(dtype=model.dtype, device=model.device)
+    q = torch.as_tensor(np.asarray(query), **kw).reshape(1, -1)
+    c = torch.as_tensor(np.asarray(candidates), **kw)
+    pos = torch.as_tensor(np.asarray(positive), dtype=torch.bool, device=model.device)
+    if c.ndim != 2 or len(c) != len(pos):
+        raise ValueError("candidates must be (C, F) with one positive flag per candidate")
+    if not bool(pos.any()):
+        raise ValueError("the query has no correct answer among its candidates")
+    qs = q.expand(len(c), -1)
+    if direction == "image->text":
+        x, y, log_t = model.part.embed(theta, qs, c)
+        s = log_t.exp() * (y @ x[0])
+    else:
+        x, y, log_t = model.part.embed(theta, c, qs)
+        s = log_t.exp() * (x @ y[0])
+    return -(torch.logsumexp(s[pos], 0) - torch.logsumexp(s, 0))
+
+
+def query_gradient(model: EncoderModel, query, candidates, positive, **kw) -> torch.Tensor:
+    """grad_theta L of one query (no pull): the ``query_grad`` of ``relative_influence``."""
+    theta = model.theta.detach().requires_grad_(True)
+    loss = query_loss(model, query, candidates, positive, theta=theta, **kw)
+    (g,) = torch.autograd.grad(loss, theta)
+    return g.detach()
+
+
+def relative_influence(
+    model: EncoderModel,
+    train,
+    query_grad: torch.Tensor,
+    *,
+    norms: np.ndarray | None = None,
+    probes: int | torch.Tensor = DEFAULT_PROBES,
+    inverse: ModelInverse | None = None,
+    neg: str = "exact",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Every training pair's relative influence on the query: columns row, id,
+    relative_influence, influence (g^T d_n / N). Negative: removing the pair would lower the
+    query's loss (it pushed the model towards the mistake). ``norms``: precomputed
+    ||H^-1 grad R_n|| (one per row), else estimated from ``probes``."""
+    inv = inverse or ModelInverse(model, train.image, train.text)
+    w = inv.solve(query_grad)
+    d_pos, d_neg = score_pass(model, train.image, train.text, w, neg=neg)
+    dot = d_pos + d_neg
+    if norms is None:
+        est = probe_estimate(model, train, probes=probes, whiten=False, inverse=inv, seed=seed)
+        norms = est.norms()
+    norms = np.asarray(norms, dtype=np.float64)
+    if len(norms) != len(dot):
+        raise ValueError(f"norms has {len(norms)} entries; the model has {len(dot)} rows")
+    ids = getattr(train, "ids", None)
+    rows = np.arange(len(dot))
+    return pd.DataFrame(
+        {
+            "row": rows,
+            "id": rows if ids is None else np.asarray(ids),
+            "relative_influence": dot / np.maximum(norms, 1e-30),
+            "influence": dot / model.n_norm,
+        }
+    )
