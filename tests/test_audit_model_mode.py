@@ -68,10 +68,6 @@ def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):
         "misalign_score",
         "is_misaligned",
     } <= set(table)
-    val_id = str(ecif.EmbeddingSet.load(folders["val"]).ids[0])
-    trace = ["trace", str(audit), "--query-id", val_id, "--test", str(folders["val"])]
-    assert main(trace) == 2
-    assert "model mode" in capsys.readouterr().err
     # the same numbers from the library, with the options the audit recorded
     train, val = load_features(folders["train"]), load_features(folders["val"])
     scale = info["head_choice"]["calibrated_scale"]
@@ -100,6 +96,51 @@ def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):
     assert (np.sign(predicted.to_numpy()) == np.sign(actual)).mean() >= 0.8, out
     rho = float(out.split("Spearman(predicted, actual) = ")[1].split()[0])
     assert rho >= 0.7, out  # 160 pairs: a harmful pair's removal is far from first order
+
+
+def test_trace_in_projection_mode_names_pairs_whose_removal_moves_the_query(
+    folders, tmp_path, capsys
+):
+    """`ecif trace --query-id` on a projection audit; then real refits: dropping the most
+    responsible pair lowers the query's loss, dropping the most helpful one raises it."""
+    from ecif.engine.encoder_fit import fit_encoder
+    from ecif.engine.model_trace import query_loss
+
+    audit = tmp_path / "audit"
+    argv = ["score", str(folders["train"]), "--val", str(folders["val"]), "-o", str(audit)]
+    assert main([*argv, "--params", "projection", "--batch-size", "32", "--quiet"]) == 0
+    val_set = ecif.EmbeddingSet.load(folders["val"])
+    qid = str(val_set.ids[3])
+    out_csv = tmp_path / "trace.csv"
+    trace = ["trace", str(audit), "--query-id", qid, "--test", str(folders["val"]), "-k", "3"]
+    assert main([*trace, "-o", str(out_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "RESPONSIBLE" in out and f"test pair {qid}" in out
+    table = pd.read_csv(out_csv)
+    assert set(table["list"]) <= {"responsible", "helped"} and len(table) <= 6
+    assert (table.loc[table["list"] == "responsible", "relative_influence"] < 0).all()
+    # the query as the CLI builds it: its image against every validation caption
+    train, val = load_features(folders["train"]), load_features(folders["val"])
+    state = torch.load(audit / "model.pt", weights_only=False)[0]
+    model = EncoderModel.from_state_dict(state).to(torch.float64)
+    model = fit_encoder(model, train.image, train.text)
+    pos = list(np.asarray(val.ids).astype(str)).index(qid)
+    captions = val_set.metadata["caption"].to_numpy()
+    positive = captions == captions[pos]
+
+    def loss(m):
+        with torch.no_grad():
+            return float(query_loss(m, val.image[pos], val.text, positive))
+
+    base = loss(model)
+    ids = list(np.asarray(train.ids).astype(str))
+    for name, sign in (("responsible", -1), ("helped", 1)):
+        rows = table[table["list"] == name]
+        if rows.empty:
+            continue
+        r = ids.index(str(rows.iloc[0]["id"]))
+        refit = fit_encoder(model, train.image, train.text, init=model, exclude_positions=[r])
+        assert np.sign(loss(refit) - base) == sign, (name, loss(refit) - base)
 
 
 def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):

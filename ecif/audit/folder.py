@@ -93,9 +93,10 @@ def read_heads(folder: str | os.PathLike) -> list[Head]:
     if not path.exists():
         if (Path(folder) / "model.pt").exists():
             raise AuditFolderError(
-                f"{folder}: an audit in a model mode (model.pt, no head); trace-back, "
-                "cleaning by refits and the breakdown are built for the head mode only (rerun "
-                "`ecif score` without --params for them; `ecif verify` works in both)"
+                f"{folder}: an audit in a model mode (model.pt, no head); cleaning by refits, "
+                "the breakdown and the app's trace-back are built for the head mode only (rerun "
+                "`ecif score` without --params for them; `ecif verify` and `ecif trace "
+                "--query-id` work in both)"
             )
         raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
     return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
@@ -160,8 +161,9 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
     params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
     if params not in (None, "head"):
         raise AuditFolderError(
-            f"{folder}: an audit in a model mode (params={params!r}); trace-back is built "
-            "for the head mode only (rerun `ecif score` without --params for it)"
+            f"{folder}: an audit in a model mode (params={params!r}); the indexed trace-back "
+            "is built for the head mode only (`ecif trace --query-id ID --test FOLDER` works "
+            "in the model modes; rerun `ecif score` without --params for the rest)"
         )
     for path in (folder, folder / "index"):
         if (path / "head.pt").exists():

@@ -27,7 +27,10 @@ DESCRIPTION = (
     "caption should win over the image's nearest training captions) or with --classes/--label "
     "(zero-shot); --caption TEXT alone (text -> image: the caption against its nearest training "
     "images, the correct ones being those captioned with it). Files and free text are embedded "
-    "with the model named in the embedding folder's manifest.json."
+    "with the model named in the embedding folder's manifest.json. On a model-mode audit "
+    "(`ecif score --params projection|lora`) only --query-id/--test is taken (the test folder "
+    "embedded with the same --cache-features): the query's gradient runs through the fitted "
+    "part, every training pair is ranked, and the norms come from 32 random probes."
 )
 
 
@@ -123,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.folder import AuditFolderError
     from ecif.audit.trace import TraceBack
     from ecif.cli.errors import describe
+    from ecif.cli.model_folder import audit_params
+    from ecif.cli.trace_model import run_model
     from ecif.data.index import FaissIndexError
     from ecif.data.layout import FolderError
     from ecif.data.models import ModelLoadError
@@ -133,13 +138,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {path}: No such file or directory", file=sys.stderr)
             return 2
     try:
-        tb = TraceBack.from_audit(args.audit, trace_args_from(args), embeddings=args.embeddings)
-        if tb.indexes is None:
-            print("note: no index in the audit folder; building one in memory", file=sys.stderr)
-        elif tb.cache_note:
-            print(f"note: {tb.cache_note}", file=sys.stderr)
-        q = build_query(tb, args)
-        table, info = tb.trace(q)
+        if audit_params(args.audit) != "head":  # through the encoders: every training pair
+            table, info = run_model(args, args.k if args.k is not None else TraceArgs().k)
+        else:
+            tb = TraceBack.from_audit(args.audit, trace_args_from(args), embeddings=args.embeddings)
+            if tb.indexes is None:
+                print("note: no index in the audit folder; building one in memory", file=sys.stderr)
+            elif tb.cache_note:
+                print(f"note: {tb.cache_note}", file=sys.stderr)
+            q = build_query(tb, args)
+            table, info = tb.trace(q)
     except (AuditFolderError, FolderError, FaissIndexError, ModelLoadError, KeyError) as e:
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2

@@ -36,8 +36,8 @@ def query_loss(
         raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
     theta = model.theta if theta is None else theta
     kw = dict(dtype=model.dtype, device=model.device)
-    q = torch.as_tensor(np.asarray(query), **kw).reshape(1, -1)
-    c = torch.as_tensor(np.asarray(candidates), **kw)
+    q = torch.as_tensor(np.array(query), **kw).reshape(1, -1)  # a copy: caches are read-only
+    c = torch.as_tensor(np.array(candidates), **kw)
     pos = torch.as_tensor(np.asarray(positive), dtype=torch.bool, device=model.device)
     if c.ndim != 2 or len(c) != len(pos):
         raise ValueError("candidates must be (C, F) with one positive flag per candidate")
