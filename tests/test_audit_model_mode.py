@@ -209,7 +209,7 @@ def test_self_influence_without_a_validation_set(folders, tmp_path):
 
 
 def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
-    """The overview, suspects and pair pages of the app on the audit the CLI wrote."""
+    """The overview, suspects, pair and trace pages of the app on the audit the CLI wrote."""
     from streamlit.testing.v1 import AppTest
 
     from ecif.app import APP_SCRIPT, support
@@ -227,6 +227,14 @@ def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
         at.switch_page(f"views/{page}.py")
         at.run()
         assert not at.exception, (page, [e.value for e in at.exception])
+    # the trace page (last): a validation pair traced through the fitted projections
+    assert any("projection mode" in i.value for i in at.info)
+    at.button(key="trace_go").click()
+    at.run(timeout=300)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any(h.value.startswith("Responsible") for h in at.subheader)
+    assert len(at.dataframe) == 2  # the two lists
 
 
 def test_projection_mode_without_a_validation_set_cross_fits(folders):

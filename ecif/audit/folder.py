@@ -94,9 +94,9 @@ def read_heads(folder: str | os.PathLike) -> list[Head]:
         if (Path(folder) / "model.pt").exists():
             raise AuditFolderError(
                 f"{folder}: an audit in a model mode (model.pt, no head); cleaning by refits, "
-                "the breakdown and the app's trace-back are built for the head mode only (rerun "
-                "`ecif score` without --params for them; `ecif verify` and `ecif trace "
-                "--query-id` work in both)"
+                "the breakdown and trace queries from files or free text are built for the head "
+                "mode only (rerun `ecif score` without --params for them; `ecif verify` and "
+                "`ecif trace --query-id` work in both)"
             )
         raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
     return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]

@@ -29,20 +29,13 @@ def features_of(folder: str):
 
 
 def model_audit(folder: str):
-    """(training features, the model fit on all of them, audit.json) of a model-mode audit."""
-    import json
-    from pathlib import Path
+    """(training features, the model fit on all of them, audit.json) of a model-mode audit,
+    a missing feature cache as a one-line usage error."""
+    from ecif.audit.model_trace_pair import model_audit as read
 
-    from ecif.audit.folder import AuditFolderError, read_models
+    try:
+        return read(folder)
+    except (OSError, ValueError) as err:
+        from ecif.cli.errors import UsageError
 
-    info = json.loads((Path(folder) / "audit.json").read_text())
-    if not info.get("embeddings"):
-        raise AuditFolderError(f"{folder}/audit.json records no training embeddings")
-    train = features_of(info["embeddings"])
-    whole = [m for m in read_models(folder) if m.partition.n == len(train.image)]
-    if not whole:
-        raise AuditFolderError(
-            f"{folder}: the audit fit two cross-fitted halves (no validation set); verify "
-            "needs a model fit on all pairs: rerun `ecif score` with --val"
-        )
-    return train, whole[0], info
+        raise UsageError(str(err).splitlines()[0]) from err

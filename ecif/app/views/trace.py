@@ -18,16 +18,23 @@ st.caption(
     "loss, it pushed the model towards the wrong answer. **Helped**: removing it would raise "
     "the loss."
 )
+params = (info.get("options") or {}).get("params") or "head"
+if params != "head":  # through the encoders: test pairs from a feature cache, every pair ranked
+    st.info(
+        f"This audit's influence runs through the model ({params} mode): a query is a "
+        "validation/test pair from a folder embedded with the same feature cache, and every "
+        "training pair is ranked (norms from 32 random probes)."
+    )
+kinds = ["A validation/test pair", "An uploaded image", "A typed caption"]
 kind = st.radio(
-    "Query",
-    ["A validation/test pair", "An uploaded image", "A typed caption"],
-    horizontal=True,
-    key="trace_kind",
+    "Query", kinds if params == "head" else kinds[:1], horizontal=True, key="trace_kind"
 )
 c = st.columns(2)
 k = c[0].slider("Pairs per list", 1, 50, 10, key="trace_k")
-candidates = c[1].number_input(
-    "Candidates ranked (0 = every training pair)", 0, 1_000_000, 1000, step=100
+candidates = (
+    c[1].number_input("Candidates ranked (0 = every training pair)", 0, 1_000_000, 1000, step=100)
+    if params == "head"
+    else 0
 )
 
 query: dict = {}
@@ -70,7 +77,7 @@ else:
     cap = st.text_input("Caption", key="trace_caption")
     query = dict(kind="caption", caption=cap)
 
-if query.get("kind") in ("pair", "image"):
+if query.get("kind") in ("pair", "image") and params == "head":
     use_classes = st.checkbox(
         "Against class prompts (zero-shot) instead of captions",
         key="trace_use_classes",
@@ -87,7 +94,18 @@ if query.get("kind") in ("pair", "image"):
         true = c[1].selectbox("True class", names, key="trace_label") if names else None
         query.update(classes=names, label=names.index(true) if true is not None else None)
 
-if st.button("Trace", type="primary", disabled=not query, key="trace_go"):
+clicked = st.button("Trace", type="primary", disabled=not query, key="trace_go")
+if clicked and params != "head":
+    from ecif.audit.model_trace_pair import trace_model_pair
+
+    try:
+        with st.spinner("Ranking every training pair through the model…"):
+            result, qinfo = trace_model_pair(folder, test_path, query["query_id"], k=k)
+    except Exception as e:  # bad query, missing feature cache: say why in the page
+        st.error(f"Trace-back failed: {e}")
+        st.stop()
+    st.session_state["trace_result"] = (result, qinfo)
+elif clicked:
     try:
         tb = state.traceback(folder, support.audit_stamp(folder))
         with st.spinner("Ranking candidate training pairs…"):
