@@ -16,7 +16,7 @@ import pandas as pd
 
 import ecif.api as api
 from ecif.audit.combine import SIGNALS, fit_mixture, hedged_score, suspicion, weighted_sum
-from ecif.audit.model_signals import model_signals
+from ecif.audit.model_signals import model_signals, self_influence_table
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
@@ -255,16 +255,10 @@ class Auditor:
             head = self.fit_head(self.train)
             self.heads = [head]
             self.val_source = "self-influence (no validation set)"
-            nan = np.full(len(self.train), np.nan)
-            return pd.DataFrame(
-                {
-                    "id": self.train.ids,
-                    "influence": nan,
-                    "influence_pos": nan,
-                    "influence_neg": nan,
-                    "self_influence": api.self_influence(head, self.train, neg=a.neg),
-                    "pair_loss": api.pair_losses(head, self.train),
-                }
+            return self_influence_table(
+                self.train.ids,
+                api.self_influence(head, self.train, neg=a.neg),
+                api.pair_losses(head, self.train),
             )
         return self._crossfit(progress)
 

@@ -124,15 +124,23 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     auditor.val_source = (
         f"self-influence, params={a.params} ({PROBES} random probes; no validation set)"
     )
-    nan = np.full(len(train.image), np.nan)
+    return self_influence_table(
+        auditor.train.ids, est.self_influence(), model_pair_losses(model, train)
+    )
+
+
+def self_influence_table(ids, self_influence, pair_loss) -> pd.DataFrame:
+    """The signals of an audit without a validation set scored by self-influence (head or
+    model mode): no influence on a validation loss, so its columns are NaN."""
+    nan = np.full(len(ids), np.nan)
     return pd.DataFrame(
         {
-            "id": auditor.train.ids,
+            "id": ids,
             "influence": nan,
             "influence_pos": nan,
             "influence_neg": nan,
-            "self_influence": est.self_influence(),
-            "pair_loss": model_pair_losses(model, train),
+            "self_influence": self_influence,
+            "pair_loss": pair_loss,
         }
     )
 

@@ -72,16 +72,19 @@ def trace_model_pair(
     """The trace table (list, rank, id, relative_influence, influence, caption) and its info
     (query, predicted, correct, p_correct, loss, candidates, solver)."""
     from ecif.data.embedding_set import EmbeddingSet
-    from ecif.engine.model_trace import query_gradient, query_loss, relative_influence
+    from ecif.engine.model_trace import (
+        loss_of_logits,
+        query_gradient,
+        query_logits,
+        relative_influence,
+    )
 
     train, model, info = model_audit(audit)
     query, cands, positive, names, what = pair_query(test_folder, query_id, label_col)
     with torch.no_grad():
-        loss = float(query_loss(model, query, cands, positive))
-        # the prediction: the candidate the model ranks first (lowest loss as the answer)
-        scores = [-float(query_loss(model, query, cands, np.arange(len(cands)) == c))
-                  for c in range(len(cands))]  # fmt: skip
-    top = int(np.argmax(scores))
+        logits = query_logits(model, query, cands)
+        loss = float(loss_of_logits(logits, positive))
+    top = int(logits.argmax())  # the prediction: the candidate the model ranks first
     table = relative_influence(model, train, query_gradient(model, query, cands, positive))
     train_set = EmbeddingSet.load(info["embeddings"])
     meta = train_set.metadata

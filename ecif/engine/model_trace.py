@@ -21,6 +21,42 @@ from ecif.engine.model_probes import DEFAULT_PROBES, probe_estimate
 DIRECTIONS = ("image->text", "text->image")
 
 
+def query_logits(
+    model: EncoderModel,
+    query,
+    candidates,
+    *,
+    direction: str = "image->text",
+    theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(C,) logits t <x, y_c> of one query: ``query`` one feature row (image features for
+    image->text) against ``candidates`` (C, F) rows of the other modality."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+    theta = model.theta if theta is None else theta
+    kw = dict(dtype=model.dtype, device=model.device)
+    q = torch.as_tensor(np.array(query), **kw).reshape(1, -1)  # a copy: caches are read-only
+    c = torch.as_tensor(np.array(candidates), **kw)
+    if c.ndim != 2:
+        raise ValueError("candidates must be (C, F)")
+    qs = q.expand(len(c), -1)
+    if direction == "image->text":
+        x, y, log_t = model.part.embed(theta, qs, c)
+        return log_t.exp() * (y @ x[0])
+    x, y, log_t = model.part.embed(theta, c, qs)
+    return log_t.exp() * (x @ y[0])
+
+
+def loss_of_logits(s: torch.Tensor, positive) -> torch.Tensor:
+    """-log sum_{c correct} softmax_c(s)."""
+    pos = torch.as_tensor(np.asarray(positive), dtype=torch.bool, device=s.device)
+    if len(pos) != len(s):
+        raise ValueError("give one positive flag per candidate")
+    if not bool(pos.any()):
+        raise ValueError("the query has no correct answer among its candidates")
+    return -(torch.logsumexp(s[pos], 0) - torch.logsumexp(s, 0))
+
+
 def query_loss(
     model: EncoderModel,
     query,
@@ -30,27 +66,9 @@ def query_loss(
     direction: str = "image->text",
     theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L(theta) of one query: ``query`` one feature row (image features for image->text),
-    ``candidates`` (C, F) rows of the other modality, ``positive`` (C,) bool."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
-    theta = model.theta if theta is None else theta
-    kw = dict(dtype=model.dtype, device=model.device)
-    q = torch.as_tensor(np.array(query), **kw).reshape(1, -1)  # a copy: caches are read-only
-    c = torch.as_tensor(np.array(candidates), **kw)
-    pos = torch.as_tensor(np.asarray(positive), dtype=torch.bool, device=model.device)
-    if c.ndim != 2 or len(c) != len(pos):
-        raise ValueError("candidates must be (C, F) with one positive flag per candidate")
-    if not bool(pos.any()):
-        raise ValueError("the query has no correct answer among its candidates")
-    qs = q.expand(len(c), -1)
-    if direction == "image->text":
-        x, y, log_t = model.part.embed(theta, qs, c)
-        s = log_t.exp() * (y @ x[0])
-    else:
-        x, y, log_t = model.part.embed(theta, c, qs)
-        s = log_t.exp() * (x @ y[0])
-    return -(torch.logsumexp(s[pos], 0) - torch.logsumexp(s, 0))
+    """L(theta) of one query: ``query_logits`` and ``positive`` (C,) bool."""
+    s = query_logits(model, query, candidates, direction=direction, theta=theta)
+    return loss_of_logits(s, positive)
 
 
 def query_gradient(model: EncoderModel, query, candidates, positive, **kw) -> torch.Tensor:
