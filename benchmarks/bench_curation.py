@@ -155,7 +155,9 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
     k1 = int(noisy.sum())
     sets = keep_sets(scores, noisy, [k1, min(2 * k1, args.n - 2)])
     labels = np.array([classes.index(c) for c in test_d.frame[label_col]])
-    cfg = RetrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed)
+    cfg = RetrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device
+    )
     rows = []
     for regime in args.regimes:
         for name, budget, mask in sets.values():
@@ -179,6 +181,8 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
                     "train_s": time.perf_counter() - t1,
                 }
             )
+            if args.csv:  # a long seed's finished trainings survive an interrupted run
+                pd.DataFrame(rows).to_csv(partial_path(args.csv, seed), index=False)
         log(f"seed {seed}: {regime} done ({len(sets)} trainings)")
     return rows, det
 
@@ -216,6 +220,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="the metric of the verdict, the gap closed and the figure",
     )
     ap.add_argument("--model", default="ecif-tiny", help="pretrained base: ecif-tiny or a folder")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the CLIPs are trained: cpu (repeatable bit for bit), cuda or auto; "
+        "the filters' scores are computed on the CPU either way",
+    )
     ap.add_argument("--out", help="write the markdown report here too")
     ap.add_argument(
         "--csv",
@@ -243,6 +253,12 @@ def detect_path(csv: str | Path) -> Path:
     return csv.with_name(csv.stem + ".detect.csv")
 
 
+def partial_path(csv: str | Path, seed: int) -> Path:
+    """The trainings of ``seed`` finished so far (not read by ``--report``)."""
+    csv = Path(csv)
+    return csv.with_name(f"{csv.stem}.seed{seed}.partial.csv")
+
+
 def joined(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The rows and detection APs of split runs; a seed run twice is an error, not a mean."""
     runs = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
@@ -250,6 +266,10 @@ def joined(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     twice = runs.duplicated(["seed", "regime", "filter", "budget"])
     if twice.any():
         raise SystemExit(f"seed(s) {sorted(set(runs.loc[twice, 'seed']))} appear in two CSVs")
+    # a seed split by regime (--regimes) scores its filters once per CSV: the same APs
+    det = det.drop_duplicates(["seed", "filter", "ap"])
+    if det.duplicated(["seed", "filter"]).any():
+        raise SystemExit("one seed's detection APs differ between CSVs: not the same data")
     return runs.sort_values("seed", kind="stable"), det.sort_values("seed", kind="stable")
 
 

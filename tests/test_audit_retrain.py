@@ -46,6 +46,21 @@ def test_retrain_is_deterministic_and_seeded(pairs, tiny_clip_dir, regime):
     assert not _same(a, base)  # it did train
 
 
+def test_device_auto_is_the_cpu_here_and_a_missing_gpu_is_a_clear_error(pairs, tiny_clip_dir):
+    train, _ = pairs
+    a, _ = retrain(train.images, train.captions, model=tiny_clip_dir, config=CFG)
+    auto = RetrainConfig(steps=4, batch_size=16, device="auto")
+    b, _ = retrain(train.images, train.captions, model=tiny_clip_dir, config=auto)
+    if torch.cuda.is_available():  # auto trains on the GPU, not bit for bit the CPU
+        assert next(b.parameters()).is_cuda
+        return
+    assert _same(a, b)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        RetrainConfig(device="cuda").torch_device()
+    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+        RetrainConfig(device="tpu").torch_device()
+
+
 def test_keep_mask_is_the_same_as_training_on_the_kept_rows(pairs, tiny_clip_dir):
     train, _ = pairs
     keep = ~train.frame["is_corrupted"].to_numpy()

@@ -5,7 +5,8 @@
 (``ecif.data.tiny_clip.fit_contrastive``) and one config for every filter, so the only
 difference between two runs is which pairs were kept. ``evaluate`` measures the model on a
 clean held-out set: zero-shot classification with class prompts and image<->text recall@k.
-Deterministic for a fixed seed (and thread count).
+Deterministic for a fixed seed (and thread count) on the CPU; ``RetrainConfig.device`` trains
+on a GPU instead, repeatable there only up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ class RetrainConfig:
     weight_decay: float = option(0.05, help="AdamW weight decay")
     seed: int = option(0, help="seed of the initialisation and the batches")
     threads: int | None = option(1, help="torch threads while training; None keeps torch's setting")
+    device: str = option(
+        "cpu",
+        help="where to train and evaluate: cpu (bit-for-bit repeatable), cuda, or auto "
+        "(cuda when present); GPU runs repeat only up to floating-point order",
+    )
+
+    def torch_device(self) -> str:
+        """The device to train on; a clear error when a GPU is asked for and none is there."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"retraining device {self.device!r}: torch sees no CUDA device")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"retraining device must be cpu, cuda or auto; got {self.device!r}")
+        return self.device
 
     def lr_for(self, regime: str) -> float:
         return float(self.lr if self.lr is not None else DEFAULT_LR[regime])
@@ -109,9 +125,11 @@ def retrain(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        device = cfg.torch_device()
         net, tok = create(model, regime, cfg.seed)
-        x = images_to_tensor(np.asarray(images)[rows], image_size(net))
-        t = tok([str(captions[i]) for i in rows])
+        net = net.to(device)
+        x = images_to_tensor(np.asarray(images)[rows], image_size(net)).to(device)
+        t = tok([str(captions[i]) for i in rows]).to(device)
         fit_contrastive(
             net,
             x,
@@ -154,23 +172,30 @@ def labels_from_captions(captions: Sequence[str], classes: Sequence[str]) -> np.
     return out
 
 
+def _device_of(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 @torch.no_grad()
 def encode_images(net, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    size = image_size(net)
+    """Unit image embeddings on the CPU, computed where ``net`` lives."""
+    size, dev = image_size(net), _device_of(net)
     parts = [
-        net.encode_image(images_to_tensor(images[s : s + batch], size), normalize=True)
+        net.encode_image(images_to_tensor(images[s : s + batch], size).to(dev), normalize=True)
         for s in range(0, len(images), batch)
     ]
-    return torch.cat(parts)
+    return torch.cat(parts).float().cpu()
 
 
 @torch.no_grad()
 def encode_texts(net, tok, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
+    """Unit text embeddings on the CPU, computed where ``net`` lives."""
+    dev = _device_of(net)
     parts = [
-        net.encode_text(tok(list(texts[s : s + batch])), normalize=True)
+        net.encode_text(tok(list(texts[s : s + batch])).to(dev), normalize=True)
         for s in range(0, len(texts), batch)
     ]
-    return torch.cat(parts)
+    return torch.cat(parts).float().cpu()
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
         g, RetrainConfig, "batch_size", "--retrain-batch-size", dest="retrain_batch_size", type=int
     )
     add_field(g, RetrainConfig, "lr", "--retrain-lr", dest="retrain_lr", type=float)
+    add_field(g, RetrainConfig, "device", "--retrain-device", dest="retrain_device")
     g.add_argument(
         "--classes",
         help="text file, one class name per line, for zero-shot classification; a validation "
@@ -89,6 +90,7 @@ def _run(args: argparse.Namespace, table: pd.DataFrame, info: dict, count: int |
         batch_size=args.retrain_batch_size,
         lr=args.retrain_lr,
         seed=args.seed,
+        device=args.retrain_device,
     )
     res = compare_retraining(
         table,

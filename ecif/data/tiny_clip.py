@@ -247,12 +247,12 @@ def fit_contrastive(
     for _ in bar:
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + batch_size]
+        idx = order[pos : pos + batch_size].to(images.device)
         pos += batch_size
         u = model.encode_image(images[idx], normalize=True)
         v = model.encode_text(tokens[idx], normalize=True)
         logits = model.logit_scale.exp() * u @ v.T
-        target = torch.arange(len(idx))
+        target = torch.arange(len(idx), device=logits.device)
         loss = 0.5 * (
             torch.nn.functional.cross_entropy(logits, target)
             + torch.nn.functional.cross_entropy(logits.T, target)
