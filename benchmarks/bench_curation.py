@@ -159,8 +159,14 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device
     )
     rows = []
+    if args.csv and partial_path(args.csv, seed).exists():  # resume: finished trainings stay
+        rows = pd.read_csv(partial_path(args.csv, seed), dtype={"budget": str}).to_dict("records")
+        log(f"seed {seed}: resuming after {len(rows)} finished trainings")
+    done = {(r["regime"], r["filter"], r["budget"]) for r in rows}
     for regime in args.regimes:
         for name, budget, mask in sets.values():
+            if (regime, name, budget) in done:
+                continue
             t1 = time.perf_counter()
             model, tk = retrain(
                 train_d.images, train_d.captions, mask, model=base, regime=regime, config=cfg
