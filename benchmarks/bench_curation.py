@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +122,33 @@ def suspicion_scores(train: ecif.EmbeddingSet, val: ecif.EmbeddingSet, seed: int
     }
 
 
+def model_mode_scores(train_d, val_d, params: str, seed: int, base: str) -> np.ndarray:
+    """What `ecif score --params projection|lora` ranks by (misalign_score, defaults), in the
+    training set's order: both sets embedded with their feature caches, as a user would."""
+    from ecif.audit.retrain import model_spec
+    from ecif.data.features import load_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
+        for name, data in (("train", train_d), ("val", val_d)):
+            data.to_parquet(Path(tmp) / name)
+            out = Path(tmp) / f"{name}_emb"
+            ecif.embed(Path(tmp) / name, out, model=model_spec(base), cache_features=params)
+            folders[name] = out
+        train = ecif.EmbeddingSet.load(folders["train"])
+        val = ecif.EmbeddingSet.load(folders["val"])
+        aud = Auditor(
+            train,
+            val,
+            AuditArgs(params=params, seed=seed),
+            train_features=load_features(folders["train"]),
+            val_features=load_features(folders["val"]),
+        )
+        table = aud.run().set_index("id")
+    keys = train_d.frame["key"].astype(str).to_numpy()
+    return table["misalign_score"].reindex(keys).to_numpy()
+
+
 def keep_sets(scores: dict, noisy: np.ndarray, budgets: list[int]) -> dict:
     """name -> (filter, budget label, keep mask): none, the oracle, every filter x budget."""
     n = len(noisy)
@@ -147,6 +175,8 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
     val = embed_pairs(net, tok, val_d, scale)
     t0 = time.perf_counter()
     scores = suspicion_scores(train, val, seed)
+    for params in args.model_modes:
+        scores[f"ecif ({params})"] = model_mode_scores(train_d, val_d, params, seed, base)
     log(f"seed {seed}: scores in {time.perf_counter() - t0:.0f} s")
     det = [
         {"seed": seed, "filter": k, "ap": average_precision(noisy, np.nan_to_num(v, nan=-np.inf))}
@@ -231,6 +261,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="cpu",
         help="where the CLIPs are trained: cpu (repeatable bit for bit), cuda or auto; "
         "the filters' scores are computed on the CPU either way",
+    )
+    ap.add_argument(
+        "--model-modes",
+        nargs="*",
+        default=["projection"],
+        choices=["projection", "lora"],
+        help="ecif's model modes to add as filters (influence through the encoders' own "
+        "parameters, fit on feature caches); none: the head mode alone",
     )
     ap.add_argument("--out", help="write the markdown report here too")
     ap.add_argument(

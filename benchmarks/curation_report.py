@@ -65,35 +65,44 @@ def regime_table(
     return pd.DataFrame(rows), pd.DataFrame(raw)
 
 
-def verdict(
-    raw: pd.DataFrame, ecif_name: str = "ecif (head)", primary: str = "zero_shot_acc"
-) -> list[str]:
-    """Plain sentences: is ecif the best non-oracle filter, and does it close half the gap?"""
+def verdict(runs: pd.DataFrame, primary: str = "zero_shot_acc") -> list[str]:
+    """Plain sentences, one per ecif mode and budget: is it better than the best other
+    (non-oracle, non-ecif) filter, by how much with a paired interval over seeds, and does it
+    close half of the none->oracle gap? ``runs``: one regime's rows."""
+    base = runs[runs["filter"] == "none"].set_index("seed")[primary]
+    ceil = runs[runs["filter"] == CEILING].set_index("seed")[primary]
+    gap = ceil.mean() - base.mean()
     out = []
-    for b, g in raw[~raw["filter"].isin(["none", CEILING])].groupby("budget", sort=False):
-        best = g.loc[g["acc"].idxmax()]
-        mine = g[g["filter"] == ecif_name]
-        if mine.empty:
+    filtered = runs[~runs["filter"].isin(["none", CEILING])]
+    for b, g in filtered.groupby("budget", sort=False):
+        per = {f: r.set_index("seed")[primary] for f, r in g.groupby("filter", sort=False)}
+        others = {f: v for f, v in per.items() if not f.startswith("ecif")}
+        if not others:
             continue
-        mine = mine.iloc[0]
-        is_best = best["filter"] == ecif_name
-        half = bool(mine["closed"] >= 0.5)
-        if np.isnan(mine["closed"]):
+        rival = max(others, key=lambda f: others[f].mean())
+        for mine in (f for f in per if f.startswith("ecif")):
+            v = per[mine]
+            if not gap > 0:
+                out.append(
+                    f"- budget {b}: the oracle is no better than no filtering here, so there is "
+                    f"no gap to close; {mine}: {v.mean():.3f}, best other filter: {rival} "
+                    f"({others[rival].mean():.3f})."
+                )
+                continue
+            closed = (v.mean() - base.mean()) / gap
+            m, lo, hi = t_interval(v - others[rival].loc[v.index])
+            ahead = m > 0
+            noise = "" if np.isnan(lo) else " (within noise)" if lo <= 0 <= hi else ""
             out.append(
-                f"- budget {b}: the oracle is no better than no filtering here, so there is no "
-                f"gap to close; best non-oracle filter: {best['filter']} ({best['acc']:.3f}), "
-                f"{ecif_name}: {mine['acc']:.3f}."
+                f"- budget {b}: {mine} {v.mean():.3f} vs the best other filter by {primary}, "
+                f"{rival}, {others[rival].mean():.3f}: paired difference {fmt(m, lo, hi)}"
+                f"{noise}; closes {closed:.0%} of the none->oracle gap. Goal (best and >= 50%): "
+                f"{'met' if ahead and closed >= 0.5 else 'NOT met'}"
+                + ("" if ahead else f" ({rival} is better)")
+                + ("" if closed >= 0.5 else "; less than half the gap")
+                + ("; the lead is within noise" if ahead and noise else "")
+                + "."
             )
-            continue
-        out.append(
-            f"- budget {b}: best non-oracle filter by {primary}: {best['filter']} "
-            f"({best['acc']:.3f}); {ecif_name}: {mine['acc']:.3f}, closes "
-            f"{mine['closed']:.0%} of the none->oracle gap. Goal (best and >= 50%): "
-            f"{'met' if is_best and half else 'NOT met'}"
-            + ("" if is_best else f" ({best['filter']} is better)")
-            + ("" if half else "; less than half the gap")
-            + "."
-        )
     return out
 
 
@@ -116,14 +125,14 @@ def report(runs: pd.DataFrame, det: pd.DataFrame, params: dict, seconds: float) 
         fmt(*t_interval(v)) for _, v in g]})))  # fmt: skip
     for regime, r in runs.groupby("regime", sort=False):
         primary = params.get("primary", "zero_shot_acc")
-        table, raw = regime_table(r, primary)
+        table, _ = regime_table(r, primary)
         lines += [
             "",
             f"### {regime}: trained on the kept pairs, tested on clean held-out pairs",
             "",
         ]
         lines.append(markdown(table))
-        lines += ["", *verdict(raw, primary=primary)]
+        lines += ["", *verdict(r, primary)]
     lines += [
         "",
         "Intervals: 95% Student-t over seeds; 'vs none (paired)': per-seed difference from no "

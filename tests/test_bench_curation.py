@@ -23,7 +23,7 @@ def test_bench_curation_runs_end_to_end(tmp_path, tiny_clip_dir):
     ]  # fmt: skip
     text = bench_curation.main(argv)
     runs = pd.read_csv(tmp_path / "r.csv")
-    n_sets = 2 + 2 * len(bench_curation.FILTERS)  # none, oracle, every filter at 2 budgets
+    n_sets = 2 + 2 * (len(bench_curation.FILTERS) + 1)  # none, oracle, filters + projection
     assert len(runs) == 2 * 2 * n_sets  # seeds x regimes x kept sets
     noisy = 15  # 25% of 60
     oracle = runs[runs["filter"] == "oracle"]
@@ -32,6 +32,7 @@ def test_bench_curation_runs_end_to_end(tmp_path, tiny_clip_dir):
     assert (runs.loc[runs["budget"] == "2x", "kept"] == 60 - 2 * noisy).all()
     assert runs["zero_shot_acc"].between(0, 1).all() and runs["t2i_r@5"].between(0, 1).all()
     assert "### finetune" in text and "### scratch" in text and "ecif (head) @1x" in text
+    assert "ecif (projection) @2x" in text
     assert (tmp_path / "r.md").read_text() == text
     assert (tmp_path / "r.svg").read_text().startswith("<svg")
 
@@ -55,7 +56,10 @@ def test_report_arithmetic():
     assert m == pytest.approx(0.25) and hi - m == pytest.approx(
         12.706 * (0.05 * np.sqrt(2)) / np.sqrt(2), rel=1e-3
     )
-    assert "Goal (best and >= 50%): met" in verdict(raw)[0]
+    said = verdict(pd.DataFrame(rows))
+    assert len(said) == 1 and "Goal (best and >= 50%): met" in said[0]
+    # paired difference ecif - clip_score per seed: 0.1, 0.3 -> mean 0.2, t(0.975, 1) interval
+    assert "paired difference 0.200 [" in said[0] and "within noise" in said[0]
     _, raw_r5 = regime_table(pd.DataFrame(rows).assign(**{"i2t_r@5": 0.5}), "i2t_r@5")
     assert raw_r5["closed"].isna().all()  # no gap: the oracle equals no filtering
 
