@@ -46,9 +46,10 @@ DIFFERENT = {
     ("SolverArgs", "max_iter"): "CG iterations, not the fit's",
     ("RetrainConfig", "batch_size"): "a CLIP's training batch, not the head's partition",
     ("RetrainConfig", "seed"): "seeds the retraining run",
+    ("RetrainConfig", "device"): "where a CLIP is retrained: cpu by default, to repeat bit for bit",
     ("DemoArgs", "output"): "a folder, in no other stage",
     ("ModelArgs", "params"): "which model mode to fit; the audit's params also offers head",
-    ("ModelArgs", "lam"): "the pull on the encoders' projections (0.1: see model_mode.MODEL_LAM)",
+    ("ModelArgs", "lam"): "the pull on the encoders' part (None: per mode, model_mode.pull_of)",
     ("ModelArgs", "logit_scale"): "a fixed temperature for the model modes (None: the model's)",
 }
 

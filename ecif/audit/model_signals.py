@@ -4,8 +4,8 @@ projections (``ecif.engine.model_mode``), read from the sets' feature caches.
 The scale and pull an audit uses there: "auto" scale is the temperature that calibrates the
 pretrained similarity on the validation pairs (the head's rule without its factor 1/2: on
 digits the projection mode's AP was 0.665 at that temperature, 0.531 at half of it and 0.429
-at the model's own 21.8, one seed; benchmarks/bench_model_mode.py), "auto" pull is
-``MODEL_LAM``; "model" scale is the cache's recorded one.
+at the model's own 21.8, one seed; benchmarks/bench_model_mode.py), "auto" pull is the
+mode's own (``model_mode.pull_of``: 0.1 projection, 1.0 lora); "model" scale is the cache's recorded one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ecif.audit.checks import AuditInputError
-from ecif.engine.model_mode import MODEL_LAM, ModelArgs, fit_model, model_pair_losses, score_model
+from ecif.engine.model_mode import ModelArgs, fit_model, model_pair_losses, score_model
 from ecif.engine.model_probes import DEFAULT_PROBES as PROBES
 from ecif.engine.model_probes import probe_estimate
 
@@ -33,7 +33,7 @@ def model_args(auditor: Any) -> ModelArgs:
         scale = None
     else:
         scale = float(a.logit_scale)
-    lam = MODEL_LAM if a.lam == "auto" else float(a.lam)
+    lam = None if a.lam == "auto" else float(a.lam)  # None: the mode's own default
     return ModelArgs(
         params=a.params,
         lora_rank=a.lora_rank,

@@ -38,6 +38,12 @@ PARAMS = ("head", "projection", "lora")
 # digits drove a caption's projected feature to norm 1e-5, where normalisation is singular,
 # and never converged; at 0.1 it converged in 49 passes (benchmarks/README.md, model modes)
 MODEL_LAM = 0.1
+# the lora part's pull. Its adapters start at B = 0, a saddle of the loss in (A, B) wherever
+# the loss's gradient in W outweighs the pull, and at 0.1 the fit did not reach a stationary
+# point on digits (64 pairs, rank 4: gradient 0.15 after 100 Newton iterations at the
+# calibrated scale). At 1.0 it converged in 25-337 passes on digits and shapes (64 and 192
+# pairs, both temperatures; docs/math.md section 12)
+LORA_LAM = 1.0
 FLOOR_FRACTION = 0.05  # the normalisation floor, a share of the median pretrained norm
 
 
@@ -55,7 +61,11 @@ class ModelArgs:
     lora_blocks: int | None = option(
         None, help="lora: adapters in this many last blocks (None: all the cache's k)"
     )
-    lam: float = option(MODEL_LAM, help="L2 pull towards the pretrained weights")
+    lam: float | None = option(
+        None,
+        help=f"L2 pull towards the pretrained weights (None: {MODEL_LAM:g} for projection, "
+        f"{LORA_LAM:g} for lora)",
+    )
     logit_scale: float | None = option(
         None, help="fixed temperature (None: the pretrained model's, from the feature cache)"
     )
@@ -73,6 +83,13 @@ class ModelArgs:
         choices=CURVATURES,
     )
     damping: float = option(0.0, help="added to the pull in the solve (H + lam + damping)")
+
+
+def pull_of(args: ModelArgs) -> float:
+    """The pull a fit uses: ``args.lam``, else the mode's default."""
+    if args.lam is not None:
+        return float(args.lam)
+    return LORA_LAM if args.params == "lora" else MODEL_LAM
 
 
 def make_part(init: dict, args: ModelArgs, features=None) -> TrainablePart:
@@ -155,7 +172,7 @@ def fit_model(
     model = new_model(
         make_part(init, args, train),
         len(train.image),
-        lam=args.lam,
+        lam=pull_of(args),
         batch_size=args.batch_size,
         seed=args.seed,
         dtype=dtype,
