@@ -58,6 +58,11 @@ def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):
     assert code == 0
     info = json.loads((audit / "audit.json").read_text())
     assert info["options"]["params"] == "projection"
+    # the summary names what the projections were fit with, not the head's unused choice
+    said = capsys.readouterr().out
+    cal = info["head_choice"]["calibrated_scale"]
+    assert f"projection: logit scale {cal:.3g} (calibrated on the trusted pairs), lam 0.1" in said
+    assert "head:" not in said
     assert (audit / "model.pt").exists() and not (audit / "head.pt").exists()
     assert info["fit"][0]["converged"]
     table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))

@@ -347,6 +347,7 @@ class Auditor:
             "n": len(self.train),
             "options": self.args.record(),
             "logit_scale": head.logit_scale,
+            "lam": float(head.lam),  # what the fit used (a model mode's own pull, not the head's)
             "head_choice": self.choice.record() if self.choice else None,
             "fit": [dict(h.info) for h in self.heads],
             "ecif_version": __version__,

@@ -66,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))
     choice = info.get("head_choice")
-    if choice:
+    params = (info.get("options") or {}).get("params") or "head"
+    if params != "head":  # the head's search does not apply: say what the part was fit with
+        auto = info["options"].get("logit_scale") == "auto"
+        how = "calibrated on the trusted pairs" if auto else "as given"
+        print(f"{params}: logit scale {info['logit_scale']:.3g} ({how}), lam {info['lam']:g}")
+    elif choice:
         print(f"head: {describe_choice(choice)}")
     if info.get("combination"):
         print(f"misalign_score: {describe_combination(info['combination'])}")
