@@ -35,20 +35,26 @@ def _label(f: str, b: str) -> str:
     return f if f in ("none", CEILING) else f"{f} @{b}"
 
 
+def gap_share(runs: pd.DataFrame, primary: str):
+    """share(values): the part of the none->oracle gap in ``primary`` that the mean of
+    ``values`` closes (NaN when the oracle is no better than no filtering)."""
+    base = runs.loc[runs["filter"] == "none", primary].mean()
+    gap = runs.loc[runs["filter"] == CEILING, primary].mean() - base
+    return lambda values: (float(np.mean(values)) - base) / gap if gap > 0 else np.nan
+
+
 def regime_table(
     runs: pd.DataFrame, primary: str = "zero_shot_acc"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per (filter, budget): metrics with intervals, the paired difference in the
     ``primary`` metric against no filtering, and the share of the none->oracle gap closed."""
     base = runs[runs["filter"] == "none"].set_index("seed")
-    ceil = runs[runs["filter"] == CEILING].set_index("seed")
-    gap = ceil[primary].mean() - base[primary].mean()
+    share = gap_share(runs, primary)
     rows, raw = [], []
     for (f, b), g in runs.groupby(["filter", "budget"], sort=False):
         g = g.set_index("seed")
         diff = g[primary] - base.loc[g.index, primary]
-        gain = g[primary].mean() - base[primary].mean()
-        closed = gain / gap if gap > 0 else np.nan  # no gap to close: the share means nothing
+        closed = share(g[primary])  # NaN: no gap to close, the share means nothing
         row = {
             "filter": _label(f, b),
             "kept": f"{g['kept'].mean():.0f}",
@@ -69,9 +75,7 @@ def verdict(runs: pd.DataFrame, primary: str = "zero_shot_acc") -> list[str]:
     """Plain sentences, one per ecif mode and budget: is it better than the best other
     (non-oracle, non-ecif) filter, by how much with a paired interval over seeds, and does it
     close half of the none->oracle gap? ``runs``: one regime's rows."""
-    base = runs[runs["filter"] == "none"].set_index("seed")[primary]
-    ceil = runs[runs["filter"] == CEILING].set_index("seed")[primary]
-    gap = ceil.mean() - base.mean()
+    share = gap_share(runs, primary)
     out = []
     filtered = runs[~runs["filter"].isin(["none", CEILING])]
     for b, g in filtered.groupby("budget", sort=False):
@@ -82,14 +86,14 @@ def verdict(runs: pd.DataFrame, primary: str = "zero_shot_acc") -> list[str]:
         rival = max(others, key=lambda f: others[f].mean())
         for mine in (f for f in per if f.startswith("ecif")):
             v = per[mine]
-            if not gap > 0:
+            closed = share(v)
+            if np.isnan(closed):
                 out.append(
                     f"- budget {b}: the oracle is no better than no filtering here, so there is "
                     f"no gap to close; {mine}: {v.mean():.3f}, best other filter: {rival} "
                     f"({others[rival].mean():.3f})."
                 )
                 continue
-            closed = (v.mean() - base.mean()) / gap
             m, lo, hi = t_interval(v - others[rival].loc[v.index])
             ahead = m > 0
             noise = "" if np.isnan(lo) else " (within noise)" if lo <= 0 <= hi else ""
