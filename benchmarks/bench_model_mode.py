@@ -123,6 +123,21 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
         det("clip_score", -table["clip_score"].to_numpy())
         det("head influence", -table["influence"].to_numpy())
         det("head misalign_score", table["misalign_score"].to_numpy())
+        # the mode's own audit at its defaults: what `ecif score --params ...` ranks by
+        margs = ecif.AuditArgs(
+            params=base.params,
+            lora_rank=base.lora_rank,
+            lora_blocks=base.lora_blocks,
+            batch_size=64,
+            seed=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mine = ecif.Auditor(
+                train_set, val_set, margs, train_features=train, val_features=val
+            ).run()
+        mine = mine.set_index("id").loc[list(train_set.ids)]
+        det(f"{tag} misalign_score", mine["misalign_score"].to_numpy())
         scales = {"model scale": None, "calibrated scale": calibrated(val, train.init, base)}
         for label, scale in scales.items():
             args = replace(base, batch_size=64, seed=seed, logit_scale=scale)

@@ -228,6 +228,10 @@ def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Pairs"] == "160"
+    # the overview names what the influence was taken through, not the head's unused search
+    said = [m.value for m in at.markdown]
+    assert any(m.startswith("**Projection:** logit scale") and "lam 0.1" in m for m in said)
+    assert not any(m.startswith("**Head:**") for m in said)
     for page in ("suspects", "pair", "trace"):
         at.switch_page(f"views/{page}.py")
         at.run()

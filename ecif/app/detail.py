@@ -106,6 +106,18 @@ def test_folders(info: dict[str, Any]) -> list[str]:
     return found
 
 
+def _class_prompts(classes: list[str] | None, label: int | None) -> list[str] | None:
+    """The non-blank prompts (None: no zero-shot), with a usable true ``label``."""
+    if classes is None:
+        return None
+    classes = [c.strip() for c in classes if c.strip()]
+    if len(classes) < 2:
+        raise ValueError("give at least two class prompts, one per line")
+    if label is None or not 0 <= label < len(classes):
+        raise ValueError("choose the true class")
+    return classes
+
+
 def run_trace(
     tb: Any,
     kind: str,
@@ -123,12 +135,7 @@ def run_trace(
     """One trace-back query through ``ecif.audit.trace.TraceBack``: kind is "pair", "image" or
     "caption"; ``classes`` (prompts) with the true ``label`` turn a pair or image query into
     zero-shot classification. Returns (table with a ``list`` column, info)."""
-    if classes is not None:
-        classes = [c.strip() for c in classes if c.strip()]
-        if len(classes) < 2:
-            raise ValueError("give at least two class prompts, one per line")
-        if label is None or not 0 <= label < len(classes):
-            raise ValueError("choose the true class")
+    classes = _class_prompts(classes, label)
     if kind == "pair":
         if test is None:
             raise ValueError("choose a validation/test embedding folder")
@@ -146,3 +153,45 @@ def run_trace(
             raise ValueError("type a caption")
         q = tb.query_from_caption(caption.strip())
     return tb.trace(q, k=k, candidates=candidates or None)
+
+
+def run_model_trace(
+    folder: str | os.PathLike,
+    kind: str,
+    *,
+    test_path: str | os.PathLike | None = None,
+    query_id: Any = None,
+    image_path: str | os.PathLike | None = None,
+    image_name: str | None = None,
+    caption: str | None = None,
+    classes: list[str] | None = None,
+    label: int | None = None,
+    k: int = 10,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``run_trace`` on a model-mode audit (``ecif.audit.model_queries``): every training pair
+    is ranked; files and text go through the frozen trunk of the training cache's model."""
+    from ecif.audit import model_queries as mq
+    from ecif.audit.model_trace_pair import query_inputs, trace_model
+
+    classes = _class_prompts(classes, label)
+    if kind == "pair":
+        if not test_path:
+            raise ValueError("choose a validation/test embedding folder")
+        inputs = query_inputs(folder) if classes else None
+        q = mq.pair_query(test_path, query_id, inputs=inputs, classes=classes, label=label)
+    elif kind == "image":
+        if not classes and (not caption or not caption.strip()):
+            raise ValueError("type the caption this image should match")
+        q = mq.image_query(
+            query_inputs(folder),
+            image_path,
+            caption=caption.strip() if caption else None,
+            classes=classes,
+            label=label,
+            name=image_name,
+        )
+    else:
+        if not caption or not caption.strip():
+            raise ValueError("type a caption")
+        q = mq.caption_query(query_inputs(folder), caption.strip())
+    return trace_model(folder, q, k=k)

@@ -1,10 +1,11 @@
-"""Trace-back of one test pair on a model-mode audit (``params`` projection or lora): the
-pair's image against the test captions, its gradient through the fitted part, and every
-training pair ranked by relative influence (``ecif.engine.model_trace``). The CLI's
-``ecif trace --query-id`` and the app's trace page both call it."""
+"""Trace-back on a model-mode audit (``params`` projection or lora): a query
+(``ecif.audit.model_queries``: a test pair, an image file or free text), its gradient through
+the fitted part, and every training pair ranked by relative influence
+(``ecif.engine.model_trace``). The CLI's ``ecif trace`` and the app's trace page call it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 import torch
 
 from ecif.audit.folder import AuditFolderError, read_models
-from ecif.audit.labels import answer_labels
+from ecif.audit.model_queries import ModelAuditInputs, ModelQuery
 
 
 def model_audit(folder: str | os.PathLike) -> tuple[Any, Any, dict]:
@@ -35,43 +36,56 @@ def model_audit(folder: str | os.PathLike) -> tuple[Any, Any, dict]:
     return train, whole[0], info
 
 
-def pair_query(test_folder: str | os.PathLike, query_id: Any, label_col: str | None = None):
-    """(query image features, candidate caption features, positive flags, answer names, what):
-    a caption is right when it carries the pair's label (``answer_labels``)."""
-    from ecif.data.embedding_set import EmbeddingSet
-    from ecif.data.features import load_features
-
-    feats = load_features(test_folder)
-    test = EmbeddingSet.load(test_folder)
-    fid = [str(i) for i in feats.ids]
-    at = pd.Index([str(i) for i in test.ids]).get_indexer(fid)
-    key = answer_labels(test, label_col)[at]
-    where = np.nonzero(np.asarray(fid) == str(query_id))[0]
-    if len(where) == 0:
-        raise KeyError(f"query id {query_id!r} is not in {test_folder}")
-    pos = int(where[0])
-    meta = test.metadata
-    names = (
-        [str(c) for c in meta["caption"]]
-        if meta is not None and "caption" in meta
-        else [str(i) for i in test.ids]
-    )
-    names = np.asarray(names, dtype=object)[at]
-    what = f"test pair {query_id}: its image against the {len(names)} test captions"
-    return feats.image[pos], feats.text, key == key[pos], names, what
+def query_inputs(audit: str | os.PathLike, device: str = "cpu") -> ModelAuditInputs:
+    """What file and text queries on ``audit`` need (the trunk loads on first use)."""
+    train, _, info = model_audit(audit)
+    return ModelAuditInputs.of(train, info["embeddings"], device)
 
 
-def trace_model_pair(
-    audit: str | os.PathLike,
-    test_folder: str | os.PathLike,
-    query_id: Any,
-    *,
-    k: int = 10,
-    label_col: str | None = None,
+NORMS_FILE = "model_norms.npz"  # in AUDIT/index/, beside the head mode's trace.pt
+
+
+def model_fingerprint(model: Any, probes: int, seed: int) -> str:
+    """Changes whenever the fitted part, its batches, its pull or the probe draw change."""
+    h = hashlib.sha1()
+    h.update(model.theta.detach().cpu().contiguous().numpy().tobytes())
+    h.update(np.asarray(model.partition.index).tobytes())
+    h.update(repr((model.lam, model.n_norm, model.curvature, probes, seed)).encode())
+    return h.hexdigest()[:16]
+
+
+def pair_norms(audit: str | os.PathLike, model: Any, train: Any, inverse: Any) -> np.ndarray:
+    """||H^-1 grad R_n|| of every training pair from random probes: the relative-influence
+    denominator, the same for every query, so it is computed once per fitted part and kept in
+    ``AUDIT/index/model_norms.npz`` (tagged with ``model_fingerprint``; a refit recomputes)."""
+    from ecif.atomic import atomic_path
+    from ecif.engine.model_probes import DEFAULT_PROBES, probe_estimate
+
+    path = Path(audit) / "index" / NORMS_FILE
+    key = model_fingerprint(model, DEFAULT_PROBES, 0)
+    if path.exists():
+        with np.load(path) as cached:
+            if str(cached["fingerprint"]) == key and len(cached["norms"]) == len(train.image):
+                return cached["norms"]
+    est = probe_estimate(model, train, probes=DEFAULT_PROBES, whiten=False, inverse=inverse)
+    norms = np.asarray(est.norms(), dtype=np.float64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, norms=norms, fingerprint=np.asarray(key))
+    except OSError:  # a read-only audit folder: the next query recomputes
+        pass
+    return norms
+
+
+def trace_model(
+    audit: str | os.PathLike, q: ModelQuery, *, k: int = 10
 ) -> tuple[pd.DataFrame, dict]:
     """The trace table (list, rank, id, relative_influence, influence, caption) and its info
     (query, predicted, correct, p_correct, loss, candidates, solver)."""
     from ecif.data.embedding_set import EmbeddingSet
+    from ecif.engine.encoder_influence import ModelInverse
     from ecif.engine.model_trace import (
         loss_of_logits,
         query_gradient,
@@ -80,12 +94,15 @@ def trace_model_pair(
     )
 
     train, model, info = model_audit(audit)
-    query, cands, positive, names, what = pair_query(test_folder, query_id, label_col)
+    kw = dict(direction=q.direction)
     with torch.no_grad():
-        logits = query_logits(model, query, cands)
-        loss = float(loss_of_logits(logits, positive))
+        logits = query_logits(model, q.query, q.candidates, **kw)
+        loss = float(loss_of_logits(logits, q.positive))
     top = int(logits.argmax())  # the prediction: the candidate the model ranks first
-    table = relative_influence(model, train, query_gradient(model, query, cands, positive))
+    grad = query_gradient(model, q.query, q.candidates, q.positive, **kw)
+    inverse = ModelInverse(model, train.image, train.text)
+    norms = pair_norms(audit, model, train, inverse)
+    table = relative_influence(model, train, grad, norms=norms, inverse=inverse)
     train_set = EmbeddingSet.load(info["embeddings"])
     meta = train_set.metadata
     table["caption"] = ""
@@ -98,9 +115,9 @@ def trace_model_pair(
         rows = rows[(rows["relative_influence"] < 0) == (name == "responsible")]
         parts.append(rows.assign(list=name, rank=np.arange(1, len(rows) + 1)))
     return pd.concat(parts, ignore_index=True), {
-        "query": what,
-        "predicted": str(names[top]),
-        "correct": bool(positive[top]),
+        "query": q.description,
+        "predicted": str(q.names[top]),
+        "correct": bool(q.positive[top]),
         "p_correct": float(np.exp(-loss)),
         "loss": loss,
         "candidates": len(table),

@@ -65,6 +65,19 @@ def describe_choice(record: dict) -> str:
     )
 
 
+def describe_fit(info: dict) -> tuple[str, str] | None:
+    """(what was fit, one line on its scale and pull) from an audit's record: the head's
+    search, or in a model mode the part's scale and pull (the head's search does not apply
+    there); None when the record says neither."""
+    params = (info.get("options") or {}).get("params") or "head"
+    if params != "head":
+        auto = info["options"].get("logit_scale") == "auto"
+        how = "calibrated on the trusted pairs" if auto else "as given"
+        return params, f"logit scale {info['logit_scale']:.3g} ({how}), lam {info['lam']:g}"
+    choice = info.get("head_choice")
+    return ("head", describe_choice(choice)) if choice else None
+
+
 def calibrated_scale(
     x, y, batch_size: int = 256, seed: int = 0, max_pairs: int = 20_000, bounds=(1.0, 200.0)
 ) -> float:

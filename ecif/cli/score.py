@@ -45,7 +45,7 @@ def not_converged(fit: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from ecif.audit.combine import describe_combination
     from ecif.audit.folder import read_audit
-    from ecif.audit.selection import describe_choice
+    from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
     from ecif.data.embedding_set import EmbeddingSet
 
@@ -65,14 +65,9 @@ def run(args: argparse.Namespace) -> int:
     cols = ["id", "caption", "clip_score", "pair_loss", "influence", "misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))
-    choice = info.get("head_choice")
-    params = (info.get("options") or {}).get("params") or "head"
-    if params != "head":  # the head's search does not apply: say what the part was fit with
-        auto = info["options"].get("logit_scale") == "auto"
-        how = "calibrated on the trusted pairs" if auto else "as given"
-        print(f"{params}: logit scale {info['logit_scale']:.3g} ({how}), lam {info['lam']:g}")
-    elif choice:
-        print(f"head: {describe_choice(choice)}")
+    fitted = describe_fit(info)
+    if fitted:
+        print(f"{fitted[0]}: {fitted[1]}")
     if info.get("combination"):
         print(f"misalign_score: {describe_combination(info['combination'])}")
     for fit in info.get("fit") or []:

@@ -28,9 +28,10 @@ DESCRIPTION = (
     "(zero-shot); --caption TEXT alone (text -> image: the caption against its nearest training "
     "images, the correct ones being those captioned with it). Files and free text are embedded "
     "with the model named in the embedding folder's manifest.json. On a model-mode audit "
-    "(`ecif score --params projection|lora`) only --query-id/--test is taken (the test folder "
-    "embedded with the same --cache-features): the query's gradient runs through the fitted "
-    "part, every training pair is ranked, and the norms come from 32 random probes."
+    "(`ecif score --params projection|lora`) every query kind is taken: a --test folder must "
+    "be embedded with the same --cache-features, and files and text go through the frozen "
+    "trunk of the model named in the training feature cache; the query's gradient runs through "
+    "the fitted part, every training pair is ranked, and the norms come from 32 random probes."
 )
 
 
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         if audit_params(args.audit) != "head":  # through the encoders: every training pair
-            table, info = run_model(args, args.k if args.k is not None else TraceArgs().k)
+            table, info = run_model(args, args.k if args.k is not None else TraceArgs().k, _classes)
         else:
             tb = TraceBack.from_audit(args.audit, trace_args_from(args), embeddings=args.embeddings)
             if tb.indexes is None:

@@ -1,5 +1,5 @@
-"""``ecif trace`` on a model-mode audit: only ``--query-id ID --test FOLDER`` (files and free
-text would need the frozen trunk, which the audit does not hold)."""
+"""``ecif trace`` on a model-mode audit: the query through the frozen trunk and the fitted
+part (``ecif.audit.model_queries``), every training pair ranked."""
 
 from __future__ import annotations
 
@@ -8,15 +8,44 @@ import argparse
 import pandas as pd
 
 
-def run_model(args: argparse.Namespace, k: int) -> tuple[pd.DataFrame, dict]:
-    from ecif.audit.model_trace_pair import trace_model_pair
+def run_model(args: argparse.Namespace, k: int, classes_and_label) -> tuple[pd.DataFrame, dict]:
+    """The trace of the query the flags describe (see ``ecif trace --help``);
+    ``classes_and_label``: the CLI's reader of --classes/--label."""
+    from ecif.audit import model_queries as mq
+    from ecif.audit.model_trace_pair import query_inputs, trace_model
+    from ecif.audit.trace_args import TraceArgs
+    from ecif.device import resolve_device
 
-    if args.query_id is None or args.image or args.caption or args.classes:
-        raise ValueError(
-            "a model-mode audit traces --query-id ID --test FOLDER only (a test folder "
-            "embedded with the same --cache-features); --image, --caption and --classes need "
-            "the head mode"
+    names, label = classes_and_label(args)
+    competitors = args.competitors or TraceArgs().competitors
+
+    def inputs():
+        return query_inputs(args.audit, resolve_device(args.device))
+
+    if args.query_id is not None:
+        if not args.test:
+            raise ValueError("--query-id needs --test EMB_FOLDER (the set holding that id)")
+        q = mq.pair_query(
+            args.test,
+            args.query_id,
+            label_col=args.label_col,
+            inputs=inputs() if names else None,
+            classes=names,
+            label=label,
         )
-    if not args.test:
-        raise ValueError("--query-id needs --test EMB_FOLDER (the set holding that id)")
-    return trace_model_pair(args.audit, args.test, args.query_id, k=k, label_col=args.label_col)
+    elif args.image:
+        q = mq.image_query(
+            inputs(),
+            args.image,
+            caption=args.caption,
+            classes=names,
+            label=label,
+            competitors=competitors,
+        )
+    elif args.caption:
+        q = mq.caption_query(inputs(), args.caption, competitors=competitors)
+    else:
+        raise ValueError(
+            "give a query: --image FILE, --caption TEXT, or --query-id ID --test FOLDER"
+        )
+    return trace_model(args.audit, q, k=k)

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from ecif.app import charts, state
+from ecif.audit.selection import describe_fit
 
 table, info = state.audit()
 
@@ -33,11 +34,9 @@ st.markdown(
     f"**Validation:** {info.get('validation', 'none')}  \n"
     f"**Threshold:** {info.get('threshold', '?')}"
 )
-choice = info.get("head_choice")
-if choice:
-    from ecif.audit.selection import describe_choice
-
-    st.markdown(f"**Head:** {describe_choice(choice)}")
+fitted = describe_fit(info)
+if fitted:  # the head's search, or a model mode's part: what the influence was taken through
+    st.markdown(f"**{fitted[0].capitalize()}:** {fitted[1]}")
 if info.get("combination"):
     from ecif.audit.combine import describe_combination
 

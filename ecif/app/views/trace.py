@@ -21,14 +21,13 @@ st.caption(
 params = (info.get("options") or {}).get("params") or "head"
 if params != "head":  # through the encoders: test pairs from a feature cache, every pair ranked
     st.info(
-        f"This audit's influence runs through the model ({params} mode): a query is a "
-        "validation/test pair from a folder embedded with the same feature cache, and every "
-        "training pair is ranked (norms from 32 random probes)."
+        f"This audit's influence runs through the model ({params} mode): every training pair "
+        "is ranked (norms from 32 random probes). A validation/test pair must come from a "
+        "folder embedded with the same feature cache; uploaded images and typed text go "
+        "through the frozen model named in the training feature cache."
     )
 kinds = ["A validation/test pair", "An uploaded image", "A typed caption"]
-kind = st.radio(
-    "Query", kinds if params == "head" else kinds[:1], horizontal=True, key="trace_kind"
-)
+kind = st.radio("Query", kinds, horizontal=True, key="trace_kind")
 c = st.columns(2)
 k = c[0].slider("Pairs per list", 1, 50, 10, key="trace_k")
 candidates = (
@@ -77,7 +76,7 @@ else:
     cap = st.text_input("Caption", key="trace_caption")
     query = dict(kind="caption", caption=cap)
 
-if query.get("kind") in ("pair", "image") and params == "head":
+if query.get("kind") in ("pair", "image"):
     use_classes = st.checkbox(
         "Against class prompts (zero-shot) instead of captions",
         key="trace_use_classes",
@@ -96,11 +95,12 @@ if query.get("kind") in ("pair", "image") and params == "head":
 
 clicked = st.button("Trace", type="primary", disabled=not query, key="trace_go")
 if clicked and params != "head":
-    from ecif.audit.model_trace_pair import trace_model_pair
-
+    model_query = {key: v for key, v in query.items() if key != "test"}
+    if query.get("kind") == "pair":
+        model_query["test_path"] = test_path
     try:
         with st.spinner("Ranking every training pair through the model…"):
-            result, qinfo = trace_model_pair(folder, test_path, query["query_id"], k=k)
+            result, qinfo = detail.run_model_trace(folder, k=k, **model_query)
     except Exception as e:  # bad query, missing feature cache: say why in the page
         st.error(f"Trace-back failed: {e}")
         st.stop()

@@ -1,0 +1,128 @@
+"""How a model mode's cost grows with the training set (issue 16): fit, solve and scoring
+time, the scoring pass against a plain forward pass of the part, and peak memory, at N, 2N
+and 4N pairs.
+
+    python benchmarks/bench_model_cost.py --params projection --sizes 300 600 1200
+    python benchmarks/bench_model_cost.py --params lora --sizes 200 400 800
+
+Digits rendered as images (20% mixed noise) are embedded once with the tiny CLIP's feature
+cache at the largest size; the smaller sets are its first rows. Each size runs in a fresh
+process (``spawn``) so its peak resident memory (``ru_maxrss``) is its own; the figures are
+ratios against the smallest size, measured on the same machine in the same run. Default
+options throughout: batch 256 (or N/4, whichever is smaller, so every size has >= 4
+batches), the calibrated scale and the mode's default pull.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ecif
+from ecif.data.features import load_features
+from ecif.data.tiny_clip import tiny_clip
+from ecif.engine.encoder_influence import ModelInverse, score_pass
+from ecif.engine.encoder_model import feature_chunks
+from ecif.engine.model_mode import ModelArgs, fit_model, loss_gradient
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_model_mode import calibrated  # noqa: E402
+
+
+def embed(folder: Path, n: int, seed: int, noise: float, kind: str) -> Path:
+    data = ecif.datasets.digits(n, seed=seed, noise=noise, noise_kind="mixed")
+    data.to_parquet(folder / "s")
+    ecif.embed(folder / "s", folder / "e", model=f"local-dir:{tiny_clip()}", cache_features=kind)
+    return folder / "e"
+
+
+class Rows:
+    """The first ``n`` rows of a feature cache, with what the fit reads (image, text, init)."""
+
+    def __init__(self, feats, n: int):
+        self.image, self.text = feats.image[:n], feats.text[:n]
+        self.ids, self.init = np.asarray(feats.ids)[:n], feats.init
+
+
+def measure(train_dir: str, val_dir: str, n: int, params: str, threads: int, out) -> None:
+    torch.set_num_threads(threads)
+    train = Rows(load_features(train_dir, dtype=np.float64), n)
+    val = load_features(val_dir, dtype=np.float64)
+    base = ModelArgs(params=params, batch_size=min(256, n // 4), seed=0)
+    args = ModelArgs(**{**base.__dict__, "logit_scale": calibrated(val, train.init, base)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = time.perf_counter()
+        model = fit_model(train, train.init, args)
+        fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    inv = ModelInverse(model, train.image, train.text)
+    w = inv.solve(loss_gradient(model, val.image, val.text))
+    solve_s = time.perf_counter() - t
+    t = time.perf_counter()
+    score_pass(model, train.image, train.text, w)
+    score_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for ch in feature_chunks(train.image, train.text, model.partition, dtype=model.dtype):
+        with torch.no_grad():
+            model.part.embed(model.theta, ch.image, ch.text)
+    forward_s = time.perf_counter() - t
+    out.put(
+        {
+            "n": n,
+            "fit s": fit_s,
+            "fit passes": float(model.info["evaluations"]),
+            "converged": bool(model.info["converged"]),
+            "solve s": solve_s,
+            "CG iterations": float(inv.info.get("iterations", float("nan"))),
+            "score s": score_s,
+            "score/forward": score_s / forward_s,
+            "peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", choices=("projection", "lora"), default="projection")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[300, 600, 1200])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    a = ap.parse_args()
+    sizes = sorted(a.sizes)
+    ctx = mp.get_context("spawn")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train_dir = embed(tmp / "train", sizes[-1], 0, 0.2, a.params)
+        val_dir = embed(tmp / "val", 300, 1000, 0.0, a.params)
+        for n in sizes:
+            q = ctx.Queue()
+            p = ctx.Process(
+                target=measure, args=(str(train_dir), str(val_dir), n, a.params, a.threads, q)
+            )
+            p.start()
+            rows.append(q.get())
+            p.join()
+            print(rows[-1], flush=True)
+    first = rows[0]
+    keys = ("fit s", "fit passes", "solve s", "CG iterations", "score s", "peak RSS MiB")
+    print(f"\n{a.params} mode, sizes {sizes}, {a.threads} torch thread(s)\n")
+    print("| N | " + " | ".join(keys) + " | score/forward | converged |")
+    print("|---" * (len(keys) + 3) + "|")
+    for r in rows:
+        cells = [f"{r[k]:.3g} ({r[k] / first[k]:.2f}x)" for k in keys]
+        extra = f"{r['score/forward']:.2f} | {r['converged']}"
+        print(f"| {r['n']} | " + " | ".join(cells) + f" | {extra} |")
+
+
+if __name__ == "__main__":
+    main()
