@@ -157,12 +157,9 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
                     model.with_curvature("gauss_newton"), train, val, damping=args.damping
                 )
                 det(f"{tag} ({label}, gauss_newton solve) influence", -gn["influence"].to_numpy())
-                out.update(
-                    {
-                        f"{tag} {k}": v
-                        for k, v in fidelity(train, val, args, seed, singles, groups).items()
-                    }
-                )
+                if singles and groups:  # 0 and 0: detection and cost only
+                    fid = fidelity(train, val, args, seed, singles, groups)
+                    out.update({f"{tag} {k}": v for k, v in fid.items()})
                 out.update({f"{tag} {k}": v for k, v in cost(train, model).items()})
     return out
 
@@ -173,7 +170,12 @@ def main() -> None:
     )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n", type=int, default=600)
-    ap.add_argument("--singles", type=int, default=30, help="single-removal refits per seed")
+    ap.add_argument(
+        "--singles",
+        type=int,
+        default=30,
+        help="single-removal refits per seed (0 with --groups 0: no fidelity refits)",
+    )
     ap.add_argument("--groups", type=int, default=20, help="5%% subset refits per seed")
     ap.add_argument("--params", choices=("projection", "lora"), default="projection")
     ap.add_argument("--lora-rank", type=int, default=4, help="lora: the adapters' rank")
