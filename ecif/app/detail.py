@@ -174,16 +174,17 @@ def run_model_trace(
     from ecif.audit.model_trace_pair import query_inputs, trace_model
 
     classes = _class_prompts(classes, label)
+    # the trunk and the training embeddings: for files, text and class prompts only
+    inputs = query_inputs(folder) if kind != "pair" or classes else None
     if kind == "pair":
         if not test_path:
             raise ValueError("choose a validation/test embedding folder")
-        inputs = query_inputs(folder) if classes else None
         q = mq.pair_query(test_path, query_id, inputs=inputs, classes=classes, label=label)
     elif kind == "image":
         if not classes and (not caption or not caption.strip()):
             raise ValueError("type the caption this image should match")
         q = mq.image_query(
-            query_inputs(folder),
+            inputs,
             image_path,
             caption=caption.strip() if caption else None,
             classes=classes,
@@ -193,5 +194,5 @@ def run_model_trace(
     else:
         if not caption or not caption.strip():
             raise ValueError("type a caption")
-        q = mq.caption_query(query_inputs(folder), caption.strip())
-    return trace_model(folder, q, k=k)
+        q = mq.caption_query(inputs, caption.strip())
+    return trace_model(folder, q, k=k, inputs=inputs)

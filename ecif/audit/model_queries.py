@@ -22,8 +22,7 @@ import torch
 
 from ecif.audit.labels import answer_labels
 from ecif.audit.trace import POSITIVE_COSINE
-
-DIRECTIONS = ("image->text", "text->image")
+from ecif.audit.trace_loss import _unit
 
 
 @dataclass
@@ -36,11 +35,6 @@ class ModelQuery:
     positive: np.ndarray  # (C,) bool
     names: np.ndarray  # (C,) what each candidate is, for the prediction line
     description: str
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
 class TrunkEncoder:
@@ -99,15 +93,23 @@ class TrunkEncoder:
 @dataclass
 class ModelAuditInputs:
     """What a model-mode query needs of its audit: the training cache (feature rows), the
-    training embeddings and captions (to find a file's or a text's nearest pairs), and the
-    trunk encoder (loaded on first use)."""
+    training embeddings and captions (to find a file's or a text's nearest pairs), the trunk
+    encoder (loaded on first use) and the fitted part (``fitted``, when the caller has it: the
+    trace then does not read it again)."""
 
     features: Any  # ecif.data.features.FeatureSet
     embeddings: Any  # ecif.data.embedding_set.EmbeddingSet, rows aligned with features
     encoder: TrunkEncoder
+    fitted: Any = None  # ecif.engine.encoder_model.EncoderModel
 
     @classmethod
-    def of(cls, features: Any, embedding_folder: str | os.PathLike, device: str = "cpu"):
+    def of(
+        cls,
+        features: Any,
+        embedding_folder: str | os.PathLike,
+        device: str = "cpu",
+        fitted: Any = None,
+    ):
         from ecif.data.embedding_set import EmbeddingSet
         from ecif.data.layout import read_manifest
 
@@ -117,7 +119,8 @@ class ModelAuditInputs:
             raise ValueError(f"{embedding_folder}: its embeddings and feature cache disagree")
         emb = emb.subset(at)
         blocks = ((read_manifest(embedding_folder) or {}).get("features") or {}).get("blocks", 1)
-        return cls(features, emb, TrunkEncoder(features.init, features.kind, blocks, device))
+        encoder = TrunkEncoder(features.init, features.kind, blocks, device)
+        return cls(features, emb, encoder, fitted)
 
     def captions(self, rows: np.ndarray) -> list[str]:
         meta = self.embeddings.metadata

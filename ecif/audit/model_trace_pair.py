@@ -38,8 +38,8 @@ def model_audit(folder: str | os.PathLike) -> tuple[Any, Any, dict]:
 
 def query_inputs(audit: str | os.PathLike, device: str = "cpu") -> ModelAuditInputs:
     """What file and text queries on ``audit`` need (the trunk loads on first use)."""
-    train, _, info = model_audit(audit)
-    return ModelAuditInputs.of(train, info["embeddings"], device)
+    train, model, info = model_audit(audit)
+    return ModelAuditInputs.of(train, info["embeddings"], device, fitted=model)
 
 
 NORMS_FILE = "model_norms.npz"  # in AUDIT/index/, beside the head mode's trace.pt
@@ -80,11 +80,15 @@ def pair_norms(audit: str | os.PathLike, model: Any, train: Any, inverse: Any) -
 
 
 def trace_model(
-    audit: str | os.PathLike, q: ModelQuery, *, k: int = 10
+    audit: str | os.PathLike,
+    q: ModelQuery,
+    *,
+    k: int = 10,
+    inputs: ModelAuditInputs | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """The trace table (list, rank, id, relative_influence, influence, caption) and its info
-    (query, predicted, correct, p_correct, loss, candidates, solver)."""
-    from ecif.data.embedding_set import EmbeddingSet
+    (query, predicted, correct, p_correct, loss, candidates, solver). ``inputs``: what built
+    the query (``query_inputs``), so the audit is not read again."""
     from ecif.engine.encoder_influence import ModelInverse
     from ecif.engine.model_trace import (
         loss_of_logits,
@@ -93,7 +97,10 @@ def trace_model(
         relative_influence,
     )
 
-    train, model, info = model_audit(audit)
+    if inputs is not None and inputs.fitted is not None:
+        train, model = inputs.features, inputs.fitted
+    else:
+        train, model, _ = model_audit(audit)
     kw = dict(direction=q.direction)
     with torch.no_grad():
         logits = query_logits(model, q.query, q.candidates, **kw)
@@ -103,12 +110,9 @@ def trace_model(
     inverse = ModelInverse(model, train.image, train.text)
     norms = pair_norms(audit, model, train, inverse)
     table = relative_influence(model, train, grad, norms=norms, inverse=inverse)
-    train_set = EmbeddingSet.load(info["embeddings"])
-    meta = train_set.metadata
-    table["caption"] = ""
-    if meta is not None and "caption" in meta:
-        by_id = pd.Series(list(meta["caption"]), index=[str(i) for i in train_set.ids])
-        table["caption"] = by_id.reindex([str(i) for i in table["id"]]).to_numpy()
+    meta = train.metadata  # the cache's rows, in the table's order
+    has = meta is not None and "caption" in meta
+    table["caption"] = meta["caption"].astype(str).to_numpy() if has else ""
     order = table.sort_values("relative_influence", kind="stable")
     parts = []
     for name, rows in (("responsible", order.head(k)), ("helped", order.tail(k)[::-1])):

@@ -19,33 +19,33 @@ def run_model(args: argparse.Namespace, k: int, classes_and_label) -> tuple[pd.D
     names, label = classes_and_label(args)
     competitors = args.competitors or TraceArgs().competitors
 
-    def inputs():
-        return query_inputs(args.audit, resolve_device(args.device))
-
+    if args.query_id is not None and not args.test:
+        raise ValueError("--query-id needs --test EMB_FOLDER (the set holding that id)")
+    if not (args.query_id is not None or args.image or args.caption):
+        raise ValueError(
+            "give a query: --image FILE, --caption TEXT, or --query-id ID --test FOLDER"
+        )
+    # the trunk and the training embeddings: for files, text and class prompts only
+    needs_trunk = args.query_id is None or bool(names)
+    inputs = query_inputs(args.audit, resolve_device(args.device)) if needs_trunk else None
     if args.query_id is not None:
-        if not args.test:
-            raise ValueError("--query-id needs --test EMB_FOLDER (the set holding that id)")
         q = mq.pair_query(
             args.test,
             args.query_id,
             label_col=args.label_col,
-            inputs=inputs() if names else None,
+            inputs=inputs,
             classes=names,
             label=label,
         )
     elif args.image:
         q = mq.image_query(
-            inputs(),
+            inputs,
             args.image,
             caption=args.caption,
             classes=names,
             label=label,
             competitors=competitors,
         )
-    elif args.caption:
-        q = mq.caption_query(inputs(), args.caption, competitors=competitors)
     else:
-        raise ValueError(
-            "give a query: --image FILE, --caption TEXT, or --query-id ID --test FOLDER"
-        )
-    return trace_model(args.audit, q, k=k)
+        q = mq.caption_query(inputs, args.caption, competitors=competitors)
+    return trace_model(args.audit, q, k=k, inputs=inputs)
