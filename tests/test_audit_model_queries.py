@@ -143,6 +143,35 @@ def test_zero_shot_queries_in_projection_mode(projection, tmp_path, capsys):
     assert "--caption" in err and "Traceback" not in err
 
 
+def test_index_keeps_a_model_audits_probe_norms_for_its_traces(projection, tmp_path, capsys):
+    import shutil
+
+    audit = tmp_path / "audit"
+    shutil.copytree(projection["audit"], audit, ignore=shutil.ignore_patterns("index"))
+    assert main(["index", str(audit), "--norms", "exact"]) == 2
+    assert "probe count" in capsys.readouterr().err
+    assert main(["index", str(audit), "--norms", "4", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "probe norms of 160 pairs (4 probes, computed" in said, said
+    path = audit / "index" / "model_norms.npz"
+    with np.load(path) as kept:
+        norms, probes = kept["norms"], int(kept["probes"])
+    assert probes == 4 and not (audit / "index" / "image.faiss").exists()
+    from ecif.engine.model_probes import probe_estimate
+
+    state = torch.load(audit / "model.pt", weights_only=False)[0]
+    train = load_features(projection["root"] / "train")
+    fresh = probe_estimate(EncoderModel.from_state_dict(state), train, probes=4, whiten=False)
+    np.testing.assert_allclose(norms, fresh.norms(), rtol=1e-6)
+    # a second index and a trace reuse them (the file is not rewritten)
+    stamp = path.stat().st_mtime_ns
+    assert main(["index", str(audit), "--quiet"]) == 0
+    assert "(4 probes, kept already)" in capsys.readouterr().out
+    caption = projection["data"]["train"].captions[0]
+    assert main(["trace", str(audit), "--caption", caption, "-k", "2", "--quiet"]) == 0
+    assert path.stat().st_mtime_ns == stamp
+
+
 def test_trace_an_image_file_in_lora_mode(tmp_path, tiny_clip_dir, capsys):
     opts = ["--lora-rank", "2", "--batch-size", "20"]
     audit, data = _audit(tmp_path, tiny_clip_dir, "lora", 40, 16, opts)

@@ -157,13 +157,13 @@ def training_set(
 def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True) -> Head:
     """A head fit on the whole training set: the audit's own, or AUDIT/index/head.pt (what
     `ecif index` fits when the audit cross-fitted halves), else fit now with its options.
-    Audits in a model mode (params != "head") have no head: trace-back is not built there."""
+    Audits in a model mode (params != "head") have no head: their traces go through the fitted
+    part (``ecif.audit.model_trace_pair``)."""
     params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
     if params not in (None, "head"):
         raise AuditFolderError(
-            f"{folder}: an audit in a model mode (params={params!r}); the indexed trace-back "
-            "is built for the head mode only (`ecif trace --query-id ID --test FOLDER` works "
-            "in the model modes; rerun `ecif score` without --params for the rest)"
+            f"{folder}: an audit in a model mode (params={params!r}) has no head; its traces go "
+            "through the fitted part (`ecif trace` takes the same queries)"
         )
     for path in (folder, folder / "index"):
         if (path / "head.pt").exists():

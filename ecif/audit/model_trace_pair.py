@@ -54,29 +54,78 @@ def model_fingerprint(model: Any, probes: int, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def pair_norms(audit: str | os.PathLike, model: Any, train: Any, inverse: Any) -> np.ndarray:
+def pair_norms(
+    audit: str | os.PathLike,
+    model: Any,
+    train: Any,
+    inverse: Any,
+    *,
+    probes: int | None = None,
+    progress: Any = None,
+) -> np.ndarray:
     """||H^-1 grad R_n|| of every training pair from random probes: the relative-influence
     denominator, the same for every query, so it is computed once per fitted part and kept in
-    ``AUDIT/index/model_norms.npz`` (tagged with ``model_fingerprint``; a refit recomputes)."""
+    ``AUDIT/index/model_norms.npz`` (tagged with ``model_fingerprint``; a refit recomputes).
+    ``probes``: how many (None: whatever count is kept, else ``DEFAULT_PROBES``)."""
     from ecif.atomic import atomic_path
     from ecif.engine.model_probes import DEFAULT_PROBES, probe_estimate
 
     path = Path(audit) / "index" / NORMS_FILE
-    key = model_fingerprint(model, DEFAULT_PROBES, 0)
     if path.exists():
         with np.load(path) as cached:
-            if str(cached["fingerprint"]) == key and len(cached["norms"]) == len(train.image):
+            kept = int(cached["probes"]) if "probes" in cached else DEFAULT_PROBES
+            key = model_fingerprint(model, kept, 0)
+            if (
+                probes in (None, kept)
+                and str(cached["fingerprint"]) == key
+                and len(cached["norms"]) == len(train.image)
+            ):
                 return cached["norms"]
-    est = probe_estimate(model, train, probes=DEFAULT_PROBES, whiten=False, inverse=inverse)
+    probes = probes or DEFAULT_PROBES
+    est = probe_estimate(
+        model, train, probes=probes, whiten=False, inverse=inverse, progress=progress
+    )
     norms = np.asarray(est.norms(), dtype=np.float64)
+    key = model_fingerprint(model, probes, 0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, norms=norms, fingerprint=np.asarray(key))
+                np.savez(f, norms=norms, fingerprint=np.asarray(key), probes=np.asarray(probes))
     except OSError:  # a read-only audit folder: the next query recomputes
         pass
     return norms
+
+
+def index_model_audit(
+    audit: str | os.PathLike, *, probes: int | None = None, show_progress: bool = False
+) -> dict:
+    """What ``ecif index`` does for a model-mode audit: keep every pair's probe norms so the
+    first trace does not pay for them (a trace ranks every pair through the fitted part, so
+    there is no nearest-neighbour index to build). Returns pairs, probes, seconds, kept."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ecif.engine.encoder_influence import ModelInverse
+    from ecif.engine.model_probes import DEFAULT_PROBES
+
+    start = time.time()
+    train, model, _ = model_audit(audit)
+    path = Path(audit) / "index" / NORMS_FILE
+    before = path.stat().st_mtime_ns if path.exists() else None
+    count = probes or DEFAULT_PROBES
+    with tqdm(total=count, desc="probe norms", unit="probe", disable=not show_progress) as bar:
+        inverse = ModelInverse(model, train.image, train.text)
+        pair_norms(audit, model, train, inverse, probes=probes, progress=bar.update)
+    with np.load(path) as kept:
+        return {
+            "pairs": len(train.image),
+            "probes": int(kept["probes"]),
+            "seconds": time.time() - start,
+            "reused": before is not None and path.stat().st_mtime_ns == before,
+            "path": str(path),
+        }
 
 
 def trace_model(

@@ -19,7 +19,11 @@ DESCRIPTION = (
     "influence. --kind auto is an exact flat index below 200k pairs and IVF above (nlist ~ "
     "4 sqrt(N), trained on a sample). A GPU index is used when --device resolves to cuda and "
     "faiss has GPU support. For an audit whose heads were cross-fitted on halves, a head on the "
-    "whole set is fit once and saved as AUDIT/index/head.pt so traces need no refit."
+    "whole set is fit once and saved as AUDIT/index/head.pt so traces need no refit. On an audit "
+    "in a model mode (--params projection or lora) a trace ranks every pair through the fitted "
+    "part, so there is no FAISS index: this precomputes the pairs' probe norms (--norms auto: "
+    "32 probes, or a probe count) into AUDIT/index/model_norms.npz, which the first trace "
+    "would otherwise compute."
 )
 
 
@@ -79,6 +83,56 @@ def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
     )
 
 
+def _model_mode(folder: Path) -> str | None:
+    """The audit's parameter mode when it is a model mode (projection, lora), else None."""
+    import json
+
+    if not (folder / "audit.json").exists():
+        return None
+    params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
+    return params if params not in (None, "head") else None
+
+
+def _index_model(folder: Path, params: str, args: argparse.Namespace) -> int:
+    """``ecif index`` on a model-mode audit: the pairs' probe norms, nothing else."""
+    from ecif.audit.folder import AuditFolderError
+    from ecif.audit.model_trace_pair import index_model_audit
+    from ecif.data.layout import FolderError
+
+    if args.output is not None:
+        print(
+            f"error: --output: a {params}-mode audit keeps its norms in {folder / 'index'} "
+            "(where traces read them)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.norms == "none":
+        print(f"nothing to do: a {params}-mode audit has no FAISS index, and --norms none")
+        return 0
+    if args.norms != "auto" and not args.norms.isdigit():
+        print(
+            f"error: --norms {args.norms}: a {params}-mode audit takes auto, none or a probe "
+            "count (exact norms would need one solve per pair)",
+            file=sys.stderr,
+        )
+        return 2
+    probes = None if args.norms == "auto" else int(args.norms)
+    if probes is not None and probes < 1:
+        print("error: --norms: the probe count must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        info = index_model_audit(folder, probes=probes, show_progress=common.show_progress(args))
+    except (AuditFolderError, FolderError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    how = "kept already" if info["reused"] else f"computed in {info['seconds']:.1f} s"
+    print(
+        f"{params} mode: probe norms of {info['pairs']} pairs ({info['probes']} probes, {how}) "
+        f"in {info['path']}; traces rank every pair through the fitted part (no FAISS index)"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ecif.audit.folder import AuditFolderError, trace_head, training_set
     from ecif.data.embedding_set import EmbeddingSet
@@ -86,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     from ecif.data.layout import FolderError
 
     folder = Path(args.folder)
+    params = _model_mode(folder)
+    if params is not None:
+        return _index_model(folder, params, args)
     start = time.time()
     try:
         is_audit = (folder / "audit.json").exists()
