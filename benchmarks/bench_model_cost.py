@@ -13,6 +13,16 @@ peak RSS includes torch itself and the cache at the largest size); the figures a
 ratios against the smallest size, measured on the same machine in the same run. Default
 options throughout: batch 256 (or N/4, whichever is smaller, so every size has >= 4
 batches), the calibrated scale and the mode's default pull.
+
+    python benchmarks/bench_model_cost.py --geometry ViT-B-32 --sizes 1000 2000 4000
+
+``--geometry`` with an open_clip config name measures the projection mode at that model's
+widths (ViT-B-32: pooled features 768 and 512 wide, projected to 512) without its weights,
+which cannot be downloaded here: synthetic pooled features (a shared 32-dimensional latent
+seen through a random map per tower, plus as much independent noise), projections drawn as
+open_clip initialises them (std width^-1/2), CLIP's scale 100. Timings and memory depend on
+the shapes, not on what the weights learned; fit passes and CG iterations do depend on the
+data, so read those from the digits rows.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import ecif
 from ecif.data.features import load_features
 from ecif.data.tiny_clip import tiny_clip
 from ecif.engine.encoder_influence import ModelInverse, score_pass
-from ecif.engine.encoder_model import feature_chunks
+from ecif.engine.encoder_model import chunk_loss, feature_chunks
 from ecif.engine.model_mode import ModelArgs, fit_model, loss_gradient
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,6 +55,35 @@ def embed(folder: Path, n: int, seed: int, noise: float, kind: str) -> Path:
     data.to_parquet(folder / "s")
     ecif.embed(folder / "s", folder / "e", model=f"local-dir:{tiny_clip()}", cache_features=kind)
     return folder / "e"
+
+
+class Synthetic:
+    """Pooled features at an open_clip config's widths (see the module docstring): rows of a
+    fixed generator, so a smaller set is the first rows of a larger one."""
+
+    def __init__(self, config: str, n: int, seed: int):
+        import open_clip
+
+        cfg = open_clip.get_model_config(config)
+        if cfg is None:
+            raise SystemExit(f"--geometry {config}: not an open_clip config")
+        d, wi, wt = cfg["embed_dim"], cfg["vision_cfg"]["width"], cfg["text_cfg"]["width"]
+        maps = np.random.default_rng(12345)  # the towers' maps: the same for train and val
+        a_img, a_txt = maps.standard_normal((32, wi)), maps.standard_normal((32, wt))
+        g = np.random.default_rng(seed)
+        z = g.standard_normal((n, 32))
+        self.image = z @ a_img + g.standard_normal((n, wi)) * np.sqrt(32)
+        self.text = z @ a_txt + g.standard_normal((n, wt)) * np.sqrt(32)
+        self.ids = np.arange(n)
+        torch.manual_seed(0)
+        self.init = {
+            "kind": "projection",
+            "log_scale": float(np.log(100.0)),
+            "tensors": {
+                "image_proj": torch.randn(wi, d, dtype=torch.float64) * wi**-0.5,
+                "text_proj": torch.randn(wt, d, dtype=torch.float64) * wt**-0.5,
+            },
+        }
 
 
 class Rows:
@@ -73,10 +112,26 @@ def forward(model, train) -> None:
             model.part.embed(model.theta, ch.image, ch.text)
 
 
-def measure(train_dir: str, val_dir: str, n: int, params: str, threads: int, out) -> None:
+def forward_loss(model, train) -> None:
+    """The forward pass plus each batch's contrastive loss (its B x B logits): what a
+    training step evaluates before its backward pass."""
+    for ch in feature_chunks(train.image, train.text, model.partition, dtype=model.dtype):
+        with torch.no_grad():
+            chunk_loss(model.part, model.theta, ch)
+
+
+def inputs(source: str, n: int):
+    """(train rows, validation set): a feature cache's first ``n`` rows, or synthetic rows at
+    an open_clip config's widths (``source`` = "config:NAME")."""
+    if source.startswith("config:"):
+        return Synthetic(source[7:], n, 0), Synthetic(source[7:], 300, 1000)
+    train_dir, val_dir = source.split("|")
+    return Rows(load_features(train_dir), n), load_features(val_dir, dtype=np.float64)
+
+
+def measure(source: str, n: int, params: str, threads: int, out) -> None:
     torch.set_num_threads(threads)
-    train = Rows(load_features(train_dir), n)
-    val = load_features(val_dir, dtype=np.float64)
+    train, val = inputs(source, n)
     base = ModelArgs(params=params, batch_size=min(256, n // 4), seed=0)
     args = ModelArgs(**{**base.__dict__, "logit_scale": calibrated(val, train.init, base)})
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -89,9 +144,10 @@ def measure(train_dir: str, val_dir: str, n: int, params: str, threads: int, out
     inv = ModelInverse(model, train.image, train.text)
     w = inv.solve(loss_gradient(model, val.image, val.text))
     solve_s = time.perf_counter() - t
-    score_s, forward_s = (
+    score_s, forward_s, loss_s = (
         best_of(lambda: score_pass(model, train.image, train.text, w)),
         best_of(lambda: forward(model, train)),
+        best_of(lambda: forward_loss(model, train)),
     )
     out.put(
         {
@@ -103,6 +159,7 @@ def measure(train_dir: str, val_dir: str, n: int, params: str, threads: int, out
             "CG iterations": float(inv.info.get("iterations", float("nan"))),
             "score s": score_s,
             "score/forward": score_s / forward_s,
+            "score/(forward+loss)": score_s / loss_s,
             "peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "RSS added MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - loaded,
         }
@@ -114,33 +171,42 @@ def main() -> None:
     ap.add_argument("--params", choices=("projection", "lora"), default="projection")
     ap.add_argument("--sizes", type=int, nargs="+", default=[300, 600, 1200])
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
+    ap.add_argument(
+        "--geometry",
+        default="digits",
+        help="digits (the tiny CLIP's feature cache) or an open_clip config name, e.g. "
+        "ViT-B-32 (synthetic features at its widths; projection mode only)",
+    )
     a = ap.parse_args()
+    if a.geometry != "digits" and a.params != "projection":
+        ap.error("--geometry with a config name measures the projection mode only")
     sizes = sorted(a.sizes)
     ctx = mp.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train_dir = embed(tmp / "train", sizes[-1], 0, 0.2, a.params)
-        val_dir = embed(tmp / "val", 300, 1000, 0.0, a.params)
+        if a.geometry == "digits":
+            train_dir = embed(tmp / "train", sizes[-1], 0, 0.2, a.params)
+            source = f"{train_dir}|{embed(tmp / 'val', 300, 1000, 0.0, a.params)}"
+        else:
+            source = f"config:{a.geometry}"
         for n in sizes:
             q = ctx.Queue()
-            p = ctx.Process(
-                target=measure, args=(str(train_dir), str(val_dir), n, a.params, a.threads, q)
-            )
+            p = ctx.Process(target=measure, args=(source, n, a.params, a.threads, q))
             p.start()
             rows.append(q.get())
             p.join()
             print(rows[-1], flush=True)
     first = rows[0]
     keys = ("fit s", "fit passes", "solve s", "CG iterations", "score s", "RSS added MiB")
-    print(f"\n{a.params} mode, sizes {sizes}, {a.threads} torch thread(s)\n")
-    print("| N | " + " | ".join(keys) + " | score/forward | converged |")
-    print("|---" * (len(keys) + 3) + "|")
+    print(f"\n{a.params} mode, {a.geometry}, sizes {sizes}, {a.threads} torch thread(s)\n")
+    print("| N | " + " | ".join(keys) + " | score/forward | score/(fwd+loss) | converged |")
+    print("|---" * (len(keys) + 4) + "|")
     for r in rows:
         cells = [
             f"{r[k]:.3g} ({r[k] / first[k]:.2f}x)" if first[k] else f"{r[k]:.3g}" for k in keys
         ]
-        extra = f"{r['score/forward']:.2f} | {r['converged']}"
+        extra = f"{r['score/forward']:.2f} | {r['score/(forward+loss)']:.2f} | {r['converged']}"
         print(f"| {r['n']} | " + " | ".join(cells) + f" | {extra} |")
 
 
