@@ -309,3 +309,39 @@ def test_model_mode_builds_the_lora_part_from_a_cache_record_and_scores_through_
     d_pos, d_neg = score_pass(model, fi, ft, w)
     np.testing.assert_allclose(df["influence"], (d_pos + d_neg) / N, rtol=1e-4, atol=1e-9)
     assert df.attrs["params"] == "lora" and np.isfinite(df["influence"]).all()
+
+
+def test_kfac_moments_are_the_adapted_maps_inputs_in_open_clips_own_modules():
+    """The preconditioner's factors: E[h h^T] of what open_clip's own c_fc / c_proj read in
+    the adapted block (hooks, adapters merged), B's of h A^T; and its pieces invert."""
+    from ecif.engine.encoder_precondition import KroneckerPreconditioner
+
+    prob, model, _ = setup()
+    seen = {}
+    i = 2 - prob.k  # the adapted model block
+    for side, tower in (("image", prob.net.visual.transformer), ("text", prob.net.transformer)):
+        mlp = tower.resblocks[i].mlp
+        for t, mod in (("mlp_fc", mlp.c_fc), ("mlp_proj", mlp.c_proj)):
+            mod.register_forward_pre_hook(
+                lambda m, a, key=f"{side}.0.{t}": seen.update({key: a[0]})
+            )
+    params, _ = prob.params(model.theta)
+    with torch.no_grad():
+        torch.func.functional_call(_Finisher(prob.net, prob.k), params, (prob.fi, prob.ft))
+        got = prob.part.kfac_inputs(model.theta, prob.fi, prob.ft)
+    p = prob.part.layout.unflatten(model.theta)
+    keep = int(prob.ft[:, 0].round().max()) + 1  # the part runs text up to the last EOT
+    for key, h in seen.items():
+        if key.startswith("text"):  # (N, tokens, width): open_clip runs the whole context
+            h = h[:, :keep]
+        h = h.reshape(-1, h.shape[-1])
+        for name, x in ((f"{key}.A", h), (f"{key}.B", h @ p[f"{key}.A"].T)):
+            moment, axis = got[name]
+            assert axis == 1
+            torch.testing.assert_close(moment, x.T @ x / len(x), rtol=1e-10, atol=1e-12)
+    assert {n for n in prob.part.layout.names if n.endswith((".A", ".B", "_proj"))} == set(got)
+    pre = KroneckerPreconditioner(EncoderObjective(model, prob.fi, prob.ft), model.theta)
+    v = torch.randn(2, model.num_params, generator=torch.Generator().manual_seed(9)).double()
+    torch.testing.assert_close(pre.sqrt(pre.inverse_sqrt(v)), v)
+    torch.testing.assert_close(pre(v), pre.inverse_sqrt(pre.inverse_sqrt(v)))
+    assert float(v[0] @ pre(v[1])) == pytest.approx(float(v[1] @ pre(v[0])), rel=1e-10)

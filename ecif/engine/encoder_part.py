@@ -81,6 +81,12 @@ def normalize(v: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
     return v * torch.rsqrt((v * v).sum(-1, keepdim=True) + floor * floor)
 
 
+def _moment(f: torch.Tensor) -> torch.Tensor:
+    """E[f f^T] over rows (all but the last dimension)."""
+    f = f.reshape(-1, f.shape[-1])
+    return f.transpose(0, 1) @ f / max(len(f), 1)
+
+
 class ProjectionPart:
     """x = normalize(f_img P_img + b_img), y = normalize(f_txt P_txt + b_txt), t = exp(theta_t).
 
@@ -99,8 +105,6 @@ class ProjectionPart:
     """
 
     kind = "projection"
-    # linear maps of the part and the features they read (for the K-FAC preconditioner)
-    linear_blocks = {"image_proj": "image", "text_proj": "text"}
 
     def __init__(
         self,
@@ -149,6 +153,11 @@ class ProjectionPart:
             v = v + p["text_bias"]
         log_t = p["log_scale"] if self.learn_scale else theta.new_tensor(self.log_scale)
         return normalize(u, self.floors[0]), normalize(v, self.floors[1]), log_t
+
+    def kfac_inputs(self, theta, image, text) -> dict[str, tuple[torch.Tensor, int]]:
+        """The projections' input second moments (the cached features), input axis 0: what
+        ``encoder_precondition`` factors."""
+        return {"image_proj": (_moment(image), 0), "text_proj": (_moment(text), 0)}
 
     def embed_jvp(self, theta, w, image, text):
         """``embed`` and its derivative along ``w`` in closed form (what ``torch.func.jvp``

@@ -49,8 +49,8 @@ class LoraPart:
     """
 
     kind = "lora"
-    linear_blocks: dict[str, str] = {}  # K-FAC blocks: none (the adapters read inner states)
     chunk_rows = LORA_CHUNK_ROWS
+    kfac_rows = 512  # rows whose inner states estimate the K-FAC moments (tokens x rows)
 
     def __init__(
         self,
@@ -100,6 +100,7 @@ class LoraPart:
             shapes.append(())
         self.layout = ParamLayout(tuple(names), tuple(shapes))
         self._frozen: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._record: dict[str, list] | None = None  # kfac_inputs: the maps' inputs
 
     def initial(self) -> torch.Tensor:
         """theta_0: the pretrained projections, A at its seeded start, B = 0."""
@@ -131,7 +132,11 @@ class LoraPart:
         key = f"{side}.{j}.{target}"
         if f"{key}.A" in p:
             scale = self.alpha / self.rank
-            out = out + scale * F.linear(F.linear(h, p[f"{key}.A"]), p[f"{key}.B"])
+            z = F.linear(h, p[f"{key}.A"])
+            out = out + scale * F.linear(z, p[f"{key}.B"])
+            if self._record is not None:
+                self._record[f"{key}.A"] = [h]
+                self._record[f"{key}.B"] = [z]
         return out
 
     def _block(self, x, fr, p, side, j, causal):
@@ -186,8 +191,10 @@ class LoraPart:
         fr = self.frozen(theta)
         lead = image.shape[:-1]
         fi, ft = image.reshape(-1, image.shape[-1]), text.reshape(-1, text.shape[-1])
-        u = self._image(fi, fr, p) @ p["image_proj"]
-        v = self._text(ft, fr, p) @ p["text_proj"]
+        pooled_i, pooled_t = self._image(fi, fr, p), self._text(ft, fr, p)
+        if self._record is not None:
+            self._record["image_proj"], self._record["text_proj"] = [pooled_i], [pooled_t]
+        u, v = pooled_i @ p["image_proj"], pooled_t @ p["text_proj"]
         if "image_bias" in p:
             u = u + p["image_bias"]
         if "text_bias" in p:
@@ -195,6 +202,23 @@ class LoraPart:
         u = u * (fi != 0).any(-1, keepdim=True)  # padded slots: zero embeddings
         v = v * (ft[:, 1:] != 0).any(-1, keepdim=True)
         return u.reshape(*lead, -1), v.reshape(*lead, -1)
+
+    def kfac_inputs(self, theta, image, text) -> dict[str, tuple[torch.Tensor, int]]:
+        """Input second moments of every adapted map and of both projections, from one
+        forward pass over ``image``/``text`` rows (tokens count as rows): A reads the block's
+        hidden states, B their image under A (input axis 1, as a torch weight), a projection
+        the pooled features (axis 0)."""
+        self._record = {}
+        try:
+            self.project(theta, image, text)
+            seen = self._record
+        finally:
+            self._record = None
+        out = {}
+        for name, (x,) in seen.items():
+            x = x.reshape(-1, x.shape[-1])
+            out[name] = (x.transpose(0, 1) @ x / max(len(x), 1), 0 if name.endswith("proj") else 1)
+        return out
 
     def embed(self, theta, image, text):
         """(x, y, log_t) for a stack of batches of cached rows ``(c, B, F)`` (or ``(N, F)``)."""
