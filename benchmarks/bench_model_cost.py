@@ -23,6 +23,12 @@ seen through a random map per tower, plus as much independent noise), projection
 open_clip initialises them (std width^-1/2), CLIP's scale 100. Timings and memory depend on
 the shapes, not on what the weights learned; fit passes and CG iterations do depend on the
 data, so read those from the digits rows.
+
+With ``--params lora --geometry ViT-B-32`` only the scoring pass is timed against a forward
+pass, at theta_0 plus a small random step (adapters non-zero) along a random direction, no
+fit or solve: one float32 pass of a CLIP-width block over a few hundred pairs takes seconds on
+a CPU, a fit hundreds of them. The rows are real token states of a randomly initialised
+model of that config (random images, random token ids, through its first L-1 blocks).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +119,46 @@ def forward(model, train) -> None:
             model.part.embed(model.theta, ch.image, ch.text)
 
 
+def lora_shapes(config: str, sizes: list[int], threads: int) -> None:
+    """Scoring pass / forward pass of the lora part (last block) at ``config``'s widths."""
+    import open_clip
+
+    from ecif.data import lora_features as lf
+    from ecif.engine.encoder_model import new_model
+    from ecif.engine.lora_part import LoraPart
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = open_clip.create_model(config).eval()  # random init: nothing is downloaded
+    n = max(sizes)
+    with torch.no_grad():
+        size = net.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        images = torch.randn(n, 3, size, size)
+        tokens = torch.randint(1, 49000, (n, 77))
+        tokens[:, 0], tokens[torch.arange(n), torch.randint(5, 77, (n,))] = 49406, 49407
+        image, text, _, _ = lf.encode(net, images, tokens, 1)
+    tensors, cfg = lf.lora_init(net, 1)
+    part = LoraPart({k: v.double() for k, v in tensors.items()}, cfg, np.log(100.0))
+    gen = torch.Generator().manual_seed(1)
+    print(
+        f"\nlora mode (rank 4, last block), {config} widths, float32, scoring at theta_0 + step\n"
+    )
+    print("| N | forward s | score s | score/forward |\n|---|---|---|---|")
+    for m in sorted(sizes):
+        model = new_model(part, m, lam=1.0, batch_size=min(256, m // 4), seed=0,
+                          dtype=torch.float32)  # fmt: skip
+        step = 1e-2 * torch.randn(model.num_params, generator=gen, dtype=torch.float64)
+        model = model.with_theta((model.theta0.double() + step).to(torch.float32))
+        w = torch.randn(model.num_params, generator=gen).to(torch.float32)
+        rows = Namespace(image=image[:m].numpy(), text=text[:m].numpy())
+        f = best_of(lambda model=model, rows=rows: forward(model, rows), reps=2)
+        sc = best_of(
+            lambda model=model, rows=rows, w=w: score_pass(model, rows.image, rows.text, w), reps=2
+        )
+        print(f"| {m} | {f:.2f} | {sc:.2f} | {sc / f:.2f} |", flush=True)
+
+
 def forward_loss(model, train) -> None:
     """The forward pass plus each batch's contrastive loss (its B x B logits): what a
     training step evaluates before its backward pass."""
@@ -175,11 +222,12 @@ def main() -> None:
         "--geometry",
         default="digits",
         help="digits (the tiny CLIP's feature cache) or an open_clip config name, e.g. "
-        "ViT-B-32 (synthetic features at its widths; projection mode only)",
+        "ViT-B-32 (its widths, random weights: synthetic features for projection; for lora "
+        "the scoring / forward ratio only)",
     )
     a = ap.parse_args()
-    if a.geometry != "digits" and a.params != "projection":
-        ap.error("--geometry with a config name measures the projection mode only")
+    if a.geometry != "digits" and a.params == "lora":
+        return lora_shapes(a.geometry, a.sizes, a.threads)
     sizes = sorted(a.sizes)
     ctx = mp.get_context("spawn")
     rows = []
