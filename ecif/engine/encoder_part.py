@@ -81,7 +81,7 @@ def normalize(v: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
     return v * torch.rsqrt((v * v).sum(-1, keepdim=True) + floor * floor)
 
 
-def _moment(f: torch.Tensor) -> torch.Tensor:
+def second_moment(f: torch.Tensor) -> torch.Tensor:
     """E[f f^T] over rows (all but the last dimension)."""
     f = f.reshape(-1, f.shape[-1])
     return f.transpose(0, 1) @ f / max(len(f), 1)
@@ -157,7 +157,7 @@ class ProjectionPart:
     def kfac_inputs(self, theta, image, text) -> dict[str, tuple[torch.Tensor, int]]:
         """The projections' input second moments (the cached features), input axis 0: what
         ``encoder_precondition`` factors."""
-        return {"image_proj": (_moment(image), 0), "text_proj": (_moment(text), 0)}
+        return {"image_proj": (second_moment(image), 0), "text_proj": (second_moment(text), 0)}
 
     def embed_jvp(self, theta, w, image, text):
         """``embed`` and its derivative along ``w`` in closed form (what ``torch.func.jvp``

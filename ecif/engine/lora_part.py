@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ecif.engine.encoder_part import ParamLayout, normalize
+from ecif.engine.encoder_part import ParamLayout, normalize, second_moment
 
 TARGETS = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 SIDES = ("image", "text")
@@ -100,7 +100,7 @@ class LoraPart:
             shapes.append(())
         self.layout = ParamLayout(tuple(names), tuple(shapes))
         self._frozen: dict[tuple, dict[str, torch.Tensor]] = {}
-        self._record: dict[str, list] | None = None  # kfac_inputs: the maps' inputs
+        self._record: dict[str, torch.Tensor] | None = None  # kfac_inputs: the maps' inputs
 
     def initial(self) -> torch.Tensor:
         """theta_0: the pretrained projections, A at its seeded start, B = 0."""
@@ -135,8 +135,7 @@ class LoraPart:
             z = F.linear(h, p[f"{key}.A"])
             out = out + scale * F.linear(z, p[f"{key}.B"])
             if self._record is not None:
-                self._record[f"{key}.A"] = [h]
-                self._record[f"{key}.B"] = [z]
+                self._record[f"{key}.A"], self._record[f"{key}.B"] = h, z
         return out
 
     def _block(self, x, fr, p, side, j, causal):
@@ -193,7 +192,7 @@ class LoraPart:
         fi, ft = image.reshape(-1, image.shape[-1]), text.reshape(-1, text.shape[-1])
         pooled_i, pooled_t = self._image(fi, fr, p), self._text(ft, fr, p)
         if self._record is not None:
-            self._record["image_proj"], self._record["text_proj"] = [pooled_i], [pooled_t]
+            self._record["image_proj"], self._record["text_proj"] = pooled_i, pooled_t
         u, v = pooled_i @ p["image_proj"], pooled_t @ p["text_proj"]
         if "image_bias" in p:
             u = u + p["image_bias"]
@@ -205,8 +204,8 @@ class LoraPart:
 
     def kfac_inputs(self, theta, image, text) -> dict[str, tuple[torch.Tensor, int]]:
         """Input second moments of every adapted map and of both projections, from one
-        forward pass over ``image``/``text`` rows (tokens count as rows): A reads the block's
-        hidden states, B their image under A (input axis 1, as a torch weight), a projection
+        forward pass over ``image``/``text`` rows (tokens count as rows): A reads what its weight
+        reads, B that input's image under A (input axis 1, as a torch weight), a projection
         the pooled features (axis 0)."""
         self._record = {}
         try:
@@ -214,11 +213,9 @@ class LoraPart:
             seen = self._record
         finally:
             self._record = None
-        out = {}
-        for name, (x,) in seen.items():
-            x = x.reshape(-1, x.shape[-1])
-            out[name] = (x.transpose(0, 1) @ x / max(len(x), 1), 0 if name.endswith("proj") else 1)
-        return out
+        return {
+            name: (second_moment(x), 0 if name.endswith("proj") else 1) for name, x in seen.items()
+        }
 
     def embed(self, theta, image, text):
         """(x, y, log_t) for a stack of batches of cached rows ``(c, B, F)`` (or ``(N, F)``)."""
