@@ -208,6 +208,7 @@ def _train(out_dir, cfg, n_train, steps, batch_size, lr, seed, image_size, n_eva
     return report
 
 
+@torch.enable_grad()  # callers may sit under no_grad (embedding code that builds the model lazily)
 def fit_contrastive(
     model: torch.nn.Module,
     images: torch.Tensor,
