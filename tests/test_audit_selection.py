@@ -173,8 +173,8 @@ def test_untrusted_mixture_hedges_and_ranks_better(seed, one_torch_thread):
     x, y, frame = ecif.datasets.concept_pairs(2000, 16, 0.2, "shuffle", seed=seed)
     xv, yv, _ = ecif.datasets.concept_pairs(500, 16, 0.0, seed=seed + 10_000)
     train = ecif.EmbeddingSet(x, y, logit_scale=100.0)
-    aud = ecif.Auditor(
-        train, ecif.EmbeddingSet(xv, yv, logit_scale=100.0), ecif.AuditArgs(seed=seed)
+    aud = ecif.Auditor(  # the hedge alone, without the probes' weighting (test_audit_probes)
+        train, ecif.EmbeddingSet(xv, yv, logit_scale=100.0), ecif.AuditArgs(seed=seed, probes=0)
     )
     table = aud.run()
     bad = frame["is_corrupted"].to_numpy()

@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 
 import ecif.api as api
-from ecif.audit.combine import SIGNALS, fit_mixture, hedged_score, suspicion, weighted_sum
+from ecif.audit.combine import SIGNALS
+from ecif.audit.misalign import misalign_scores, signal_suspicions  # noqa: F401  (re-exported)
 from ecif.audit.model_signals import model_signals, self_influence_table
+from ecif.audit.probes import probe_signals
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
-from ecif.audit.thresholds import NoiseRate, flag_count, mixture_noise_rate, rank_and_flag
+from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.device import resolve_device
 from ecif.engine.fit import FitArgs
@@ -79,9 +81,15 @@ class AuditArgs:
     weights: str = option(
         "auto",
         help="how misalign_score combines the standardised signals: auto (log-odds of a "
-        "two-component mixture over the signals), equal (sum of standardised signals), or one "
-        "signal alone",
+        "two-component mixture over the signals, plus the signals weighted by planted probes), "
+        "equal (sum of standardised signals), or one signal alone",
         choices=WEIGHT_MODES,
+    )
+    probes: float = option(
+        0.1,
+        help="weights auto, head mode: planted probes (copies with wrong captions) per training "
+        "pair in a twin audit of at most 20,000 pairs that weighs the signals; 0: the mixture "
+        "alone (also below 300 pairs)",
     )
     neg: str = option("exact", help="form of the removal term", choices=NEG_FORMS)
     solver: str = borrow(SolverArgs, "solver")
@@ -173,6 +181,7 @@ class Auditor:
     heads: list = field(default_factory=list, init=False)  # Head, or EncoderModel per mode
     val_source: str = field(default="", init=False)
     choice: HeadChoice | None = field(default=None, init=False)
+    probes: Any = field(default=None, init=False)  # the twin audit's ProbeSignals, once run
 
     def fit_head(
         self,
@@ -324,7 +333,10 @@ class Auditor:
         n_norm = float(np.mean([h.n_norm for h in self.heads]))
         if "self_influence" in scored:
             table["self_influence"] = scored["self_influence"].to_numpy(dtype=np.float32)
-        score, combination, rate = misalign_scores(table, self.args.weights, n_norm)
+        self.probes = None
+        if self.args.weights == "auto" and self.args.params == "head":
+            self.probes = probe_signals(self, self.args.probes, progress=progress)
+        score, combination, rate = misalign_scores(table, self.args.weights, n_norm, self.probes)
         table["misalign_score"] = score.astype(np.float32)
         count, how = flag_count(score, self.args.threshold, rate)
         table["rank"], table["is_misaligned"] = rank_and_flag(
@@ -352,40 +364,3 @@ class Auditor:
             "fit": [dict(h.info) for h in self.heads],
             "ecif_version": __version__,
         }
-
-
-def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
-    """The audit table's signals as suspicions (larger = more suspect); the influence slot
-    holds self-influence when the audit had no validation set and used it."""
-    out = {
-        "pair_loss": suspicion("pair_loss", table["pair_loss"].to_numpy()),
-        "clip_score": suspicion("clip_score", table["clip_score"].to_numpy()),
-    }
-    if "self_influence" in table and table["influence"].isna().all():
-        out["influence"] = suspicion("self_influence", table["self_influence"].to_numpy())
-    else:
-        out["influence"] = suspicion("influence", table["influence"].to_numpy(), n_norm)
-    return out
-
-
-def misalign_scores(
-    table: pd.DataFrame, mode: str, n_norm: float
-) -> tuple[np.ndarray, dict, NoiseRate | None]:
-    """misalign_score from the table's signals (docs/math.md), what combined them, and the
-    noise rate the combination implies (the mixture's; None for the other modes)."""
-    sus = signal_suspicions(table, n_norm)
-    if mode == "auto":
-        try:
-            mix = fit_mixture(sus)
-        except ValueError:  # too few pairs for a mixture: the equal-weight sum
-            mode = "equal"
-        else:
-            score, record = mix.log_odds(sus), mix.record()
-            rate = mixture_noise_rate(score, mix.separation)
-            if not rate.reliable:  # an untrusted split: hedge with the equal-weight sum
-                score, record["hedge"] = hedged_score(mix, sus, score)
-            return score, record, rate
-    weights = (
-        {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in SIGNALS}
-    )
-    return weighted_sum(sus, weights), {"kind": "weighted sum", "weights": weights}, None

@@ -138,6 +138,57 @@ def hedged_score(
     return parts[0](log_odds) + parts[1](total), record
 
 
+def probe_direction(
+    features: np.ndarray, is_probe: np.ndarray, l2: float = 1e-2, iters: int = 50
+) -> tuple[np.ndarray, float]:
+    """Weights and bias of the L2-penalised logistic regression of planted probe vs the rest:
+    minimises mean log-loss + l2/2 |w|^2 (bias unpenalised) by Newton's method."""
+    f = np.asarray(features, dtype=np.float64)
+    t = np.asarray(is_probe, dtype=np.float64)
+    x = np.column_stack([f, np.ones(len(f))])
+    pen = np.r_[np.full(f.shape[1], l2), 0.0]
+    w = np.zeros(x.shape[1])
+    for _ in range(iters):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # the logistic, without overflow
+        grad = x.T @ (p - t) / len(t) + pen * w
+        hess = (x * (p * (1.0 - p))[:, None]).T @ x / len(t) + np.diag(pen) + 1e-12 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w[:-1], float(w[-1])
+
+
+def probe_weighted_score(
+    mix: SuspectMixture,
+    suspicions: Mapping[str, np.ndarray],
+    score: np.ndarray,
+    probe_suspicions: Mapping[str, np.ndarray],
+    is_probe: np.ndarray,
+) -> tuple[np.ndarray, dict]:
+    """z(score) + z(F w): the mixture's score plus the mixture's features weighted by how well
+    they tell planted probes from the rest in a twin audit (``probe_suspicions``: that audit's
+    signals, ``is_probe``: which of its rows were planted), and the record of both. The
+    mixture sees the noise this set has but, on weak signals, cannot tell which signal carries
+    it; the probes are labelled, but only of the kinds planted. Measured on 90 benchmark
+    cell-seeds, the sum beat the mixture alone on every seed at both widths tried."""
+    feats = mix.features(probe_suspicions)
+    ok = np.isfinite(feats).all(axis=1)
+    w, bias = probe_direction(feats[ok], np.asarray(is_probe)[ok])
+    lin = mix.features(suspicions) @ w
+    parts = (Standardiser.of(score), Standardiser.of(lin))
+    record = {
+        "signals": list(mix.signals),
+        "weights": w.tolist(),
+        "bias": bias,
+        "probes": int(np.asarray(is_probe)[ok].sum()),
+        "rows": int(ok.sum()),
+        "parts": ["score", "probe_weighted_features"],
+        "standardisers": [[q.median, q.scale] for q in parts],
+    }
+    return parts[0](score) + parts[1](lin), record
+
+
 def fit_mixture(suspicions: Mapping[str, np.ndarray], iters: int = 300) -> SuspectMixture:
     """EM for two full-covariance Gaussians, started from the top fifth by summed suspicion
     (deterministic); the component with the larger summed mean is the suspects'."""
@@ -237,6 +288,13 @@ def describe_combination(record: Mapping) -> str:
             what = (
                 f"standardised {what} plus the standardised equal-weight sum of its features "
                 "(the mixture's split is not trusted)"
+            )
+        probes = record.get("probe_weights")
+        if probes:
+            terms = ", ".join(f"{w:+.2f} {k}" for k, w in zip(probes["signals"], probes["weights"]))
+            what = (
+                f"{what}; plus the standardised sum of its features weighted by planted probes "
+                f"({terms}; {probes['probes']} probes)"
             )
         return what
     used = [f"{w:g} x {k}" for k, w in (record.get("weights") or {}).items() if w]

@@ -40,6 +40,7 @@ from ecif.audit.checks import (
 )
 from ecif.audit.folder import write_audit_description
 from ecif.audit.model_signals import model_inputs
+from ecif.audit.probes import ProbeSignals, probe_signals
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
@@ -235,6 +236,7 @@ def score_shards(
         meta["options"] = args.record()
         scores_dir = out / "scores"
         summary = _write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
+        probes = auditor.probes
     else:
         with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
             where = " on the cluster" if rows is not None else ""
@@ -262,7 +264,11 @@ def score_shards(
                 job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
                 jobs.append((p, job))
             summary = _run_jobs(jobs, client, progress)
-    _finalize(scores_dir, args.threshold, meta)
+        probes = None
+        if args.weights == "auto":
+            with step("weighing the signals: a twin audit with planted probes", progress):
+                probes = probe_signals(auditor, args.probes, progress=progress)
+    _finalize(scores_dir, args.threshold, meta, probes)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
     (log or _log.info)(
@@ -369,9 +375,10 @@ def shard_frame(
     return out
 
 
-def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
+def _finalize(scores_dir: Path, threshold, meta: dict, probes: ProbeSignals | None = None) -> None:
     """Combine the signals into misalign_score, flag and rank across all shards, then rewrite
-    each shard atomically. The standardisation and the weights are global (audit.json)."""
+    each shard atomically. The standardisation and the weights are global (audit.json);
+    ``probes``: the twin audit that weighs the signals (``ecif.audit.probes``)."""
     files = sorted(scores_dir.glob("*.parquet"))
     cols = ["clip_score", "pair_loss", "influence"]
     frames = []
@@ -382,7 +389,7 @@ def _finalize(scores_dir: Path, threshold, meta: dict) -> None:
         )
     table = pd.concat(frames, ignore_index=True)
     mode = (meta.get("options") or {}).get("weights", "auto")
-    allv, combination, rate = misalign_scores(table, mode, float(meta.get("n_norm") or 1.0))
+    allv, combination, rate = misalign_scores(table, mode, float(meta.get("n_norm") or 1.0), probes)
     meta["combination"] = combination
     count, how = flag_count(allv, threshold, rate)
     rank, flag = rank_and_flag(allv, count)

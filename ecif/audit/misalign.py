@@ -1,0 +1,64 @@
+"""From an audit's signal columns to ``misalign_score`` (the table-level side of
+``ecif.audit.combine``): the same code for an in-memory audit and for scored shards."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ecif.audit.combine import (
+    SIGNALS,
+    fit_mixture,
+    hedged_score,
+    probe_weighted_score,
+    suspicion,
+    weighted_sum,
+)
+from ecif.audit.thresholds import NoiseRate, mixture_noise_rate
+
+if TYPE_CHECKING:
+    from ecif.audit.probes import ProbeSignals
+
+
+def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
+    """The audit table's signals as suspicions (larger = more suspect); the influence slot
+    holds self-influence when the audit had no validation set and used it."""
+    out = {
+        "pair_loss": suspicion("pair_loss", table["pair_loss"].to_numpy()),
+        "clip_score": suspicion("clip_score", table["clip_score"].to_numpy()),
+    }
+    if "self_influence" in table and table["influence"].isna().all():
+        out["influence"] = suspicion("self_influence", table["self_influence"].to_numpy())
+    else:
+        out["influence"] = suspicion("influence", table["influence"].to_numpy(), n_norm)
+    return out
+
+
+def misalign_scores(
+    table: pd.DataFrame, mode: str, n_norm: float, probes: ProbeSignals | None = None
+) -> tuple[np.ndarray, dict, NoiseRate | None]:
+    """misalign_score from the table's signals (docs/math.md), what combined them, and the
+    noise rate the combination implies (the mixture's; None for the other modes). ``probes``:
+    a twin audit's signals (``probe_signals``) that weigh the mixture's features."""
+    sus = signal_suspicions(table, n_norm)
+    if mode == "auto":
+        try:
+            mix = fit_mixture(sus)
+        except ValueError:  # too few pairs for a mixture: the equal-weight sum
+            mode = "equal"
+        else:
+            score, record = mix.log_odds(sus), mix.record()
+            rate = mixture_noise_rate(score, mix.separation)
+            if not rate.reliable:  # an untrusted split: hedge with the equal-weight sum
+                score, record["hedge"] = hedged_score(mix, sus, score)
+            if probes is not None:
+                score, record["probe_weights"] = probe_weighted_score(
+                    mix, sus, score, probes.suspicions, probes.is_probe
+                )
+            return score, record, rate
+    weights = (
+        {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in SIGNALS}
+    )
+    return weighted_sum(sus, weights), {"kind": "weighted sum", "weights": weights}, None

@@ -1,0 +1,69 @@
+"""A twin audit with planted probes: labelled examples of misalignment on the user's own data.
+
+The signals' mixture (``ecif.audit.combine``) needs no labels, but on weak signals it cannot
+tell which signal carries the noise. The twin audit plants copies of real pairs with wrong
+captions (``ecif.audit.selection.make_probes``: another pair's caption, the nearest image's
+caption, a generic caption), runs the same fit and scoring with the same options and head
+choice, and returns every row's signals with the probe mask; ``probe_weighted_score`` learns
+from them how much each signal says. The twin is capped at ``max_rows`` sampled pairs (the
+weights are three numbers; a sample measures them as well as the whole set), so its cost is
+at most one more audit of that size. The audit's own head, scores and files are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ecif.audit.selection import make_probes
+from ecif.data.embedding_set import EmbeddingSet
+
+if TYPE_CHECKING:
+    from ecif.audit.auditor import Auditor
+
+MIN_PROBES = 30  # fewer planted probes than this: too few to weigh three signals
+
+
+@dataclass
+class ProbeSignals:
+    """The twin audit's suspicions per row, which rows were planted, and of what kind."""
+
+    suspicions: dict[str, np.ndarray]
+    is_probe: np.ndarray
+    kinds: np.ndarray
+
+
+def probe_signals(
+    auditor: Auditor, fraction: float, max_rows: int = 20_000, progress: bool = False
+) -> ProbeSignals | None:
+    """Run the twin audit of ``auditor``'s training set (a seeded sample of at most
+    ``max_rows`` pairs) plus ``fraction`` planted probes; None when that plants fewer than
+    ``MIN_PROBES`` (a small set: the mixture alone decides)."""
+    from ecif.audit.auditor import Auditor, clip_scores, signal_suspicions
+
+    train = auditor.train
+    if fraction <= 0 or round(fraction * min(len(train), max_rows)) < MIN_PROBES:
+        return None
+    seed = auditor.args.seed
+    rows = np.arange(len(train))
+    if len(train) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(train), max_rows, replace=False))
+    x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
+    px, py, kinds = make_probes(x, y, fraction, seed)
+    n = len(rows) + len(px)
+    # no shard groups: the probes must share batches with real pairs, as noise does
+    twin_set = EmbeddingSet(
+        np.concatenate([x, px]),
+        np.concatenate([y, py]),
+        ids=np.arange(n),
+        logit_scale=train.logit_scale,
+    )
+    twin = Auditor(twin_set, auditor.val, auditor.args)
+    twin.choice = auditor.choose()  # the same head: only the planted rows differ
+    scored = twin._signals(progress)
+    scored["clip_score"] = clip_scores(twin_set)
+    n_norm = float(np.mean([h.n_norm for h in twin.heads]))
+    is_probe = np.arange(n) >= len(rows)
+    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, np.asarray(kinds, dtype=str))
