@@ -186,6 +186,10 @@ def test_score_flags_make_the_audit_args_and_its_defaults():
     assert args == ecif.AuditArgs(device=resolve_device("auto"))
     args = audit_args_from(verbs()["score"].parse_args(["emb", "-o", "o", "--solver", "cg"]))
     assert args.solver == "cg" and args.solver_args().solver == "cg"
+    args = audit_args_from(verbs()["score"].parse_args(["emb", "-o", "o", "--probes", "0"]))
+    assert args.probes == 0.0
+    with pytest.raises(SystemExit):
+        verbs()["score"].parse_args(["emb", "-o", "o", "--probes", "1.5"])
 
 
 def test_trace_takes_its_old_flag_method_with_a_warning(capsys):

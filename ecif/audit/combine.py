@@ -14,7 +14,10 @@ mixture weighs each signal by how well it separates a minority group on this dat
 labels, and the same fit estimates the noise rate (the pairs with positive log-odds). When
 that estimate is not trusted (components not apart, or suspects not a minority), the
 mixture's weights are not either: the score then hedges, the standardised log-odds plus the
-standardised equal-weight sum of the same features (``hedged_score``).
+standardised equal-weight sum of the same features (``hedged_score``). When a twin audit
+with planted probes ran (``ecif.audit.probes``), the score adds the features weighted by a
+logistic regression of planted vs the rest (``probe_weighted_score``): labels of the planted
+kinds, on this data, for what the unsupervised fit cannot tell.
 ``docs/math.md`` has the formulas; benchmarks/README.md the measurements.
 """
 

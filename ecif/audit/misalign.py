@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,8 +18,15 @@ from ecif.audit.combine import (
 )
 from ecif.audit.thresholds import NoiseRate, mixture_noise_rate
 
-if TYPE_CHECKING:
-    from ecif.audit.probes import ProbeSignals
+
+@dataclass
+class ProbeSignals:
+    """A twin audit's suspicions per row, which rows were planted, and of what kind
+    (``ecif.audit.probes.probe_signals``)."""
+
+    suspicions: dict[str, np.ndarray]
+    is_probe: np.ndarray
+    kinds: np.ndarray
 
 
 def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:

@@ -12,37 +12,24 @@ at most one more audit of that size. The audit's own head, scores and files are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
+from ecif.audit.baselines import cosine
+from ecif.audit.misalign import ProbeSignals, signal_suspicions
 from ecif.audit.selection import make_probes
 from ecif.data.embedding_set import EmbeddingSet
-
-if TYPE_CHECKING:
-    from ecif.audit.auditor import Auditor
 
 MIN_PROBES = 30  # fewer planted probes than this: too few to weigh three signals
 
 
-@dataclass
-class ProbeSignals:
-    """The twin audit's suspicions per row, which rows were planted, and of what kind."""
-
-    suspicions: dict[str, np.ndarray]
-    is_probe: np.ndarray
-    kinds: np.ndarray
-
-
 def probe_signals(
-    auditor: Auditor, fraction: float, max_rows: int = 20_000, progress: bool = False
+    auditor: Any, fraction: float, max_rows: int = 20_000, progress: bool = False
 ) -> ProbeSignals | None:
-    """Run the twin audit of ``auditor``'s training set (a seeded sample of at most
-    ``max_rows`` pairs) plus ``fraction`` planted probes; None when that plants fewer than
-    ``MIN_PROBES`` (a small set: the mixture alone decides)."""
-    from ecif.audit.auditor import Auditor, clip_scores, signal_suspicions
-
+    """Run the twin audit of ``auditor``'s (an ``ecif.Auditor``) training set (a seeded sample
+    of at most ``max_rows`` pairs) plus ``fraction`` planted probes; None when that plants
+    fewer than ``MIN_PROBES`` (a small set: the mixture alone decides)."""
     train = auditor.train
     if fraction <= 0 or round(fraction * min(len(train), max_rows)) < MIN_PROBES:
         return None
@@ -60,10 +47,10 @@ def probe_signals(
         ids=np.arange(n),
         logit_scale=train.logit_scale,
     )
-    twin = Auditor(twin_set, auditor.val, auditor.args)
+    twin = type(auditor)(twin_set, auditor.val, auditor.args)
     twin.choice = auditor.choose()  # the same head: only the planted rows differ
     scored = twin._signals(progress)
-    scored["clip_score"] = clip_scores(twin_set)
+    scored["clip_score"] = cosine(twin_set.image, twin_set.text)
     n_norm = float(np.mean([h.n_norm for h in twin.heads]))
     is_probe = np.arange(n) >= len(rows)
     return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, np.asarray(kinds, dtype=str))

@@ -39,8 +39,9 @@ from ecif.audit.checks import (
     check_validation,
 )
 from ecif.audit.folder import write_audit_description
+from ecif.audit.misalign import ProbeSignals
 from ecif.audit.model_signals import model_inputs
-from ecif.audit.probes import ProbeSignals, probe_signals
+from ecif.audit.probes import probe_signals
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet

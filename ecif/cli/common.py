@@ -98,6 +98,17 @@ def auto_or_positive(name: str, extra: tuple[str, ...] = ()):
     return parse
 
 
+def probes_arg(text: str) -> float:
+    """--probes: a fraction in [0, 1) of planted probes per training pair."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def warmup_epochs_arg(text: str) -> int | None:
     """--warmup-epochs: 'auto' (None) or an integer >= 0."""
     if text == "auto":
@@ -120,6 +131,7 @@ AUDIT_FLAGS = (
     "lam",
     "logit_scale",
     "weights",
+    "probes",
     "neg",
     "solver",
     "threshold",
@@ -148,6 +160,7 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
         metavar="auto|model|T",
     )
     add_field(g, AuditArgs, "weights")
+    add_field(g, AuditArgs, "probes", type=probes_arg, metavar="FRACTION")
     add_field(g, AuditArgs, "neg")
     add_field(g, AuditArgs, "solver")
     add_field(g, AuditArgs, "threshold", type=threshold_arg)
