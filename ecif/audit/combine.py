@@ -295,6 +295,7 @@ def describe_combination(record: Mapping) -> str:
         probes = record.get("probe_weights")
         if probes:
             terms = ", ".join(f"{w:+.2f} {k}" for k, w in zip(probes["signals"], probes["weights"]))
+            what = what if record.get("hedge") else f"standardised {what}"
             what = (
                 f"{what}; plus the standardised sum of its features weighted by planted probes "
                 f"({terms}; {probes['probes']} probes)"
