@@ -16,7 +16,11 @@ import pandas as pd
 
 import ecif.api as api
 from ecif.audit.combine import SIGNALS
-from ecif.audit.misalign import misalign_scores, signal_suspicions  # noqa: F401  (re-exported)
+from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
+    ProbeSignals,
+    misalign_scores,
+    signal_suspicions,
+)
 from ecif.audit.model_signals import model_signals, self_influence_table
 from ecif.audit.probes import probe_signals
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
@@ -181,7 +185,7 @@ class Auditor:
     heads: list = field(default_factory=list, init=False)  # Head, or EncoderModel per mode
     val_source: str = field(default="", init=False)
     choice: HeadChoice | None = field(default=None, init=False)
-    probes: Any = field(default=None, init=False)  # the twin audit's ProbeSignals, once run
+    probes: ProbeSignals | None = field(default=None, init=False)  # the twin audit, once run
 
     def fit_head(
         self,

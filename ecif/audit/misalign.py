@@ -21,12 +21,11 @@ from ecif.audit.thresholds import NoiseRate, mixture_noise_rate
 
 @dataclass
 class ProbeSignals:
-    """A twin audit's suspicions per row, which rows were planted, and of what kind
+    """A twin audit's suspicions per row and which rows were planted
     (``ecif.audit.probes.probe_signals``)."""
 
     suspicions: dict[str, np.ndarray]
     is_probe: np.ndarray
-    kinds: np.ndarray
 
 
 def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ def probe_signals(
     if len(train) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(len(train), max_rows, replace=False))
     x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
-    px, py, kinds = make_probes(x, y, fraction, seed)
+    px, py, _ = make_probes(x, y, fraction, seed)
     n = len(rows) + len(px)
     # no shard groups: the probes must share batches with real pairs, as noise does
     twin_set = EmbeddingSet(
@@ -53,4 +53,4 @@ def probe_signals(
     scored["clip_score"] = cosine(twin_set.image, twin_set.text)
     n_norm = float(np.mean([h.n_norm for h in twin.heads]))
     is_probe = np.arange(n) >= len(rows)
-    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, np.asarray(kinds, dtype=str))
+    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe)
