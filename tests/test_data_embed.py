@@ -264,7 +264,16 @@ def test_dask_distributor_matches_local(tmp_path, tiny_clip_dir, data, capsys):
                "--batch-size", "5", "--distributor", "dask", "--quiet"])  # fmt: skip
     assert rc == 0 and "embedded: ok=24 failed=0" in capsys.readouterr().out
     a, b = EmbeddingSet.load(tmp_path / "local"), EmbeddingSet.load(tmp_path / "dask")
-    assert np.array_equal(a.image, b.image) and np.array_equal(a.text, b.text)
+    # single-threaded workers sum a convolution in another order than this process's threads
+    # (measured: one image coordinate 1 float16 step apart); equal to float16 rounding
+    for side in ("image", "text"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(a, side), np.float32),
+            np.asarray(getattr(b, side), np.float32),
+            rtol=2**-10,
+            atol=1e-6,
+            err_msg=side,
+        )
     assert a.ids.tolist() == b.ids.tolist()
     man = json.loads((tmp_path / "dask" / "manifest.json").read_text())
     assert man["complete"] and man["rows"]["ok"] == 24 and len(man["parts"]) == 4
