@@ -35,8 +35,8 @@ def query_logits(
         raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
     theta = model.theta if theta is None else theta
     kw = dict(dtype=model.dtype, device=model.device)
-    q = torch.as_tensor(np.array(query), **kw).reshape(1, -1)  # a copy: caches are read-only
-    c = torch.as_tensor(np.array(candidates), **kw)
+    q = _rows(query, kw).reshape(1, -1)
+    c = _rows(candidates, kw)
     if c.ndim != 2:
         raise ValueError("candidates must be (C, F)")
     qs = q.expand(len(c), -1)
@@ -45,6 +45,14 @@ def query_logits(
         return log_t.exp() * (y @ x[0])
     x, y, log_t = model.part.embed(theta, c, qs)
     return log_t.exp() * (x @ y[0])
+
+
+def _rows(a, kw: dict) -> torch.Tensor:
+    """A tensor of ``a``: arrays are copied (feature caches are read-only memory maps),
+    tensors are detached and moved."""
+    if torch.is_tensor(a):
+        return a.detach().to(**kw)
+    return torch.as_tensor(np.array(a), **kw)
 
 
 def loss_of_logits(s: torch.Tensor, positive) -> torch.Tensor:
