@@ -76,6 +76,29 @@ def test_shards_equal_concatenated_and_rerun_skips(tmp_path):
     assert len(table) == 180 and info["embeddings"].endswith("emb")
 
 
+def test_in_memory_audit_of_a_loaded_folder_equals_the_scored_shards(tmp_path):
+    """``EmbeddingSet.load`` records each row's part, so the Auditor batches inside parts as
+    ``score_shards`` does (before, its batches crossed parts and pair_loss differed by up
+    to 3.6)."""
+    folder, val = _folder(tmp_path, rows=120, d=16)
+    args = AuditArgs(batch_size=16)
+    score_shards(folder, tmp_path / "audit", val, args=args, log=lambda s: None)
+    files = sorted((tmp_path / "audit" / "scores").glob("*.parquet"))
+    shards = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    shards = shards[shards["status"] == "ok"].reset_index(drop=True)
+
+    loaded = ecif.EmbeddingSet.load(folder)
+    assert list(loaded.metadata["part"]) == [0] * 120 + [1] * 119 + [2] * 120
+    memory = ecif.Auditor(loaded, val, args).run()
+    assert list(memory["id"]) == list(shards["id"])
+    for col in ("pair_loss", "influence", "misalign_score"):
+        np.testing.assert_allclose(memory[col], shards[col], rtol=1e-4, atol=1e-4, err_msg=col)
+
+    # the part column is the layout's, not data: saving drops it and loading re-derives it
+    again = ecif.EmbeddingSet.load(loaded.save(tmp_path / "resaved", part_rows=200))
+    assert list(again.metadata["part"]) == [0] * 200 + [1] * 159
+
+
 def test_audit_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="not an audit folder"):
         ecif.audit.read_audit(tmp_path)

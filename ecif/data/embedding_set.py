@@ -170,7 +170,8 @@ def load_folder(
     are gathered into RAM when they fit in ``in_memory_limit`` bytes, else into one
     memory-mapped file under the ecif cache. Rows whose ``status`` is neither ``"ok"`` nor
     ``"success"`` are dropped unless ``keep_failed`` (their embeddings are zeros); the count
-    is logged.
+    is logged. The metadata gains a ``part`` column (each row's part) so that an in-memory
+    audit keeps its batches inside parts, as ``ecif score`` does.
     """
     rows = read_folder(
         folder, keep_failed=keep_failed, id_col=id_col, in_memory_limit=in_memory_limit
@@ -179,7 +180,9 @@ def load_folder(
         n = rows.dropped + len(rows.metadata)
         msg = f"{folder}: dropped {rows.dropped} of {n} rows whose status is not ok"
         log.warning(msg + " (keep_failed=True keeps them)")
-    es = EmbeddingSet(rows.image, rows.text, ids=rows.ids, metadata=rows.metadata)
+    meta = rows.metadata.copy()
+    meta["part"] = rows.part  # the shard of each row: an audit's batches stay inside shards
+    es = EmbeddingSet(rows.image, rows.text, ids=rows.ids, metadata=meta)
     manifest = rows.manifest
     if manifest and manifest.get("logit_scale"):
         es.logit_scale = float(manifest["logit_scale"])
@@ -193,6 +196,7 @@ def save_folder(es: EmbeddingSet, folder: str | os.PathLike, *, part_rows: int =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = es.metadata.copy() if es.metadata is not None else pd.DataFrame(index=range(len(es)))
+    meta = meta.drop(columns="part", errors="ignore")  # re-derived from the layout on load
     id_column = "id"
     if "id" not in meta.columns:
         meta.insert(0, "id", es.ids)
