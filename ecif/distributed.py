@@ -4,8 +4,8 @@
 Each task writes its own output atomically, so a task retried after a worker dies (up to
 ``RETRIES`` times) leaves exactly one copy of its shard's rows. Without a scheduler address
 a ``LocalCluster`` on 127.0.0.1 lives for the duration of the call: worker processes by
-default, or threads of this process (``processes=False``, no sockets) for tasks that keep a
-large model in memory.
+default, or threads of this process (``processes=False``: in-process comms) for tasks that
+keep a large model in memory. Whatever a local cluster listens on is bound to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ RETRIES = 2  # a task whose worker died is resubmitted up to this many times
 # this process (100k pairs, d = 64). Local clusters start without it; on a cluster of your
 # own, set this key to null in the workers' Dask config.
 TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+LOOPBACK = "127.0.0.1:0"  # where a local cluster's HTTP servers listen (a free port)
 
 
 @contextmanager
@@ -42,8 +43,11 @@ def open_client(
             local = {"host": "127.0.0.1", "n_workers": workers, "threads_per_worker": 1}
         else:  # inproc://, no sockets (a host would ask for tcp)
             local = {"n_workers": 1, "threads_per_worker": 2}
+        # Dask's HTTP servers (scheduler and workers) otherwise listen on 0.0.0.0 when the
+        # cluster runs in this process: loopback only, any free port
+        loopback = {"dashboard_address": LOOPBACK, "worker_dashboard_address": LOOPBACK}
         with dask.config.set({TRIM_KEY: None}):
-            cluster = LocalCluster(processes=processes, dashboard_address=None, **local)
+            cluster = LocalCluster(processes=processes, **loopback, **local)
         client = Client(cluster)
     else:
         client = Client(scheduler)
