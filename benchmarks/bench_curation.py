@@ -5,6 +5,7 @@
     python benchmarks/bench_curation.py --quick          # smoke run (minutes): not a result
     python benchmarks/bench_curation.py --seed-start 3 --seeds 2 --csv b.csv   # seeds 3, 4
     python benchmarks/bench_curation.py --report a.csv b.csv   # one report from split runs
+    python benchmarks/bench_curation.py --detect-only --model-modes   # filters' APs only
 
 For every seed: a noisy training set (``noise_kind="mixed"``: random shuffles, confusable
 swaps, one-attribute edits) of digits (scikit-learn scans, a domain the tiny CLIP never saw)
@@ -101,9 +102,13 @@ def embed_pairs(net, tok, data, logit_scale: float) -> ecif.EmbeddingSet:
     return es
 
 
-def suspicion_scores(train: ecif.EmbeddingSet, val: ecif.EmbeddingSet, seed: int) -> dict:
-    """Every filter's suspicion (higher = dropped first), one array per filter, train order."""
-    aud = Auditor(train, val, AuditArgs(seed=seed))
+def suspicion_scores(
+    train: ecif.EmbeddingSet, val: ecif.EmbeddingSet, seed: int, probes: float | None = None
+) -> dict:
+    """Every filter's suspicion (higher = dropped first), one array per filter, train order.
+    ``probes``: the head mode's probe fraction (None: ecif's default)."""
+    opts = {} if probes is None else {"probes": probes}
+    aud = Auditor(train, val, AuditArgs(seed=seed, **opts))
     table = aud.run()
     head = aud.heads[0]
     x, y = np.asarray(train.image), np.asarray(train.text)
@@ -174,7 +179,7 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
     train = embed_pairs(net, tok, train_d, scale)
     val = embed_pairs(net, tok, val_d, scale)
     t0 = time.perf_counter()
-    scores = suspicion_scores(train, val, seed)
+    scores = suspicion_scores(train, val, seed, args.probes)
     for params in args.model_modes:
         scores[f"ecif ({params})"] = model_mode_scores(train_d, val_d, params, seed, base)
     log(f"seed {seed}: scores in {time.perf_counter() - t0:.0f} s")
@@ -182,6 +187,8 @@ def one_seed(args, seed: int, base: str, log) -> tuple[list[dict], list[dict]]:
         {"seed": seed, "filter": k, "ap": average_precision(noisy, np.nan_to_num(v, nan=-np.inf))}
         for k, v in scores.items()
     ]
+    if args.detect_only:
+        return [], det
     k1 = int(noisy.sum())
     sets = keep_sets(scores, noisy, [k1, min(2 * k1, args.n - 2)])
     labels = np.array([classes.index(c) for c in test_d.frame[label_col]])
@@ -241,6 +248,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "processes or machines; join the CSVs with --report",
     )
     ap.add_argument("--regimes", nargs="+", default=["finetune", "scratch"])
+    ap.add_argument(
+        "--detect-only",
+        action="store_true",
+        help="no training: every filter's detection AP per seed (minutes, not hours); with "
+        "--csv NAME.csv, only NAME.detect.csv is written",
+    )
+    ap.add_argument(
+        "--probes",
+        type=float,
+        default=None,
+        help="the head mode's probe fraction (default: ecif's, 0.1); 0 is the default that "
+        "the recorded trainings used (before the probe weighting)",
+    )
     ap.add_argument("--steps", type=int, default=1500, help="training steps per kept set")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument(
@@ -336,7 +356,8 @@ def main(argv: list[str] | None = None) -> str:
             rows += r
             det_rows += d
             if args.csv:  # every finished seed is kept, whatever happens to the next one
-                pd.DataFrame(rows).to_csv(args.csv, index=False)
+                if not args.detect_only:
+                    pd.DataFrame(rows).to_csv(args.csv, index=False)
                 pd.DataFrame(det_rows).to_csv(detect_path(args.csv), index=False)
         runs, det = pd.DataFrame(rows), pd.DataFrame(det_rows)
         seconds = time.perf_counter() - t0
