@@ -95,3 +95,37 @@ def test_split_seeds_join_to_the_same_report(tmp_path, tiny_clip_dir):
     assert body(joined) == body(whole)
     with pytest.raises(SystemExit, match="two CSVs"):
         bench_curation.main([*common, "--report", parts[0], str(tmp_path / "w.csv")])
+
+
+def test_detect_only_scores_without_training_and_probes_reach_the_head_mode(
+    tmp_path, tiny_clip_dir
+):
+    """--detect-only: the filters' APs and no training; --probes 0 changes only ecif's AP, to
+    the AP (scikit-learn's) of an audit run here with probes=0 on the same embeddings."""
+    from sklearn.metrics import average_precision_score
+
+    import ecif
+
+    common = [
+        "--dataset", "digits", "--n", "400", "--noise", "0.25", "--n-val", "60",
+        "--seeds", "1", "--model", str(tiny_clip_dir), "--detect-only", "--model-modes",
+    ]  # fmt: skip
+    text = bench_curation.main([*common, "--csv", str(tmp_path / "d.csv")])
+    bench_curation.main([*common, "--probes", "0", "--csv", str(tmp_path / "p0.csv")])
+    assert "### Detection" in text and "trained on the kept pairs" not in text
+    assert not (tmp_path / "d.csv").exists()  # no trainings, no rows
+    det = pd.read_csv(tmp_path / "d.detect.csv").set_index("filter")["ap"]
+    det0 = pd.read_csv(tmp_path / "p0.detect.csv").set_index("filter")["ap"]
+    assert det.drop("ecif (head)").equals(det0.drop("ecif (head)"))
+    assert det["ecif (head)"] != det0["ecif (head)"]
+
+    train_d = bench_curation.make_data("digits", 400, 0, 0.25)
+    val_d = bench_curation.make_data("digits", 60, 10_000, 0.0)
+    net, tok = bench_curation.create(str(tiny_clip_dir), "finetune")
+    scale = float(net.logit_scale.detach().exp())
+    train = bench_curation.embed_pairs(net, tok, train_d, scale)
+    val = bench_curation.embed_pairs(net, tok, val_d, scale)
+    table = ecif.Auditor(train, val, ecif.AuditArgs(seed=0, probes=0.0)).run()
+    noisy = train_d.frame["is_corrupted"].to_numpy(bool)
+    expect = average_precision_score(noisy, table["misalign_score"].to_numpy())
+    assert det0["ecif (head)"] == pytest.approx(expect, abs=1e-9)
