@@ -127,7 +127,9 @@ def report(runs: pd.DataFrame, det: pd.DataFrame, params: dict, seconds: float) 
     g = det.groupby("filter", sort=False)["ap"]
     lines.append(markdown(pd.DataFrame({"filter": g.mean().index, "AP": [
         fmt(*t_interval(v)) for _, v in g]})))  # fmt: skip
-    for regime, r in runs.groupby("regime", sort=False) if len(runs) else ():
+    if runs.empty:  # --detect-only: no trainings
+        return "\n".join([*lines, "", "Intervals: 95% Student-t over seeds."]) + "\n"
+    for regime, r in runs.groupby("regime", sort=False):
         primary = params.get("primary", "zero_shot_acc")
         table, _ = regime_table(r, primary)
         lines += [
@@ -137,8 +139,6 @@ def report(runs: pd.DataFrame, det: pd.DataFrame, params: dict, seconds: float) 
         ]
         lines.append(markdown(table))
         lines += ["", *verdict(r, primary)]
-    if not len(runs):  # --detect-only
-        return "\n".join([*lines, "", "Intervals: 95% Student-t over seeds."]) + "\n"
     lines += [
         "",
         "Intervals: 95% Student-t over seeds; 'vs none (paired)': per-seed difference from no "
