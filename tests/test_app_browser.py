@@ -110,9 +110,11 @@ def test_suspects_page_renders_thumbnails_in_chromium(small_audit, tmp_path):
             assert page.get_by_text("image shard not found").count() == 0
             box = page.locator("[data-testid='stDataFrame']").first.bounding_box()
             assert box["height"] >= 51 * 60, box  # the page's 50 rows and the header, unscrolled
-            headers = page.locator(  # the grid lists the headers it shows
+            header_cells = page.locator(  # the grid lists the headers it shows
                 "[data-testid='stDataFrame'] [role='columnheader']"
-            ).all_inner_texts()
+            )
+            header_cells.last.wait_for(state="attached", timeout=30_000)  # drawn after the frame
+            headers = header_cells.all_inner_texts()
             assert headers[-1] == "reviewed", headers  # the last column fits, none hidden
             shot = tmp_path / "suspects.png"
             page.screenshot(path=str(shot), full_page=True)
