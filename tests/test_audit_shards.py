@@ -79,7 +79,7 @@ def test_shards_equal_concatenated_and_rerun_skips(tmp_path):
 def test_in_memory_audit_of_a_loaded_folder_equals_the_scored_shards(tmp_path):
     """``EmbeddingSet.load`` records each row's part, so the Auditor batches inside parts as
     ``score_shards`` does (before, its batches crossed parts and pair_loss differed by up
-    to 3.6)."""
+    to 1.8 on this folder)."""
     folder, val = _folder(tmp_path, rows=120, d=16)
     args = AuditArgs(batch_size=16)
     score_shards(folder, tmp_path / "audit", val, args=args, log=lambda s: None)
