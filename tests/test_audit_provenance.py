@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 import ecif
 from ecif.audit import AuditArgs
-from ecif.audit.folder import read_parquet_meta
+from ecif.audit.folder import read_heads, read_parquet_meta
 from ecif.audit.shards import score_shards
 from ecif.cli import main
 from tests.test_audit_shards import _folder
@@ -145,3 +145,37 @@ def test_embedding_set_logit_scale_is_said_and_can_be_passed():
     assert abs(ecif.fit(es, batch_size=8).logit_scale - 30.0) < 1e-9
     assert es.subset([0, 1]).logit_scale == 30.0
     assert abs(ecif.fit(ecif.EmbeddingSet(x, y), batch_size=8).logit_scale - 100.0) < 1e-9
+
+
+def test_rerun_of_finished_shards_fits_nothing_and_equals_a_fresh_run(tmp_path, monkeypatch):
+    """Only the threshold changes: the head, w and the twin audit of the first run are kept,
+    and the tables equal those of a fresh run with the new threshold."""
+    import ecif.audit.shards as shards
+    from ecif.audit.auditor import Auditor
+
+    folder, val = _folder(tmp_path, rows=120)  # 359 usable pairs: the twin audit runs
+    args = AuditArgs(batch_size=16)
+    out, fresh = tmp_path / "audit", tmp_path / "fresh"
+    score_shards(folder, out, val, args=args, log=lambda s: None)
+    first = json.loads((out / "audit.json").read_text())
+    assert "probe_weights" in first["combination"]
+    other = AuditArgs(batch_size=16, threshold=0.2)
+    score_shards(folder, fresh, val, args=other, log=lambda s: None)
+
+    def refuse(*a, **k):
+        raise AssertionError("a rerun of finished shards fitted again")
+
+    monkeypatch.setattr(Auditor, "fit_head", refuse)
+    monkeypatch.setattr(shards, "probe_signals", refuse)
+    lines = []
+    again = score_shards(folder, out, val, args=other, log=lines.append)
+    assert again["skipped"].sum() == 3
+    assert any("only the threshold is applied again" in line for line in lines)
+    table, info = ecif.audit.read_audit(out)
+    ref, ref_info = ecif.audit.read_audit(fresh)
+    cols = ["id", "misalign_score", "is_misaligned", "rank", "influence", "pair_loss"]
+    pd.testing.assert_frame_equal(table[cols], ref[cols])
+    assert table["is_misaligned"].sum() == round(0.2 * 359) == info["flagged"]
+    assert info["combination"] == ref_info["combination"] == first["combination"]
+    assert info["threshold"] == ref_info["threshold"] and info["n_norm"] == ref_info["n_norm"]
+    assert len(read_heads(out)) == 1

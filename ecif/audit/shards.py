@@ -31,21 +31,19 @@ from ecif.audit.auditor import (
     AuditArgs,
     Auditor,
     clip_scores,
-    misalign_scores,
 )
 from ecif.audit.checks import (
     check_threshold,
     check_training,
     check_validation,
 )
-from ecif.audit.folder import write_audit_description
-from ecif.audit.misalign import ProbeSignals
+from ecif.audit.folder import read_heads, write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import probe_signals
-from ecif.audit.thresholds import flag_count, rank_and_flag
+from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_from_table
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
-from ecif.data.folder_reader import ok_mask, read_folder, read_part
+from ecif.data.folder_reader import read_folder, read_part
 from ecif.data.row_reader import FolderRowReader
 from ecif.distributed import open_client, run_tasks
 from ecif.engine.batches import Partition
@@ -55,16 +53,6 @@ from ecif.engine.influence import score_pass
 from ecif.progress import step
 
 _log = logging.getLogger(__name__)
-SCORE_COLUMNS = (
-    "clip_score",
-    "pair_loss",
-    "influence",
-    "influence_pos",
-    "influence_neg",
-    "self_influence",
-    "misalign_score",
-)
-ID = "id"  # the id column of every score table; the input's own name is in the metadata
 # options that do not change a shard's scores: a rerun that differs only in them reuses it
 _NOT_IN_SCORES = ("threshold", "device")
 
@@ -96,11 +84,6 @@ def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
             f"{folder}: no metadata/metadata_{{N}}.parquet parts; not an embedding folder"
         )
     return out
-
-
-def ok_rows(meta: pd.DataFrame) -> np.ndarray:
-    """Positions of a part's usable rows (``ecif.data.folder_reader.ok_mask``)."""
-    return np.nonzero(ok_mask(meta))[0]
 
 
 def load_training_set(folder: str | os.PathLike, id_col: str | None = None) -> EmbeddingSet:
@@ -227,6 +210,7 @@ def score_shards(
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
+    rescore = True  # False: the shards' misalign_score is an earlier run's, kept
     meta["head_choice"] = auditor.choose().record()
     if val is None or args.params != "head":  # the whole set at once: in-process
         with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
@@ -236,8 +220,18 @@ def score_shards(
         meta["n_norm"] = float(np.mean([h.n_norm for h in heads]))
         meta["options"] = args.record()
         scores_dir = out / "scores"
-        summary = _write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
+        summary = write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
         probes = auditor.probes
+    elif (earlier := _earlier_run(out, parts, meta, len(train))) is not None:
+        # every shard holds what this run would write: keep its head, w and signal weights
+        heads, old = earlier
+        (log or _log.info)(
+            f"all {len(parts)} shards of {out} are from an earlier run with the same options: "
+            "its head, w and signal weights are kept; only the threshold is applied again"
+        )
+        meta.update(n_norm=old["n_norm"], fit=old.get("fit"), combination=old["combination"])
+        scores_dir, probes, rescore = out / "scores", None, False
+        summary = _run_jobs([(p, None) for p in parts], None, progress)
     else:
         with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
             where = " on the cluster" if rows is not None else ""
@@ -269,13 +263,34 @@ def score_shards(
         if args.weights == "auto":
             with step("weighing the signals: a twin audit with planted probes", progress):
                 probes = probe_signals(auditor, args.probes, progress=progress)
-    _finalize(scores_dir, args.threshold, meta, probes)
+    finalize(scores_dir, args.threshold, meta, probes, rescore=rescore)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
     (log or _log.info)(
         f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])} -> {out}"
     )
     return summary
+
+
+def _earlier_run(out: Path, parts: list[PartInfo], meta: dict, n: int) -> tuple[list, dict] | None:
+    """([head], shard metadata) of a finished earlier run in ``out`` whose every shard this
+    run would write unchanged (``_reusable``, and one combination across them: its final pass
+    completed), else None. Then the head, w and the twin audit need not run again."""
+    olds = []
+    for p in parts:
+        f = out / "scores" / p.output_name
+        if not f.exists():
+            return None
+        old = read_parquet_meta(f)
+        if not _reusable(old, p.source, meta) or "combination" not in old:
+            return None
+        olds.append(old)
+    if len({json.dumps(o["combination"], sort_keys=True) for o in olds}) != 1:
+        return None
+    if not (out / "w.npy").exists() or not (out / "head.pt").exists():
+        return None
+    heads = [h for h in read_heads(out) if h.partition.n == n]
+    return (heads[:1], olds[0]) if heads else None
 
 
 def _reusable(old: dict, source: str, meta: dict) -> bool:
@@ -323,88 +338,3 @@ def _run_jobs(jobs, client: Any, progress: bool) -> pd.DataFrame:
         for (p, _), res in zip(todo, results):
             rows.append({"shard": p.output_name, **res, "skipped": 0})
     return pd.DataFrame(rows, columns=["shard", "ok", "failed", "skipped"])
-
-
-def _write_from_table(folder, parts, train, table, scores_dir, meta, id_col) -> pd.DataFrame:
-    rows = []
-    part_col = train.metadata["part"].to_numpy()
-    for p in parts:
-        _, _, pmeta = read_part(Path(folder), p.index)
-        keep = ok_rows(pmeta)
-        rows_p = np.nonzero(part_col == p.index)[0]
-        sub = table.iloc[rows_p].reset_index(drop=True)
-        cols = [c for c in SCORE_COLUMNS if c in sub]
-        out = shard_frame(pmeta, keep, id_col, {c: sub[c].to_numpy() for c in cols}, rows_p)
-        n = len(pmeta)
-        write_parquet_atomic(scores_dir / p.output_name, out, {**meta, "source": p.source})
-        rows.append(
-            {"shard": p.output_name, "ok": len(keep), "failed": n - len(keep), "skipped": 0}
-        )
-    return pd.DataFrame(rows)
-
-
-def shard_frame(
-    pmeta: pd.DataFrame,
-    keep: np.ndarray,
-    id_col: str | None,
-    scores: dict,
-    rows: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """One output row per input row: scores and status ``ok`` for the usable rows (``keep``),
-    NaN and the input's status for the rest. The input's ``id_col`` becomes ``id``; without
-    one, a usable row's id is its position among the folder's usable rows (``rows``, as in
-    the training set) and the other rows' is null."""
-    n = len(pmeta)
-    if id_col is not None:
-        ids = pmeta[id_col]
-    else:
-        ids = pd.array([pd.NA] * n, dtype="Int64")
-        ids[keep] = np.arange(len(keep)) if rows is None else rows
-    out = pd.DataFrame({ID: ids})
-    out["caption"] = pmeta["caption"] if "caption" in pmeta else None
-    for col, vals in scores.items():
-        full = np.full(n, np.nan, dtype=np.float32)
-        full[keep] = np.asarray(vals, dtype=np.float32)
-        out[col] = full
-    out["is_misaligned"] = False
-    out["rank"] = pd.array([pd.NA] * n, dtype="Int64")
-    status = pmeta["status"] if "status" in pmeta else pd.Series("ok", index=pmeta.index)
-    status = status.astype(str).to_numpy(dtype=object)
-    status[keep] = "ok"  # "success" (img2dataset's word) was scored too
-    out["status"] = status
-    out["error_message"] = pmeta["error_message"] if "error_message" in pmeta else None
-    return out
-
-
-def _finalize(scores_dir: Path, threshold, meta: dict, probes: ProbeSignals | None = None) -> None:
-    """Combine the signals into misalign_score, flag and rank across all shards, then rewrite
-    each shard atomically. The standardisation and the weights are global (audit.json);
-    ``probes``: the twin audit that weighs the signals (``ecif.audit.probes``)."""
-    files = sorted(scores_dir.glob("*.parquet"))
-    cols = ["clip_score", "pair_loss", "influence"]
-    frames = []
-    for f in files:
-        have = set(pq.read_schema(f).names)
-        frames.append(
-            pd.read_parquet(f, columns=[c for c in (*cols, "self_influence") if c in have])
-        )
-    table = pd.concat(frames, ignore_index=True)
-    mode = (meta.get("options") or {}).get("weights", "auto")
-    allv, combination, rate = misalign_scores(table, mode, float(meta.get("n_norm") or 1.0), probes)
-    meta["combination"] = combination
-    count, how = flag_count(allv, threshold, rate)
-    rank, flag = rank_and_flag(allv, count)
-    finite = np.isfinite(allv)
-    meta.update(threshold=how, flagged=int(count))
-    meta["options"] = {**meta.get("options", {}), "threshold": threshold}
-    start = 0
-    for f, part in zip(files, frames):
-        df = pd.read_parquet(f)
-        sl = slice(start, start + len(part))
-        df["misalign_score"] = allv[sl].astype(np.float32)
-        df["is_misaligned"] = flag[sl] & finite[sl]
-        df["rank"] = pd.array(np.where(finite[sl], rank[sl], -1), dtype="Int64")
-        df.loc[~finite[sl], "rank"] = pd.NA
-        old = read_parquet_meta(f)  # one truth: the options of the run that flagged
-        write_parquet_atomic(f, df, {**old, **meta, "source": old.get("source")})
-        start += len(part)
