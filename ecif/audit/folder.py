@@ -32,6 +32,19 @@ class AuditFolderError(ValueError):
     """The folder is not an audit folder, or is incomplete."""
 
 
+def params_of(info: dict) -> str:
+    """The part an audit's record says influence went through: "head", "projection", "lora"."""
+    return (info.get("options") or {}).get("params") or "head"
+
+
+def audit_params(folder: str | os.PathLike) -> str:
+    """``params_of`` an audit folder's audit.json (a clear error when there is none)."""
+    path = Path(folder) / "audit.json"
+    if not path.exists():
+        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
+    return params_of(json.loads(path.read_text()))
+
+
 def float32_scores(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     for col in ("clip_score", "influence", "influence_pos", "influence_neg", "misalign_score"):
@@ -159,8 +172,8 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
     `ecif index` fits when the audit cross-fitted halves), else fit now with its options.
     Audits in a model mode (params != "head") have no head: their traces go through the fitted
     part (``ecif.audit.model_trace_pair``)."""
-    params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
-    if params not in (None, "head"):
+    params = audit_params(folder)
+    if params != "head":
         raise AuditFolderError(
             f"{folder}: an audit in a model mode (params={params!r}) has no head; its traces go "
             "through the fitted part (`ecif trace` takes the same queries)"

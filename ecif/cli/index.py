@@ -85,12 +85,12 @@ def _precompute(head, train, out: Path, args: argparse.Namespace) -> str:
 
 def _model_mode(folder: Path) -> str | None:
     """The audit's parameter mode when it is a model mode (projection, lora), else None."""
-    import json
+    from ecif.audit.folder import audit_params
 
     if not (folder / "audit.json").exists():
         return None
-    params = json.loads((folder / "audit.json").read_text()).get("options", {}).get("params")
-    return params if params not in (None, "head") else None
+    params = audit_params(folder)
+    return params if params != "head" else None
 
 
 def _index_model(folder: Path, params: str, args: argparse.Namespace) -> int:

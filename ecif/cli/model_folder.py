@@ -4,19 +4,6 @@ and another folder's cache, with one-line errors."""
 from __future__ import annotations
 
 
-def audit_params(folder: str) -> str:
-    """The audit's trainable part: "head", "projection" or "lora"."""
-    import json
-    from pathlib import Path
-
-    from ecif.audit.folder import AuditFolderError
-
-    path = Path(folder) / "audit.json"
-    if not path.exists():
-        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
-    return json.loads(path.read_text()).get("options", {}).get("params") or "head"
-
-
 def features_of(folder: str):
     """A folder's feature cache, or a one-line usage error."""
     from ecif.cli.errors import UsageError

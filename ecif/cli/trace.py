@@ -124,10 +124,9 @@ def _show(table: pd.DataFrame, name: str, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecif.audit.folder import AuditFolderError
+    from ecif.audit.folder import AuditFolderError, audit_params
     from ecif.audit.trace import TraceBack
     from ecif.cli.errors import describe
-    from ecif.cli.model_folder import audit_params
     from ecif.cli.trace_model import run_model
     from ecif.data.index import FaissIndexError
     from ecif.data.layout import FolderError

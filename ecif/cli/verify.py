@@ -27,11 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from ecif.audit.folder import audit_params
     from ecif.audit.verify import verify, verify_model
     from ecif.cli.clean import audit_training_set
     from ecif.cli.common import load_val
     from ecif.cli.errors import UsageError
-    from ecif.cli.model_folder import audit_params, features_of, model_audit
+    from ecif.cli.model_folder import features_of, model_audit
 
     if audit_params(args.audit) == "head":
         _, info, train, fitted = audit_training_set(args.audit)

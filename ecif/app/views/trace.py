@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from ecif.app import detail, state, support
+from ecif.audit.folder import params_of
 
 table, info = state.audit()
 folder = state.folder()
@@ -18,7 +19,7 @@ st.caption(
     "loss, it pushed the model towards the wrong answer. **Helped**: removing it would raise "
     "the loss."
 )
-params = (info.get("options") or {}).get("params") or "head"
+params = params_of(info)
 if params != "head":  # through the encoders: test pairs from a feature cache, every pair ranked
     st.info(
         f"This audit's influence runs through the model ({params} mode): every training pair "
