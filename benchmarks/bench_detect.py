@@ -95,13 +95,15 @@ def make_sets(geometry: str, kind: str, noise: float, seed: int, n: int, n_val: 
 
 
 def labelled_ceiling(features: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
-    """The best linear weighting of ``features`` for the planted labels, cross-fitted: a
-    logistic regression on one half scores the other. No user has these labels; the ceiling
-    says whether a cell is lost by the weighting of the signals or by the signals."""
+    """The best linear weighting of ``features`` for the planted labels, cross-fitted: the
+    audit's own regression (``probe_direction``, its L2 penalty: without one, separable
+    cells diverge) fit on one half with the true labels scores the other. No user has these
+    labels; the ceiling says whether a cell is lost by the weighting of the signals or by the
+    signals."""
     fold = np.random.default_rng(seed).permutation(len(labels)) % 2
     out = np.empty(len(labels))
     for k in (0, 1):
-        w, _ = probe_direction(features[fold != k], labels[fold != k], l2=0.0)
+        w, _ = probe_direction(features[fold != k], labels[fold != k])
         out[fold == k] = features[fold == k] @ w
     return out
 
