@@ -47,8 +47,11 @@ def projection(tmp_path_factory, tiny_clip_dir):
 
 
 def _refit_signs(audit, q, table):
-    """Drop the top responsible / helped pair, refit (float64, warm start), and return the
-    query's loss change for each."""
+    """Drop each of the top three responsible / helped pairs in turn, refit (float64, warm
+    start), and return the query's loss changes per list. (Three, not one: the part is not
+    convex, so one pair's refit is a noisy draw; on a 2026-12 machine the top helped pair of
+    the free-text query moved the loss by -0.025 where its four neighbours moved it by
+    +0.016 to +0.245.)"""
     train = load_features(audit.parent / "train")
     state = torch.load(audit / "model.pt", weights_only=False)[0]
     model = fit_encoder(
@@ -63,12 +66,11 @@ def _refit_signs(audit, q, table):
     ids = list(np.asarray(train.ids).astype(str))
     out = {}
     for name in ("responsible", "helped"):
-        rows = table[table["list"] == name]
-        if rows.empty:
-            continue
-        r = ids.index(str(rows.iloc[0]["id"]))
-        refit = fit_encoder(model, train.image, train.text, init=model, exclude_positions=[r])
-        out[name] = loss(refit) - base
+        out[name] = []
+        for pair_id in table.loc[table["list"] == name, "id"].head(3):
+            r = ids.index(str(pair_id))
+            refit = fit_encoder(model, train.image, train.text, init=model, exclude_positions=[r])
+            out[name].append(loss(refit) - base)
     return out
 
 
@@ -118,7 +120,12 @@ def test_trace_free_text_in_projection_mode(projection, tmp_path, capsys):
     q = mq.caption_query(query_inputs(projection["audit"]), caption)
     assert q.direction == "text->image" and q.positive.any() and not q.positive.all()
     moved = _refit_signs(projection["audit"], q, pd.read_csv(out_csv))
-    assert moved.get("responsible", -1) < 0 and moved.get("helped", 1) > 0, moved
+    responsible, helped = np.array(moved["responsible"]), np.array(moved["helped"])
+    assert len(responsible) == len(helped) == 3, moved
+    # removing what the lists call responsible lowers the query's loss, removing what
+    # helped raises it: in sum, and for at least two of each three
+    assert responsible.sum() < 0 and (responsible < 0).sum() >= 2, moved
+    assert helped.sum() > 0 and (helped > 0).sum() >= 2, moved
 
 
 def test_zero_shot_queries_in_projection_mode(projection, tmp_path, capsys):

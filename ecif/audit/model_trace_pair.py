@@ -71,16 +71,9 @@ def pair_norms(
     from ecif.engine.model_probes import DEFAULT_PROBES, probe_estimate
 
     path = Path(audit) / "index" / NORMS_FILE
-    if path.exists():
-        with np.load(path) as cached:
-            kept = int(cached["probes"]) if "probes" in cached else DEFAULT_PROBES
-            key = model_fingerprint(model, kept, 0)
-            if (
-                probes in (None, kept)
-                and str(cached["fingerprint"]) == key
-                and len(cached["norms"]) == len(train.image)
-            ):
-                return cached["norms"]
+    kept = _kept_norms(path, model, len(train.image), probes)
+    if kept is not None:
+        return kept[0]
     probes = probes or DEFAULT_PROBES
     est = probe_estimate(
         model, train, probes=probes, whiten=False, inverse=inverse, progress=progress
@@ -97,12 +90,32 @@ def pair_norms(
     return norms
 
 
+def _kept_norms(
+    path: Path, model: Any, n: int, probes: int | None
+) -> tuple[np.ndarray, int] | None:
+    """(norms, probe count) kept at ``path`` for this fitted part, ``n`` pairs and ``probes``
+    (None: any count), else None."""
+    from ecif.engine.model_probes import DEFAULT_PROBES
+
+    if not path.exists():
+        return None
+    with np.load(path) as cached:
+        kept = int(cached["probes"]) if "probes" in cached else DEFAULT_PROBES
+        if (
+            probes in (None, kept)
+            and str(cached["fingerprint"]) == model_fingerprint(model, kept, 0)
+            and len(cached["norms"]) == n
+        ):
+            return cached["norms"], kept
+    return None
+
+
 def index_model_audit(
     audit: str | os.PathLike, *, probes: int | None = None, show_progress: bool = False
 ) -> dict:
     """What ``ecif index`` does for a model-mode audit: keep every pair's probe norms so the
     first trace does not pay for them (a trace ranks every pair through the fitted part, so
-    there is no nearest-neighbour index to build). Returns pairs, probes, seconds, kept."""
+    there is no nearest-neighbour index to build). Returns pairs, probes, seconds, reused, path."""
     import time
 
     from tqdm.auto import tqdm
@@ -113,19 +126,19 @@ def index_model_audit(
     start = time.time()
     train, model, _ = model_audit(audit)
     path = Path(audit) / "index" / NORMS_FILE
-    before = path.stat().st_mtime_ns if path.exists() else None
-    count = probes or DEFAULT_PROBES
-    with tqdm(total=count, desc="probe norms", unit="probe", disable=not show_progress) as bar:
-        inverse = ModelInverse(model, train.image, train.text)
-        pair_norms(audit, model, train, inverse, probes=probes, progress=bar.update)
-    with np.load(path) as kept:
-        return {
-            "pairs": len(train.image),
-            "probes": int(kept["probes"]),
-            "seconds": time.time() - start,
-            "reused": before is not None and path.stat().st_mtime_ns == before,
-            "path": str(path),
-        }
+    kept = _kept_norms(path, model, len(train.image), probes)
+    if kept is None:
+        count = probes or DEFAULT_PROBES
+        with tqdm(total=count, desc="probe norms", unit="probe", disable=not show_progress) as bar:
+            inverse = ModelInverse(model, train.image, train.text)
+            pair_norms(audit, model, train, inverse, probes=probes, progress=bar.update)
+    return {
+        "pairs": len(train.image),
+        "probes": kept[1] if kept is not None else count,
+        "seconds": time.time() - start,
+        "reused": kept is not None,
+        "path": str(path),
+    }
 
 
 def trace_model(
