@@ -42,7 +42,10 @@ def test_probes_use_the_model_inverse_by_default(fitted):
     model, train, inv, truth = fitted
     est = probe_estimate(model, train, probes=2, whiten=True, seed=4)
     dense = probe_estimate(model, train, probes=2, whiten=True, inverse=inv, seed=4)
-    np.testing.assert_allclose(est.through, dense.through, rtol=1e-3, atol=1e-6)
+    # CG stops at a relative residual of 1e-4, so the error bound is norm-wise, not per entry
+    # (one entry of 40, -0.0507 in rows up to 1.2, differed by 1.0e-3 of itself on one CPU)
+    err = np.linalg.norm(est.through - dense.through, axis=1)
+    assert (err <= 1e-3 * np.linalg.norm(dense.through, axis=1)).all(), err
 
 
 def test_basis_probes_give_the_exact_norms_and_self_influence(fitted):
