@@ -25,7 +25,7 @@ from ecif.audit.model_signals import model_signals, self_influence_table
 from ecif.audit.probes import probe_signals
 from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
 from ecif.audit.thresholds import flag_count, rank_and_flag
-from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.embedding_set import EmbeddingSet, norm_warning
 from ecif.device import resolve_device
 from ecif.engine.fit import FitArgs
 from ecif.engine.head import CLIP_LOGIT_SCALE, DENSE_HESSIAN_MAX_PARAMS, Head
@@ -186,6 +186,18 @@ class Auditor:
     val_source: str = field(default="", init=False)
     choice: HeadChoice | None = field(default=None, init=False)
     probes: ProbeSignals | None = field(default=None, init=False)  # the twin audit, once run
+    input_warnings: list = field(default_factory=list, init=False)  # also in audit.json
+
+    def __post_init__(self) -> None:
+        import warnings
+
+        if self.args.params != "head":  # the model modes fit their own features
+            return
+        for name, data in (("training", self.train), ("validation", self.val)):
+            note = norm_warning(data, name) if data is not None else None
+            if note:
+                self.input_warnings.append(note)
+                warnings.warn(note, UserWarning, stacklevel=3)
 
     def fit_head(
         self,
@@ -365,6 +377,7 @@ class Auditor:
             "logit_scale": head.logit_scale,
             "lam": float(head.lam),  # what the fit used (a model mode's own pull, not the head's)
             "head_choice": self.choice.record() if self.choice else None,
+            "warnings": list(self.input_warnings),
             "fit": [dict(h.info) for h in self.heads],
             "ecif_version": __version__,
         }

@@ -12,6 +12,7 @@ at most one more audit of that size. The audit's own head, scores and files are 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,9 @@ def probe_signals(
         ids=np.arange(n),
         logit_scale=train.logit_scale,
     )
-    twin = type(auditor)(twin_set, auditor.val, auditor.args)
+    with warnings.catch_warnings():  # the audit itself has said what its inputs lack
+        warnings.simplefilter("ignore", UserWarning)
+        twin = type(auditor)(twin_set, auditor.val, auditor.args)
     twin.choice = auditor.choose()  # the same head: only the planted rows differ
     scored = twin._signals(progress)
     scored["clip_score"] = cosine(twin_set.image, twin_set.text)

@@ -210,13 +210,16 @@ def score_shards(
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
+    if auditor.input_warnings:
+        meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
     rescore = True  # False: the shards' misalign_score is an earlier run's, kept
     meta["head_choice"] = auditor.choose().record()
     if val is None or args.params != "head":  # the whole set at once: in-process
         with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
             table = auditor.run(progress=progress)
         heads = auditor.heads
-        meta.update({k: v for k, v in table.attrs.items() if k not in ("threshold", "flagged")})
+        skip = ("threshold", "flagged", "warnings")  # warnings: meta has them, and more
+        meta.update({k: v for k, v in table.attrs.items() if k not in skip})
         meta["n_norm"] = float(np.mean([h.n_norm for h in heads]))
         meta["options"] = args.record()
         scores_dir = out / "scores"

@@ -1,0 +1,66 @@
+"""Embeddings that are not L2-normalised: the audit says so in the API, the CLI, the table's
+metadata and audit.json, instead of scoring skewed rows in silence."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ecif
+from ecif.audit.metrics import average_precision
+from ecif.cli import main
+from ecif.data.concepts import concept_pairs
+
+NOT_UNIT = "not L2-normalised"
+
+
+def _sets(n=1000, seed=0):
+    x, y, frame = concept_pairs(n, d=64, noise=0.2, noise_kind="mixed", seed=seed)
+    vx, vy, _ = concept_pairs(300, d=64, noise=0.0, seed=seed + 100)
+    train = ecif.EmbeddingSet(x, y, ids=frame["key"].to_numpy())
+    return train, ecif.EmbeddingSet(vx, vy), frame["is_corrupted"].to_numpy()
+
+
+def _scaled(es, seed):
+    """The same pairs with each row's norm drawn from 0.7-1.3 (raw CLIP features vary so)."""
+    rng = np.random.default_rng(seed)
+    a, b = (rng.uniform(0.7, 1.3, (len(es), 1)) for _ in range(2))
+    return ecif.EmbeddingSet(es.image * a, es.text * b, ids=es.ids)
+
+
+def test_unit_rows_say_nothing_and_scaled_rows_warn_once_per_set():
+    train, val, labels = _sets()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unit = ecif.Auditor(train, val).run()
+    assert not [w for w in caught if NOT_UNIT in str(w.message)]
+    assert unit.attrs["warnings"] == []
+    with pytest.warns(UserWarning, match=f"training embeddings are {NOT_UNIT}") as caught:
+        skewed = ecif.Auditor(_scaled(train, 1), val).run()
+    assert len([w for w in caught if NOT_UNIT in str(w.message)]) == 1  # not again by the twin
+    assert len(skewed.attrs["warnings"]) == 1 and "0.7" in skewed.attrs["warnings"][0]
+    # the warning is warranted: the same planted pairs rank worse unnormalised (0.753 vs
+    # 0.705 when written), though the pairs' cosines (clip_score) are the same
+    np.testing.assert_allclose(skewed["clip_score"], unit["clip_score"], atol=1e-5)
+    ap_unit = average_precision(labels, unit["misalign_score"].to_numpy())
+    ap_skewed = average_precision(labels, skewed["misalign_score"].to_numpy())
+    assert ap_skewed < ap_unit - 0.02, (ap_skewed, ap_unit)
+    with pytest.warns(UserWarning, match=f"validation embeddings are {NOT_UNIT}"):
+        both = ecif.Auditor(_scaled(train, 1), _scaled(val, 2))
+    assert len(both.input_warnings) == 2 and both.run().attrs["warnings"] == both.input_warnings
+
+
+def test_ecif_score_records_and_prints_the_warning(tmp_path, capsys):
+    train, val, _ = _sets(n=400, seed=3)
+    _scaled(train, 4).save(tmp_path / "train")
+    val.save(tmp_path / "val")
+    out = tmp_path / "audit"
+    argv = ["score", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "-o", str(out)]
+    with pytest.warns(UserWarning, match=NOT_UNIT):
+        assert main([*argv, "--quiet"]) == 0
+    info = json.loads((out / "audit.json").read_text())
+    assert [w for w in info["warnings"] if w.startswith(f"training embeddings are {NOT_UNIT}")]
+    table = pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("*.parquet")))
+    assert len(table) == 400
