@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ecif.cli.common import add_audit_options, add_quiet, add_val, audit_args_from, show_progress
 
@@ -47,20 +48,22 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.folder import read_audit
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
-    from ecif.data.embedding_set import EmbeddingSet
+    from ecif.data.embedding_set import NOT_UNIT, EmbeddingSet
 
     val = EmbeddingSet.load(args.val) if args.val else None
-    summary = score_shards(
-        args.embeddings,
-        args.output,
-        val,
-        args=audit_args_from(args),
-        distributor=args.distributor,
-        scheduler=args.scheduler,
-        progress=show_progress(args),
-        log=lambda s: None,
-        allow_model_mismatch=args.allow_model_mismatch,
-    )
+    with warnings.catch_warnings():  # said once, in the summary below
+        warnings.filterwarnings("ignore", message=f".*{NOT_UNIT}")
+        summary = score_shards(
+            args.embeddings,
+            args.output,
+            val,
+            args=audit_args_from(args),
+            distributor=args.distributor,
+            scheduler=args.scheduler,
+            progress=show_progress(args),
+            log=lambda s: None,
+            allow_model_mismatch=args.allow_model_mismatch,
+        )
     table, info = read_audit(args.output)
     cols = ["id", "caption", "clip_score", "pair_loss", "influence", "misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
@@ -73,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     for fit in info.get("fit") or []:
         if fit.get("converged") is False:
             print(f"warning: {not_converged(fit)}", file=sys.stderr)
+    for note in info.get("warnings") or []:  # (a model mismatch was logged as it was found)
+        if NOT_UNIT in note:
+            print(f"warning: {note}", file=sys.stderr)
     s = summary.sum(numeric_only=True)
     print(
         f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])}"

@@ -18,6 +18,9 @@ from ecif.data.folder_reader import read_folder
 log = logging.getLogger(__name__)
 
 
+NOT_UNIT = "not L2-normalised"  # in norm_warning's text: what readers of it match
+
+
 class EmbeddingSetError(ValueError):
     """Raised for embeddings that cannot be audited (shape, NaN, ids)."""
 
@@ -181,7 +184,7 @@ def norm_warning(
     if not found:
         return None
     return (
-        f"{name} embeddings are not L2-normalised: norms of {'; '.join(found)}. The head and "
+        f"{name} embeddings are {NOT_UNIT}: norms of {'; '.join(found)}. The head and "
         "its chosen temperature assume unit rows, as CLIP's similarity does, and scores of "
         "unnormalised rows are skewed (on a planted test, AP 0.75 -> 0.68-0.71 and far fewer "
         "pairs flagged). Divide each row by its norm before auditing, or embed with ecif embed."
