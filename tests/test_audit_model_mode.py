@@ -163,8 +163,7 @@ def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):
     y = labels.loc[np.asarray(table["id"]).astype(str), "is_corrupted"].to_numpy()
     from sklearn.metrics import roc_auc_score
 
-    assert roc_auc_score(y, table["misalign_score"].to_numpy()) > 0.8
-    assert roc_auc_score(y, -table["influence"].to_numpy()) > 0.5  # the sign: harm is negative
+    assert roc_auc_score(y, -table["influence"].to_numpy()) > 0.6
     assert table.attrs["options"]["params"] == "projection"
 
 
