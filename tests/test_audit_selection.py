@@ -185,3 +185,51 @@ def test_untrusted_mixture_hedges_and_ranks_better(seed, one_torch_thread):
     ap = average_precision(bad, table["misalign_score"].to_numpy())
     assert ap > average_precision(bad, log_odds) + 0.04  # measured: +0.06, still below the
     # pair's loss alone (0.62 on seed 0): the hedge recovers part of what the mixture loses
+
+
+def _modes_by_hill_climbing(mix, starts):
+    """Distinct local maxima of the fitted mixture's density, found by L-BFGS from ``starts``
+    (an independent count: no ridgeline, only the density and its gradient)."""
+    from scipy.optimize import minimize
+    from scipy.stats import multivariate_normal
+
+    comps = [multivariate_normal(mix.means[j], mix.covs[j]) for j in (0, 1)]
+    precs = [np.linalg.inv(mix.covs[j]) for j in (0, 1)]
+
+    def neg(x):
+        parts = [mix.weights[j] * comps[j].pdf(x) for j in (0, 1)]
+        grad = sum(-p * precs[j] @ (x - mix.means[j]) for j, p in enumerate(parts))
+        return -sum(parts), -grad
+
+    found = []
+    for x0 in starts:
+        x = minimize(neg, x0, jac=True, method="L-BFGS-B", options={"gtol": 1e-12}).x
+        if all(np.linalg.norm(x - m) > 1e-2 for m in found):
+            found.append(x)
+    return len(found)
+
+
+@pytest.mark.parametrize("shift", [0.5, 1.5, 2.5, 4.0])
+def test_mixture_valley_says_whether_the_density_has_two_modes(shift):
+    # a minority group `shift` away from the bulk in every signal, plus a skewed bulk: small
+    # shifts give a one-mode fit (the mixture models the skew), large ones two modes
+    g = np.random.default_rng(int(10 * shift))
+    n = 3000
+    bad = g.random(n) < 0.2
+    sus = {
+        k: shift * bad + g.standard_normal(n) + 0.5 * g.exponential(1.0, n)
+        for k in ("influence", "pair_loss", "clip_score")
+    }
+    mix = fit_mixture(sus)
+    starts = np.vstack([mix.means, mix.features(sus)[g.choice(n, 60, replace=False)]])
+    modes = _modes_by_hill_climbing(mix, starts)
+    print(shift, modes, mix.valley, mix.separation)
+    assert modes in (1, 2)
+    assert (mix.valley > 0) == (modes == 2)
+    rate = mixture_noise_rate(mix.log_odds(sus), mix.separation, mix.valley)
+    if modes == 1:  # never a trusted rate (said by the separation or by the mode count)
+        assert not rate.reliable and "no separate group" in rate.why
+        if mix.separation >= 2.0:  # apart by the old rule alone (measured: shift 1.5, 2.002)
+            assert "one mode" in rate.why
+    if shift == 4.0:  # far apart: two modes, and a trusted rate near the planted one
+        assert modes == 2 and rate.reliable and abs(rate.rate - bad.mean()) < 0.03

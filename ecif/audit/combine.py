@@ -30,6 +30,7 @@ import numpy as np
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
 GAUSSIAN_KURTOSIS = 3.0
+RIDGE_POINTS = 201  # where the mixture's density is evaluated between its means
 
 
 def suspicion(name: str, values: np.ndarray, n_norm: float = 1.0) -> np.ndarray:
@@ -110,6 +111,30 @@ class SuspectMixture:
         diff = self.means[1] - self.means[0]
         return float(np.sqrt(diff @ np.linalg.solve(pooled, diff)))
 
+    @property
+    def valley(self) -> float:
+        """How deep the mixture's log-density dips between its two means, along the ridgeline
+        x(a) = [(1-a) S_b^-1 + a S_s^-1]^-1 [(1-a) S_b^-1 mu_b + a S_s^-1 mu_s], a in [0, 1],
+        on which every mode of a two-Gaussian mixture lies (Ray and Lindsay, 2005). 0: the
+        density has one mode, so the suspects are no group apart; the fit has modelled the
+        bulk's shape (its skew, its tails), and its log-odds orders the pairs along that."""
+        p0, p1 = np.linalg.inv(self.covs[0]), np.linalg.inv(self.covs[1])
+        a = np.linspace(0.0, 1.0, RIDGE_POINTS)
+        pts = np.stack(
+            [
+                np.linalg.solve(
+                    (1 - t) * p0 + t * p1, (1 - t) * p0 @ self.means[0] + t * p1 @ self.means[1]
+                )
+                for t in a
+            ]
+        )
+        dens = _log_densities(pts, self.weights, self.means, self.covs)
+        top = dens.max(1)
+        logp = top + np.log(np.exp(dens - top[:, None]).sum(1))
+        left = np.maximum.accumulate(logp)  # the highest point on each side of each point
+        right = np.maximum.accumulate(logp[::-1])[::-1]
+        return float((np.minimum(left, right) - logp).max())
+
     def record(self) -> dict:
         """JSON-ready parameters (so the combination can be recomputed from audit.json)."""
         return {
@@ -121,6 +146,7 @@ class SuspectMixture:
             "means": self.means.tolist(),
             "covs": self.covs.tolist(),
             "separation": self.separation,
+            "valley": self.valley,
         }
 
 
@@ -168,27 +194,32 @@ def probe_weighted_score(
     score: np.ndarray,
     probe_suspicions: Mapping[str, np.ndarray],
     is_probe: np.ndarray,
+    alone: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """z(score) + z(F w): the mixture's score plus the mixture's features weighted by how well
     they tell planted probes from the rest in a twin audit (``probe_suspicions``: that audit's
     signals, ``is_probe``: which of its rows were planted), and the record of both. The
     mixture sees the noise this set has but, on weak signals, cannot tell which signal carries
     it; the probes are labelled, but only of the kinds planted. Measured on 90 benchmark
-    cell-seeds, the sum beat the mixture alone on every seed at both widths tried."""
+    cell-seeds, the sum beat the mixture alone on every seed at both widths tried.
+    ``alone``: z(F w) only, for a mixture with one mode (``SuspectMixture.valley``), whose
+    score has found no group to add."""
     feats = mix.features(probe_suspicions)
     ok = np.isfinite(feats).all(axis=1)
     w, bias = probe_direction(feats[ok], np.asarray(is_probe)[ok])
     lin = mix.features(suspicions) @ w
-    parts = (Standardiser.of(score), Standardiser.of(lin))
+    parts = (Standardiser.of(lin),) if alone else (Standardiser.of(score), Standardiser.of(lin))
     record = {
         "signals": list(mix.signals),
         "weights": w.tolist(),
         "bias": bias,
         "probes": int(np.asarray(is_probe)[ok].sum()),
         "rows": int(ok.sum()),
-        "parts": ["score", "probe_weighted_features"],
+        "parts": ["probe_weighted_features"] if alone else ["score", "probe_weighted_features"],
         "standardisers": [[q.median, q.scale] for q in parts],
     }
+    if alone:
+        return parts[0](lin), record
     return parts[0](score) + parts[1](lin), record
 
 
@@ -282,24 +313,27 @@ def _log_densities(z: np.ndarray, weights, means, covs) -> np.ndarray:
 def describe_combination(record: Mapping) -> str:
     """One line: how misalign_score was made from the signals."""
     if record.get("kind") == "mixture":
-        what = (
-            f"log-odds of the suspect component of a two-Gaussian mixture over "
-            f"{', '.join(record['signals'])} (suspects {record['weights'][1]:.1%}, "
-            f"separation {record['separation']:.2f})"
+        mixture = (
+            f"two-Gaussian mixture over {', '.join(record['signals'])} "
+            f"(suspects {record['weights'][1]:.1%}, separation {record['separation']:.2f})"
         )
+        probes = record.get("probe_weights")
+        weighted = ""
+        if probes:
+            terms = ", ".join(f"{w:+.2f} {k}" for k, w in zip(probes["signals"], probes["weights"]))
+            weighted = f"sum of its features weighted by planted probes ({terms}; "
+            weighted += f"{probes['probes']} probes)"
+            if probes["parts"] == ["probe_weighted_features"]:
+                return f"the {weighted}, alone: the {mixture} has one mode (no group apart)"
+        what = f"log-odds of the suspect component of a {mixture}"
         if record.get("hedge"):
             what = (
                 f"standardised {what} plus the standardised equal-weight sum of its features "
                 "(the mixture's split is not trusted)"
             )
-        probes = record.get("probe_weights")
         if probes:
-            terms = ", ".join(f"{w:+.2f} {k}" for k, w in zip(probes["signals"], probes["weights"]))
             what = what if record.get("hedge") else f"standardised {what}"
-            what = (
-                f"{what}; plus the standardised sum of its features weighted by planted probes "
-                f"({terms}; {probes['probes']} probes)"
-            )
+            what = f"{what}; plus the standardised {weighted}"
         return what
     used = [f"{w:g} x {k}" for k, w in (record.get("weights") or {}).items() if w]
     why = f" ({record['why']})" if record.get("why") else ""

@@ -56,12 +56,13 @@ def misalign_scores(
             mode = "equal"
         else:
             score, record = mix.log_odds(sus), mix.record()
-            rate = mixture_noise_rate(score, mix.separation)
-            if not rate.reliable:  # an untrusted split: hedge with the equal-weight sum
-                score, record["hedge"] = hedged_score(mix, sus, score)
+            rate = mixture_noise_rate(score, mix.separation, record["valley"])
+            one_mode = not record["valley"] > 0  # no group apart: the probes' weights alone
+            if not rate.reliable and not (one_mode and probes is not None):
+                score, record["hedge"] = hedged_score(mix, sus, score)  # with the equal sum
             if probes is not None:
                 score, record["probe_weights"] = probe_weighted_score(
-                    mix, sus, score, probes.suspicions, probes.is_probe
+                    mix, sus, score, probes.suspicions, probes.is_probe, alone=one_mode
                 )
             return score, record, rate
     weights = (

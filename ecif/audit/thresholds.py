@@ -51,15 +51,22 @@ MIN_SEPARATION = 2.0
 MAX_RATE = 0.3
 
 
-def mixture_noise_rate(log_odds: np.ndarray, separation: float) -> NoiseRate:
+def mixture_noise_rate(
+    log_odds: np.ndarray, separation: float, valley: float | None = None
+) -> NoiseRate:
     """The noise rate a suspect mixture implies (pairs with positive log-odds), trusted when
-    its components are apart (``MIN_SEPARATION``) and the suspects are a minority."""
+    its components are apart (``MIN_SEPARATION``), its density has two modes (``valley`` > 0,
+    ``SuspectMixture.valley``; None: not checked) and the suspects are a minority."""
     s = np.asarray(log_odds, dtype=np.float64)
     s = s[np.isfinite(s)]
     rate = float((s > 0).mean()) if len(s) else 0.0
     if separation < MIN_SEPARATION:
         return NoiseRate(
             rate, False, f"no separate group of suspects (separation {separation:.2f})"
+        )
+    if valley is not None and not valley > 0:
+        return NoiseRate(
+            rate, False, "no separate group of suspects (the mixture's density has one mode)"
         )
     if not 0.0 < rate <= MAX_RATE:
         return NoiseRate(
