@@ -17,7 +17,9 @@ mixture's weights are not either: the score then hedges, the standardised log-od
 standardised equal-weight sum of the same features (``hedged_score``). When a twin audit
 with planted probes ran (``ecif.audit.probes``), the score adds the features weighted by a
 logistic regression of planted vs the rest (``probe_weighted_score``): labels of the planted
-kinds, on this data, for what the unsupervised fit cannot tell.
+kinds, on this data, for what the unsupervised fit cannot tell. A mixture whose density has
+one mode (``SuspectMixture.valley``) found no group of suspects, only the bulk's shape: then
+the probes' weights rank alone, and its noise rate is not trusted.
 ``docs/math.md`` has the formulas; benchmarks/README.md the measurements.
 """
 
