@@ -130,9 +130,7 @@ class SuspectMixture:
                 for t in a
             ]
         )
-        dens = _log_densities(pts, self.weights, self.means, self.covs)
-        top = dens.max(1)
-        logp = top + np.log(np.exp(dens - top[:, None]).sum(1))
+        logp = _log_total(_log_densities(pts, self.weights, self.means, self.covs))
         left = np.maximum.accumulate(logp)  # the highest point on each side of each point
         right = np.maximum.accumulate(logp[::-1])[::-1]
         return float((np.minimum(left, right) - logp).max())
@@ -286,14 +284,19 @@ def _em(z: np.ndarray, resp: np.ndarray, iters: int):
             ]
         )
         dens = _log_densities(z, weights, means, covs)
-        top_d = dens.max(1, keepdims=True)
-        total = top_d[:, 0] + np.log(np.exp(dens - top_d).sum(1))
+        total = _log_total(dens)
         resp = np.exp(dens - total[:, None])
         ll = float(total.mean())
         if ll - last < 1e-9 * max(1.0, abs(ll)):
             break
         last = ll
     return weights, means, covs
+
+
+def _log_total(dens: np.ndarray) -> np.ndarray:
+    """log sum_j exp(dens[:, j]): the mixture's log-density from its components', stably."""
+    top = dens.max(1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(dens - top).sum(1))
 
 
 def _log_densities(z: np.ndarray, weights, means, covs) -> np.ndarray:
