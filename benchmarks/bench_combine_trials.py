@@ -1,0 +1,227 @@
+"""Trials of other ways to weigh the signals into ``misalign_score``, on cached audits.
+
+    python benchmarks/bench_combine_trials.py --cache /tmp/trials-d64
+    python benchmarks/bench_combine_trials.py --cache /tmp/trials-n10 --geometries clip_like aligned --noise 0.1
+
+Each cell of ``bench_detect.py``'s grid (same data, same seeds) is audited once with DEFAULT
+options; its three signals, its twin audit's signals and probe mask, and negCLIPLoss on both
+sets are saved to ``--cache`` (one .npz per cell-seed, reused on the next run). Every trial
+then recombines those signals, so a new idea costs seconds per grid, not an audit per cell.
+``default`` recomputes the shipped ``misalign_scores`` from the cache (it must match the
+audit's own column: the script checks). Printed: mean AP per cell and trial, and per trial
+its difference from the default per seed with a 95% interval over seeds (bench_detect's
+``paired``). A trial is a function of one cached cell that returns a score (larger = more
+suspect); add one to ``TRIALS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from bench_detect import GEOMETRIES, KINDS, make_sets, markdown, paired, summarise
+
+import ecif
+from ecif.audit import combine
+from ecif.audit.baselines import neg_clip_loss
+from ecif.audit.metrics import ranking_metrics
+from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
+from ecif.audit.selection import make_probes
+from ecif.audit.thresholds import mixture_noise_rate
+
+SIG = ("pair_loss", "clip_score", "influence")
+
+
+def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
+    """Audit one cell with default options and save what the trials recombine."""
+    train, val, labels = make_sets(geometry, kind, args.noise, seed, args.n, args.n_val, args.d)
+    aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=seed))
+    table = aud.run()
+    x, y = np.asarray(train.image), np.asarray(train.text)
+    scale = train.logit_scale or 100.0
+    # the twin's rows are the training pairs (n <= its 20,000 cap) then the same probes
+    px, py, _ = make_probes(x, y, aud.args.probes, seed)
+    twin_x, twin_y = np.concatenate([x, px]), np.concatenate([y, py])
+    out = {
+        "labels": labels.astype(bool),
+        "n_norm": np.float64(aud.heads[0].n_norm),
+        "shipped": table["misalign_score"].to_numpy(np.float64),
+        "negclip": neg_clip_loss(x, y, logit_scale=scale, seed=seed),
+        "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
+        "is_probe": np.asarray(aud.probes.is_probe),
+    }
+    for k in ("influence", "pair_loss", "clip_score"):
+        out[k] = table[k].to_numpy(np.float64)
+    for k in SIG:
+        out[f"twin_{k}"] = aud.probes.suspicions[k]
+    np.savez(path, **out)
+
+
+class Cell:
+    """One cached cell: the audit's suspicions, the twin's, and the mixture over the former."""
+
+    def __init__(self, data) -> None:
+        self.d = data
+        table = pd.DataFrame({k: data[k] for k in ("influence", "pair_loss", "clip_score")})
+        self.table = table
+        self.sus = signal_suspicions(table, float(data["n_norm"]))
+        self.twin = {k: data[f"twin_{k}"] for k in SIG}
+        self.is_probe = data["is_probe"]
+        self.mix = combine.fit_mixture(self.sus)
+        self.log_odds = self.mix.log_odds(self.sus)
+        record = self.mix.record()
+        self.one_mode = not record["valley"] > 0
+        self.rate = mixture_noise_rate(self.log_odds, self.mix.separation, record["valley"])
+        self.base = self.log_odds
+        if not self.rate.reliable and not self.one_mode:
+            self.base, _ = combine.hedged_score(self.mix, self.sus, self.log_odds)
+
+    def finish(self, lin: np.ndarray) -> np.ndarray:
+        """The default's last step: z(mixture score) + z(probe-weighted features), or the
+        latter alone for a one-mode mixture."""
+        z = combine.Standardiser.of(lin)(lin)
+        return z if self.one_mode else combine.Standardiser.of(self.base)(self.base) + z
+
+
+def _twin_score(cell: Cell, feats: np.ndarray, w: np.ndarray) -> np.ndarray:
+    lin = feats @ w
+    if cell.one_mode:
+        return combine.Standardiser.of(lin)(lin)
+    lo = cell.mix.log_odds(cell.twin)
+    return combine.Standardiser.of(lo)(lo) + combine.Standardiser.of(lin)(lin)
+
+
+def pu_cleaned(cell: Cell, drop: float | None = 0.2) -> np.ndarray:
+    """Probe weights refit after dropping the real twin rows the first fit's score ranks most
+    suspect (``drop``: that fraction; None: the mixture's rate, and nothing when it is not
+    trusted): the twin's own noisy rows, labelled 'rest', pull the weights off real noise."""
+    feats = cell.mix.features(cell.twin)
+    w, _ = combine.probe_direction(feats, cell.is_probe)
+    q = drop if drop is not None else (cell.rate.rate if cell.rate.reliable else 0.0)
+    if q > 0 and not (drop is None and cell.one_mode):
+        s = _twin_score(cell, feats, w)
+        keep = cell.is_probe | (s < np.quantile(s[~cell.is_probe], 1 - q))
+        w, _ = combine.probe_direction(feats[keep], cell.is_probe[keep])
+    return cell.finish(cell.mix.features(cell.sus) @ w)
+
+
+def pu_true_labels(cell: Cell) -> np.ndarray:
+    """The bound for ``pu_cleaned``: drop exactly the truly noisy real rows (labels no user
+    has; the twin's real rows are the training pairs, in order, below its row cap)."""
+    feats = cell.mix.features(cell.twin)
+    noisy = np.r_[cell.d["labels"], np.zeros(int(cell.is_probe.sum()), dtype=bool)]
+    w, _ = combine.probe_direction(feats[~noisy], cell.is_probe[~noisy])
+    return cell.finish(cell.mix.features(cell.sus) @ w)
+
+
+def soft_targets(cell: Cell) -> np.ndarray:
+    """Probes as positives and every real twin row with the mixture's posterior as its
+    target, so the weights also learn the noise this set has."""
+    feats = cell.mix.features(cell.twin)
+    post = 0.0 if cell.one_mode else 0.5 * (1 + np.tanh(0.5 * cell.mix.log_odds(cell.twin)))
+    target = np.where(cell.is_probe, 1.0, post)
+    w, _ = combine.probe_direction(feats, target)
+    return cell.finish(cell.mix.features(cell.sus) @ w)
+
+
+def negclip_feature(cell: Cell) -> np.ndarray:
+    """negCLIPLoss as a fourth feature of the probe regression (not of the mixture)."""
+    st = combine.Standardiser.of(cell.d["negclip"])
+    c = combine.gaussian_tail_scale(st(cell.d["negclip"]))
+
+    def feature(v: np.ndarray) -> np.ndarray:  # as the mixture's features: robust z, tails
+        return st(v) if not np.isfinite(c) else c * np.arcsinh(st(v) / c)
+
+    main = np.column_stack([cell.mix.features(cell.sus), feature(cell.d["negclip"])])
+    twin = np.column_stack([cell.mix.features(cell.twin), feature(cell.d["twin_negclip"])])
+    w, _ = combine.probe_direction(twin, cell.is_probe)
+    return cell.finish(main @ w)
+
+
+def negclip_in_clip_slot(cell: Cell) -> np.ndarray:
+    """negCLIPLoss (the model's scale) in place of clip_score, in the mixture and the probes."""
+    sus = {**cell.sus, "clip_score": cell.d["negclip"].astype(np.float64)}
+    twin = {**cell.twin, "clip_score": cell.d["twin_negclip"].astype(np.float64)}
+    mix = combine.fit_mixture(sus)
+    score, record = mix.log_odds(sus), mix.record()
+    rate = mixture_noise_rate(score, mix.separation, record["valley"])
+    one_mode = not record["valley"] > 0
+    if not rate.reliable and not one_mode:
+        score, _ = combine.hedged_score(mix, sus, score)
+    out, _ = combine.probe_weighted_score(mix, sus, score, twin, cell.is_probe, alone=one_mode)
+    return out
+
+
+def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
+    """The shipped combination (``misalign_scores``), with or without the twin's probes."""
+    twin = ProbeSignals(cell.twin, cell.is_probe) if probes else None
+    return misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), twin)[0]
+
+
+TRIALS = {
+    "default": shipped,
+    "mixture alone (probes=0)": lambda c: shipped(c, probes=False),
+    "PU-cleaned probes, drop 20%": pu_cleaned,
+    "PU-cleaned probes, drop the mixture's rate": lambda c: pu_cleaned(c, None),
+    "PU-cleaned with the true labels (a bound)": pu_true_labels,
+    "soft targets from the mixture": soft_targets,
+    "negCLIPLoss as a 4th probe feature": negclip_feature,
+    "negCLIPLoss in the clip_score slot": negclip_in_clip_slot,
+    "pair_loss alone": lambda c: c.d["pair_loss"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
+    ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument("--trials", nargs="+", default=list(TRIALS), choices=list(TRIALS))
+    args = ap.parse_args()
+    folder = Path(args.cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0, rows = time.time(), []
+    for geometry in args.geometries:
+        for kind in args.kinds:
+            for seed in range(args.seeds):
+                path = folder / f"{geometry}_{kind}_{seed}.npz"
+                if not path.exists():
+                    cache_cell(path, geometry, kind, seed, args)
+                    print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
+                with np.load(path) as data:
+                    cell = Cell({k: data[k] for k in data.files})
+                for name in ["default", *[t for t in args.trials if t != "default"]]:
+                    score = TRIALS[name](cell)
+                    if name == "default" and not np.allclose(
+                        score, cell.d["shipped"], equal_nan=True
+                    ):
+                        raise SystemExit(f"{path}: the cache no longer matches the shipped score")
+                    ap_ = ranking_metrics(cell.d["labels"], score)["ap"]
+                    rows.append(dict(geometry=geometry, kind=kind, seed=seed, method=name, ap=ap_))
+    det = pd.DataFrame(rows)
+    table = summarise(det, ["geometry", "kind", "method"], ["ap"])
+    wide = table.pivot_table(
+        index=["geometry", "kind"], columns="method", values="ap", aggfunc="first"
+    )
+    wide = wide[["default", *[t for t in args.trials if t != "default"]]].reset_index()
+    print("\n## Average precision (mean [min, max] over seeds)\n")
+    print(markdown(wide))
+    print()
+    for name in args.trials:
+        if name != "default":
+            print("- " + paired(det, name, "default"))
+    print(f"\n{len(det)} rows, {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
