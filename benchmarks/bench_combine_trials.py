@@ -108,6 +108,17 @@ def pu_cleaned(cell: Cell, drop: float | None = 0.2) -> np.ndarray:
     return cell.finish(cell.mix.features(cell.sus) @ w)
 
 
+def reweighted(cell: Cell, l2: float = 1e-2, part: float = 1.0) -> np.ndarray:
+    """The default with another L2 penalty on the probes' regression (``l2``, shipped 1e-2)
+    or another weight on its part of the sum (``part``, shipped 1): is the default placed
+    on one grid's optimum?"""
+    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe, l2=l2)
+    lin = cell.mix.features(cell.sus) @ w
+    if cell.one_mode:
+        return combine.Standardiser.of(lin)(lin)
+    return cell.finish(lin) + (part - 1.0) * combine.Standardiser.of(lin)(lin)
+
+
 def pu_true_labels(cell: Cell) -> np.ndarray:
     """The bound for ``pu_cleaned``: drop exactly the truly noisy real rows (labels no user
     has; the twin's real rows are the training pairs, in order, below its row cap)."""
@@ -170,6 +181,10 @@ TRIALS = {
     "soft targets from the mixture": soft_targets,
     "negCLIPLoss as a 4th probe feature": negclip_feature,
     "negCLIPLoss in the clip_score slot": negclip_in_clip_slot,
+    "probe penalty 1e-3": lambda c: reweighted(c, l2=1e-3),
+    "probe penalty 0.1": lambda c: reweighted(c, l2=0.1),
+    "probe part x0.5": lambda c: reweighted(c, part=0.5),
+    "probe part x2": lambda c: reweighted(c, part=2.0),
     "pair_loss alone": lambda c: c.d["pair_loss"],
 }
 
