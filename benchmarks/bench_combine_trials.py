@@ -65,9 +65,8 @@ class Cell:
 
     def __init__(self, data) -> None:
         self.d = data
-        table = pd.DataFrame({k: data[k] for k in ("influence", "pair_loss", "clip_score")})
-        self.table = table
-        self.sus = signal_suspicions(table, float(data["n_norm"]))
+        self.table = pd.DataFrame({k: data[k] for k in ("influence", "pair_loss", "clip_score")})
+        self.sus = signal_suspicions(self.table, float(data["n_norm"]))
         self.twin = {k: data[f"twin_{k}"] for k in SIG}
         self.is_probe = data["is_probe"]
         self.mix = combine.fit_mixture(self.sus)
@@ -113,9 +112,7 @@ def reweighted(cell: Cell, l2: float = 1e-2, part: float = 1.0) -> np.ndarray:
     or another weight on its part of the sum (``part``, shipped 1): is the default placed
     on one grid's optimum?"""
     w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe, l2=l2)
-    lin = cell.mix.features(cell.sus) @ w
-    if cell.one_mode:
-        return combine.Standardiser.of(lin)(lin)
+    lin = cell.mix.features(cell.sus) @ w  # one mode: the probes' part alone, so x part = x 1
     return cell.finish(lin) + (part - 1.0) * combine.Standardiser.of(lin)(lin)
 
 
