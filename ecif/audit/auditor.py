@@ -8,7 +8,7 @@ influence_neg, misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_sc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -226,6 +226,17 @@ class Auditor:
             rows=rows,
         )
 
+    def fit_trusted_head(self) -> Head:
+        """A head fit on the validation pairs alone, with the audit's scale and pull: the
+        pairs' loss under it (``trusted_loss``) is how well the trusted pairs explain each
+        one. The head fit on the training set learns a swap that recurs (every husky
+        captioned "wolf" teaches it that huskies are wolves), so such pairs fit it well; this
+        head never saw them. Measured: aligned confusable AP 0.655 against 0.378 for
+        ``pair_loss`` (benchmarks/README.md)."""
+        if self.val is None:
+            raise ValueError("a trusted head needs a validation set")
+        return self.fit_head(self.val)
+
     def choose(self) -> HeadChoice:
         """The logit scale and pull for this audit (measured where "auto")."""
         if self.choice is not None:
@@ -273,6 +284,8 @@ class Auditor:
                 progress=progress,
             )
             df["pair_loss"] = api.pair_losses(head, self.train)
+            trusted = replace(self.fit_trusted_head(), partition=head.partition)
+            df["trusted_loss"] = api.pair_losses(trusted, self.train)
             return df
         if len(self.train) < 4:
             raise ValueError("without a validation set, auditing needs at least 4 pairs")
@@ -344,6 +357,8 @@ class Auditor:
         )
         table["clip_score"] = clip_scores(self.train)
         table["pair_loss"] = scored["pair_loss"].to_numpy(dtype=np.float32)
+        if "trusted_loss" in scored:
+            table["trusted_loss"] = scored["trusted_loss"].to_numpy(dtype=np.float32)
         for col in ("influence", "influence_pos", "influence_neg"):
             table[col] = scored[col].to_numpy(dtype=np.float32)
         n_norm = float(np.mean([h.n_norm for h in self.heads]))

@@ -40,11 +40,12 @@ def suspicion(name: str, values: np.ndarray, n_norm: float = 1.0) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if name == "influence":  # negative influence = removing the pair lowers validation loss
         return -v * n_norm
-    if name in ("self_influence", "pair_loss"):  # the head bends far / fits it badly
+    if name in ("self_influence", "pair_loss", "trusted_loss"):  # bends far / fits it badly
         return v
     if name == "clip_score":
         return -v
-    raise ValueError(f"unknown signal {name!r}; expected one of {SIGNALS + ('self_influence',)}")
+    known = SIGNALS + ("self_influence", "trusted_loss")
+    raise ValueError(f"unknown signal {name!r}; expected one of {known}")
 
 
 @dataclass(frozen=True)

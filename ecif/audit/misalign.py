@@ -30,7 +30,9 @@ class ProbeSignals:
 
 def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
     """The audit table's signals as suspicions (larger = more suspect); the influence slot
-    holds self-influence when the audit had no validation set and used it."""
+    holds self-influence when the audit had no validation set and used it. ``trusted_loss``
+    joins when every scored row has it (an audit with a validation set, head mode): a table
+    that mixes rows with and without it is combined over the three signals every row has."""
     out = {
         "pair_loss": suspicion("pair_loss", table["pair_loss"].to_numpy()),
         "clip_score": suspicion("clip_score", table["clip_score"].to_numpy()),
@@ -39,6 +41,10 @@ def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarra
         out["influence"] = suspicion("self_influence", table["self_influence"].to_numpy())
     else:
         out["influence"] = suspicion("influence", table["influence"].to_numpy(), n_norm)
+    if "trusted_loss" in table:
+        trusted = table["trusted_loss"].to_numpy()
+        if np.all(np.isfinite(trusted) | ~np.isfinite(out["pair_loss"])):
+            out["trusted_loss"] = suspicion("trusted_loss", trusted)
     return out
 
 

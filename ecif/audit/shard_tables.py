@@ -21,6 +21,7 @@ from ecif.data.folder_reader import ok_mask, read_part
 SCORE_COLUMNS = (
     "clip_score",
     "pair_loss",
+    "trusted_loss",
     "influence",
     "influence_pos",
     "influence_neg",
@@ -105,7 +106,9 @@ def finalize(
     for f in files:
         have = set(pq.read_schema(f).names)
         frames.append(
-            pd.read_parquet(f, columns=[c for c in (*cols, "self_influence") if c in have])
+            pd.read_parquet(
+                f, columns=[c for c in (*cols, "self_influence", "trusted_loss") if c in have]
+            )
         )
     table = pd.concat(frames, ignore_index=True)
     mode = (meta.get("options") or {}).get("weights", "auto")

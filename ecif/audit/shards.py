@@ -37,6 +37,7 @@ from ecif.audit.checks import (
     check_training,
     check_validation,
 )
+from ecif.audit.combine import SIGNALS
 from ecif.audit.folder import read_heads, write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import probe_signals
@@ -131,10 +132,12 @@ def score_part(
     meta: dict[str, Any],
     neg: str = "exact",
     id_col: str | None = "key",
+    trusted_state: dict | None = None,
 ) -> dict[str, int]:
     """Score one shard with a broadcast head and w; write its output atomically. Pure of globals.
     ``id_col``: the input's id column (None: ids are positions among the folder's usable rows,
-    ``global_rows``)."""
+    ``global_rows``). ``trusted_state``: the head fit on the validation pairs alone
+    (``Auditor.fit_trusted_head``), for the ``trusted_loss`` column."""
     head = Head.from_state_dict(head_state)
     img, txt, pmeta = read_part(Path(folder), part.index)
     keep = ok_rows(pmeta)
@@ -153,6 +156,9 @@ def score_part(
         "influence_neg": d_neg / head.n_norm,
         "misalign_score": np.full(len(x), np.nan),  # combined across all shards in _finalize
     }
+    if trusted_state is not None:  # in the same batches as the head's
+        trusted = replace(Head.from_state_dict(trusted_state), partition=local)
+        scores["trusted_loss"] = api.pair_losses(trusted, (x, y))
     out = shard_frame(pmeta, keep, id_col, scores, global_rows)
     write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
     return {"ok": int(len(keep)), "failed": int(len(pmeta) - len(keep))}
@@ -209,6 +215,8 @@ def score_shards(
         if mismatch:
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
+    trusted = val is not None and args.params == "head"  # the trusted head needs both
+    meta["signals"] = [*SIGNALS, "trusted_loss"] if trusted else list(SIGNALS)
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
     if auditor.input_warnings:
         meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
@@ -242,6 +250,8 @@ def score_shards(
                 head = auditor.fit_head(train, progress=progress, rows=rows)
             heads = [head]
             meta["n_norm"] = head.n_norm
+            with step("fitting the trusted head on the validation pairs", progress):
+                trusted = auditor.fit_trusted_head().state_dict()
             g = api.loss_gradient(head, val)
             with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
                 inv = api.solver(head, train, args.solver_args(), rows=rows)
@@ -260,6 +270,7 @@ def score_shards(
                     jobs.append((p, None))
                     continue
                 job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
+                job += (trusted,)
                 jobs.append((p, job))
             summary = _run_jobs(jobs, client, progress)
         probes = None
@@ -304,6 +315,7 @@ def _reusable(old: dict, source: str, meta: dict) -> bool:
         opts = (m.get("options") or {}).items()  # older runs name some options differently
         opts = {RENAMED_OPTIONS.get(k, k): v for k, v in opts if k not in _NOT_IN_SCORES}
         fields = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
+        fields += ("signals",)  # shards scored before trusted_loss existed are scored again
         # as JSON, so tuples in this run's options equal the lists read back from a file
         return json.dumps([[m.get(f) for f in fields], opts], sort_keys=True, default=str)
 
