@@ -32,7 +32,7 @@ from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
 from ecif.audit.selection import make_probes
 from ecif.audit.thresholds import mixture_noise_rate
 
-SIG = ("pair_loss", "clip_score", "influence")
+SIG = ("pair_loss", "clip_score", "influence", "trusted_loss")  # as far as the audit has them
 
 
 def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
@@ -53,10 +53,12 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
         "is_probe": np.asarray(aud.probes.is_probe),
     }
-    for k in ("influence", "pair_loss", "clip_score"):
-        out[k] = table[k].to_numpy(np.float64)
+    for k in ("influence", "pair_loss", "clip_score", "trusted_loss"):
+        if k in table:
+            out[k] = table[k].to_numpy(np.float64)
     for k in SIG:
-        out[f"twin_{k}"] = aud.probes.suspicions[k]
+        if k in aud.probes.suspicions:
+            out[f"twin_{k}"] = aud.probes.suspicions[k]
     np.savez(path, **out)
 
 
@@ -65,9 +67,10 @@ class Cell:
 
     def __init__(self, data) -> None:
         self.d = data
-        self.table = pd.DataFrame({k: data[k] for k in ("influence", "pair_loss", "clip_score")})
+        cols = ("influence", "pair_loss", "clip_score", "trusted_loss")
+        self.table = pd.DataFrame({k: data[k] for k in cols if k in data})
         self.sus = signal_suspicions(self.table, float(data["n_norm"]))
-        self.twin = {k: data[f"twin_{k}"] for k in SIG}
+        self.twin = {k: data[f"twin_{k}"] for k in SIG if f"twin_{k}" in data}
         self.is_probe = data["is_probe"]
         self.mix = combine.fit_mixture(self.sus)
         self.log_odds = self.mix.log_odds(self.sus)
@@ -169,8 +172,16 @@ def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
     return misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), twin)[0]
 
 
+def without_trusted_loss(cell: Cell) -> np.ndarray:
+    """The default before ``trusted_loss`` joined the signals (three signals, same twin)."""
+    table = cell.table.drop(columns="trusted_loss", errors="ignore")
+    twin = ProbeSignals({k: v for k, v in cell.twin.items() if k != "trusted_loss"}, cell.is_probe)
+    return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
+
+
 TRIALS = {
     "default": shipped,
+    "without trusted_loss (the default before it)": without_trusted_loss,
     "mixture alone (probes=0)": lambda c: shipped(c, probes=False),
     "PU-cleaned probes, drop 20%": pu_cleaned,
     "PU-cleaned probes, drop the mixture's rate": lambda c: pu_cleaned(c, None),

@@ -17,7 +17,7 @@ For every cell: ``ecif.Auditor(train, val).run()`` with default options, its
 clip_score, negCLIPLoss, per-pair loss + GMM, LEMoN-style kNN consensus, TracIn (identity
 Hessian on the same head), random; plus the default without its probe weighting (the
 mixture alone, ``probes=0``) and the pre-selection default (logit scale of the model,
-lam 1e-3, influence alone). Two ceilings no user has: the default's three signals, and the
+lam 1e-3, influence alone). Two ceilings no user has: the default's four signals, and the
 same with negCLIPLoss and LEMoN, weighted by a logistic regression on the planted labels
 (cross-fitted in halves): where the first is below a baseline, no weighting of the audit's
 signals wins that cell. AP, AUROC, precision at the true noise count, and the automatic
@@ -126,7 +126,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
     rng = np.random.default_rng(seed)
     neg_clip = neg_clip_loss(x, y, logit_scale=train.logit_scale or 100.0, seed=seed)
     lemon_score = lemon(x, y)
-    # the default's own three features (robust z, tails Gaussianised), as its mixture sees them
+    # the default's own features (robust z, tails Gaussianised), as its mixture sees them
     own = fit_mixture(signal_suspicions(table, head.n_norm))
     own = own.features(signal_suspicions(table, head.n_norm))
     extra = np.column_stack([Standardiser.of(v)(v) for v in (neg_clip, lemon_score)])
@@ -134,6 +134,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
         "ecif misalign_score (default)": table["misalign_score"].to_numpy(),
         "  its influence alone": -table["influence"].to_numpy(),
         "  its pair_loss alone": table["pair_loss"].to_numpy(),
+        "  its trusted_loss alone": table["trusted_loss"].to_numpy(),
         "  its mixture alone (probes=0)": alone["misalign_score"].to_numpy(),
         "ecif before selection (t model, lam 1e-3)": old.run()["misalign_score"].to_numpy(),
         "clip_score": -cosine(x, y),
@@ -193,7 +194,7 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
-CEILING = "ceiling: its 3 signals, labelled weights"
+CEILING = "ceiling: its signals, labelled weights"
 CEILING_PLUS = "ceiling: + negCLIPLoss, LEMoN"
 
 
@@ -226,7 +227,7 @@ def verdict(det: pd.DataFrame) -> pd.DataFrame:
                 "its AP": f"{ap[best].mean():.3f}",
                 "difference [min, max]": f"{diff.mean():+.3f} [{diff.min():+.3f}, {diff.max():+.3f}]",
                 "verdict": sign,
-                "ceiling (3 signals) [min, max]": _span(ap[CEILING]),
+                "ceiling (its signals) [min, max]": _span(ap[CEILING]),
                 "ceiling (+2 baselines)": _span(ap[CEILING_PLUS]),
             }
         )
