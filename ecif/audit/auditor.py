@@ -1,7 +1,8 @@
 """The Auditor: choose and fit the head, score every pair, flag the suspects, as one DataFrame.
 
-Columns (docs/formats.md): id, caption, clip_score, pair_loss, influence, influence_pos,
-influence_neg, misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_score``).
+Columns (docs/formats.md): id, caption, clip_score, pair_loss, trusted_loss (with a
+validation set), influence, influence_pos, influence_neg, misalign_score, is_misaligned,
+rank (cleanlab-style ``is_``/``_score``).
 ``misalign_score`` combines the signals with weights chosen on planted probes
 (``ecif.audit.selection``, ``ecif.audit.combine``).
 """

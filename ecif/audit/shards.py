@@ -215,8 +215,8 @@ def score_shards(
         if mismatch:
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
-    trusted = val is not None and args.params == "head"  # the trusted head needs both
-    meta["signals"] = [*SIGNALS, "trusted_loss"] if trusted else list(SIGNALS)
+    with_trusted = val is not None and args.params == "head"  # the trusted head needs both
+    meta["signals"] = [*SIGNALS, "trusted_loss"] if with_trusted else list(SIGNALS)
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
     if auditor.input_warnings:
         meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
@@ -251,7 +251,7 @@ def score_shards(
             heads = [head]
             meta["n_norm"] = head.n_norm
             with step("fitting the trusted head on the validation pairs", progress):
-                trusted = auditor.fit_trusted_head().state_dict()
+                trusted_state = auditor.fit_trusted_head().state_dict()
             g = api.loss_gradient(head, val)
             with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
                 inv = api.solver(head, train, args.solver_args(), rows=rows)
@@ -270,8 +270,7 @@ def score_shards(
                     jobs.append((p, None))
                     continue
                 job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
-                job += (trusted,)
-                jobs.append((p, job))
+                jobs.append((p, (*job, trusted_state)))
             summary = _run_jobs(jobs, client, progress)
         probes = None
         if args.weights == "auto":

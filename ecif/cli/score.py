@@ -65,16 +65,8 @@ def run(args: argparse.Namespace) -> int:
             allow_model_mismatch=args.allow_model_mismatch,
         )
     table, info = read_audit(args.output)
-    cols = [
-        "id",
-        "caption",
-        "clip_score",
-        "pair_loss",
-        "trusted_loss",
-        "influence",
-        "misalign_score",
-    ]
-    cols += ["rank"]
+    cols = ["id", "caption", "clip_score", "pair_loss", "trusted_loss", "influence"]
+    cols += ["misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))
     fitted = describe_fit(info)
