@@ -153,17 +153,13 @@ def negclip_feature(cell: Cell) -> np.ndarray:
 
 
 def negclip_in_clip_slot(cell: Cell) -> np.ndarray:
-    """negCLIPLoss (the model's scale) in place of clip_score, in the mixture and the probes."""
-    sus = {**cell.sus, "clip_score": cell.d["negclip"].astype(np.float64)}
+    """negCLIPLoss (the model's scale) in place of clip_score, in the mixture and the probes:
+    the shipped combination on that column (a suspicion, so the cosine's slot takes it
+    negated)."""
+    table = cell.table.assign(clip_score=-cell.d["negclip"].astype(np.float64))
     twin = {**cell.twin, "clip_score": cell.d["twin_negclip"].astype(np.float64)}
-    mix = combine.fit_mixture(sus)
-    score, record = mix.log_odds(sus), mix.record()
-    rate = mixture_noise_rate(score, mix.separation, record["valley"])
-    one_mode = not record["valley"] > 0
-    if not rate.reliable and not one_mode:
-        score, _ = combine.hedged_score(mix, sus, score)
-    out, _ = combine.probe_weighted_score(mix, sus, score, twin, cell.is_probe, alone=one_mode)
-    return out
+    probes = ProbeSignals(twin, cell.is_probe)
+    return misalign_scores(table, "auto", float(cell.d["n_norm"]), probes)[0]
 
 
 def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
