@@ -17,6 +17,8 @@ suspect); add one to ``TRIALS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -175,6 +177,35 @@ def without_trusted_loss(cell: Cell) -> np.ndarray:
     return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
 
 
+@contextlib.contextmanager
+def _tail_scale(scale):
+    """``combine.gaussian_tail_scale`` replaced by ``scale`` for the duration of a trial."""
+    shipped_scale = combine.gaussian_tail_scale
+    combine.gaussian_tail_scale = scale
+    try:
+        yield
+    finally:
+        combine.gaussian_tail_scale = shipped_scale
+
+
+def tail_floor(cell: Cell, floor: float) -> np.ndarray:
+    """The shipped combination with the tail transform's scale floored at ``floor`` (shipped
+    0.5; 0.05 was the bisection's bound before the floor, so it is the default before it)."""
+    with _tail_scale(functools.partial(combine.gaussian_tail_scale, floor=floor)):
+        return shipped(cell)
+
+
+def untransformed(cell: Cell, mixture_only: bool) -> np.ndarray:
+    """No tail transform (c = inf: the robust z as they are) in the mixture and the probes'
+    regression, or in the mixture only (the regression on the shipped features)."""
+    with _tail_scale(lambda z, *args, **kwargs: float("inf")):
+        if not mixture_only:
+            return shipped(cell)
+        raw = Cell(cell.d)
+    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
+    return raw.finish(cell.mix.features(cell.sus) @ w)
+
+
 TRIALS = {
     "default": shipped,
     "without trusted_loss (the default before it)": without_trusted_loss,
@@ -190,6 +221,11 @@ TRIALS = {
     "probe part x0.5": lambda c: reweighted(c, part=0.5),
     "probe part x2": lambda c: reweighted(c, part=2.0),
     "pair_loss alone": lambda c: c.d["pair_loss"],
+    "tail scale without its floor (the default before it)": lambda c: tail_floor(c, 0.05),
+    "tail scale floor 1": lambda c: tail_floor(c, 1.0),
+    "tail scale floor 2": lambda c: tail_floor(c, 2.0),
+    "no tail transform": lambda c: untransformed(c, mixture_only=False),
+    "no tail transform in the mixture": lambda c: untransformed(c, mixture_only=True),
 }
 
 
