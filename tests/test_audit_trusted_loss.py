@@ -62,3 +62,26 @@ def test_trusted_loss_sees_a_recurring_swap_the_training_head_learns():
         aps.append((trusted, own))
     print("AP trusted_loss vs pair_loss", np.round(aps, 3))
     assert all(trusted > own + 0.05 for trusted, own in aps)
+
+
+def test_the_twin_audit_reuses_the_trusted_head_and_gets_what_a_refit_gets(monkeypatch):
+    from ecif.audit.probes import probe_signals
+
+    train, val, _ = _sets()
+    fits_on_val = []
+    fit_head = ecif.Auditor.fit_head
+
+    def counting(self, data, *args, **kwargs):
+        fits_on_val.append(data is val)
+        return fit_head(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(ecif.Auditor, "fit_head", counting)
+    aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=0))
+    aud.run()
+    assert aud.probes is not None and "trusted_loss" in aud.probes.suspicions
+    assert sum(fits_on_val) == 1  # the audit's own trusted head, and no second fit in the twin
+    reused = aud.probes.suspicions["trusted_loss"]
+    aud.trusted = None  # the twin as it was before: its own fit on the same validation pairs
+    refit = probe_signals(aud, aud.args.probes).suspicions["trusted_loss"]
+    assert sum(fits_on_val) == 2
+    np.testing.assert_allclose(reused, refit, rtol=1e-6, atol=1e-6)

@@ -187,6 +187,7 @@ class Auditor:
     val_source: str = field(default="", init=False)
     choice: HeadChoice | None = field(default=None, init=False)
     probes: ProbeSignals | None = field(default=None, init=False)  # the twin audit, once run
+    trusted: Head | None = field(default=None, init=False)  # fit_trusted_head's, once fit
     input_warnings: list = field(default_factory=list, init=False)  # also in audit.json
 
     def __post_init__(self) -> None:
@@ -236,7 +237,9 @@ class Auditor:
         ``pair_loss`` (benchmarks/README.md)."""
         if self.val is None:
             raise ValueError("a trusted head needs a validation set")
-        return self.fit_head(self.val)
+        if self.trusted is None:  # fit once: the twin audit and scored shards reuse it
+            self.trusted = self.fit_head(self.val)
+        return self.trusted
 
     def choose(self) -> HeadChoice:
         """The logit scale and pull for this audit (measured where "auto")."""

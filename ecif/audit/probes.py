@@ -6,8 +6,9 @@ captions (``ecif.audit.selection.make_probes``: another pair's caption, the near
 caption, a generic caption), runs the same fit and scoring with the same options and head
 choice, and returns every row's signals with the probe mask; ``probe_weighted_score`` learns
 from them how much each signal says. The twin is capped at ``max_rows`` sampled pairs (the
-weights are three numbers; a sample measures them as well as the whole set), so its cost is
-at most one more audit of that size. The audit's own head, scores and files are untouched.
+weights are a few numbers; a sample measures them as well as the whole set), so its cost is
+at most one more audit of that size; the head fit on the validation pairs alone
+(``trusted_loss``) is the audit's own, not fit again. The audit's own head, scores and files are untouched.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def probe_signals(
         warnings.simplefilter("ignore", UserWarning)
         twin = type(auditor)(twin_set, auditor.val, auditor.args)
     twin.choice = auditor.choose()  # the same head: only the planted rows differ
+    twin.trusted = auditor.trusted  # the same validation pairs: their head, not a refit
     scored = twin._signals(progress)
     scored["clip_score"] = cosine(twin_set.image, twin_set.text)
     n_norm = float(np.mean([h.n_norm for h in twin.heads]))
