@@ -8,7 +8,8 @@ choice, and returns every row's signals with the probe mask; ``probe_weighted_sc
 from them how much each signal says. The twin is capped at ``max_rows`` sampled pairs (the
 weights are a few numbers; a sample measures them as well as the whole set), so its cost is
 at most one more audit of that size; the head fit on the validation pairs alone
-(``trusted_loss``) is the audit's own, not fit again. The audit's own head, scores and files are untouched.
+(``trusted_loss``) is the audit's own, not fit again. The audit's own head, scores and
+files are untouched.
 """
 
 from __future__ import annotations
