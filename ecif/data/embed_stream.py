@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,21 @@ from ecif.data import features
 from ecif.data.models import LoadedModel
 from ecif.data.part_writer import PartWriter
 from ecif.data.readers import Shard, isnull
+
+
+def _leave_ctrl_c_to_the_main_process(_worker: int) -> None:
+    """Loader workers ignore Ctrl-C: the main process catches it and stops them in order. A
+    batch the main process hangs up on mid-transfer (it was interrupted while receiving the
+    batch's shared memory) breaks the worker's side of that pipe; that is expected there, not
+    a traceback for the user, who already sees how to resume."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    report = sys.excepthook
+
+    def quiet_on_hang_up(kind, value, tb) -> None:
+        if not issubclass(kind, (BrokenPipeError, ConnectionResetError)):
+            report(kind, value, tb)
+
+    sys.excepthook = quiet_on_hang_up
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -179,6 +196,7 @@ def run_parts(
             collate_fn=_collate,
             pin_memory=lm.device.startswith("cuda"),
             persistent_workers=False,
+            worker_init_fn=_leave_ctrl_c_to_the_main_process if num_workers else None,
         )
         from tqdm import tqdm
 
