@@ -10,13 +10,15 @@ import pandas as pd
 
 from ecif.audit.combine import (
     SIGNALS,
+    Standardiser,
+    SuspectMixture,
     fit_mixture,
     hedged_score,
     probe_weighted_score,
     suspicion,
     weighted_sum,
 )
-from ecif.audit.thresholds import NoiseRate, mixture_noise_rate
+from ecif.audit.thresholds import NoiseRate, mixture_noise_rate, spike_in_rate
 
 
 @dataclass
@@ -48,6 +50,22 @@ def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarra
     return out
 
 
+def twin_score(
+    mix: SuspectMixture, twin: dict[str, np.ndarray], probe_weights: dict, hedge: bool
+) -> np.ndarray:
+    """A twin audit's rows (``twin``: their suspicions) scored the way ``misalign_scores``
+    scores the audit's, each part standardised over the twin's rows: what the probes' count
+    of the noise (``spike_in_rate``) ranks by."""
+    score = mix.log_odds(twin)
+    if hedge:
+        score = hedged_score(mix, twin, score)[0]
+    lin = mix.features(twin) @ np.asarray(probe_weights["weights"])
+    z_lin = Standardiser.of(lin)(lin)
+    if probe_weights["parts"] == ["probe_weighted_features"]:  # one mode: the probes alone
+        return z_lin
+    return Standardiser.of(score)(score) + z_lin
+
+
 def misalign_scores(
     table: pd.DataFrame, mode: str, n_norm: float, probes: ProbeSignals | None = None
 ) -> tuple[np.ndarray, dict, NoiseRate | None]:
@@ -61,14 +79,21 @@ def misalign_scores(
         except ValueError:  # too few pairs for a mixture: the equal-weight sum
             mode = "equal"
         else:
-            score, record = mix.log_odds(sus), mix.record()
-            rate = mixture_noise_rate(score, mix.separation, record["valley"])
+            log_odds, record = mix.log_odds(sus), mix.record()
+            score = log_odds
+            rate = mixture_noise_rate(log_odds, mix.separation, record["valley"])
             one_mode = not record["valley"] > 0  # no group apart: the probes' weights alone
-            if not rate.reliable and not (one_mode and probes is not None):
+            hedge = not rate.reliable and not (one_mode and probes is not None)
+            if hedge:
                 score, record["hedge"] = hedged_score(mix, sus, score)  # with the equal sum
             if probes is not None:
                 score, record["probe_weights"] = probe_weighted_score(
                     mix, sus, score, probes.suspicions, probes.is_probe, alone=one_mode
+                )
+                twin = twin_score(mix, probes.suspicions, record["probe_weights"], hedge)
+                record["probe_rate"] = spike_in_rate(twin, probes.is_probe)
+                rate = mixture_noise_rate(
+                    log_odds, mix.separation, record["valley"], record["probe_rate"]
                 )
             return score, record, rate
     weights = (

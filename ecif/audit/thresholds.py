@@ -18,6 +18,7 @@ class NoiseRate:
     rate: float
     reliable: bool
     why: str = ""
+    probe_rate: float | None = None  # the rate planted probes imply (``spike_in_rate``)
 
 
 def noise_rate(scores: np.ndarray, iters: int = 200) -> NoiseRate:
@@ -49,32 +50,74 @@ def noise_rate(scores: np.ndarray, iters: int = 200) -> NoiseRate:
 # 39-51% with separations of 1.7-2.3; separated fits estimated 15-27% for 20% planted noise)
 MIN_SEPARATION = 2.0
 MAX_RATE = 0.3
+# with planted probes to check it against (``spike_in_rate``), up to MAX_CHECKED_RATE, and only
+# when the two agree within PROBE_AGREEMENT or the mixture's density dips by CLEAR_VALLEY
+# (log-density, so to e^-1 of its lower peak) between its groups: a group that clearly apart
+# needs no check, and the probes undercount noise unlike them (benchmarks/README.md)
+MAX_CHECKED_RATE = 0.5
+PROBE_AGREEMENT = 1.5
+CLEAR_VALLEY = 1.0
+PROBE_RECALL = 0.5  # the spike-in counts real rows above the score half the probes reach
+
+
+def spike_in_rate(
+    twin_score: np.ndarray, is_probe: np.ndarray, recall: float = PROBE_RECALL
+) -> float:
+    """The noise rate that planted probes imply: the fraction of a twin audit's real rows that
+    score at least as high as ``recall`` of its probes do, divided by ``recall``.
+
+    Probes are known misaligned pairs planted among the real ones (``ecif.audit.probes``); a
+    real misaligned pair that looks like them scores like them, so above the probes' median
+    score lie about half the real noise and few clean pairs. An independent count of the
+    noise, for checking the mixture's: it undercounts noise subtler than the probes (an
+    attribute edit) and overcounts noise plainer than them."""
+    s = np.asarray(twin_score, dtype=np.float64)
+    probe = np.asarray(is_probe, dtype=bool)
+    ok = np.isfinite(s)
+    real, planted = s[ok & ~probe], s[ok & probe]
+    if len(real) == 0 or len(planted) == 0:
+        raise ValueError("a spike-in rate needs scored real rows and scored probes")
+    cut = np.quantile(planted, 1.0 - recall)
+    return float((real >= cut).mean() / recall)
 
 
 def mixture_noise_rate(
-    log_odds: np.ndarray, separation: float, valley: float | None = None
+    log_odds: np.ndarray,
+    separation: float,
+    valley: float | None = None,
+    probe_rate: float | None = None,
 ) -> NoiseRate:
     """The noise rate a suspect mixture implies (pairs with positive log-odds), trusted when
     its components are apart (``MIN_SEPARATION``), its density has two modes (``valley`` > 0,
-    ``SuspectMixture.valley``; None: not checked) and the suspects are a minority."""
+    ``SuspectMixture.valley``; None: not checked) and the suspects are a minority: at most
+    ``MAX_RATE``, or with ``probe_rate`` (``spike_in_rate``) at most ``MAX_CHECKED_RATE`` and
+    no more than ``PROBE_AGREEMENT`` times the probes' count unless the valley is
+    ``CLEAR_VALLEY`` deep. Why the check: where the groups barely part (5% noise), the
+    suspect component takes in the bulk's tail and counted 2-3x the noise (measured)."""
     s = np.asarray(log_odds, dtype=np.float64)
     s = s[np.isfinite(s)]
     rate = float((s > 0).mean()) if len(s) else 0.0
+
+    def unreliable(why: str) -> NoiseRate:
+        return NoiseRate(rate, False, why, probe_rate)
+
     if separation < MIN_SEPARATION:
-        return NoiseRate(
-            rate, False, f"no separate group of suspects (separation {separation:.2f})"
-        )
+        return unreliable(f"no separate group of suspects (separation {separation:.2f})")
     if valley is not None and not valley > 0:
-        return NoiseRate(
-            rate, False, "no separate group of suspects (the mixture's density has one mode)"
+        return unreliable("no separate group of suspects (the mixture's density has one mode)")
+    top = MAX_RATE if probe_rate is None else MAX_CHECKED_RATE
+    if not 0.0 < rate <= top:
+        return unreliable(
+            f"{rate:.1%} in the suspect group, outside the 0-{top:.0%} it is trusted for"
         )
-    if not 0.0 < rate <= MAX_RATE:
-        return NoiseRate(
-            rate,
-            False,
-            f"{rate:.1%} in the suspect group, outside the 0-{MAX_RATE:.0%} it is trusted for",
+    clear = valley is not None and valley >= CLEAR_VALLEY
+    if probe_rate is not None and not clear and rate > PROBE_AGREEMENT * probe_rate:
+        return unreliable(
+            f"{rate:.1%} in the suspect group, over {PROBE_AGREEMENT:g}x the {probe_rate:.1%} "
+            "that planted probes imply, and the group is not clearly apart: it takes in clean "
+            "pairs, or the noise is subtler than the probes"
         )
-    return NoiseRate(rate, True)
+    return NoiseRate(rate, True, "", probe_rate)
 
 
 def estimate_noise_rate(scores: np.ndarray, iters: int = 200) -> float:
@@ -104,7 +147,8 @@ def flag_count(
     if threshold == "auto":
         est = rate if rate is not None else noise_rate(scores)
         if est.reliable:
-            return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}"
+            probes = "" if est.probe_rate is None else f" (planted probes: {est.probe_rate:.1%})"
+            return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}{probes}"
         return int(round(FALLBACK_FRACTION * n)), (
             f"auto: UNRELIABLE noise-rate estimate ({est.why}); flagged the top "
             f"{FALLBACK_FRACTION:.0%}. If you know your noise rate, pass --threshold FRACTION "

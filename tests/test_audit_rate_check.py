@@ -1,0 +1,106 @@
+"""The automatic threshold's noise rate, checked against planted probes: the spike-in count
+recovers a planted rate, a suspect group much larger than the probes' count is not trusted
+unless it is clearly apart, and on real audits the threshold neither over-counts while
+calling itself reliable (5% noise, tiny CLIP) nor falls back on a clear 35% (aligned)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ecif
+from ecif.audit.thresholds import (
+    CLEAR_VALLEY,
+    MAX_RATE,
+    flag_count,
+    mixture_noise_rate,
+    spike_in_rate,
+)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spike_in_rate_recovers_a_planted_rate_of_noise_like_the_probes(seed):
+    g = np.random.default_rng(seed)
+    n, planted = 4000, 0.1
+    bad = g.random(n) < planted
+    real = np.where(bad, g.normal(4.0, 1.0, n), g.normal(0.0, 1.0, n))
+    probes = g.normal(4.0, 1.0, 300)
+    score = np.r_[real, probes, np.nan]  # a NaN row (a failed pair) is not counted
+    is_probe = np.r_[np.zeros(n, bool), np.ones(300, bool), False]
+    assert spike_in_rate(score, is_probe) == pytest.approx(bad.mean(), abs=0.025)
+    # noise subtler than the probes is undercounted: the check's known bias, one-sided
+    subtle = np.where(bad, g.normal(2.0, 1.0, n), g.normal(0.0, 1.0, n))
+    assert spike_in_rate(np.r_[subtle, probes], is_probe[:-1]) < 0.5 * bad.mean()
+
+
+def test_the_rate_check_against_probes():
+    log_odds = np.r_[np.ones(150), -np.ones(850)]  # 15% in the suspect group
+    shallow, clear = 0.1, CLEAR_VALLEY + 0.5
+    assert mixture_noise_rate(log_odds, 3.0, shallow).reliable  # no probes: the old rule
+    over = mixture_noise_rate(log_odds, 3.0, shallow, probe_rate=0.06)
+    assert not over.reliable and "planted probes imply" in over.why
+    assert "UNRELIABLE" in flag_count(log_odds, "auto", over)[1]
+    agree = mixture_noise_rate(log_odds, 3.0, shallow, probe_rate=0.12)
+    assert agree.reliable and agree.probe_rate == 0.12
+    assert "planted probes: 12.0%" in flag_count(log_odds, "auto", agree)[1]
+    # a group clearly apart needs no agreement (probes undercount noise unlike them)
+    assert mixture_noise_rate(log_odds, 3.0, clear, probe_rate=0.02).reliable
+    # above MAX_RATE only with probes that agree
+    many = np.r_[np.ones(400), -np.ones(600)]
+    assert not mixture_noise_rate(many, 4.0, clear).reliable
+    assert mixture_noise_rate(many, 4.0, clear, probe_rate=0.38).reliable
+    assert not mixture_noise_rate(many, 4.0, shallow, probe_rate=0.2).reliable
+    assert not mixture_noise_rate(np.r_[np.ones(600), -np.ones(400)], 4.0, clear, 0.6).reliable
+    assert MAX_RATE < 0.4
+
+
+def test_a_clear_35_percent_is_trusted_not_the_10_percent_fallback():
+    """35% boilerplate captions over an aligned encoder: the suspects are plainly apart, but the
+    old rule trusted no rate above 30% and flagged the top 10% (0.29x the noise)."""
+    x, y, frame = ecif.datasets.concept_pairs(
+        2000, 32, 0.35, "boilerplate", seed=0, geometry="aligned"
+    )
+    xv, yv, _ = ecif.datasets.concept_pairs(500, 32, 0.0, seed=10_000, geometry="aligned")
+    table = ecif.Auditor(
+        ecif.EmbeddingSet(x, y, logit_scale=100.0), ecif.EmbeddingSet(xv, yv, logit_scale=100.0)
+    ).run()
+    planted = int(frame["is_corrupted"].sum())
+    flagged = int(table["is_misaligned"].sum())
+    assert "estimated noise rate" in table.attrs["threshold"], table.attrs["threshold"]
+    assert 0.9 * planted <= flagged <= 1.15 * planted, (flagged, planted)
+    flagged_bad = frame["is_corrupted"].to_numpy()[table["is_misaligned"].to_numpy()]
+    assert flagged_bad.mean() > 0.9  # and the flags are the noise
+
+
+def test_a_5_percent_suspect_group_that_takes_in_clean_pairs_is_not_trusted():
+    """5% mixed noise (shuffled and near-miss captions) on shapes, tiny CLIP: the mixture's
+    suspect group held 12.5% of pairs and the old rule called that reliable (2.5x the noise).
+    Now: a rate within 1.5x of the truth, or UNRELIABLE and the fallback."""
+    from ecif.data.models import load_model
+    from ecif.data.tiny_clip import images_to_tensor, tiny_clip
+
+    lm = load_model(f"local-dir:{tiny_clip()}", device="cpu")
+
+    def embed(data):
+        import torch
+
+        with torch.no_grad():
+            x = lm.model.encode_image(images_to_tensor(data.images, lm.image_size), normalize=True)
+            y = lm.model.encode_text(lm.tokenizer(list(data.captions)), normalize=True)
+        return x.numpy(), y.numpy()
+
+    train = ecif.datasets.shapes(2000, seed=0, noise=0.05, noise_kind="mixed")
+    val = ecif.datasets.shapes(500, seed=10_000, noise=0.0)
+    meta = pd.DataFrame({"caption": train.captions})
+    x, y = embed(train)
+    table = ecif.Auditor(
+        ecif.EmbeddingSet(x, y, metadata=meta, logit_scale=lm.logit_scale),
+        ecif.EmbeddingSet(*embed(val), logit_scale=lm.logit_scale),
+        ecif.AuditArgs(seed=0),
+    ).run()
+    planted = int(train.frame["is_corrupted"].sum())
+    flagged = int(table["is_misaligned"].sum())
+    how = table.attrs["threshold"]
+    print(flagged, planted, how)
+    if "UNRELIABLE" not in how:
+        assert flagged <= 1.5 * planted, how
+    assert flagged <= 2.05 * planted  # the 10% fallback at most
