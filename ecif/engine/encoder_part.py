@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 # norm below which an embedding counts as zero (F.normalize's floor): padded batch slots
 NORM_FLOOR = 1e-12
@@ -76,8 +75,8 @@ def normalize(v: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
     """Unit rows (zero rows, padded slots, stay zero); with ``floor`` r > 0,
     v / sqrt(|v|^2 + r^2): the same to (r/|v|)^2 / 2 where |v| >> r, and no singularity at
     v = 0 (see ``ProjectionPart``)."""
-    if floor <= 0:
-        return F.normalize(v, dim=-1, eps=NORM_FLOOR)
+    if floor <= 0:  # F.normalize's value, with a norm that has no 0/0 in its second derivative
+        return v * torch.rsqrt((v * v).sum(-1, keepdim=True).clamp_min(NORM_FLOOR**2))
     return v * torch.rsqrt((v * v).sum(-1, keepdim=True) + floor * floor)
 
 
