@@ -229,6 +229,23 @@ TRIALS = {
 }
 
 
+def cached_cells(args):
+    """(geometry, kind, seed, path, Cell) for every cell of the grid in ``args``; a cell not
+    yet in ``args.cache`` is audited and saved first."""
+    folder = Path(args.cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for geometry in args.geometries:
+        for kind in args.kinds:
+            for seed in range(args.seeds):
+                path = folder / f"{geometry}_{kind}_{seed}.npz"
+                if not path.exists():
+                    cache_cell(path, geometry, kind, seed, args)
+                    print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
+                with np.load(path) as data:
+                    yield geometry, kind, seed, path, Cell({k: data[k] for k in data.files})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -243,26 +260,14 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--trials", nargs="+", default=list(TRIALS), choices=list(TRIALS))
     args = ap.parse_args()
-    folder = Path(args.cache)
-    folder.mkdir(parents=True, exist_ok=True)
     t0, rows = time.time(), []
-    for geometry in args.geometries:
-        for kind in args.kinds:
-            for seed in range(args.seeds):
-                path = folder / f"{geometry}_{kind}_{seed}.npz"
-                if not path.exists():
-                    cache_cell(path, geometry, kind, seed, args)
-                    print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
-                with np.load(path) as data:
-                    cell = Cell({k: data[k] for k in data.files})
-                for name in ["default", *[t for t in args.trials if t != "default"]]:
-                    score = TRIALS[name](cell)
-                    if name == "default" and not np.allclose(
-                        score, cell.d["shipped"], equal_nan=True
-                    ):
-                        raise SystemExit(f"{path}: the cache no longer matches the shipped score")
-                    ap_ = ranking_metrics(cell.d["labels"], score)["ap"]
-                    rows.append(dict(geometry=geometry, kind=kind, seed=seed, method=name, ap=ap_))
+    for geometry, kind, seed, path, cell in cached_cells(args):
+        for name in ["default", *[t for t in args.trials if t != "default"]]:
+            score = TRIALS[name](cell)
+            if name == "default" and not np.allclose(score, cell.d["shipped"], equal_nan=True):
+                raise SystemExit(f"{path}: the cache no longer matches the shipped score")
+            ap_ = ranking_metrics(cell.d["labels"], score)["ap"]
+            rows.append(dict(geometry=geometry, kind=kind, seed=seed, method=name, ap=ap_))
     det = pd.DataFrame(rows)
     table = summarise(det, ["geometry", "kind", "method"], ["ap"])
     wide = table.pivot_table(

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_combine_trials import Cell, cache_cell
+from bench_combine_trials import Cell, cached_cells
 from bench_detect import GEOMETRIES, KINDS, markdown
 
 from ecif.audit.misalign import ProbeSignals, misalign_scores
@@ -55,25 +54,15 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.2)
     args = ap.parse_args()
-    folder = Path(args.cache)
-    folder.mkdir(parents=True, exist_ok=True)
     t0, rows = time.time(), []
-    for geometry in args.geometries:
-        for kind in args.kinds:
-            for seed in range(args.seeds):
-                path = folder / f"{geometry}_{kind}_{seed}.npz"
-                if not path.exists():
-                    cache_cell(path, geometry, kind, seed, args)
-                    print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
-                with np.load(path) as data:
-                    cell = Cell({k: data[k] for k in data.files})
-                true = float(cell.d["labels"].mean())
-                for rule, (rate, ok, probe) in rates(cell).items():
-                    flagged = rate if ok else FALLBACK_FRACTION
-                    rows.append(
-                        dict(geometry=geometry, kind=kind, seed=seed, rule=rule, trusted=ok,
-                             ratio=flagged / true, probe=np.nan if probe is None else probe / true)
-                    )  # fmt: skip
+    for geometry, kind, seed, _, cell in cached_cells(args):
+        true = float(cell.d["labels"].mean())
+        for rule, (rate, ok, probe) in rates(cell).items():
+            flagged = rate if ok else FALLBACK_FRACTION
+            rows.append(
+                dict(geometry=geometry, kind=kind, seed=seed, rule=rule, trusted=ok,
+                     ratio=flagged / true, probe=np.nan if probe is None else probe / true)
+            )  # fmt: skip
     df = pd.DataFrame(rows)
     cells = df.groupby(["geometry", "kind", "rule"], sort=False).agg(
         ratio=("ratio", "mean"), lo=("ratio", "min"), hi=("ratio", "max"),
