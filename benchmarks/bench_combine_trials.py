@@ -229,6 +229,18 @@ TRIALS = {
 }
 
 
+def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
+    """The cache folder and bench_detect's grid options (the cells ``cached_cells`` reads)."""
+    ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
+    ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--noise", type=float, default=0.2)
+
+
 def cached_cells(args):
     """(geometry, kind, seed, path, Cell) for every cell of the grid in ``args``; a cell not
     yet in ``args.cache`` is audited and saved first."""
@@ -250,14 +262,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
-    ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--n-val", type=int, default=500)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--noise", type=float, default=0.2)
+    add_grid_arguments(ap)
     ap.add_argument("--trials", nargs="+", default=list(TRIALS), choices=list(TRIALS))
     args = ap.parse_args()
     t0, rows = time.time(), []

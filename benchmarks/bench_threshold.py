@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 import pandas as pd
-from bench_combine_trials import Cell, cached_cells
-from bench_detect import GEOMETRIES, KINDS, markdown
+from bench_combine_trials import Cell, add_grid_arguments, cached_cells
+from bench_detect import markdown
 
 from ecif.audit.misalign import ProbeSignals, misalign_scores
 from ecif.audit.thresholds import FALLBACK_FRACTION, mixture_noise_rate
@@ -45,14 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
-    ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--n-val", type=int, default=500)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--noise", type=float, default=0.2)
+    add_grid_arguments(ap)
     args = ap.parse_args()
     t0, rows = time.time(), []
     for geometry, kind, seed, _, cell in cached_cells(args):

@@ -209,8 +209,7 @@ def probe_weighted_score(
     feats = mix.features(probe_suspicions)
     ok = np.isfinite(feats).all(axis=1)
     w, bias = probe_direction(feats[ok], np.asarray(is_probe)[ok])
-    lin = mix.features(suspicions) @ w
-    parts = (Standardiser.of(lin),) if alone else (Standardiser.of(score), Standardiser.of(lin))
+    total, parts = probe_sum(score, mix.features(suspicions) @ w, alone)
     record = {
         "signals": list(mix.signals),
         "weights": w.tolist(),
@@ -220,9 +219,21 @@ def probe_weighted_score(
         "parts": ["probe_weighted_features"] if alone else ["score", "probe_weighted_features"],
         "standardisers": [[q.median, q.scale] for q in parts],
     }
-    if alone:
-        return parts[0](lin), record
-    return parts[0](score) + parts[1](lin), record
+    return total, record
+
+
+def probe_sum(
+    score: np.ndarray, lin: np.ndarray, alone: bool
+) -> tuple[np.ndarray, tuple[Standardiser, ...]]:
+    """z(score) + z(lin), or z(lin) ``alone``, each z robust over these rows, and the
+    standardisers: how ``probe_weighted_score`` adds the probe-weighted features ``lin`` to
+    the mixture's score (and how the twin's rows are scored the same way)."""
+    values = (lin,) if alone else (score, lin)
+    parts = tuple(Standardiser.of(v) for v in values)
+    total = parts[0](values[0])
+    for part, v in zip(parts[1:], values[1:]):
+        total = total + part(v)
+    return total, parts
 
 
 def fit_mixture(suspicions: Mapping[str, np.ndarray], iters: int = 300) -> SuspectMixture:

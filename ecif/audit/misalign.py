@@ -10,10 +10,10 @@ import pandas as pd
 
 from ecif.audit.combine import (
     SIGNALS,
-    Standardiser,
     SuspectMixture,
     fit_mixture,
     hedged_score,
+    probe_sum,
     probe_weighted_score,
     suspicion,
     weighted_sum,
@@ -51,19 +51,15 @@ def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarra
 
 
 def twin_score(
-    mix: SuspectMixture, twin: dict[str, np.ndarray], probe_weights: dict, hedge: bool
+    mix: SuspectMixture, twin: dict[str, np.ndarray], weights: np.ndarray, hedge: bool, alone: bool
 ) -> np.ndarray:
     """A twin audit's rows (``twin``: their suspicions) scored the way ``misalign_scores``
-    scores the audit's, each part standardised over the twin's rows: what the probes' count
-    of the noise (``spike_in_rate``) ranks by."""
+    scores the audit's (``weights``: the probes'), each part standardised over the twin's
+    rows: what the probes' count of the noise (``spike_in_rate``) ranks by."""
     score = mix.log_odds(twin)
     if hedge:
         score = hedged_score(mix, twin, score)[0]
-    lin = mix.features(twin) @ np.asarray(probe_weights["weights"])
-    z_lin = Standardiser.of(lin)(lin)
-    if probe_weights["parts"] == ["probe_weighted_features"]:  # one mode: the probes alone
-        return z_lin
-    return Standardiser.of(score)(score) + z_lin
+    return probe_sum(score, mix.features(twin) @ weights, alone)[0]
 
 
 def misalign_scores(
@@ -90,7 +86,8 @@ def misalign_scores(
                 score, record["probe_weights"] = probe_weighted_score(
                     mix, sus, score, probes.suspicions, probes.is_probe, alone=one_mode
                 )
-                twin = twin_score(mix, probes.suspicions, record["probe_weights"], hedge)
+                weights = np.asarray(record["probe_weights"]["weights"])
+                twin = twin_score(mix, probes.suspicions, weights, hedge, alone=one_mode)
                 record["probe_rate"] = spike_in_rate(twin, probes.is_probe)
                 rate = mixture_noise_rate(
                     log_odds, mix.separation, record["valley"], record["probe_rate"]

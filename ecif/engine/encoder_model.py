@@ -230,7 +230,7 @@ class EncoderObjective:
     def _chunk_product(self, theta, v, ch: FeatureChunk) -> torch.Tensor:
         part = self.model.part
         if self.curvature == "exact":  # reverse over reverse: H is symmetric, so H v = v^T H;
-            # forward mode through the encoders ran 3x slower here (torch's decompositions)
+            # forward over reverse took 1.3-2x the time (torch's decompositions; bench_hvp.py)
             grad_fn = func.grad(lambda th: chunk_loss(part, th, ch))
             return func.vjp(grad_fn, theta)[1](v)[0]
         logits = lambda th: batch_logits(part, th, ch)  # noqa: E731
