@@ -164,6 +164,25 @@ def negclip_in_clip_slot(cell: Cell) -> np.ndarray:
     return misalign_scores(table, "auto", float(cell.d["n_norm"]), probes)[0]
 
 
+def stacked(cell: Cell, only_hedged: bool = False) -> np.ndarray:
+    """The mixture's score (hedged where the default hedges it) as one more feature of the
+    probes' regression, so the probes weigh it against the signals instead of the fixed equal
+    sum; a one-mode mixture (or, ``only_hedged``, a trusted one) keeps the default."""
+    if cell.one_mode or (only_hedged and cell.rate.reliable):
+        return shipped(cell)
+    twin_base = cell.mix.log_odds(cell.twin)
+    if not cell.rate.reliable:
+        twin_base = combine.hedged_score(cell.mix, cell.twin, twin_base)[0]
+
+    def with_base(features: np.ndarray, base: np.ndarray) -> np.ndarray:
+        return np.column_stack([features, combine.Standardiser.of(base)(base)])
+
+    w, _ = combine.probe_direction(
+        with_base(cell.mix.features(cell.twin), twin_base), cell.is_probe
+    )
+    return with_base(cell.mix.features(cell.sus), cell.base) @ w
+
+
 def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
     """The shipped combination (``misalign_scores``), with or without the twin's probes."""
     twin = ProbeSignals(cell.twin, cell.is_probe) if probes else None
@@ -221,6 +240,8 @@ TRIALS = {
     "probe part x0.5": lambda c: reweighted(c, part=0.5),
     "probe part x2": lambda c: reweighted(c, part=2.0),
     "pair_loss alone": lambda c: c.d["pair_loss"],
+    "mixture's score as a probe feature": stacked,
+    "mixture's score as a probe feature, hedged cells only": lambda c: stacked(c, True),
     "tail scale without its floor (the default before it)": lambda c: tail_floor(c, 0.05),
     "tail scale floor 1": lambda c: tail_floor(c, 1.0),
     "tail scale floor 2": lambda c: tail_floor(c, 2.0),
