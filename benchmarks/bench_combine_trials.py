@@ -183,6 +183,19 @@ def stacked(cell: Cell, only_hedged: bool = False) -> np.ndarray:
     return with_base(cell.mix.features(cell.sus), cell.base) @ w
 
 
+def losses_pooled(cell: Cell, tie: bool) -> np.ndarray:
+    """The probes' weight on ``pair_loss`` given to ``trusted_loss`` (or, ``tie``, the two
+    weights averaged): on planted single copies the two losses say the same, and only the
+    validation-fit one cannot have learned a swap that recurs in the training set."""
+    signals = list(cell.mix.signals)
+    if "trusted_loss" not in signals:
+        return shipped(cell)
+    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
+    i, j = signals.index("pair_loss"), signals.index("trusted_loss")
+    w[i], w[j] = ((w[i] + w[j]) / 2,) * 2 if tie else (0.0, w[i] + w[j])
+    return cell.finish(cell.mix.features(cell.sus) @ w)
+
+
 def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
     """The shipped combination (``misalign_scores``), with or without the twin's probes."""
     twin = ProbeSignals(cell.twin, cell.is_probe) if probes else None
@@ -242,6 +255,8 @@ TRIALS = {
     "pair_loss alone": lambda c: c.d["pair_loss"],
     "mixture's score as a probe feature": stacked,
     "mixture's score as a probe feature, hedged cells only": lambda c: stacked(c, True),
+    "pair_loss's probe weight moved to trusted_loss": lambda c: losses_pooled(c, tie=False),
+    "the two losses' probe weights tied": lambda c: losses_pooled(c, tie=True),
     "tail scale without its floor (the default before it)": lambda c: tail_floor(c, 0.05),
     "tail scale floor 1": lambda c: tail_floor(c, 1.0),
     "tail scale floor 2": lambda c: tail_floor(c, 2.0),
