@@ -79,9 +79,14 @@ class Cell:
         record = self.mix.record()
         self.one_mode = not record["valley"] > 0
         self.rate = mixture_noise_rate(self.log_odds, self.mix.separation, record["valley"])
-        self.base = self.log_odds
-        if not self.rate.reliable and not self.one_mode:
-            self.base, _ = combine.hedged_score(self.mix, self.sus, self.log_odds)
+        self.base = self.mixture_score(self.sus)
+
+    def mixture_score(self, suspicions: dict) -> np.ndarray:
+        """The mixture's log-odds of these rows, hedged where the default hedges them."""
+        log_odds = self.mix.log_odds(suspicions)
+        if self.rate.reliable or self.one_mode:
+            return log_odds
+        return combine.hedged_score(self.mix, suspicions, log_odds)[0]
 
     def finish(self, lin: np.ndarray) -> np.ndarray:
         """The default's last step: z(mixture score) + z(probe-weighted features), or the
@@ -170,9 +175,7 @@ def stacked(cell: Cell, only_hedged: bool = False) -> np.ndarray:
     sum; a one-mode mixture (or, ``only_hedged``, a trusted one) keeps the default."""
     if cell.one_mode or (only_hedged and cell.rate.reliable):
         return shipped(cell)
-    twin_base = cell.mix.log_odds(cell.twin)
-    if not cell.rate.reliable:
-        twin_base = combine.hedged_score(cell.mix, cell.twin, twin_base)[0]
+    twin_base = cell.mixture_score(cell.twin)
 
     def with_base(features: np.ndarray, base: np.ndarray) -> np.ndarray:
         return np.column_stack([features, combine.Standardiser.of(base)(base)])
@@ -192,7 +195,8 @@ def losses_pooled(cell: Cell, tie: bool) -> np.ndarray:
         return shipped(cell)
     w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
     i, j = signals.index("pair_loss"), signals.index("trusted_loss")
-    w[i], w[j] = ((w[i] + w[j]) / 2,) * 2 if tie else (0.0, w[i] + w[j])
+    total = w[i] + w[j]
+    w[i], w[j] = (total / 2, total / 2) if tie else (0.0, total)
     return cell.finish(cell.mix.features(cell.sus) @ w)
 
 
