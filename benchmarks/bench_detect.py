@@ -9,7 +9,9 @@ similarity is strong), ``digits`` (the tiny CLIP on scikit-learn digits it never
 ``clip_like`` (synthetic concept embeddings, matched cosine ~0.3, unmatched ~0.14) and
 ``aligned`` (synthetic, an encoder that knows the domain: matched ~0.7). Noise kinds:
 shuffle, confusable (near-miss class), attribute (one attribute wrong), boilerplate, mixed
-(``ecif.data.noisy``). Images and captions are embedded in memory with the tiny CLIP (the
+(``ecif.data.noisy``, in the captions); with ``--kinds``, also placeholder images,
+out-of-domain images or captions, and half-right captions, planted in the embeddings
+(``embedding_noise.py``). Images and captions are embedded in memory with the tiny CLIP (the
 same model and preprocessing as ``ecif embed``, without the JPEG round trip).
 
 For every cell: ``ecif.Auditor(train, val).run()`` with default options, its
@@ -21,7 +23,9 @@ lam 1e-3, influence alone). Two ceilings no user has: the default's four signals
 same with negCLIPLoss and LEMoN, weighted by a logistic regression on the planted labels
 (cross-fitted in halves): where the first is below a baseline, no weighting of the audit's
 signals wins that cell. AP, AUROC, precision at the true noise count, and the automatic
-threshold's flagged/true ratio. Prints markdown tables: mean and [min, max] over seeds.
+threshold's flagged/true ratio. ``--no-val`` audits without the validation set, as a user
+with no trusted pairs does (no trusted_loss, no TracIn then). Prints markdown tables: mean
+and [min, max] over seeds.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from embedding_noise import EMBEDDING_KINDS, corrupt_embeddings
 
 import ecif
 from ecif.audit.baselines import cosine, lemon, loss_mixture, neg_clip_loss
@@ -76,6 +81,12 @@ def embed_in_memory(data) -> tuple[np.ndarray, np.ndarray]:
 
 def make_sets(geometry: str, kind: str, noise: float, seed: int, n: int, n_val: int, d: int):
     """(train EmbeddingSet with captions, clean validation EmbeddingSet, is_corrupted)."""
+    if kind in EMBEDDING_KINDS:  # a clean set, then its embeddings corrupted
+        train, val, _ = make_sets(geometry, "shuffle", 0.0, seed, n, n_val, d)
+        x, y, labels = corrupt_embeddings(train.image, train.text, kind, noise, seed)
+        meta = train.metadata
+        out = ecif.EmbeddingSet(x, y, ids=train.ids, metadata=meta, logit_scale=train.logit_scale)
+        return out, val, labels
     if geometry in ("shapes", "digits"):
         gen = ecif.datasets.shapes if geometry == "shapes" else ecif.datasets.digits
         train_data = gen(n, seed=seed, noise=noise, noise_kind=kind)
@@ -108,15 +119,29 @@ def labelled_ceiling(features: np.ndarray, labels: np.ndarray, seed: int) -> np.
     return out
 
 
+def own_influence(table: pd.DataFrame) -> np.ndarray:
+    """The audit's influence as a suspicion: -influence, or self-influence without a
+    validation set (the audit's own fallback)."""
+    if table["influence"].isna().all() and "self_influence" in table:
+        return table["self_influence"].to_numpy()
+    return -table["influence"].to_numpy()
+
+
+def tracin(head, train, val) -> np.ndarray:
+    """TracIn with an identity Hessian on the audit's head: -(g_val . g_pair)."""
+    g = loss_gradient(head, val.image, val.text)
+    d_pos, d_neg = score_pass(head, train.image, train.text, g)
+    return -(d_pos + d_neg)
+
+
 def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
     train, val, labels = make_sets(geometry, kind, args.noise, seed, args.n, args.n_val, args.d)
+    val = None if args.no_val else val  # no trusted pairs: self-influence or cross-fitting
     t0 = time.perf_counter()
     aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=seed))
     table = aud.run()
     seconds = time.perf_counter() - t0
     head = aud.heads[0]
-    g = loss_gradient(head, val.image, val.text)
-    d_pos, d_neg = score_pass(head, train.image, train.text, g)
     alone = ecif.Auditor(train, val, ecif.AuditArgs(seed=seed, probes=0.0)).run()
     old = ecif.Auditor(
         train, val, ecif.AuditArgs(seed=seed, logit_scale="model", lam=1e-3, weights="influence")
@@ -132,9 +157,9 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
     extra = np.column_stack([Standardiser.of(v)(v) for v in (neg_clip, lemon_score)])
     rankings = {
         "ecif misalign_score (default)": table["misalign_score"].to_numpy(),
-        "  its influence alone": -table["influence"].to_numpy(),
+        "  its influence alone": own_influence(table),
         "  its pair_loss alone": table["pair_loss"].to_numpy(),
-        "  its trusted_loss alone": table["trusted_loss"].to_numpy(),
+        "  its trusted_loss alone": table["trusted_loss"].to_numpy() if val is not None else None,
         "  its mixture alone (probes=0)": alone["misalign_score"].to_numpy(),
         "ecif before selection (t model, lam 1e-3)": old.run()["misalign_score"].to_numpy(),
         "clip_score": -cosine(x, y),
@@ -143,7 +168,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
         "per-pair loss + GMM": loss_mixture(loss)
         + 1e-9 * (loss - loss.min()) / max(np.ptp(loss), 1e-12),
         "LEMoN-style": lemon_score,
-        "TracIn (identity H)": -(d_pos + d_neg),
+        "TracIn (identity H)": None if val is None else tracin(head, train, val),
         "random": rng.random(len(train)),
         CEILING: labelled_ceiling(own, labels, seed),
         CEILING_PLUS: labelled_ceiling(np.hstack([own, extra]), labels, seed),
@@ -157,6 +182,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
             **ranking_metrics(labels, v),
         }
         for k, v in rankings.items()
+        if v is not None
     ]
     choice = aud.choice
     rows.append(
@@ -210,11 +236,12 @@ def verdict(det: pd.DataFrame) -> pd.DataFrame:
         "negCLIPLoss",
         "per-pair loss + GMM",
         "LEMoN-style",
-        "TracIn (identity H)",
+        "TracIn (identity H)",  # not without a validation set
     ]
     out = []
     for (geo, kind), cell in det.groupby(["geometry", "kind"], sort=False):
         ap = cell.pivot_table(index="seed", columns="method", values="ap")
+        base = [b for b in base if b in ap]
         best = ap[base].mean().idxmax()
         diff = ap["ecif misalign_score (default)"] - ap[best]
         sign = "win" if (diff > 0).all() else "loss" if (diff < 0).all() else "within noise"
@@ -257,12 +284,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(KINDS),
+        choices=KINDS + EMBEDDING_KINDS,
+        help="caption noise (default) or, in the embeddings, " + ", ".join(EMBEDDING_KINDS),
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n", type=int, default=2000, help="training pairs per cell")
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--d", type=int, default=64, help="width of the synthetic geometries")
     ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument(
+        "--no-val",
+        action="store_true",
+        help="audit without the validation set (the audit's default then: self-influence for "
+        "small heads, else cross-fitting); no trusted_loss, no TracIn",
+    )
     ap.add_argument("--quick", action="store_true", help="1 seed, n=800, n_val=300")
     ap.add_argument("--csv", help="also write every row to this CSV")
     args = ap.parse_args()
@@ -295,7 +334,8 @@ def main() -> None:
         )
     )
     print(
-        f"\n{args.seeds} seeds, n={args.n}, noise={args.noise}, {len(args.geometries)} geometries x "
+        f"\n{args.seeds} seeds, n={args.n}, noise={args.noise}, "
+        f"{'no validation set' if args.no_val else f'n_val={args.n_val}'}, {len(args.geometries)} geometries x "
         f"{len(args.kinds)} kinds, {time.time() - t0:.0f} s"
     )
 
