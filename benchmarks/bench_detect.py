@@ -84,8 +84,9 @@ def make_sets(geometry: str, kind: str, noise: float, seed: int, n: int, n_val: 
     if kind in EMBEDDING_KINDS:  # a clean set, then its embeddings corrupted
         train, val, _ = make_sets(geometry, "shuffle", 0.0, seed, n, n_val, d)
         x, y, labels = corrupt_embeddings(train.image, train.text, kind, noise, seed)
-        meta = train.metadata
-        out = ecif.EmbeddingSet(x, y, ids=train.ids, metadata=meta, logit_scale=train.logit_scale)
+        out = ecif.EmbeddingSet(
+            x, y, ids=train.ids, metadata=train.metadata, logit_scale=train.logit_scale
+        )
         return out, val, labels
     if geometry in ("shapes", "digits"):
         gen = ecif.datasets.shapes if geometry == "shapes" else ecif.datasets.digits
@@ -119,14 +120,6 @@ def labelled_ceiling(features: np.ndarray, labels: np.ndarray, seed: int) -> np.
     return out
 
 
-def own_influence(table: pd.DataFrame) -> np.ndarray:
-    """The audit's influence as a suspicion: -influence, or self-influence without a
-    validation set (the audit's own fallback)."""
-    if table["influence"].isna().all() and "self_influence" in table:
-        return table["self_influence"].to_numpy()
-    return -table["influence"].to_numpy()
-
-
 def tracin(head, train, val) -> np.ndarray:
     """TracIn with an identity Hessian on the audit's head: -(g_val . g_pair)."""
     g = loss_gradient(head, val.image, val.text)
@@ -152,12 +145,13 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
     neg_clip = neg_clip_loss(x, y, logit_scale=train.logit_scale or 100.0, seed=seed)
     lemon_score = lemon(x, y)
     # the default's own features (robust z, tails Gaussianised), as its mixture sees them
-    own = fit_mixture(signal_suspicions(table, head.n_norm))
-    own = own.features(signal_suspicions(table, head.n_norm))
+    # (its influence slot holds self-influence when the audit had no validation set)
+    sus = signal_suspicions(table, head.n_norm)
+    own = fit_mixture(sus).features(sus)
     extra = np.column_stack([Standardiser.of(v)(v) for v in (neg_clip, lemon_score)])
     rankings = {
         "ecif misalign_score (default)": table["misalign_score"].to_numpy(),
-        "  its influence alone": own_influence(table),
+        "  its influence alone": sus["influence"],
         "  its pair_loss alone": table["pair_loss"].to_numpy(),
         "  its trusted_loss alone": table["trusted_loss"].to_numpy() if val is not None else None,
         "  its mixture alone (probes=0)": alone["misalign_score"].to_numpy(),
