@@ -2,6 +2,7 @@
 
     python benchmarks/bench_combine_trials.py --cache /tmp/trials-d64
     python benchmarks/bench_combine_trials.py --cache /tmp/trials-n10 --geometries clip_like aligned --noise 0.1
+    python benchmarks/bench_combine_trials.py --cache /tmp/trials-noval-n10 --no-val --geometries clip_like aligned --noise 0.1 --trials default "before: untrusted mixture kept, probes fit once"
 
 Each cell of ``bench_detect.py``'s grid (same data, same seeds) is audited once with DEFAULT
 options; its three signals, its twin audit's signals and probe mask, and negCLIPLoss on both
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_detect import GEOMETRIES, KINDS, make_sets, markdown, paired, summarise
+from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets, markdown, paired, summarise
 
 import ecif
 from ecif.audit import combine
@@ -40,7 +41,7 @@ SIG = ("pair_loss", "clip_score", "influence", "trusted_loss")  # as far as the 
 def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
     """Audit one cell with default options and save what the trials recombine."""
     train, val, labels = make_sets(geometry, kind, args.noise, seed, args.n, args.n_val, args.d)
-    aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=seed))
+    aud = ecif.Auditor(train, None if args.no_val else val, ecif.AuditArgs(seed=seed))
     table = aud.run()
     x, y = np.asarray(train.image), np.asarray(train.text)
     scale = train.logit_scale or 100.0
@@ -55,7 +56,7 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
         "is_probe": np.asarray(aud.probes.is_probe),
     }
-    for k in ("influence", "pair_loss", "clip_score", "trusted_loss"):
+    for k in ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss"):
         if k in table:
             out[k] = table[k].to_numpy(np.float64)
     for k in SIG:
@@ -69,7 +70,7 @@ class Cell:
 
     def __init__(self, data) -> None:
         self.d = data
-        cols = ("influence", "pair_loss", "clip_score", "trusted_loss")
+        cols = ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss")
         self.table = pd.DataFrame({k: data[k] for k in cols if k in data})
         self.sus = signal_suspicions(self.table, float(data["n_norm"]))
         self.twin = {k: data[f"twin_{k}"] for k in SIG if f"twin_{k}" in data}
@@ -242,8 +243,17 @@ def untransformed(cell: Cell, mixture_only: bool) -> np.ndarray:
     return raw.finish(cell.mix.features(cell.sus) @ w)
 
 
+def before_unvalidated_rules(cell: Cell) -> np.ndarray:
+    """The default before its two rules for audits without a validation set: the probes'
+    regression fit once on every twin row, and an untrusted mixture kept (hedged) beside it.
+    With a validation set it is the default."""
+    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
+    return cell.finish(cell.mix.features(cell.sus) @ w)
+
+
 TRIALS = {
     "default": shipped,
+    "before: untrusted mixture kept, probes fit once": before_unvalidated_rules,
     "without trusted_loss (the default before it)": without_trusted_loss,
     "mixture alone (probes=0)": lambda c: shipped(c, probes=False),
     "PU-cleaned probes, drop 20%": pu_cleaned,
@@ -273,12 +283,18 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     """The cache folder and bench_detect's grid options (the cells ``cached_cells`` reads)."""
     ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
     ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS + EMBEDDING_KINDS)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument(
+        "--no-val",
+        action="store_true",
+        help="audit without the validation set (self-influence, no trusted_loss); "
+        "use a cache folder of its own",
+    )
 
 
 def cached_cells(args):

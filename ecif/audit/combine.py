@@ -19,7 +19,9 @@ with planted probes ran (``ecif.audit.probes``), the score adds the features wei
 logistic regression of planted vs the rest (``probe_weighted_score``): labels of the planted
 kinds, on this data, for what the unsupervised fit cannot tell. A mixture whose density has
 one mode (``SuspectMixture.valley``) found no group of suspects, only the bulk's shape: then
-the probes' weights rank alone, and its noise rate is not trusted.
+the probes' weights rank alone, and its noise rate is not trusted. Without a validation set
+(``ecif.audit.misalign``), an untrusted mixture is left out the same way, and the regression
+is refit without the real rows it ranks most suspect (``cleaned_probe_direction``).
 ``docs/math.md`` has the formulas; benchmarks/README.md the measurements.
 """
 
@@ -31,6 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
+ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app say them
+    "one mode": "has one mode (no group apart)",
+    "split not trusted, no validation set": "is not trusted, and without a validation set "
+    "none of its signals sees noise the probes cannot",
+}
 GAUSSIAN_KURTOSIS = 3.0
 MIN_TAIL_SCALE = 0.5  # c at least half an IQR: asinh reshapes the tails, not the bulk
 RIDGE_POINTS = 201  # where the mixture's density is evaluated between its means
@@ -197,6 +204,7 @@ def probe_weighted_score(
     probe_suspicions: Mapping[str, np.ndarray],
     is_probe: np.ndarray,
     alone: bool = False,
+    drop: float = 0.0,
 ) -> tuple[np.ndarray, dict]:
     """z(score) + z(F w): the mixture's score plus the mixture's features weighted by how well
     they tell planted probes from the rest in a twin audit (``probe_suspicions``: that audit's
@@ -204,11 +212,12 @@ def probe_weighted_score(
     mixture sees the noise this set has but, on weak signals, cannot tell which signal carries
     it; the probes are labelled, but only of the kinds planted. Measured on 90 benchmark
     cell-seeds, the sum beat the mixture alone on every seed at both widths tried.
-    ``alone``: z(F w) only, for a mixture with one mode (``SuspectMixture.valley``), whose
-    score has found no group to add."""
+    ``alone``: z(F w) only, for a mixture whose score has found no group to add.
+    ``drop``: the fraction of the twin's real rows, most suspect under a first fit, left out
+    of a second (``cleaned_probe_direction``)."""
     feats = mix.features(probe_suspicions)
     ok = np.isfinite(feats).all(axis=1)
-    w, bias = probe_direction(feats[ok], np.asarray(is_probe)[ok])
+    w, bias, dropped = cleaned_probe_direction(feats[ok], np.asarray(is_probe)[ok], drop)
     total, parts = probe_sum(score, mix.features(suspicions) @ w, alone)
     record = {
         "signals": list(mix.signals),
@@ -216,10 +225,29 @@ def probe_weighted_score(
         "bias": bias,
         "probes": int(np.asarray(is_probe)[ok].sum()),
         "rows": int(ok.sum()),
+        "dropped": dropped,
         "parts": ["probe_weighted_features"] if alone else ["score", "probe_weighted_features"],
         "standardisers": [[q.median, q.scale] for q in parts],
     }
     return total, record
+
+
+def cleaned_probe_direction(
+    features: np.ndarray, is_probe: np.ndarray, drop: float
+) -> tuple[np.ndarray, float, int]:
+    """``probe_direction``, refit without the ``drop`` fraction of real rows that its first
+    fit ranks most suspect; also returns how many rows were left out. Why: the twin's real
+    rows hold the set's own noise, labelled 'rest' (positive-unlabelled data), so the first
+    fit also learns to tell the planted kinds from the real noise: where the real noise lies
+    further out than the probes on a signal, that signal loses weight it should have."""
+    probe = np.asarray(is_probe, dtype=bool)
+    w, bias = probe_direction(features, probe)
+    if drop <= 0:
+        return w, bias, 0
+    lin = features @ w
+    keep = probe | (lin < np.quantile(lin[~probe], 1.0 - drop))
+    w, bias = probe_direction(features[keep], probe[keep])
+    return w, bias, int((~keep).sum())
 
 
 def probe_sum(
@@ -347,9 +375,14 @@ def describe_combination(record: Mapping) -> str:
         if probes:
             terms = ", ".join(f"{w:+.2f} {k}" for k, w in zip(probes["signals"], probes["weights"]))
             weighted = f"sum of its features weighted by planted probes ({terms}; "
-            weighted += f"{probes['probes']} probes)"
+            weighted += f"{probes['probes']} probes"
+            if probes.get("dropped"):
+                weighted += f", refit without the {probes['dropped']} most suspect real rows"
+            weighted += ")"
             if probes["parts"] == ["probe_weighted_features"]:
-                return f"the {weighted}, alone: the {mixture} has one mode (no group apart)"
+                why = probes.get("alone_because") or "one mode"
+                why = ALONE_BECAUSE.get(why, why)
+                return f"the {weighted}, alone: the {mixture} {why}"
         what = f"log-odds of the suspect component of a {mixture}"
         if record.get("hedge"):
             what = (
