@@ -21,6 +21,20 @@ from ecif.audit.misalign import signal_suspicions
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+PROBES_ONLY = "probe_weighted_features"
+
+
+def _recombined(aud, table, base, **options):
+    """``probe_weighted_score`` over the audit's own signals and twin, with ``base(mix, sus)``
+    as the mixture's part: the default's combination with one of its choices changed."""
+    sus = signal_suspicions(table, aud.heads[0].n_norm)
+    mix = fit_mixture(sus)
+    probes = aud.probes
+    return probe_weighted_score(
+        mix, sus, base(mix, sus), probes.suspicions, probes.is_probe, **options
+    )[0]
+
+
 def _angle(a, b):
     return float(np.degrees(np.arccos(a @ b / np.linalg.norm(a) / np.linalg.norm(b))))
 
@@ -62,15 +76,8 @@ def test_without_validation_the_cleaned_probes_reach_the_pairs_loss(seed):
     assert record["dropped"] == 400  # 20% of the twin's 2,000 real rows
     assert "refit without the 400" in describe_combination(table.attrs["combination"])
 
-    sus = signal_suspicions(table, aud.heads[0].n_norm)
-    mix = fit_mixture(sus)
-    uncleaned, _ = probe_weighted_score(  # the same combination, the probes fit once
-        mix,
-        sus,
-        mix.log_odds(sus),
-        aud.probes.suspicions,
-        aud.probes.is_probe,
-        alone=record["parts"] == ["probe_weighted_features"],
+    uncleaned = _recombined(  # the same combination, the probes fit once
+        aud, table, lambda mix, sus: mix.log_odds(sus), alone=record["parts"] == [PROBES_ONLY]
     )
     ap = average_precision(bad, table["misalign_score"].to_numpy())
     ap_uncleaned = average_precision(bad, uncleaned)
@@ -104,18 +111,11 @@ def test_without_validation_an_untrusted_split_is_left_to_the_probes(seed):
     bad = data.frame["is_corrupted"].to_numpy()
     combination = table.attrs["combination"]
     assert combination["probe_weights"]["alone_because"] == "split not trusted, no validation set"
-    assert combination["probe_weights"]["parts"] == ["probe_weighted_features"]
+    assert combination["probe_weights"]["parts"] == [PROBES_ONLY]
     assert "without a validation set" in describe_combination(combination)
 
-    sus = signal_suspicions(table, aud.heads[0].n_norm)
-    mix = fit_mixture(sus)
-    kept, _ = probe_weighted_score(  # the same cleaned probes, plus the hedged mixture
-        mix,
-        sus,
-        hedged_score(mix, sus, mix.log_odds(sus))[0],
-        aud.probes.suspicions,
-        aud.probes.is_probe,
-        drop=0.2,
+    kept = _recombined(  # the same cleaned probes, plus the hedged mixture
+        aud, table, lambda mix, sus: hedged_score(mix, sus, mix.log_odds(sus))[0], drop=0.2
     )
     ap = average_precision(bad, table["misalign_score"].to_numpy())
     ap_kept = average_precision(bad, kept)
