@@ -28,7 +28,7 @@ import pandas as pd
 from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets, markdown, paired, summarise
 
 import ecif
-from ecif.audit import combine
+from ecif.audit import combine, misalign
 from ecif.audit.baselines import neg_clip_loss
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
@@ -251,8 +251,21 @@ def before_unvalidated_rules(cell: Cell) -> np.ndarray:
     return cell.finish(cell.mix.features(cell.sus) @ w)
 
 
+def unvalidated_drop(cell: Cell, drop: float) -> np.ndarray:
+    """The default with another fraction of real twin rows left out of the probes' refit
+    without a validation set (shipped ``UNVALIDATED_DROP``, 0.2); with one it is the default."""
+    shipped_drop = misalign.UNVALIDATED_DROP
+    misalign.UNVALIDATED_DROP = drop
+    try:
+        return shipped(cell)
+    finally:
+        misalign.UNVALIDATED_DROP = shipped_drop
+
+
 TRIALS = {
     "default": shipped,
+    "no validation set: drop 10%": lambda c: unvalidated_drop(c, 0.1),
+    "no validation set: drop 30%": lambda c: unvalidated_drop(c, 0.3),
     "before: untrusted mixture kept, probes fit once": before_unvalidated_rules,
     "without trusted_loss (the default before it)": without_trusted_loss,
     "mixture alone (probes=0)": lambda c: shipped(c, probes=False),

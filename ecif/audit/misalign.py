@@ -31,10 +31,10 @@ class ProbeSignals:
 
 
 # Without a validation set, the fraction of the twin's real rows left out of the probes'
-# second fit (``cleaned_probe_direction``). Measured without a validation set (4 geometries x
-# 5 noise kinds, 3 seeds; benchmarks/README.md): 10%, 20% and 30% came out within 0.003 AP of
-# each other at 10% and 20% planted noise, and 30-35% gained 0.004-0.005 at 35%; with a
-# validation set, the same refit lost at 5-10% noise, so it is not used there.
+# second fit (``cleaned_probe_direction``). Measured without a validation set on four grids
+# (benchmarks/README.md): 10% lost on every seed of three, 30% gained only at 35% noise
+# (+0.003 to +0.005 per seed) and lost on the embedding-level kinds; with a validation set,
+# the same refit lost at 5-10% noise, so it is not used there.
 UNVALIDATED_DROP = 0.2
 
 
