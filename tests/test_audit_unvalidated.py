@@ -35,6 +35,12 @@ def _recombined(aud, table, base, **options):
     )[0]
 
 
+def _average_precisions(bad, table, other):
+    """AP of the audit's misalign_score, of ``other``, and of the pair's loss alone."""
+    scores = (table["misalign_score"].to_numpy(), other, table["pair_loss"].to_numpy())
+    return tuple(average_precision(bad, s) for s in scores)
+
+
 def _angle(a, b):
     return float(np.degrees(np.arccos(a @ b / np.linalg.norm(a) / np.linalg.norm(b))))
 
@@ -79,9 +85,7 @@ def test_without_validation_the_cleaned_probes_reach_the_pairs_loss(seed):
     uncleaned = _recombined(  # the same combination, the probes fit once
         aud, table, lambda mix, sus: mix.log_odds(sus), alone=record["parts"] == [PROBES_ONLY]
     )
-    ap = average_precision(bad, table["misalign_score"].to_numpy())
-    ap_uncleaned = average_precision(bad, uncleaned)
-    ap_loss = average_precision(bad, table["pair_loss"].to_numpy())
+    ap, ap_uncleaned, ap_loss = _average_precisions(bad, table, uncleaned)
     print(seed, f"AP {ap:.3f}, probes fit once {ap_uncleaned:.3f}, pair_loss {ap_loss:.3f}")
     # measured: 0.954 / 0.885 / 0.967 (seed 0), 0.947 / 0.849 / 0.955 (seed 1)
     assert ap > ap_uncleaned + 0.04
@@ -117,9 +121,7 @@ def test_without_validation_an_untrusted_split_is_left_to_the_probes(seed):
     kept = _recombined(  # the same cleaned probes, plus the hedged mixture
         aud, table, lambda mix, sus: hedged_score(mix, sus, mix.log_odds(sus))[0], drop=0.2
     )
-    ap = average_precision(bad, table["misalign_score"].to_numpy())
-    ap_kept = average_precision(bad, kept)
-    ap_loss = average_precision(bad, table["pair_loss"].to_numpy())
+    ap, ap_kept, ap_loss = _average_precisions(bad, table, kept)
     print(seed, f"AP {ap:.3f}, with the mixture kept {ap_kept:.3f}, pair_loss {ap_loss:.3f}")
     # measured: 0.930 / 0.915 / 0.934 (seed 0), 0.902 / 0.885 / 0.913 (seed 1)
     assert ap > ap_kept + 0.008
