@@ -246,9 +246,9 @@ def untransformed(cell: Cell, mixture_only: bool) -> np.ndarray:
 def before_unvalidated_rules(cell: Cell) -> np.ndarray:
     """The default before its two rules for audits without a validation set: the probes'
     regression fit once on every twin row, and an untrusted mixture kept (hedged) beside it.
-    With a validation set it is the default."""
-    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
-    return cell.finish(cell.mix.features(cell.sus) @ w)
+    With a validation set it is the default. That is ``reweighted`` at its shipped constants,
+    which recombines the probes' single fit with the mixture's score as the default did."""
+    return reweighted(cell)
 
 
 def unvalidated_drop(cell: Cell, drop: float) -> np.ndarray:
