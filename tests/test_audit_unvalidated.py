@@ -116,7 +116,11 @@ def test_without_validation_an_untrusted_split_is_left_to_the_probes(seed):
     combination = table.attrs["combination"]
     assert combination["probe_weights"]["alone_because"] == "split not trusted, no validation set"
     assert combination["probe_weights"]["parts"] == [PROBES_ONLY]
-    assert "without a validation set" in describe_combination(combination)
+    text = describe_combination(combination)
+    assert "without a validation set" in text
+    # the signals are named by the table's columns: this audit has no influence column
+    assert table["influence"].isna().all() and "self_influence" in text
+    assert "influence" not in text.replace("self_influence", "")
 
     kept = _recombined(  # the same cleaned probes, plus the hedged mixture
         aud, table, lambda mix, sus: hedged_score(mix, sus, mix.log_odds(sus))[0], drop=0.2

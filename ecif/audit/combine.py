@@ -364,16 +364,21 @@ def _log_densities(z: np.ndarray, weights, means, covs) -> np.ndarray:
 
 
 def describe_combination(record: Mapping) -> str:
-    """One line: how misalign_score was made from the signals."""
+    """One line: how misalign_score was made from the signals (named by their table columns:
+    the influence slot holds ``self_influence`` in an audit without a validation set)."""
+    column = {"influence": record.get("influence_column", "influence")}
     if record.get("kind") == "mixture":
+        names = [column.get(k, k) for k in record["signals"]]
         mixture = (
-            f"two-Gaussian mixture over {', '.join(record['signals'])} "
+            f"two-Gaussian mixture over {', '.join(names)} "
             f"(suspects {record['weights'][1]:.1%}, separation {record['separation']:.2f})"
         )
         probes = record.get("probe_weights")
         weighted = ""
         if probes:
-            terms = ", ".join(f"{w:+.2f} {k}" for k, w in zip(probes["signals"], probes["weights"]))
+            terms = ", ".join(
+                f"{w:+.2f} {column.get(k, k)}" for k, w in zip(probes["signals"], probes["weights"])
+            )
             weighted = f"sum of its features weighted by planted probes ({terms}; "
             weighted += f"{probes['probes']} probes"
             if probes.get("dropped"):

@@ -107,6 +107,8 @@ def misalign_scores(
             score = log_odds
             rate = mixture_noise_rate(log_odds, mix.separation, record["valley"])
             unvalidated = self_influence_slot(table)
+            if unvalidated:  # what the "influence" slot holds, for the summary's wording
+                record["influence_column"] = "self_influence"
             alone = probes_alone(record["valley"], rate.reliable, unvalidated)
             hedge = not rate.reliable and not (alone and probes is not None)
             if hedge:
