@@ -28,7 +28,7 @@ import pandas as pd
 from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets, markdown, paired, summarise
 
 import ecif
-from ecif.audit import combine, misalign
+from ecif.audit import combine, misalign, probe_regression
 from ecif.audit.baselines import neg_clip_loss
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
@@ -109,12 +109,12 @@ def pu_cleaned(cell: Cell, drop: float | None = 0.2) -> np.ndarray:
     suspect (``drop``: that fraction; None: the mixture's rate, and nothing when it is not
     trusted): the twin's own noisy rows, labelled 'rest', pull the weights off real noise."""
     feats = cell.mix.features(cell.twin)
-    w, _ = combine.probe_direction(feats, cell.is_probe)
+    w, _ = probe_regression.probe_direction(feats, cell.is_probe)
     q = drop if drop is not None else (cell.rate.rate if cell.rate.reliable else 0.0)
     if q > 0 and not (drop is None and cell.one_mode):
         s = _twin_score(cell, feats, w)
         keep = cell.is_probe | (s < np.quantile(s[~cell.is_probe], 1 - q))
-        w, _ = combine.probe_direction(feats[keep], cell.is_probe[keep])
+        w, _ = probe_regression.probe_direction(feats[keep], cell.is_probe[keep])
     return cell.finish(cell.mix.features(cell.sus) @ w)
 
 
@@ -122,7 +122,7 @@ def reweighted(cell: Cell, l2: float = 1e-2, part: float = 1.0) -> np.ndarray:
     """The default with another L2 penalty on the probes' regression (``l2``, shipped 1e-2)
     or another weight on its part of the sum (``part``, shipped 1): is the default placed
     on one grid's optimum?"""
-    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe, l2=l2)
+    w, _ = probe_regression.probe_direction(cell.mix.features(cell.twin), cell.is_probe, l2=l2)
     lin = cell.mix.features(cell.sus) @ w  # one mode: the probes' part alone, so x part = x 1
     return cell.finish(lin) + (part - 1.0) * combine.Standardiser.of(lin)(lin)
 
@@ -132,7 +132,7 @@ def pu_true_labels(cell: Cell) -> np.ndarray:
     has; the twin's real rows are the training pairs, in order, below its row cap)."""
     feats = cell.mix.features(cell.twin)
     noisy = np.r_[cell.d["labels"], np.zeros(int(cell.is_probe.sum()), dtype=bool)]
-    w, _ = combine.probe_direction(feats[~noisy], cell.is_probe[~noisy])
+    w, _ = probe_regression.probe_direction(feats[~noisy], cell.is_probe[~noisy])
     return cell.finish(cell.mix.features(cell.sus) @ w)
 
 
@@ -142,7 +142,7 @@ def soft_targets(cell: Cell) -> np.ndarray:
     feats = cell.mix.features(cell.twin)
     post = 0.0 if cell.one_mode else 0.5 * (1 + np.tanh(0.5 * cell.mix.log_odds(cell.twin)))
     target = np.where(cell.is_probe, 1.0, post)
-    w, _ = combine.probe_direction(feats, target)
+    w, _ = probe_regression.probe_direction(feats, target)
     return cell.finish(cell.mix.features(cell.sus) @ w)
 
 
@@ -156,7 +156,7 @@ def negclip_feature(cell: Cell) -> np.ndarray:
 
     main = np.column_stack([cell.mix.features(cell.sus), feature(cell.d["negclip"])])
     twin = np.column_stack([cell.mix.features(cell.twin), feature(cell.d["twin_negclip"])])
-    w, _ = combine.probe_direction(twin, cell.is_probe)
+    w, _ = probe_regression.probe_direction(twin, cell.is_probe)
     return cell.finish(main @ w)
 
 
@@ -181,7 +181,7 @@ def stacked(cell: Cell, only_hedged: bool = False) -> np.ndarray:
     def with_base(features: np.ndarray, base: np.ndarray) -> np.ndarray:
         return np.column_stack([features, combine.Standardiser.of(base)(base)])
 
-    w, _ = combine.probe_direction(
+    w, _ = probe_regression.probe_direction(
         with_base(cell.mix.features(cell.twin), twin_base), cell.is_probe
     )
     return with_base(cell.mix.features(cell.sus), cell.base) @ w
@@ -194,7 +194,7 @@ def losses_pooled(cell: Cell, tie: bool) -> np.ndarray:
     signals = list(cell.mix.signals)
     if "trusted_loss" not in signals:
         return shipped(cell)
-    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
+    w, _ = probe_regression.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
     i, j = signals.index("pair_loss"), signals.index("trusted_loss")
     total = w[i] + w[j]
     w[i], w[j] = (total / 2, total / 2) if tie else (0.0, total)
@@ -225,6 +225,21 @@ def _tail_scale(scale):
         combine.gaussian_tail_scale = shipped_scale
 
 
+def signed(trial):
+    """``trial`` as it was measured, with probe weights of either sign (the default before the
+    bound, 2026-12-03): every trial recorded before it keeps its figures."""
+
+    def run(cell: Cell) -> np.ndarray:
+        bounded = probe_regression.probe_direction
+        probe_regression.probe_direction = functools.partial(bounded, nonnegative=False)
+        try:
+            return trial(cell)
+        finally:
+            probe_regression.probe_direction = bounded
+
+    return run
+
+
 def tail_floor(cell: Cell, floor: float) -> np.ndarray:
     """The shipped combination with the tail transform's scale floored at ``floor`` (shipped
     0.5; 0.05 was the bisection's bound before the floor, so it is the default before it)."""
@@ -239,7 +254,7 @@ def untransformed(cell: Cell, mixture_only: bool) -> np.ndarray:
         if not mixture_only:
             return shipped(cell)
         raw = Cell(cell.d)
-    w, _ = combine.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
+    w, _ = probe_regression.probe_direction(cell.mix.features(cell.twin), cell.is_probe)
     return raw.finish(cell.mix.features(cell.sus) @ w)
 
 
@@ -264,31 +279,32 @@ def unvalidated_drop(cell: Cell, drop: float) -> np.ndarray:
 
 TRIALS = {
     "default": shipped,
-    "no validation set: drop 10%": lambda c: unvalidated_drop(c, 0.1),
-    "no validation set: drop 30%": lambda c: unvalidated_drop(c, 0.3),
-    "before: untrusted mixture kept, probes fit once": before_unvalidated_rules,
-    "without trusted_loss (the default before it)": without_trusted_loss,
+    "signed probe weights (the default before the bound)": signed(shipped),
+    "no validation set: drop 10%": signed(lambda c: unvalidated_drop(c, 0.1)),
+    "no validation set: drop 30%": signed(lambda c: unvalidated_drop(c, 0.3)),
+    "before: untrusted mixture kept, probes fit once": signed(before_unvalidated_rules),
+    "without trusted_loss (the default before it)": signed(without_trusted_loss),
     "mixture alone (probes=0)": lambda c: shipped(c, probes=False),
-    "PU-cleaned probes, drop 20%": pu_cleaned,
-    "PU-cleaned probes, drop the mixture's rate": lambda c: pu_cleaned(c, None),
-    "PU-cleaned with the true labels (a bound)": pu_true_labels,
-    "soft targets from the mixture": soft_targets,
-    "negCLIPLoss as a 4th probe feature": negclip_feature,
-    "negCLIPLoss in the clip_score slot": negclip_in_clip_slot,
-    "probe penalty 1e-3": lambda c: reweighted(c, l2=1e-3),
-    "probe penalty 0.1": lambda c: reweighted(c, l2=0.1),
-    "probe part x0.5": lambda c: reweighted(c, part=0.5),
-    "probe part x2": lambda c: reweighted(c, part=2.0),
+    "PU-cleaned probes, drop 20%": signed(pu_cleaned),
+    "PU-cleaned probes, drop the mixture's rate": signed(lambda c: pu_cleaned(c, None)),
+    "PU-cleaned with the true labels (a bound)": signed(pu_true_labels),
+    "soft targets from the mixture": signed(soft_targets),
+    "negCLIPLoss as a 4th probe feature": signed(negclip_feature),
+    "negCLIPLoss in the clip_score slot": signed(negclip_in_clip_slot),
+    "probe penalty 1e-3": signed(lambda c: reweighted(c, l2=1e-3)),
+    "probe penalty 0.1": signed(lambda c: reweighted(c, l2=0.1)),
+    "probe part x0.5": signed(lambda c: reweighted(c, part=0.5)),
+    "probe part x2": signed(lambda c: reweighted(c, part=2.0)),
     "pair_loss alone": lambda c: c.d["pair_loss"],
-    "mixture's score as a probe feature": stacked,
-    "mixture's score as a probe feature, hedged cells only": lambda c: stacked(c, True),
-    "pair_loss's probe weight moved to trusted_loss": lambda c: losses_pooled(c, tie=False),
-    "the two losses' probe weights tied": lambda c: losses_pooled(c, tie=True),
-    "tail scale without its floor (the default before it)": lambda c: tail_floor(c, 0.05),
-    "tail scale floor 1": lambda c: tail_floor(c, 1.0),
-    "tail scale floor 2": lambda c: tail_floor(c, 2.0),
-    "no tail transform": lambda c: untransformed(c, mixture_only=False),
-    "no tail transform in the mixture": lambda c: untransformed(c, mixture_only=True),
+    "mixture's score as a probe feature": signed(stacked),
+    "mixture's score as a probe feature, hedged cells only": signed(lambda c: stacked(c, True)),
+    "pair_loss's probe weight moved to trusted_loss": signed(lambda c: losses_pooled(c, tie=False)),
+    "the two losses' probe weights tied": signed(lambda c: losses_pooled(c, tie=True)),
+    "tail scale without its floor (the default before it)": signed(lambda c: tail_floor(c, 0.05)),
+    "tail scale floor 1": signed(lambda c: tail_floor(c, 1.0)),
+    "tail scale floor 2": signed(lambda c: tail_floor(c, 2.0)),
+    "no tail transform": signed(lambda c: untransformed(c, mixture_only=False)),
+    "no tail transform in the mixture": signed(lambda c: untransformed(c, mixture_only=True)),
 }
 
 

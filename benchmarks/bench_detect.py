@@ -41,9 +41,10 @@ from embedding_noise import EMBEDDING_KINDS, corrupt_embeddings
 
 import ecif
 from ecif.audit.baselines import cosine, lemon, loss_mixture, neg_clip_loss
-from ecif.audit.combine import Standardiser, fit_mixture, probe_direction
+from ecif.audit.combine import Standardiser, fit_mixture
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import signal_suspicions
+from ecif.audit.probe_regression import probe_direction
 from ecif.engine.influence import loss_gradient, score_pass
 
 GEOMETRIES = ("shapes", "digits", "clip_like", "aligned")
@@ -109,13 +110,13 @@ def make_sets(geometry: str, kind: str, noise: float, seed: int, n: int, n_val: 
 def labelled_ceiling(features: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
     """The best linear weighting of ``features`` for the planted labels, cross-fitted: the
     audit's own regression (``probe_direction``, its L2 penalty: without one, separable
-    cells diverge) fit on one half with the true labels scores the other. No user has these
+    cells diverge; weights of either sign: a ceiling is not bounded) fit on one half with the true labels scores the other. No user has these
     labels; the ceiling says whether a cell is lost by the weighting of the signals or by the
     signals."""
     fold = np.random.default_rng(seed).permutation(len(labels)) % 2
     out = np.empty(len(labels))
     for k in (0, 1):
-        w, _ = probe_direction(features[fold != k], labels[fold != k])
+        w, _ = probe_direction(features[fold != k], labels[fold != k], nonnegative=False)
         out[fold == k] = features[fold == k] @ w
     return out
 

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 import ecif
-from ecif.audit.combine import describe_combination, probe_direction
+from ecif.audit.combine import describe_combination
 from ecif.audit.metrics import average_precision
+from ecif.audit.probe_regression import probe_direction
 from ecif.audit.shards import load_training_set, score_shards
 from ecif.data import layout
 
@@ -22,11 +23,36 @@ def test_probe_direction_is_sklearns_penalised_logistic_regression():
     n, l2 = 600, 1e-2
     t = g.random(n) < 0.15
     f = g.standard_normal((n, 3)) + np.outer(t, [1.5, 0.3, -0.5])
-    w, b = probe_direction(f, t, l2=l2)
+    w, b = probe_direction(f, t, l2=l2, nonnegative=False)
     # sklearn: 1/2 |w|^2 + C sum log-loss  ==  n C (mean log-loss + |w|^2 / (2 n C))
     ref = LogisticRegression(C=1.0 / (l2 * n), tol=1e-12, max_iter=10_000).fit(f, t)
     np.testing.assert_allclose(w, ref.coef_[0], rtol=1e-5, atol=1e-7)
     assert b == pytest.approx(ref.intercept_[0], abs=1e-6)
+
+
+def test_bounded_probe_direction_is_the_bounded_optimum():
+    from scipy.optimize import minimize
+
+    # feature 2 is lower for probes (a signal the planted kind does not share): its bounded
+    # weight is 0, and the others are refit without it, not just clipped
+    g = np.random.default_rng(1)
+    n, l2 = 800, 1e-2
+    t = g.random(n) < 0.15
+    f = g.standard_normal((n, 3)) + np.outer(t, [1.5, 0.3, -0.8])
+    f[:, 1] += 0.5 * f[:, 2]  # correlated with the dropped feature
+
+    def objective(v):
+        z = f @ v[:3] + v[3]
+        return np.mean(np.logaddexp(0.0, z) - t * z) + 0.5 * l2 * v[:3] @ v[:3]
+
+    bounds = [(0, None)] * 3 + [(None, None)]
+    ref = minimize(objective, np.zeros(4), method="L-BFGS-B", bounds=bounds, tol=1e-14)
+    w, b = probe_direction(f, t, l2=l2)
+    assert w[2] == 0.0 and (w >= 0).all()
+    np.testing.assert_allclose(np.r_[w, b], ref.x, atol=1e-4)
+    assert objective(np.r_[w, b]) <= ref.fun + 1e-10
+    signed, _ = probe_direction(f, t, l2=l2, nonnegative=False)
+    assert signed[2] < 0 and abs(signed[1] - w[1]) > 1e-3  # not the signed fit clipped
 
 
 def _weak_signals(seed):

@@ -16,7 +16,8 @@ that estimate is not trusted (components not apart, or suspects not a minority),
 mixture's weights are not either: the score then hedges, the standardised log-odds plus the
 standardised equal-weight sum of the same features (``hedged_score``). When a twin audit
 with planted probes ran (``ecif.audit.probes``), the score adds the features weighted by a
-logistic regression of planted vs the rest (``probe_weighted_score``): labels of the planted
+logistic regression of planted vs the rest, every weight >= 0 (``probe_weighted_score``,
+``ecif.audit.probe_regression``): labels of the planted
 kinds, on this data, for what the unsupervised fit cannot tell. A mixture whose density has
 one mode (``SuspectMixture.valley``) found no group of suspects, only the bulk's shape: then
 the probes' weights rank alone, and its noise rate is not trusted. Without a validation set
@@ -31,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from ecif.audit.probe_regression import cleaned_probe_direction
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
 ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app say them
@@ -176,27 +179,6 @@ def hedged_score(
     return parts[0](log_odds) + parts[1](total), record
 
 
-def probe_direction(
-    features: np.ndarray, is_probe: np.ndarray, l2: float = 1e-2, iters: int = 50
-) -> tuple[np.ndarray, float]:
-    """Weights and bias of the L2-penalised logistic regression of planted probe vs the rest:
-    minimises mean log-loss + l2/2 |w|^2 (bias unpenalised) by Newton's method."""
-    f = np.asarray(features, dtype=np.float64)
-    t = np.asarray(is_probe, dtype=np.float64)
-    x = np.column_stack([f, np.ones(len(f))])
-    pen = np.r_[np.full(f.shape[1], l2), 0.0]
-    w = np.zeros(x.shape[1])
-    for _ in range(iters):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # the logistic, without overflow
-        grad = x.T @ (p - t) / len(t) + pen * w
-        hess = (x * (p * (1.0 - p))[:, None]).T @ x / len(t) + np.diag(pen) + 1e-12 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    return w[:-1], float(w[-1])
-
-
 def probe_weighted_score(
     mix: SuspectMixture,
     suspicions: Mapping[str, np.ndarray],
@@ -230,24 +212,6 @@ def probe_weighted_score(
         "standardisers": [[q.median, q.scale] for q in parts],
     }
     return total, record
-
-
-def cleaned_probe_direction(
-    features: np.ndarray, is_probe: np.ndarray, drop: float
-) -> tuple[np.ndarray, float, int]:
-    """``probe_direction``, refit without the ``drop`` fraction of real rows that its first
-    fit ranks most suspect; also returns how many rows were left out. Why: the twin's real
-    rows hold the set's own noise, labelled 'rest' (positive-unlabelled data), so the first
-    fit also learns to tell the planted kinds from the real noise: where the real noise lies
-    further out than the probes on a signal, that signal loses weight it should have."""
-    probe = np.asarray(is_probe, dtype=bool)
-    w, bias = probe_direction(features, probe)
-    if drop <= 0:
-        return w, bias, 0
-    lin = features @ w
-    keep = probe | (lin < np.quantile(lin[~probe], 1.0 - drop))
-    w, bias = probe_direction(features[keep], probe[keep])
-    return w, bias, int((~keep).sum())
 
 
 def probe_sum(
