@@ -225,15 +225,39 @@ def _tail_scale(scale):
         combine.gaussian_tail_scale = shipped_scale
 
 
+@contextlib.contextmanager
+def _count_trust():
+    """The mixture's split trusted for the ranking by its count alone (the default before the
+    clear-valley rule, ``misalign.split_trusted``)."""
+    shipped_rule = misalign.split_trusted
+    misalign.split_trusted = lambda rate, separation, valley: rate.reliable
+    try:
+        yield
+    finally:
+        misalign.split_trusted = shipped_rule
+
+
+def count_trust(trial):
+    """``trial`` with the split trusted by its count alone."""
+
+    def run(cell: Cell) -> np.ndarray:
+        with _count_trust():
+            return trial(cell)
+
+    return run
+
+
 def signed(trial):
-    """``trial`` as it was measured, with probe weights of either sign (the default before the
-    bound, 2026-12-03): every trial recorded before it keeps its figures."""
+    """``trial`` as it was measured before 2026-12-03 (fourth session): probe weights of either
+    sign, and the split trusted by its count alone. Every trial recorded before then keeps
+    its figures."""
 
     def run(cell: Cell) -> np.ndarray:
         bounded = probe_regression.probe_direction
         probe_regression.probe_direction = functools.partial(bounded, nonnegative=False)
         try:
-            return trial(cell)
+            with _count_trust():
+                return trial(cell)
         finally:
             probe_regression.probe_direction = bounded
 
@@ -279,7 +303,8 @@ def unvalidated_drop(cell: Cell, drop: float) -> np.ndarray:
 
 TRIALS = {
     "default": shipped,
-    "signed probe weights (the default before the bound)": signed(shipped),
+    "before both: signed weights, split trusted by its count": signed(shipped),
+    "split trusted by its count (the default before the clear valley)": count_trust(shipped),
     "no validation set: drop 10%": signed(lambda c: unvalidated_drop(c, 0.1)),
     "no validation set: drop 30%": signed(lambda c: unvalidated_drop(c, 0.3)),
     "before: untrusted mixture kept, probes fit once": signed(before_unvalidated_rules),

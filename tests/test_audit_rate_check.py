@@ -8,9 +8,12 @@ import pandas as pd
 import pytest
 
 import ecif
+from ecif.audit.misalign import split_trusted
 from ecif.audit.thresholds import (
     CLEAR_VALLEY,
+    MAX_CHECKED_RATE,
     MAX_RATE,
+    NoiseRate,
     flag_count,
     mixture_noise_rate,
     spike_in_rate,
@@ -51,6 +54,18 @@ def test_the_rate_check_against_probes():
     assert not mixture_noise_rate(many, 4.0, shallow, probe_rate=0.2).reliable
     assert not mixture_noise_rate(np.r_[np.ones(600), -np.ones(400)], 4.0, clear, 0.6).reliable
     assert MAX_RATE < 0.4
+
+
+def test_the_ranking_trusts_a_clear_split_the_count_does_not():
+    many = np.r_[np.ones(400), -np.ones(600)]  # 40%: above what the count trusts unchecked
+    clear, shallow = CLEAR_VALLEY + 0.5, 0.1
+    rate = mixture_noise_rate(many, 4.0, clear)
+    assert not rate.reliable and MAX_RATE < rate.rate <= MAX_CHECKED_RATE
+    assert split_trusted(rate, 4.0, clear)  # groups clearly apart: the ranking leans on it
+    assert not split_trusted(mixture_noise_rate(many, 4.0, shallow), 4.0, shallow)
+    assert not split_trusted(NoiseRate(0.4, False), 1.5, clear)  # components not apart
+    assert not split_trusted(NoiseRate(0.6, False), 4.0, clear)  # suspects not a minority
+    assert split_trusted(mixture_noise_rate(many[200:], 3.0, shallow), 3.0, shallow)
 
 
 def test_a_clear_35_percent_is_trusted_not_the_10_percent_fallback():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ecif
-from ecif.audit import probe_regression
+from ecif.audit import misalign, probe_regression
 from ecif.audit.combine import (
     describe_combination,
     fit_mixture,
@@ -19,6 +19,7 @@ from ecif.audit.combine import (
 from ecif.audit.metrics import average_precision
 from ecif.audit.misalign import signal_suspicions
 from ecif.audit.probe_regression import cleaned_probe_direction, probe_direction
+from ecif.audit.thresholds import CLEAR_VALLEY, MAX_RATE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,3 +144,25 @@ def test_without_validation_an_untrusted_split_is_left_to_the_probes(seed):
     # measured: 0.930 / 0.915 / 0.934 (seed 0), 0.902 / 0.885 / 0.913 (seed 1)
     assert ap > ap_kept + 0.008
     assert ap > ap_loss - 0.02
+
+
+def test_without_validation_a_clear_35_percent_split_is_kept(monkeypatch):
+    # 35% template captions, CLIP-like, no validation set: the mixture's groups are clearly
+    # apart, but 35% is above the count the audit trusts without probes. Template captions
+    # recur, so they bend the head little: the probes' weights alone (bounded at 0) cannot
+    # use that, the mixture's split can.
+    x, y, frame = ecif.datasets.concept_pairs(2000, 32, 0.35, "boilerplate", seed=0)
+    aud = ecif.Auditor(ecif.EmbeddingSet(x, y, logit_scale=100.0), None, ecif.AuditArgs(seed=0))
+    table = aud.run()
+    bad = frame["is_corrupted"].to_numpy()
+    combination = table.attrs["combination"]
+    assert combination["valley"] >= CLEAR_VALLEY and combination["weights"][1] > MAX_RATE
+    assert combination["probe_weights"]["parts"] != [PROBES_ONLY]  # the split is kept
+
+    monkeypatch.setattr(misalign, "split_trusted", lambda rate, separation, valley: rate.reliable)
+    count_only = misalign.misalign_scores(table, "auto", aud.heads[0].n_norm, aud.probes)[0]
+    ap, ap_count, ap_loss = _average_precisions(bad, table, count_only)
+    print(f"AP {ap:.3f}, split trusted by its count only {ap_count:.3f}, pair_loss {ap_loss:.3f}")
+    # measured: 0.996 / 0.948 / 0.948
+    assert ap > ap_count + 0.02
+    assert ap > ap_loss + 0.02

@@ -18,7 +18,14 @@ from ecif.audit.combine import (
     suspicion,
     weighted_sum,
 )
-from ecif.audit.thresholds import NoiseRate, mixture_noise_rate, spike_in_rate
+from ecif.audit.thresholds import (
+    CLEAR_VALLEY,
+    MAX_CHECKED_RATE,
+    MIN_SEPARATION,
+    NoiseRate,
+    mixture_noise_rate,
+    spike_in_rate,
+)
 
 
 @dataclass
@@ -75,6 +82,19 @@ def twin_score(
     return probe_sum(score, mix.features(twin) @ weights, alone)[0]
 
 
+def split_trusted(rate: NoiseRate, separation: float, valley: float) -> bool:
+    """Whether the ranking may lean on the mixture's split (not hedge it, not leave it out):
+    its count is trusted, or its groups are clearly apart (the density dips by
+    ``CLEAR_VALLEY`` between them, as the probes' check of the count already accepts) with at
+    most ``MAX_CHECKED_RATE`` suspects. Why: without probes the count is trusted only up to
+    ``MAX_RATE``, and that bound on its size had also set the ranking aside at 35-50% noise,
+    where the groups lay 12-15 apart (benchmarks/README.md)."""
+    if rate.reliable:
+        return True
+    clear = valley >= CLEAR_VALLEY and separation >= MIN_SEPARATION
+    return clear and 0.0 < rate.rate <= MAX_CHECKED_RATE
+
+
 def probes_alone(valley: float, reliable: bool, unvalidated: bool) -> str:
     """Why the probes' weights rank alone, without the mixture's score ("": they do not).
     A mixture with one mode found no group to add. Without a validation set, a mixture whose
@@ -109,8 +129,9 @@ def misalign_scores(
             unvalidated = self_influence_slot(table)
             if unvalidated:  # what the "influence" slot holds, for the summary's wording
                 record["influence_column"] = "self_influence"
-            alone = probes_alone(record["valley"], rate.reliable, unvalidated)
-            hedge = not rate.reliable and not (alone and probes is not None)
+            trusted = split_trusted(rate, mix.separation, record["valley"])
+            alone = probes_alone(record["valley"], trusted, unvalidated)
+            hedge = not trusted and not (alone and probes is not None)
             if hedge:
                 score, record["hedge"] = hedged_score(mix, sus, score)  # with the equal sum
             if probes is not None:
