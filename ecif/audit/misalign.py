@@ -95,7 +95,7 @@ def split_trusted(rate: NoiseRate, separation: float, valley: float) -> bool:
     return clear and 0.0 < rate.rate <= MAX_CHECKED_RATE
 
 
-def probes_alone(valley: float, reliable: bool, unvalidated: bool) -> str:
+def probes_alone(valley: float, trusted: bool, unvalidated: bool) -> str:
     """Why the probes' weights rank alone, without the mixture's score ("": they do not).
     A mixture with one mode found no group to add. Without a validation set, a mixture whose
     split is not trusted adds only its errors: every signal it holds is fit on the training
@@ -105,7 +105,7 @@ def probes_alone(valley: float, reliable: bool, unvalidated: bool) -> str:
     on four digits cells, a domain the tiny CLIP was not trained on (benchmarks/README.md)."""
     if not valley > 0:
         return "one mode"
-    if unvalidated and not reliable:
+    if unvalidated and not trusted:  # ``split_trusted``
         return "split not trusted, no validation set"
     return ""
 

@@ -28,11 +28,11 @@ def probe_direction(
     f = np.asarray(features, dtype=np.float64)
     t = np.asarray(is_probe, dtype=np.float64)
     k = f.shape[1]
-    if not nonnegative:
-        w, bias, _ = _penalised_logistic(f, t, l2, iters)
+    w, bias, _ = _penalised_logistic(f, t, l2, iters)
+    if not nonnegative or (w >= 0).all():  # an unbounded optimum inside the bound is its own
         return w, bias
     best = (np.inf, np.zeros(k), 0.0)
-    for mask in range(2**k):  # a handful of signals: every support
+    for mask in range(2**k - 1):  # a handful of signals: every smaller support
         cols = [j for j in range(k) if mask >> j & 1]
         w, bias, loss = _penalised_logistic(f[:, cols], t, l2, iters)
         if (w >= 0).all() and loss < best[0]:
