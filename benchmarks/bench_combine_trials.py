@@ -34,6 +34,7 @@ from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
 from ecif.audit.selection import make_probes
 from ecif.audit.thresholds import mixture_noise_rate
+from ecif.data.concepts import HELD_OUT
 
 SIG = ("pair_loss", "clip_score", "influence", "trusted_loss")  # as far as the audit has them
 
@@ -336,7 +337,9 @@ TRIALS = {
 def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     """The cache folder and bench_detect's grid options (the cells ``cached_cells`` reads)."""
     ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
-    ap.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES)
+    ap.add_argument(
+        "--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES + HELD_OUT
+    )
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS + EMBEDDING_KINDS)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n", type=int, default=2000)
