@@ -29,12 +29,12 @@ is refit without the real rows it ranks most suspect (``cleaned_probe_direction`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ecif.audit.probe_regression import cleaned_probe_direction
-from ecif.audit.thresholds import CLEAR_VALLEY, MIN_SEPARATION
+from ecif.audit.thresholds import clearly_apart
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
 ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app say them
@@ -252,7 +252,7 @@ def fit_mixture(suspicions: Mapping[str, np.ndarray], iters: int = 300) -> Suspe
 
 def _group_apart_as_suspects(mix: SuspectMixture) -> SuspectMixture:
     """``mix`` with its components swapped when the larger summed suspicion named the majority
-    the suspects, yet the two are clearly apart (``CLEAR_VALLEY``, ``MIN_SEPARATION``) and the
+    the suspects, yet the two are clearly apart (``thresholds.clearly_apart``) and the
     minority is at least ``APART_ON_ONE`` more suspect on some signal: the signals disagree,
     and the group apart is the minority. Why: template captions recur, so they bend the head
     little (the lowest self-influence of all) while their loss is high; the two sums then
@@ -260,17 +260,9 @@ def _group_apart_as_suspects(mix: SuspectMixture) -> SuspectMixture:
     held-out geometry, benchmarks/README.md). A minority lower on every signal (a clean
     cluster, duplicates) stays the bulk."""
     minority_higher = (mix.means[0] - mix.means[1]).max()
-    clear = mix.valley >= CLEAR_VALLEY and mix.separation >= MIN_SEPARATION
+    clear = clearly_apart(mix.separation, mix.valley)
     if mix.weights[1] > 0.5 and clear and minority_higher >= APART_ON_ONE:
-        swap = [1, 0]
-        return SuspectMixture(
-            mix.signals,
-            mix.standardisers,
-            mix.weights[swap],
-            mix.means[swap],
-            mix.covs[swap],
-            mix.compress,
-        )
+        return replace(mix, weights=mix.weights[::-1], means=mix.means[::-1], covs=mix.covs[::-1])
     return mix
 
 

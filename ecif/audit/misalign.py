@@ -19,10 +19,9 @@ from ecif.audit.combine import (
     weighted_sum,
 )
 from ecif.audit.thresholds import (
-    CLEAR_VALLEY,
     MAX_CHECKED_RATE,
-    MIN_SEPARATION,
     NoiseRate,
+    clearly_apart,
     mixture_noise_rate,
     spike_in_rate,
 )
@@ -91,8 +90,7 @@ def split_trusted(rate: NoiseRate, separation: float, valley: float) -> bool:
     where the groups lay 12-15 apart (benchmarks/README.md)."""
     if rate.reliable:
         return True
-    clear = valley >= CLEAR_VALLEY and separation >= MIN_SEPARATION
-    return clear and 0.0 < rate.rate <= MAX_CHECKED_RATE
+    return clearly_apart(separation, valley) and 0.0 < rate.rate <= MAX_CHECKED_RATE
 
 
 def probes_alone(valley: float, trusted: bool, unvalidated: bool) -> str:

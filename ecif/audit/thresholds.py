@@ -60,6 +60,12 @@ CLEAR_VALLEY = 1.0
 PROBE_RECALL = 0.5  # the spike-in counts real rows above the score half the probes reach
 
 
+def clearly_apart(separation: float, valley: float) -> bool:
+    """Whether a mixture's two groups are clearly apart: means ``MIN_SEPARATION`` apart and a
+    density that dips by ``CLEAR_VALLEY`` between them (``SuspectMixture.valley``)."""
+    return valley >= CLEAR_VALLEY and separation >= MIN_SEPARATION
+
+
 def spike_in_rate(
     twin_score: np.ndarray, is_probe: np.ndarray, recall: float = PROBE_RECALL
 ) -> float:
