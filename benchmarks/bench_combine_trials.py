@@ -41,7 +41,9 @@ SIG = ("pair_loss", "clip_score", "influence", "trusted_loss")  # as far as the 
 
 def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
     """Audit one cell with default options and save what the trials recombine."""
-    train, val, labels = make_sets(geometry, kind, args.noise, seed, args.n, args.n_val, args.d)
+    train, val, labels = make_sets(
+        geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
+    )
     aud = ecif.Auditor(train, None if args.no_val else val, ecif.AuditArgs(seed=seed))
     table = aud.run()
     x, y = np.asarray(train.image), np.asarray(train.text)
@@ -346,6 +348,7 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.2)
+    ap.add_argument("--class-skew", type=float, default=0.0, help="long-tailed classes")
     ap.add_argument(
         "--no-val",
         action="store_true",

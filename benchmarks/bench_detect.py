@@ -81,25 +81,39 @@ def embed_in_memory(data) -> tuple[np.ndarray, np.ndarray]:
     return x.numpy().astype(np.float32), t.numpy()[inv].astype(np.float32)
 
 
-def make_sets(geometry: str, kind: str, noise: float, seed: int, n: int, n_val: int, d: int):
-    """(train EmbeddingSet with captions, clean validation EmbeddingSet, is_corrupted)."""
+def make_sets(
+    geometry: str,
+    kind: str,
+    noise: float,
+    seed: int,
+    n: int,
+    n_val: int,
+    d: int,
+    class_skew: float = 0.0,
+):
+    """(train EmbeddingSet with captions, clean validation EmbeddingSet, is_corrupted);
+    ``class_skew``: long-tailed classes in both sets (synthetic geometries only)."""
     if kind in EMBEDDING_KINDS:  # a clean set, then its embeddings corrupted
-        train, val, _ = make_sets(geometry, "shuffle", 0.0, seed, n, n_val, d)
+        train, val, _ = make_sets(geometry, "shuffle", 0.0, seed, n, n_val, d, class_skew)
         x, y, labels = corrupt_embeddings(train.image, train.text, kind, noise, seed)
         out = ecif.EmbeddingSet(
             x, y, ids=train.ids, metadata=train.metadata, logit_scale=train.logit_scale
         )
         return out, val, labels
     if geometry in ("shapes", "digits"):
+        if class_skew:
+            raise SystemExit("--class-skew applies to the synthetic geometries only")
         gen = ecif.datasets.shapes if geometry == "shapes" else ecif.datasets.digits
         train_data = gen(n, seed=seed, noise=noise, noise_kind=kind)
         val_data = gen(n_val, seed=seed + 10_000, noise=0.0)
         (x, y), (xv, yv) = embed_in_memory(train_data), embed_in_memory(val_data)
         frame, scale = train_data.frame, tiny_model().logit_scale
     else:
-        x, y, frame = ecif.datasets.concept_pairs(n, d, noise, kind, seed=seed, geometry=geometry)
+        x, y, frame = ecif.datasets.concept_pairs(
+            n, d, noise, kind, seed=seed, geometry=geometry, class_skew=class_skew
+        )
         xv, yv, _ = ecif.datasets.concept_pairs(
-            n_val, d, 0.0, seed=seed + 10_000, geometry=geometry
+            n_val, d, 0.0, seed=seed + 10_000, geometry=geometry, class_skew=class_skew
         )
         scale = 100.0
     meta = pd.DataFrame({"caption": frame["caption"].to_numpy()})
@@ -130,7 +144,9 @@ def tracin(head, train, val) -> np.ndarray:
 
 
 def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
-    train, val, labels = make_sets(geometry, kind, args.noise, seed, args.n, args.n_val, args.d)
+    train, val, labels = make_sets(
+        geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
+    )
     val = None if args.no_val else val  # no trusted pairs: self-influence or cross-fitting
     t0 = time.perf_counter()
     aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=seed))
@@ -299,6 +315,13 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=64, help="width of the synthetic geometries")
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument(
+        "--class-skew",
+        type=float,
+        default=0.0,
+        help="long-tailed classes (synthetic geometries): class of rank r drawn with "
+        "probability ~ r^-skew, in training and validation sets (0: uniform)",
+    )
+    ap.add_argument(
         "--no-val",
         action="store_true",
         help="audit without the validation set (the audit's default then: self-influence for "
@@ -336,7 +359,7 @@ def main() -> None:
         )
     )
     print(
-        f"\n{args.seeds} seeds, n={args.n}, noise={args.noise}, "
+        f"\n{args.seeds} seeds, n={args.n}, noise={args.noise}, class skew {args.class_skew}, "
         f"{'no validation set' if args.no_val else f'n_val={args.n_val}'}, {len(args.geometries)} geometries x "
         f"{len(args.kinds)} kinds, {time.time() - t0:.0f} s"
     )

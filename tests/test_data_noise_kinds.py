@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ecif.data.concepts import CLASSES, concept_pairs
 from ecif.data.concepts import SPACE as CONCEPTS
-from ecif.data.concepts import concept_pairs
 from ecif.data.digits import CONFUSABLE, digits
 from ecif.data.noisy import BOILERPLATE, NOISE_KINDS, plant_noise
 from ecif.datasets import shapes
@@ -94,3 +94,23 @@ def test_concept_geometries_have_their_cosines(geometry, matched_range, unmatche
     same = (f["object"].to_numpy()[:, None] == f2["object"].to_numpy()[None, :])[:300, :300]
     sim = x[:300] @ x2[:300].T
     assert sim[same].mean() > sim[~same].mean() + 0.1
+
+
+def test_long_tailed_classes_follow_zipf_and_keep_the_rest():
+    n, skew = 20_000, 1.0
+    x, y, f = concept_pairs(n, 32, 0.2, "confusable", seed=3, class_skew=skew)
+    counts = f["object"].value_counts()
+    # the class of rank r is drawn with probability r^-skew / sum_k k^-skew (20 classes)
+    expected = np.arange(1, 21, dtype=float) ** -skew
+    expected = n * expected / expected.sum()
+    observed = np.sort(counts.reindex(list(CLASSES), fill_value=0).to_numpy())[::-1]
+    assert np.all(np.abs(observed - expected) < 5 * np.sqrt(expected) + 1)  # ~5 sd
+    assert observed[0] > 15 * observed[-1]  # a real long tail: 1 / (1/20) = 20x expected
+    # the other attributes stay uniform, and the noise is planted at its rate
+    colours = f["colour"].value_counts(normalize=True)
+    assert colours.max() - colours.min() < 0.02
+    assert abs(f["is_corrupted"].mean() - 0.2) < 0.01
+    # validation sets from the same world share the tail's ranking
+    _, _, fv = concept_pairs(5000, 32, seed=10_003, class_skew=skew)
+    top = counts.index[:3]
+    assert fv["object"].value_counts().index[:3].isin(top).all()

@@ -65,17 +65,22 @@ def concept_pairs(
     seed: int = 0,
     geometry: str = "clip_like",
     world_seed: int = 0,
+    class_skew: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """(image, text, frame): ``n`` unit float32 pairs and a frame with ``key``, ``caption``,
     ``true_caption``, ``is_corrupted``, ``corrupted_attribute`` and the concepts. The
     ``world_seed`` draws the concept vectors (keep it to draw train and validation sets from
-    the same world); ``seed`` draws the rows and the noise."""
+    the same world); ``seed`` draws the rows and the noise. ``class_skew`` > 0: classes are
+    long-tailed, as on the web (``class_frequencies``); 0: every class equally often."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {tuple(GEOMETRIES)}; got {geometry!r}")
     geo = GEOMETRIES[geometry]
     world = _World(d, geo, world_seed)
     rng = np.random.default_rng([world_seed, seed])
     attrs = pd.DataFrame({c: rng.choice(v, n) for c, v in SPACE.values.items()})
+    if class_skew > 0:
+        objects = np.asarray(SPACE.values["object"])
+        attrs["object"] = rng.choice(objects, n, p=class_frequencies(class_skew, world_seed))
     caps, corrupted, kinds = plant_noise(attrs, SPACE, noise, noise_kind, seed + 7919)
     x = world.mean_x + world.concepts("x", attrs) + world.nuisance(rng, n)
     y = world.mean_y + world.concepts("y", caps) + world.nuisance(rng, n)
@@ -90,6 +95,15 @@ def concept_pairs(
     frame["is_corrupted"] = corrupted
     frame["corrupted_attribute"] = kinds
     return x.astype(np.float32), y.astype(np.float32), frame
+
+
+def class_frequencies(skew: float, world_seed: int = 0) -> np.ndarray:
+    """How often each of ``CLASSES`` occurs under a long tail: the class of rank r (a
+    permutation drawn by ``world_seed``, so confusable twins need not be equally common) has
+    probability proportional to r ** -skew (Zipf)."""
+    rank = np.random.default_rng([world_seed, 4421]).permutation(len(CLASSES)) + 1
+    p = rank.astype(np.float64) ** -float(skew)
+    return p / p.sum()
 
 
 class _World:
