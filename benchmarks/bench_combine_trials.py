@@ -29,7 +29,7 @@ from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets, markdown
 
 import ecif
 from ecif.audit import combine, misalign, probe_regression
-from ecif.audit.baselines import neg_clip_loss
+from ecif.audit.baselines import lemon, neg_clip_loss
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
 from ecif.audit.selection import make_probes
@@ -58,6 +58,8 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         "negclip": neg_clip_loss(x, y, logit_scale=scale, seed=seed),
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
         "is_probe": np.asarray(aud.probes.is_probe),
+        "lemon": lemon(x, y),
+        "twin_lemon": lemon(twin_x, twin_y),
     }
     for k in ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss"):
         if k in table:
@@ -228,6 +230,23 @@ def _tail_scale(scale):
         combine.gaussian_tail_scale = shipped_scale
 
 
+def consensus_signal(cell: Cell) -> np.ndarray:
+    """The default with the LEMoN-style kNN consensus (``baselines.lemon``) as a fifth signal,
+    in the mixture and in the probes' regression alike."""
+    shipped_signals = misalign.signal_suspicions
+
+    def with_consensus(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
+        return {**shipped_signals(table, n_norm), "lemon": table["lemon"].to_numpy(np.float64)}
+
+    table = cell.table.assign(lemon=cell.d["lemon"])
+    twin = ProbeSignals({**cell.twin, "lemon": cell.d["twin_lemon"]}, cell.is_probe)
+    misalign.signal_suspicions = with_consensus
+    try:
+        return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
+    finally:
+        misalign.signal_suspicions = shipped_signals
+
+
 @contextlib.contextmanager
 def _count_trust():
     """The mixture's split trusted for the ranking by its count alone (the default before the
@@ -324,6 +343,7 @@ TRIALS = {
     "probe part x0.5": signed(lambda c: reweighted(c, part=0.5)),
     "probe part x2": signed(lambda c: reweighted(c, part=2.0)),
     "pair_loss alone": lambda c: c.d["pair_loss"],
+    "kNN consensus (LEMoN-style) as a fifth signal": consensus_signal,
     "mixture's score as a probe feature": signed(stacked),
     "mixture's score as a probe feature, hedged cells only": signed(lambda c: stacked(c, True)),
     "pair_loss's probe weight moved to trusted_loss": signed(lambda c: losses_pooled(c, tie=False)),
@@ -357,6 +377,25 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def add_consensus(path: Path, geometry: str, kind: str, seed: int, args) -> None:
+    """Give a cell cached before the LEMoN-style consensus was stored its ``lemon`` and
+    ``twin_lemon`` (the sets and probes are drawn again, as ``cache_cell`` drew them)."""
+    with np.load(path) as data:
+        cached = {k: data[k] for k in data.files}
+    if "lemon" in cached:
+        return
+    train, _, _ = make_sets(
+        geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
+    )
+    x, y = np.asarray(train.image), np.asarray(train.text)
+    px, py, _ = make_probes(x, y, ecif.AuditArgs().probes, seed)
+    cached["lemon"] = lemon(x, y)
+    cached["twin_lemon"] = lemon(np.concatenate([x, px]), np.concatenate([y, py]))
+    if len(cached["twin_lemon"]) != len(cached["is_probe"]):
+        raise SystemExit(f"{path}: the twin's rows cannot be drawn again")
+    np.savez(path, **cached)
+
+
 def cached_cells(args):
     """(geometry, kind, seed, path, Cell) for every cell of the grid in ``args``; a cell not
     yet in ``args.cache`` is audited and saved first."""
@@ -370,6 +409,7 @@ def cached_cells(args):
                 if not path.exists():
                     cache_cell(path, geometry, kind, seed, args)
                     print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
+                add_consensus(path, geometry, kind, seed, args)
                 with np.load(path) as data:
                     yield geometry, kind, seed, path, Cell({k: data[k] for k in data.files})
 
