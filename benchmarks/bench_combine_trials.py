@@ -39,6 +39,13 @@ from ecif.data.concepts import HELD_OUT
 SIG = ("pair_loss", "clip_score", "influence", "trusted_loss")  # as far as the audit has them
 
 
+def twin_rows(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The twin audit's rows: the training pairs (n <= its 20,000 cap) then the probes it
+    plants with default options (``probes.probe_signals``)."""
+    px, py, _ = make_probes(x, y, ecif.AuditArgs().probes, seed)
+    return np.concatenate([x, px]), np.concatenate([y, py])
+
+
 def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
     """Audit one cell with default options and save what the trials recombine."""
     train, val, labels = make_sets(
@@ -48,9 +55,7 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
     table = aud.run()
     x, y = np.asarray(train.image), np.asarray(train.text)
     scale = train.logit_scale or 100.0
-    # the twin's rows are the training pairs (n <= its 20,000 cap) then the same probes
-    px, py, _ = make_probes(x, y, aud.args.probes, seed)
-    twin_x, twin_y = np.concatenate([x, px]), np.concatenate([y, py])
+    twin_x, twin_y = twin_rows(x, y, seed)
     out = {
         "labels": labels.astype(bool),
         "n_norm": np.float64(aud.heads[0].n_norm),
@@ -377,23 +382,22 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def add_consensus(path: Path, geometry: str, kind: str, seed: int, args) -> None:
-    """Give a cell cached before the LEMoN-style consensus was stored its ``lemon`` and
-    ``twin_lemon`` (the sets and probes are drawn again, as ``cache_cell`` drew them)."""
-    with np.load(path) as data:
-        cached = {k: data[k] for k in data.files}
+def with_consensus(cached: dict, path: Path, geometry: str, kind: str, seed: int, args) -> dict:
+    """``cached`` with the LEMoN-style consensus, ``lemon`` and ``twin_lemon``; a cell cached
+    before they were stored gets them computed (its sets and probes drawn again, as
+    ``cache_cell`` drew them) and saved back."""
     if "lemon" in cached:
-        return
+        return cached
     train, _, _ = make_sets(
         geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
     )
     x, y = np.asarray(train.image), np.asarray(train.text)
-    px, py, _ = make_probes(x, y, ecif.AuditArgs().probes, seed)
-    cached["lemon"] = lemon(x, y)
-    cached["twin_lemon"] = lemon(np.concatenate([x, px]), np.concatenate([y, py]))
-    if len(cached["twin_lemon"]) != len(cached["is_probe"]):
+    twin_x, twin_y = twin_rows(x, y, seed)
+    if len(twin_x) != len(cached["is_probe"]):
         raise SystemExit(f"{path}: the twin's rows cannot be drawn again")
+    cached = {**cached, "lemon": lemon(x, y), "twin_lemon": lemon(twin_x, twin_y)}
     np.savez(path, **cached)
+    return cached
 
 
 def cached_cells(args):
@@ -409,9 +413,10 @@ def cached_cells(args):
                 if not path.exists():
                     cache_cell(path, geometry, kind, seed, args)
                     print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
-                add_consensus(path, geometry, kind, seed, args)
                 with np.load(path) as data:
-                    yield geometry, kind, seed, path, Cell({k: data[k] for k in data.files})
+                    cached = {k: data[k] for k in data.files}
+                cached = with_consensus(cached, path, geometry, kind, seed, args)
+                yield geometry, kind, seed, path, Cell(cached)
 
 
 def main() -> None:
