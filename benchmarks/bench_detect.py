@@ -19,8 +19,9 @@ For every cell: ``ecif.Auditor(train, val).run()`` with default options, its
 clip_score, negCLIPLoss, per-pair loss + GMM, LEMoN-style kNN consensus, TracIn (identity
 Hessian on the same head), random; plus the default without its probe weighting (the
 mixture alone, ``probes=0``) and the pre-selection default (logit scale of the model,
-lam 1e-3, influence alone). Two ceilings no user has: the default's four signals, and the
-same with negCLIPLoss and LEMoN, weighted by a logistic regression on the planted labels
+lam 1e-3, influence alone). Two ceilings no user has: the default's signals (five with a
+validation set, the last being the LEMoN-style consensus; four without), and the same with
+negCLIPLoss and LEMoN, weighted by a logistic regression on the planted labels
 (cross-fitted in halves): where the first is below a baseline, no weighting of the audit's
 signals wins that cell. AP, AUROC, precision at the true noise count, and the automatic
 threshold's flagged/true ratio. ``--no-val`` audits without the validation set, as a user
@@ -41,7 +42,7 @@ from embedding_noise import EMBEDDING_KINDS, corrupt_embeddings
 
 import ecif
 from ecif.audit.baselines import cosine, lemon, loss_mixture, neg_clip_loss
-from ecif.audit.combine import Standardiser, fit_mixture
+from ecif.audit.combine import CONSENSUS, Standardiser, fit_mixture
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import signal_suspicions
 from ecif.audit.probe_regression import probe_direction
@@ -166,7 +167,9 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
     # (its influence slot holds self-influence when the audit had no validation set)
     sus = signal_suspicions(table, head.n_norm)
     own = fit_mixture(sus).features(sus)
-    extra = np.column_stack([Standardiser.of(v)(v) for v in (neg_clip, lemon_score)])
+    # LEMoN is among the default's own signals with a validation set (knn_disagreement)
+    outside = (neg_clip,) if CONSENSUS in table else (neg_clip, lemon_score)
+    extra = np.column_stack([Standardiser.of(v)(v) for v in outside])
     rankings = {
         "ecif misalign_score (default)": table["misalign_score"].to_numpy(),
         "  its influence alone": sus["influence"],

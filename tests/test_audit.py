@@ -61,9 +61,11 @@ def test_auditor_finds_planted_misaligned_pairs(no_val):
     train, val, labels = _sets()
     args = AuditArgs(batch_size=32, logit_scale=10.0, no_val="auto" if no_val == "val" else no_val)
     table = Auditor(train, val if no_val == "val" else None, args).run()
-    assert [c for c in table.columns if c not in ("self_influence", "trusted_loss")] == COLUMNS
+    extra = ("self_influence", "trusted_loss", "knn_disagreement")
+    assert [c for c in table.columns if c not in extra] == COLUMNS
     assert ("self_influence" in table) == (no_val == "self")
     assert ("trusted_loss" in table) == (no_val == "val")  # it needs the validation pairs
+    assert ("knn_disagreement" in table) == (no_val == "val")  # measured to help only there
     assert table["influence"].dtype == np.float32
     a = auroc(labels, table["misalign_score"].to_numpy())
     print(

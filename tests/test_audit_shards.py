@@ -91,7 +91,7 @@ def test_in_memory_audit_of_a_loaded_folder_equals_the_scored_shards(tmp_path):
     assert list(loaded.metadata["part"]) == [0] * 120 + [1] * 119 + [2] * 120
     memory = ecif.Auditor(loaded, val, args).run()
     assert list(memory["id"]) == list(shards["id"])
-    for col in ("pair_loss", "trusted_loss", "influence", "misalign_score"):
+    for col in ("pair_loss", "trusted_loss", "knn_disagreement", "influence", "misalign_score"):
         np.testing.assert_allclose(memory[col], shards[col], rtol=1e-4, atol=1e-4, err_msg=col)
 
     # the part column is the layout's, not data: saving drops it and loading re-derives it

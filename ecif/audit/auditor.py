@@ -1,22 +1,31 @@
 """The Auditor: choose and fit the head, score every pair, flag the suspects, as one DataFrame.
 
-Columns (docs/formats.md): id, caption, clip_score, pair_loss, trusted_loss (with a
-validation set), influence, influence_pos, influence_neg, misalign_score, is_misaligned,
-rank (cleanlab-style ``is_``/``_score``).
+Columns (docs/formats.md): id, caption, clip_score, pair_loss, trusted_loss and
+knn_disagreement (with a validation set), influence, influence_pos, influence_neg,
+misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_score``).
 ``misalign_score`` combines the signals with weights chosen on planted probes
 (``ecif.audit.selection``, ``ecif.audit.combine``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 import ecif.api as api
-from ecif.audit.combine import SIGNALS
+from ecif.audit.audit_args import (  # noqa: F401  (the options' names: re-exported)
+    NEG_FORMS,
+    RENAMED_OPTIONS,
+    SELF_INFLUENCE_MAX_PARAMS,
+    VAL_MODES,
+    WEIGHT_MODES,
+    AuditArgs,
+)
+from ecif.audit.baselines import cosine, lemon
+from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
     ProbeSignals,
     misalign_scores,
@@ -24,128 +33,24 @@ from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported
 )
 from ecif.audit.model_signals import model_signals, self_influence_table
 from ecif.audit.probes import probe_signals
-from ecif.audit.selection import HeadChoice, SelectArgs, choose_head
+from ecif.audit.selection import HeadChoice, choose_head
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet, norm_warning
 from ecif.device import resolve_device
-from ecif.engine.fit import FitArgs
-from ecif.engine.head import CLIP_LOGIT_SCALE, DENSE_HESSIAN_MAX_PARAMS, Head
-from ecif.engine.inverse_hessian import SolverArgs
-from ecif.engine.model_mode import PARAMS, ModelArgs
-from ecif.options import borrow, default_of, option, renamed
-
-VAL_MODES = ("auto", "self", "crossfit")
-# no validation set, "auto": self-influence (a solve per pair, affordable with the head's dense
-# factorization) up to this many adapter entries, cross-fitting above
-SELF_INFLUENCE_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS
-WEIGHT_MODES = ("auto", "equal", *SIGNALS)
-NEG_FORMS = ("exact", "first_order")
-# the fit's options an audit hands on (FitArgs's own fields), and the solve's (SolverArgs's)
-FIT_OPTIONS = ("batch_size", "seed", "dtype", "device", "warmup_epochs")
-SOLVER_OPTIONS = ("solver",)
-RENAMED_OPTIONS = {"method": "solver"}  # recorded options of older audits: old -> new name
-
-
-@renamed(**RENAMED_OPTIONS)
-@dataclass
-class AuditArgs:
-    """Everything that decides an audit's numbers (recorded in every output).
-
-    The options it hands on to the fit and the solve are ``FitArgs``'s and ``SolverArgs``'s
-    own fields (``borrow``: one default, one help text); ``fit_args()`` and ``solver_args()``
-    compose those stages' options from them. The rest are the audit's own: the head's scale
-    and pull are chosen per audit ("auto"), unlike a plain ``ecif.fit``.
-    """
-
-    params: str = option(
-        "head",
-        help="what influence is taken through: head (a bilinear head over the frozen "
-        "embeddings), projection (both of the model's output projections) or lora (low-rank "
-        "adapters in the last blocks of both towers, plus the projections); the model modes "
-        "need feature caches from `ecif embed --cache-features projection|lora`",
-        choices=PARAMS,
-    )
-    lora_rank: int = borrow(ModelArgs, "lora_rank")
-    lora_blocks: int | None = borrow(ModelArgs, "lora_blocks")
-    batch_size: int = borrow(FitArgs, "batch_size")
-    seed: int = borrow(
-        FitArgs, "seed", help="seed of the batch partition, the scale calibration and cross-fitting"
-    )
-    logit_scale: float | str | None = option(
-        "auto",
-        help="logit scale t of the head; auto: half the temperature that calibrates the "
-        "pretrained similarity on the trusted pairs (the validation set, else the training "
-        f"set); model: the embedding model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
-    )
-    lam: float | str = option(
-        "auto",
-        help="L2 pull of the head towards the pretrained model; auto: "
-        f"{default_of(SelectArgs, 'lam'):g} (select.lam; audit.json's head_choice records the "
-        "pull used), or a number",
-    )
-    weights: str = option(
-        "auto",
-        help="how misalign_score combines the standardised signals: auto (log-odds of a "
-        "two-component mixture over the signals, plus the signals weighted by planted probes), "
-        "equal (sum of standardised signals), or one signal alone",
-        choices=WEIGHT_MODES,
-    )
-    probes: float = option(
-        0.1,
-        help="weights auto, head mode: planted probes (copies with wrong captions) per training "
-        "pair in a twin audit of at most 20,000 pairs that weighs the signals; 0: the mixture "
-        "alone (also below 300 pairs)",
-    )
-    neg: str = option("exact", help="form of the removal term", choices=NEG_FORMS)
-    solver: str = borrow(SolverArgs, "solver")
-    threshold: str | float | int = option(
-        "auto",
-        help="how many to flag: 'auto' (estimated noise rate), a fraction like 0.1, or a count "
-        "like 500",
-    )
-    no_val: str = option(
-        "auto",
-        help="without a validation set: self-influence or cross-fitting (auto: self for small "
-        "heads)",
-        choices=VAL_MODES,
-    )
-    proxy_fraction: float = option(
-        0.5,
-        help="cross-fitting: share of the other half (lowest pair loss) kept as its proxy "
-        "validation set",
-    )
-    dtype: str = borrow(FitArgs, "dtype")
-    device: str = borrow(FitArgs, "device")
-    warmup_epochs: int | None = borrow(FitArgs, "warmup_epochs")
-    select: SelectArgs = option(
-        default_factory=SelectArgs, help="how the head's scale and pull are set when auto"
-    )
-
-    def fit_args(self, **overrides: Any) -> FitArgs:
-        """The fit's options: this audit's, FitArgs's defaults for the rest, ``overrides``."""
-        return FitArgs(**{k: getattr(self, k) for k in FIT_OPTIONS}, **overrides)
-
-    def solver_args(self, **overrides: Any) -> SolverArgs:
-        """The inverse-Hessian solve's options: this audit's solver, SolverArgs's defaults."""
-        return SolverArgs(**{k: getattr(self, k) for k in SOLVER_OPTIONS}, **overrides)
-
-    def record(self) -> dict:
-        """The options as recorded beside the scores, with the device that computed them."""
-        return {**asdict(self), "device": resolve_device(self.device)}
-
-    @classmethod
-    def from_record(cls, options: dict) -> AuditArgs:
-        """The options recorded by an audit (older names read too; ``select`` as default)."""
-        opts = {RENAMED_OPTIONS.get(k, k): v for k, v in options.items()}
-        keep = {f.name for f in fields(cls)} - {"select"}
-        return cls(**{k: v for k, v in opts.items() if k in keep})
+from ecif.engine.head import CLIP_LOGIT_SCALE, Head
 
 
 def clip_scores(data: EmbeddingSet, chunk: int = 65536) -> np.ndarray:
     """Cosine similarity of each pair's raw image and text embeddings (the pretrained model)."""
-    from ecif.audit.baselines import cosine
-
     return cosine(data.image, data.text, chunk)
+
+
+def consensus(data: EmbeddingSet, device: str = "auto", progress: bool = False) -> np.ndarray:
+    """``knn_disagreement``: the LEMoN-style kNN consensus of each pair over the whole set
+    (``baselines.lemon``; larger = its caption disagrees with its image's neighbours' and the
+    other way round). A signal with a validation set only: there it added 0.001-0.014 mean
+    AP on seven grids, without one -0.002 to +0.001 (benchmarks/README.md)."""
+    return lemon(data.image, data.text, device=resolve_device(device), progress=progress)
 
 
 def groups_of(data: EmbeddingSet) -> np.ndarray | None:
@@ -290,6 +195,7 @@ class Auditor:
             df["pair_loss"] = api.pair_losses(head, self.train)
             trusted = replace(self.fit_trusted_head(), partition=head.partition)
             df["trusted_loss"] = api.pair_losses(trusted, self.train)
+            df[CONSENSUS] = consensus(self.train, a.device, progress)
             return df
         if len(self.train) < 4:
             raise ValueError("without a validation set, auditing needs at least 4 pairs")
@@ -361,8 +267,9 @@ class Auditor:
         )
         table["clip_score"] = clip_scores(self.train)
         table["pair_loss"] = scored["pair_loss"].to_numpy(dtype=np.float32)
-        if "trusted_loss" in scored:
-            table["trusted_loss"] = scored["trusted_loss"].to_numpy(dtype=np.float32)
+        for col in VALIDATED_SIGNALS:  # with a validation set, head mode
+            if col in scored:
+                table[col] = scored[col].to_numpy(dtype=np.float32)
         for col in ("influence", "influence_pos", "influence_neg"):
             table[col] = scored[col].to_numpy(dtype=np.float32)
         n_norm = float(np.mean([h.n_norm for h in self.heads]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ecif.audit.metrics import two_gaussian_mixture
+from ecif.data.neighbours import nearest_rows
 
 
 def _unit(a) -> np.ndarray:
@@ -54,32 +55,38 @@ def loss_mixture(pair_loss: np.ndarray) -> np.ndarray:
 
 
 def lemon(
-    x, y, k: int = 10, beta: float = 1.0, gamma: float = 1.0, temp: float = 5.0
+    x,
+    y,
+    k: int = 10,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temp: float = 5.0,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> np.ndarray:
     """LEMoN-style suspicion: cosine distance of the pair, plus how far its caption is from the
     captions of its image's k nearest images, plus how far its image is from the images of
-    its caption's k nearest captions (each neighbour weighted by exp(-temp * its distance))."""
+    its caption's k nearest captions (each neighbour weighted by exp(-temp * its distance)).
+    The neighbours come from a FAISS index (``ecif.data.neighbours``): exact below 200,000
+    pairs, IVF above."""
     x, y = _unit(x), _unit(y)
     d_pair = 1.0 - cosine(x, y)
-    s_img = _neighbour_term(x, y, k, temp)
-    s_txt = _neighbour_term(y, x, k, temp)
+    s_img = _neighbour_term(x, y, k, temp, device, progress)
+    s_txt = _neighbour_term(y, x, k, temp, device, progress)
     return d_pair + beta * s_img + gamma * s_txt
 
 
-def _neighbour_term(a: np.ndarray, b: np.ndarray, k: int, temp: float, chunk: int = 4096):
+def _neighbour_term(
+    a: np.ndarray, b: np.ndarray, k: int, temp: float, device: str, progress: bool, chunk=4096
+) -> np.ndarray:
     """For each row: weighted mean over a's k nearest rows j of (1 - cos(b_i, b_j))."""
-    n = len(a)
-    k = min(k, n - 1)
-    out = np.empty(n)
-    for s in range(0, n, chunk):
-        sim = a[s : s + chunk] @ a.T
-        rows = np.arange(s, min(s + chunk, n))
-        sim[rows - s, rows] = -np.inf
-        nn = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        d_a = 1.0 - np.take_along_axis(sim, nn, 1)
-        d_b = 1.0 - np.einsum("id,ikd->ik", b[rows], b[nn])
-        w = np.exp(-temp * d_a)
-        out[rows] = (w * d_b).sum(1) / np.maximum(w.sum(1), 1e-12)
+    sims, nn = nearest_rows(a, k, device=device, progress=progress)
+    w = np.where(nn >= 0, np.exp(-temp * (1.0 - sims.astype(np.float64))), 0.0)
+    out = np.empty(len(a))
+    for s in range(0, len(a), chunk):
+        rows = slice(s, s + chunk)
+        d_b = 1.0 - np.einsum("id,ikd->ik", b[rows], b[np.maximum(nn[rows], 0)])
+        out[rows] = (w[rows] * d_b).sum(1) / np.maximum(w[rows].sum(1), 1e-12)
     return out
 
 

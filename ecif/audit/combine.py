@@ -37,6 +37,10 @@ from ecif.audit.probe_regression import cleaned_probe_direction
 from ecif.audit.thresholds import clearly_apart
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
+# the LEMoN-style kNN consensus (``ecif.audit.baselines.lemon``): an audit's fifth signal, with
+# ``trusted_loss``, when it has a validation set (head mode)
+CONSENSUS = "knn_disagreement"
+VALIDATED_SIGNALS = ("trusted_loss", CONSENSUS)
 ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app say them
     "one mode": "has one mode (no group apart)",
     "split not trusted, no validation set": "is not trusted, and without a validation set "
@@ -53,11 +57,11 @@ def suspicion(name: str, values: np.ndarray, n_norm: float = 1.0) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if name == "influence":  # negative influence = removing the pair lowers validation loss
         return -v * n_norm
-    if name in ("self_influence", "pair_loss", "trusted_loss"):  # bends far / fits it badly
+    if name in ("self_influence", "pair_loss", "trusted_loss", CONSENSUS):  # already oriented
         return v
     if name == "clip_score":
         return -v
-    known = SIGNALS + ("self_influence", "trusted_loss")
+    known = SIGNALS + ("self_influence", "trusted_loss", CONSENSUS)
     raise ValueError(f"unknown signal {name!r}; expected one of {known}")
 
 

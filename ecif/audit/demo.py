@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ecif.audit.auditor import AuditArgs
+from ecif.audit.audit_args import AuditArgs
 from ecif.audit.folder import read_audit
 from ecif.audit.metrics import auroc, average_precision
 from ecif.audit.shards import score_shards

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ecif.audit.combine import (
     SIGNALS,
+    VALIDATED_SIGNALS,
     SuspectMixture,
     fit_mixture,
     hedged_score,
@@ -52,8 +53,9 @@ def self_influence_slot(table: pd.DataFrame) -> bool:
 def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
     """The audit table's signals as suspicions (larger = more suspect); the influence slot
     holds self-influence when the audit had no validation set and used it. ``trusted_loss``
-    joins when every scored row has it (an audit with a validation set, head mode): a table
-    that mixes rows with and without it is combined over the three signals every row has."""
+    and ``knn_disagreement`` (``VALIDATED_SIGNALS``) join when every scored row has them (an
+    audit with a validation set, head mode): a table that mixes rows with and without them is
+    combined over the three signals every row has."""
     out = {
         "pair_loss": suspicion("pair_loss", table["pair_loss"].to_numpy()),
         "clip_score": suspicion("clip_score", table["clip_score"].to_numpy()),
@@ -62,10 +64,11 @@ def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarra
         out["influence"] = suspicion("self_influence", table["self_influence"].to_numpy())
     else:
         out["influence"] = suspicion("influence", table["influence"].to_numpy(), n_norm)
-    if "trusted_loss" in table:
-        trusted = table["trusted_loss"].to_numpy()
-        if np.all(np.isfinite(trusted) | ~np.isfinite(out["pair_loss"])):
-            out["trusted_loss"] = suspicion("trusted_loss", trusted)
+    for name in VALIDATED_SIGNALS:
+        if name in table:
+            values = table[name].to_numpy()
+            if np.all(np.isfinite(values) | ~np.isfinite(out["pair_loss"])):
+                out[name] = suspicion(name, values)
     return out
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
+from ecif.audit.combine import VALIDATED_SIGNALS
 from ecif.audit.misalign import ProbeSignals, misalign_scores
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data.folder_reader import ok_mask, read_part
@@ -22,6 +23,7 @@ SCORE_COLUMNS = (
     "clip_score",
     "pair_loss",
     "trusted_loss",
+    "knn_disagreement",
     "influence",
     "influence_pos",
     "influence_neg",
@@ -107,7 +109,7 @@ def finalize(
         have = set(pq.read_schema(f).names)
         frames.append(
             pd.read_parquet(
-                f, columns=[c for c in (*cols, "self_influence", "trusted_loss") if c in have]
+                f, columns=[c for c in (*cols, "self_influence", *VALIDATED_SIGNALS) if c in have]
             )
         )
     table = pd.concat(frames, ignore_index=True)

@@ -31,13 +31,14 @@ from ecif.audit.auditor import (
     AuditArgs,
     Auditor,
     clip_scores,
+    consensus,
 )
 from ecif.audit.checks import (
     check_threshold,
     check_training,
     check_validation,
 )
-from ecif.audit.combine import SIGNALS
+from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.folder import read_heads, write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import probe_signals
@@ -133,11 +134,13 @@ def score_part(
     neg: str = "exact",
     id_col: str | None = "key",
     trusted_state: dict | None = None,
+    consensus: np.ndarray | None = None,
 ) -> dict[str, int]:
     """Score one shard with a broadcast head and w; write its output atomically. Pure of globals.
     ``id_col``: the input's id column (None: ids are positions among the folder's usable rows,
     ``global_rows``). ``trusted_state``: the head fit on the validation pairs alone
-    (``Auditor.fit_trusted_head``), for the ``trusted_loss`` column."""
+    (``Auditor.fit_trusted_head``), for the ``trusted_loss`` column; ``consensus``: this
+    shard's ``knn_disagreement``, computed over the whole set (``auditor.consensus``)."""
     head = Head.from_state_dict(head_state)
     img, txt, pmeta = read_part(Path(folder), part.index)
     keep = ok_rows(pmeta)
@@ -159,6 +162,8 @@ def score_part(
     if trusted_state is not None:  # in the same batches as the head's
         trusted = replace(Head.from_state_dict(trusted_state), partition=local)
         scores["trusted_loss"] = api.pair_losses(trusted, (x, y))
+    if consensus is not None:
+        scores[CONSENSUS] = consensus
     out = shard_frame(pmeta, keep, id_col, scores, global_rows)
     write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
     return {"ok": int(len(keep)), "failed": int(len(pmeta) - len(keep))}
@@ -216,7 +221,7 @@ def score_shards(
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
     with_trusted = val is not None and args.params == "head"  # the trusted head needs both
-    meta["signals"] = [*SIGNALS, "trusted_loss"] if with_trusted else list(SIGNALS)
+    meta["signals"] = [*SIGNALS, *VALIDATED_SIGNALS] if with_trusted else list(SIGNALS)
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
     if auditor.input_warnings:
         meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
@@ -252,6 +257,8 @@ def score_shards(
             meta["n_norm"] = head.n_norm
             with step("fitting the trusted head on the validation pairs", progress):
                 trusted_state = auditor.fit_trusted_head().state_dict()
+            with step(f"kNN consensus of {len(train):,} pairs", progress):
+                disagreement = consensus(train, args.device, progress)
             g = api.loss_gradient(head, val)
             with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
                 inv = api.solver(head, train, args.solver_args(), rows=rows)
@@ -270,7 +277,7 @@ def score_shards(
                     jobs.append((p, None))
                     continue
                 job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
-                jobs.append((p, (*job, trusted_state)))
+                jobs.append((p, (*job, trusted_state, disagreement[rows_p])))
             summary = _run_jobs(jobs, client, progress)
         probes = None
         if args.weights == "auto":
@@ -314,7 +321,7 @@ def _reusable(old: dict, source: str, meta: dict) -> bool:
         opts = (m.get("options") or {}).items()  # older runs name some options differently
         opts = {RENAMED_OPTIONS.get(k, k): v for k, v in opts if k not in _NOT_IN_SCORES}
         fields = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
-        fields += ("signals",)  # shards scored before trusted_loss existed are scored again
+        fields += ("signals",)  # shards scored before a signal joined are scored again
         # as JSON, so tuples in this run's options equal the lists read back from a file
         return json.dumps([[m.get(f) for f in fields], opts], sort_keys=True, default=str)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ecif.audit.auditor import AuditArgs
+from ecif.audit.audit_args import AuditArgs
 from ecif.engine.batch_context import DEFAULT_TOP
 from ecif.engine.fit import FitArgs
 from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS

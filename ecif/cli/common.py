@@ -144,7 +144,7 @@ AUDIT_FLAGS = (
 
 def add_audit_options(p: argparse.ArgumentParser) -> None:
     """The options that decide an audit's numbers (recorded in its outputs): AuditArgs's."""
-    from ecif.audit.auditor import AuditArgs
+    from ecif.audit.audit_args import AuditArgs
 
     g = p.add_argument_group("audit options")
     add_field(g, AuditArgs, "params")

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             allow_model_mismatch=args.allow_model_mismatch,
         )
     table, info = read_audit(args.output)
-    cols = ["id", "caption", "clip_score", "pair_loss", "trusted_loss", "influence"]
+    cols = ["id", "caption", "clip_score", "pair_loss", "trusted_loss", "knn_disagreement"]
+    cols += ["influence"]
     cols += ["misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))

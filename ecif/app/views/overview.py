@@ -47,7 +47,7 @@ if ok.empty:
     st.warning("No pair was scored successfully; see the Suspects page with status 'failed'.")
     st.stop()
 cols = ["id", "misalign_score", "influence", "influence_pos", "influence_neg", "clip_score"]
-cols += ["pair_loss", "trusted_loss", "flag"]
+cols += ["pair_loss", "trusted_loss", "knn_disagreement", "flag"]
 pts = sample(ok[[c for c in cols if c in ok]])
 st.subheader("misalign_score")
 scores = ok["misalign_score"].to_numpy(np.float64)

@@ -1,0 +1,53 @@
+"""Each row's nearest other rows of one embedding side, through the FAISS index of
+``ecif.data.index`` (exact below ``IVF_MIN_ROWS`` rows, IVF above): what the kNN consensus
+signal (``ecif.audit.baselines.lemon``) reads, for a whole training set at once.
+
+A row's own entry is left out; an exact duplicate of it is a neighbour like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ecif.data.index import VectorIndex
+
+
+def nearest_rows(
+    vectors: Any,
+    k: int,
+    *,
+    device: str = "cpu",
+    chunk: int = 65536,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines, rows), each (n, k'), k' = min(k, n - 1): every row's k nearest other rows
+    by cosine, nearest first. Rows an IVF search could not fill are -1 (cosine -inf)."""
+    n = int(vectors.shape[0])
+    if n < 2:
+        raise ValueError(f"nearest rows need at least 2 rows; got {n}")
+    k = min(int(k), n - 1)
+    index = VectorIndex.build(vectors, side="image", device=device, progress=progress)
+    sims = np.empty((n, k), dtype=np.float32)
+    rows = np.empty((n, k), dtype=np.int64)
+    for s in range(0, n, chunk):
+        block = np.asarray(vectors[s : s + chunk])
+        own = np.arange(s, s + len(block))
+        found_sims, found = index.search(block, k + 1)
+        sims[own], rows[own] = _without_self(found_sims, found, own, k)
+    rows[~np.isfinite(sims) | (rows < 0)] = -1
+    sims[rows < 0] = -np.inf
+    return sims, rows
+
+
+def _without_self(
+    sims: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k entries of each k+1 search result other than the query's own row (the last one
+    when its own row is not among them: ties with duplicates can push it out)."""
+    drop = rows == own[:, None]
+    missing = ~drop.any(axis=1)
+    drop[missing, -1] = True
+    first = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the kept entries, in order
+    return np.take_along_axis(sims, first, 1), np.take_along_axis(rows, first, 1)

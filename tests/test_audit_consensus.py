@@ -1,0 +1,112 @@
+"""knn_disagreement: the LEMoN-style kNN consensus, an audit's fifth signal with a validation
+set. Checked against a brute-force loop written here, not against the code's own search."""
+
+import numpy as np
+import pytest
+
+import ecif
+from ecif.audit.baselines import lemon
+from ecif.audit.combine import describe_combination
+from ecif.data import index as index_module
+from ecif.data.neighbours import nearest_rows
+
+
+def _unit(a):
+    a = np.asarray(a, dtype=np.float64)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def _brute_lemon(x, y, k=10, temp=5.0):
+    """Each pair's cosine distance plus both neighbour terms, one row at a time (float64), and
+    which rows have no tie at their k-th neighbour (repeated captions tie; any of the tied
+    rows is a right answer there)."""
+    x, y = _unit(x), _unit(y)
+    n = len(x)
+    out, clear = 1.0 - (x * y).sum(1), np.ones(n, dtype=bool)
+    for a, b in ((x, y), (y, x)):
+        for i in range(n):
+            sims = a @ a[i]
+            sims[i] = -np.inf
+            order = np.argsort(-sims, kind="stable")
+            nn = order[:k]
+            clear[i] &= sims[order[k - 1]] - sims[order[k]] > 1e-5
+            w = np.exp(-temp * (1.0 - sims[nn]))
+            out[i] += (w * (1.0 - b[nn] @ b[i])).sum() / w.sum()
+    return out, clear
+
+
+def _pairs(n=300, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x, (x + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_nearest_rows_are_the_brute_force_neighbours_without_the_row_itself():
+    x, _ = _pairs()
+    x[7] = x[3]  # an exact duplicate is a neighbour like any other
+    sims, rows = nearest_rows(x, 5)
+    full = _unit(x) @ _unit(x).T
+    np.fill_diagonal(full, -np.inf)
+    want = np.sort(full, axis=1)[:, ::-1][:, :5]
+    np.testing.assert_allclose(sims, want, atol=1e-5)
+    assert not (rows == np.arange(len(x))[:, None]).any()
+    assert rows[3, 0] == 7 and rows[7, 0] == 3
+    # more neighbours asked for than there are other rows: all of them
+    sims, rows = nearest_rows(x[:4], 10)
+    assert rows.shape == (4, 3) and sorted(rows[0]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        nearest_rows(x[:1], 3)
+
+
+def test_the_ivf_search_of_a_large_set_keeps_most_true_neighbours(monkeypatch):
+    monkeypatch.setattr(index_module, "IVF_MIN_ROWS", 500)  # IVF from 500 rows, as from 200k
+    x, _ = _pairs(n=3000, d=8)
+    _, rows = nearest_rows(x, 10)
+    full = _unit(x) @ _unit(x).T
+    np.fill_diagonal(full, -np.inf)
+    truth = np.argsort(-full, axis=1)[:, :10]
+    recall = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth)])
+    assert recall > 0.9, recall
+    assert not (rows == np.arange(len(x))[:, None]).any()
+
+
+def test_lemon_is_the_brute_force_formula():
+    x, y = _pairs(n=200)
+    want, clear = _brute_lemon(x, y)
+    assert clear.all()
+    np.testing.assert_allclose(lemon(x, y), want, rtol=1e-4, atol=1e-4)
+
+
+def _sets(n=400, n_val=200, d=16, seed=0):
+    x, y, frame = ecif.datasets.concept_pairs(n, d, 0.2, "mixed", seed=seed, geometry="aligned")
+    xv, yv, _ = ecif.datasets.concept_pairs(n_val, d, 0.0, seed=seed + 1, geometry="aligned")
+    train = ecif.EmbeddingSet(x, y, logit_scale=100.0)
+    return train, ecif.EmbeddingSet(xv, yv, logit_scale=100.0), frame["is_corrupted"].to_numpy()
+
+
+def test_an_audit_with_a_validation_set_combines_the_consensus_of_its_own_and_its_twins_rows():
+    train, val, labels = _sets()
+    aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=0))
+    table = aud.run()
+    want, clear = _brute_lemon(train.image, train.text)
+    assert clear.mean() > 0.5
+    got = table["knn_disagreement"].to_numpy()
+    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-4)
+    combination = table.attrs["combination"]
+    assert combination["signals"][-1] == "knn_disagreement"
+    assert combination["probe_weights"]["signals"][-1] == "knn_disagreement"
+    assert "knn_disagreement" in describe_combination(combination)
+    # the twin audit's consensus is over its own rows (sampled pairs plus planted probes)
+    twin = aud.probes.suspicions["knn_disagreement"]
+    assert len(twin) == len(aud.probes.is_probe) > len(train)
+    # it separates the planted noise (the aligned encoder knows the domain)
+    from ecif.audit.metrics import average_precision
+
+    assert average_precision(labels, table["knn_disagreement"].to_numpy()) > 0.5
+
+
+def test_without_a_validation_set_there_is_no_consensus_column():
+    train, _, _ = _sets(n=200)
+    table = ecif.Auditor(train, None, ecif.AuditArgs(seed=0, probes=0.0)).run()
+    assert "knn_disagreement" not in table
+    assert "knn_disagreement" not in table.attrs["combination"]["signals"]
