@@ -7,7 +7,7 @@ import pytest
 import ecif
 from ecif.audit.baselines import lemon
 from ecif.audit.combine import describe_combination
-from ecif.data import index as index_module
+from ecif.data import neighbours
 from ecif.data.neighbours import nearest_rows
 
 
@@ -56,12 +56,15 @@ def test_nearest_rows_are_the_brute_force_neighbours_without_the_row_itself():
     assert rows.shape == (4, 3) and sorted(rows[0]) == [1, 2, 3]
     with pytest.raises(ValueError, match="at least 2 rows"):
         nearest_rows(x[:1], 3)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        nearest_rows(x, 3, kind="hnsw")
 
 
 def test_the_ivf_search_of_a_large_set_keeps_most_true_neighbours(monkeypatch):
-    monkeypatch.setattr(index_module, "IVF_MIN_ROWS", 500)  # IVF from 500 rows, as from 200k
+    monkeypatch.setattr(neighbours, "EXACT_MAX_ROWS", 500)  # IVF from 500 rows, as from 50k
     x, _ = _pairs(n=3000, d=8)
     _, rows = nearest_rows(x, 10)
+    assert (rows == nearest_rows(x, 10, kind="ivf")[1]).all()  # auto chose IVF
     full = _unit(x) @ _unit(x).T
     np.fill_diagonal(full, -np.inf)
     truth = np.argsort(-full, axis=1)[:, :10]

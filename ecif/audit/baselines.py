@@ -63,24 +63,32 @@ def lemon(
     temp: float = 5.0,
     device: str = "cpu",
     progress: bool = False,
+    kind: str = "auto",
 ) -> np.ndarray:
     """LEMoN-style suspicion: cosine distance of the pair, plus how far its caption is from the
     captions of its image's k nearest images, plus how far its image is from the images of
     its caption's k nearest captions (each neighbour weighted by exp(-temp * its distance)).
-    The neighbours come from a FAISS index (``ecif.data.neighbours``): exact below 200,000
-    pairs, IVF above."""
+    The neighbours come from a FAISS index (``ecif.data.neighbours``, ``kind``): exact below
+    50,000 pairs, IVF above."""
     x, y = _unit(x), _unit(y)
     d_pair = 1.0 - cosine(x, y)
-    s_img = _neighbour_term(x, y, k, temp, device, progress)
-    s_txt = _neighbour_term(y, x, k, temp, device, progress)
+    s_img = _neighbour_term(x, y, k, temp, device, progress, kind)
+    s_txt = _neighbour_term(y, x, k, temp, device, progress, kind)
     return d_pair + beta * s_img + gamma * s_txt
 
 
 def _neighbour_term(
-    a: np.ndarray, b: np.ndarray, k: int, temp: float, device: str, progress: bool, chunk=4096
+    a: np.ndarray,
+    b: np.ndarray,
+    k: int,
+    temp: float,
+    device: str,
+    progress: bool,
+    kind: str,
+    chunk: int = 4096,
 ) -> np.ndarray:
     """For each row: weighted mean over a's k nearest rows j of (1 - cos(b_i, b_j))."""
-    sims, nn = nearest_rows(a, k, device=device, progress=progress)
+    sims, nn = nearest_rows(a, k, kind=kind, device=device, progress=progress)
     w = np.where(nn >= 0, np.exp(-temp * (1.0 - sims.astype(np.float64))), 0.0)
     out = np.empty(len(a))
     for s in range(0, len(a), chunk):

@@ -1,7 +1,9 @@
 """Each row's nearest other rows of one embedding side, through the FAISS index of
-``ecif.data.index`` (exact below ``IVF_MIN_ROWS`` rows, IVF above): what the kNN consensus
-signal (``ecif.audit.baselines.lemon``) reads, for a whole training set at once.
+``ecif.data.index``: what the kNN consensus signal (``ecif.audit.baselines.lemon``) reads,
+for a whole training set at once.
 
+Every row queries the whole set, so an exact search costs N^2 d: it is kept below
+``EXACT_MAX_ROWS`` rows (where it stays a small share of an audit) and IVF does the rest.
 A row's own entry is left out; an exact duplicate of it is a neighbour like any other.
 """
 
@@ -13,22 +15,33 @@ import numpy as np
 
 from ecif.data.index import VectorIndex
 
+# exact kNN graph below this many rows, IVF above (benchmarks/bench_consensus.py: exact at
+# 100k rows took 45% of a whole audit's time)
+EXACT_MAX_ROWS = 50_000
+KINDS = ("auto", "flat", "ivf")
+
 
 def nearest_rows(
     vectors: Any,
     k: int,
     *,
+    kind: str = "auto",
     device: str = "cpu",
     chunk: int = 65536,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(cosines, rows), each (n, k'), k' = min(k, n - 1): every row's k nearest other rows
-    by cosine, nearest first. Rows an IVF search could not fill are -1 (cosine -inf)."""
+    by cosine, nearest first. ``kind``: flat (exact), ivf, or auto (exact below
+    ``EXACT_MAX_ROWS`` rows). Rows an IVF search could not fill are -1 (cosine -inf)."""
     n = int(vectors.shape[0])
     if n < 2:
         raise ValueError(f"nearest rows need at least 2 rows; got {n}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    if kind == "auto":
+        kind = "flat" if n < EXACT_MAX_ROWS else "ivf"
     k = min(int(k), n - 1)
-    index = VectorIndex.build(vectors, side="image", device=device, progress=progress)
+    index = VectorIndex.build(vectors, side="image", kind=kind, device=device, progress=progress)
     sims = np.empty((n, k), dtype=np.float32)
     rows = np.empty((n, k), dtype=np.int64)
     for s in range(0, n, chunk):
