@@ -29,14 +29,17 @@ from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets, markdown
 
 import ecif
 from ecif.audit import combine, misalign, probe_regression
-from ecif.audit.baselines import lemon, neg_clip_loss
+from ecif.audit.baselines import neg_clip_loss
+from ecif.audit.combine import CONSENSUS
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import ProbeSignals, misalign_scores, signal_suspicions
 from ecif.audit.selection import make_probes
 from ecif.audit.thresholds import mixture_noise_rate
 from ecif.data.concepts import HELD_OUT
 
-SIG = ("pair_loss", "clip_score", "influence", "trusted_loss")  # as far as the audit has them
+# as far as the audit has them
+SIG = ("pair_loss", "clip_score", "influence", "trusted_loss", CONSENSUS)
+COLUMNS = ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss", CONSENSUS)
 
 
 def twin_rows(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,10 +66,8 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         "negclip": neg_clip_loss(x, y, logit_scale=scale, seed=seed),
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
         "is_probe": np.asarray(aud.probes.is_probe),
-        "lemon": lemon(x, y),
-        "twin_lemon": lemon(twin_x, twin_y),
     }
-    for k in ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss"):
+    for k in COLUMNS:
         if k in table:
             out[k] = table[k].to_numpy(np.float64)
     for k in SIG:
@@ -80,8 +81,7 @@ class Cell:
 
     def __init__(self, data) -> None:
         self.d = data
-        cols = ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss")
-        self.table = pd.DataFrame({k: data[k] for k in cols if k in data})
+        self.table = pd.DataFrame({k: data[k] for k in COLUMNS if k in data})
         self.sus = signal_suspicions(self.table, float(data["n_norm"]))
         self.twin = {k: data[f"twin_{k}"] for k in SIG if f"twin_{k}" in data}
         self.is_probe = data["is_probe"]
@@ -217,11 +217,21 @@ def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
     return misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), twin)[0]
 
 
+def without(cell: Cell, *signals: str) -> np.ndarray:
+    """The default without ``signals`` in the audit's table and its twin's."""
+    table = cell.table.drop(columns=list(signals), errors="ignore")
+    twin = ProbeSignals({k: v for k, v in cell.twin.items() if k not in signals}, cell.is_probe)
+    return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
+
+
 def without_trusted_loss(cell: Cell) -> np.ndarray:
     """The default before ``trusted_loss`` joined the signals (three signals, same twin)."""
-    table = cell.table.drop(columns="trusted_loss", errors="ignore")
-    twin = ProbeSignals({k: v for k, v in cell.twin.items() if k != "trusted_loss"}, cell.is_probe)
-    return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
+    return without(cell, "trusted_loss", CONSENSUS)
+
+
+def without_consensus(cell: Cell) -> np.ndarray:
+    """The default before the kNN consensus joined the signals (four, same twin)."""
+    return without(cell, CONSENSUS)
 
 
 @contextlib.contextmanager
@@ -233,23 +243,6 @@ def _tail_scale(scale):
         yield
     finally:
         combine.gaussian_tail_scale = shipped_scale
-
-
-def consensus_signal(cell: Cell) -> np.ndarray:
-    """The default with the LEMoN-style kNN consensus (``baselines.lemon``) as a fifth signal,
-    in the mixture and in the probes' regression alike."""
-    shipped_signals = misalign.signal_suspicions
-
-    def with_consensus(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
-        return {**shipped_signals(table, n_norm), "lemon": table["lemon"].to_numpy(np.float64)}
-
-    table = cell.table.assign(lemon=cell.d["lemon"])
-    twin = ProbeSignals({**cell.twin, "lemon": cell.d["twin_lemon"]}, cell.is_probe)
-    misalign.signal_suspicions = with_consensus
-    try:
-        return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
-    finally:
-        misalign.signal_suspicions = shipped_signals
 
 
 @contextlib.contextmanager
@@ -336,6 +329,7 @@ TRIALS = {
     "no validation set: drop 30%": signed(lambda c: unvalidated_drop(c, 0.3)),
     "before: untrusted mixture kept, probes fit once": signed(before_unvalidated_rules),
     "without trusted_loss (the default before it)": signed(without_trusted_loss),
+    "without knn_disagreement (the default before it)": without_consensus,
     "mixture alone (probes=0)": lambda c: shipped(c, probes=False),
     "PU-cleaned probes, drop 20%": signed(pu_cleaned),
     "PU-cleaned probes, drop the mixture's rate": signed(lambda c: pu_cleaned(c, None)),
@@ -348,7 +342,6 @@ TRIALS = {
     "probe part x0.5": signed(lambda c: reweighted(c, part=0.5)),
     "probe part x2": signed(lambda c: reweighted(c, part=2.0)),
     "pair_loss alone": lambda c: c.d["pair_loss"],
-    "kNN consensus (LEMoN-style) as a fifth signal": consensus_signal,
     "mixture's score as a probe feature": signed(stacked),
     "mixture's score as a probe feature, hedged cells only": signed(lambda c: stacked(c, True)),
     "pair_loss's probe weight moved to trusted_loss": signed(lambda c: losses_pooled(c, tie=False)),
@@ -382,24 +375,6 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def with_consensus(cached: dict, path: Path, geometry: str, kind: str, seed: int, args) -> dict:
-    """``cached`` with the LEMoN-style consensus, ``lemon`` and ``twin_lemon``; a cell cached
-    before they were stored gets them computed (its sets and probes drawn again, as
-    ``cache_cell`` drew them) and saved back."""
-    if "lemon" in cached:
-        return cached
-    train, _, _ = make_sets(
-        geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
-    )
-    x, y = np.asarray(train.image), np.asarray(train.text)
-    twin_x, twin_y = twin_rows(x, y, seed)
-    if len(twin_x) != len(cached["is_probe"]):
-        raise SystemExit(f"{path}: the twin's rows cannot be drawn again")
-    cached = {**cached, "lemon": lemon(x, y), "twin_lemon": lemon(twin_x, twin_y)}
-    np.savez(path, **cached)
-    return cached
-
-
 def cached_cells(args):
     """(geometry, kind, seed, path, Cell) for every cell of the grid in ``args``; a cell not
     yet in ``args.cache`` is audited and saved first."""
@@ -415,7 +390,6 @@ def cached_cells(args):
                     print(f"audited {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)")
                 with np.load(path) as data:
                     cached = {k: data[k] for k in data.files}
-                cached = with_consensus(cached, path, geometry, kind, seed, args)
                 yield geometry, kind, seed, path, Cell(cached)
 
 
