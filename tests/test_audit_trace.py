@@ -386,6 +386,18 @@ def test_demo_writes_the_trace_precomputations(tmp_path, tiny_clip_dir, monkeypa
     args = DemoArgs(output=str(out), n_train=300, n_val=100, shard_size=150, batch_size=32)
     figures = run_demo(args, log=lambda s: None)
     assert figures["pairs"] == 300 and figures["auroc"] > 0.6  # shuffled captions found
+    # with a validation set it reports the two validated signals alone too
+    assert list(figures["signals"])[-2:] == ["trusted_loss", "knn_disagreement"]
+    from sklearn.metrics import average_precision_score
+
+    from ecif.audit.folder import read_audit
+
+    table, _ = read_audit(out)
+    truth = ecif.datasets.shapes(
+        n=300, seed=args.seed, noise=args.noise, noise_kind=args.noise_kind
+    ).frame.set_index("key")["is_corrupted"]
+    want = average_precision_score(truth.loc[table["id"]], table["knn_disagreement"])
+    assert abs(figures["signals"]["knn_disagreement"]["ap"] - want) < 1e-9
     assert (out / "index" / "trace.pt").exists() and (out / "index" / "context").is_dir()
     tb = TraceBack.from_audit(out)
     assert tb.norms is not None and tb.context is not None and tb.cache_note is None

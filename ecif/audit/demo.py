@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecif.audit.audit_args import AuditArgs
+from ecif.audit.combine import VALIDATED_SIGNALS
 from ecif.audit.folder import read_audit
 from ecif.audit.metrics import auroc, average_precision
 from ecif.audit.shards import score_shards
@@ -89,6 +90,7 @@ def run_demo(
         "influence": -table["influence"],
         "pair_loss": table["pair_loss"],
         "clip_score": -table["clip_score"],
+        **{k: table[k] for k in VALIDATED_SIGNALS if k in table},  # larger = more suspect
     }
     ok = scored.to_numpy()
     figures = {
