@@ -113,3 +113,33 @@ def test_without_a_validation_set_there_is_no_consensus_column():
     table = ecif.Auditor(train, None, ecif.AuditArgs(seed=0, probes=0.0)).run()
     assert "knn_disagreement" not in table
     assert "knn_disagreement" not in table.attrs["combination"]["signals"]
+
+
+def test_weights_can_name_a_validated_signal_alone():
+    from scipy.stats import spearmanr
+
+    train, val, _ = _sets(n=400)
+    table = ecif.Auditor(train, val, ecif.AuditArgs(seed=0, weights="knn_disagreement")).run()
+    want, _ = _brute_lemon(train.image, train.text)
+    # the score is the brute-force consensus, standardised: the same order
+    assert spearmanr(table["misalign_score"], want).statistic > 0.999
+    assert table.attrs["combination"]["weights"]["knn_disagreement"] == 1.0
+    # without a validation set that signal does not exist: one clear error, before any fit
+    with pytest.raises(ValueError, match="exists only with a validation set"):
+        ecif.Auditor(train, None, ecif.AuditArgs(weights="trusted_loss")).run()
+
+
+def test_cli_refuses_a_validated_signal_without_validation_before_fitting(
+    tmp_path, capsys, monkeypatch
+):
+    from ecif.cli import main
+    from tests.test_audit_shards import _folder
+    from tests.test_cli_errors import FAST, _no_fit, _one_error_line
+
+    folder, _ = _folder(tmp_path)
+    _no_fit(monkeypatch)
+    out = tmp_path / "out"
+    rc = main(["score", str(folder), "-o", str(out), "--weights", "knn_disagreement", *FAST])
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, "knn_disagreement", "validation set")
+    assert not out.exists()

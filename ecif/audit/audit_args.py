@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ecif.audit.combine import SIGNALS
+from ecif.audit.combine import SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.selection import SelectArgs
 from ecif.device import resolve_device
 from ecif.engine.fit import FitArgs
@@ -19,7 +19,7 @@ VAL_MODES = ("auto", "self", "crossfit")
 # no validation set, "auto": self-influence (a solve per pair, affordable with the head's dense
 # factorization) up to this many adapter entries, cross-fitting above
 SELF_INFLUENCE_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS
-WEIGHT_MODES = ("auto", "equal", *SIGNALS)
+WEIGHT_MODES = ("auto", "equal", *SIGNALS, *VALIDATED_SIGNALS)
 NEG_FORMS = ("exact", "first_order")
 # the fit's options an audit hands on (FitArgs's own fields), and the solve's (SolverArgs's)
 FIT_OPTIONS = ("batch_size", "seed", "dtype", "device", "warmup_epochs")
@@ -68,7 +68,8 @@ class AuditArgs:
         "auto",
         help="how misalign_score combines the standardised signals: auto (log-odds of a "
         "two-component mixture over the signals, plus the signals weighted by planted probes), "
-        "equal (sum of standardised signals), or one signal alone",
+        "equal (sum of standardised influence, pair_loss and clip_score), or one signal alone "
+        "(trusted_loss and knn_disagreement need a validation set and params head)",
         choices=WEIGHT_MODES,
     )
     probes: float = option(

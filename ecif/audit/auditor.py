@@ -25,6 +25,7 @@ from ecif.audit.audit_args import (  # noqa: F401  (the options' names: re-expor
     AuditArgs,
 )
 from ecif.audit.baselines import cosine, lemon
+from ecif.audit.checks import check_weights
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
     ProbeSignals,
@@ -151,8 +152,7 @@ class Auditor:
         if self.choice is not None:
             return self.choice
         a = self.args
-        if a.weights not in WEIGHT_MODES:
-            raise ValueError(f"weights must be one of {WEIGHT_MODES}; got {a.weights!r}")
+        check_weights(a.weights, self.val is not None, a.params)
         scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
         if a.logit_scale == "model" or a.logit_scale is None:
             scale = float(getattr(self.train, "logit_scale", None) or CLIP_LOGIT_SCALE)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ecif.audit.audit_args import WEIGHT_MODES
+from ecif.audit.combine import SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.thresholds import flag_count
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.layout import model_label
@@ -29,6 +31,18 @@ def check_threshold(threshold: Any) -> None:
         flag_count(np.zeros(0), threshold)
     except (ValueError, TypeError) as e:
         raise AuditInputError(f"threshold: {e}") from None
+
+
+def check_weights(weights: str, has_val: bool, params: str) -> None:
+    """A signal named in ``weights`` must be one this audit computes: ``trusted_loss`` and
+    ``knn_disagreement`` exist only with a validation set in head mode."""
+    if weights not in WEIGHT_MODES:
+        raise AuditInputError(f"weights must be one of {WEIGHT_MODES}; got {weights!r}")
+    if weights in VALIDATED_SIGNALS and not (has_val and params == "head"):
+        raise AuditInputError(
+            f"weights={weights!r}: that signal exists only with a validation set and "
+            f"params='head'; use auto, equal or one of {SIGNALS}"
+        )
 
 
 def check_training(train: EmbeddingSet, folder: Any, failed: int = 0) -> None:

@@ -154,7 +154,7 @@ def misalign_scores(
                     log_odds, mix.separation, record["valley"], record["probe_rate"]
                 )
             return score, record, rate
-    weights = (
-        {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in SIGNALS}
-    )
+    if mode != "equal" and mode not in sus:
+        raise ValueError(f"weights={mode!r}: the table has no such signal (it has {list(sus)})")
+    weights = {k: 1.0 for k in SIGNALS} if mode == "equal" else {k: float(k == mode) for k in sus}
     return weighted_sum(sus, weights), {"kind": "weighted sum", "weights": weights}, None

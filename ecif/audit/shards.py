@@ -37,6 +37,7 @@ from ecif.audit.checks import (
     check_threshold,
     check_training,
     check_validation,
+    check_weights,
 )
 from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.folder import read_heads, write_audit_description
@@ -195,6 +196,7 @@ def score_shards(
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
     check_threshold(args.threshold)
+    check_weights(args.weights, val is not None, args.params)
     parts = list_embedding_parts(embeddings)
     manifest = layout.read_manifest(embeddings) or {}
     train, id_col = _training_set(embeddings, None)
