@@ -9,6 +9,7 @@ from typing import Any
 from ecif.audit.combine import SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.selection import SelectArgs
 from ecif.device import resolve_device
+from ecif.engine.contrastive import NEG_FORMS
 from ecif.engine.fit import FitArgs
 from ecif.engine.head import CLIP_LOGIT_SCALE, DENSE_HESSIAN_MAX_PARAMS
 from ecif.engine.inverse_hessian import SolverArgs
@@ -20,7 +21,6 @@ VAL_MODES = ("auto", "self", "crossfit")
 # factorization) up to this many adapter entries, cross-fitting above
 SELF_INFLUENCE_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS
 WEIGHT_MODES = ("auto", "equal", *SIGNALS, *VALIDATED_SIGNALS)
-NEG_FORMS = ("exact", "first_order")
 # the fit's options an audit hands on (FitArgs's own fields), and the solve's (SolverArgs's)
 FIT_OPTIONS = ("batch_size", "seed", "dtype", "device", "warmup_epochs")
 SOLVER_OPTIONS = ("solver",)

@@ -16,14 +16,7 @@ import numpy as np
 import pandas as pd
 
 import ecif.api as api
-from ecif.audit.audit_args import (  # noqa: F401  (the options' names: re-exported)
-    NEG_FORMS,
-    RENAMED_OPTIONS,
-    SELF_INFLUENCE_MAX_PARAMS,
-    VAL_MODES,
-    WEIGHT_MODES,
-    AuditArgs,
-)
+from ecif.audit.audit_args import SELF_INFLUENCE_MAX_PARAMS, VAL_MODES, AuditArgs
 from ecif.audit.baselines import cosine, lemon
 from ecif.audit.checks import check_weights
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS

@@ -26,13 +26,8 @@ import torch
 import ecif.api as api
 from ecif._version import __version__
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
-from ecif.audit.auditor import (
-    RENAMED_OPTIONS,
-    AuditArgs,
-    Auditor,
-    clip_scores,
-    consensus,
-)
+from ecif.audit.audit_args import RENAMED_OPTIONS, AuditArgs
+from ecif.audit.auditor import Auditor, clip_scores, consensus
 from ecif.audit.checks import (
     check_threshold,
     check_training,
