@@ -37,9 +37,13 @@ def audit_share(n: int, d: int) -> dict:
     consensus(train)
     t_cons = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ecif.Auditor(train, val).run()
+    table = ecif.Auditor(train, val).run()
     t_audit = time.perf_counter() - t0
-    return {"n": n, "consensus_s": t_cons, "audit_s": t_audit, "share": t_cons / t_audit}
+    labels = frame["is_corrupted"].to_numpy()
+    ap = {
+        k: ranking_metrics(labels, table[k])["ap"] for k in ("misalign_score", "knn_disagreement")
+    }
+    return {"n": n, "consensus_s": t_cons, "audit_s": t_audit, "share": t_cons / t_audit, **ap}
 
 
 def ivf_check(n: int, d: int, k: int = 10) -> dict:
@@ -73,10 +77,18 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.manual_seed(0)
-    print("| pairs | consensus s | whole audit s | consensus share |\n|---|---|---|---|")
+    print(
+        "| pairs | consensus s | whole audit s | consensus share | AP misalign_score | "
+        "AP knn_disagreement |\n|---|---|---|---|---|---|",
+        flush=True,
+    )
     for n in args.sizes:
         r = audit_share(n, args.d)
-        print(f"| {n:,} | {r['consensus_s']:.1f} | {r['audit_s']:.1f} | {r['share']:.1%} |")
+        print(
+            f"| {n:,} | {r['consensus_s']:.1f} | {r['audit_s']:.1f} | {r['share']:.1%} | "
+            f"{r['misalign_score']:.4f} | {r['knn_disagreement']:.4f} |",
+            flush=True,
+        )
     if args.ivf:
         print(
             "\n| pairs | exact s | IVF s | IVF / exact | recall@10 | consensus AP (exact) | "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ecif
-from ecif.audit.baselines import lemon
+from ecif.audit.baselines import lemon, lemon_queries
 from ecif.audit.combine import describe_combination
 from ecif.data import neighbours
 from ecif.data.neighbours import nearest_rows
@@ -33,6 +33,19 @@ def _brute_lemon(x, y, k=10, temp=5.0):
             w = np.exp(-temp * (1.0 - sims[nn]))
             out[i] += (w * (1.0 - b[nn] @ b[i])).sum() / w.sum()
     return out, clear
+
+
+def _brute_queries(x, y, qx, qy, k=10, temp=5.0):
+    """``lemon`` of pairs outside the set (x, y), one query at a time (float64)."""
+    x, y, qx, qy = _unit(x), _unit(y), _unit(qx), _unit(qy)
+    out = 1.0 - (qx * qy).sum(1)
+    for a, b, qa, qb in ((x, y, qx, qy), (y, x, qy, qx)):
+        for i in range(len(qa)):
+            sims = a @ qa[i]
+            nn = np.argsort(-sims, kind="stable")[:k]
+            w = np.exp(-temp * (1.0 - sims[nn]))
+            out[i] += (w * (1.0 - b[nn] @ qb[i])).sum() / w.sum()
+    return out
 
 
 def _pairs(n=300, d=16, seed=0):
@@ -80,6 +93,15 @@ def test_lemon_is_the_brute_force_formula():
     np.testing.assert_allclose(lemon(x, y), want, rtol=1e-4, atol=1e-4)
 
 
+def test_lemon_of_pairs_outside_the_set_is_the_brute_force_formula():
+    x, y = _pairs(n=300)
+    qx, qy = _pairs(n=40, seed=1)
+    qx[0] = x[5]  # a copy of a pair's image (a planted probe) finds that pair first
+    np.testing.assert_allclose(
+        lemon_queries(x, y, qx, qy), _brute_queries(x, y, qx, qy), rtol=1e-4, atol=1e-4
+    )
+
+
 def _sets(n=400, n_val=200, d=16, seed=0):
     x, y, frame = ecif.datasets.concept_pairs(n, d, 0.2, "mixed", seed=seed, geometry="aligned")
     xv, yv, _ = ecif.datasets.concept_pairs(n_val, d, 0.0, seed=seed + 1, geometry="aligned")
@@ -106,6 +128,30 @@ def test_an_audit_with_a_validation_set_combines_the_consensus_of_its_own_and_it
     from ecif.audit.metrics import average_precision
 
     assert average_precision(labels, table["knn_disagreement"].to_numpy()) > 0.5
+
+
+def test_a_sampled_twin_reads_the_consensus_of_the_whole_set():
+    """A twin over a sample of the pairs: its real rows carry the audit's own values (over
+    every pair), its probes the consensus of new pairs among every pair, not the sample's."""
+    from ecif.audit.probes import probe_signals
+    from ecif.audit.selection import make_probes
+
+    train, val, _ = _sets(n=600)
+    aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=0, probes=0.0))
+    table = aud.run()
+    whole = table["knn_disagreement"].to_numpy()
+    twin = probe_signals(aud, 0.1, max_rows=300, consensus=whole)
+    got = twin.suspicions["knn_disagreement"]
+    rows = np.sort(np.random.default_rng(0).choice(len(train), 300, replace=False))
+    x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
+    px, py, _ = make_probes(x, y, 0.1, 0)
+    assert len(got) == 300 + len(px) and twin.is_probe.sum() == len(px)
+    np.testing.assert_allclose(got[:300], whole[rows], rtol=1e-6)
+    want = _brute_queries(train.image, train.text, px, py)
+    np.testing.assert_allclose(got[300:], want, rtol=1e-4, atol=1e-4)
+    # over the sample alone (the behaviour before) the probes' values differ
+    alone = probe_signals(aud, 0.1, max_rows=300).suspicions["knn_disagreement"]
+    assert np.abs(alone[300:] - want).max() > 0.01
 
 
 def test_without_a_validation_set_there_is_no_consensus_column():

@@ -87,6 +87,8 @@ class Auditor:
     choice: HeadChoice | None = field(default=None, init=False)
     probes: ProbeSignals | None = field(default=None, init=False)  # the twin audit, once run
     trusted: Head | None = field(default=None, init=False)  # fit_trusted_head's, once fit
+    # knn_disagreement given rather than computed: a sampled twin's (``probes.sampled_consensus``)
+    known_consensus: np.ndarray | None = field(default=None, init=False)
     input_warnings: list = field(default_factory=list, init=False)  # also in audit.json
 
     def __post_init__(self) -> None:
@@ -188,7 +190,10 @@ class Auditor:
             df["pair_loss"] = api.pair_losses(head, self.train)
             trusted = replace(self.fit_trusted_head(), partition=head.partition)
             df["trusted_loss"] = api.pair_losses(trusted, self.train)
-            df[CONSENSUS] = consensus(self.train, a.device, progress)
+            known = self.known_consensus
+            df[CONSENSUS] = (
+                known if known is not None else consensus(self.train, a.device, progress)
+            )
             return df
         if len(self.train) < 4:
             raise ValueError("without a validation set, auditing needs at least 4 pairs")
@@ -270,7 +275,8 @@ class Auditor:
             table["self_influence"] = scored["self_influence"].to_numpy(dtype=np.float32)
         self.probes = None
         if self.args.weights == "auto" and self.args.params == "head":
-            self.probes = probe_signals(self, self.args.probes, progress=progress)
+            known = table[CONSENSUS].to_numpy() if CONSENSUS in table else None
+            self.probes = probe_signals(self, self.args.probes, progress=progress, consensus=known)
         score, combination, rate = misalign_scores(table, self.args.weights, n_norm, self.probes)
         table["misalign_score"] = score.astype(np.float32)
         count, how = flag_count(score, self.args.threshold, rate)

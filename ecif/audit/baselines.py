@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ecif.audit.metrics import two_gaussian_mixture
-from ecif.data.neighbours import nearest_rows
+from ecif.data.neighbours import nearest_in, nearest_rows
 
 
 def _unit(a) -> np.ndarray:
@@ -77,6 +77,30 @@ def lemon(
     return d_pair + beta * s_img + gamma * s_txt
 
 
+def lemon_queries(
+    x_ref,
+    y_ref,
+    qx,
+    qy,
+    k: int = 10,
+    temp: float = 5.0,
+    device: str = "cpu",
+    kind: str = "auto",
+) -> np.ndarray:
+    """``lemon`` of query pairs (``qx``, ``qy``) that are not in the reference set: each
+    query's neighbours are the k nearest reference images (captions), as a new pair added to
+    that set would see them (beta = gamma = 1, as ``lemon``'s defaults)."""
+    x_ref, y_ref, qx, qy = _unit(x_ref), _unit(y_ref), _unit(qx), _unit(qy)
+    img = nearest_in(x_ref, qx, k, kind=kind, device=device)
+    txt = nearest_in(y_ref, qy, k, kind=kind, device=device)
+    return (
+        1.0
+        - cosine(qx, qy)
+        + _weighted_distance(*img, qy, y_ref, temp)
+        + _weighted_distance(*txt, qx, x_ref, temp)
+    )
+
+
 def _neighbour_term(
     a: np.ndarray,
     b: np.ndarray,
@@ -85,15 +109,27 @@ def _neighbour_term(
     device: str,
     progress: bool,
     kind: str,
-    chunk: int = 4096,
 ) -> np.ndarray:
     """For each row: weighted mean over a's k nearest rows j of (1 - cos(b_i, b_j))."""
     sims, nn = nearest_rows(a, k, kind=kind, device=device, progress=progress)
+    return _weighted_distance(sims, nn, b, b, temp)
+
+
+def _weighted_distance(
+    sims: np.ndarray,
+    nn: np.ndarray,
+    b_query: np.ndarray,
+    b_ref: np.ndarray,
+    temp: float,
+    chunk: int = 4096,
+) -> np.ndarray:
+    """Per query i: the mean of (1 - cos(b_query_i, b_ref_j)) over its neighbours j (``nn``,
+    -1 = none), each weighted by exp(-temp (1 - its cosine ``sims``))."""
     w = np.where(nn >= 0, np.exp(-temp * (1.0 - sims.astype(np.float64))), 0.0)
-    out = np.empty(len(a))
-    for s in range(0, len(a), chunk):
+    out = np.empty(len(b_query))
+    for s in range(0, len(b_query), chunk):
         rows = slice(s, s + chunk)
-        d_b = 1.0 - np.einsum("id,ikd->ik", b[rows], b[np.maximum(nn[rows], 0)])
+        d_b = 1.0 - np.einsum("id,ikd->ik", b_query[rows], b_ref[np.maximum(nn[rows], 0)])
         out[rows] = (w[rows] * d_b).sum(1) / np.maximum(w[rows].sum(1), 1e-12)
     return out
 

@@ -54,6 +54,37 @@ def nearest_rows(
     return sims, rows
 
 
+def nearest_in(
+    reference: Any,
+    queries: Any,
+    k: int,
+    *,
+    kind: str = "auto",
+    device: str = "cpu",
+    chunk: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines, rows), each (q, k'), k' = min(k, n): each query's k nearest rows of
+    ``reference`` by cosine, nearest first (queries are not rows of it, so none is left out).
+    ``kind`` as ``nearest_rows``, by the reference's size. Unfilled rows are -1."""
+    n = int(reference.shape[0])
+    if n < 1:
+        raise ValueError("nearest rows need a reference of at least 1 row")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    if kind == "auto":
+        kind = "flat" if n < EXACT_MAX_ROWS else "ivf"
+    k = min(int(k), n)
+    index = VectorIndex.build(reference, side="image", kind=kind, device=device)
+    q = np.asarray(queries)
+    sims = np.empty((len(q), k), dtype=np.float32)
+    rows = np.empty((len(q), k), dtype=np.int64)
+    for s in range(0, len(q), chunk):
+        sims[s : s + chunk], rows[s : s + chunk] = index.search(q[s : s + chunk], k)
+    rows[~np.isfinite(sims) | (rows < 0)] = -1
+    sims[rows < 0] = -np.inf
+    return sims, rows
+
+
 def _without_self(
     sims: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
