@@ -279,7 +279,9 @@ def score_shards(
         probes = None
         if args.weights == "auto":
             with step("weighing the signals: a twin audit with planted probes", progress):
-                probes = probe_signals(auditor, args.probes, progress, consensus=disagreement)
+                probes = probe_signals(
+                    auditor, args.probes, progress=progress, consensus=disagreement
+                )
     finalize(scores_dir, args.threshold, meta, probes, rescore=rescore)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
