@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets, markdown, paired, summarise
+from mixture_trials import MIXTURE_TRIALS
 
 import ecif
 from ecif.audit import combine, misalign, probe_regression
@@ -351,6 +352,7 @@ TRIALS = {
     "tail scale floor 2": signed(lambda c: tail_floor(c, 2.0)),
     "no tail transform": signed(lambda c: untransformed(c, mixture_only=False)),
     "no tail transform in the mixture": signed(lambda c: untransformed(c, mixture_only=True)),
+    **MIXTURE_TRIALS,
 }
 
 

@@ -49,6 +49,7 @@ ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app
 GAUSSIAN_KURTOSIS = 3.0
 MIN_TAIL_SCALE = 0.5  # c at least half an IQR: asinh reshapes the tails, not the bulk
 RIDGE_POINTS = 201  # where the mixture's density is evaluated between its means
+COV_RIDGE = 1e-6  # added to each component's covariance in EM (larger lost: mixture_trials)
 APART_ON_ONE = 1.0  # IQRs: how much more suspect on one signal a minority apart must be
 
 
@@ -307,7 +308,7 @@ def _kurtosis(v: np.ndarray) -> float:
 def _em(z: np.ndarray, resp: np.ndarray, iters: int):
     """EM from initial responsibilities: (weights, means, covariances)."""
     n, k = z.shape
-    ridge = 1e-6 * np.eye(k)
+    ridge = COV_RIDGE * np.eye(k)
     last = -np.inf
     for _ in range(iters):
         nk = resp.sum(0) + 1e-12

@@ -78,10 +78,17 @@ def twin_score(
     """A twin audit's rows (``twin``: their suspicions) scored the way ``misalign_scores``
     scores the audit's (``weights``: the probes'), each part standardised over the twin's
     rows: what the probes' count of the noise (``spike_in_rate``) ranks by."""
-    score = mix.log_odds(twin)
+    score = mixture_ranking(mix, twin)
     if hedge:
         score = hedged_score(mix, twin, score)[0]
     return probe_sum(score, mix.features(twin) @ weights, alone)[0]
+
+
+def mixture_ranking(mix: SuspectMixture, suspicions: dict[str, np.ndarray]) -> np.ndarray:
+    """How the mixture ranks pairs: its own (quadratic) log-odds. A seam apart from its count
+    of the noise (``log_odds`` > 0), so that other rankings can be tried on the same split
+    (benchmarks/mixture_trials.py: linear, ridged and ray-monotone ones all lost)."""
+    return mix.log_odds(suspicions)
 
 
 def split_trusted(rate: NoiseRate, separation: float, valley: float) -> bool:
@@ -125,7 +132,7 @@ def misalign_scores(
             mode = "equal"
         else:
             log_odds, record = mix.log_odds(sus), mix.record()
-            score = log_odds
+            score = mixture_ranking(mix, sus)
             rate = mixture_noise_rate(log_odds, mix.separation, record["valley"])
             unvalidated = self_influence_slot(table)
             if unvalidated:  # what the "influence" slot holds, for the summary's wording
