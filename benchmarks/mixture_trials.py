@@ -10,6 +10,8 @@ the rest of the default (the count of the noise, the hedge, the probes) as it is
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 
 from ecif.audit import combine, misalign
@@ -26,12 +28,8 @@ def ranked_by(ranking):
     """A trial: the default with the mixture ranking pairs by ``ranking(mix, suspicions)``."""
 
     def run(cell) -> np.ndarray:
-        shipped = misalign.mixture_ranking
-        misalign.mixture_ranking = ranking
-        try:
+        with mock.patch.object(misalign, "mixture_ranking", ranking):
             return _default(cell)
-        finally:
-            misalign.mixture_ranking = shipped
 
     return run
 
@@ -77,24 +75,16 @@ def em_ridge(eps: float):
     """A trial: EM itself with ``eps`` added to each covariance (the default adds 1e-6)."""
 
     def run(cell) -> np.ndarray:
-        shipped = combine.COV_RIDGE
-        combine.COV_RIDGE = eps
-        try:
+        with mock.patch.object(combine, "COV_RIDGE", eps):
             return _default(cell)
-        finally:
-            combine.COV_RIDGE = shipped
 
     return run
 
 
 def probes_alone(cell) -> np.ndarray:
     """The probes' weights alone, the mixture's score left out everywhere."""
-    shipped = misalign.probes_alone
-    misalign.probes_alone = lambda valley, trusted, unvalidated: "trial"
-    try:
+    with mock.patch.object(misalign, "probes_alone", lambda *args: "trial"):
         return _default(cell)
-    finally:
-        misalign.probes_alone = shipped
 
 
 MIXTURE_TRIALS = {

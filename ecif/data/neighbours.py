@@ -36,12 +36,8 @@ def nearest_rows(
     n = int(vectors.shape[0])
     if n < 2:
         raise ValueError(f"nearest rows need at least 2 rows; got {n}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    if kind == "auto":
-        kind = "flat" if n < EXACT_MAX_ROWS else "ivf"
+    index = _index(vectors, kind, device, progress)
     k = min(int(k), n - 1)
-    index = VectorIndex.build(vectors, side="image", kind=kind, device=device, progress=progress)
     sims = np.empty((n, k), dtype=np.float32)
     rows = np.empty((n, k), dtype=np.int64)
     for s in range(0, n, chunk):
@@ -49,9 +45,7 @@ def nearest_rows(
         own = np.arange(s, s + len(block))
         found_sims, found = index.search(block, k + 1)
         sims[own], rows[own] = _without_self(found_sims, found, own, k)
-    rows[~np.isfinite(sims) | (rows < 0)] = -1
-    sims[rows < 0] = -np.inf
-    return sims, rows
+    return _unfilled_marked(sims, rows)
 
 
 def nearest_in(
@@ -69,17 +63,28 @@ def nearest_in(
     n = int(reference.shape[0])
     if n < 1:
         raise ValueError("nearest rows need a reference of at least 1 row")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    if kind == "auto":
-        kind = "flat" if n < EXACT_MAX_ROWS else "ivf"
+    index = _index(reference, kind, device, False)
     k = min(int(k), n)
-    index = VectorIndex.build(reference, side="image", kind=kind, device=device)
     q = np.asarray(queries)
     sims = np.empty((len(q), k), dtype=np.float32)
     rows = np.empty((len(q), k), dtype=np.int64)
     for s in range(0, len(q), chunk):
         sims[s : s + chunk], rows[s : s + chunk] = index.search(q[s : s + chunk], k)
+    return _unfilled_marked(sims, rows)
+
+
+def _index(vectors: Any, kind: str, device: str, progress: bool) -> VectorIndex:
+    """The FAISS index the searches above read: ``kind`` checked, auto = exact below
+    ``EXACT_MAX_ROWS`` rows, IVF above."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    if kind == "auto":
+        kind = "flat" if int(vectors.shape[0]) < EXACT_MAX_ROWS else "ivf"
+    return VectorIndex.build(vectors, side="image", kind=kind, device=device, progress=progress)
+
+
+def _unfilled_marked(sims: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows an IVF search could not fill (or with a non-finite cosine) as -1, cosine -inf."""
     rows[~np.isfinite(sims) | (rows < 0)] = -1
     sims[rows < 0] = -np.inf
     return sims, rows
