@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 import pandas as pd
-from bench_combine_trials import Cell, add_grid_arguments, cached_cells
 from bench_detect import markdown
+from trial_cells import Cell, add_grid_arguments, cached_cells
 
 from ecif.audit.misalign import ProbeSignals, misalign_scores
 from ecif.audit.thresholds import FALLBACK_FRACTION, mixture_noise_rate
