@@ -2,6 +2,7 @@
 
     python benchmarks/bench_consensus.py                       # N = 20k, 100k; IVF at 50k, 200k
     python benchmarks/bench_consensus.py --sizes 20000 --ivf   # one size, no IVF check
+    python benchmarks/bench_consensus.py --sizes --ivf 200000 --nprobe 32 16 8 4
 
 With a validation set, every audit computes each pair's 10 nearest images and 10 nearest
 captions over the whole training set (``ecif.data.neighbours``: exact FAISS below 50,000
@@ -10,7 +11,8 @@ the consensus's seconds beside the whole default audit's in the same process (th
 includes it), so the printed share is what the fifth signal adds. ``--ivf N ...``: the
 consensus from IVF neighbours against exact ones at N pairs, in the same process (time
 ratio, recall of the 10 nearest images, the consensus's AP from each), to see whether
-approximate neighbours cost ranking quality.
+approximate neighbours cost ranking quality; ``--nprobe``: the IVF lists each query visits
+(one row each; the shipped ``ecif.data.neighbours.NPROBE`` by default).
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import ecif
 from ecif.audit.auditor import consensus
 from ecif.audit.baselines import lemon
 from ecif.audit.metrics import ranking_metrics
+from ecif.data import neighbours
 from ecif.data.neighbours import nearest_rows
 from ecif.datasets import concept_pairs
+
+SHIPPED_NPROBE = neighbours.NPROBE
 
 
 def audit_share(n: int, d: int) -> dict:
@@ -46,19 +51,35 @@ def audit_share(n: int, d: int) -> dict:
     return {"n": n, "consensus_s": t_cons, "audit_s": t_audit, "share": t_cons / t_audit, **ap}
 
 
-def ivf_check(n: int, d: int, k: int = 10) -> dict:
-    """The consensus from IVF neighbours against exact ones (both FAISS) on the same pairs."""
+def ivf_check(n: int, d: int, nprobes: list[int], k: int = 10) -> list[dict]:
+    """The consensus from IVF neighbours, visiting each of ``nprobes`` lists per query, against
+    exact ones (both FAISS) on the same pairs: time, recall@k of the images' neighbours, AP."""
     x, y, frame = concept_pairs(n, d, 0.2, "mixed", seed=0)
     labels = frame["is_corrupted"].to_numpy()
-    out = {"n": n}
-    for kind in ("flat", "ivf"):
-        t0 = time.perf_counter()
-        score = lemon(x, y, kind=kind)
-        out[f"{kind}_s"] = time.perf_counter() - t0
-        out[f"{kind}_ap"] = ranking_metrics(labels, score)["ap"]
+    t0 = time.perf_counter()
+    exact_ap = ranking_metrics(labels, lemon(x, y, kind="flat"))["ap"]
+    exact_s = time.perf_counter() - t0
     _, exact = nearest_rows(x, k, kind="flat")
-    _, approx = nearest_rows(x, k, kind="ivf")
-    out["recall"] = float(np.mean((approx[:, :, None] == exact[:, None, :]).any(2)))
+    out = []
+    for nprobe in nprobes:
+        neighbours.NPROBE = nprobe
+        t0 = time.perf_counter()
+        ap = ranking_metrics(labels, lemon(x, y, kind="ivf"))["ap"]
+        ivf_s = time.perf_counter() - t0
+        _, approx = nearest_rows(x, k, kind="ivf")
+        recall = float(np.mean((approx[:, :, None] == exact[:, None, :]).any(2)))
+        out.append(
+            dict(
+                n=n,
+                nprobe=nprobe,
+                flat_s=exact_s,
+                ivf_s=ivf_s,
+                recall=recall,
+                flat_ap=exact_ap,
+                ivf_ap=ap,
+            )
+        )
+    neighbours.NPROBE = SHIPPED_NPROBE
     return out
 
 
@@ -74,6 +95,13 @@ def main() -> None:
         nargs="*",
         default=[50_000, 200_000],
         help="pair counts for the IVF check (none: skip it)",
+    )
+    ap.add_argument(
+        "--nprobe",
+        type=int,
+        nargs="+",
+        default=[SHIPPED_NPROBE],
+        help="IVF lists visited per query in the IVF check (several: one row each)",
     )
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -91,15 +119,18 @@ def main() -> None:
         )
     if args.ivf:
         print(
-            "\n| pairs | exact s | IVF s | IVF / exact | recall@10 | consensus AP (exact) | "
-            "consensus AP (IVF) |\n|---|---|---|---|---|---|---|"
+            "\n| pairs | nprobe | exact s | IVF s | IVF / exact | recall@10 | "
+            "consensus AP (exact) | consensus AP (IVF) |\n|---|---|---|---|---|---|---|---|",
+            flush=True,
         )
     for n in args.ivf:
-        r = ivf_check(n, args.d)
-        print(
-            f"| {n:,} | {r['flat_s']:.1f} | {r['ivf_s']:.1f} | {r['ivf_s'] / r['flat_s']:.3f} | "
-            f"{r['recall']:.3f} | {r['flat_ap']:.4f} | {r['ivf_ap']:.4f} |"
-        )
+        for r in ivf_check(n, args.d, args.nprobe):
+            print(
+                f"| {n:,} | {r['nprobe']} | {r['flat_s']:.1f} | {r['ivf_s']:.1f} | "
+                f"{r['ivf_s'] / r['flat_s']:.3f} | {r['recall']:.3f} | {r['flat_ap']:.4f} | "
+                f"{r['ivf_ap']:.4f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import ecif
+from ecif.audit.combine import VALIDATED_SIGNALS
+from ecif.audit.misalign import misalign_scores
 from ecif.audit.selection import calibrated_scale
 from ecif.data.features import load_features
 from ecif.data.tiny_clip import tiny_clip
@@ -133,11 +135,15 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mine = ecif.Auditor(
-                train_set, val_set, margs, train_features=train, val_features=val
-            ).run()
+            audit = ecif.Auditor(train_set, val_set, margs, train_features=train, val_features=val)
+            mine = audit.run()
+        n_norm = float(np.mean([h.n_norm for h in audit.heads]))
         mine = mine.set_index("id").loc[list(train_set.ids)]
         det(f"{tag} misalign_score", mine["misalign_score"].to_numpy())
+        # the same audit combined as before trusted_loss and knn_disagreement joined the
+        # model modes (2026-12-05): paired, seed by seed
+        three = mine.drop(columns=list(VALIDATED_SIGNALS)).reset_index()
+        det(f"{tag} misalign_score, 3 signals", misalign_scores(three, "auto", n_norm)[0])
         scales = {"model scale": None, "calibrated scale": calibrated(val, train.init, base)}
         for label, scale in scales.items():
             args = replace(base, batch_size=64, seed=seed, logit_scale=scale)

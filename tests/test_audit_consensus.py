@@ -7,6 +7,8 @@ import pytest
 import ecif
 from ecif.audit.baselines import lemon, lemon_queries
 from ecif.audit.combine import describe_combination
+from ecif.audit.probes import probe_signals
+from ecif.audit.selection import make_probes
 from ecif.data import neighbours
 from ecif.data.neighbours import nearest_rows
 
@@ -71,6 +73,8 @@ def test_nearest_rows_are_the_brute_force_neighbours_without_the_row_itself():
         nearest_rows(x[:1], 3)
     with pytest.raises(ValueError, match="kind must be one of"):
         nearest_rows(x, 3, kind="hnsw")
+    with pytest.raises(ValueError, match="the index holds 4 rows"):  # built over other rows
+        nearest_rows(x, 3, index=neighbours.neighbour_index(x[:4]))
 
 
 def test_the_ivf_search_of_a_large_set_keeps_most_true_neighbours(monkeypatch):
@@ -133,8 +137,6 @@ def test_an_audit_with_a_validation_set_combines_the_consensus_of_its_own_and_it
 def test_a_sampled_twin_reads_the_consensus_of_the_whole_set():
     """A twin over a sample of the pairs: its real rows carry the audit's own values (over
     every pair), its probes the consensus of new pairs among every pair, not the sample's."""
-    from ecif.audit.probes import probe_signals
-    from ecif.audit.selection import make_probes
 
     train, val, _ = _sets(n=600)
     aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=0, probes=0.0))
@@ -152,6 +154,34 @@ def test_a_sampled_twin_reads_the_consensus_of_the_whole_set():
     # over the sample alone (the behaviour before) the probes' values differ
     alone = probe_signals(aud, 0.1, max_rows=300).suspicions["knn_disagreement"]
     assert np.abs(alone[300:] - want).max() > 0.01
+
+
+def test_a_sampled_twin_queries_the_audits_own_indexes(monkeypatch):
+    import functools
+
+    from ecif.audit import auditor as auditor_module
+    from ecif.audit import baselines
+
+    train, val, _ = _sets(n=600)
+    built = []
+    real = baselines.neighbour_index
+
+    def counted(vectors, *args, **kwargs):
+        built.append(len(vectors))
+        return real(vectors, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "neighbour_index", counted)
+    sampled = functools.partial(probe_signals, max_rows=300)
+    monkeypatch.setattr(auditor_module, "probe_signals", sampled)
+    aud = ecif.Auditor(train, val, ecif.AuditArgs(seed=0, probes=0.1))
+    aud.run()
+    assert built == [600, 600]  # the audit's images and captions, each indexed once
+    assert aud.neighbours is None  # not kept after the probes
+    rows = np.sort(np.random.default_rng(0).choice(len(train), 300, replace=False))
+    px, py, _ = make_probes(np.asarray(train.image)[rows], np.asarray(train.text)[rows], 0.1, 0)
+    got = aud.probes.suspicions["knn_disagreement"][300:]
+    want = _brute_queries(train.image, train.text, px, py)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_without_a_validation_set_there_is_no_consensus_column():

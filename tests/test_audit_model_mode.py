@@ -167,6 +167,41 @@ def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):
     assert table.attrs["options"]["params"] == "projection"
 
 
+def test_projection_mode_with_validation_has_the_validated_signals(folders):
+    from ecif.audit.combine import describe_combination
+    from tests.test_audit_consensus import _brute_lemon
+
+    train_set = ecif.EmbeddingSet.load(folders["train"])
+    val_set = ecif.EmbeddingSet.load(folders["val"])
+    auditor = Auditor(
+        train_set,
+        val_set,
+        AuditArgs(params="projection", batch_size=32),
+        train_features=load_features(folders["train"]),
+        val_features=load_features(folders["val"]),
+    )
+    table = auditor.run()
+    want, clear = _brute_lemon(train_set.image, train_set.text)
+    assert clear.mean() > 0.5  # shapes repeat captions: rows tied at their 10th neighbour
+    got = table["knn_disagreement"].to_numpy()  # may take any of the tied rows
+    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-4)
+    # trusted_loss: each pair's symmetric InfoNCE under the head fit on the validation pairs,
+    # within the batches the projection mode's fit used, computed here by hand
+    head, part = auditor.trusted, auditor.heads[0].partition
+    x = torch.as_tensor(np.asarray(train_set.image), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(train_set.text), dtype=torch.float64)
+    m = head.m.detach().to(torch.float64).cpu()
+    want = np.full(len(x), np.nan)
+    for rows in part.index:
+        rows = rows[rows >= 0]
+        s = head.logit_scale * (x[rows] @ m) @ y[rows].T
+        own = -torch.log_softmax(s, 1).diagonal() - torch.log_softmax(s, 0).diagonal()
+        want[rows] = own.numpy()
+    np.testing.assert_allclose(table["trusted_loss"], want, rtol=1e-3, atol=1e-4)
+    assert table.attrs["combination"]["signals"][-2:] == ["trusted_loss", "knn_disagreement"]
+    assert "knn_disagreement" in describe_combination(table.attrs["combination"])
+
+
 def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
     plain = tmp_path / "plain"
     ecif.embed(

@@ -17,7 +17,7 @@ import pandas as pd
 
 import ecif.api as api
 from ecif.audit.audit_args import SELF_INFLUENCE_MAX_PARAMS, VAL_MODES, AuditArgs
-from ecif.audit.baselines import cosine, lemon
+from ecif.audit.baselines import KnnConsensus, cosine
 from ecif.audit.checks import check_weights
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
@@ -39,12 +39,16 @@ def clip_scores(data: EmbeddingSet, chunk: int = 65536) -> np.ndarray:
     return cosine(data.image, data.text, chunk)
 
 
-def consensus(data: EmbeddingSet, device: str = "auto", progress: bool = False) -> np.ndarray:
+def consensus(
+    data: EmbeddingSet, device: str = "auto", progress: bool = False
+) -> tuple[np.ndarray, KnnConsensus]:
     """``knn_disagreement``: the LEMoN-style kNN consensus of each pair over the whole set
-    (``baselines.lemon``; larger = its caption disagrees with its image's neighbours' and the
-    other way round). A signal with a validation set only: there it added 0.001-0.014 mean
-    AP on seven grids, without one -0.002 to +0.001 (benchmarks/README.md)."""
-    return lemon(data.image, data.text, device=resolve_device(device), progress=progress)
+    (``baselines.KnnConsensus``; larger = its caption disagrees with its image's neighbours'
+    and the other way round), and the indexes it read (a sampled twin's probes query them:
+    ``probes.sampled_consensus``). A signal with a validation set only: there it added
+    0.001-0.014 mean AP on seven grids, without one -0.002 to +0.001 (benchmarks/README.md)."""
+    near = KnnConsensus(data.image, data.text, device=resolve_device(device), progress=progress)
+    return near.of_rows(), near
 
 
 def groups_of(data: EmbeddingSet) -> np.ndarray | None:
@@ -89,6 +93,8 @@ class Auditor:
     trusted: Head | None = field(default=None, init=False)  # fit_trusted_head's, once fit
     # knn_disagreement given rather than computed: a sampled twin's (``probes.sampled_consensus``)
     known_consensus: np.ndarray | None = field(default=None, init=False)
+    # the indexes behind the audit's own knn_disagreement, until the probes have read them
+    neighbours: KnnConsensus | None = field(default=None, init=False)
     input_warnings: list = field(default_factory=list, init=False)  # also in audit.json
 
     def __post_init__(self) -> None:
@@ -147,7 +153,7 @@ class Auditor:
         if self.choice is not None:
             return self.choice
         a = self.args
-        check_weights(a.weights, self.val is not None, a.params)
+        check_weights(a.weights, self.val is not None)
         scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
         if a.logit_scale == "model" or a.logit_scale is None:
             scale = float(getattr(self.train, "logit_scale", None) or CLIP_LOGIT_SCALE)
@@ -174,7 +180,10 @@ class Auditor:
     def _signals(self, progress: bool) -> pd.DataFrame:
         a = self.args
         if a.params != "head":
-            return model_signals(self, progress)
+            df = model_signals(self, progress)
+            if self.val is not None:  # a model mode's partition of the training pairs
+                self._validated_signals(df, self.heads[0].partition, progress)
+            return df
         if self.val is not None:
             head = self.fit_head(self.train, progress=progress)
             self.heads = [head]
@@ -188,12 +197,7 @@ class Auditor:
                 progress=progress,
             )
             df["pair_loss"] = api.pair_losses(head, self.train)
-            trusted = replace(self.fit_trusted_head(), partition=head.partition)
-            df["trusted_loss"] = api.pair_losses(trusted, self.train)
-            known = self.known_consensus
-            df[CONSENSUS] = (
-                known if known is not None else consensus(self.train, a.device, progress)
-            )
+            self._validated_signals(df, head.partition, progress)
             return df
         if len(self.train) < 4:
             raise ValueError("without a validation set, auditing needs at least 4 pairs")
@@ -207,6 +211,17 @@ class Auditor:
                 api.pair_losses(head, self.train),
             )
         return self._crossfit(progress)
+
+    def _validated_signals(self, df: pd.DataFrame, partition: Any, progress: bool) -> None:
+        """Add ``trusted_loss`` (each pair's loss under the head fit on the validation pairs,
+        in the batches of ``partition``: the training fit's) and ``knn_disagreement`` to
+        ``df``. Both read only the embeddings, so every mode with a validation set has them."""
+        trusted = replace(self.fit_trusted_head(), partition=partition)
+        df["trusted_loss"] = api.pair_losses(trusted, self.train)
+        known = self.known_consensus
+        if known is None:
+            known, self.neighbours = consensus(self.train, self.args.device, progress)
+        df[CONSENSUS] = known
 
     def _crossfit(self, progress: bool) -> pd.DataFrame:
         # each half is scored against the other half's best-fitting pairs (lowest loss under
@@ -265,7 +280,7 @@ class Auditor:
         )
         table["clip_score"] = clip_scores(self.train)
         table["pair_loss"] = scored["pair_loss"].to_numpy(dtype=np.float32)
-        for col in VALIDATED_SIGNALS:  # with a validation set, head mode
+        for col in VALIDATED_SIGNALS:  # with a validation set (every mode)
             if col in scored:
                 table[col] = scored[col].to_numpy(dtype=np.float32)
         for col in ("influence", "influence_pos", "influence_neg"):
@@ -276,7 +291,10 @@ class Auditor:
         self.probes = None
         if self.args.weights == "auto" and self.args.params == "head":
             known = table[CONSENSUS].to_numpy() if CONSENSUS in table else None
-            self.probes = probe_signals(self, self.args.probes, progress=progress, consensus=known)
+            self.probes = probe_signals(
+                self, self.args.probes, progress=progress, consensus=known, near=self.neighbours
+            )
+        self.neighbours = None  # the indexes hold a copy of the embeddings: not kept
         score, combination, rate = misalign_scores(table, self.args.weights, n_norm, self.probes)
         table["misalign_score"] = score.astype(np.float32)
         count, how = flag_count(score, self.args.threshold, rate)

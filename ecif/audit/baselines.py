@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ecif.audit.metrics import two_gaussian_mixture
-from ecif.data.neighbours import nearest_in, nearest_rows
+from ecif.data.neighbours import nearest_in, nearest_rows, neighbour_index
 
 
 def _unit(a) -> np.ndarray:
@@ -70,11 +70,8 @@ def lemon(
     its caption's k nearest captions (each neighbour weighted by exp(-temp * its distance)).
     The neighbours come from a FAISS index (``ecif.data.neighbours``, ``kind``): exact below
     50,000 pairs, IVF above."""
-    x, y = _unit(x), _unit(y)
-    d_pair = 1.0 - cosine(x, y)
-    s_img = _neighbour_term(x, y, k, temp, device, progress, kind)
-    s_txt = _neighbour_term(y, x, k, temp, device, progress, kind)
-    return d_pair + beta * s_img + gamma * s_txt
+    near = KnnConsensus(x, y, k=k, temp=temp, device=device, kind=kind, progress=progress)
+    return near.of_rows(beta, gamma)
 
 
 def lemon_queries(
@@ -90,29 +87,49 @@ def lemon_queries(
     """``lemon`` of query pairs (``qx``, ``qy``) that are not in the reference set: each
     query's neighbours are the k nearest reference images (captions), as a new pair added to
     that set would see them (beta = gamma = 1, as ``lemon``'s defaults)."""
-    x_ref, y_ref, qx, qy = _unit(x_ref), _unit(y_ref), _unit(qx), _unit(qy)
-    img = nearest_in(x_ref, qx, k, kind=kind, device=device)
-    txt = nearest_in(y_ref, qy, k, kind=kind, device=device)
-    return (
-        1.0
-        - cosine(qx, qy)
-        + _weighted_distance(*img, qy, y_ref, temp)
-        + _weighted_distance(*txt, qx, x_ref, temp)
-    )
+    return KnnConsensus(x_ref, y_ref, k=k, temp=temp, device=device, kind=kind).of_queries(qx, qy)
 
 
-def _neighbour_term(
-    a: np.ndarray,
-    b: np.ndarray,
-    k: int,
-    temp: float,
-    device: str,
-    progress: bool,
-    kind: str,
-) -> np.ndarray:
-    """For each row: weighted mean over a's k nearest rows j of (1 - cos(b_i, b_j))."""
-    sims, nn = nearest_rows(a, k, kind=kind, device=device, progress=progress)
-    return _weighted_distance(sims, nn, b, b, temp)
+class KnnConsensus:
+    """A set's two FAISS indexes (images, captions) for the LEMoN-style consensus, built once:
+    the set's own pairs (``of_rows``, what ``lemon`` returns) and pairs added to it
+    (``of_queries``: a sampled twin's probes) read the same ones. At a million pairs each
+    build trains an IVF quantizer, so a second build is minutes. The embeddings are read where
+    they are (normalised a block at a time), not copied."""
+
+    def __init__(
+        self,
+        x,
+        y,
+        *,
+        k: int = 10,
+        temp: float = 5.0,
+        device: str = "cpu",
+        kind: str = "auto",
+        progress: bool = False,
+    ) -> None:
+        self.x, self.y, self.k, self.temp = np.asarray(x), np.asarray(y), int(k), float(temp)
+        self.images = neighbour_index(self.x, kind, device, progress)
+        self.captions = neighbour_index(self.y, kind, device, progress)
+
+    def of_rows(self, beta: float = 1.0, gamma: float = 1.0) -> np.ndarray:
+        """Each pair's consensus over the other pairs of the set (its own row left out)."""
+        x, y, k, t = self.x, self.y, self.k, self.temp
+        s_img = _weighted_distance(*nearest_rows(x, k, index=self.images), y, y, t)
+        s_txt = _weighted_distance(*nearest_rows(y, k, index=self.captions), x, x, t)
+        return 1.0 - cosine(x, y) + beta * s_img + gamma * s_txt
+
+    def of_queries(self, qx, qy) -> np.ndarray:
+        """The consensus of pairs that are not in the set, over all of its pairs."""
+        qx, qy, k = np.asarray(qx), np.asarray(qy), self.k
+        img = nearest_in(self.x, qx, k, index=self.images)
+        txt = nearest_in(self.y, qy, k, index=self.captions)
+        return (
+            1.0
+            - cosine(qx, qy)
+            + _weighted_distance(*img, qy, self.y, self.temp)
+            + _weighted_distance(*txt, qx, self.x, self.temp)
+        )
 
 
 def _weighted_distance(
@@ -124,12 +141,15 @@ def _weighted_distance(
     chunk: int = 4096,
 ) -> np.ndarray:
     """Per query i: the mean of (1 - cos(b_query_i, b_ref_j)) over its neighbours j (``nn``,
-    -1 = none), each weighted by exp(-temp (1 - its cosine ``sims``))."""
+    -1 = none), each weighted by exp(-temp (1 - its cosine ``sims``)). Rows of ``b_query``
+    and ``b_ref`` need not be unit: each block is normalised as it is read."""
     w = np.where(nn >= 0, np.exp(-temp * (1.0 - sims.astype(np.float64))), 0.0)
     out = np.empty(len(b_query))
     for s in range(0, len(b_query), chunk):
         rows = slice(s, s + chunk)
-        d_b = 1.0 - np.einsum("id,ikd->ik", b_query[rows], b_ref[np.maximum(nn[rows], 0)])
+        near = _unit(b_ref[np.maximum(nn[rows], 0)].reshape(-1, b_ref.shape[1]))
+        near = near.reshape(*nn[rows].shape, -1)
+        d_b = 1.0 - np.einsum("id,ikd->ik", _unit(b_query[rows]), near)
         out[rows] = (w[rows] * d_b).sum(1) / np.maximum(w[rows].sum(1), 1e-12)
     return out
 

@@ -33,15 +33,15 @@ def check_threshold(threshold: Any) -> None:
         raise AuditInputError(f"threshold: {e}") from None
 
 
-def check_weights(weights: str, has_val: bool, params: str) -> None:
+def check_weights(weights: str, has_val: bool) -> None:
     """A signal named in ``weights`` must be one this audit computes: ``trusted_loss`` and
-    ``knn_disagreement`` exist only with a validation set in head mode."""
+    ``knn_disagreement`` exist only with a validation set (in every mode)."""
     if weights not in WEIGHT_MODES:
         raise AuditInputError(f"weights must be one of {WEIGHT_MODES}; got {weights!r}")
-    if weights in VALIDATED_SIGNALS and not (has_val and params == "head"):
+    if weights in VALIDATED_SIGNALS and not has_val:
         raise AuditInputError(
-            f"weights={weights!r}: that signal exists only with a validation set and "
-            f"params='head'; use auto, equal or one of {SIGNALS}"
+            f"weights={weights!r}: that signal exists only with a validation set; "
+            f"use auto, equal or one of {SIGNALS}"
         )
 
 

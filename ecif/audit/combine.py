@@ -38,7 +38,7 @@ from ecif.audit.thresholds import clearly_apart
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
 # the LEMoN-style kNN consensus (``ecif.audit.baselines.lemon``): an audit's fifth signal, with
-# ``trusted_loss``, when it has a validation set (head mode)
+# ``trusted_loss``, when it has a validation set (every mode)
 CONSENSUS = "knn_disagreement"
 VALIDATED_SIGNALS = ("trusted_loss", CONSENSUS)
 ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app say them

@@ -19,27 +19,30 @@ from typing import Any
 
 import numpy as np
 
-from ecif.audit.baselines import cosine, lemon_queries
+from ecif.audit.baselines import KnnConsensus, cosine
 from ecif.audit.misalign import ProbeSignals, signal_suspicions
 from ecif.audit.selection import make_probes
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.device import resolve_device
 
 MIN_PROBES = 30  # fewer planted probes than this: too few to weigh three signals
+TWIN_MAX_ROWS = 20_000  # real pairs in the twin audit (a seeded sample of larger sets)
 
 
 def probe_signals(
     auditor: Any,
     fraction: float,
-    max_rows: int = 20_000,
+    max_rows: int = TWIN_MAX_ROWS,
     progress: bool = False,
     consensus: np.ndarray | None = None,
+    near: KnnConsensus | None = None,
 ) -> ProbeSignals | None:
     """Run the twin audit of ``auditor``'s (an ``ecif.Auditor``) training set (a seeded sample
     of at most ``max_rows`` pairs) plus ``fraction`` planted probes; None when that plants
     fewer than ``MIN_PROBES`` (a small set: the mixture alone decides). ``consensus``: the
     audit's ``knn_disagreement`` over its whole training set; a sampled twin takes it for its
-    real rows and reads its probes' neighbours in the whole set (``sampled_consensus``)."""
+    real rows and reads its probes' neighbours in the whole set (``sampled_consensus``), through
+    ``near`` when given (the indexes behind ``consensus``) rather than indexes built again."""
     train = auditor.train
     if fraction <= 0 or round(fraction * min(len(train), max_rows)) < MIN_PROBES:
         return None
@@ -63,7 +66,10 @@ def probe_signals(
     twin.choice = auditor.choose()  # the same head: only the planted rows differ
     twin.trusted = auditor.trusted  # the same validation pairs: their head, not a refit
     if consensus is not None and len(rows) < len(train):
-        twin.known_consensus = sampled_consensus(train, rows, consensus, px, py, auditor.args)
+        if near is None:
+            device = resolve_device(auditor.args.device)
+            near = KnnConsensus(train.image, train.text, device=device)
+        twin.known_consensus = sampled_consensus(rows, consensus, near.of_queries(px, py))
     scored = twin._signals(progress)
     scored["clip_score"] = cosine(twin_set.image, twin_set.text)
     n_norm = float(np.mean([h.n_norm for h in twin.heads]))
@@ -71,13 +77,11 @@ def probe_signals(
     return ProbeSignals(signal_suspicions(scored, n_norm), is_probe)
 
 
-def sampled_consensus(
-    train: EmbeddingSet, rows: np.ndarray, consensus: np.ndarray, px, py, args: Any
-) -> np.ndarray:
-    """A sampled twin's ``knn_disagreement``: its real rows keep the audit's own values and its
-    probes find their neighbours among all of the training pairs. Why: over the sample alone
+def sampled_consensus(rows: np.ndarray, consensus: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """A sampled twin's ``knn_disagreement``: its real rows (``rows`` of the training set) keep
+    the audit's own values (``consensus``), and its probes take theirs over all of the
+    training pairs (``probes``: ``KnnConsensus.of_queries``). Why: over the sample alone
     every pair's neighbours are further away (at 1M pairs, 50 times sparser) than over the
     whole set the audit reads, so the probes' weight for the signal would be learnt on
     values of another scale than the ones it weighs."""
-    probes = lemon_queries(train.image, train.text, px, py, device=resolve_device(args.device))
     return np.concatenate([np.asarray(consensus, dtype=np.float64)[rows], probes])

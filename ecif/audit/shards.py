@@ -37,7 +37,7 @@ from ecif.audit.checks import (
 from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.folder import read_heads, write_audit_description
 from ecif.audit.model_signals import model_inputs
-from ecif.audit.probes import probe_signals
+from ecif.audit.probes import TWIN_MAX_ROWS, probe_signals
 from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_from_table
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
@@ -191,7 +191,7 @@ def score_shards(
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
     check_threshold(args.threshold)
-    check_weights(args.weights, val is not None, args.params)
+    check_weights(args.weights, val is not None)
     parts = list_embedding_parts(embeddings)
     manifest = layout.read_manifest(embeddings) or {}
     train, id_col = _training_set(embeddings, None)
@@ -217,8 +217,7 @@ def score_shards(
         if mismatch:
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
-    with_trusted = val is not None and args.params == "head"  # the trusted head needs both
-    meta["signals"] = [*SIGNALS, *VALIDATED_SIGNALS] if with_trusted else list(SIGNALS)
+    meta["signals"] = [*SIGNALS, *VALIDATED_SIGNALS] if val is not None else list(SIGNALS)
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
     if auditor.input_warnings:
         meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
@@ -255,7 +254,9 @@ def score_shards(
             with step("fitting the trusted head on the validation pairs", progress):
                 trusted_state = auditor.fit_trusted_head().state_dict()
             with step(f"kNN consensus of {len(train):,} pairs", progress):
-                disagreement = consensus(train, args.device, progress)
+                disagreement, near = consensus(train, args.device, progress)
+            if len(train) <= TWIN_MAX_ROWS:  # the twin holds every pair: it needs no queries
+                near = None  # and the indexes (a copy of the embeddings) go before scoring
             g = api.loss_gradient(head, val)
             with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
                 inv = api.solver(head, train, args.solver_args(), rows=rows)
@@ -280,7 +281,7 @@ def score_shards(
         if args.weights == "auto":
             with step("weighing the signals: a twin audit with planted probes", progress):
                 probes = probe_signals(
-                    auditor, args.probes, progress=progress, consensus=disagreement
+                    auditor, args.probes, progress=progress, consensus=disagreement, near=near
                 )
     finalize(scores_dir, args.threshold, meta, probes, rescore=rescore)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
