@@ -72,7 +72,10 @@ def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):
         "influence_neg",
         "misalign_score",
         "is_misaligned",
+        "trusted_loss",
+        "knn_disagreement",
     } <= set(table)
+    assert info["combination"]["signals"][-2:] == ["trusted_loss", "knn_disagreement"]
     # the same numbers from the library, with the options the audit recorded
     train, val = load_features(folders["train"]), load_features(folders["val"])
     scale = info["head_choice"]["calibrated_scale"]
