@@ -151,17 +151,21 @@ def test_trace_in_projection_mode_names_pairs_whose_removal_moves_the_query(
         assert np.sign(loss(refit) - base) == sign, (name, loss(refit) - base)
 
 
-def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):
-    train_set = ecif.EmbeddingSet.load(folders["train"])
-    val_set = ecif.EmbeddingSet.load(folders["val"])
+@pytest.fixture(scope="module")
+def projection_audit(folders):
+    """The Python Auditor in projection mode with a validation set, run once: (auditor, table)."""
     auditor = Auditor(
-        train_set,
-        val_set,
+        ecif.EmbeddingSet.load(folders["train"]),
+        ecif.EmbeddingSet.load(folders["val"]),
         AuditArgs(params="projection", batch_size=32),
         train_features=load_features(folders["train"]),
         val_features=load_features(folders["val"]),
     )
-    table = auditor.run()
+    return auditor, auditor.run()
+
+
+def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders, projection_audit):
+    _, table = projection_audit
     labels = pd.read_parquet(folders["root"] / "train-shards").set_index("key")
     y = labels.loc[np.asarray(table["id"]).astype(str), "is_corrupted"].to_numpy()
     from sklearn.metrics import roc_auc_score
@@ -170,20 +174,12 @@ def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders):
     assert table.attrs["options"]["params"] == "projection"
 
 
-def test_projection_mode_with_validation_has_the_validated_signals(folders):
+def test_projection_mode_with_validation_has_the_validated_signals(projection_audit):
     from ecif.audit.combine import describe_combination
     from tests.test_audit_consensus import _brute_lemon
 
-    train_set = ecif.EmbeddingSet.load(folders["train"])
-    val_set = ecif.EmbeddingSet.load(folders["val"])
-    auditor = Auditor(
-        train_set,
-        val_set,
-        AuditArgs(params="projection", batch_size=32),
-        train_features=load_features(folders["train"]),
-        val_features=load_features(folders["val"]),
-    )
-    table = auditor.run()
+    auditor, table = projection_audit
+    train_set = auditor.train
     want, clear = _brute_lemon(train_set.image, train_set.text)
     assert clear.mean() > 0.5  # shapes repeat captions: rows tied at their 10th neighbour
     got = table["knn_disagreement"].to_numpy()  # may take any of the tied rows
