@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -30,8 +31,6 @@ from ecif.audit.metrics import ranking_metrics
 from ecif.data import neighbours
 from ecif.data.neighbours import nearest_rows
 from ecif.datasets import concept_pairs
-
-SHIPPED_NPROBE = neighbours.NPROBE
 
 
 def audit_share(n: int, d: int) -> dict:
@@ -62,11 +61,11 @@ def ivf_check(n: int, d: int, nprobes: list[int], k: int = 10) -> list[dict]:
     _, exact = nearest_rows(x, k, kind="flat")
     out = []
     for nprobe in nprobes:
-        neighbours.NPROBE = nprobe
-        t0 = time.perf_counter()
-        ap = ranking_metrics(labels, lemon(x, y, kind="ivf"))["ap"]
-        ivf_s = time.perf_counter() - t0
-        _, approx = nearest_rows(x, k, kind="ivf")
+        with mock.patch.object(neighbours, "NPROBE", nprobe):
+            t0 = time.perf_counter()
+            ap = ranking_metrics(labels, lemon(x, y, kind="ivf"))["ap"]
+            ivf_s = time.perf_counter() - t0
+            _, approx = nearest_rows(x, k, kind="ivf")
         recall = float(np.mean((approx[:, :, None] == exact[:, None, :]).any(2)))
         out.append(
             dict(
@@ -79,7 +78,6 @@ def ivf_check(n: int, d: int, nprobes: list[int], k: int = 10) -> list[dict]:
                 ivf_ap=ap,
             )
         )
-    neighbours.NPROBE = SHIPPED_NPROBE
     return out
 
 
@@ -100,7 +98,7 @@ def main() -> None:
         "--nprobe",
         type=int,
         nargs="+",
-        default=[SHIPPED_NPROBE],
+        default=[neighbours.NPROBE],
         help="IVF lists visited per query in the IVF check (several: one row each)",
     )
     args = ap.parse_args()
