@@ -6,8 +6,8 @@ import pytest
 
 import ecif
 from ecif.audit.baselines import lemon, lemon_queries
-from ecif.audit.combine import describe_combination
-from ecif.audit.probes import probe_signals
+from ecif.audit.combination_text import describe_combination
+from ecif.audit.probes import held_out_clean, probe_signals
 from ecif.audit.selection import make_probes
 from ecif.data import neighbours
 from ecif.data.neighbours import nearest_rows
@@ -147,13 +147,21 @@ def test_a_sampled_twin_reads_the_consensus_of_the_whole_set():
     rows = np.sort(np.random.default_rng(0).choice(len(train), 300, replace=False))
     x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
     px, py, _ = make_probes(x, y, 0.1, 0)
-    assert len(got) == 300 + len(px) and twin.is_probe.sum() == len(px)
+    m = len(px)
+    held, _ = held_out_clean(val, 0)  # validation pairs the twin holds as clean rows
+    assert len(got) == 300 + m + len(held) and twin.is_probe.sum() == m
     np.testing.assert_allclose(got[:300], whole[rows], rtol=1e-6)
     want = _brute_queries(train.image, train.text, px, py)
-    np.testing.assert_allclose(got[300:], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[300 : 300 + m], want, rtol=1e-4, atol=1e-4)
+    # the clean rows, too, are new pairs among every training pair
+    cx, cy = np.asarray(val.image)[held], np.asarray(val.text)[held]
+    clean = _brute_queries(train.image, train.text, cx, cy)
+    # (a validation pair can sit at a tie between its 10th and 11th neighbours: all but one)
+    close = np.isclose(got[300 + m :], clean, rtol=1e-4, atol=1e-4)
+    assert close.sum() >= len(held) - 1
     # over the sample alone (the behaviour before) the probes' values differ
     alone = probe_signals(aud, 0.1, max_rows=300).suspicions["knn_disagreement"]
-    assert np.abs(alone[300:] - want).max() > 0.01
+    assert np.abs(alone[300 : 300 + m] - want).max() > 0.01
 
 
 def test_a_sampled_twin_queries_the_audits_own_indexes(monkeypatch):
@@ -179,7 +187,7 @@ def test_a_sampled_twin_queries_the_audits_own_indexes(monkeypatch):
     assert aud.neighbours is None  # not kept after the probes
     rows = np.sort(np.random.default_rng(0).choice(len(train), 300, replace=False))
     px, py, _ = make_probes(np.asarray(train.image)[rows], np.asarray(train.text)[rows], 0.1, 0)
-    got = aud.probes.suspicions["knn_disagreement"][300:]
+    got = aud.probes.suspicions["knn_disagreement"][300 : 300 + len(px)]
     want = _brute_queries(train.image, train.text, px, py)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 

@@ -175,7 +175,7 @@ def test_auditor_in_projection_mode_ranks_planted_noise_above_chance(folders, pr
 
 
 def test_projection_mode_with_validation_has_the_validated_signals(projection_audit):
-    from ecif.audit.combine import describe_combination
+    from ecif.audit.combination_text import describe_combination
     from tests.test_audit_consensus import _brute_lemon
 
     auditor, table = projection_audit

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import ecif
-from ecif.audit.combine import describe_combination
+from ecif.audit.combination_text import describe_combination
 from ecif.audit.metrics import average_precision
 from ecif.audit.probe_regression import probe_direction
 from ecif.audit.shards import load_training_set, score_shards

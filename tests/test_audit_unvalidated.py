@@ -10,8 +10,8 @@ import pytest
 
 import ecif
 from ecif.audit import misalign, probe_regression
+from ecif.audit.combination_text import describe_combination
 from ecif.audit.combine import (
-    describe_combination,
     fit_mixture,
     hedged_score,
     probe_weighted_score,

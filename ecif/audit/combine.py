@@ -33,7 +33,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ecif.audit.probe_regression import cleaned_probe_direction
+from ecif.audit.probe_regression import (
+    cleaned_probe_direction,
+    contrast_direction,
+    probe_direction,
+)
 from ecif.audit.thresholds import clearly_apart
 
 SIGNALS = ("influence", "pair_loss", "clip_score")
@@ -41,11 +45,6 @@ SIGNALS = ("influence", "pair_loss", "clip_score")
 # ``trusted_loss``, when it has a validation set (every mode)
 CONSENSUS = "knn_disagreement"
 VALIDATED_SIGNALS = ("trusted_loss", CONSENSUS)
-ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app say them
-    "one mode": "has one mode (no group apart)",
-    "split not trusted, no validation set": "is not trusted, and without a validation set "
-    "none of its signals sees noise the probes cannot",
-}
 GAUSSIAN_KURTOSIS = 3.0
 MIN_TAIL_SCALE = 0.5  # c at least half an IQR: asinh reshapes the tails, not the bulk
 RIDGE_POINTS = 201  # where the mixture's density is evaluated between its means
@@ -194,6 +193,7 @@ def probe_weighted_score(
     is_probe: np.ndarray,
     alone: bool = False,
     drop: float = 0.0,
+    is_clean: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """z(score) + z(F w): the mixture's score plus the mixture's features weighted by how well
     they tell planted probes from the rest in a twin audit (``probe_suspicions``: that audit's
@@ -201,20 +201,36 @@ def probe_weighted_score(
     mixture sees the noise this set has but, on weak signals, cannot tell which signal carries
     it; the probes are labelled, but only of the kinds planted. Measured on 90 benchmark
     cell-seeds, the sum beat the mixture alone on every seed at both widths tried.
+    ``is_clean``: the twin's rows that are validation pairs (known clean): then the probes
+    are told from those, not from the real rows (which hold the set's own noise), and their
+    direction is corrected by the real rows against the clean ones (``contrast_direction``).
     ``alone``: z(F w) only, for a mixture whose score has found no group to add.
     ``drop``: the fraction of the twin's real rows, most suspect under a first fit, left out
-    of a second (``cleaned_probe_direction``)."""
+    of a second (``cleaned_probe_direction``; not used with clean rows)."""
     feats = mix.features(probe_suspicions)
     ok = np.isfinite(feats).all(axis=1)
-    w, bias, dropped = cleaned_probe_direction(feats[ok], np.asarray(is_probe)[ok], drop)
+    probe = np.asarray(is_probe, dtype=bool)[ok]
+    clean = np.zeros(len(probe), bool) if is_clean is None else np.asarray(is_clean, bool)[ok]
+    extra = {}
+    if clean.any():
+        told = probe | clean
+        prior, bias = probe_direction(feats[ok][told], probe[told])
+        real = ~told
+        w, lam = contrast_direction(feats[ok][~probe], real[~probe], prior)
+        penalty = lam if np.isfinite(lam) else None  # None: the real rows did not move it
+        extra = {"clean": int(clean.sum()), "prior_weights": prior.tolist(), "penalty": penalty}
+        dropped = 0
+    else:
+        w, bias, dropped = cleaned_probe_direction(feats[ok], probe, drop)
     total, parts = probe_sum(score, mix.features(suspicions) @ w, alone)
     record = {
         "signals": list(mix.signals),
         "weights": w.tolist(),
         "bias": bias,
-        "probes": int(np.asarray(is_probe)[ok].sum()),
-        "rows": int(ok.sum()),
+        "probes": int(probe.sum()),
+        "rows": int((~probe & ~clean).sum() + probe.sum()),
         "dropped": dropped,
+        **extra,
         "parts": ["probe_weighted_features"] if alone else ["score", "probe_weighted_features"],
         "standardisers": [[q.median, q.scale] for q in parts],
     }
@@ -350,43 +366,3 @@ def _log_densities(z: np.ndarray, weights, means, covs) -> np.ndarray:
             - 0.5 * z.shape[1] * np.log(2 * np.pi)
         )
     return out
-
-
-def describe_combination(record: Mapping) -> str:
-    """One line: how misalign_score was made from the signals (named by their table columns:
-    the influence slot holds ``self_influence`` in an audit without a validation set)."""
-    column = {"influence": record.get("influence_column", "influence")}
-    if record.get("kind") == "mixture":
-        names = [column.get(k, k) for k in record["signals"]]
-        mixture = (
-            f"two-Gaussian mixture over {', '.join(names)} "
-            f"(suspects {record['weights'][1]:.1%}, separation {record['separation']:.2f})"
-        )
-        probes = record.get("probe_weights")
-        weighted = ""
-        if probes:
-            terms = ", ".join(
-                f"{w:+.2f} {column.get(k, k)}" for k, w in zip(probes["signals"], probes["weights"])
-            )
-            weighted = f"sum of its features weighted by planted probes ({terms}; "
-            weighted += f"{probes['probes']} probes"
-            if probes.get("dropped"):
-                weighted += f", refit without the {probes['dropped']} most suspect real rows"
-            weighted += ")"
-            if probes["parts"] == ["probe_weighted_features"]:
-                why = probes.get("alone_because") or "one mode"
-                why = ALONE_BECAUSE.get(why, why)
-                return f"the {weighted}, alone: the {mixture} {why}"
-        what = f"log-odds of the suspect component of a {mixture}"
-        if record.get("hedge"):
-            what = (
-                f"standardised {what} plus the standardised equal-weight sum of its features "
-                "(the mixture's split is not trusted)"
-            )
-        if probes:
-            what = what if record.get("hedge") else f"standardised {what}"
-            what = f"{what}; plus the standardised {weighted}"
-        return what
-    used = [f"{w:g} x {k}" for k, w in (record.get("weights") or {}).items() if w]
-    why = f" ({record['why']})" if record.get("why") else ""
-    return "sum of standardised " + (" + ".join(used) if used else "nothing") + why

@@ -121,7 +121,7 @@ def run_demo(
     if figures["head"]:
         log(f"head: {describe_choice(figures['head'])}")
     if info.get("combination"):
-        from ecif.audit.combine import describe_combination
+        from ecif.audit.combination_text import describe_combination
 
         log(f"misalign_score: {describe_combination(info['combination'])}")
     log("ranking against the planted noise (AUROC / AP):")

@@ -30,11 +30,20 @@ from ecif.audit.thresholds import (
 
 @dataclass
 class ProbeSignals:
-    """A twin audit's suspicions per row and which rows were planted
-    (``ecif.audit.probes.probe_signals``)."""
+    """A twin audit's suspicions per row, which rows were planted and which are validation
+    pairs held in it as known-clean rows (None: none; ``ecif.audit.probes.probe_signals``)."""
 
     suspicions: dict[str, np.ndarray]
     is_probe: np.ndarray
+    is_clean: np.ndarray | None = None
+
+    def without_clean(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The real and planted rows' suspicions and probe mask: what the probes' count of
+        the noise (``spike_in_rate``) reads."""
+        if self.is_clean is None:
+            return self.suspicions, self.is_probe
+        keep = ~np.asarray(self.is_clean, dtype=bool)
+        return {k: v[keep] for k, v in self.suspicions.items()}, self.is_probe[keep]
 
 
 # Without a validation set, the fraction of the twin's real rows left out of the probes'
@@ -152,11 +161,13 @@ def misalign_scores(
                     probes.is_probe,
                     alone=bool(alone),
                     drop=drop,
+                    is_clean=probes.is_clean,
                 )
                 record["probe_weights"]["alone_because"] = alone
                 weights = np.asarray(record["probe_weights"]["weights"])
-                twin = twin_score(mix, probes.suspicions, weights, hedge, alone=bool(alone))
-                record["probe_rate"] = spike_in_rate(twin, probes.is_probe)
+                twin_sus, twin_probe = probes.without_clean()
+                twin = twin_score(mix, twin_sus, weights, hedge, alone=bool(alone))
+                record["probe_rate"] = spike_in_rate(twin, twin_probe)
                 rate = mixture_noise_rate(
                     log_odds, mix.separation, record["valley"], record["probe_rate"]
                 )

@@ -7,9 +7,13 @@ caption, a generic caption), runs the same fit and scoring with the same options
 choice, and returns every row's signals with the probe mask; ``probe_weighted_score`` learns
 from them how much each signal says. The twin is capped at ``max_rows`` sampled pairs (the
 weights are a few numbers; a sample measures them as well as the whole set), so its cost is
-at most one more audit of that size; the head fit on the validation pairs alone
-(``trusted_loss``) is the audit's own, not fit again. The audit's own head, scores and
-files are untouched.
+at most one more audit of that size. With a validation set the twin also holds half of its
+pairs (at most ``CLEAN_MAX_ROWS``) as known-clean rows, trained on like the real ones, and is
+validated against the other half (its ``trusted_loss`` head is fit on that half alone, so
+the held pairs are as new to it as the real rows): the probes' weights are learnt against
+those clean rows and corrected by the real rows against them (``combine.probe_weighted_score``).
+Without one, the audit's own head fit on the validation pairs is reused. The audit's own
+head, scores and files are untouched.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from ecif.device import resolve_device
 
 MIN_PROBES = 30  # fewer planted probes than this: too few to weigh three signals
 TWIN_MAX_ROWS = 20_000  # real pairs in the twin audit (a seeded sample of larger sets)
+MIN_CLEAN = MIN_PROBES  # validation pairs the twin holds as clean rows: this many, or none
+CLEAN_MAX_ROWS = 5_000  # at most this many (a few weights to learn; the twin stays small)
 
 
 def probe_signals(
@@ -39,9 +45,10 @@ def probe_signals(
 ) -> ProbeSignals | None:
     """Run the twin audit of ``auditor``'s (an ``ecif.Auditor``) training set (a seeded sample
     of at most ``max_rows`` pairs) plus ``fraction`` planted probes; None when that plants
-    fewer than ``MIN_PROBES`` (a small set: the mixture alone decides). ``consensus``: the
+    fewer than ``MIN_PROBES`` (a small set: the mixture alone decides); with a validation
+    set, half of its pairs join as clean rows (``held_out_clean``). ``consensus``: the
     audit's ``knn_disagreement`` over its whole training set; a sampled twin takes it for its
-    real rows and reads its probes' neighbours in the whole set (``sampled_consensus``), through
+    real rows and reads its probes' and clean rows' neighbours in the whole set (``sampled_consensus``), through
     ``near`` when given (the indexes behind ``consensus``) rather than indexes built again."""
     train = auditor.train
     if fraction <= 0 or round(fraction * min(len(train), max_rows)) < MIN_PROBES:
@@ -52,29 +59,47 @@ def probe_signals(
         rows = np.sort(np.random.default_rng(seed).choice(len(train), max_rows, replace=False))
     x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
     px, py, _ = make_probes(x, y, fraction, seed)
-    n = len(rows) + len(px)
+    held, twin_val = held_out_clean(auditor.val, seed)
+    cx = np.asarray(auditor.val.image)[held] if held is not None else x[:0]
+    cy = np.asarray(auditor.val.text)[held] if held is not None else y[:0]
+    n = len(rows) + len(px) + len(cx)
     # no shard groups: the probes must share batches with real pairs, as noise does
     twin_set = EmbeddingSet(
-        np.concatenate([x, px]),
-        np.concatenate([y, py]),
+        np.concatenate([x, px, cx]),
+        np.concatenate([y, py, cy]),
         ids=np.arange(n),
         logit_scale=train.logit_scale,
     )
     with warnings.catch_warnings():  # the audit itself has said what its inputs lack
         warnings.simplefilter("ignore", UserWarning)
-        twin = type(auditor)(twin_set, auditor.val, auditor.args)
-    twin.choice = auditor.choose()  # the same head: only the planted rows differ
-    twin.trusted = auditor.trusted  # the same validation pairs: their head, not a refit
+        twin = type(auditor)(twin_set, twin_val, auditor.args)
+    twin.choice = auditor.choose()  # the same head: only the planted and held rows differ
+    if held is None:
+        twin.trusted = auditor.trusted  # the same validation pairs: their head, not a refit
     if consensus is not None and len(rows) < len(train):
         if near is None:
             device = resolve_device(auditor.args.device)
             near = KnnConsensus(train.image, train.text, device=device)
-        twin.known_consensus = sampled_consensus(rows, consensus, near.of_queries(px, py))
+        new_x, new_y = np.concatenate([px, cx]), np.concatenate([py, cy])
+        twin.known_consensus = sampled_consensus(rows, consensus, near.of_queries(new_x, new_y))
     scored = twin._signals(progress)
     scored["clip_score"] = cosine(twin_set.image, twin_set.text)
     n_norm = float(np.mean([h.n_norm for h in twin.heads]))
-    is_probe = np.arange(n) >= len(rows)
-    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe)
+    position = np.arange(n)
+    is_probe = (position >= len(rows)) & (position < len(rows) + len(px))
+    is_clean = position >= len(rows) + len(px) if held is not None else None
+    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, is_clean)
+
+
+def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | None, Any]:
+    """Which validation pairs the twin holds as clean rows (a seeded half, at most
+    ``CLEAN_MAX_ROWS``; None when there are fewer than ``MIN_CLEAN``) and the validation
+    set it is scored against (the rest; ``val`` itself when none are held)."""
+    if val is None or len(val) // 2 < MIN_CLEAN:
+        return None, val
+    order = np.random.default_rng([seed, 5]).permutation(len(val))
+    count = min(len(val) // 2, CLEAN_MAX_ROWS)
+    return np.sort(order[:count]), val.subset(np.sort(order[count:]))
 
 
 def sampled_consensus(rows: np.ndarray, consensus: np.ndarray, probes: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ def not_converged(fit: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecif.audit.combine import describe_combination
+    from ecif.audit.combination_text import describe_combination
     from ecif.audit.folder import read_audit
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards

@@ -38,7 +38,7 @@ fitted = describe_fit(info)
 if fitted:  # the head's search, or a model mode's part: what the influence was taken through
     st.markdown(f"**{fitted[0].capitalize()}:** {fitted[1]}")
 if info.get("combination"):
-    from ecif.audit.combine import describe_combination
+    from ecif.audit.combination_text import describe_combination
 
     st.markdown(f"**misalign_score:** {describe_combination(info['combination'])}")
 for note in state.audit_warnings(info):
