@@ -19,14 +19,14 @@ from unittest import mock
 
 import numpy as np
 import pandas as pd
-from bench_detect import EMBEDDING_KINDS, GEOMETRIES, KINDS, make_sets
+from bench_detect import make_sets
 from scipy import stats
+from trial_cells import add_grid_options
 
 import ecif
 from ecif.audit import probe_regression, probes
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import misalign_scores
-from ecif.data.concepts import HELD_OUT
 
 BEFORE = "without held pairs (the default before)"
 RULES_DEFAULT = "default (one standard error)"
@@ -75,16 +75,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES + HELD_OUT
-    )
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS + EMBEDDING_KINDS)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--n-val", type=int, default=500)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--noise", type=float, default=0.2)
-    ap.add_argument("--class-skew", type=float, default=0.0, help="long-tailed classes")
+    add_grid_options(ap)
     args = ap.parse_args()
     t0, rows = time.time(), []
     for geometry in args.geometries:

@@ -94,6 +94,17 @@ class Cell:
 def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     """The cache folder and bench_detect's grid options (the cells ``cached_cells`` reads)."""
     ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
+    add_grid_options(ap)
+    ap.add_argument(
+        "--no-val",
+        action="store_true",
+        help="audit without the validation set (self-influence, no trusted_loss); "
+        "use a cache folder of its own",
+    )
+
+
+def add_grid_options(ap: argparse.ArgumentParser) -> None:
+    """bench_detect's grid: geometries, noise kinds, seeds, sizes, width, noise rate, skew."""
     ap.add_argument(
         "--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES + HELD_OUT
     )
@@ -104,12 +115,6 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--class-skew", type=float, default=0.0, help="long-tailed classes")
-    ap.add_argument(
-        "--no-val",
-        action="store_true",
-        help="audit without the validation set (self-influence, no trusted_loss); "
-        "use a cache folder of its own",
-    )
 
 
 def cached_cells(args):
