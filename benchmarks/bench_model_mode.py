@@ -12,7 +12,8 @@ way. The head mode is the default Auditor on the embeddings; the projection mode
 output projections (pull 0.1) at two temperatures: the model's own and the one that
 calibrates the pretrained similarity on the validation pairs (as the head's "auto" does,
 without its factor 1/2), the solve on the exact Hessian (the default) and, for detection, on
-the Gauss-Newton matrix. Fidelity: float64 refits without single pairs (warm-started, same
+the Gauss-Newton matrix. The mode's own audit is also recombined without its twin's planted
+probes (the mixture alone), paired seed by seed. Fidelity: float64 refits without single pairs (warm-started, same
 batches) and without random 5% subsets: Spearman and LDS. Cost: the scoring pass against a
 plain forward pass of the part over the same chunks. With ``--params lora`` the cache holds the
 token states entering the last ``--lora-blocks`` blocks and the part adds rank
@@ -144,6 +145,15 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
         # model modes (2026-12-05): paired, seed by seed
         three = mine.drop(columns=list(VALIDATED_SIGNALS)).reset_index()
         det(f"{tag} misalign_score, 3 signals", misalign_scores(three, "auto", n_norm)[0])
+        # without the twin's planted probes (a model mode's default before 2026-12-05, tenth
+        # session): the mixture alone over the five signals, paired seed by seed
+        alone = misalign_scores(mine.reset_index(), "auto", n_norm)[0]
+        det(f"{tag} misalign_score, no probes", alone)
+        out[f"{tag} probes minus no probes AP"] = (
+            out[f"{tag} misalign_score AP"] - out[f"{tag} misalign_score, no probes AP"]
+        )
+        planted = audit.probes
+        out[f"{tag} probes planted"] = 0.0 if planted is None else float(planted.is_probe.sum())
         scales = {"model scale": None, "calibrated scale": calibrated(val, train.init, base)}
         for label, scale in scales.items():
             args = replace(base, batch_size=64, seed=seed, logit_scale=scale)

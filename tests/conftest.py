@@ -30,6 +30,24 @@ def tiny_clip_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def projection_folders(tmp_path_factory, tiny_clip_dir):
+    """Shapes embedded with the projection feature cache: 160 training pairs (25% noise) and
+    64 clean validation pairs, as embedding folders ("train", "val") under "root"."""
+    import ecif
+    from ecif import datasets
+
+    root = tmp_path_factory.mktemp("model-mode")
+    model = f"local-dir:{tiny_clip_dir}"
+    out = {}
+    for name, n, noise, seed in (("train", 160, 0.25, 0), ("val", 64, 0.0, 1)):
+        datasets.shapes(n, seed=seed, noise=noise).to_parquet(root / f"{name}-shards")
+        ecif.embed(root / f"{name}-shards", root / name, model=model, cache_features="projection")
+        out[name] = root / name
+    out["root"] = root
+    return out
+
+
 # --- app and notebooks (issue 5) ---------------------------------------------------------
 @pytest.fixture(scope="session")
 def small_audit(tmp_path_factory, tiny_clip_dir):

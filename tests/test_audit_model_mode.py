@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import ecif
-from ecif import datasets
 from ecif.audit.auditor import AuditArgs, Auditor
 from ecif.cli import main
 from ecif.data.features import load_features
@@ -26,16 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_clip_dir):
-    root = tmp_path_factory.mktemp("model-mode")
-    model = f"local-dir:{tiny_clip_dir}"
-    out = {}
-    for name, n, noise, seed in (("train", 160, 0.25, 0), ("val", 64, 0.0, 1)):
-        datasets.shapes(n, seed=seed, noise=noise).to_parquet(root / f"{name}-shards")
-        ecif.embed(root / f"{name}-shards", root / name, model=model, cache_features="projection")
-        out[name] = root / name
-    out["root"] = root
-    return out
+def folders(projection_folders):
+    return projection_folders
 
 
 def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):

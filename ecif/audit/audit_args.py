@@ -74,9 +74,9 @@ class AuditArgs:
     )
     probes: float = option(
         0.1,
-        help="weights auto, head mode: planted probes (copies with wrong captions) per training "
-        "pair in a twin audit of at most 20,000 pairs that weighs the signals; 0: the mixture "
-        "alone (also below 300 pairs)",
+        help="weights auto: planted probes (copies with wrong captions; in a model mode, "
+        "another real pair's caption) per training pair in a twin audit of at most 20,000 "
+        "pairs that weighs the signals; 0: the mixture alone (also below 300 pairs)",
     )
     neg: str = option("exact", help="form of the removal term", choices=NEG_FORMS)
     solver: str = borrow(SolverArgs, "solver")

@@ -289,7 +289,7 @@ class Auditor:
         if "self_influence" in scored:
             table["self_influence"] = scored["self_influence"].to_numpy(dtype=np.float32)
         self.probes = None
-        if self.args.weights == "auto" and self.args.params == "head":
+        if self.args.weights == "auto":
             known = table[CONSENSUS].to_numpy() if CONSENSUS in table else None
             self.probes = probe_signals(
                 self, self.args.probes, progress=progress, consensus=known, near=self.neighbours

@@ -178,3 +178,28 @@ def model_crossfit(auditor: Any, progress: bool) -> pd.DataFrame:
     out = pd.concat(parts).sort_index()
     out["id"] = auditor.train.ids
     return out
+
+
+def twin_features(
+    auditor: Any,
+    rows: np.ndarray,
+    image_rows: np.ndarray | None,
+    text_rows: np.ndarray | None,
+    held: np.ndarray | None,
+) -> dict:
+    """The feature caches of a model mode's twin audit (``ecif.audit.probes``; none in the
+    head mode): the training rows ``rows``, then the probes (``image_rows``/``text_rows``,
+    positions within ``rows``), then the validation rows ``held`` as clean rows; its
+    validation features are the rest. The twin has no shard groups, as in the head mode."""
+    if auditor.args.params == "head":
+        return {}
+    train, val = training_features(auditor), auditor.val_features
+    image = [train.image[rows], train.image[rows[image_rows]]]
+    text = [train.text[rows], train.text[rows[text_rows]]]
+    if held is not None:
+        image.append(val.image[held])
+        text.append(val.text[held])
+        val = feature_rows(val, np.setdiff1d(np.arange(len(val.image)), held))
+    image, text = np.concatenate(image), np.concatenate(text)
+    twin = SimpleNamespace(image=image, text=text, ids=np.arange(len(image)), init=train.init)
+    return {"train_features": twin, "val_features": val}

@@ -25,7 +25,8 @@ import numpy as np
 
 from ecif.audit.baselines import KnnConsensus, cosine
 from ecif.audit.misalign import ProbeSignals, signal_suspicions
-from ecif.audit.selection import make_probes
+from ecif.audit.model_signals import twin_features
+from ecif.audit.selection import make_probes, probe_sources
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.device import resolve_device
 
@@ -58,7 +59,12 @@ def probe_signals(
     if len(train) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(len(train), max_rows, replace=False))
     x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
-    px, py, _ = make_probes(x, y, fraction, seed)
+    image_rows = text_rows = None
+    if auditor.args.params == "head":
+        px, py, _ = make_probes(x, y, fraction, seed)
+    else:  # the encoders read features: probes must be copies of real rows
+        image_rows, text_rows, _ = probe_sources(x, y, fraction, seed)
+        px, py = x[image_rows], y[text_rows]
     held, twin_val = held_out_clean(auditor.val, seed)
     cx = np.asarray(auditor.val.image)[held] if held is not None else x[:0]
     cy = np.asarray(auditor.val.text)[held] if held is not None else y[:0]
@@ -72,7 +78,8 @@ def probe_signals(
     )
     with warnings.catch_warnings():  # the audit itself has said what its inputs lack
         warnings.simplefilter("ignore", UserWarning)
-        twin = type(auditor)(twin_set, twin_val, auditor.args)
+        features = twin_features(auditor, rows, image_rows, text_rows, held)
+        twin = type(auditor)(twin_set, twin_val, auditor.args, **features)
     twin.choice = auditor.choose()  # the same head: only the planted and held rows differ
     if held is None:
         twin.trusted = auditor.trusted  # the same validation pairs: their head, not a refit

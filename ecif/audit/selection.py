@@ -127,25 +127,13 @@ def make_probes(
     """Copies of random pairs with planted captions, a third each: ``shuffle`` (another probe's
     text), ``near`` (the text of the nearest image's pair whose text differs), ``generic``
     (the mean text direction: a caption that fits every image a little)."""
-    rng = np.random.default_rng(seed)
-    n = len(x)
-    m = min(n, max(30, int(round(fraction * n))))
-    src = rng.choice(n, m, replace=False)
-    px, py = np.asarray(x[src], dtype=np.float32).copy(), np.empty((m, y.shape[1]), np.float32)
-    thirds = np.array_split(np.arange(m), 3)
-    kind = np.empty(m, dtype=object)
-    sh, near, gen = thirds
-    py[sh] = y[src[sh]][np.roll(np.arange(len(sh)), 1)]
-    kind[sh] = "shuffle"
-    xs = _unit(np.asarray(x, dtype=np.float32))
+    src, text_src, kind, rng = _planted(x, y, fraction, seed, ("shuffle", "near", "generic"))
+    px = np.asarray(x[src], dtype=np.float32).copy()
+    py = np.empty((len(src), y.shape[1]), np.float32)
+    copied = text_src >= 0
+    py[copied] = y[text_src[copied]]
+    gen = np.nonzero(~copied)[0]
     ys = _unit(np.asarray(y, dtype=np.float32))
-    sim = xs[src[near]] @ xs.T
-    sim[np.arange(len(near)), src[near]] = -np.inf
-    order = np.argsort(-sim, axis=1)[:, :64]
-    for r, i in enumerate(src[near]):
-        differs = order[r][ys[order[r]] @ ys[i] < 0.98]
-        py[near[r]] = y[differs[0] if len(differs) else order[r, 0]]
-    kind[near] = "near"
     mean = ys.mean(0)
     py[gen] = _unit(
         mean[None]
@@ -154,8 +142,53 @@ def make_probes(
         / np.sqrt(y.shape[1])
         * np.linalg.norm(mean)
     )
-    kind[gen] = "generic"
     return px, py, kind
+
+
+def probe_sources(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``make_probes`` as row positions, for inputs that are not embeddings (a model mode's
+    feature caches): each probe's image row and caption row, and its kind, half ``shuffle``
+    and half ``near``. Why no ``generic``: a planted caption there must be some real pair's
+    encoder input, and a mean direction is none (token states have no mean caption)."""
+    src, text_src, kind, _ = _planted(x, y, fraction, seed, ("shuffle", "near"))
+    return src, text_src, kind
+
+
+def _planted(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int, kinds: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.random.Generator]:
+    """The probes' source rows, caption rows (-1: ``generic``, made by the caller), kinds
+    (an equal share each, in the order given) and the generator that drew them."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    m = min(n, max(30, int(round(fraction * n))))
+    src = rng.choice(n, m, replace=False)
+    text_src = np.full(m, -1, dtype=np.int64)
+    kind = np.empty(m, dtype=object)
+    for rows, name in zip(np.array_split(np.arange(m), len(kinds)), kinds):
+        kind[rows] = name
+        if name == "shuffle":
+            text_src[rows] = src[rows][np.roll(np.arange(len(rows)), 1)]
+        elif name == "near":
+            text_src[rows] = _nearest_other_caption(x, y, src[rows])
+    return src, text_src, kind, rng
+
+
+def _nearest_other_caption(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each row, the pair whose image is nearest and whose caption differs (cosine < 0.98
+    among the 64 nearest images; the nearest image's when none does)."""
+    xs = _unit(np.asarray(x, dtype=np.float32))
+    ys = _unit(np.asarray(y, dtype=np.float32))
+    sim = xs[rows] @ xs.T
+    sim[np.arange(len(rows)), rows] = -np.inf
+    order = np.argsort(-sim, axis=1)[:, :64]
+    out = np.empty(len(rows), dtype=np.int64)
+    for r, i in enumerate(rows):
+        differs = order[r][ys[order[r]] @ ys[i] < 0.98]
+        out[r] = differs[0] if len(differs) else order[r, 0]
+    return out
 
 
 def _unit(a: np.ndarray) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""Planted probes in a model mode: the twin audit's rows are real rows' encoder inputs (each
+probe's image and caption features are those of the pairs its embeddings come from), half of
+the validation pairs join it as clean rows and leave its validation set, and the audit's
+ranking is weighted by them."""
+
+import numpy as np
+import pytest
+
+import ecif
+from ecif.audit.auditor import AuditArgs, Auditor
+from ecif.audit.combination_text import describe_combination
+from ecif.audit.selection import probe_sources
+from ecif.data.features import load_features
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _unit(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_probe_sources_by_brute_force():
+    g = np.random.default_rng(4)
+    n = 300
+    x = _unit(g.standard_normal((n, 12)))
+    captions = _unit(g.standard_normal((60, 12)))
+    y = captions[g.integers(0, 60, n)]  # captions repeat, as shapes' do
+    src, text_src, kind = probe_sources(x, y, 0.2, 7)
+    assert len(src) == 60 and len(set(src)) == 60
+    assert set(kind) == {"shuffle", "near"} and (kind == "shuffle").sum() == 30
+    shuffle, near = kind == "shuffle", kind == "near"
+    # shuffles: every probe takes another probe's caption, each caption used once
+    assert sorted(text_src[shuffle]) == sorted(src[shuffle])
+    assert (text_src[shuffle] != src[shuffle]).all()
+    # near: the pair with the most similar image among those whose caption differs
+    for i, j in zip(src[near], text_src[near]):
+        other = np.nonzero(y @ y[i] < 0.98)[0]
+        assert j == other[np.argmax(x[other] @ x[i])]
+
+
+class RecordingAuditor(Auditor):
+    """An Auditor that keeps every instance made (the audit and its twin)."""
+
+    made: list = []
+
+    def __post_init__(self):
+        super().__post_init__()
+        RecordingAuditor.made.append(self)
+
+
+def _source_rows(emb, pool):
+    """For each row of ``emb``, the rows of ``pool`` with the same vector."""
+    return [np.nonzero(np.abs(pool - v).max(1) < 1e-6)[0] for v in emb]
+
+
+def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(projection_folders):
+    train_set = ecif.EmbeddingSet.load(projection_folders["train"])
+    val_set = ecif.EmbeddingSet.load(projection_folders["val"])
+    train_f = load_features(projection_folders["train"])
+    val_f = load_features(projection_folders["val"])
+    RecordingAuditor.made = []
+    audit = RecordingAuditor(
+        train_set,
+        val_set,
+        AuditArgs(params="projection", batch_size=32, probes=0.25),
+        train_features=train_f,
+        val_features=val_f,
+    )
+    table = audit.run()
+    assert len(RecordingAuditor.made) == 2
+    twin = RecordingAuditor.made[1]
+    n, probes, clean = len(train_set), 40, len(val_set) // 2
+    assert len(twin.train) == n + probes + clean == len(twin.train_features.image)
+    assert len(twin.val) == len(val_set) - clean == len(twin.val_features.image)
+
+    pool = {
+        side: np.concatenate([np.asarray(getattr(s, side)) for s in (train_set, val_set)])
+        for side in ("image", "text")
+    }
+    feats = {
+        side: np.concatenate([np.asarray(getattr(f, side), np.float32) for f in (train_f, val_f)])
+        for side in ("image", "text")
+    }
+    images = _source_rows(np.asarray(twin.train.image), pool["image"])
+    assert all(len(r) == 1 for r in images)  # every image is a real one, found once
+    image_rows = np.array([r[0] for r in images])
+    for side, rows in (("image", [[r] for r in image_rows]), ("text", None)):
+        rows = rows or _source_rows(np.asarray(twin.train.text), pool["text"])
+        got = np.asarray(getattr(twin.train_features, side), np.float32)
+        for k, found in enumerate(rows):  # the features are those of a pair with that vector
+            assert len(found) > 0
+            np.testing.assert_allclose(got[k], feats[side][found[0]], atol=1e-3)
+    # the real rows first, in order; then probes with another pair's caption; then clean rows
+    np.testing.assert_array_equal(image_rows[:n], np.arange(n))
+    probe_img = image_rows[n : n + probes]
+    assert (probe_img < n).all()
+    own = np.asarray(train_set.text)[probe_img]
+    assert (np.abs(np.asarray(twin.train.text)[n : n + probes] - own).max(1) > 1e-6).all()
+    held = image_rows[n + probes :] - n
+    assert (held >= 0).all() and len(set(held)) == clean
+    # the twin's validation pairs are the others, with their own features
+    rest = np.array([r[0] for r in _source_rows(np.asarray(twin.val.image), pool["image"])]) - n
+    assert set(rest).isdisjoint(held) and len(set(rest) | set(held)) == len(val_set)
+    np.testing.assert_allclose(
+        np.asarray(twin.val_features.image, np.float32), feats["image"][rest + n], atol=1e-3
+    )
+    weights = table.attrs["combination"]["probe_weights"]
+    assert weights["probes"] == probes and weights["clean"] == clean
+    assert f"{probes} probes" in describe_combination(table.attrs["combination"])
