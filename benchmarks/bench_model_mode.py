@@ -137,7 +137,19 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             audit = ecif.Auditor(train_set, val_set, margs, train_features=train, val_features=val)
+            t = time.perf_counter()
             mine = audit.run()
+            out[f"{tag} audit s"] = time.perf_counter() - t
+            bare = ecif.Auditor(
+                train_set,
+                val_set,
+                replace(margs, probes=0.0),
+                train_features=train,
+                val_features=val,
+            )
+            t = time.perf_counter()
+            bare = bare.run()
+            out[f"{tag} audit without probes s"] = time.perf_counter() - t
         n_norm = float(np.mean([h.n_norm for h in audit.heads]))
         mine = mine.set_index("id").loc[list(train_set.ids)]
         det(f"{tag} misalign_score", mine["misalign_score"].to_numpy())
@@ -148,6 +160,9 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
         # without the twin's planted probes (a model mode's default before 2026-12-05, tenth
         # session): the mixture alone over the five signals, paired seed by seed
         alone = misalign_scores(mine.reset_index(), "auto", n_norm)[0]
+        np.testing.assert_allclose(  # the recombination is the audit run without probes
+            alone, bare.set_index("id").loc[list(train_set.ids), "misalign_score"], atol=1e-5
+        )
         det(f"{tag} misalign_score, no probes", alone)
         out[f"{tag} probes minus no probes AP"] = (
             out[f"{tag} misalign_score AP"] - out[f"{tag} misalign_score, no probes AP"]

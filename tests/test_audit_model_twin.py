@@ -3,13 +3,17 @@ probe's image and caption features are those of the pairs its embeddings come fr
 the validation pairs join it as clean rows and leave its validation set, and the audit's
 ranking is weighted by them."""
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 
 import ecif
 from ecif.audit.auditor import AuditArgs, Auditor
 from ecif.audit.combination_text import describe_combination
 from ecif.audit.selection import probe_sources
+from ecif.cli import main
 from ecif.data.features import load_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,22 +57,29 @@ def _source_rows(emb, pool):
     return [np.nonzero(np.abs(pool - v).max(1) < 1e-6)[0] for v in emb]
 
 
-def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(projection_folders):
-    train_set = ecif.EmbeddingSet.load(projection_folders["train"])
-    val_set = ecif.EmbeddingSet.load(projection_folders["val"])
-    train_f = load_features(projection_folders["train"])
-    val_f = load_features(projection_folders["val"])
+@pytest.fixture(scope="module")
+def twin_audit(projection_folders):
+    """A projection-mode audit with a twin (probes=0.25: 40 probes on 160 pairs), run once:
+    (the audit's and the twin's auditors, its table)."""
+    sets = [ecif.EmbeddingSet.load(projection_folders[k]) for k in ("train", "val")]
+    feats = [load_features(projection_folders[k]) for k in ("train", "val")]
     RecordingAuditor.made = []
     audit = RecordingAuditor(
-        train_set,
-        val_set,
+        *sets,
         AuditArgs(params="projection", batch_size=32, probes=0.25),
-        train_features=train_f,
-        val_features=val_f,
+        train_features=feats[0],
+        val_features=feats[1],
     )
     table = audit.run()
-    assert len(RecordingAuditor.made) == 2
-    twin = RecordingAuditor.made[1]
+    return list(RecordingAuditor.made), table
+
+
+def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(twin_audit):
+    made, table = twin_audit
+    assert len(made) == 2
+    audit, twin = made
+    train_set, val_set = audit.train, audit.val
+    train_f, val_f = audit.train_features, audit.val_features
     n, probes, clean = len(train_set), 40, len(val_set) // 2
     assert len(twin.train) == n + probes + clean == len(twin.train_features.image)
     assert len(twin.val) == len(val_set) - clean == len(twin.val_features.image)
@@ -107,3 +118,22 @@ def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(proje
     weights = table.attrs["combination"]["probe_weights"]
     assert weights["probes"] == probes and weights["clean"] == clean
     assert f"{probes} probes" in describe_combination(table.attrs["combination"])
+
+
+def test_score_cli_in_projection_mode_plants_probes_and_says_so(
+    projection_folders, twin_audit, tmp_path, capsys
+):
+    out = tmp_path / "audit"
+    argv = ["score", str(projection_folders["train"]), "--val", str(projection_folders["val"])]
+    argv += ["-o", str(out), "--params", "projection", "--batch-size", "32", "--probes", "0.25"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "40 probes told from 32 held-out validation pairs" in said, said
+    info = json.loads((out / "audit.json").read_text())
+    weights = info["combination"]["probe_weights"]
+    assert weights["probes"] == 40 and weights["clean"] == 32
+    shards = pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("*.parquet")))
+    _, table = twin_audit  # the Python API's audit with the same options: the same ranking
+    got = shards.set_index("id")["misalign_score"]
+    want = table.set_index("id")["misalign_score"]
+    np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), atol=1e-4)
