@@ -137,3 +137,23 @@ def test_score_cli_in_projection_mode_plants_probes_and_says_so(
     got = shards.set_index("id")["misalign_score"]
     want = table.set_index("id")["misalign_score"]
     np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), atol=1e-4)
+
+
+def test_stacked_rows_read_as_the_copy_would():
+    from ecif.data.features import StackedRows
+
+    g = np.random.default_rng(0)
+    a = g.standard_normal((50, 3, 2)).astype(np.float16)
+    b = g.standard_normal((20, 3, 2)).astype(np.float16)
+    ra, rb = g.integers(0, 50, 30), g.permutation(20)[:7]
+    want = np.concatenate([a[ra], b[rb]])
+    view = StackedRows([(a, ra), (b, rb)])
+    assert len(view) == 37 and view.shape == want.shape and view.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(view), want)
+    pick = g.permutation(37)[:11]
+    np.testing.assert_array_equal(view[pick], want[pick])
+    np.testing.assert_array_equal(view[5:33:4], want[5:33:4])
+    np.testing.assert_array_equal(view[31], want[31])
+    np.testing.assert_array_equal(np.asarray(view, np.float32), want.astype(np.float32))
+    nested = StackedRows([(view, pick)])  # rows of rows: a cross-fit half of a twin
+    np.testing.assert_array_equal(nested[2:9], want[pick][2:9])

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ecif.audit.checks import AuditInputError
+from ecif.data.features import StackedRows
 from ecif.engine.model_mode import ModelArgs, fit_model, model_pair_losses, score_model
 from ecif.engine.model_probes import DEFAULT_PROBES as PROBES
 from ecif.engine.model_probes import probe_estimate
@@ -93,9 +94,9 @@ def model_inputs(args: Any, embeddings: Path, val: Any) -> dict:
 
 def feature_rows(feats: Any, rows: np.ndarray) -> SimpleNamespace:
     """The rows ``rows`` of a FeatureSet (image, text, ids, init; batches drawn anew)."""
-    return SimpleNamespace(
-        image=feats.image[rows],
-        text=feats.text[rows],
+    return SimpleNamespace(  # read on demand: a half of a large cache is not copied
+        image=StackedRows([(feats.image, rows)]),
+        text=StackedRows([(feats.text, rows)]),
         ids=np.asarray(feats.ids)[rows],
         init=feats.init,
     )
@@ -194,12 +195,12 @@ def twin_features(
     if auditor.args.params == "head":
         return {}
     train, val = training_features(auditor), auditor.val_features
-    image = [train.image[rows], train.image[rows[image_rows]]]
-    text = [train.text[rows], train.text[rows[text_rows]]]
+    own = np.r_[rows, rows[image_rows]], np.r_[rows, rows[text_rows]]
+    image, text = [(train.image, own[0])], [(train.text, own[1])]
     if held is not None:
-        image.append(val.image[held])
-        text.append(val.text[held])
+        image.append((val.image, held))
+        text.append((val.text, held))
         val = feature_rows(val, np.setdiff1d(np.arange(len(val.image)), held))
-    image, text = np.concatenate(image), np.concatenate(text)
+    image, text = StackedRows(image), StackedRows(text)
     twin = SimpleNamespace(image=image, text=text, ids=np.arange(len(image)), init=train.init)
     return {"train_features": twin, "val_features": val}
