@@ -12,6 +12,7 @@ import pytest
 import ecif
 from ecif.audit.auditor import AuditArgs, Auditor
 from ecif.audit.combination_text import describe_combination
+from ecif.audit.probes import probe_signals
 from ecif.audit.selection import probe_sources
 from ecif.cli import main
 from ecif.data.features import load_features
@@ -74,22 +75,24 @@ def twin_audit(projection_folders):
     return list(RecordingAuditor.made), table
 
 
-def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(twin_audit):
-    made, table = twin_audit
-    assert len(made) == 2
-    audit, twin = made
+def _twin_rows(audit, twin, n, probes, clean):
+    """Check ``twin``'s rows against ``audit``'s sets by brute force: ``n`` real rows, then
+    ``probes`` planted, then ``clean`` held validation pairs, each row's features those of the
+    pairs its embeddings come from. Returns the real rows' and the held rows' positions."""
     train_set, val_set = audit.train, audit.val
-    train_f, val_f = audit.train_features, audit.val_features
-    n, probes, clean = len(train_set), 40, len(val_set) // 2
     assert len(twin.train) == n + probes + clean == len(twin.train_features.image)
     assert len(twin.val) == len(val_set) - clean == len(twin.val_features.image)
-
     pool = {
         side: np.concatenate([np.asarray(getattr(s, side)) for s in (train_set, val_set)])
         for side in ("image", "text")
     }
     feats = {
-        side: np.concatenate([np.asarray(getattr(f, side), np.float32) for f in (train_f, val_f)])
+        side: np.concatenate(
+            [
+                np.asarray(getattr(f, side), np.float32)
+                for f in (audit.train_features, audit.val_features)
+            ]
+        )
         for side in ("image", "text")
     }
     images = _source_rows(np.asarray(twin.train.image), pool["image"])
@@ -101,23 +104,49 @@ def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(twin_
         for k, found in enumerate(rows):  # the features are those of a pair with that vector
             assert len(found) > 0
             np.testing.assert_allclose(got[k], feats[side][found[0]], atol=1e-3)
-    # the real rows first, in order; then probes with another pair's caption; then clean rows
-    np.testing.assert_array_equal(image_rows[:n], np.arange(n))
-    probe_img = image_rows[n : n + probes]
-    assert (probe_img < n).all()
-    own = np.asarray(train_set.text)[probe_img]
+    m = len(train_set)
+    real, probe_img, held = image_rows[:n], image_rows[n : n + probes], image_rows[n + probes :] - m
+    assert (real < m).all() and (np.diff(real) > 0).all()  # distinct training rows, in order
+    assert np.isin(probe_img, real).all()  # probes copy the twin's own real rows
+    own = np.asarray(train_set.text)[probe_img]  # ... with another pair's caption
     assert (np.abs(np.asarray(twin.train.text)[n : n + probes] - own).max(1) > 1e-6).all()
-    held = image_rows[n + probes :] - n
     assert (held >= 0).all() and len(set(held)) == clean
     # the twin's validation pairs are the others, with their own features
-    rest = np.array([r[0] for r in _source_rows(np.asarray(twin.val.image), pool["image"])]) - n
+    rest = np.array([r[0] for r in _source_rows(np.asarray(twin.val.image), pool["image"])]) - m
     assert set(rest).isdisjoint(held) and len(set(rest) | set(held)) == len(val_set)
     np.testing.assert_allclose(
-        np.asarray(twin.val_features.image, np.float32), feats["image"][rest + n], atol=1e-3
+        np.asarray(twin.val_features.image, np.float32), feats["image"][rest + m], atol=1e-3
     )
+    return real, held
+
+
+def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(twin_audit):
+    made, table = twin_audit
+    assert len(made) == 2
+    audit, twin = made
+    n, probes, clean = len(audit.train), 40, len(audit.val) // 2
+    real, _ = _twin_rows(audit, twin, n, probes, clean)
+    np.testing.assert_array_equal(real, np.arange(n))
     weights = table.attrs["combination"]["probe_weights"]
     assert weights["probes"] == probes and weights["clean"] == clean
     assert f"{probes} probes" in describe_combination(table.attrs["combination"])
+
+
+def test_a_sampled_projection_twin_plants_its_sample_rows(twin_audit):
+    """A twin capped below the set's size (as above 20,000 pairs) samples its real rows; the
+    probes' positions are within the sample, and its rows are still real rows' features."""
+    made, _ = twin_audit
+    audit = made[0]
+    RecordingAuditor.made = []
+    consensus = np.zeros(len(audit.train))  # the audit's column; the probes' read anew
+    signals = probe_signals(audit, 0.25, max_rows=120, consensus=consensus)
+    twin = RecordingAuditor.made[0]
+    real, _ = _twin_rows(audit, twin, 120, 30, len(audit.val) // 2)
+    want = np.sort(
+        np.random.default_rng(audit.args.seed).choice(len(audit.train), 120, replace=False)
+    )
+    np.testing.assert_array_equal(real, want)
+    assert signals.is_probe.sum() == 30 and signals.is_clean.sum() == len(audit.val) // 2
 
 
 def test_score_cli_in_projection_mode_plants_probes_and_says_so(
