@@ -12,8 +12,10 @@ pairs (at most ``CLEAN_MAX_ROWS``) as known-clean rows, trained on like the real
 validated against the other half (its ``trusted_loss`` head is fit on that half alone, so
 the held pairs are as new to it as the real rows): the probes' weights are learnt against
 those clean rows and corrected by the real rows against them (``combine.probe_weighted_score``).
-Without one, the audit's own head fit on the validation pairs is reused. The audit's own
-head, scores and files are untouched.
+Without one, the audit's own head fit on the validation pairs is reused. In a model mode the
+encoders read features, so each probe is a real pair's image with another real pair's caption
+(``selection.probe_sources``) and the twin reads the caches in place
+(``model_signals.twin_features``). The audit's own head, scores and files are untouched.
 """
 
 from __future__ import annotations
