@@ -13,8 +13,9 @@ output projections (pull 0.1) at two temperatures: the model's own and the one t
 calibrates the pretrained similarity on the validation pairs (as the head's "auto" does,
 without its factor 1/2), the solve on the exact Hessian (the default) and, for detection, on
 the Gauss-Newton matrix. The mode's own audit is also recombined without its twin's planted
-probes (the mixture alone), paired seed by seed. Fidelity: float64 refits without single pairs (warm-started, same
-batches) and without random 5% subsets: Spearman and LDS. Cost: the scoring pass against a
+probes (the mixture alone), paired seed by seed, and both audits are timed. Fidelity: float64
+refits without single pairs (warm-started, same batches) and without random 5% subsets:
+Spearman and LDS. Cost: the scoring pass against a
 plain forward pass of the part over the same chunks. With ``--params lora`` the cache holds the
 token states entering the last ``--lora-blocks`` blocks and the part adds rank
 ``--lora-rank`` adapters there; ``--damping`` is added to the pull in the solve.
@@ -157,7 +158,7 @@ def run_seed(seed: int, n: int, singles: int, groups: int, base: ModelArgs) -> d
         # model modes (2026-12-05): paired, seed by seed
         three = mine.drop(columns=list(VALIDATED_SIGNALS)).reset_index()
         det(f"{tag} misalign_score, 3 signals", misalign_scores(three, "auto", n_norm)[0])
-        # without the twin's planted probes (a model mode's default before 2026-12-05, tenth
+        # without the twin's planted probes (a model mode's default before 2026-12-05, eleventh
         # session): the mixture alone over the five signals, paired seed by seed
         alone = misalign_scores(mine.reset_index(), "auto", n_norm)[0]
         np.testing.assert_allclose(  # the recombination is the audit run without probes
