@@ -3,6 +3,7 @@ on other data and noise than ``bench_model_mode.py``'s, with or without a valida
 
     python benchmarks/bench_model_probes.py --data shapes --seeds 4
     python benchmarks/bench_model_probes.py --no-val --seeds 4
+    python benchmarks/bench_model_probes.py --no-val --no-val-mode self --seeds 3
     python benchmarks/bench_model_probes.py --noise-kind shuffle --seeds 3
 
 Per seed: ``--data`` (digits or shapes) rendered as images with captions, 20% noise of
@@ -53,7 +54,7 @@ def one_seed(a, seed: int) -> dict:
         if a.no_val:
             val = val_set = None
         y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
-        args = ecif.AuditArgs(params=a.params, batch_size=64, seed=seed)
+        args = ecif.AuditArgs(params=a.params, batch_size=64, seed=seed, no_val=a.no_val_mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             audit = ecif.Auditor(train_set, val_set, args, train_features=train, val_features=val)
@@ -78,6 +79,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-val", action="store_true", help="audit without the validation set")
+    ap.add_argument(
+        "--no-val-mode",
+        choices=("auto", "self", "crossfit"),
+        default="auto",
+        help="with --no-val: the mode's audit's no_val option (the head mode's stays auto)",
+    )
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
