@@ -49,8 +49,20 @@ from ecif.engine.encoder_model import feature_chunks, mean_loss
 from ecif.engine.model_mode import ModelArgs, fit_model, make_part, score_model
 
 
-def embedded(folder: Path, n: int, seed: int, noise: float, kind: str, blocks: int):
-    ecif.datasets.digits(n, seed=seed, noise=noise, noise_kind="mixed").to_parquet(folder / "s")
+def embedded(
+    folder: Path,
+    n: int,
+    seed: int,
+    noise: float,
+    kind: str,
+    blocks: int,
+    data: str = "digits",
+    noise_kind: str = "mixed",
+):
+    """``data`` (an ``ecif.datasets`` maker) written as shards and embedded with the ``kind``
+    feature cache: (features, embeddings, the shards' labels by key)."""
+    make = getattr(ecif.datasets, data)
+    make(n, seed=seed, noise=noise, noise_kind=noise_kind).to_parquet(folder / "s")
     ecif.embed(
         folder / "s",
         folder / "e",

@@ -24,33 +24,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bench_model_mode import embedded
 from scipy import stats
 from sklearn.metrics import average_precision_score
 
 import ecif
 from ecif.audit.misalign import misalign_scores
-from ecif.data.features import load_features
-from ecif.data.tiny_clip import tiny_clip
-
-
-def embedded(folder: Path, a, n: int, seed: int, noise: float):
-    kind = {"noise_kind": a.noise_kind} if noise else {}
-    getattr(ecif.datasets, a.data)(n, seed=seed, noise=noise, **kind).to_parquet(folder / "s")
-    model = f"local-dir:{tiny_clip()}"
-    ecif.embed(folder / "s", folder / "e", model=model, cache_features=a.params, cache_blocks=1)
-    labels = pd.read_parquet(folder / "s").set_index("key")
-    return (
-        load_features(folder / "e", dtype=np.float64),
-        ecif.EmbeddingSet.load(folder / "e"),
-        labels,
-    )
 
 
 def one_seed(a, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train, train_set, labels = embedded(tmp / "train", a, a.n, seed, 0.2)
-        val, val_set, _ = embedded(tmp / "val", a, 300, seed + 1000, 0.0)
+        sets = {"kind": a.params, "blocks": 1, "data": a.data, "noise_kind": a.noise_kind}
+        train, train_set, labels = embedded(tmp / "train", a.n, seed, 0.2, **sets)
+        val, val_set, _ = embedded(tmp / "val", 300, seed + 1000, 0.0, **sets)
         if a.no_val:
             val = val_set = None
         y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
