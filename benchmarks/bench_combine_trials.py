@@ -12,7 +12,10 @@ then recombines those signals, so a new idea costs seconds per grid, not an audi
 audit's own column: the script checks). Printed: mean AP per cell and trial, and per trial
 its difference from the default per seed with a 95% interval over seeds (bench_detect's
 ``paired``). A trial is a function of one cached cell that returns a score (larger = more
-suspect); add one to ``TRIALS``.
+suspect); add one to ``TRIALS``. The cache keeps which twin rows are validation pairs held as
+clean rows (``Cell.is_clean``; caches from before them have none): the trials that go through
+``misalign_scores`` use them as the audit does, the older ones that refit the probes'
+direction themselves count them among the real rows.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from trial_cells import Cell, add_grid_arguments, cached_cells
 from ecif.audit import combine, misalign, probe_regression
 from ecif.audit.combine import CONSENSUS
 from ecif.audit.metrics import ranking_metrics
-from ecif.audit.misalign import ProbeSignals, misalign_scores
+from ecif.audit.misalign import misalign_scores
 
 
 def _twin_score(cell: Cell, feats: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -104,8 +107,7 @@ def negclip_in_clip_slot(cell: Cell) -> np.ndarray:
     negated)."""
     table = cell.table.assign(clip_score=-cell.d["negclip"].astype(np.float64))
     twin = {**cell.twin, "clip_score": cell.d["twin_negclip"].astype(np.float64)}
-    probes = ProbeSignals(twin, cell.is_probe)
-    return misalign_scores(table, "auto", float(cell.d["n_norm"]), probes)[0]
+    return misalign_scores(table, "auto", float(cell.d["n_norm"]), cell.probes(twin))[0]
 
 
 def stacked(cell: Cell, only_hedged: bool = False) -> np.ndarray:
@@ -141,14 +143,14 @@ def losses_pooled(cell: Cell, tie: bool) -> np.ndarray:
 
 def shipped(cell: Cell, probes: bool = True) -> np.ndarray:
     """The shipped combination (``misalign_scores``), with or without the twin's probes."""
-    twin = ProbeSignals(cell.twin, cell.is_probe) if probes else None
+    twin = cell.probes() if probes else None
     return misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), twin)[0]
 
 
 def without(cell: Cell, *signals: str) -> np.ndarray:
     """The default without ``signals`` in the audit's table and its twin's."""
     table = cell.table.drop(columns=list(signals), errors="ignore")
-    twin = ProbeSignals({k: v for k, v in cell.twin.items() if k not in signals}, cell.is_probe)
+    twin = cell.probes({k: v for k, v in cell.twin.items() if k not in signals})
     return misalign_scores(table, "auto", float(cell.d["n_norm"]), twin)[0]
 
 

@@ -24,14 +24,15 @@ import pandas as pd
 from bench_detect import markdown
 from trial_cells import Cell, add_grid_arguments, cached_cells
 
-from ecif.audit.misalign import ProbeSignals, misalign_scores
+from ecif.audit.misalign import misalign_scores
 from ecif.audit.thresholds import FALLBACK_FRACTION, mixture_noise_rate
 
 
 def rates(cell: Cell) -> dict[str, tuple[float, bool, float | None]]:
     """(rate, reliable, probe rate) under the shipped rule and the rule before it."""
-    probes = ProbeSignals(cell.twin, cell.is_probe)
-    score, record, rate = misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), probes)
+    score, record, rate = misalign_scores(
+        cell.table, "auto", float(cell.d["n_norm"]), cell.probes()
+    )
     if not np.allclose(score, cell.d["shipped"], equal_nan=True):
         raise SystemExit("the cache no longer matches the shipped score: delete it and rerun")
     before = mixture_noise_rate(cell.log_odds, cell.mix.separation, record["valley"])

@@ -16,12 +16,11 @@ import numpy as np
 
 from ecif.audit import combine, misalign
 from ecif.audit.combine import _log_densities
-from ecif.audit.misalign import ProbeSignals, misalign_scores
+from ecif.audit.misalign import misalign_scores
 
 
 def _default(cell) -> np.ndarray:
-    twin = ProbeSignals(cell.twin, cell.is_probe)
-    return misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), twin)[0]
+    return misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), cell.probes())[0]
 
 
 def ranked_by(ranking):

@@ -17,7 +17,8 @@ import ecif
 from ecif.audit import combine
 from ecif.audit.baselines import neg_clip_loss
 from ecif.audit.combine import CONSENSUS
-from ecif.audit.misalign import signal_suspicions
+from ecif.audit.misalign import ProbeSignals, signal_suspicions
+from ecif.audit.probes import held_out_clean
 from ecif.audit.selection import make_probes
 from ecif.audit.thresholds import mixture_noise_rate
 from ecif.data.concepts import HELD_OUT
@@ -27,11 +28,15 @@ SIG = ("pair_loss", "clip_score", "influence", "trusted_loss", CONSENSUS)
 COLUMNS = ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss", CONSENSUS)
 
 
-def twin_rows(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The twin audit's rows: the training pairs (n <= its 20,000 cap) then the probes it
-    plants with default options (``probes.probe_signals``)."""
+def twin_rows(x: np.ndarray, y: np.ndarray, val, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The twin audit's rows: the training pairs (n <= its 20,000 cap), the probes it
+    plants with default options, then the validation pairs it holds as clean rows
+    (``probes.probe_signals``; none without a validation set)."""
     px, py, _ = make_probes(x, y, ecif.AuditArgs().probes, seed)
-    return np.concatenate([x, px]), np.concatenate([y, py])
+    held, _ = held_out_clean(val, seed)
+    cx = np.asarray(val.image)[held] if held is not None else x[:0]
+    cy = np.asarray(val.text)[held] if held is not None else y[:0]
+    return np.concatenate([x, px, cx]), np.concatenate([y, py, cy])
 
 
 def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
@@ -43,7 +48,7 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
     table = aud.run()
     x, y = np.asarray(train.image), np.asarray(train.text)
     scale = train.logit_scale or 100.0
-    twin_x, twin_y = twin_rows(x, y, seed)
+    twin_x, twin_y = twin_rows(x, y, None if args.no_val else val, seed)
     out = {
         "labels": labels.astype(bool),
         "n_norm": np.float64(aud.heads[0].n_norm),
@@ -52,6 +57,8 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
         "is_probe": np.asarray(aud.probes.is_probe),
     }
+    if aud.probes.is_clean is not None:
+        out["is_clean"] = np.asarray(aud.probes.is_clean)
     for k in COLUMNS:
         if k in table:
             out[k] = table[k].to_numpy(np.float64)
@@ -70,12 +77,19 @@ class Cell:
         self.sus = signal_suspicions(self.table, float(data["n_norm"]))
         self.twin = {k: data[f"twin_{k}"] for k in SIG if f"twin_{k}" in data}
         self.is_probe = data["is_probe"]
+        # validation pairs the twin held as clean rows (caches from before them have none)
+        self.is_clean = data.get("is_clean")
         self.mix = combine.fit_mixture(self.sus)
         self.log_odds = self.mix.log_odds(self.sus)
         record = self.mix.record()
         self.one_mode = not record["valley"] > 0
         self.rate = mixture_noise_rate(self.log_odds, self.mix.separation, record["valley"])
         self.base = self.mixture_score(self.sus)
+
+    def probes(self, twin: dict | None = None) -> ProbeSignals:
+        """The twin's rows as the audit hands them to ``misalign_scores`` (``twin``: other
+        suspicions for the same rows)."""
+        return ProbeSignals(self.twin if twin is None else twin, self.is_probe, self.is_clean)
 
     def mixture_score(self, suspicions: dict) -> np.ndarray:
         """The mixture's log-odds of these rows, hedged where the default hedges them."""
