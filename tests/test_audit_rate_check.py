@@ -119,3 +119,32 @@ def test_a_5_percent_suspect_group_that_takes_in_clean_pairs_is_not_trusted():
     if "UNRELIABLE" not in how:
         assert flagged <= 1.5 * planted, how
     assert flagged <= 2.05 * planted  # the 10% fallback at most
+
+
+def test_the_fallback_quotes_the_probes_count_once():
+    scores = np.r_[np.ones(100), -np.ones(900)]
+    quiet = NoiseRate(0.45, False, "no separate group of suspects (separation 1.70)", 0.004)
+    count, how = flag_count(scores, "auto", quiet)
+    assert count == 100 and "Planted probes imply 0.4%" in how and "UNRELIABLE" in how
+    checked = NoiseRate(
+        0.15, False, "15.0% ..., over 1.5x the 6.0% that planted probes imply", 0.06
+    )
+    assert "Planted probes imply" not in flag_count(scores, "auto", checked)[1]  # said already
+    assert "Planted probes" not in flag_count(scores, "auto", NoiseRate(0.4, False, "x"))[1]
+
+
+def test_a_clean_set_is_flagged_by_the_fallback_and_the_probes_say_it_may_be_clean():
+    """No noise at all: no split is trusted, so the top 10% is flagged; the planted probes'
+    count, quoted beside it, is what tells the user the set may be clean (truth: 0%)."""
+    x, y, frame = ecif.datasets.concept_pairs(1500, 32, 0.0, seed=1, geometry="aligned")
+    xv, yv, _ = ecif.datasets.concept_pairs(400, 32, 0.0, seed=10_001, geometry="aligned")
+    assert not frame["is_corrupted"].any()
+    table = ecif.Auditor(
+        ecif.EmbeddingSet(x, y, logit_scale=100.0),
+        ecif.EmbeddingSet(xv, yv, logit_scale=100.0),
+        ecif.AuditArgs(seed=1),
+    ).run()
+    how = table.attrs["threshold"]
+    probe_rate = table.attrs["combination"]["probe_rate"]
+    assert "UNRELIABLE" in how and int(table["is_misaligned"].sum()) == 150, how
+    assert probe_rate < 0.02 and f"Planted probes imply {probe_rate:.1%}" in how, how

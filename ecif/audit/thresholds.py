@@ -157,8 +157,8 @@ def flag_count(
             return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}{probes}"
         return int(round(FALLBACK_FRACTION * n)), (
             f"auto: UNRELIABLE noise-rate estimate ({est.why}); flagged the top "
-            f"{FALLBACK_FRACTION:.0%}. If you know your noise rate, pass --threshold FRACTION "
-            "(e.g. 0.15) or a COUNT"
+            f"{FALLBACK_FRACTION:.0%}.{_probe_floor(est)} If you know your noise rate, pass "
+            "--threshold FRACTION (e.g. 0.15) or a COUNT"
         )
     if isinstance(threshold, float | np.floating) and not float(threshold).is_integer():
         if not 0.0 < threshold < 1.0:
@@ -168,6 +168,21 @@ def flag_count(
     if count < 0:
         raise ValueError(f"a count threshold must be >= 0; got {count}")
     return min(count, n), f"count {count}"
+
+
+def _probe_floor(est: NoiseRate) -> str:
+    """What the planted probes counted, when the fallback was taken without quoting it. On a
+    clean or nearly clean set it is the figure that says so (measured over four geometries:
+    0.0-2.5% with no noise, 0.7-6.0% with 1%, 2.5-7.7% with 5%, where the fallback flags
+    10%), but it cannot replace the fallback: noise subtler than the probes hides below it
+    (0.0-0.4% with 20% near-miss swaps or attribute edits on the synthetic encoders)."""
+    if est.probe_rate is None or "planted probes imply" in est.why:
+        return ""
+    return (
+        f" Planted probes imply {est.probe_rate:.1%}: the set may be cleaner than that top "
+        f"{FALLBACK_FRACTION:.0%}, or its noise subtler than probes (near-miss swaps, "
+        "attribute edits), which they undercount."
+    )
 
 
 def rank_and_flag(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
