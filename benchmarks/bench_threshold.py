@@ -11,7 +11,12 @@ mixture's count against the planted probes' spike-in count (``spike_in_rate``);
 before. Untrusted rates flag the top 10% (``FALLBACK_FRACTION``), as the audit does. Printed
 per cell: flagged / true (mean [min, max] over seeds) and how many seeds trusted the rate;
 then per rule, over the whole grid, the trusted count and the range of flagged / true where
-trusted.
+trusted; then the counts as fractions of the set (they work at 0% noise too, where a ratio
+does not): flagged, the probes' count, and a test of whether the set holds any noise at all,
+the AUC of the twin's real rows over the validation pairs it holds, ranked by the mixture's
+log-odds, in standard errors from 0.5 (caches with held pairs only).
+
+    python benchmarks/bench_threshold.py --cache /tmp/trials-n00 --kinds mixed --noise 0.0
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import time
 import numpy as np
 import pandas as pd
 from bench_detect import markdown
+from scipy import stats
 from trial_cells import Cell, add_grid_arguments, cached_cells
 
-from ecif.audit.misalign import misalign_scores
+from ecif.audit.misalign import misalign_scores, mixture_ranking
 from ecif.audit.thresholds import FALLBACK_FRACTION, mixture_noise_rate
 
 
@@ -42,6 +48,21 @@ def rates(cell: Cell) -> dict[str, tuple[float, bool, float | None]]:
     }
 
 
+def held_auc_z(cell: Cell) -> float:
+    """(AUC - 1/2) / its standard error under no difference, of the twin's real rows over
+    its held validation pairs, ranked by the mixture's log-odds (NaN: no held pairs)."""
+    if cell.is_clean is None:
+        return np.nan
+    score = mixture_ranking(cell.mix, cell.twin)
+    clean = np.asarray(cell.is_clean, dtype=bool)
+    ok = np.isfinite(score)
+    real, held = ok & ~clean & ~cell.is_probe, ok & clean
+    n1, n2 = int(real.sum()), int(held.sum())
+    ranks = stats.rankdata(score[real | held])
+    auc = (ranks[real[real | held]].sum() - n1 * (n1 + 1) / 2) / (n1 * n2)
+    return float((auc - 0.5) / np.sqrt((n1 + n2 + 1) / (12 * n1 * n2)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -51,11 +72,15 @@ def main() -> None:
     t0, rows = time.time(), []
     for geometry, kind, seed, _, cell in cached_cells(args):
         true = float(cell.d["labels"].mean())
+        z = held_auc_z(cell)
         for rule, (rate, ok, probe) in rates(cell).items():
             flagged = rate if ok else FALLBACK_FRACTION
+            probe = np.nan if probe is None else probe
+            ratio = flagged / true if true > 0 else np.nan
             rows.append(
-                dict(geometry=geometry, kind=kind, seed=seed, rule=rule, trusted=ok,
-                     ratio=flagged / true, probe=np.nan if probe is None else probe / true)
+                dict(geometry=geometry, kind=kind, seed=seed, rule=rule, trusted=ok, true=true,
+                     flagged=flagged, probe_count=probe, ratio=ratio, probe=probe / max(true, 1e-12),
+                     held_z=z)
             )  # fmt: skip
     df = pd.DataFrame(rows)
     cells = df.groupby(["geometry", "kind", "rule"], sort=False).agg(
@@ -78,8 +103,26 @@ def main() -> None:
         print(
             f"- {rule}: trusted on {len(tr)} of {len(sub)} cell-seeds, flagged / true {span} "
             f"where trusted ({over} over 1.5); all cell-seeds: mean |log(flagged / true)| "
-            f"{np.abs(np.log(sub.ratio)).mean():.3f}"
+            f"{np.nanmean(np.abs(np.log(sub.ratio))):.3f}"
         )
+    shipped = df[df.rule == "shipped"].groupby(["geometry", "kind"], sort=False)
+    counts = shipped.agg(
+        noise=("true", "mean"), flagged=("flagged", "mean"), p=("probe_count", "mean"),
+        p_lo=("probe_count", "min"), p_hi=("probe_count", "max"), z=("held_z", "mean"),
+        z_lo=("held_z", "min"), z_hi=("held_z", "max"),
+    )  # fmt: skip
+    table = pd.DataFrame({
+        "noise": counts.noise.map("{:.1%}".format),
+        "flagged (mean)": counts.flagged.map("{:.1%}".format),
+        "probes' count (mean [min, max])": [
+            f"{m:.1%} [{a:.1%}, {b:.1%}]" for m, a, b in zip(counts.p, counts.p_lo, counts.p_hi)
+        ],
+        "held-pairs AUC, z (mean [min, max])": [
+            f"{m:+.2f} [{a:+.2f}, {b:+.2f}]" for m, a, b in zip(counts.z, counts.z_lo, counts.z_hi)
+        ],
+    }).reset_index()  # fmt: skip
+    print("\n## Counts as fractions of the set (shipped rule)\n")
+    print(markdown(table))
     print(f"\n{len(df)} rows, {time.time() - t0:.0f} s")
 
 
