@@ -41,7 +41,13 @@ def one_seed(a, seed: int) -> dict:
         if a.no_val:
             val = val_set = None
         y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
-        args = ecif.AuditArgs(params=a.params, batch_size=64, seed=seed, no_val=a.no_val_mode)
+        args = ecif.AuditArgs(
+            params=a.params,
+            batch_size=64,
+            seed=seed,
+            no_val=a.no_val_mode,
+            logit_scale=a.logit_scale,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             audit = ecif.Auditor(train_set, val_set, args, train_features=train, val_features=val)
@@ -66,6 +72,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-val", action="store_true", help="audit without the validation set")
+    ap.add_argument(
+        "--logit-scale",
+        default="auto",
+        type=lambda v: v if v in ("auto", "model") else float(v),
+        help="the mode's audit's logit_scale option (default auto; the head mode's stays auto)",
+    )
     ap.add_argument(
         "--no-val-mode",
         choices=("auto", "self", "crossfit"),
