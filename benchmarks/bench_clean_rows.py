@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from bench_detect import make_sets
 from scipy import stats
-from trial_cells import add_grid_options
+from trial_cells import add_grid_options, grid_rows
 
 import ecif
 from ecif.audit import probe_regression, probes
@@ -79,13 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     train, val, _ = make_sets("clip_like", "shuffle", 0.2, 0, 400, 100, args.d)
     ecif.Auditor(train, val, ecif.AuditArgs()).run()  # warm-up: the first audit pays start-up
-    t0, rows = time.time(), []
-    for geometry in args.geometries:
-        for kind in args.kinds:
-            for seed in range(args.seeds):
-                rows += one_cell(geometry, kind, seed, args)
-                print(f"done {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)", flush=True)
-    df = pd.DataFrame(rows)
+    t0 = time.time()
+    df = pd.DataFrame(grid_rows(args, one_cell))
     cells = df.groupby(["geometry", "kind", "method"], sort=False)["ap"].mean().unstack()
     print(cells.round(3).to_string())
     per_seed = df.groupby(["seed", "method"])["ap"].mean().unstack()

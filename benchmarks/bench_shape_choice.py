@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from bench_detect import make_sets
 from scipy import stats
-from trial_cells import add_grid_options
+from trial_cells import add_grid_options, grid_rows
 
 import ecif
 from ecif.audit.combine import fit_mixture
@@ -128,13 +128,8 @@ def main() -> None:
     add_grid_options(ap)
     ap.add_argument("--z", type=float, default=1.0, help="standard errors a choice must clear")
     args = ap.parse_args()
-    t0, rows = time.time(), []
-    for geometry in args.geometries:
-        for kind in args.kinds:
-            for seed in range(args.seeds):
-                rows += one_cell(geometry, kind, seed, args)
-                print(f"done {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)", flush=True)
-    df = pd.DataFrame(rows)
+    t0 = time.time()
+    df = pd.DataFrame(grid_rows(args, one_cell))
     cells = df.groupby(["geometry", "kind", "method"], sort=False)["ap"].mean().unstack()
     chose = df.dropna(subset=["chose"]).groupby("method")["chose"].agg(["sum", "count"])
     print(cells.round(4).to_string())

@@ -131,6 +131,18 @@ def add_grid_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--class-skew", type=float, default=0.0, help="long-tailed classes")
 
 
+def grid_rows(args, one_cell) -> list[dict]:
+    """``one_cell(geometry, kind, seed, args)``'s rows over the grid in ``args``, in order,
+    printing each cell-seed as it is done."""
+    t0, rows = time.time(), []
+    for geometry in args.geometries:
+        for kind in args.kinds:
+            for seed in range(args.seeds):
+                rows += one_cell(geometry, kind, seed, args)
+                print(f"done {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
 def cached_cells(args):
     """(geometry, kind, seed, path, Cell) for every cell of the grid in ``args``; a cell not
     yet in ``args.cache`` is audited and saved first."""
