@@ -27,9 +27,9 @@ import time
 import numpy as np
 import pandas as pd
 from bench_detect import markdown
-from scipy import stats
 from trial_cells import Cell, add_grid_arguments, cached_cells
 
+from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import misalign_scores, mixture_ranking
 from ecif.audit.thresholds import FALLBACK_FRACTION, mixture_noise_rate
 
@@ -58,8 +58,8 @@ def held_auc_z(cell: Cell) -> float:
     ok = np.isfinite(score)
     real, held = ok & ~clean & ~cell.is_probe, ok & clean
     n1, n2 = int(real.sum()), int(held.sum())
-    ranks = stats.rankdata(score[real | held])
-    auc = (ranks[real[real | held]].sum() - n1 * (n1 + 1) / 2) / (n1 * n2)
+    both = real | held
+    auc = ranking_metrics(real[both], score[both])["auroc"]
     return float((auc - 0.5) / np.sqrt((n1 + n2 + 1) / (12 * n1 * n2)))
 
 
@@ -76,10 +76,10 @@ def main() -> None:
         for rule, (rate, ok, probe) in rates(cell).items():
             flagged = rate if ok else FALLBACK_FRACTION
             probe = np.nan if probe is None else probe
-            ratio = flagged / true if true > 0 else np.nan
+            ratio, probe_ratio = (flagged / true, probe / true) if true > 0 else (np.nan, np.nan)
             rows.append(
                 dict(geometry=geometry, kind=kind, seed=seed, rule=rule, trusted=ok, true=true,
-                     flagged=flagged, probe_count=probe, ratio=ratio, probe=probe / max(true, 1e-12),
+                     flagged=flagged, probe_count=probe, ratio=ratio, probe=probe_ratio,
                      held_z=z)
             )  # fmt: skip
     df = pd.DataFrame(rows)
