@@ -5,6 +5,7 @@ on other data and noise than ``bench_model_mode.py``'s, with or without a valida
     python benchmarks/bench_model_probes.py --no-val --seeds 4
     python benchmarks/bench_model_probes.py --no-val --no-val-mode self --seeds 3
     python benchmarks/bench_model_probes.py --noise-kind shuffle --seeds 3
+    python benchmarks/bench_model_probes.py --no-val --logit-scale trimmed --data shapes --seeds 4
 
 Per seed: ``--data`` (digits or shapes) rendered as images with captions, 20% noise of
 ``--noise-kind``, embedded by the tiny CLIP with the mode's feature cache; a clean validation
@@ -30,6 +31,7 @@ from sklearn.metrics import average_precision_score
 
 import ecif
 from ecif.audit.misalign import misalign_scores
+from ecif.audit.selection import SelectArgs, trimmed_scale
 
 
 def one_seed(a, seed: int) -> dict:
@@ -41,12 +43,16 @@ def one_seed(a, seed: int) -> dict:
         if a.no_val:
             val = val_set = None
         y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
+        scale = a.logit_scale
+        if scale == "trimmed":  # the head mode's calibration without trusted pairs
+            drop = SelectArgs().untrusted_drop
+            scale = trimmed_scale(train_set.image, train_set.text, drop, 64, seed)
         args = ecif.AuditArgs(
             params=a.params,
             batch_size=64,
             seed=seed,
             no_val=a.no_val_mode,
-            logit_scale=a.logit_scale,
+            logit_scale=scale,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -75,8 +81,10 @@ def main() -> None:
     ap.add_argument(
         "--logit-scale",
         default="auto",
-        type=lambda v: v if v in ("auto", "model") else float(v),
-        help="the mode's audit's logit_scale option (default auto; the head mode's stays auto)",
+        type=lambda v: v if v in ("auto", "model", "trimmed") else float(v),
+        help="the mode's audit's logit_scale option (default auto; the head mode's stays auto); "
+        "trimmed: the head mode's calibration without trusted pairs (the training pairs less "
+        "the fifth the pretrained similarity fits worst)",
     )
     ap.add_argument(
         "--no-val-mode",

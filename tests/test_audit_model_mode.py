@@ -11,6 +11,7 @@ import torch
 
 import ecif
 from ecif.audit.auditor import AuditArgs, Auditor
+from ecif.audit.selection import calibrated_scale
 from ecif.cli import main
 from ecif.data.features import load_features
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective
@@ -52,7 +53,9 @@ def test_score_cli_in_projection_mode_matches_the_python_api(folders, capsys):
     # the summary names what the projections were fit with, not the head's unused choice
     said = capsys.readouterr().out
     cal = info["head_choice"]["calibrated_scale"]
-    assert f"projection: logit scale {cal:.3g} (calibrated on the trusted pairs), lam 0.1" in said
+    assert (
+        f"projection: logit scale {cal:.3g} (calibrated on the validation pairs), lam 0.1" in said
+    )
     assert "head:" not in said
     assert (audit / "model.pt").exists() and not (audit / "head.pt").exists()
     assert info["fit"][0]["converged"]
@@ -226,7 +229,13 @@ def test_self_influence_without_a_validation_set(folders, tmp_path):
     info = json.loads((audit / "audit.json").read_text())
     assert "self-influence" in info["validation"] and table["influence"].isna().all()
     train = load_features(folders["train"])
-    scale = info["head_choice"]["calibrated_scale"]
+    # without a validation set the mode's scale calibrates on every training pair (the head
+    # trims the worst-fitting fifth; the mode does not)
+    emb = ecif.EmbeddingSet.load(folders["train"])
+    scale = calibrated_scale(emb.image, emb.text, 32, 0)
+    assert info["head_choice"]["all_pairs_scale"] == pytest.approx(scale)
+    assert info["head_choice"]["calibrated_scale"] > scale  # the head's, trimmed
+    assert info["logit_scale"] == pytest.approx(scale)
     model = fit_model(train, train.init, ModelArgs(batch_size=32, logit_scale=scale))
     ref = probe_estimate(model, train, probes=PROBES, seed=0).self_influence()
     got = table.set_index("id")["self_influence"].loc[np.asarray(train.ids)].to_numpy()

@@ -6,7 +6,7 @@ import pytest
 import ecif
 from ecif.audit.combine import fit_mixture, weighted_sum
 from ecif.audit.metrics import average_precision
-from ecif.audit.selection import calibrated_scale, choose_head
+from ecif.audit.selection import TRIM_ROUNDS, calibrated_scale, choose_head, trimmed_scale
 from ecif.audit.thresholds import flag_count, mixture_noise_rate
 
 
@@ -64,6 +64,52 @@ def test_choose_head_auto_and_explicit():
     assert (fixed.logit_scale, fixed.lam) == (30.0, 1e-3) and "as given" in fixed.reason
     head = ecif.Auditor(train, val, ecif.AuditArgs(batch_size=50)).fit_head(train)
     assert head.logit_scale == pytest.approx(auto.logit_scale)  # what fit_head uses by default
+
+
+def _noisy_pairs(n=1000, rate=0.2, seed=3):
+    """Aligned pairs of which a share ``rate`` carry an unrelated caption."""
+    g = np.random.default_rng(seed)
+    x = _unit(g.standard_normal((n, 16)))
+    y = _unit(x + 0.8 * g.standard_normal((n, 16)))
+    bad = g.random(n) < rate
+    y[bad] = _unit(g.standard_normal((int(bad.sum()), 16)))
+    return x, y, bad
+
+
+def test_trimmed_scale_follows_its_rounds_by_brute_force():
+    x, y, _ = _noisy_pairs()
+    from ecif.engine.batches import make_partition
+
+    order = make_partition(len(x), 64, 0).index
+    t = calibrated_scale(x, y, 64, 0)
+    for _ in range(TRIM_ROUNDS):
+        loss = np.zeros(len(x))
+        for rows in order:
+            rows = rows[rows >= 0]
+            c = _unit(x[rows]) @ _unit(y[rows]).T * t
+            row_lse = np.log(np.exp(c).sum(1))
+            col_lse = np.log(np.exp(c).sum(0))
+            loss[rows] = row_lse + col_lse - 2 * np.diag(c)
+        keep = np.sort(np.argsort(loss, kind="stable")[: int(0.8 * len(x))])
+        t = calibrated_scale(x[keep], y[keep], 64, 0)
+    assert trimmed_scale(x, y, 0.2, 64, 0) == pytest.approx(t, rel=1e-9)
+
+
+def test_without_validation_the_scale_is_calibrated_on_the_pairs_that_fit():
+    # 20% unrelated captions pull the calibrated temperature below the clean pairs' own;
+    # leaving out the pairs the similarity fits worst lifts it to at least theirs (a little
+    # above: the best-fitting 80% include the clean pairs' easiest)
+    x, y, bad = _noisy_pairs()
+    clean = calibrated_scale(x[~bad], y[~bad], 64, 0)
+    noisy = calibrated_scale(x, y, 64, 0)
+    trimmed = trimmed_scale(x, y, 0.2, 64, 0)
+    assert noisy < 0.85 * clean
+    assert clean <= trimmed <= 1.3 * clean
+    choice = choose_head(ecif.EmbeddingSet(x, y), None, batch_size=64)
+    assert choice.calibrated_scale == pytest.approx(trimmed)
+    assert choice.logit_scale == pytest.approx(0.5 * trimmed)
+    assert "80% of the training pairs it fits best" in choice.reason
+    assert trimmed_scale(x, y, 0.0, 64, 0) == pytest.approx(noisy)
 
 
 def _planted(n=2000, rate=0.2, seed=0):

@@ -56,7 +56,8 @@ class AuditArgs:
         "auto",
         help="logit scale t of the head; auto: half the temperature that calibrates the "
         "pretrained similarity on the trusted pairs (the validation set, else the training "
-        f"set); model: the embedding model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
+        "pairs less the share select.untrusted_drop = "
+        f"{default_of(SelectArgs, 'untrusted_drop'):g} it fits worst); model: the embedding model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
     )
     lam: float | str = option(
         "auto",
