@@ -144,7 +144,13 @@ def calibrated_scale(
 
 
 def trimmed_scale(
-    x, y, drop: float, batch_size: int = 256, seed: int = 0, max_pairs: int = 20_000
+    x,
+    y,
+    drop: float,
+    batch_size: int = 256,
+    seed: int = 0,
+    max_pairs: int = 20_000,
+    start: float | None = None,
 ) -> float:
     """``calibrated_scale`` on the pairs the pretrained similarity fits best, for pairs
     nobody vouches for: a misaligned pair's matched logit is no larger than its negatives',
@@ -152,16 +158,17 @@ def trimmed_scale(
     the training pairs, 4.6 on their clean ones, 5.7 on the 80% that fit best; the last
     overshoots the clean pairs' own, and the model modes ranked better there, section 7 of
     docs/math.md). Calibrate, leave out the share ``drop`` with the highest InfoNCE at that
-    scale, recalibrate; three rounds."""
+    scale, recalibrate; three rounds. ``start``: the calibration on all pairs, if known."""
     x = np.asarray(x[:max_pairs], dtype=np.float32)
     y = np.asarray(y[:max_pairs], dtype=np.float32)
-    t = calibrated_scale(x, y, batch_size, seed)
+    t = calibrated_scale(x, y, batch_size, seed) if start is None else start
     keep_n = int(round(len(x) * (1.0 - drop)))
     if drop <= 0 or keep_n < 2:
         return t
+    blocks = _cosine_blocks(x, y, batch_size, seed)
     for _ in range(TRIM_ROUNDS):
         loss = np.zeros(len(x))
-        for rows, c in _cosine_blocks(x, y, batch_size, seed):
+        for rows, c in blocks:
             loss[rows] = _pair_infonce(c, t).numpy()
         keep = np.sort(np.argsort(loss, kind="stable")[:keep_n])
         t = calibrated_scale(x[keep], y[keep], batch_size, seed)
@@ -271,7 +278,13 @@ def choose_head(
     else:
         all_pairs = calibrated_scale(train.image, train.text, batch_size, seed, args.max_pairs)
         t_cal = trimmed_scale(
-            train.image, train.text, args.untrusted_drop, batch_size, seed, args.max_pairs
+            train.image,
+            train.text,
+            args.untrusted_drop,
+            batch_size,
+            seed,
+            args.max_pairs,
+            start=all_pairs,
         )
         source = f"{1 - args.untrusted_drop:.0%} of the training pairs it fits best"
     why = []
