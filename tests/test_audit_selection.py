@@ -98,7 +98,7 @@ def test_trimmed_scale_follows_its_rounds_by_brute_force():
 def test_without_validation_the_scale_is_calibrated_on_the_pairs_that_fit():
     # 20% unrelated captions pull the calibrated temperature below the clean pairs' own;
     # leaving out the pairs the similarity fits worst lifts it to at least theirs (a little
-    # above: the best-fitting 80% include the clean pairs' easiest)
+    # above: the worst-fitting fifth holds the clean pairs' hardest too)
     x, y, bad = _noisy_pairs()
     clean = calibrated_scale(x[~bad], y[~bad], 64, 0)
     noisy = calibrated_scale(x, y, 64, 0)

@@ -57,7 +57,8 @@ class AuditArgs:
         help="logit scale t of the head; auto: half the temperature that calibrates the "
         "pretrained similarity on the trusted pairs (the validation set, else the training "
         "pairs less the share select.untrusted_drop = "
-        f"{default_of(SelectArgs, 'untrusted_drop'):g} it fits worst); model: the embedding model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
+        f"{default_of(SelectArgs, 'untrusted_drop'):g} it fits worst); model: the embedding "
+        f"model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
     )
     lam: float | str = option(
         "auto",

@@ -6,7 +6,7 @@ pretrained similarity on the validation pairs, without the head's factor 1/2 (on
 projection mode's AP was 0.665 at that temperature, 0.531 at half of it and 0.429 at the
 model's own 21.8, one seed; benchmarks/bench_model_mode.py). Without a validation set it is
 calibrated on all training pairs, not on the head's trimmed share (benchmarks/README.md,
-"A model mode's scale without trusted pairs"). "auto" pull is the mode's own
+"The scale without trusted pairs"). "auto" pull is the mode's own
 (``model_mode.pull_of``: 0.1 projection, 1.0 lora); "model" scale is the cache's recorded one.
 """
 

@@ -52,7 +52,7 @@ class HeadChoice:
     calibrated_scale: float | None = None
     reason: str = ""
     # without a validation set: the calibration on every training pair, untrimmed (what a
-    # model mode uses there; docs/math.md section 7)
+    # model mode uses there; docs/math.md section 12)
     all_pairs_scale: float | None = None
 
     def record(self) -> dict:
@@ -156,8 +156,7 @@ def trimmed_scale(
     nobody vouches for: a misaligned pair's matched logit is no larger than its negatives',
     so every such pair pulls the calibrated temperature down (digits, 20% noise: 3.7 on
     the training pairs, 4.6 on their clean ones, 5.7 on the 80% that fit best; the last
-    overshoots the clean pairs' own, and the model modes ranked better there, section 7 of
-    docs/math.md). Calibrate, leave out the share ``drop`` with the highest InfoNCE at that
+    overshoots the clean pairs' own; docs/math.md section 7b). Calibrate, leave out the share ``drop`` with the highest InfoNCE at that
     scale, recalibrate; three rounds. ``start``: the calibration on all pairs, if known."""
     x = np.asarray(x[:max_pairs], dtype=np.float32)
     y = np.asarray(y[:max_pairs], dtype=np.float32)
@@ -263,7 +262,8 @@ def choose_head(
 
     "auto" scale: ``args.scale_factor`` times the temperature that calibrates the pretrained
     similarity on the trusted pairs (the validation set; without one, the training pairs it
-    fits best: ``trimmed_scale``), so the head starts from logits as sharp as the data supports; "auto" pull: ``args.lam``.
+    fits best: ``trimmed_scale``), so the head starts from logits as sharp as the data
+    supports; "auto" pull: ``args.lam``.
     Why not a search: over 4 geometries x 5 noise kinds x 3 seeds, choosing the pull (or the
     scale) by validation loss or by how well planted probes are ranked gave the same AP as
     this rule within the noise (paired by seed, 95% intervals containing 0), and fitting six
