@@ -31,7 +31,7 @@ from sklearn.metrics import average_precision_score
 
 import ecif
 from ecif.audit.misalign import misalign_scores
-from ecif.audit.selection import SelectArgs, trimmed_scale
+from ecif.audit.selection import SelectArgs, calibrated_scale, trimmed_scale
 
 
 def one_seed(a, seed: int) -> dict:
@@ -47,6 +47,8 @@ def one_seed(a, seed: int) -> dict:
         if scale == "trimmed":  # the head mode's calibration without trusted pairs
             drop = SelectArgs().untrusted_drop
             scale = trimmed_scale(train_set.image, train_set.text, drop, 64, seed)
+        elif scale == "all":  # the calibration on every training pair (the default before)
+            scale = calibrated_scale(train_set.image, train_set.text, 64, seed)
         args = ecif.AuditArgs(
             params=a.params,
             batch_size=64,
@@ -81,10 +83,11 @@ def main() -> None:
     ap.add_argument(
         "--logit-scale",
         default="auto",
-        type=lambda v: v if v in ("auto", "model", "trimmed") else float(v),
+        type=lambda v: v if v in ("auto", "model", "trimmed", "all") else float(v),
         help="the mode's audit's logit_scale option (default auto; the head mode's stays auto); "
         "trimmed: the head mode's calibration without trusted pairs (the training pairs less "
-        "the fifth the pretrained similarity fits worst)",
+        "the fifth the pretrained similarity fits worst); all: the calibration on every "
+        "training pair (the default without validation before)",
     )
     ap.add_argument(
         "--no-val-mode",
