@@ -11,7 +11,8 @@ Per seed: ``--data`` (digits or shapes) rendered as images with captions, 20% no
 ``--noise-kind``, embedded by the tiny CLIP with the mode's feature cache; a clean validation
 set of 300 pairs the same way. The mode's audit with DEFAULT options (probes), recombined
 without its probes (the mixture alone: the default before), the head mode's default audit
-and clip_score: AP per seed, the paired difference and its 95% interval over seeds.
+and clip_score: AP per seed, the paired difference and its 95% interval over seeds; the mode's
+logit scale and, for reference, the one calibrated on the training set's clean pairs alone.
 """
 
 from __future__ import annotations
@@ -62,12 +63,19 @@ def one_seed(a, seed: int) -> dict:
             table = audit.run()
             head = ecif.Auditor(train_set, val_set, ecif.AuditArgs(batch_size=64, seed=seed)).run()
     n_norm = float(np.mean([h.n_norm for h in audit.heads]))
+    clean = ~labels.loc[np.asarray(train_set.ids).astype(str), "is_corrupted"].to_numpy()
+    scales = {
+        "mode scale": float(audit.heads[0].logit_scale),
+        "clean-pair scale": calibrated_scale(
+            train_set.image[clean], train_set.text[clean], 64, seed
+        ),
+    }
     return {
         "probes (default)": average_precision_score(y, table["misalign_score"]),
         "no probes": average_precision_score(y, misalign_scores(table, "auto", n_norm)[0]),
         "head mode": average_precision_score(y, head["misalign_score"]),
         "clip_score": average_precision_score(y, -table["clip_score"]),
-    }
+    } | scales
 
 
 def main() -> None:
@@ -103,7 +111,12 @@ def main() -> None:
     diff = df["probes (default)"] - df["no probes"]
     t = stats.t.ppf(0.975, len(df) - 1) if len(df) > 1 else np.nan
     half = t * diff.std(ddof=1) / np.sqrt(len(df))
-    print("mean AP: " + ", ".join(f"{k} {v:.4f}" for k, v in df.mean().items()))
+    aps = df.drop(columns=["mode scale", "clean-pair scale"])
+    print("mean AP: " + ", ".join(f"{k} {v:.4f}" for k, v in aps.mean().items()))
+    print(
+        f"mean logit scale: the mode's {df['mode scale'].mean():.3g}, the clean training "
+        f"pairs' own calibration {df['clean-pair scale'].mean():.3g}"
+    )
     print(
         f"probes minus none: per seed {', '.join(f'{d:+.4f}' for d in diff)}; "
         f"mean {diff.mean():+.4f} [{diff.mean() - half:+.4f}, {diff.mean() + half:+.4f}]"
