@@ -7,7 +7,7 @@ on other data and noise than ``bench_model_mode.py``'s, with or without a valida
     python benchmarks/bench_model_probes.py --noise-kind shuffle --seeds 3
     python benchmarks/bench_model_probes.py --no-val --logit-scale trimmed --data shapes --seeds 4
 
-Per seed: ``--data`` (digits or shapes) rendered as images with captions, 20% noise of
+Per seed: ``--data`` (digits or shapes) rendered as images with captions, ``--noise`` (20%) of
 ``--noise-kind``, embedded by the tiny CLIP with the mode's feature cache; a clean validation
 set of 300 pairs the same way. The mode's audit with DEFAULT options (probes), recombined
 without its probes (the mixture alone: the default before), the head mode's default audit
@@ -39,7 +39,7 @@ def one_seed(a, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = {"kind": a.params, "blocks": 1, "data": a.data, "noise_kind": a.noise_kind}
-        train, train_set, labels = embedded(tmp / "train", a.n, seed, 0.2, **sets)
+        train, train_set, labels = embedded(tmp / "train", a.n, seed, a.noise, **sets)
         val, val_set, _ = embedded(tmp / "val", 300, seed + 1000, 0.0, **sets)
         if a.no_val:
             val = val_set = None
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--noise-kind", default="mixed", help="the dataset's noise_kind")
     ap.add_argument("--params", choices=("projection", "lora"), default="projection")
     ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--noise", type=float, default=0.2, help="share of training pairs corrupted")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-val", action="store_true", help="audit without the validation set")
     ap.add_argument(
