@@ -6,6 +6,7 @@ on other data and noise than ``bench_model_mode.py``'s, with or without a valida
     python benchmarks/bench_model_probes.py --no-val --no-val-mode self --seeds 3
     python benchmarks/bench_model_probes.py --noise-kind shuffle --seeds 3
     python benchmarks/bench_model_probes.py --no-val --logit-scale trimmed --data shapes --seeds 4
+    python benchmarks/bench_model_probes.py --no-val --logit-scale geometric --noise 0.1
 
 Per seed: ``--data`` (digits or shapes) rendered as images with captions, ``--noise`` (20%) of
 ``--noise-kind``, embedded by the tiny CLIP with the mode's feature cache; a clean validation
@@ -45,11 +46,13 @@ def one_seed(a, seed: int) -> dict:
             val = val_set = None
         y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
         scale = a.logit_scale
+        drop = SelectArgs().untrusted_drop
         if scale == "trimmed":  # the head mode's calibration without trusted pairs
-            drop = SelectArgs().untrusted_drop
             scale = trimmed_scale(train_set.image, train_set.text, drop, 64, seed)
-        elif scale == "all":  # the calibration on every training pair (the default before)
-            scale = calibrated_scale(train_set.image, train_set.text, 64, seed)
+        elif scale == "geometric":  # between the all-pairs and the trimmed calibration
+            every = calibrated_scale(train_set.image, train_set.text, 64, seed)
+            trimmed = trimmed_scale(train_set.image, train_set.text, drop, 64, seed, start=every)
+            scale = float(np.sqrt(every * trimmed))
         args = ecif.AuditArgs(
             params=a.params,
             batch_size=64,
@@ -92,11 +95,11 @@ def main() -> None:
     ap.add_argument(
         "--logit-scale",
         default="auto",
-        type=lambda v: v if v in ("auto", "model", "trimmed", "all") else float(v),
+        type=lambda v: v if v in ("auto", "model", "trimmed", "geometric") else float(v),
         help="the mode's audit's logit_scale option (default auto; the head mode's stays auto); "
         "trimmed: the head mode's calibration without trusted pairs (the training pairs less "
-        "the fifth the pretrained similarity fits worst); all: the calibration on every "
-        "training pair (the default without validation before)",
+        "the fifth the pretrained similarity fits worst); geometric: the geometric mean of that "
+        "and the calibration on every training pair (tried, not adopted)",
     )
     ap.add_argument(
         "--no-val-mode",

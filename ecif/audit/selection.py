@@ -51,8 +51,8 @@ class HeadChoice:
     lam: float
     calibrated_scale: float | None = None
     reason: str = ""
-    # without a validation set: the calibration on every training pair, untrimmed (a model
-    # mode there takes the geometric mean of it and calibrated_scale; docs/math.md section 12)
+    # without a validation set: the calibration on every training pair, untrimmed (what a
+    # model mode uses there; docs/math.md section 12)
     all_pairs_scale: float | None = None
 
     def record(self) -> dict:
@@ -85,12 +85,8 @@ def describe_fit(info: dict) -> tuple[str, str] | None:
     if params != "head":
         auto = info["options"].get("logit_scale") == "auto"
         untrusted = (info.get("head_choice") or {}).get("all_pairs_scale") is not None
-        where = (
-            "geometric mean of the calibrations on all training pairs and the share fitting best"
-            if untrusted
-            else "calibrated on the validation pairs"
-        )
-        how = where if auto else "as given"
+        where = "all training pairs" if untrusted else "the validation pairs"
+        how = f"calibrated on {where}" if auto else "as given"
         return params, f"logit scale {info['logit_scale']:.3g} ({how}), lam {info['lam']:g}"
     choice = info.get("head_choice")
     return ("head", describe_choice(choice)) if choice else None
