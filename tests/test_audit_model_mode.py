@@ -11,7 +11,7 @@ import torch
 
 import ecif
 from ecif.audit.auditor import AuditArgs, Auditor
-from ecif.audit.selection import calibrated_scale
+from ecif.audit.selection import calibrated_scale, describe_fit, trimmed_scale
 from ecif.cli import main
 from ecif.data.features import load_features
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective
@@ -220,22 +220,28 @@ def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
 
 
 def test_self_influence_without_a_validation_set(folders, tmp_path):
-    """--no-val self in the projection mode: the probe estimate of grad R_n^T H^-1 grad R_n
-    (checked against dense autograd in test_engine_model_probes), recomputed by the library."""
+    """Without a validation set the projection mode scores self-influence by default: the
+    probe estimate of grad R_n^T H^-1 grad R_n (checked against dense autograd in
+    test_engine_model_probes), recomputed by the library."""
     audit = tmp_path / "self"
     argv = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
-    assert main([*argv, "--no-val", "self", "--batch-size", "32", "--quiet"]) == 0
+    assert main([*argv, "--batch-size", "32", "--quiet"]) == 0
     table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))
     info = json.loads((audit / "audit.json").read_text())
     assert "self-influence" in info["validation"] and table["influence"].isna().all()
     train = load_features(folders["train"])
-    # without a validation set the mode's scale calibrates on every training pair (the head
-    # trims the worst-fitting fifth; the mode does not)
+    # scored by self-influence, the mode's scale is the geometric mean of the calibrations on
+    # every training pair and on the four fifths the pretrained similarity fits best
     emb = ecif.EmbeddingSet.load(folders["train"])
-    scale = calibrated_scale(emb.image, emb.text, 32, 0)
-    assert info["head_choice"]["all_pairs_scale"] == pytest.approx(scale)
-    assert info["head_choice"]["calibrated_scale"] > scale  # the head's, trimmed
+    every = calibrated_scale(emb.image, emb.text, 32, 0)
+    trimmed = trimmed_scale(emb.image, emb.text, 0.2, 32, 0)
+    assert info["head_choice"]["all_pairs_scale"] == pytest.approx(every)
+    assert info["head_choice"]["calibrated_scale"] == pytest.approx(trimmed)
+    assert trimmed > every
+    scale = float(np.sqrt(every * trimmed))
     assert info["logit_scale"] == pytest.approx(scale)
+    said = describe_fit(info)
+    assert said[0] == "projection" and f"logit scale {scale:.3g} (geometric mean" in said[1]
     model = fit_model(train, train.init, ModelArgs(batch_size=32, logit_scale=scale))
     ref = probe_estimate(model, train, probes=PROBES, seed=0).self_influence()
     got = table.set_index("id")["self_influence"].loc[np.asarray(train.ids)].to_numpy()
@@ -281,17 +287,22 @@ def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
 
 
 def test_projection_mode_without_a_validation_set_cross_fits(folders):
-    """Two halves, each fit on its own features and scored against the other's best-fitting
-    half: the ranking a user sees finds the planted noise, influence alone still points the
+    """--no-val crossfit: two halves, each fit on its own features and scored against the
+    other's best-fitting half: the ranking a user sees finds the planted noise, influence alone still points the
     right way, and the audit says how it was scored. (Influence alone is weak here: each half
     of 80 pairs is scored against 40 pairs of the other; its AUROC was above 0.6 on one
     machine and 0.586 on another, where the same folder with its 64 validation pairs gave
     0.72. misalign_score gave 0.90.)"""
     audit = folders["root"] / "audit-noval"
     args = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
-    assert main(args + ["--batch-size", "32", "--quiet"]) == 0
+    assert main(args + ["--no-val", "crossfit", "--batch-size", "32", "--quiet"]) == 0
     info = json.loads((audit / "audit.json").read_text())
     assert "cross-fit" in info["validation"] and len(info["fit"]) == 2
+    # a cross-fit half keeps the calibration on every training pair
+    emb = ecif.EmbeddingSet.load(folders["train"])
+    every = calibrated_scale(emb.image, emb.text, 32, 0)
+    assert info["logit_scale"] == pytest.approx(every)
+    assert "(calibrated on all training pairs)" in describe_fit(info)[1]
     assert all(f["converged"] for f in info["fit"])
     table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))
     labels = pd.read_parquet(folders["root"] / "train-shards").set_index("key")
@@ -300,3 +311,19 @@ def test_projection_mode_without_a_validation_set_cross_fits(folders):
 
     assert roc_auc_score(y, table["misalign_score"].to_numpy()) > 0.8
     assert roc_auc_score(y, -table["influence"].to_numpy()) > 0.5  # the sign: harm is negative
+
+
+def test_no_val_rule_per_mode():
+    """ "auto" without a validation set: self-influence in the projection mode, cross-fitting
+    in lora (self-influence costs it several times the time); explicit choices are kept."""
+    from types import SimpleNamespace
+
+    from ecif.audit.model_signals import no_val_rule
+
+    def rule(params, no_val):
+        return no_val_rule(SimpleNamespace(args=SimpleNamespace(params=params, no_val=no_val)))
+
+    assert rule("projection", "auto") == "self" and rule("lora", "auto") == "crossfit"
+    assert rule("projection", "crossfit") == "crossfit" and rule("lora", "self") == "self"
+    with pytest.raises(ValueError, match="no_val must be one of"):
+        rule("projection", "selfish")

@@ -90,7 +90,7 @@ class AuditArgs:
     no_val: str = option(
         "auto",
         help="without a validation set: self-influence or cross-fitting (auto: self for small "
-        "heads)",
+        "heads and in the projection mode, cross-fitting otherwise)",
         choices=VAL_MODES,
     )
     proxy_fraction: float = option(

@@ -51,8 +51,9 @@ class HeadChoice:
     lam: float
     calibrated_scale: float | None = None
     reason: str = ""
-    # without a validation set: the calibration on every training pair, untrimmed (what a
-    # model mode uses there; docs/math.md section 12)
+    # without a validation set: the calibration on every training pair, untrimmed (a model
+    # mode's cross-fit uses it, its self-influence the geometric mean with calibrated_scale;
+    # docs/math.md section 12)
     all_pairs_scale: float | None = None
 
     def record(self) -> dict:
@@ -85,8 +86,16 @@ def describe_fit(info: dict) -> tuple[str, str] | None:
     if params != "head":
         auto = info["options"].get("logit_scale") == "auto"
         untrusted = (info.get("head_choice") or {}).get("all_pairs_scale") is not None
-        where = "all training pairs" if untrusted else "the validation pairs"
-        how = f"calibrated on {where}" if auto else "as given"
+        how = "calibrated on the validation pairs"
+        if untrusted and "self-influence" in (info.get("validation") or ""):
+            drop = (info["options"].get("select") or {}).get("untrusted_drop", 0.2)
+            how = (
+                "geometric mean of the calibrations on all training pairs and on the "
+                f"{1 - drop:.0%} that fit best"
+            )
+        elif untrusted:
+            how = "calibrated on all training pairs"
+        how = how if auto else "as given"
         return params, f"logit scale {info['logit_scale']:.3g} ({how}), lam {info['lam']:g}"
     choice = info.get("head_choice")
     return ("head", describe_choice(choice)) if choice else None
