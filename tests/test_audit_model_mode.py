@@ -219,10 +219,10 @@ def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
     assert not (tmp_path / "b" / "scores").exists()
 
 
-def test_self_influence_without_a_validation_set(folders, tmp_path):
+def test_self_influence_without_a_validation_set(folders, tmp_path, capsys):
     """Without a validation set the projection mode scores self-influence by default: the
     probe estimate of grad R_n^T H^-1 grad R_n (checked against dense autograd in
-    test_engine_model_probes), recomputed by the library."""
+    test_engine_model_probes), recomputed by the library; the audit traces like any other."""
     audit = tmp_path / "self"
     argv = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
     assert main([*argv, "--batch-size", "32", "--quiet"]) == 0
@@ -251,6 +251,11 @@ def test_self_influence_without_a_validation_set(folders, tmp_path):
     from sklearn.metrics import roc_auc_score
 
     assert roc_auc_score(y, got) > 0.7  # planted noise bends the model: 0.83 measured
+    qid = str(ecif.EmbeddingSet.load(folders["val"]).ids[0])
+    capsys.readouterr()
+    trace = ["trace", str(audit), "--query-id", qid, "--test", str(folders["val"]), "-k", "3"]
+    assert main(trace) == 0
+    assert "RESPONSIBLE" in capsys.readouterr().out
 
 
 def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
