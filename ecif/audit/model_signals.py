@@ -149,9 +149,15 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     trainable part, estimated from ``PROBES`` random probes (``ecif.engine.model_probes``)."""
     a = auditor.args
     train = training_features(auditor)
+    from tqdm.auto import tqdm
+
     model = fit_model(train, train.init, model_args(auditor), progress=progress)
     auditor.heads = [model]
-    est = probe_estimate(model, train, probes=PROBES, neg=a.neg, seed=a.seed)
+    # a solve per probe, the longest step here: it grows with the scale (sharper, more CG steps)
+    with tqdm(total=PROBES, desc="self-influence", unit="probe", disable=not progress) as bar:
+        est = probe_estimate(
+            model, train, probes=PROBES, neg=a.neg, seed=a.seed, progress=bar.update
+        )
     auditor.val_source = (
         f"self-influence, params={a.params} ({PROBES} random probes; no validation set)"
     )
