@@ -243,9 +243,13 @@ def test_self_influence_without_a_validation_set(folders, tmp_path, capsys):
     said = describe_fit(info)
     assert said[0] == "projection" and f"logit scale {scale:.3g} (geometric mean" in said[1]
     model = fit_model(train, train.init, ModelArgs(batch_size=32, logit_scale=scale))
-    ref = probe_estimate(model, train, probes=PROBES, seed=0).self_influence()
+    ref = probe_estimate(model, train, probes=PROBES, seed=0).self_influence()  # CG to 1e-4
     got = table.set_index("id")["self_influence"].loc[np.asarray(train.ids)].to_numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-6)
+    # the audit solves its probes to 1e-2: the same estimate within a few percent of its range
+    assert np.max(np.abs(got - ref)) <= 0.05 * np.max(np.abs(ref))
+    from scipy.stats import spearmanr
+
+    assert spearmanr(got, ref)[0] > 0.999
     labels = pd.read_parquet(folders["root"] / "train-shards").set_index("key")
     y = labels.loc[np.asarray(train.ids).astype(str), "is_corrupted"].to_numpy()
     from sklearn.metrics import roc_auc_score
