@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ecif.audit.audit_args import VAL_MODES
 from ecif.audit.checks import AuditInputError
@@ -155,8 +156,6 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     trainable part, estimated from ``PROBES`` random probes (``ecif.engine.model_probes``)."""
     a = auditor.args
     train = training_features(auditor)
-    from tqdm.auto import tqdm
-
     model = fit_model(train, train.init, model_args(auditor), progress=progress)
     auditor.heads = [model]
     # a solve per probe, the longest step here: it grows with the scale (sharper, more CG steps)
