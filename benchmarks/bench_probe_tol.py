@@ -83,9 +83,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", choices=("digits", "shapes"), default="shapes")
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 3e-2])
+    ap.add_argument("--n", type=int, default=2000, help="training pairs")
+    ap.add_argument("--seeds", type=int, default=1, help="data seeds (probe seed = data seed)")
+    ap.add_argument(
+        "--tols",
+        type=float,
+        nargs="+",
+        default=[1e-4, 1e-3, 1e-2, 3e-2],
+        help="CG tolerances; the tightest is the reference",
+    )
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
