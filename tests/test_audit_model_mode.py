@@ -226,6 +226,8 @@ def test_self_influence_without_a_validation_set(folders, tmp_path, capsys):
     audit = tmp_path / "self"
     argv = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
     assert main([*argv, "--batch-size", "32", "--quiet"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert "self_influence" in header and "influence" not in header  # not a column of NaN
     table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))
     info = json.loads((audit / "audit.json").read_text())
     assert "self-influence" in info["validation"] and table["influence"].isna().all()

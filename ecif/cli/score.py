@@ -66,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
         )
     table, info = read_audit(args.output)
     cols = ["id", "caption", "clip_score", "pair_loss", "trusted_loss", "knn_disagreement"]
-    cols += ["influence"]
+    # self-influence stands in for influence when no validation set was scored against
+    scored = "influence" in table and table["influence"].notna().any()
+    cols += ["influence" if scored or "self_influence" not in table else "self_influence"]
     cols += ["misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))
