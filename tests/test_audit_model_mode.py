@@ -338,3 +338,26 @@ def test_no_val_rule_per_mode():
     assert rule("projection", "crossfit") == "crossfit" and rule("lora", "self") == "self"
     with pytest.raises(ValueError, match="no_val must be one of"):
         rule("projection", "selfish")
+
+
+def test_app_shows_self_influence_for_an_audit_without_a_validation_set(folders, monkeypatch):
+    """The overview and suspects pages of a projection audit scored by self-influence show
+    that column, not influence columns of NaN."""
+    from streamlit.testing.v1 import AppTest
+
+    from ecif.app import APP_SCRIPT, support
+
+    audit = folders["root"] / "audit-app-self"
+    args = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
+    assert main(args + ["--batch-size", "32", "--quiet"]) == 0
+    monkeypatch.setenv(support.AUDIT_ENV, str(audit))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(s.value == "CLIP score vs self-influence" for s in at.subheader)
+    at.switch_page("views/suspects.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = at.dataframe[0].value
+    assert "self_influence" in shown and "influence" not in shown
+    assert shown["self_influence"].notna().all()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ecif.app import charts, state
+from ecif.app import charts, state, support
 from ecif.audit.selection import describe_fit
 
 table, info = state.audit()
@@ -46,7 +46,9 @@ for note in state.audit_warnings(info):
 if ok.empty:
     st.warning("No pair was scored successfully; see the Suspects page with status 'failed'.")
     st.stop()
-cols = ["id", "misalign_score", "influence", "influence_pos", "influence_neg", "clip_score"]
+shown = support.influence_columns(ok)  # self-influence when no validation set was scored
+signal = shown[0] if shown else "influence"
+cols = ["id", "misalign_score", *shown, "clip_score"]
 cols += ["pair_loss", "trusted_loss", "knn_disagreement", "flag"]
 pts = sample(ok[[c for c in cols if c in ok]])
 st.subheader("misalign_score")
@@ -61,9 +63,11 @@ with left:
     st.subheader("Positive vs negative influence")
     if {"influence_pos", "influence_neg"} <= set(pts):
         st.vega_lite_chart(pts, charts.scatter_spec("influence_pos", "influence_neg"))
+    else:
+        st.caption("Scored by self-influence (no validation set): no positive/negative split.")
 with right:
-    st.subheader("CLIP score vs influence")
-    if {"clip_score", "influence"} <= set(pts):
-        st.vega_lite_chart(pts, charts.scatter_spec("clip_score", "influence"))
+    st.subheader(f"CLIP score vs {signal.replace('_', '-')}")
+    if {"clip_score", signal} <= set(pts):
+        st.vega_lite_chart(pts, charts.scatter_spec("clip_score", signal))
 if len(ok) > len(pts):
     st.caption(f"Scatter plots show a random sample of {len(pts):,} of {len(ok):,} pairs.")

@@ -71,8 +71,8 @@ shown = view.assign(
     image=[support.data_uri(t) for t in thumbs],
     reviewed=view["id"].isin(reviewed["id"]).to_numpy(),
 )
-cols = ["image", "rank", "id", "caption", "misalign_score", "influence", "influence_pos"]
-cols += ["influence_neg", "clip_score", "is_misaligned", "reviewed"]
+cols = ["image", "rank", "id", "caption", "misalign_score", *support.influence_columns(view)]
+cols += ["clip_score", "is_misaligned", "reviewed"]
 if status != "ok":  # only then can a row be anything but ok
     cols += ["status", "error_message"]
 
@@ -99,6 +99,9 @@ event = st.dataframe(  # narrow columns with short labels: all of them fit a 140
         "influence": _num("influence", "influence: negative = removing it helps", 80),
         "influence_pos": _num("pos", "influence_pos: the pair's own match term", 72),
         "influence_neg": _num("neg", "influence_neg: its role as a negative", 72),
+        "self_influence": _num(
+            "self-infl.", "self_influence: how hard the fit strains for the pair", 80
+        ),
         "clip_score": _num("clip", "clip_score: cosine of the raw embeddings", 62),
         "is_misaligned": st.column_config.CheckboxColumn("flagged", width=60),
         "reviewed": st.column_config.CheckboxColumn("reviewed", width=72),
