@@ -361,3 +361,8 @@ def test_app_shows_self_influence_for_an_audit_without_a_validation_set(folders,
     shown = at.dataframe[0].value
     assert "self_influence" in shown and "influence" not in shown
     assert shown["self_influence"].notna().all()
+    at.switch_page("views/pair.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    labels = [m.label for m in at.metric]
+    assert "self_influence" in labels and "influence" not in labels

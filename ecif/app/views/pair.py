@@ -37,16 +37,23 @@ with right:
     c[0].metric("misalign_score", support.format_number(pair["misalign_score"]))
     c[1].metric("rank", f"{int(pair['rank']):,}" if pd.notna(pair["rank"]) else "-")
     c[2].metric("flagged", "yes" if pair["is_misaligned"] else "no")
-    names = [n for n in ("influence", "influence_pos", "influence_neg", "clip_score") if n in pair]
+    shown = support.influence_columns(pd.DataFrame([pair]))
+    names = [n for n in (*shown, "clip_score") if n in pair]
     for row in (names[:2], names[2:]):  # two per row: wide enough for -4.56e-5
         c = st.columns(2)
         for col, name in zip(c, row, strict=False):
             col.metric(name, support.format_number(pair[name]), help=f"{float(pair[name])!r}")
-    st.caption(
-        "influence = predicted change of the validation loss if this pair is removed "
-        "(negative: removing it helps, i.e. harmful). influence_pos comes from the pair's own "
-        "match term, influence_neg from its role as a negative for the rest of its batch."
-    )
+    if shown == ["self_influence"]:
+        st.caption(
+            "self_influence = how far the fit would move to stop fitting this pair (no "
+            "validation set to measure harm against): high for pairs the fit strains to match."
+        )
+    else:
+        st.caption(
+            "influence = predicted change of the validation loss if this pair is removed "
+            "(negative: removing it helps, i.e. harmful). influence_pos comes from the pair's "
+            "own match term, influence_neg from its role as a negative for the rest of its batch."
+        )
     if pair.get("status", "ok") != "ok":
         st.warning(f"status {pair['status']}: {pair.get('error_message', '')}")
 
