@@ -63,7 +63,7 @@ with left:
     st.subheader("Positive vs negative influence")
     if {"influence_pos", "influence_neg"} <= set(pts):
         st.vega_lite_chart(pts, charts.scatter_spec("influence_pos", "influence_neg"))
-    else:
+    elif shown == ["self_influence"]:
         st.caption("Scored by self-influence (no validation set): no positive/negative split.")
 with right:
     st.subheader(f"CLIP score vs {signal.replace('_', '-')}")
