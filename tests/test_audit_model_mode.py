@@ -1,6 +1,8 @@
 """The projection mode end to end: shards embedded with the feature cache, `ecif score
 --params projection`, the Python Auditor, and the errors a user meets on the way."""
 
+import contextlib
+import io
 import json
 import os
 
@@ -219,14 +221,24 @@ def test_projection_mode_errors_are_one_line(folders, tmp_path, capsys):
     assert not (tmp_path / "b" / "scores").exists()
 
 
-def test_self_influence_without_a_validation_set(folders, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def self_audit(folders):
+    """A projection audit without a validation set (self-influence by default), run once by
+    the CLI: (its folder, what the CLI printed)."""
+    audit = folders["root"] / "audit-self"
+    argv = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--batch-size", "32", "--quiet"]) == 0
+    return audit, printed.getvalue()
+
+
+def test_self_influence_without_a_validation_set(folders, self_audit, capsys):
     """Without a validation set the projection mode scores self-influence by default: the
     probe estimate of grad R_n^T H^-1 grad R_n (checked against dense autograd in
     test_engine_model_probes), recomputed by the library; the audit traces like any other."""
-    audit = tmp_path / "self"
-    argv = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
-    assert main([*argv, "--batch-size", "32", "--quiet"]) == 0
-    header = capsys.readouterr().out.splitlines()[0].split()
+    audit, printed = self_audit
+    header = printed.splitlines()[0].split()
     assert "self_influence" in header and "influence" not in header  # not a column of NaN
     table = pd.concat(pd.read_parquet(p) for p in sorted((audit / "scores").glob("*.parquet")))
     info = json.loads((audit / "audit.json").read_text())
@@ -258,7 +270,6 @@ def test_self_influence_without_a_validation_set(folders, tmp_path, capsys):
 
     assert roc_auc_score(y, got) > 0.7  # planted noise bends the model: 0.83 measured
     qid = str(ecif.EmbeddingSet.load(folders["val"]).ids[0])
-    capsys.readouterr()
     trace = ["trace", str(audit), "--query-id", qid, "--test", str(folders["val"]), "-k", "3"]
     assert main(trace) == 0
     assert "RESPONSIBLE" in capsys.readouterr().out
@@ -299,8 +310,8 @@ def test_app_pages_render_a_projection_mode_audit(folders, monkeypatch):
 
 def test_projection_mode_without_a_validation_set_cross_fits(folders):
     """--no-val crossfit: two halves, each fit on its own features and scored against the
-    other's best-fitting half: the ranking a user sees finds the planted noise, influence alone still points the
-    right way, and the audit says how it was scored. (Influence alone is weak here: each half
+    other's best-fitting half: the ranking a user sees finds the planted noise, influence alone
+    still points the right way, and the audit says how it was scored. (Influence alone is weak here: each half
     of 80 pairs is scored against 40 pairs of the other; its AUROC was above 0.6 on one
     machine and 0.586 on another, where the same folder with its 64 validation pairs gave
     0.72. misalign_score gave 0.90.)"""
@@ -340,16 +351,14 @@ def test_no_val_rule_per_mode():
         rule("projection", "selfish")
 
 
-def test_app_shows_self_influence_for_an_audit_without_a_validation_set(folders, monkeypatch):
-    """The overview and suspects pages of a projection audit scored by self-influence show
-    that column, not influence columns of NaN."""
+def test_app_shows_self_influence_for_an_audit_without_a_validation_set(self_audit, monkeypatch):
+    """The overview, suspects and pair pages of a projection audit scored by self-influence
+    show that column, not influence columns of NaN."""
     from streamlit.testing.v1 import AppTest
 
     from ecif.app import APP_SCRIPT, support
 
-    audit = folders["root"] / "audit-app-self"
-    args = ["score", str(folders["train"]), "-o", str(audit), "--params", "projection"]
-    assert main(args + ["--batch-size", "32", "--quiet"]) == 0
+    audit, _ = self_audit
     monkeypatch.setenv(support.AUDIT_ENV, str(audit))
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
     at.run()

@@ -36,7 +36,6 @@ SUSPICIOUS_FIRST_DESCENDING = {
     "self_influence": True,
 }
 SORTABLE = tuple(SUSPICIOUS_FIRST_DESCENDING)
-INFLUENCE_PARTS = ("influence", "influence_pos", "influence_neg")
 # shown in image cells whose thumbnail cannot be read (instead of the text "None")
 MISSING_IMAGE = (
     "data:image/svg+xml;base64,"
@@ -110,14 +109,6 @@ def sort_page(
         order = order[::-1]
     start = (max(page, 1) - 1) * page_size
     return table.iloc[order[start : start + page_size]]
-
-
-def influence_columns(table: pd.DataFrame) -> list[str]:
-    """The influence columns worth showing: an audit scored by self-influence (no validation
-    set) has only NaN in the influence parts, so it shows ``self_influence`` instead."""
-    if "influence" in table and table["influence"].notna().any():
-        return [c for c in INFLUENCE_PARTS if c in table]
-    return ["self_influence"] if "self_influence" in table else []
 
 
 def num_pages(n: int, page_size: int) -> int:

@@ -32,6 +32,9 @@ class AuditFolderError(ValueError):
     """The folder is not an audit folder, or is incomplete."""
 
 
+INFLUENCE_PARTS = ("influence", "influence_pos", "influence_neg")
+
+
 def params_of(info: dict) -> str:
     """The part an audit's record says influence went through: "head", "projection", "lora"."""
     return (info.get("options") or {}).get("params") or "head"
@@ -99,6 +102,14 @@ def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
     if id_col in table.columns and id_col != "id":
         table = table.rename(columns={id_col: "id"})
     return table, info
+
+
+def influence_columns(table: pd.DataFrame) -> list[str]:
+    """The influence columns worth showing of an audit table: one scored by self-influence
+    (no validation set) has only NaN in the influence parts, so ``self_influence`` instead."""
+    if "influence" in table and table["influence"].notna().any():
+        return [c for c in INFLUENCE_PARTS if c in table]
+    return ["self_influence"] if "self_influence" in table else []
 
 
 def read_heads(folder: str | os.PathLike) -> list[Head]:

@@ -45,7 +45,7 @@ def not_converged(fit: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ecif.audit.combination_text import describe_combination
-    from ecif.audit.folder import read_audit
+    from ecif.audit.folder import influence_columns, read_audit
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
     from ecif.data.embedding_set import NOT_UNIT, EmbeddingSet
@@ -66,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
         )
     table, info = read_audit(args.output)
     cols = ["id", "caption", "clip_score", "pair_loss", "trusted_loss", "knn_disagreement"]
-    # self-influence stands in for influence when no validation set was scored against
-    scored = "influence" in table and table["influence"].notna().any()
-    cols += ["influence" if scored or "self_influence" not in table else "self_influence"]
+    cols += influence_columns(table)[:1]  # influence, or self-influence without validation
     cols += ["misalign_score", "rank"]
     top = table.sort_values("rank").head(10)[[c for c in cols if c in table]]
     print(top.to_string(index=False))

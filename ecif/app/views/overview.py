@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ecif.app import charts, state, support
+from ecif.app import charts, state
+from ecif.audit.folder import influence_columns
 from ecif.audit.selection import describe_fit
 
 table, info = state.audit()
@@ -46,7 +47,7 @@ for note in state.audit_warnings(info):
 if ok.empty:
     st.warning("No pair was scored successfully; see the Suspects page with status 'failed'.")
     st.stop()
-shown = support.influence_columns(ok)  # self-influence when no validation set was scored
+shown = influence_columns(ok)  # self-influence when no validation set was scored
 signal = shown[0] if shown else "influence"
 cols = ["id", "misalign_score", *shown, "clip_score"]
 cols += ["pair_loss", "trusted_loss", "knn_disagreement", "flag"]

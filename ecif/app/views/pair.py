@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from ecif.app import detail, state, support
-from ecif.audit.folder import AuditFolderError
+from ecif.audit.folder import AuditFolderError, influence_columns
 
 table, info = state.audit()
 folder = state.folder()
@@ -37,7 +37,7 @@ with right:
     c[0].metric("misalign_score", support.format_number(pair["misalign_score"]))
     c[1].metric("rank", f"{int(pair['rank']):,}" if pd.notna(pair["rank"]) else "-")
     c[2].metric("flagged", "yes" if pair["is_misaligned"] else "no")
-    shown = support.influence_columns(pd.DataFrame([pair]))
+    shown = influence_columns(pd.DataFrame([pair]))
     names = [n for n in (*shown, "clip_score") if n in pair]
     for row in (names[:2], names[2:]):  # two per row: wide enough for -4.56e-5
         c = st.columns(2)

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from ecif.app import state, support
+from ecif.audit.folder import influence_columns
 
 table, info = state.audit()
 folder = state.folder()
@@ -71,7 +72,7 @@ shown = view.assign(
     image=[support.data_uri(t) for t in thumbs],
     reviewed=view["id"].isin(reviewed["id"]).to_numpy(),
 )
-cols = ["image", "rank", "id", "caption", "misalign_score", *support.influence_columns(view)]
+cols = ["image", "rank", "id", "caption", "misalign_score", *influence_columns(view)]
 cols += ["clip_score", "is_misaligned", "reviewed"]
 if status != "ok":  # only then can a row be anything but ok
     cols += ["status", "error_message"]
