@@ -19,6 +19,13 @@ from tests.test_engine_encoder import Reference, problem
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def dense_solve(h: torch.Tensor):
+    """ModelInverse.solve by the dense Hessian: g of shape (P,) or (K, P)."""
+    return lambda g, progress=None: (
+        torch.linalg.solve(h, g.T).T if g.dim() == 2 else (torch.linalg.solve(h, g))
+    )
+
+
 @pytest.fixture(scope="module")
 def fitted():
     part, fi, ft = problem(n=20)
@@ -34,7 +41,7 @@ def fitted():
     # the solves by the dense Hessian (CG's accuracy is tested in test_engine_encoder), with
     # the model inverse's own K-FAC preconditioner for the whitening
     inv = ModelInverse(model, fi, ft)
-    inv.solve = lambda g: torch.linalg.solve(h, g)
+    inv.solve = dense_solve(h)
     return model, SimpleNamespace(image=fi, text=ft), inv, truth
 
 
@@ -46,6 +53,19 @@ def test_probes_use_the_model_inverse_by_default(fitted):
     # (one entry of 40, -0.0507 in rows up to 1.2, differed by 1.0e-3 of itself on one CPU)
     err = np.linalg.norm(est.through - dense.through, axis=1)
     assert (err <= 1e-3 * np.linalg.norm(dense.through, axis=1)).all(), err
+
+
+def test_block_solve_equals_the_dense_hessian_solve(fitted):
+    model, train, _, _ = fitted
+    h = dense_hessian(Reference(model, train.image, train.text).objective, model.theta)
+    rhs = torch.randn(6, model.num_params, generator=torch.Generator().manual_seed(1))
+    rhs = rhs.to(torch.float64)
+    inv = ModelInverse(model, train.image, train.text, tol=1e-9, max_iter=500)
+    iterations = []
+    got = inv.solve(rhs, progress=iterations.append)
+    torch.testing.assert_close(got, torch.linalg.solve(h, rhs.T).T, rtol=1e-6, atol=1e-9)
+    assert inv.info["converged"] and inv.info["curvature"] == "exact"
+    assert len(iterations) == inv.info["iterations"] and iterations[-1] <= 1e-9
 
 
 def test_basis_probes_give_the_exact_norms_and_self_influence(fitted):
@@ -111,7 +131,7 @@ def test_query_gradient_and_relative_influence_equal_dense_autograd(traced, dire
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
     truth = (d @ g_ref).numpy() / d.norm(dim=1).numpy()  # grad R_n^T H^-1 g / ||H^-1 grad R_n||
     inv = ModelInverse(model, train.image, train.text)
-    inv.solve = lambda v: torch.linalg.solve(h, v)
+    inv.solve = dense_solve(h)
     p = model.num_params
     exact = relative_influence(
         model, train, g, probes=np.sqrt(p) * torch.eye(p, dtype=torch.float64), inverse=inv

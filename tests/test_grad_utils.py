@@ -8,6 +8,7 @@ import torch
 from ecif.grad import (
     FunctionObjective,
     angular_distance,
+    block_conjugate_gradient,
     cg_direction,
     conjugate_gradient,
     damped_cholesky,
@@ -48,6 +49,37 @@ def test_cg_with_preconditioner_uses_fewer_iterations():
     pre = conjugate_gradient(lambda v: a @ v, b, precond=lambda r: r / d, tol=1e-10, max_iter=1000)
     assert torch.allclose(pre.x, torch.linalg.solve(a, b), atol=1e-6)
     assert pre.iterations < plain.iterations
+
+
+def test_block_cg_solves_every_system_with_fewer_products():
+    # a spectrum with a few outliers (as a Hessian's): the block shares their Krylov directions
+    g = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.logspace(2, 4, 12, dtype=torch.float64), torch.ones(188)])
+    a = basis @ torch.diag(spectrum * torch.linspace(1, 3, 200, dtype=torch.float64)) @ basis.T
+    b = torch.randn(8, 200, generator=g, dtype=torch.float64)
+    b[7] = 2.0 * b[3]  # a dependent right-hand side: its direction is dropped, not divided by 0
+    d = torch.diagonal(a)
+    seen = []
+    res = block_conjugate_gradient(
+        lambda v: v @ a.T, b, precond=lambda r: r / d, tol=1e-10, max_iter=300, progress=seen.append
+    )
+    assert res.converged and res.x.shape == b.shape
+    torch.testing.assert_close(res.x, torch.linalg.solve(a, b.T).T, rtol=1e-7, atol=1e-9)
+    assert len(seen) == res.iterations and seen[-1] <= 1e-10
+    single = [
+        conjugate_gradient(lambda v: a @ v, v, precond=lambda r: r / d, tol=1e-10, max_iter=300)
+        for v in b
+    ]
+    assert all(r.converged for r in single)
+    assert len(b) * res.iterations < sum(r.iterations for r in single)
+
+
+def test_block_cg_reports_an_operator_it_cannot_solve():
+    a = torch.diag(torch.tensor([1.0, -1.0, 2.0, 3.0], dtype=torch.float64))  # indefinite
+    b = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    res = block_conjugate_gradient(lambda v: v @ a.T, b, tol=1e-8, max_iter=20)
+    assert not res.converged
 
 
 def test_lanczos_matches_eigh():

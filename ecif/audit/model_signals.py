@@ -15,6 +15,7 @@ ones at the sharper scale (benchmarks/README.md, "Self-influence at the geometri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,7 +66,7 @@ def model_args(auditor: Any) -> ModelArgs:
 def no_val_rule(auditor: Any) -> str:
     """How a model mode scores without a validation set: ``no_val``, where "auto" is
     self-influence in the projection mode (AP above the cross-fit on 31 of 44 set-seeds over
-    14 sets, at x3-x23 the seconds) and cross-fitting in lora (self-influence costs it more)."""
+    14 sets, at x2-x11 the seconds) and cross-fitting in lora (self-influence costs it more)."""
     a = auditor.args
     if a.no_val not in VAL_MODES:
         raise ValueError(f"no_val must be one of {VAL_MODES}; got {a.no_val!r}")
@@ -158,9 +159,13 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     train = training_features(auditor)
     model = fit_model(train, train.init, model_args(auditor), progress=progress)
     auditor.heads = [model]
-    # a solve per probe, the longest step here: it grows with the scale (sharper, more CG steps)
+    # the probes' block solve is the longest step here: it grows with the scale (sharper, more
+    # CG steps); its bar counts iterations until the largest residual is below the tolerance
     inverse = ModelInverse(model, train.image, train.text, tol=PROBE_SOLVE_TOL)
-    with tqdm(total=PROBES, desc="self-influence", unit="probe", disable=not progress) as bar:
+    with (
+        tqdm(desc="self-influence solve", unit="it", disable=not progress) as solving,
+        tqdm(total=PROBES, desc="self-influence", unit="probe", disable=not progress) as bar,
+    ):
         est = probe_estimate(
             model,
             train,
@@ -169,6 +174,7 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
             neg=a.neg,
             seed=a.seed,
             progress=bar.update,
+            solve_progress=residual_ticker(solving, PROBE_SOLVE_TOL),
         )
     auditor.val_source = (
         f"self-influence, params={a.params} ({PROBES} random probes; no validation set)"
@@ -176,6 +182,16 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     return self_influence_table(
         auditor.train.ids, est.self_influence(), model_pair_losses(model, train)
     )
+
+
+def residual_ticker(bar: tqdm, tol: float) -> Callable[[float], None]:
+    """A solver callback that ticks ``bar`` once per iteration and shows its residual."""
+
+    def tick(rel: float) -> None:
+        bar.set_postfix_str(f"residual {rel:.1e} (to {tol:g})", refresh=False)
+        bar.update()
+
+    return tick
 
 
 def self_influence_table(ids, self_influence, pair_loss) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from ecif.engine.contrastive import removal_directional
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective
 from ecif.engine.encoder_precondition import KroneckerPreconditioner
 from ecif.grad.autodiff import jvp
-from ecif.grad.solvers import conjugate_gradient
+from ecif.grad.solvers import CGResult, block_conjugate_gradient, conjugate_gradient
 
 
 def logit_tangents(model: EncoderModel, ch, w: torch.Tensor):
@@ -104,23 +104,37 @@ class ModelInverse:
         with torch.no_grad():
             return self.objective.hvp(self.model.theta, v) + self.damping * v
 
-    def solve(self, g: torch.Tensor) -> torch.Tensor:
-        """w = (H + damping)^-1 g. With the exact Hessian, a CG that does not converge (H is
-        not positive definite there: the fit is not at a minimum) is redone with
-        Gauss-Newton, and ``info`` says so."""
+    def solve(
+        self, g: torch.Tensor, progress: Callable[[float], None] | None = None
+    ) -> torch.Tensor:
+        """w = (H + damping)^-1 g, for g of shape (P,) or (K, P): K right-hand sides are
+        solved together by block CG (``progress`` gets its largest relative residual per
+        iteration). With the exact Hessian, a CG that does not converge (H is not positive
+        definite there: the fit is not at a minimum) is redone with Gauss-Newton, and
+        ``info`` says so."""
         g = g.to(dtype=self.model.dtype, device=self.model.device)
-        res = conjugate_gradient(
-            self.matvec, g, precond=self.precond, tol=self.tol, max_iter=self.max_iter
-        )
+        res = self._cg(g, progress)
         if self.objective.curvature == "exact" and not (
             res.converged and bool(torch.isfinite(res.x).all())
         ):
             self.objective = EncoderObjective(
                 self.model, self.objective.image, self.objective.text, curvature="gauss_newton"
             )
-            res = conjugate_gradient(
-                self.matvec, g, precond=self.precond, tol=self.tol, max_iter=self.max_iter
-            )
+            res = self._cg(g, progress)
             self.info["curvature"] = "gauss_newton (exact CG did not converge)"
         self.info.update(iterations=res.iterations, converged=res.converged)
         return res.x
+
+    def _cg(self, g: torch.Tensor, progress: Callable[[float], None] | None) -> CGResult:
+        if g.dim() == 2:
+            return block_conjugate_gradient(
+                self.matvec,
+                g,
+                precond=self.precond,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                progress=progress,
+            )
+        return conjugate_gradient(
+            self.matvec, g, precond=self.precond, tol=self.tol, max_iter=self.max_iter
+        )

@@ -1,6 +1,6 @@
 """Per-pair norms ||H^-1 grad R_n|| and self-influence grad R_n^T H^-1 grad R_n in the model
-modes, from K random probes: K solves and scoring passes for all pairs at once, no per-pair
-gradient or solve (docs/math.md section 12).
+modes, from K random probes: K solves (one block CG) and K scoring passes for all pairs at
+once, no per-pair gradient or solve (docs/math.md section 12).
 
 For xi ~ N(0, I) and d_n = H^-1 grad R_n, ``xi^T d_n = grad R_n^T (H^-1 xi)`` is the scoring
 pass's directional derivative along ``w = H^-1 xi``, and ``E[(xi^T d_n)^2] = ||d_n||^2`` (a
@@ -26,6 +26,7 @@ from ecif.engine.encoder_influence import ModelInverse, score_pass
 from ecif.engine.encoder_model import EncoderModel
 
 DEFAULT_PROBES = 32
+BLOCK_BYTES = 2**27  # one (K, P) array of a block solve, at most
 
 
 @dataclass
@@ -58,10 +59,13 @@ def probe_estimate(
     neg: str = "exact",
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    solve_progress: Callable[[float], None] | None = None,
 ) -> ProbeEstimate:
     """The probe values for every training row. ``probes``: how many Gaussian directions, or
     the directions themselves (K, P). ``whiten``: M = P^1/2 from the inverse's K-FAC
-    preconditioner (for self-influence); False gives M = I (for norms)."""
+    preconditioner (for self-influence); False gives M = I (for norms). The K solves run as
+    one block CG (``solve_progress``: its largest relative residual per iteration), then a
+    scoring pass per probe (``progress``: 1 per probe)."""
     inv = inverse or ModelInverse(model, train.image, train.text)
     if isinstance(probes, int):
         if probes < 1:
@@ -76,15 +80,23 @@ def probe_estimate(
     pre = inv.precond if whiten else None
     if whiten and pre is None:
         raise ValueError("whiten=True needs the inverse's K-FAC preconditioner")
+    m_inv = pre.sqrt(xi) if pre is not None else xi  # M^-1 xi, row by row
+    step = solve_block(model)
+    w = torch.cat([inv.solve(m_inv[i : i + step], solve_progress) for i in range(0, len(xi), step)])
     along, through = [], []
     for k in range(len(xi)):
         u = pre.inverse_sqrt(xi[k]) if pre is not None else xi[k]  # M xi
-        m_inv = pre.sqrt(xi[k]) if pre is not None else xi[k]  # M^-1 xi
-        w = inv.solve(m_inv)
         a_pos, a_neg = score_pass(model, train.image, train.text, u, neg=neg)
-        t_pos, t_neg = score_pass(model, train.image, train.text, w, neg=neg)
+        t_pos, t_neg = score_pass(model, train.image, train.text, w[k], neg=neg)
         along.append(a_pos + a_neg)
         through.append(t_pos + t_neg)
         if progress is not None:
             progress(1)
     return ProbeEstimate(along=np.stack(along), through=np.stack(through), identity=pre is None)
+
+
+def solve_block(model: EncoderModel) -> int:
+    """How many probes one block CG solves at once: all of them, unless one (K, P) array
+    would pass ``BLOCK_BYTES`` (block CG holds about seven)."""
+    row = model.num_params * torch.finfo(model.dtype).bits // 8
+    return max(1, BLOCK_BYTES // row)

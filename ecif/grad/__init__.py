@@ -49,7 +49,13 @@ from ecif.grad.divergences import (
 )
 from ecif.grad.newton import cg_direction, dense_direction, newton
 from ecif.grad.objective import DenseObjective, FunctionObjective, Objective
-from ecif.grad.solvers import CGResult, conjugate_gradient, damped_cholesky, lanczos_eigs
+from ecif.grad.solvers import (
+    CGResult,
+    block_conjugate_gradient,
+    conjugate_gradient,
+    damped_cholesky,
+    lanczos_eigs,
+)
 
 __all__ = [
     "ActivationGradients",
@@ -59,6 +65,7 @@ __all__ = [
     "Objective",
     "activation_and_grad",
     "angular_distance",
+    "block_conjugate_gradient",
     "cg_direction",
     "conjugate_gradient",
     "cosine_similarity",
