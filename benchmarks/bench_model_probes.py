@@ -7,6 +7,7 @@ on other data and noise than ``bench_model_mode.py``'s, with or without a valida
     python benchmarks/bench_model_probes.py --noise-kind shuffle --seeds 3
     python benchmarks/bench_model_probes.py --no-val --logit-scale trimmed --data shapes --seeds 4
     python benchmarks/bench_model_probes.py --no-val --no-val-mode crossfit --noise 0.1
+    python benchmarks/bench_model_probes.py --no-val --self-probes 16 --seeds 4
 
 Per seed: ``--data`` (digits or shapes) rendered as images with captions, ``--noise`` (20%) of
 ``--noise-kind``, embedded by the tiny CLIP with the mode's feature cache; a clean validation
@@ -34,6 +35,7 @@ from scipy import stats
 from sklearn.metrics import average_precision_score
 
 import ecif
+import ecif.audit.model_signals
 from ecif.audit.misalign import misalign_scores
 from ecif.audit.selection import SelectArgs, calibrated_scale, trimmed_scale
 
@@ -115,7 +117,16 @@ def main() -> None:
         default="auto",
         help="with --no-val: the mode's audit's no_val option (the head mode's stays auto)",
     )
+    ap.add_argument(
+        "--self-probes",
+        type=int,
+        default=None,
+        help="random probes of a self-influence audit (default: the audit's own, "
+        "ecif.audit.model_signals.PROBES); the twin audit uses as many",
+    )
     a = ap.parse_args()
+    if a.self_probes is not None:
+        ecif.audit.model_signals.PROBES = a.self_probes
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     df = pd.DataFrame([one_seed(a, seed) for seed in range(a.seeds)])
