@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tqdm import tqdm
 
 import ecif
 from ecif.audit.auditor import AuditArgs, Auditor
+from ecif.audit.model_signals import ProbeProgress
 from ecif.audit.selection import calibrated_scale, describe_fit, trimmed_scale
 from ecif.cli import main
 from ecif.data.features import load_features
@@ -375,3 +377,17 @@ def test_app_shows_self_influence_for_an_audit_without_a_validation_set(self_aud
     assert not at.exception, [e.value for e in at.exception]
     labels = [m.label for m in at.metric]
     assert "self_influence" in labels and "influence" not in labels
+
+
+def test_probe_progress_shows_the_solve_then_the_scoring_passes():
+    out = io.StringIO()
+    with tqdm(desc="self-influence: solve", unit="it", file=out, mininterval=0) as bar:
+        shown = ProbeProgress(bar, 1e-2, 4)
+        for rel in (0.5, 0.05, 0.004):
+            shown.solve(rel)
+        said = out.getvalue()
+        assert "3it" in said and "residual 4.0e-03 (to 0.01)" in said
+        for _ in range(4):
+            shown.probe(1)
+    said = out.getvalue().split("\r")[-1]
+    assert "scoring passes" in said and "4/4" in said and "residual" not in said

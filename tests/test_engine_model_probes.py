@@ -68,6 +68,17 @@ def test_block_solve_equals_the_dense_hessian_solve(fitted):
     assert len(iterations) == inv.info["iterations"] and iterations[-1] <= 1e-9
 
 
+def test_probe_estimate_reports_the_solve_then_each_probe(fitted):
+    model, train, _, _ = fitted
+    inv = ModelInverse(model, train.image, train.text, tol=1e-6)
+    residuals, ticks = [], []
+    probe_estimate(
+        model, train, probes=5, inverse=inv, progress=ticks.append, solve_progress=residuals.append
+    )
+    assert ticks == [1] * 5
+    assert len(residuals) == inv.info["iterations"] > 1 and residuals[-1] <= 1e-6 < residuals[0]
+
+
 def test_basis_probes_give_the_exact_norms_and_self_influence(fitted):
     model, train, inv, truth = fitted
     p = model.num_params

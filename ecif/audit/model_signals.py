@@ -15,7 +15,6 @@ ones at the sharper scale (benchmarks/README.md, "Self-influence at the geometri
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -160,12 +159,10 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     model = fit_model(train, train.init, model_args(auditor), progress=progress)
     auditor.heads = [model]
     # the probes' block solve is the longest step here: it grows with the scale (sharper, more
-    # CG steps); its bar counts iterations until the largest residual is below the tolerance
+    # CG steps); the bar counts its iterations, then the probes' scoring passes
     inverse = ModelInverse(model, train.image, train.text, tol=PROBE_SOLVE_TOL)
-    with (
-        tqdm(desc="self-influence solve", unit="it", disable=not progress) as solving,
-        tqdm(total=PROBES, desc="self-influence", unit="probe", disable=not progress) as bar,
-    ):
+    with tqdm(desc="self-influence: solve", unit="it", disable=not progress) as bar:
+        shown = ProbeProgress(bar, PROBE_SOLVE_TOL, PROBES)
         est = probe_estimate(
             model,
             train,
@@ -173,8 +170,8 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
             inverse=inverse,
             neg=a.neg,
             seed=a.seed,
-            progress=bar.update,
-            solve_progress=residual_ticker(solving, PROBE_SOLVE_TOL),
+            progress=shown.probe,
+            solve_progress=shown.solve,
         )
     auditor.val_source = (
         f"self-influence, params={a.params} ({PROBES} random probes; no validation set)"
@@ -184,14 +181,25 @@ def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     )
 
 
-def residual_ticker(bar: tqdm, tol: float) -> Callable[[float], None]:
-    """A solver callback that ticks ``bar`` once per iteration and shows its residual."""
+class ProbeProgress:
+    """One bar for the probe estimate: the block solve's iterations (with its largest
+    residual against the tolerance), then, restarted, the K scoring passes."""
 
-    def tick(rel: float) -> None:
-        bar.set_postfix_str(f"residual {rel:.1e} (to {tol:g})", refresh=False)
-        bar.update()
+    def __init__(self, bar: tqdm, tol: float, probes: int):
+        self.bar, self.tol, self.probes, self.solving = bar, tol, probes, True
 
-    return tick
+    def solve(self, rel: float) -> None:
+        self.bar.set_postfix_str(f"residual {rel:.1e} (to {self.tol:g})", refresh=False)
+        self.bar.update()
+
+    def probe(self, n: int) -> None:
+        if self.solving:  # the solve is done: the same bar counts the scoring passes
+            self.solving = False
+            self.bar.set_description_str("self-influence: scoring passes", refresh=False)
+            self.bar.set_postfix_str("", refresh=False)
+            self.bar.unit = "probe"
+            self.bar.reset(total=self.probes)
+        self.bar.update(n)
 
 
 def self_influence_table(ids, self_influence, pair_loss) -> pd.DataFrame:
