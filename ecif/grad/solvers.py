@@ -90,7 +90,7 @@ def block_conjugate_gradient(
     system gains from the others' Krylov directions (the breakdown-free form of Ji and Li,
     2017: the search block is orthonormalised and its dependent columns dropped). ``matvec``
     and ``precond`` take rows (k, ...) for any k <= K. Fewer products than K separate solves
-    where the spectrum has outliers (the model modes' probes: 2.2x fewer at 1e-2,
+    where the spectrum has outliers (the model modes' probes: 1.8-2.2x fewer at 1e-2,
     benchmarks/README.md). ``progress`` gets the largest relative residual per iteration."""
     shape = b.shape[1:]
     flat = lambda v: v.reshape(len(v), -1)  # noqa: E731  rows (k, ...) -> (k, n)
