@@ -90,7 +90,8 @@ class AuditArgs:
     no_val: str = option(
         "auto",
         help="without a validation set: self-influence or cross-fitting (auto: self for small "
-        "heads and in the projection mode, cross-fitting otherwise)",
+        "heads and in the projection mode, cross-fitting otherwise; in the projection mode "
+        "self takes x2-x20 the time of crossfit: choose crossfit for a large set)",
         choices=VAL_MODES,
     )
     proxy_fraction: float = option(
