@@ -49,6 +49,29 @@ def test_score_cli_in_lora_mode_matches_the_python_api(tmp_path, tiny_clip_dir, 
     np.testing.assert_allclose(got.loc[ref.index].to_numpy(), ref.to_numpy(), rtol=1e-3, atol=1e-7)
 
 
+def test_lora_without_a_validation_set_cross_fits_at_the_trimmed_scale(tmp_path, tiny_clip_dir):
+    """No validation set: the lora mode cross-fits (its "auto" rule) at the temperature that
+    calibrates the pretrained similarity on the 80% of training pairs it fits best (not on all
+    of them, as the projection mode's cross-fit), says so, and both halves converge."""
+    from ecif.audit.selection import calibrated_scale, describe_fit, trimmed_scale
+
+    datasets.shapes(40, seed=0, noise=0.25).to_parquet(tmp_path / "train-shards")
+    ecif.embed(tmp_path / "train-shards", tmp_path / "train", model=f"local-dir:{tiny_clip_dir}",
+               cache_features="lora")  # fmt: skip
+    audit = tmp_path / "audit"
+    opts = ["--params", "lora", "--lora-rank", "2", "--batch-size", "20", "--quiet"]
+    assert main(["score", str(tmp_path / "train"), "-o", str(audit), *opts]) == 0
+    info = json.loads((audit / "audit.json").read_text())
+    assert "cross-fit" in info["validation"] and len(info["fit"]) == 2
+    assert all(f["converged"] for f in info["fit"])
+    emb = ecif.EmbeddingSet.load(tmp_path / "train")
+    every = calibrated_scale(emb.image, emb.text, 20, 0)
+    t = trimmed_scale(emb.image, emb.text, 0.2, 20, 0)  # checked by brute force elsewhere
+    assert info["logit_scale"] == pytest.approx(t, rel=1e-3)
+    assert info["logit_scale"] > every
+    assert "(calibrated on the 80% of training pairs that fit best)" in describe_fit(info)[1]
+
+
 def test_the_default_lora_fit_reaches_a_stationary_point_on_digits(tmp_path, tiny_clip_dir):
     """Digits (a domain the tiny CLIP never saw), 64 pairs, rank 4 on the last block, the
     audit's calibrated temperature: at the old pull (0.1) such a fit stopped at gradient 0.15

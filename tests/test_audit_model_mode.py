@@ -353,6 +353,27 @@ def test_no_val_rule_per_mode():
         rule("projection", "selfish")
 
 
+def test_untrusted_scale_per_mode_and_rule():
+    """Without a validation set: self-influence at the geometric mean of the all-pairs and
+    trimmed calibrations (any mode), the projection mode's cross-fit at the all-pairs one,
+    lora's at the trimmed one (its low-rank part does not overfit its noisy pairs there)."""
+    from types import SimpleNamespace
+
+    from ecif.audit.model_signals import untrusted_scale
+
+    choice = SimpleNamespace(all_pairs_scale=4.0, calibrated_scale=9.0)
+
+    def scale(params, no_val):
+        audit = SimpleNamespace(args=SimpleNamespace(params=params, no_val=no_val))
+        return untrusted_scale(audit, choice)
+
+    assert scale("projection", "auto") == pytest.approx(6.0)  # self-influence
+    assert scale("lora", "self") == pytest.approx(6.0)
+    assert scale("projection", "crossfit") == pytest.approx(4.0)
+    assert scale("lora", "auto") == pytest.approx(9.0)  # cross-fit
+    assert scale("lora", "crossfit") == pytest.approx(9.0)
+
+
 def test_app_shows_self_influence_for_an_audit_without_a_validation_set(self_audit, monkeypatch):
     """The overview, suspects and pair pages of a projection audit scored by self-influence
     show that column, not influence columns of NaN."""

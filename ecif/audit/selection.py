@@ -51,8 +51,8 @@ class HeadChoice:
     lam: float
     calibrated_scale: float | None = None
     reason: str = ""
-    # without a validation set: the calibration on every training pair, untrimmed (a model
-    # mode's cross-fit uses it, its self-influence the geometric mean with calibrated_scale;
+    # without a validation set: the calibration on every training pair, untrimmed (the
+    # projection mode's cross-fit uses it, self-influence the geometric mean with calibrated_scale;
     # docs/math.md section 12)
     all_pairs_scale: float | None = None
 
@@ -68,6 +68,13 @@ class HeadChoice:
 
     def summary(self) -> str:
         return describe_choice(self.record())
+
+
+def cross_fit_scale(params: str) -> str:
+    """Which calibration a model mode's cross-fit takes without a validation set: "all"
+    (every training pair) or "trimmed" (the pairs that fit best; lora's low-rank part cannot
+    overfit its noisy pairs at that scale; ``model_signals.untrusted_scale``)."""
+    return "trimmed" if params == "lora" else "all"
 
 
 def describe_choice(record: dict) -> str:
@@ -93,6 +100,9 @@ def describe_fit(info: dict) -> tuple[str, str] | None:
                 "geometric mean of the calibrations on all training pairs and on the "
                 f"{1 - drop:.0%} that fit best"
             )
+        elif untrusted and cross_fit_scale(params) == "trimmed":
+            drop = (info["options"].get("select") or {}).get("untrusted_drop", 0.2)
+            how = f"calibrated on the {1 - drop:.0%} of training pairs that fit best"
         elif untrusted:
             how = "calibrated on all training pairs"
         how = how if auto else "as given"
