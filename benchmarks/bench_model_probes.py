@@ -36,6 +36,7 @@ from sklearn.metrics import average_precision_score
 
 import ecif
 import ecif.audit.model_signals
+import ecif.audit.probes
 from ecif.audit.misalign import misalign_scores
 from ecif.audit.selection import SelectArgs, calibrated_scale, trimmed_scale
 
@@ -124,7 +125,16 @@ def main() -> None:
         help="random probes of a self-influence audit (default: the audit's own, "
         "ecif.audit.model_signals.PROBES); the twin audit uses as many",
     )
+    ap.add_argument(
+        "--twin-rows",
+        type=int,
+        default=None,
+        help="real pairs in the twin audit (default: ecif.audit.probes.MODEL_TWIN_MAX_ROWS; a "
+        "seeded sample of larger sets)",
+    )
     a = ap.parse_args()
+    if a.twin_rows is not None:
+        ecif.audit.probes.MODEL_TWIN_MAX_ROWS = a.twin_rows
     if a.self_probes is not None:
         ecif.audit.model_signals.PROBES = a.self_probes
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

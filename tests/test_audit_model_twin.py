@@ -132,14 +132,19 @@ def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(twin_
     assert f"{probes} probes" in describe_combination(table.attrs["combination"])
 
 
-def test_a_sampled_projection_twin_plants_its_sample_rows(twin_audit):
-    """A twin capped below the set's size (as above 20,000 pairs) samples its real rows; the
-    probes' positions are within the sample, and its rows are still real rows' features."""
+def test_a_sampled_projection_twin_plants_its_sample_rows(twin_audit, monkeypatch):
+    """A twin capped below the set's size (a model mode's cap, MODEL_TWIN_MAX_ROWS, as above
+    2,000 pairs) samples its real rows; the probes' positions are within the sample, and its
+    rows are still real rows' features."""
+    import ecif.audit.probes as probes
+
+    assert probes.MODEL_TWIN_MAX_ROWS < probes.TWIN_MAX_ROWS  # a model mode's fits cost more
+    monkeypatch.setattr(probes, "MODEL_TWIN_MAX_ROWS", 120)
     made, _ = twin_audit
     audit = made[0]
     RecordingAuditor.made = []
     consensus = np.zeros(len(audit.train))  # the audit's column; the probes' read anew
-    signals = probe_signals(audit, 0.25, max_rows=120, consensus=consensus)
+    signals = probe_signals(audit, 0.25, consensus=consensus)  # the mode's cap
     twin = RecordingAuditor.made[0]
     real, _ = _twin_rows(audit, twin, 120, 30, len(audit.val) // 2)
     want = np.sort(

@@ -7,7 +7,7 @@ caption, a generic caption), runs the same fit and scoring with the same options
 choice, and returns every row's signals with the probe mask; ``probe_weighted_score`` learns
 from them how much each signal says. The twin is capped at ``max_rows`` sampled pairs (the
 weights are a few numbers; a sample measures them as well as the whole set), so its cost is
-at most one more audit of that size. With a validation set the twin also holds half of its
+at most one more audit of that size; a model mode's twin at ``MODEL_TWIN_MAX_ROWS``. With a validation set the twin also holds half of its
 pairs (at most ``CLEAN_MAX_ROWS``) as known-clean rows, trained on like the real ones, and is
 validated against the other half (its ``trusted_loss`` head is fit on that half alone, so
 the held pairs are as new to it as the real rows): the probes' weights are learnt against
@@ -34,6 +34,10 @@ from ecif.device import resolve_device
 
 MIN_PROBES = 30  # fewer planted probes than this: too few to weigh three signals
 TWIN_MAX_ROWS = 20_000  # real pairs in the twin audit (a seeded sample of larger sets)
+# the same in a model mode (params other than "head"), whose fits cost far more a row: at
+# 10,000 pairs a 2,000-pair twin halved the projection mode's audit without a validation set
+# (x1.8) and moved AP by at most 0.0022 a seed (benchmarks/README.md, "A smaller twin")
+MODEL_TWIN_MAX_ROWS = 2_000
 MIN_CLEAN = MIN_PROBES  # validation pairs the twin holds as clean rows: this many, or none
 CLEAN_MAX_ROWS = 5_000  # at most this many (a few weights to learn; the twin stays small)
 
@@ -41,19 +45,22 @@ CLEAN_MAX_ROWS = 5_000  # at most this many (a few weights to learn; the twin st
 def probe_signals(
     auditor: Any,
     fraction: float,
-    max_rows: int = TWIN_MAX_ROWS,
+    max_rows: int | None = None,
     progress: bool = False,
     consensus: np.ndarray | None = None,
     near: KnnConsensus | None = None,
 ) -> ProbeSignals | None:
     """Run the twin audit of ``auditor``'s (an ``ecif.Auditor``) training set (a seeded sample
-    of at most ``max_rows`` pairs) plus ``fraction`` planted probes; None when that plants
+    of at most ``max_rows`` pairs; by default ``TWIN_MAX_ROWS``, or ``MODEL_TWIN_MAX_ROWS``
+    in a model mode) plus ``fraction`` planted probes; None when that plants
     fewer than ``MIN_PROBES`` (a small set: the mixture alone decides); with a validation
     set, half of its pairs join as clean rows (``held_out_clean``). ``consensus``: the
     audit's ``knn_disagreement`` over its whole training set; a sampled twin takes it for its
     real rows and reads its probes' and clean rows' neighbours in the whole set (``sampled_consensus``), through
     ``near`` when given (the indexes behind ``consensus``) rather than indexes built again."""
     train = auditor.train
+    if max_rows is None:
+        max_rows = TWIN_MAX_ROWS if auditor.args.params == "head" else MODEL_TWIN_MAX_ROWS
     if fraction <= 0 or round(fraction * min(len(train), max_rows)) < MIN_PROBES:
         return None
     seed = auditor.args.seed
