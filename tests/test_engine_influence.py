@@ -236,3 +236,44 @@ def test_negative_breakdown_sums_to_influence_neg():
         parts = negative_breakdown(head, train.image, train.text, w, row)
         assert len(parts) == 7 and row not in set(parts["row"])
         assert parts["share"].sum() == pytest.approx(df["influence_neg"][row], rel=1e-9, abs=1e-14)
+
+
+def test_an_exact_hessian_that_fails_its_dtype_is_damped_and_said():
+    """Rows of norm 10 at logit scale 100 (unnormalised embeddings): logits of 1e4 leave the
+    float32 Hessian indefinite by rounding, though the autograd float64 one is positive
+    definite (a convex loss plus lam I). The exact solver must not crash (it did, in a twin
+    audit of such rows): it damps, records how much and warns with the remedy; in float64
+    the same rows factor undamped and solve as the dense autograd Hessian does."""
+    import warnings
+
+    from ecif.engine.inverse_hessian import InverseHessian
+    from ecif.grad import dense_hessian
+
+    g = np.random.default_rng(0)
+    x = g.standard_normal((60, 8)).astype(np.float32)
+    y = x + 0.5 * g.standard_normal((60, 8)).astype(np.float32)
+    x = 10 * x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = 10 * y / np.linalg.norm(y, axis=1, keepdims=True)
+    heads = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unnormalised rows and a short fit: warned elsewhere
+        for dtype in ("float32", "float64"):
+            heads[dtype] = ecif.fit(
+                ecif.EmbeddingSet(x, y), logit_scale=100.0, lam=1e-2, max_iter=20, dtype=dtype
+            )
+    head = heads["float32"]
+    exact = dense_hessian(Reference(head, x, y).objective, head.theta().double())
+    assert torch.linalg.eigvalsh(exact)[0] >= 0.99 * head.lam  # PD: the dtype failed, not H
+    with pytest.warns(UserWarning, match="not positive definite in float32.*dtype float64"):
+        inv = InverseHessian(head, x, y)
+    assert inv.info["method"] == "exact" and inv.info["damping"] > 0
+    b = torch.as_tensor(g.standard_normal(exact.shape[0]))
+    assert torch.isfinite(inv.solve(b.float())).all()
+    head = heads["float64"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no damping, so no warning
+        inv = InverseHessian(head, x, y)
+    assert inv.info["damping"] == 0.0
+    exact = dense_hessian(Reference(head, x, y).objective, head.theta())
+    want = torch.linalg.solve(exact, b)
+    assert torch.allclose(inv.solve(b), want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))

@@ -10,6 +10,7 @@ from ecif.grad import (
     angular_distance,
     block_conjugate_gradient,
     cg_direction,
+    cholesky_with_damping,
     conjugate_gradient,
     damped_cholesky,
     dense_direction,
@@ -194,6 +195,17 @@ def test_damped_cholesky_factors_spd_and_damps_indefinite():
     assert mu > 0 and torch.allclose(
         factor @ factor.T, indef + mu * torch.eye(5, dtype=torch.float64)
     )
+
+
+def test_cholesky_with_damping_says_what_it_added():
+    a = _spd(5, seed=7)
+    factor, mu = cholesky_with_damping(a)
+    assert mu == 0.0 and torch.allclose(factor, torch.linalg.cholesky(a))
+    lowest = float(torch.linalg.eigvalsh(a)[0])
+    indef = a - 1.5 * lowest * torch.eye(5, dtype=torch.float64)  # smallest eigenvalue -lowest/2
+    factor, mu = cholesky_with_damping(indef)
+    assert mu > 0.5 * lowest  # enough to make it positive definite
+    assert torch.allclose(factor @ factor.T, indef + mu * torch.eye(5, dtype=torch.float64))
 
 
 def test_log_norm_ratio_and_the_renamed_hvp():

@@ -10,6 +10,7 @@ preconditioner for CG with exact Hessian-vector products.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -20,7 +21,7 @@ from ecif.engine.contrastive import batch_stats
 from ecif.engine.head import DENSE_HESSIAN_MAX_PARAMS, Head, HeadObjective
 from ecif.engine.row_sums import Pass, RowSource
 from ecif.grad.newton import Direction, cg_direction
-from ecif.grad.solvers import LinearOp, conjugate_gradient
+from ecif.grad.solvers import LinearOp, cholesky_with_damping, conjugate_gradient
 from ecif.options import option, renamed
 
 SOLVERS = ("auto", "exact", "cg", "ekfac")
@@ -130,6 +131,19 @@ def auto_method(head: Head, args: SolverArgs) -> str:
     return "exact" if dense <= CG_ITERATIONS_EXPECTED * max(args.solves, 1) * hvp else "cg"
 
 
+def not_positive_definite(dense: torch.Tensor, damping: float, lam: float) -> str:
+    """What a user is told when the exact Hessian factored only with damping added: it is
+    positive definite in exact arithmetic (a convex loss plus lam I), so its dtype failed."""
+    dtype = str(dense.dtype).removeprefix("torch.")
+    return (
+        f"the head's exact Hessian is not positive definite in {dtype} (it is in exact "
+        f"arithmetic: a convex loss plus lam {lam:g}; its largest diagonal entry here is "
+        f"{float(dense.diagonal().max()):.3g}), so influence was solved with H + {damping:.2g} I "
+        f"and is unreliable. Logits this large (unnormalised embeddings, or a very sharp logit "
+        f"scale) exceed {dtype}'s precision: L2-normalise the rows, or audit with dtype float64"
+    )
+
+
 class InverseHessian:
     """H^-1 of the fitted head's objective, applied to flat vectors of shape (P,) or (K, P)."""
 
@@ -157,7 +171,11 @@ class InverseHessian:
         self._ekfac = None
         self._sample: HeadObjective | None = None
         if method == "exact":
-            self._chol = torch.linalg.cholesky(self.dense())
+            dense = self.dense()
+            self._chol, damping = cholesky_with_damping(dense)
+            self.info["damping"] = damping
+            if damping > 0:  # convex + lam I: PD in exact arithmetic, not in this dtype
+                warnings.warn(not_positive_definite(dense, damping, head.lam), stacklevel=2)
         else:  # EK-FAC (the approximation, or CG's preconditioner) from a batch sample
             pool = np.arange(nb) if batch_ids is None else batch_ids
             pick = _subsample(len(pool), args.ekfac_batches, args.seed + 1)

@@ -52,6 +52,7 @@ from ecif.grad.objective import DenseObjective, FunctionObjective, Objective
 from ecif.grad.solvers import (
     CGResult,
     block_conjugate_gradient,
+    cholesky_with_damping,
     conjugate_gradient,
     damped_cholesky,
     lanczos_eigs,
@@ -69,6 +70,7 @@ __all__ = [
     "cg_direction",
     "conjugate_gradient",
     "cosine_similarity",
+    "cholesky_with_damping",
     "damped_cholesky",
     "dense_direction",
     "dense_hessian",

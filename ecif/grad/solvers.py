@@ -188,6 +188,12 @@ def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of H, or of H + mu I (mu from 1e-6 of the largest diagonal entry, ten
     times larger each try) when H is not positive definite: e.g. the head with a learned
     scale far from its optimum, convex in M but not jointly in (M, log t)."""
+    return cholesky_with_damping(h)[0]
+
+
+def cholesky_with_damping(h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``damped_cholesky``'s factor and the mu it added (0.0 when H factored as it is), for
+    callers that must say when their answer is that of H + mu I, not of H."""
     mu = 0.0
     scale = float(h.diagonal().abs().max())
     for _ in range(30):
@@ -195,6 +201,6 @@ def damped_cholesky(h: torch.Tensor) -> torch.Tensor:
             h + mu * torch.eye(len(h), dtype=h.dtype, device=h.device)
         )
         if int(info) == 0:
-            return factor
+            return factor, mu
         mu = max(mu * 10.0, 1e-6 * scale)
     raise RuntimeError("Hessian could not be made positive definite")
