@@ -234,3 +234,25 @@ def test_trace_on_a_missing_image_file_names_the_file(small_audit, tmp_path, cap
     err = capsys.readouterr().err
     _one_error_line(err, f"{missing}: No such file or directory")
     assert "Errno" not in err
+
+
+def test_score_on_image_and_text_rows_of_two_widths(tmp_path, capsys, monkeypatch):
+    """Image rows 16-d and text rows 24-d: an audit reads their cosine, so it stops with one
+    line that says why (it crashed in the scale's calibration, a matmul error), in the API
+    and the CLI, before any fit."""
+    from ecif.audit.checks import AuditInputError
+
+    _no_fit(monkeypatch)
+    g = np.random.default_rng(0)
+    x, y = g.standard_normal((40, 16)), g.standard_normal((40, 24))
+    es = ecif.EmbeddingSet(
+        (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32),
+        (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32),
+    )
+    with pytest.raises(AuditInputError, match="16-d and text embeddings 24-d"):
+        ecif.Auditor(es).run()
+    es.save(tmp_path / "emb")
+    out = tmp_path / "audit"
+    assert main(["score", str(tmp_path / "emb"), "-o", str(out), *FAST]) == 2
+    _one_error_line(capsys.readouterr().err, "16-d", "24-d", "joint space")
+    assert not out.exists() or not _files(out)

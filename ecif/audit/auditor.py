@@ -18,7 +18,7 @@ import pandas as pd
 import ecif.api as api
 from ecif.audit.audit_args import SELF_INFLUENCE_MAX_PARAMS, VAL_MODES, AuditArgs
 from ecif.audit.baselines import KnnConsensus, cosine
-from ecif.audit.checks import check_weights
+from ecif.audit.checks import check_joint_space, check_weights
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
     ProbeSignals,
@@ -154,6 +154,7 @@ class Auditor:
             return self.choice
         a = self.args
         check_weights(a.weights, self.val is not None)
+        check_joint_space(self.train)
         scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
         if a.logit_scale == "model" or a.logit_scale is None:
             scale = float(getattr(self.train, "logit_scale", None) or CLIP_LOGIT_SCALE)

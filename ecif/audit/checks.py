@@ -25,6 +25,18 @@ class AuditInputError(ValueError):
     """Inputs or options an audit cannot run with; found before the fit."""
 
 
+def check_joint_space(train: Any) -> None:
+    """Raise AuditInputError unless image and text rows share a width: an audit reads their
+    cosine (``clip_score``, the scale's calibration) as CLIP does, in one joint space. (The
+    engine alone, ``ecif.fit``, takes a head between two widths.)"""
+    if train.d_image != train.d_text:
+        raise AuditInputError(
+            f"image embeddings are {train.d_image}-d and text embeddings {train.d_text}-d: an "
+            "audit compares them by cosine, as CLIP does, so both must be one model's outputs "
+            "in its joint space (its image and text projections)"
+        )
+
+
 def check_threshold(threshold: Any) -> None:
     """Raise AuditInputError unless ``threshold`` is 'auto', a fraction in (0, 1) or a count."""
     try:
