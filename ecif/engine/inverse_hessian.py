@@ -136,11 +136,11 @@ def not_positive_definite(dense: torch.Tensor, damping: float, lam: float) -> st
     positive definite in exact arithmetic (a convex loss plus lam I), so its dtype failed."""
     dtype = str(dense.dtype).removeprefix("torch.")
     return (
-        f"the head's exact Hessian is not positive definite in {dtype} (it is in exact "
-        f"arithmetic: a convex loss plus lam {lam:g}; its largest diagonal entry here is "
-        f"{float(dense.diagonal().max()):.3g}), so influence was solved with H + {damping:.2g} I "
-        f"and is unreliable. Logits this large (unnormalised embeddings, or a very sharp logit "
-        f"scale) exceed {dtype}'s precision: L2-normalise the rows, or audit with dtype float64"
+        f"the head's exact Hessian is not positive definite in {dtype}, though it is in exact "
+        f"arithmetic (a convex loss plus lam {lam:g}): influence was solved with H + "
+        f"{damping:.2g} I and is unreliable. Large logits (unnormalised embeddings, or a very "
+        f"sharp logit scale) cancel in {dtype}'s sums: L2-normalise the rows, or audit with "
+        "dtype float64"
     )
 
 
