@@ -7,9 +7,9 @@ caption, a generic caption), runs the same fit and scoring with the same options
 choice, and returns every row's signals with the probe mask; ``probe_weighted_score`` learns
 from them how much each signal says. The twin is capped at ``max_rows`` sampled pairs (the
 weights are a few numbers; a sample measures them as well as the whole set), so its cost is
-at most one more audit of that size; a model mode's twin at ``MODEL_TWIN_MAX_ROWS``. With a validation set the twin also holds half of its
-pairs (at most ``CLEAN_MAX_ROWS``) as known-clean rows, trained on like the real ones, and is
-validated against the other half (its ``trusted_loss`` head is fit on that half alone, so
+at most one more audit of that size (``TWIN_MAX_ROWS``; ``MODEL_TWIN_MAX_ROWS`` in a model
+mode). With a validation set the twin also holds half of its pairs (at most
+``CLEAN_MAX_ROWS``) as known-clean rows, trained on like the real ones, and is validated against the other half (its ``trusted_loss`` head is fit on that half alone, so
 the held pairs are as new to it as the real rows): the probes' weights are learnt against
 those clean rows and corrected by the real rows against them (``combine.probe_weighted_score``).
 Without one, the audit's own head fit on the validation pairs is reused. In a model mode the

@@ -72,8 +72,8 @@ class HeadChoice:
 
 def cross_fit_scale(params: str) -> str:
     """Which calibration a model mode's cross-fit takes without a validation set: "all"
-    (every training pair) or "trimmed" (the pairs that fit best; lora's low-rank part cannot
-    overfit its noisy pairs at that scale; ``model_signals.untrusted_scale``)."""
+    (every training pair) or "trimmed" (the pairs that fit best: lora's, whose low-rank part
+    fits its noisy pairs far less than the projections; ``model_signals.untrusted_scale``)."""
     return "trimmed" if params == "lora" else "all"
 
 
