@@ -58,7 +58,10 @@ class AuditArgs:
         "pretrained similarity on the trusted pairs (the validation set, else the training "
         "pairs less the share select.untrusted_drop = "
         f"{default_of(SelectArgs, 'untrusted_drop'):g} it fits worst); model: the embedding "
-        f"model's own (else {CLIP_LOGIT_SCALE:g}); or a number",
+        f"model's own (else {CLIP_LOGIT_SCALE:g}); or a number. In --params projection or "
+        "lora, auto is the whole calibration; without a validation set self-influence takes "
+        "the geometric mean of the calibrations on all training pairs and on the trimmed ones, "
+        "the projection mode's cross-fit the all-pairs one, lora's the trimmed one",
     )
     lam: float | str = option(
         "auto",
