@@ -19,8 +19,8 @@ from ecif.audit.shards import score_shards
 from ecif.audit.trace_args import TraceArgs
 from ecif.data import EmbeddingSet
 from ecif.data.embed import embed
-from ecif.engine.fit import ConvergenceWarning
 from ecif.engine.head import Head
+from ecif.engine.warning_types import ConvergenceWarning, UnreliableInfluenceWarning
 
 __all__ = [
     "AuditArgs",
@@ -32,6 +32,7 @@ __all__ = [
     "Head",
     "SolverArgs",
     "TraceArgs",
+    "UnreliableInfluenceWarning",
     "__version__",
     "classification_gradient",
     "datasets",

@@ -294,3 +294,20 @@ def test_cli_app_without_folder_builds_and_opens_the_demo(monkeypatch, tmp_path,
     cmd, env = ran[0]
     assert cmd[-1] == str((tmp_path / "ecif-demo").resolve()) and "8765" in cmd
     assert env[support.AUDIT_ENV] == cmd[-1]
+
+
+def test_overview_shows_what_the_engine_warned_of(monkeypatch, audit_copy):
+    """An audit's recorded warnings on the overview, once each; an audit written before they
+    were recorded still shows a fit that did not converge, from its fit report."""
+    path = audit_copy / "audit.json"
+    info = json.loads(path.read_text())
+    note = "twin audit (weighs the signals, not the scores): head fit did not converge: x"
+    info["warnings"] = [note]
+    info["fit"] = [{**info["fit"][0], "converged": False, "grad_max": 2e-3, "tol": 1e-5}]
+    path.write_text(json.dumps(info))
+    shown = [w.value for w in app(monkeypatch, audit_copy).warning]
+    assert shown == [note]  # the fit report's note is not said a second time
+    info["warnings"] = []
+    path.write_text(json.dumps(info))
+    shown = [w.value for w in app(monkeypatch, audit_copy).warning]
+    assert len(shown) == 1 and "did not converge (largest gradient 2.00e-03" in shown[0]

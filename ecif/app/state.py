@@ -16,6 +16,7 @@ import streamlit as st
 
 from ecif.app import detail, support
 from ecif.audit.folder import AuditFolderError
+from ecif.audit.recorded import audit_notes
 
 FOLDER_KEY = "audit_folder"
 DATA_ROOT_KEY = "data_root"
@@ -38,17 +39,8 @@ def data_root() -> str:
 
 
 def audit_warnings(info: dict[str, Any]) -> list[str]:
-    """What the audit itself warned about, and a head whose fit did not converge."""
-    notes = [str(w) for w in info.get("warnings") or []]
-    for fit in info.get("fit") or []:
-        if isinstance(fit, dict) and fit.get("converged") is False:
-            g = fit.get("grad_max")
-            notes.append(
-                "The head's fit did not converge"
-                + (f" (largest gradient {g:.2e})" if isinstance(g, float) else "")
-                + ": scores may be off; see 'fit' in audit.json."
-            )
-    return notes
+    """What the audit itself warned about (its inputs, its fits and solves)."""
+    return audit_notes(info)
 
 
 @st.cache_data(show_spinner="Reading the audit table…", max_entries=4)

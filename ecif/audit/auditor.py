@@ -27,6 +27,7 @@ from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported
 )
 from ecif.audit.model_signals import model_signals, self_influence_table
 from ecif.audit.probes import probe_signals
+from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
 from ecif.audit.thresholds import flag_count, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet, norm_warning
@@ -145,7 +146,8 @@ class Auditor:
         if self.val is None:
             raise ValueError("a trusted head needs a validation set")
         if self.trusted is None:  # fit once: the twin audit and scored shards reuse it
-            self.trusted = self.fit_head(self.val)
+            with recording_warnings(prefix="trusted head (validation pairs, trusted_loss): "):
+                self.trusted = self.fit_head(self.val)
         return self.trusted
 
     def choose(self) -> HeadChoice:
@@ -261,7 +263,15 @@ class Auditor:
         return pd.concat(parts).sort_index()
 
     def run(self, progress: bool = False) -> pd.DataFrame:
-        """Choose the head, fit, score and flag. Returns the audit table in training-set order."""
+        """Choose the head, fit, score and flag. Returns the audit table in training-set order;
+        ``table.attrs["warnings"]`` holds what the inputs lack and what the engine warned of
+        (a fit short of its tolerance, an approximate solve; also warned as they happen)."""
+        with recording_warnings() as found:
+            table = self._run(progress)
+        table.attrs["warnings"] = merged(table.attrs.get("warnings"), found)
+        return table
+
+    def _run(self, progress: bool) -> pd.DataFrame:
         if len(self.train) < 2:
             raise ValueError(f"need at least 2 pairs to audit; got {len(self.train)}")
         if self.val is not None and (self.val.d_image, self.val.d_text) != (

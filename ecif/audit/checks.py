@@ -19,6 +19,7 @@ from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.layout import model_label
 
 log = logging.getLogger(__name__)
+MISMATCH_ALLOWED = "going on because the mismatch was allowed"  # logged when found
 
 
 class AuditInputError(ValueError):
@@ -105,6 +106,6 @@ def check_validation(
             "them (or pass --allow-model-mismatch / allow_model_mismatch=True if the two "
             "names are the same model)"
         )
-    warning = f"{text}; going on because the mismatch was allowed"
+    warning = f"{text}; {MISMATCH_ALLOWED}"
     log.warning(warning)
     return warning

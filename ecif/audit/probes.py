@@ -28,6 +28,7 @@ import numpy as np
 from ecif.audit.baselines import KnnConsensus, cosine
 from ecif.audit.misalign import ProbeSignals, signal_suspicions
 from ecif.audit.model_signals import twin_features
+from ecif.audit.recorded import recording_warnings
 from ecif.audit.selection import make_probes, probe_sources
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.device import resolve_device
@@ -40,6 +41,8 @@ TWIN_MAX_ROWS = 20_000  # real pairs in the twin audit (a seeded sample of large
 MODEL_TWIN_MAX_ROWS = 2_000
 MIN_CLEAN = MIN_PROBES  # validation pairs the twin holds as clean rows: this many, or none
 CLEAN_MAX_ROWS = 5_000  # at most this many (a few weights to learn; the twin stays small)
+# the twin's warnings reach the audit's with this in front: its heads weigh the signals only
+TWIN_PREFIX = "twin audit (weighs the signals, not the scores): "
 
 
 def probe_signals(
@@ -98,7 +101,8 @@ def probe_signals(
             near = KnnConsensus(train.image, train.text, device=device)
         new_x, new_y = np.concatenate([px, cx]), np.concatenate([py, cy])
         twin.known_consensus = sampled_consensus(rows, consensus, near.of_queries(new_x, new_y))
-    scored = twin._signals(progress)
+    with recording_warnings(prefix=TWIN_PREFIX):  # said again, as the twin's
+        scored = twin._signals(progress)
     scored["clip_score"] = cosine(twin_set.image, twin_set.text)
     n_norm = float(np.mean([h.n_norm for h in twin.heads]))
     position = np.arange(n)

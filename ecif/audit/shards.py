@@ -38,6 +38,7 @@ from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.folder import read_heads, write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import TWIN_MAX_ROWS, probe_signals
+from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_from_table
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
@@ -222,67 +223,82 @@ def score_shards(
     if auditor.input_warnings:
         meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
     rescore = True  # False: the shards' misalign_score is an earlier run's, kept
-    meta["head_choice"] = auditor.choose().record()
-    if val is None or args.params != "head":  # the whole set at once: in-process
-        with step(f"fitting and scoring {len(train):,} pairs without a validation set", progress):
-            table = auditor.run(progress=progress)
-        heads = auditor.heads
-        skip = ("threshold", "flagged", "warnings")  # warnings: meta has them, and more
-        meta.update({k: v for k, v in table.attrs.items() if k not in skip})
-        meta["n_norm"] = float(np.mean([h.n_norm for h in heads]))
-        meta["options"] = args.record()
-        scores_dir = out / "scores"
-        summary = write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
-        probes = auditor.probes
-    elif (earlier := _earlier_run(out, parts, meta, len(train))) is not None:
-        # every shard holds what this run would write: keep its head, w and signal weights
-        heads, old = earlier
-        (log or _log.info)(
-            f"all {len(parts)} shards of {out} are from an earlier run with the same options: "
-            "its head, w and signal weights are kept; only the threshold is applied again"
-        )
-        meta.update(n_norm=old["n_norm"], fit=old.get("fit"), combination=old["combination"])
-        scores_dir, probes, rescore = out / "scores", None, False
-        summary = _run_jobs([(p, None) for p in parts], None, progress)
-    else:
-        with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
-            where = " on the cluster" if rows is not None else ""
-            with step(f"fitting the head on {len(train):,} pairs{where}", progress):
-                head = auditor.fit_head(train, progress=progress, rows=rows)
-            heads = [head]
-            meta["n_norm"] = head.n_norm
-            with step("fitting the trusted head on the validation pairs", progress):
-                trusted_state = auditor.fit_trusted_head().state_dict()
-            with step(f"kNN consensus of {len(train):,} pairs", progress):
-                disagreement, near = consensus(train, args.device, progress)
-            if len(train) <= TWIN_MAX_ROWS:  # the twin holds every pair: it needs no queries
-                near = None  # and the indexes (a copy of the embeddings) go before scoring
-            g = api.loss_gradient(head, val)
-            with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
-                inv = api.solver(head, train, args.solver_args(), rows=rows)
-                w = inv.solve(g).cpu().numpy()
-            if rows is not None:
-                rows.close()  # the blocks go; the shards are scored one task each
-            meta["fit"] = [dict(head.info)]
+    with recording_warnings() as found:  # the engine's: kept in meta, so in every file
+        meta["head_choice"] = auditor.choose().record()
+        if val is None or args.params != "head":  # the whole set at once: in-process
+            with step(
+                f"fitting and scoring {len(train):,} pairs without a validation set", progress
+            ):
+                table = auditor.run(progress=progress)
+            heads = auditor.heads
+            skip = ("threshold", "flagged", "warnings")  # warnings: meta has them, and more
+            meta.update({k: v for k, v in table.attrs.items() if k not in skip})
+            meta["n_norm"] = float(np.mean([h.n_norm for h in heads]))
+            meta["options"] = args.record()
             scores_dir = out / "scores"
-            scores_dir.mkdir(parents=True, exist_ok=True)
-            np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per member
-            jobs = []
-            for p in parts:
-                target = scores_dir / p.output_name
-                rows_p = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
-                if target.exists() and _reusable(read_parquet_meta(target), p.source, meta):
-                    jobs.append((p, None))
-                    continue
-                job = (embeddings, p, head.state_dict(), w, rows_p, target, meta, args.neg, id_col)
-                jobs.append((p, (*job, trusted_state, disagreement[rows_p])))
-            summary = _run_jobs(jobs, client, progress)
-        probes = None
-        if args.weights == "auto":
-            with step("weighing the signals: a twin audit with planted probes", progress):
-                probes = probe_signals(
-                    auditor, args.probes, progress=progress, consensus=disagreement, near=near
-                )
+            summary = write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
+            probes = auditor.probes
+        elif (earlier := _earlier_run(out, parts, meta, len(train))) is not None:
+            # every shard holds what this run would write: keep its head, w and signal weights
+            heads, old = earlier
+            (log or _log.info)(
+                f"all {len(parts)} shards of {out} are from an earlier run with the same options: "
+                "its head, w and signal weights are kept; only the threshold is applied again"
+            )
+            meta.update(n_norm=old["n_norm"], fit=old.get("fit"), combination=old["combination"])
+            meta["warnings"] = merged(meta.get("warnings"), old.get("warnings"))
+            scores_dir, probes, rescore = out / "scores", None, False
+            summary = _run_jobs([(p, None) for p in parts], None, progress)
+        else:
+            with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
+                where = " on the cluster" if rows is not None else ""
+                with step(f"fitting the head on {len(train):,} pairs{where}", progress):
+                    head = auditor.fit_head(train, progress=progress, rows=rows)
+                heads = [head]
+                meta["n_norm"] = head.n_norm
+                with step("fitting the trusted head on the validation pairs", progress):
+                    trusted_state = auditor.fit_trusted_head().state_dict()
+                with step(f"kNN consensus of {len(train):,} pairs", progress):
+                    disagreement, near = consensus(train, args.device, progress)
+                if len(train) <= TWIN_MAX_ROWS:  # the twin holds every pair: it needs no queries
+                    near = None  # and the indexes (a copy of the embeddings) go before scoring
+                g = api.loss_gradient(head, val)
+                with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
+                    inv = api.solver(head, train, args.solver_args(), rows=rows)
+                    w = inv.solve(g).cpu().numpy()
+                if rows is not None:
+                    rows.close()  # the blocks go; the shards are scored one task each
+                meta["fit"] = [dict(head.info)]
+                scores_dir = out / "scores"
+                scores_dir.mkdir(parents=True, exist_ok=True)
+                np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per member
+                jobs = []
+                for p in parts:
+                    target = scores_dir / p.output_name
+                    rows_p = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
+                    if target.exists() and _reusable(read_parquet_meta(target), p.source, meta):
+                        jobs.append((p, None))
+                        continue
+                    job = (
+                        embeddings,
+                        p,
+                        head.state_dict(),
+                        w,
+                        rows_p,
+                        target,
+                        meta,
+                        args.neg,
+                        id_col,
+                    )
+                    jobs.append((p, (*job, trusted_state, disagreement[rows_p])))
+                summary = _run_jobs(jobs, client, progress)
+            probes = None
+            if args.weights == "auto":
+                with step("weighing the signals: a twin audit with planted probes", progress):
+                    probes = probe_signals(
+                        auditor, args.probes, progress=progress, consensus=disagreement, near=near
+                    )
+    meta["warnings"] = merged(meta.get("warnings"), found)
     finalize(scores_dir, args.threshold, meta, probes, rescore=rescore)
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)

@@ -33,19 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quiet(p)
 
 
-def not_converged(fit: dict) -> str:
-    """The warning for a head whose fit stopped short of its tolerance."""
-    g, tol = fit.get("grad_max"), fit.get("tol")
-    how = f" (largest gradient {g:.2e}, tolerance {tol:.0e})" if g is not None and tol else ""
-    return (
-        f"the head's fit did not converge{how}: scores may be off; see 'fit' in audit.json "
-        "(more iterations, a larger --lam or float64 help)"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
+    from ecif.audit.checks import MISMATCH_ALLOWED
     from ecif.audit.combination_text import describe_combination
     from ecif.audit.folder import influence_columns, read_audit
+    from ecif.audit.recorded import RECORDED, audit_notes
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
     from ecif.data.embedding_set import NOT_UNIT, EmbeddingSet
@@ -53,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     val = EmbeddingSet.load(args.val) if args.val else None
     with warnings.catch_warnings():  # said once, in the summary below
         warnings.filterwarnings("ignore", message=f".*{NOT_UNIT}")
+        for category in RECORDED:  # the engine's: recorded in audit.json
+            warnings.simplefilter("ignore", category)
         summary = score_shards(
             args.embeddings,
             args.output,
@@ -75,11 +69,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{fitted[0]}: {fitted[1]}")
     if info.get("combination"):
         print(f"misalign_score: {describe_combination(info['combination'])}")
-    for fit in info.get("fit") or []:
-        if fit.get("converged") is False:
-            print(f"warning: {not_converged(fit)}", file=sys.stderr)
-    for note in info.get("warnings") or []:  # (a model mismatch was logged as it was found)
-        if NOT_UNIT in note:
+    for note in audit_notes(info):
+        if MISMATCH_ALLOWED not in note:  # (a model mismatch was logged as it was found)
             print(f"warning: {note}", file=sys.stderr)
     s = summary.sum(numeric_only=True)
     print(

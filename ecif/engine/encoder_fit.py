@@ -20,6 +20,7 @@ import torch
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective
 from ecif.engine.encoder_precondition import KroneckerPreconditioner
 from ecif.engine.fit import ConvergenceWarning
+from ecif.engine.warning_types import NOT_CONVERGED
 from ecif.grad.newton import Direction, newton
 from ecif.grad.solvers import conjugate_gradient
 
@@ -179,7 +180,7 @@ def fit_encoder(
     }
     if not info["converged"]:
         warnings.warn(
-            f"the {model.part.kind} fit stopped at gradient max-abs {gmax:.2e} > tol {tol:.0e} "
+            f"the {model.part.kind} fit {NOT_CONVERGED}: gradient max-abs {gmax:.2e} > tol {tol:.0e} "
             f"({info['stop']}); influence assumes a stationary point: raise max_iter, use "
             "float64, or a larger lam",
             ConvergenceWarning,

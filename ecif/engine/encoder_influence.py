@@ -10,6 +10,7 @@ as in the head mode (docs/math.md sections 5 and 12). No per-pair backward pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from ecif.engine.contrastive import removal_directional
 from ecif.engine.encoder_model import EncoderModel, EncoderObjective
 from ecif.engine.encoder_precondition import KroneckerPreconditioner
+from ecif.engine.warning_types import UnreliableInfluenceWarning, cg_not_converged
 from ecif.grad.autodiff import jvp
 from ecif.grad.solvers import CGResult, block_conjugate_gradient, conjugate_gradient
 
@@ -123,6 +125,10 @@ class ModelInverse:
             res = self._cg(g, progress)
             self.info["curvature"] = "gauss_newton (exact CG did not converge)"
         self.info.update(iterations=res.iterations, converged=res.converged)
+        if not res.converged:
+            rel = float(torch.as_tensor(res.rel_residual).max())
+            note = cg_not_converged(rel, res.iterations, self.tol, "the model mode's H^-1 g")
+            warnings.warn(note, UnreliableInfluenceWarning, stacklevel=2)
         return res.x
 
     def _cg(self, g: torch.Tensor, progress: Callable[[float], None] | None) -> CGResult:

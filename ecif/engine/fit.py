@@ -39,6 +39,7 @@ from ecif.engine.inverse_hessian import (
 from ecif.engine.precondition import moment_whitener
 from ecif.engine.row_sums import LocalRows, RowSource
 from ecif.engine.warmup import auto_epochs, check_warmup_args, minibatch_warmup
+from ecif.engine.warning_types import NOT_CONVERGED, ConvergenceWarning
 from ecif.grad.newton import dense_direction, newton
 from ecif.grad.solvers import conjugate_gradient
 from ecif.options import borrow, option, renamed
@@ -265,14 +266,9 @@ def fit_on_sample(obj: HeadObjective, start: torch.Tensor, args: FitArgs, tol: f
     return theta, value, grad, its + more, passes + spent, stop
 
 
-class ConvergenceWarning(UserWarning):
-    """The head fit stopped short of its gradient tolerance: the head is not at a stationary
-    point, so influence scores (which assume one) are not to be trusted as they stand."""
-
-
 def _not_converged_message(info: dict, dtype: torch.dtype) -> str:
     what = (
-        f"head fit did not converge: gradient max-abs {info['grad_max']:.2e} > tol "
+        f"head fit {NOT_CONVERGED}: gradient max-abs {info['grad_max']:.2e} > tol "
         f"{info['tol']:.0e} after {info['iterations']} {info['optimizer']} iterations"
     )
     if info["stop"] == "max_iter":
