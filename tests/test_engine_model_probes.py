@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def dense_solve(h: torch.Tensor):
     """ModelInverse.solve by the dense Hessian: g of shape (P,) or (K, P)."""
-    return lambda g, progress=None: (
+    return lambda g, progress=None, tol=None: (
         torch.linalg.solve(h, g.T).T if g.dim() == 2 else (torch.linalg.solve(h, g))
     )
 
@@ -86,6 +86,10 @@ def test_basis_probes_give_the_exact_norms_and_self_influence(fitted):
     plain = probe_estimate(model, train, probes=basis, whiten=False, inverse=inv)
     np.testing.assert_allclose(plain.norms(), truth.norms, rtol=1e-6)
     np.testing.assert_allclose(plain.self_influence(), truth.self_inf, rtol=1e-6)
+    only = probe_estimate(model, train, probes=basis, whiten=False, along=False, inverse=inv)
+    np.testing.assert_allclose(only.norms(), truth.norms, rtol=1e-6)  # half the passes
+    with pytest.raises(ValueError, match="along=True"):
+        only.self_influence()
     white = probe_estimate(model, train, probes=basis, whiten=True, inverse=inv)
     np.testing.assert_allclose(white.self_influence(), truth.self_inf, rtol=1e-6)
     with pytest.raises(ValueError, match="M = I"):

@@ -31,12 +31,7 @@ from ecif.data.features import StackedRows
 from ecif.engine.encoder_influence import ModelInverse
 from ecif.engine.model_mode import ModelArgs, fit_model, model_pair_losses, score_model
 from ecif.engine.model_probes import DEFAULT_PROBES as PROBES
-from ecif.engine.model_probes import probe_estimate
-
-# CG tolerance of the self-influence probes' solves: the estimate's own noise (another probe
-# seed: Spearman 0.78 on 2,000 shapes pairs) dwarfs what 1e-2 changes against 1e-4 (Spearman
-# 0.99998), at half the seconds (benchmarks/bench_probe_tol.py)
-PROBE_SOLVE_TOL = 1e-2
+from ecif.engine.model_probes import PROBE_SOLVE_TOL, probe_estimate
 
 
 def model_args(auditor: Any) -> ModelArgs:

@@ -107,40 +107,46 @@ class ModelInverse:
             return self.objective.hvp(self.model.theta, v) + self.damping * v
 
     def solve(
-        self, g: torch.Tensor, progress: Callable[[float], None] | None = None
+        self,
+        g: torch.Tensor,
+        progress: Callable[[float], None] | None = None,
+        tol: float | None = None,
     ) -> torch.Tensor:
         """w = (H + damping)^-1 g, for g of shape (P,) or (K, P): K right-hand sides are
         solved together by block CG (``progress`` gets its largest relative residual per
-        iteration). With the exact Hessian, a CG that does not converge (H is not positive
-        definite there: the fit is not at a minimum) is redone with Gauss-Newton, and
-        ``info`` says so."""
+        iteration), to ``tol`` (None: the inverse's own). With the exact Hessian, a CG that
+        does not converge (H is not positive definite there: the fit is not at a minimum) is
+        redone with Gauss-Newton, and ``info`` says so."""
         g = g.to(dtype=self.model.dtype, device=self.model.device)
-        res = self._cg(g, progress)
+        tol = self.tol if tol is None else tol
+        res = self._cg(g, progress, tol)
         if self.objective.curvature == "exact" and not (
             res.converged and bool(torch.isfinite(res.x).all())
         ):
             self.objective = EncoderObjective(
                 self.model, self.objective.image, self.objective.text, curvature="gauss_newton"
             )
-            res = self._cg(g, progress)
+            res = self._cg(g, progress, tol)
             self.info["curvature"] = "gauss_newton (exact CG did not converge)"
         self.info.update(iterations=res.iterations, converged=res.converged)
         if not res.converged:
             rel = float(torch.as_tensor(res.rel_residual).max())
-            note = cg_not_converged(rel, res.iterations, self.tol, "the model mode's H^-1 g")
+            note = cg_not_converged(rel, res.iterations, tol, "the model mode's H^-1 g")
             warnings.warn(note, UnreliableInfluenceWarning, stacklevel=2)
         return res.x
 
-    def _cg(self, g: torch.Tensor, progress: Callable[[float], None] | None) -> CGResult:
+    def _cg(
+        self, g: torch.Tensor, progress: Callable[[float], None] | None, tol: float
+    ) -> CGResult:
         if g.dim() == 2:
             return block_conjugate_gradient(
                 self.matvec,
                 g,
                 precond=self.precond,
-                tol=self.tol,
+                tol=tol,
                 max_iter=self.max_iter,
                 progress=progress,
             )
         return conjugate_gradient(
-            self.matvec, g, precond=self.precond, tol=self.tol, max_iter=self.max_iter
+            self.matvec, g, precond=self.precond, tol=tol, max_iter=self.max_iter
         )

@@ -26,6 +26,10 @@ from ecif.engine.encoder_influence import ModelInverse, score_pass
 from ecif.engine.encoder_model import EncoderModel
 
 DEFAULT_PROBES = 32
+# CG tolerance of the probes' solves: the estimate's own noise (another probe seed: Spearman
+# 0.78 on 2,000 shapes pairs) dwarfs what 1e-2 changes against 1e-4 (Spearman 0.99998), at
+# half the seconds (benchmarks/bench_probe_tol.py)
+PROBE_SOLVE_TOL = 1e-2
 BLOCK_BYTES = 2**27  # one (K, P) array of a block solve, at most
 
 
@@ -34,7 +38,7 @@ class ProbeEstimate:
     """K probe values per pair: ``along`` = grad R_n^T M xi_k, ``through`` = grad R_n^T H^-1
     M^-1 xi_k (rows = probes, columns = pairs; NaN for removed rows)."""
 
-    along: np.ndarray
+    along: np.ndarray | None  # None when not computed (norms need only ``through``)
     through: np.ndarray
     identity: bool  # M = I (then ``through`` alone gives the norms)
 
@@ -46,6 +50,10 @@ class ProbeEstimate:
 
     def self_influence(self) -> np.ndarray:
         """grad R_n^T H^-1 grad R_n, the mean of the probes' products."""
+        if self.along is None:
+            raise ValueError(
+                "self-influence needs the passes along M xi: probe_estimate(along=True)"
+            )
         return np.mean(self.along * self.through, axis=0)
 
 
@@ -55,7 +63,9 @@ def probe_estimate(
     *,
     probes: int | torch.Tensor = DEFAULT_PROBES,
     whiten: bool = True,
+    along: bool = True,
     inverse: ModelInverse | None = None,
+    tol: float | None = None,
     neg: str = "exact",
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -63,9 +73,11 @@ def probe_estimate(
 ) -> ProbeEstimate:
     """The probe values for every training row. ``probes``: how many Gaussian directions, or
     the directions themselves (K, P). ``whiten``: M = P^1/2 from the inverse's K-FAC
-    preconditioner (for self-influence); False gives M = I (for norms). The K solves run as
-    one block CG (``solve_progress``: its largest relative residual per iteration), then a
-    scoring pass per probe (``progress``: 1 per probe)."""
+    preconditioner (for self-influence); False gives M = I (for norms). ``along``: False
+    skips the passes along M xi, which only self-influence reads (norms: half the passes).
+    The K solves run as one block CG to ``tol`` (None: the inverse's own; ``solve_progress``:
+    its largest relative residual per iteration), then a scoring pass per probe and side
+    (``progress``: 1 per probe)."""
     inv = inverse or ModelInverse(model, train.image, train.text)
     if isinstance(probes, int):
         if probes < 1:
@@ -82,17 +94,22 @@ def probe_estimate(
         raise ValueError("whiten=True needs the inverse's K-FAC preconditioner")
     m_inv = pre.sqrt(xi) if pre is not None else xi  # M^-1 xi, row by row
     step = solve_block(model)
-    w = torch.cat([inv.solve(m_inv[i : i + step], solve_progress) for i in range(0, len(xi), step)])
-    along, through = [], []
+    w = torch.cat(
+        [inv.solve(m_inv[i : i + step], solve_progress, tol) for i in range(0, len(xi), step)]
+    )
+    values = {"along": [], "through": []}
     for k in range(len(xi)):
-        u = pre.inverse_sqrt(xi[k]) if pre is not None else xi[k]  # M xi
-        a_pos, a_neg = score_pass(model, train.image, train.text, u, neg=neg)
-        t_pos, t_neg = score_pass(model, train.image, train.text, w[k], neg=neg)
-        along.append(a_pos + a_neg)
-        through.append(t_pos + t_neg)
+        if along:
+            u = pre.inverse_sqrt(xi[k]) if pre is not None else xi[k]  # M xi
+            values["along"].append(sum(score_pass(model, train.image, train.text, u, neg=neg)))
+        values["through"].append(sum(score_pass(model, train.image, train.text, w[k], neg=neg)))
         if progress is not None:
             progress(1)
-    return ProbeEstimate(along=np.stack(along), through=np.stack(through), identity=pre is None)
+    return ProbeEstimate(
+        along=np.stack(values["along"]) if along else None,
+        through=np.stack(values["through"]),
+        identity=pre is None,
+    )
 
 
 def solve_block(model: EncoderModel) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from ecif.engine.encoder_influence import ModelInverse, score_pass
 from ecif.engine.encoder_model import EncoderModel
-from ecif.engine.model_probes import DEFAULT_PROBES, probe_estimate
+from ecif.engine.model_probes import DEFAULT_PROBES, PROBE_SOLVE_TOL, probe_estimate
 
 DIRECTIONS = ("image->text", "text->image")
 
@@ -107,7 +107,16 @@ def relative_influence(
     d_pos, d_neg = score_pass(model, train.image, train.text, w, neg=neg)
     dot = d_pos + d_neg
     if norms is None:
-        est = probe_estimate(model, train, probes=probes, whiten=False, inverse=inv, seed=seed)
+        est = probe_estimate(
+            model,
+            train,
+            probes=probes,
+            whiten=False,
+            along=False,
+            inverse=inv,
+            tol=PROBE_SOLVE_TOL,
+            seed=seed,
+        )
         norms = est.norms()
     norms = np.asarray(norms, dtype=np.float64)
     if len(norms) != len(dot):
