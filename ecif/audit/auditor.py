@@ -18,14 +18,14 @@ import pandas as pd
 import ecif.api as api
 from ecif.audit.audit_args import SELF_INFLUENCE_MAX_PARAMS, VAL_MODES, AuditArgs
 from ecif.audit.baselines import KnnConsensus, cosine
-from ecif.audit.checks import check_joint_space, check_weights
+from ecif.audit.checks import AuditInputError, check_joint_space, check_options, check_weights
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
     ProbeSignals,
     misalign_scores,
     signal_suspicions,
 )
-from ecif.audit.model_signals import model_signals, self_influence_table
+from ecif.audit.model_signals import check_model_inputs, model_signals, self_influence_table
 from ecif.audit.probes import probe_signals
 from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
@@ -155,8 +155,16 @@ class Auditor:
         if self.choice is not None:
             return self.choice
         a = self.args
+        check_options(a)
         check_weights(a.weights, self.val is not None)
         check_joint_space(self.train)
+        if self.val is not None and len(self.val) < 2:
+            raise AuditInputError(
+                f"the validation set has {len(self.val)} usable pair(s); it needs at least 2 "
+                "(a contrastive loss compares each pair with the others), or audit without it"
+            )
+        if a.params != "head":
+            check_model_inputs(self)
         scale, lam = _number(a.logit_scale, "logit_scale"), _number(a.lam, "lam")
         if a.logit_scale == "model" or a.logit_scale is None:
             scale = float(getattr(self.train, "logit_scale", None) or CLIP_LOGIT_SCALE)

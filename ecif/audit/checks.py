@@ -7,7 +7,10 @@ and before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,54 @@ MISMATCH_ALLOWED = "going on because the mismatch was allowed"  # logged when fo
 
 class AuditInputError(ValueError):
     """Inputs or options an audit cannot run with; found before the fit."""
+
+
+def _whole(value: Any, name: str, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+        raise AuditInputError(f"{name} must be a whole number >= {least}; got {value!r}")
+
+
+def _scale_or_pull(value: Any, name: str, words: tuple[str, ...]) -> None:
+    if value is None or (isinstance(value, str) and value in words):
+        return
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+        raise AuditInputError(
+            f"{name} must be {' or '.join(repr(w) for w in words)} or a finite positive "
+            f"number; got {value!r}"
+        )
+
+
+def check_options(args: Any) -> None:
+    """Raise AuditInputError for an ``AuditArgs`` value no audit can run with, before any
+    data is read: a name outside its choices, a seed or batch size that is not a whole number
+    (a batch of 1 pair has no negatives: every influence would be 0), a scale or pull that is
+    not a finite positive number (an infinite one overflows the fit)."""
+    for f in dataclasses.fields(args):
+        choices = f.metadata.get("choices")
+        value = getattr(args, f.name)
+        if choices and value not in choices:
+            raise AuditInputError(f"{f.name} must be one of {choices}; got {value!r}")
+    _whole(args.seed, "seed", 0)
+    _whole(args.batch_size, "batch_size", 2)
+    _whole(args.lora_rank, "lora_rank", 1)
+    if args.lora_blocks is not None:
+        _whole(args.lora_blocks, "lora_blocks", 1)
+    if args.warmup_epochs is not None:
+        _whole(args.warmup_epochs, "warmup_epochs", 0)
+    _scale_or_pull(args.logit_scale, "logit_scale", ("auto", "model"))
+    _scale_or_pull(args.lam, "lam", ("auto", "model"))
+    if not (isinstance(args.probes, Real) and 0 <= args.probes < 1):
+        raise AuditInputError(f"probes must be a fraction in [0, 1); got {args.probes!r}")
+    if not (isinstance(args.proxy_fraction, Real) and 0 < args.proxy_fraction <= 1):
+        raise AuditInputError(
+            f"proxy_fraction must be a fraction in (0, 1]; got {args.proxy_fraction!r}"
+        )
+    check_threshold(args.threshold)
+    check_weights(args.weights, True)  # whether a validation set is needed: checked later
 
 
 def check_joint_space(train: Any) -> None:
@@ -80,8 +131,11 @@ def check_validation(
     does not record one, nothing can be compared. Another model is refused unless
     ``allow_model_mismatch``, which logs a warning and returns it (to be recorded).
     """
-    if len(val) < 1:
-        raise AuditInputError(f"{val.source or 'the validation set'}: no usable pairs")
+    if len(val) < 2:
+        raise AuditInputError(
+            f"{val.source or 'the validation set'}: {len(val)} usable pair(s); a validation set "
+            "needs at least 2 (a contrastive loss compares each pair with the others)"
+        )
     if (val.d_image, val.d_text) != (train.d_image, train.d_text):
         raise AuditInputError(
             f"validation widths (image {val.d_image}, text {val.d_text}) differ from the "

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from ecif.audit.audit_args import VAL_MODES
@@ -45,7 +46,7 @@ def model_args(auditor: Any) -> ModelArgs:
         scale = None
     else:
         scale = float(a.logit_scale)
-    lam = None if a.lam == "auto" else float(a.lam)  # None: the mode's own default
+    lam = None if a.lam in ("auto", "model", None) else float(a.lam)  # None: the mode's own
     return ModelArgs(
         params=a.params,
         lora_rank=a.lora_rank,
@@ -95,17 +96,6 @@ def model_signals(auditor: Any, progress: bool) -> pd.DataFrame:
             return model_self_influence(auditor, progress)
         return model_crossfit(auditor, progress)
     train, val = auditor.train_features, auditor.val_features
-    if train is None or val is None:
-        raise ValueError(
-            f"params={a.params!r} needs the feature caches of both sets: embed them with "
-            f"--cache-features {a.params}"
-        )
-    for what, feats, emb in (("training", train, auditor.train), ("validation", val, auditor.val)):
-        if len(feats.image) != len(emb):
-            raise ValueError(
-                f"the {what} feature cache has {len(feats.image)} rows but its embeddings "
-                f"{len(emb)}: use the folder the features were cached with"
-            )
     model = fit_model(train, train.init, model_args(auditor), progress=progress)
     auditor.heads = [model]
     auditor.val_source = f"validation set ({len(val.image)} pairs), params={a.params}"
@@ -131,6 +121,64 @@ def model_inputs(args: Any, embeddings: Path, val: Any) -> dict:
         raise AuditInputError(str(err).splitlines()[0]) from err
 
 
+def check_model_inputs(auditor: Any) -> None:
+    """Raise AuditInputError, before any fit, unless the feature caches fit the mode: the
+    training cache's kind is ``params``, each cache has its embeddings' rows, and the
+    validation cache holds the same trainable part (kind, cut, tensors) as the training one:
+    the mode runs both sets' features through that part, so features cut elsewhere or taken
+    from another model give numbers without meaning, or a shape error deep in the fit."""
+    a, train, val = auditor.args, auditor.train_features, auditor.val_features
+    hint = f"embed it with --cache-features {a.params}"
+    if train is None:
+        raise AuditInputError(f"params={a.params!r} needs the training set's feature cache: {hint}")
+    if train.kind != a.params:
+        raise AuditInputError(
+            f"params={a.params!r}, but the training features are a {train.kind!r} cache: embed "
+            f"with --cache-features {a.params}, or audit with --params {train.kind}"
+        )
+    if auditor.val is not None and val is None:
+        raise AuditInputError(f"params={a.params!r} needs the validation set's features: {hint}")
+    for what, feats, emb in (("training", train, auditor.train), ("validation", val, auditor.val)):
+        if feats is not None and emb is not None and len(feats.image) != len(emb):
+            raise AuditInputError(
+                f"the {what} feature cache has {len(feats.image)} rows but its embeddings "
+                f"{len(emb)}: use the folder the features were cached with"
+            )
+    if val is not None and not same_part(train.init, val.init):
+        raise AuditInputError(
+            f"the validation features ({val.kind!r}, {_cut(val.init)}, {val.init.get('model')}) "
+            f"were not cached with the training features' trainable part ({train.kind!r}, "
+            f"{_cut(train.init)}, {train.init.get('model')}): embed both with the same model "
+            f"and --cache-features {a.params} (and --cache-blocks)"
+        )
+    blocks = (train.init.get("config") or {}).get("blocks")
+    if a.params == "lora" and blocks is not None and (a.lora_blocks or 1) > blocks:
+        raise AuditInputError(
+            f"lora_blocks={a.lora_blocks}: the feature cache was cut {blocks} block(s) from the "
+            f"end; use at most {blocks}, or embed with --cache-blocks {a.lora_blocks}"
+        )
+
+
+def _cut(init: dict) -> str:
+    blocks = (init.get("config") or {}).get("blocks")
+    return "the projections" if blocks is None else f"{blocks} block(s) from the end"
+
+
+def same_part(a: dict, b: dict) -> bool:
+    """Whether two caches' ``trainable_init`` records are one trainable part: the same kind,
+    cut and pretrained tensors."""
+    if a.get("kind") != b.get("kind") or a.get("config") != b.get("config"):
+        return False
+    ta, tb = a.get("tensors") or {}, b.get("tensors") or {}
+    if ta.keys() != tb.keys():
+        return False
+    return all(
+        tuple(ta[k].shape) == tuple(tb[k].shape)
+        and torch.equal(torch.as_tensor(ta[k]), torch.as_tensor(tb[k]))
+        for k in ta
+    )
+
+
 def feature_rows(feats: Any, rows: np.ndarray) -> SimpleNamespace:
     """The rows ``rows`` of a FeatureSet (image, text, ids, init; batches drawn anew)."""
     return SimpleNamespace(  # read on demand: a half of a large cache is not copied
@@ -141,23 +189,11 @@ def feature_rows(feats: Any, rows: np.ndarray) -> SimpleNamespace:
     )
 
 
-def training_features(auditor: Any) -> Any:
-    """The training set's feature cache, or a clear error."""
-    train = auditor.train_features
-    if train is None:
-        a = auditor.args
-        raise ValueError(
-            f"params={a.params!r} needs the training set's feature cache: embed it with "
-            f"--cache-features {a.params}"
-        )
-    return train
-
-
 def model_self_influence(auditor: Any, progress: bool) -> pd.DataFrame:
     """Without a validation set, ``no_val="self"``: grad R_n^T H^-1 grad R_n through the
     trainable part, estimated from ``PROBES`` random probes (``ecif.engine.model_probes``)."""
     a = auditor.args
-    train = training_features(auditor)
+    train = auditor.train_features
     model = fit_model(train, train.init, model_args(auditor), progress=progress)
     auditor.heads = [model]
     # the probes' block solve is the longest step here: it grows with the scale (sharper, more
@@ -225,9 +261,12 @@ def model_crossfit(auditor: Any, progress: bool) -> pd.DataFrame:
     set is fit on its own and scored against the other half's best-fitting pairs (lowest
     pair loss under that half's model) as a proxy validation set."""
     a = auditor.args
-    train = training_features(auditor)
+    train = auditor.train_features
     if len(train.image) < 8:
-        raise ValueError("without a validation set, a model-mode audit needs at least 8 pairs")
+        raise AuditInputError(
+            f"without a validation set, a model-mode audit cross-fits halves and needs at least "
+            f"8 pairs; got {len(train.image)}"
+        )
     rng = np.random.default_rng(a.seed)
     fold = rng.permutation(len(train.image)) % 2
     folds = [np.nonzero(fold == k)[0] for k in (0, 1)]
@@ -268,7 +307,7 @@ def twin_features(
     validation features are the rest. The twin has no shard groups, as in the head mode."""
     if auditor.args.params == "head":
         return {}
-    train, val = training_features(auditor), auditor.val_features
+    train, val = auditor.train_features, auditor.val_features
     own = np.r_[rows, rows[image_rows]], np.r_[rows, rows[text_rows]]
     image, text = [(train.image, own[0])], [(train.text, own[1])]
     if held is not None:

@@ -29,7 +29,7 @@ from ecif.atomic import read_parquet_meta, write_parquet_atomic
 from ecif.audit.audit_args import RENAMED_OPTIONS, AuditArgs
 from ecif.audit.auditor import Auditor, clip_scores, consensus
 from ecif.audit.checks import (
-    check_threshold,
+    check_options,
     check_training,
     check_validation,
     check_weights,
@@ -191,7 +191,7 @@ def score_shards(
     """
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
-    check_threshold(args.threshold)
+    check_options(args)
     check_weights(args.weights, val is not None)
     parts = list_embedding_parts(embeddings)
     manifest = layout.read_manifest(embeddings) or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ecif.cli.options import add_field
@@ -87,10 +88,10 @@ def auto_or_positive(name: str, extra: tuple[str, ...] = ()):
             value = float(text)
         except ValueError:
             value = -1.0
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):
             words = "', '".join(("auto", *extra))
             raise argparse.ArgumentTypeError(
-                f"expected '{words}' or a positive number, got {text!r}"
+                f"expected '{words}' or a finite positive number, got {text!r}"
             )
         return value
 
