@@ -30,11 +30,10 @@ from bench_model_mode import embedded
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
 
-from ecif.audit.model_signals import PROBE_SOLVE_TOL
 from ecif.audit.selection import SelectArgs, calibrated_scale, trimmed_scale
 from ecif.engine.encoder_influence import ModelInverse
 from ecif.engine.model_mode import ModelArgs, fit_model
-from ecif.engine.model_probes import probe_estimate
+from ecif.engine.model_probes import PROBE_SOLVE_TOL, probe_estimate
 
 
 class SeparateSolves(ModelInverse):
