@@ -46,6 +46,7 @@ def test_bad_options_are_named(bad, named):
 def test_good_options_pass():
     check_options(ecif.AuditArgs())
     check_options(ecif.AuditArgs(lam="model", logit_scale="10", batch_size=2, lora_blocks=1))
+    check_options(ecif.AuditArgs(device="cuda:1"))  # resolve_device says if it exists
 
 
 def test_the_api_and_the_cli_check_options_before_any_fit(tmp_path, capsys, monkeypatch):

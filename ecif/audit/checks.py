@@ -56,6 +56,8 @@ def check_options(args: Any) -> None:
     for f in dataclasses.fields(args):
         choices = f.metadata.get("choices")
         value = getattr(args, f.name)
+        if f.name == "device" and str(value).startswith("cuda:"):
+            continue  # one GPU of several (ecif.device.resolve_device checks it)
         if choices and value not in choices:
             raise AuditInputError(f"{f.name} must be one of {choices}; got {value!r}")
     _whole(args.seed, "seed", 0)
