@@ -256,3 +256,46 @@ def test_score_on_image_and_text_rows_of_two_widths(tmp_path, capsys, monkeypatc
     assert main(["score", str(tmp_path / "emb"), "-o", str(out), *FAST]) == 2
     _one_error_line(capsys.readouterr().err, "16-d", "24-d", "joint space")
     assert not out.exists() or not _files(out)
+
+
+@pytest.mark.parametrize("content", ['{"method": "ecif", "options": {', "", "[1, 2]"])
+@pytest.mark.parametrize("verb", ["trace", "index", "clean", "verify", "export"])
+def test_an_unreadable_audit_json_is_one_error_in_every_verb(
+    small_audit, tmp_path, capsys, content, verb
+):
+    """A run cut off while writing audit.json, or a hand edit: JSONDecodeError and
+    AttributeError tracebacks before, in each verb that reads it."""
+    import shutil
+
+    audit = tmp_path / "audit"
+    shutil.copytree(small_audit, audit, ignore=shutil.ignore_patterns("data", "embeddings"))
+    (audit / "audit.json").write_text(content)
+    val = str(small_audit / "embeddings" / "val")
+    argv = {
+        "trace": ["trace", str(audit), "--caption", "a red circle", "--quiet"],
+        "index": ["index", str(audit), "--quiet", "-o", str(tmp_path / "ix")],
+        "clean": ["clean", str(audit), "--val", val, "--quiet"],
+        "verify": ["verify", str(audit), "--val", val, "-k", "3", "--quiet"],
+        "export": ["export", str(audit), "--keep", "0.5", "--format", "ids", "-o", str(tmp_path / "k.csv")],
+    }[verb]  # fmt: skip
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err, "audit.json")
+
+
+def test_trace_against_a_test_set_of_another_width(small_audit, tmp_path, capsys):
+    g = np.random.default_rng(0)
+    x = g.standard_normal((6, 48)).astype(np.float32)  # the audit's rows are 32-d
+    ecif.EmbeddingSet(x, x, ids=[f"t{i}" for i in range(6)]).save(tmp_path / "w48")
+    argv = ["trace", str(small_audit), "--query-id", "t0", "--test", str(tmp_path / "w48")]
+    assert main([*argv, "--quiet"]) == 2  # a matmul RuntimeError before
+    err = capsys.readouterr().err  # (after the note that the index is built in memory)
+    _one_error_line(err.splitlines()[-1], "48-d (image)", "embed the test set")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--nlist", "--nprobe", "--chunk-size"])
+def test_index_counts_must_be_positive(small_audit, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:  # faiss TypeError / OverflowError before
+        main(["index", str(small_audit), "--kind", "ivf", flag, "-2", "-o", str(tmp_path / "ix")])
+    assert e.value.code == 2
+    assert f"{flag}: expected an integer >= 1" in capsys.readouterr().err

@@ -40,12 +40,28 @@ def params_of(info: dict) -> str:
     return (info.get("options") or {}).get("params") or "head"
 
 
-def audit_params(folder: str | os.PathLike) -> str:
-    """``params_of`` an audit folder's audit.json (a clear error when there is none)."""
+def read_audit_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """An audit folder's audit.json, or an AuditFolderError that says what is wrong with it
+    (missing, not JSON: a run cut off while writing, or edited by hand)."""
     path = Path(folder) / "audit.json"
     if not path.exists():
-        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
-    return params_of(json.loads(path.read_text()))
+        raise AuditFolderError(
+            f"{folder}: not an audit folder (no audit.json); run `ecif demo` or `ecif score`"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AuditFolderError(
+            f"{path}: not readable as JSON ({e}); run `ecif score` again to rewrite it"
+        ) from None
+    if not isinstance(info, dict):
+        raise AuditFolderError(f"{path}: holds a {type(info).__name__}, not an audit's record")
+    return info
+
+
+def audit_params(folder: str | os.PathLike) -> str:
+    """``params_of`` an audit folder's audit.json (a clear error when there is none)."""
+    return params_of(read_audit_info(folder))
 
 
 def float32_scores(table: pd.DataFrame) -> pd.DataFrame:
@@ -82,12 +98,7 @@ def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
     folder = Path(folder)
     if not folder.is_dir():
         raise AuditFolderError(f"{folder}: no such folder")
-    desc_path = folder / "audit.json"
-    if not desc_path.exists():
-        raise AuditFolderError(
-            f"{folder}: not an audit folder (no audit.json); run `ecif demo` or `ecif score`"
-        )
-    info = json.loads(desc_path.read_text())
+    info = read_audit_info(folder)
     scores = folder / info.get("scores", "scores.parquet")
     if scores.is_dir():
         files = sorted(scores.glob("*.parquet"))
@@ -163,10 +174,7 @@ def training_set(
     folder: Path, embeddings: str | os.PathLike | None = None
 ) -> tuple[EmbeddingSet, Path]:
     """The training embeddings of an audit: ``embeddings`` or audit.json's ``embeddings``."""
-    info_path = folder / "audit.json"
-    if not info_path.exists():
-        raise AuditFolderError(f"{folder}: not an audit folder (no audit.json)")
-    info = json.loads(info_path.read_text())
+    info = read_audit_info(folder)
     emb = embeddings or info.get("embeddings") or info.get("train")
     if not emb:
         raise AuditFolderError(
@@ -198,7 +206,7 @@ def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True
         raise AuditFolderError(f"{folder}: no head fit on all {len(train)} training pairs")
     from ecif.audit.auditor import AuditArgs, Auditor
 
-    info = json.loads((folder / "audit.json").read_text())
+    info = read_audit_info(folder)
     args = AuditArgs.from_record(info.get("options", {}))
     chosen = info.get("head_choice") or {}  # the audit's chosen scale and pull, not a new search
     head = Auditor(train, args=args).fit_head(

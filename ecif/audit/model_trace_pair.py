@@ -6,7 +6,6 @@ the fitted part, and every training pair ranked by relative influence
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ecif.audit.folder import AuditFolderError, read_models
+from ecif.audit.folder import AuditFolderError, read_audit_info, read_models
 from ecif.audit.model_queries import ModelAuditInputs, ModelQuery
 
 
@@ -23,7 +22,7 @@ def model_audit(folder: str | os.PathLike) -> tuple[Any, Any, dict]:
     """(training features, the model fit on all of them, audit.json) of a model-mode audit."""
     from ecif.data.features import load_features
 
-    info = json.loads((Path(folder) / "audit.json").read_text())
+    info = read_audit_info(folder)
     if not info.get("embeddings"):
         raise AuditFolderError(f"{folder}/audit.json records no training embeddings")
     train = load_features(info["embeddings"])

@@ -179,6 +179,13 @@ class TraceBack:
         embeddings ``classes`` with the true class ``label``. A caption is correct when it
         carries the pair's label (``ecif.audit.labels``: the same caption, or the same value of
         ``label_col``), the definition ``ecif clean``'s accuracy uses too."""
+        widths, trained = (test.d_image, test.d_text), (self.train.d_image, self.train.d_text)
+        if widths != trained:
+            raise ValueError(
+                f"the test set's embeddings are {widths[0]}-d (image) and {widths[1]}-d (text), "
+                f"the audit's training set's {trained[0]}-d and {trained[1]}-d: embed the test "
+                "set with the audit's model"
+            )
         pos = int(test.positions([query_id])[0])
         x, y = _unit(test.image[pos]), _unit(test.text[pos])
         if classes is not None:

@@ -36,9 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", "-o", default=None, help="index folder (default FOLDER/index)")
     p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf"], help="index type")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
-    p.add_argument("--chunk-size", type=int, default=65536, help="rows added per step")
+    p.add_argument(
+        "--nlist", type=common.positive_int, default=None, help="IVF lists (default 4 sqrt(N))"
+    )
+    p.add_argument(
+        "--nprobe", type=common.positive_int, default=32, help="IVF lists searched per query"
+    )
+    p.add_argument(
+        "--chunk-size", type=common.positive_int, default=65536, help="rows added per step"
+    )
     p.add_argument(
         "--norms",
         default="auto",
