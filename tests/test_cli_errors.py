@@ -299,3 +299,109 @@ def test_index_counts_must_be_positive(small_audit, tmp_path, capsys, flag):
         main(["index", str(small_audit), "--kind", "ivf", flag, "-2", "-o", str(tmp_path / "ix")])
     assert e.value.code == 2
     assert f"{flag}: expected an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["demo", "--n", "-5"], "--n: expected an integer >= 1"),
+        (["demo", "--noise", "1"], "--noise: expected a fraction in [0, 1)"),
+        (["demo", "--seed", "-1"], "--seed: expected an integer >= 0"),  # numpy's error before
+        (["verify", "AUDIT", "--val", "VAL", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    ],
+)
+def test_counts_and_fractions_are_checked_at_parse_time(small_audit, capsys, argv, said):
+    argv = [str(small_audit) if a == "AUDIT" else a for a in argv]
+    argv = [str(small_audit / "embeddings" / "val") if a == "VAL" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["-k", "--nprobe"])
+def test_trace_counts_must_not_be_negative(small_audit, capsys, flag):
+    assert (
+        main(["trace", str(small_audit), "--caption", "a red circle", flag, "-1", "--quiet"]) == 2
+    )
+    err = capsys.readouterr().err
+    _one_error_line(err.splitlines()[-1], "must be a whole number >=")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("damaged", ["head.pt", "scores", "index/image.faiss"])
+def test_a_damaged_audit_file_is_one_error(small_audit, tmp_path, capsys, damaged):
+    """A file cut off while written (or replaced): pickle, Arrow and faiss tracebacks before."""
+    import shutil
+
+    audit = tmp_path / "audit"
+    shutil.copytree(small_audit, audit, ignore=shutil.ignore_patterns("data", "embeddings"))
+    if not (audit / "index").exists():
+        assert main(["index", str(audit), "--embeddings", str(small_audit / "embeddings" / "train"), "--quiet"]) == 0  # fmt: skip
+        capsys.readouterr()
+    target = audit / damaged
+    if target.is_dir():
+        target = sorted(target.glob("*.parquet"))[0]
+    target.write_bytes(b"junk" * 10)
+    train = str(small_audit / "embeddings" / "train")
+    argv = ["trace", str(audit), "--caption", "a red circle", "--embeddings", train, "--quiet"]
+    if damaged == "scores":
+        argv = [
+            "export",
+            str(audit),
+            "--keep",
+            "0.5",
+            "--format",
+            "ids",
+            "-o",
+            str(tmp_path / "k.csv"),
+        ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_error_line(err.splitlines()[-1], target.name, "cannot be read")
+    assert "Traceback" not in err
+
+
+def test_export_refuses_to_write_into_the_audit(small_audit, tmp_path, capsys):
+    import shutil
+
+    audit = tmp_path / "audit"
+    shutil.copytree(small_audit, audit, ignore=shutil.ignore_patterns("data", "embeddings"))
+    shard = sorted((audit / "scores").glob("*.parquet"))[0]
+    before = shard.read_bytes()
+    argv = ["export", str(audit), "--keep", "0.5", "--format", "ids", "-o", str(shard)]
+    assert main(argv) == 2  # it overwrote the audit's own score shard before, exit 0
+    _one_error_line(capsys.readouterr().err, "overwrite the audit")
+    assert shard.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["embed", "IN", "OUT", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+        (["embed", "IN", "OUT", "--num-workers", "-1"], "--num-workers: expected an integer >= 0"),
+        (["clean", "AUDIT", "--retrain-steps", "0"], "--retrain-steps: expected an integer >= 1"),
+        (["clean", "AUDIT", "--retrain-batch-size", "0"], "--retrain-batch-size: expected an"),
+    ],
+)
+def test_embed_and_retrain_counts_are_checked_at_parse_time(tmp_path, capsys, argv, said):
+    argv = [str(tmp_path / a.lower()) if a in ("IN", "OUT", "AUDIT") else a for a in argv]
+    with pytest.raises(SystemExit) as e:  # DataLoader / ZeroDivisionError tracebacks before
+        main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_damaged_trace_cache_falls_back_with_a_note(small_audit, tmp_path, capsys):
+    import shutil
+
+    audit = tmp_path / "audit"
+    shutil.copytree(small_audit, audit, ignore=shutil.ignore_patterns("data", "embeddings"))
+    train = str(small_audit / "embeddings" / "train")
+    assert main(["index", str(audit), "--embeddings", train, "--quiet"]) == 0
+    (audit / "index" / "trace.pt").write_bytes(b"junk" * 10)
+    capsys.readouterr()
+    val = small_audit / "embeddings" / "val"
+    qid = str(ecif.EmbeddingSet.load(val).ids[0])
+    argv = ["trace", str(audit), "--query-id", qid, "--test", str(val), "--embeddings", train]
+    assert main([*argv, "--quiet"]) == 0  # an `error: 174812789` line before
+    captured = capsys.readouterr()
+    assert "trace.pt cannot be read" in captured.err and "RESPONSIBLE" in captured.out

@@ -30,7 +30,7 @@ class DemoArgs:
     output: str = option("ecif-demo", help="folder the demo audit is written to")
     n_train: int = option(3000, help="training pairs")
     n_val: int = option(600, help="clean validation pairs")
-    noise: float = option(0.2, help="fraction of corrupted captions")
+    noise: float = option(0.2, help="fraction of corrupted captions, in [0, 1)")
     noise_kind: str = option("mixed", help="how captions are corrupted", choices=NOISE_KINDS)
     seed: int = borrow(FitArgs, "seed", help="seed of the data, the noise and the audit")
     batch_size: int = borrow(FitArgs, "batch_size")

@@ -214,6 +214,13 @@ def export_audit(
             f"{output}: a {fmt} export is written as {' or '.join(want)}; name the output so"
         )
     _check_choice(keep, drop_flagged)
+    inside = output.resolve()
+    for kept in (Path(audit) / "scores", Path(audit) / "scores.parquet", Path(audit) / "index"):
+        if inside == kept.resolve() or kept.resolve() in inside.parents:
+            raise ExportError(
+                f"{output}: inside the audit's own {kept.name}; it would overwrite the audit: "
+                "write the export elsewhere"
+            )
     table, info = _read(audit)
     mask = kept_mask(table, keep, drop_flagged)
     id_name = source_id_column(info)

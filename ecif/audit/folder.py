@@ -56,6 +56,11 @@ def read_audit_info(folder: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(info, dict):
         raise AuditFolderError(f"{path}: holds a {type(info).__name__}, not an audit's record")
+    for key, kinds in (("options", dict), ("embeddings", str), ("scores", str)):
+        if info.get(key) is not None and not isinstance(info[key], kinds):
+            raise AuditFolderError(
+                f"{path}: {key!r} is a {type(info[key]).__name__}, not a {kinds.__name__}"
+            )
     return info
 
 
@@ -104,9 +109,9 @@ def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
         files = sorted(scores.glob("*.parquet"))
         if not files:
             raise AuditFolderError(f"{scores}: no score shards")
-        table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        table = pd.concat([_scores(f) for f in files], ignore_index=True)
     elif scores.exists():
-        table = pd.read_parquet(scores)
+        table = _scores(scores)
     else:
         raise AuditFolderError(f"{folder}: audit.json names {scores.name}, which is missing")
     id_col = info.get("id_column", "id")
@@ -134,7 +139,7 @@ def read_heads(folder: str | os.PathLike) -> list[Head]:
                 "`ecif trace --query-id` work in both)"
             )
         raise AuditFolderError(f"{folder}: no head.pt (the fitted head); rerun the audit")
-    return [Head.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
+    return [Head.from_state_dict(sd) for sd in _load_states(path)]
 
 
 def read_models(folder: str | os.PathLike) -> list:
@@ -144,7 +149,31 @@ def read_models(folder: str | os.PathLike) -> list:
     path = Path(folder) / "model.pt"
     if not path.exists():
         raise AuditFolderError(f"{folder}: no model.pt (a model-mode audit's fitted part)")
-    return [EncoderModel.from_state_dict(sd) for sd in torch.load(path, weights_only=False)]
+    return [EncoderModel.from_state_dict(sd) for sd in _load_states(path)]
+
+
+def _scores(path: Path) -> pd.DataFrame:
+    """One score table, or an AuditFolderError (a shard cut off while written, or replaced)."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise AuditFolderError(
+            f"{path}: cannot be read as a score table ({str(e).splitlines()[0][:120]}); run "
+            "`ecif score` again (finished shards are kept)"
+        ) from None
+
+
+def _load_states(path: Path) -> list:
+    """The saved state dicts of head.pt / model.pt, or an AuditFolderError (a cut-off write)."""
+    try:
+        states = torch.load(path, weights_only=False)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same here
+        raise AuditFolderError(
+            f"{path}: cannot be read ({type(e).__name__}); run `ecif score` again to rewrite it"
+        ) from None
+    if not isinstance(states, list):
+        raise AuditFolderError(f"{path}: holds a {type(states).__name__}, not a list of states")
+    return states
 
 
 def write_audit_description(

@@ -55,3 +55,12 @@ class TraceArgs:
     query_threads: int | None = option(
         1, help="torch threads for a query (its operations are small); None: torch's setting"
     )
+
+    def __post_init__(self) -> None:
+        """Counts a trace cannot run with (faiss raised OverflowError on a negative nprobe)."""
+        least = {"k": 0, "candidates": 0, "competitors": 1, "refine": 0, "context_top": 1}
+        least.update(nprobe=1, query_threads=1)
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= low):
+                raise ValueError(f"{name} must be a whole number >= {low}; got {value!r}")

@@ -123,7 +123,16 @@ def load_trace_cache(
     path = Path(folder) / CACHE_NAME
     if not path.exists():
         return None, None, {"stale": "no trace.pt (run `ecif index`)"}
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut off while written, or replaced: computed per candidate
+        return (
+            None,
+            None,
+            {"stale": f"{path} cannot be read ({type(e).__name__}); rerun `ecif index`"},
+        )
+    if not isinstance(state, dict):
+        return None, None, {"stale": f"{path} holds no trace cache; rerun `ecif index`"}
     if state.get("fingerprint") != fingerprint(head) or state.get("n") != head.partition.n:
         return None, None, {"stale": f"{path} was computed for another head; rerun `ecif index`"}
     inv = None

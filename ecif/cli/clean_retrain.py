@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ecif.cli.common import positive_int
 from ecif.cli.options import add_field
 
 
@@ -35,9 +36,14 @@ def add_retrain_arguments(p: argparse.ArgumentParser) -> None:
         default="finetune",
         help="fine-tune the model's weights, train its architecture from scratch, or both",
     )
-    add_field(g, RetrainConfig, "steps", "--retrain-steps", dest="retrain_steps", type=int)
+    add_field(g, RetrainConfig, "steps", "--retrain-steps", dest="retrain_steps", type=positive_int)
     add_field(
-        g, RetrainConfig, "batch_size", "--retrain-batch-size", dest="retrain_batch_size", type=int
+        g,
+        RetrainConfig,
+        "batch_size",
+        "--retrain-batch-size",
+        dest="retrain_batch_size",
+        type=positive_int,
     )
     add_field(g, RetrainConfig, "lr", "--retrain-lr", dest="retrain_lr", type=float)
     add_field(g, RetrainConfig, "device", "--retrain-device", dest="retrain_device")

@@ -21,7 +21,9 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def add_seed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed for batch partition and sampling")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed for batch partition and sampling"
+    )
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -38,6 +40,28 @@ def threshold_arg(text: str) -> str:
     except AuditInputError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("threshold: ")) from None
     return text
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ecif.cli.common import add_quiet, show_progress
+from ecif.cli.common import add_quiet, fraction, non_negative_int, positive_int, show_progress
 from ecif.cli.options import add_field
 
 NAME = "demo"
@@ -23,10 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ecif.audit.demo import DemoArgs
 
     add_field(p, DemoArgs, "output", "--output", "-o")
-    add_field(p, DemoArgs, "n_train", "--n", type=int, metavar="N")
-    add_field(p, DemoArgs, "noise", type=float)
+    add_field(p, DemoArgs, "n_train", "--n", type=positive_int, metavar="N")
+    add_field(p, DemoArgs, "noise", type=fraction)
     add_field(p, DemoArgs, "noise_kind")
-    add_field(p, DemoArgs, "seed", type=int)
+    add_field(p, DemoArgs, "seed", type=non_negative_int)
     add_quiet(p)
 
 

@@ -47,8 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="image bytes or path column; if not given: jpg, png, ..., path",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader decode workers")
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=256, help="rows per forward pass"
+    )
+    p.add_argument(
+        "--num-workers", type=common.non_negative_int, default=2, help="DataLoader decode workers"
+    )
     p.add_argument(
         "--distributor",
         default="local",

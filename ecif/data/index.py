@@ -203,8 +203,15 @@ class VectorIndex:
             raise FaissIndexError(
                 f"{folder}: no {side} index ({path.name}); run `ecif index` first"
             )
-        info = IndexInfo(**json.loads(meta.read_text()))
-        out = cls(faiss.read_index(str(path)), info)
+        try:
+            info = IndexInfo(**json.loads(meta.read_text()))
+            index = faiss.read_index(str(path))
+        except (RuntimeError, TypeError, ValueError):  # faiss's reader raises RuntimeError
+            raise FaissIndexError(
+                f"{path}: cannot be read as a FAISS index (cut off or replaced); run `ecif "
+                "index` again"
+            ) from None
+        out = cls(index, info)
         if out.n != info.n:
             raise FaissIndexError(f"{path}: holds {out.n} rows but {meta.name} says {info.n}")
         if _wants_gpu(device):
