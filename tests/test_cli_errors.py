@@ -258,7 +258,9 @@ def test_score_on_image_and_text_rows_of_two_widths(tmp_path, capsys, monkeypatc
     assert not out.exists() or not _files(out)
 
 
-@pytest.mark.parametrize("content", ['{"method": "ecif", "options": {', "", "[1, 2]"])
+@pytest.mark.parametrize(
+    "content", ['{"method": "ecif", "options": {', "", "[1, 2]", '{"options": "x"}']
+)
 @pytest.mark.parametrize("verb", ["trace", "index", "clean", "verify", "export"])
 def test_an_unreadable_audit_json_is_one_error_in_every_verb(
     small_audit, tmp_path, capsys, content, verb

@@ -104,7 +104,7 @@ def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
     if not folder.is_dir():
         raise AuditFolderError(f"{folder}: no such folder")
     info = read_audit_info(folder)
-    scores = folder / info.get("scores", "scores.parquet")
+    scores = folder / (info.get("scores") or "scores.parquet")
     if scores.is_dir():
         files = sorted(scores.glob("*.parquet"))
         if not files:
