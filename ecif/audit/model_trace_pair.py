@@ -67,24 +67,14 @@ def pair_norms(
     ``AUDIT/index/model_norms.npz`` (tagged with ``model_fingerprint``; a refit recomputes).
     ``probes``: how many (None: whatever count is kept, else ``DEFAULT_PROBES``)."""
     from ecif.atomic import atomic_path
-    from ecif.engine.model_probes import DEFAULT_PROBES, PROBE_SOLVE_TOL, probe_estimate
+    from ecif.engine.model_probes import DEFAULT_PROBES, probe_norms
 
     path = Path(audit) / "index" / NORMS_FILE
     kept = _kept_norms(path, model, len(train.image), probes)
     if kept is not None:
         return kept[0]
     probes = probes or DEFAULT_PROBES
-    est = probe_estimate(
-        model,
-        train,
-        probes=probes,
-        whiten=False,
-        along=False,
-        inverse=inverse,
-        tol=PROBE_SOLVE_TOL,
-        progress=progress,
-    )
-    norms = np.asarray(est.norms(), dtype=np.float64)
+    norms = probe_norms(model, train, probes=probes, inverse=inverse, progress=progress)
     key = model_fingerprint(model, probes, 0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,36 +42,26 @@ def threshold_arg(text: str) -> str:
     return text
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (a seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def bounded(cast, ok, expected: str):
+    """An argparse type: ``cast(text)`` where ``ok`` holds it, else an error that says what
+    was expected (``expected``)."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = cast.__name__
+    return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+non_negative_int = bounded(int, lambda v: v >= 0, "an integer >= 0")  # a seed, a worker count
+positive_int = bounded(int, lambda v: v >= 1, "an integer >= 1")
+fraction = bounded(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")  # NaN fails too
 
 
 def add_val(p: argparse.ArgumentParser, required: bool = False, what: str = "") -> None:
@@ -121,17 +111,6 @@ def auto_or_positive(name: str, extra: tuple[str, ...] = ()):
 
     parse.__name__ = name
     return parse
-
-
-def probes_arg(text: str) -> float:
-    """--probes: a fraction in [0, 1) of planted probes per training pair."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
 
 
 def warmup_epochs_arg(text: str) -> int | None:
@@ -185,7 +164,7 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
         metavar="auto|model|T",
     )
     add_field(g, AuditArgs, "weights")
-    add_field(g, AuditArgs, "probes", type=probes_arg, metavar="FRACTION")
+    add_field(g, AuditArgs, "probes", type=fraction, metavar="FRACTION")
     add_field(g, AuditArgs, "neg")
     add_field(g, AuditArgs, "solver")
     add_field(g, AuditArgs, "threshold", type=threshold_arg)

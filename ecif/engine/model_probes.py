@@ -112,6 +112,31 @@ def probe_estimate(
     )
 
 
+def probe_norms(
+    model: EncoderModel,
+    train,
+    *,
+    probes: int | torch.Tensor = DEFAULT_PROBES,
+    inverse: ModelInverse | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """||H^-1 grad R_n|| of every row (relative influence's denominator): probes with M = I,
+    solved to ``PROBE_SOLVE_TOL``, and only the passes the norms read."""
+    est = probe_estimate(
+        model,
+        train,
+        probes=probes,
+        whiten=False,
+        along=False,
+        inverse=inverse,
+        tol=PROBE_SOLVE_TOL,
+        seed=seed,
+        progress=progress,
+    )
+    return np.asarray(est.norms(), dtype=np.float64)
+
+
 def solve_block(model: EncoderModel) -> int:
     """How many probes one block CG solves at once: all of them, unless one (K, P) array
     would pass ``BLOCK_BYTES`` (block CG holds about seven)."""

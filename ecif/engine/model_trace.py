@@ -16,7 +16,7 @@ import torch
 
 from ecif.engine.encoder_influence import ModelInverse, score_pass
 from ecif.engine.encoder_model import EncoderModel
-from ecif.engine.model_probes import DEFAULT_PROBES, PROBE_SOLVE_TOL, probe_estimate
+from ecif.engine.model_probes import DEFAULT_PROBES, probe_norms
 
 DIRECTIONS = ("image->text", "text->image")
 
@@ -107,17 +107,7 @@ def relative_influence(
     d_pos, d_neg = score_pass(model, train.image, train.text, w, neg=neg)
     dot = d_pos + d_neg
     if norms is None:
-        est = probe_estimate(
-            model,
-            train,
-            probes=probes,
-            whiten=False,
-            along=False,
-            inverse=inv,
-            tol=PROBE_SOLVE_TOL,
-            seed=seed,
-        )
-        norms = est.norms()
+        norms = probe_norms(model, train, probes=probes, inverse=inv, seed=seed)
     norms = np.asarray(norms, dtype=np.float64)
     if len(norms) != len(dot):
         raise ValueError(f"norms has {len(norms)} entries; the model has {len(dot)} rows")
