@@ -76,7 +76,6 @@ def check_options(args: Any) -> None:
             f"proxy_fraction must be a fraction in (0, 1]; got {args.proxy_fraction!r}"
         )
     check_threshold(args.threshold)
-    check_weights(args.weights, True)  # whether a validation set is needed: checked later
 
 
 def check_joint_space(train: Any) -> None:
