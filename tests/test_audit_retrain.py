@@ -185,3 +185,15 @@ def test_prompt_ensemble_is_the_normalised_mean(tiny_clip_dir):
     with torch.no_grad():
         ref = net.encode_text(tok(["a circle"]), normalize=True).numpy()
     assert np.allclose(single, ref, atol=1e-6)
+
+
+def test_a_model_that_cannot_be_built_is_a_model_load_error(tmp_path):
+    """`ecif clean --retrain-model /missing` printed open_clip's RuntimeError traceback; a
+    ModelLoadError is one `error:` line on the command line."""
+    from ecif.audit.retrain import create
+    from ecif.cli.errors import is_user_error
+    from ecif.data.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot build the model to retrain") as e:
+        create(str(tmp_path / "missing"))
+    assert is_user_error(e.value) and "Available" not in str(e.value)

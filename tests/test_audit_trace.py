@@ -70,6 +70,30 @@ def test_ivf_recall_is_sane_and_nprobe_trades_speed_for_recall(tmp_path):
     assert loaded["text"].info.nprobe == 16 and loaded["image"].n == both["image"].n
 
 
+def test_an_ivf_index_saved_with_nprobe_0_searches_at_the_default(tmp_path):
+    """`ecif index --nprobe 0` once wrote such indexes; faiss refuses to search them
+    ('cur_nprobe > 0'), so loading sets the default and the search finds what brute force
+    finds."""
+    import json
+
+    import faiss
+
+    from ecif.data.index import DEFAULT_NPROBE
+
+    g = np.random.default_rng(2)
+    base = g.standard_normal((2000, 16))
+    VectorIndex.build(base, side="image", kind="ivf", nlist=32, nprobe=4).save(tmp_path)
+    raw = faiss.read_index(str(tmp_path / "image.faiss"))
+    raw.nprobe = 0
+    faiss.write_index(raw, str(tmp_path / "image.faiss"))
+    meta = json.loads((tmp_path / "image.json").read_text())
+    (tmp_path / "image.json").write_text(json.dumps({**meta, "nprobe": 0}))
+    idx = VectorIndex.load(tmp_path, "image")
+    assert idx.info.nprobe == DEFAULT_NPROBE  # all 32 lists: exact
+    rows = idx.search(base[:5], 3)[1]
+    assert [set(r) for r in rows] == [set(e) for e in _brute_topk(base, base[:5], 3)[0]]
+
+
 def test_interleave_merges_ranked_lists_without_duplicates():
     out = interleave([np.array([5, 1, 2, -1]), np.array([1, 7, 5, 9])], 5)
     assert out.tolist() == [5, 1, 7, 2, 9]

@@ -92,6 +92,13 @@ def create(
         logging.disable(logging.WARNING)
     try:
         net = open_clip.create_model(spec, load_weights=regime == "finetune", device="cpu")
+    except (RuntimeError, OSError, ValueError) as e:  # no such config, folder or checkpoint
+        from ecif.data.models import ModelLoadError
+
+        raise ModelLoadError(
+            f"cannot build the model to retrain, {model!r}: {str(e).split(' Available:')[0]} "
+            "(give ecif-tiny, local-dir:FOLDER or an open_clip name)"
+        ) from None
     finally:
         logging.disable(quiet)
     return net.float(), open_clip.get_tokenizer(spec)

@@ -33,6 +33,9 @@ class FaissIndexError(ValueError):
     """An index that cannot be built, loaded or searched; the message says why."""
 
 
+DEFAULT_NPROBE = 32  # IVF lists searched per query unless asked otherwise
+
+
 @dataclass
 class IndexInfo:
     """What an index is, stored beside it as JSON."""
@@ -95,7 +98,7 @@ class VectorIndex:
         side: str = "image",
         kind: str = "auto",
         nlist: int | None = None,
-        nprobe: int = 32,
+        nprobe: int = DEFAULT_NPROBE,
         device: str = DEFAULT_DEVICE,
         chunk: int = 65536,
         train_rows: int | None = None,
@@ -214,6 +217,8 @@ class VectorIndex:
         out = cls(index, info)
         if out.n != info.n:
             raise FaissIndexError(f"{path}: holds {out.n} rows but {meta.name} says {info.n}")
+        if info.kind == "ivf" and index_nprobe(out.index) < 1:  # older `ecif index --nprobe 0`
+            out.set_nprobe(DEFAULT_NPROBE)  # faiss refuses to search with none
         if _wants_gpu(device):
             out.to_gpu()
         return out
