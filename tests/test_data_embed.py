@@ -161,6 +161,8 @@ def test_missing_column_and_wrong_id_type_are_clear_errors(tmp_path, tiny_clip_d
     model = f"local-dir:{tiny_clip_dir}"
     with pytest.raises(InputError, match=r"00000\.parquet: caption column 'text_en' not found"):
         ecif.embed(shard, tmp_path / "o1", model=model, caption_col="text_en")
+    with pytest.raises(InputError, match="'jpg' is taken as both the caption and the image"):
+        ecif.embed(shard, tmp_path / "o1", model=model, caption_col="jpg")  # a KeyError before
     t = pd.read_parquet(shard)
     t.drop(columns=["caption"]).to_parquet(tmp_path / "nocap.parquet")
     with pytest.raises(InputError, match=r"nocap\.parquet: no caption column"):

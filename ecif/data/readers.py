@@ -204,6 +204,8 @@ def _open_parquet(path: Path, id_col, caption_col, image_col) -> Shard:
     img = _pick(cols, image_col, BYTES_COLS + PATH_COLS)
     if img is None:
         raise _missing(path, "image", image_col, cols, BYTES_COLS + PATH_COLS)
+    if img == cap:
+        raise InputError(f"{path}: {cap!r} is taken as both the caption and the image column")
     typ = schema.field(img).type
     is_bytes = pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_struct(typ)
     meta_cols = [c for c in cols if c != img] if is_bytes else cols
@@ -230,6 +232,8 @@ def _open_csv(path: Path, id_col, caption_col, image_col) -> Shard:
     img = _pick(cols, image_col, PATH_COLS)
     if img is None:
         raise _missing(path, "image", image_col, cols, PATH_COLS)
+    if img == cap:
+        raise InputError(f"{path}: {cap!r} is taken as both the caption and the image column")
     idc = _pick(cols, id_col, ID_COLS)
     if id_col and idc is None:
         raise _missing(path, "id", id_col, cols)
