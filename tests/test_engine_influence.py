@@ -277,3 +277,25 @@ def test_an_exact_hessian_that_fails_its_dtype_is_damped_and_said():
     exact = dense_hessian(Reference(head, x, y).objective, head.theta())
     want = torch.linalg.solve(exact, b)
     assert torch.allclose(inv.solve(b), want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+
+
+def test_a_set_smaller_than_its_batch_is_not_padded_to_the_batch_size():
+    """40 pairs in batches of 1,000 used to allocate 1,000 slots a batch (x25 the work); the
+    scores must still be the one-batch brute force, and the head keep its nominal size."""
+    x, y, _ = synthetic_pairs(24, 4, noise=0.25, seed=3)
+    xv, yv, _ = synthetic_pairs(30, 4, noise=0.0, seed=4)
+    train, val = ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(xv, yv)
+    head = ecif.fit(train, batch_size=1000, lam=1e-2, logit_scale=8.0, **F64)
+    assert head.partition.index.shape == (1, 24) and head.batch_size == 1000
+    assert sorted(head.partition.index[0]) == list(range(24))
+    ref = Reference(head, train.image, train.text)
+    w = torch.linalg.solve(ref.hessian(), ref.val_grad(val.image, val.text))
+    expected = np.array([float(ref.removal_grad(n) @ w) / len(train) for n in range(len(train))])
+    df = ecif.score(head, train, val, inverse=ecif.solver(head, train, solver="cg", tol=1e-11))
+    assert np.allclose(df["influence"], expected, rtol=1e-6, atol=1e-10)
+    groups = np.array([0] * 10 + [1] * 14)
+    part = ecif.engine.batches.make_partition(24, 1000, seed=0, groups=groups)
+    assert part.index.shape == (2, 14)
+    assert sorted(part.index[0][part.index[0] >= 0]) == list(range(10))
+    wide = ecif.engine.batches.make_partition(60, 16, seed=0)
+    assert wide.index.shape == (4, 16) and (wide.index[-1] == -1).sum() == 4

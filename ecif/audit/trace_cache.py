@@ -60,7 +60,7 @@ def choose_probes(head: Head, probes: int | str | None) -> int:
     """0 = exact norms; 'auto' = exact within EXACT_FLOP_BUDGET, else DEFAULT_PROBES."""
     if probes in (None, "auto"):
         di, dt = head.m.shape
-        cost = 4.0 * head.partition.n * head.batch_size * di * dt
+        cost = 4.0 * head.partition.n * head.partition.width * di * dt
         return 0 if cost <= EXACT_FLOP_BUDGET else DEFAULT_PROBES
     probes = int(probes)
     if probes < 0:

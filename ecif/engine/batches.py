@@ -19,7 +19,12 @@ CHUNK_ROWS = 8192  # rows a pass reads at a time unless told otherwise (whole ba
 
 @dataclass(frozen=True)
 class Partition:
-    """Batches as a (num_batches, batch_size) array of row positions, -1 where empty."""
+    """Batches as a (num_batches, width) array of row positions, -1 where empty.
+
+    ``width`` is ``batch_size`` unless no group reaches it: then the index is only as wide
+    as the largest batch (padding to the nominal size would cost a pass over empty slots,
+    x25 at 40 pairs in batches of 1,000) while ``batch_size`` is kept for later partitions.
+    """
 
     index: np.ndarray
     batch_size: int
@@ -29,6 +34,11 @@ class Partition:
     @property
     def num_batches(self) -> int:
         return int(self.index.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Slots per batch row of ``index`` (what a pass over it allocates)."""
+        return int(self.index.shape[1])
 
     def batch_of(self) -> np.ndarray:
         """Batch number of every row position (-1 for rows not in any batch); computed once
@@ -77,13 +87,14 @@ def make_partition(
         if len(groups) != n:
             raise ValueError("groups must have one label per row")
         members = [np.nonzero(groups == g)[0] for g in pd.unique(groups)]
+    width = min(batch_size, max(len(rows) for rows in members))
     blocks = []
     for rows in members:
         order = rows[rng.permutation(len(rows))] if shuffle else rows
         nb = -(-len(order) // batch_size)
-        block = np.full(nb * batch_size, -1, dtype=np.int64)
+        block = np.full(nb * width, -1, dtype=np.int64)
         block[: len(order)] = order
-        blocks.append(block.reshape(nb, batch_size))
+        blocks.append(block.reshape(nb, width))
     return Partition(index=np.concatenate(blocks), batch_size=batch_size, seed=seed, n=n)
 
 
@@ -123,7 +134,7 @@ def iter_chunks(
     device = torch.device(device)
     index = partition.index
     ids = np.arange(index.shape[0]) if batch_ids is None else np.asarray(batch_ids)
-    b = partition.batch_size
+    b = partition.width
     if batches_per_chunk is None:
         batches_per_chunk = max(1, CHUNK_ROWS // b)
     for start in range(0, len(ids), batches_per_chunk):

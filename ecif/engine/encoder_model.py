@@ -162,8 +162,8 @@ def feature_chunks(
     token states); padded slots are zero and masked out."""
     index = partition.index
     ids = np.arange(index.shape[0]) if batch_ids is None else np.asarray(batch_ids)
-    per = max(1, rows_per_chunk // partition.batch_size)
-    b = partition.batch_size
+    b = partition.width
+    per = max(1, rows_per_chunk // b)
     for start in range(0, len(ids), per):
         rows = index[ids[start : start + per]]
         mask = rows >= 0

@@ -150,7 +150,7 @@ def choose_optimizer(head: Head) -> str:
     n = int((head.partition.index >= 0).sum())
     d = 0.5 * sum(head.m.shape)
     newton = 6 * 4.0 * n * p * p
-    lbfgs = 100 * n * (4.0 * p + 4.0 * head.batch_size * d)
+    lbfgs = 100 * n * (4.0 * p + 4.0 * head.partition.width * d)
     return "newton" if newton <= lbfgs else "lbfgs"
 
 

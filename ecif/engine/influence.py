@@ -89,7 +89,7 @@ def score_pass(
     t = head.logit_scale
     mw = torch.cat([head.m, wm], dim=1)  # one matmul gives both X M and X W
     dt = head.m.shape[1]
-    chunk = max(1, SCORE_CHUNK_ROWS // head.batch_size)
+    chunk = max(1, SCORE_CHUNK_ROWS // head.partition.width)
     for ch in iter_chunks(
         x, y, head.partition, dtype=head.dtype, device=head.m.device, batches_per_chunk=chunk
     ):

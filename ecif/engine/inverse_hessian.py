@@ -127,7 +127,7 @@ def auto_method(head: Head, args: SolverArgs) -> str:
     if args.hessian_batches is not None:
         n = n * min(args.hessian_batches, nb) / max(nb, 1)
     dense = n * p * p + p**3 / 3
-    hvp = n * (p + 5 * head.batch_size * (di + dt)) + PASS_OVERHEAD
+    hvp = n * (p + 5 * head.partition.width * (di + dt)) + PASS_OVERHEAD
     return "exact" if dense <= CG_ITERATIONS_EXPECTED * max(args.solves, 1) * hvp else "cg"
 
 
@@ -302,7 +302,9 @@ def sample_size(requested: int | None, head: Head) -> int:
     ``SAMPLE_PAIRS_PER_PARAM``)."""
     nb = head.partition.num_batches
     if requested is None:
-        k = max(SAMPLE_BATCHES, -(-SAMPLE_PAIRS_PER_PARAM * head.num_params // head.batch_size))
+        k = max(
+            SAMPLE_BATCHES, -(-SAMPLE_PAIRS_PER_PARAM * head.num_params // head.partition.width)
+        )
         return k if nb >= AUTO_SAMPLE_RATIO * k else 0
     return 0 if requested >= nb else int(requested)
 

@@ -126,7 +126,7 @@ def minibatch_warmup(
     total = epochs * steps_per_epoch
     if lr is None:
         lr = auto_lr(head, total)
-    per_chunk = k * max(1, (CHUNK_ROWS // head.batch_size) // k)  # whole steps per chunk read
+    per_chunk = k * max(1, (CHUNK_ROWS // head.partition.width) // k)  # whole steps per chunk read
     theta = start.detach().clone()
     m1 = torch.zeros_like(theta)
     m2 = torch.zeros((), dtype=theta.dtype, device=theta.device)  # one second moment: RMS
