@@ -407,3 +407,28 @@ def test_a_damaged_trace_cache_falls_back_with_a_note(small_audit, tmp_path, cap
     assert main([*argv, "--quiet"]) == 0  # an `error: 174812789` line before
     captured = capsys.readouterr()
     assert "trace.pt cannot be read" in captured.err and "RESPONSIBLE" in captured.out
+
+
+@pytest.mark.parametrize("column", ["misalign_score", "is_misaligned", "clip_score", "id"])
+def test_a_score_shard_without_a_column_is_one_error(small_audit, tmp_path, capsys, column):
+    """A shard rewritten by another tool without a column `ecif clean` reads (a KeyError from
+    inside the clean before); named with its shard, for clean and export alike."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    audit = tmp_path / "audit"
+    shutil.copytree(small_audit, audit, ignore=shutil.ignore_patterns("data", "embeddings"))
+    shard = sorted((audit / "scores").glob("*.parquet"))[1]
+    table = pq.read_table(shard)
+    id_col = json.loads((audit / "audit.json").read_text()).get("id_column", "id")
+    pq.write_table(table.drop([id_col if column == "id" else column]), shard)
+    val = str(small_audit / "embeddings" / "val")
+    for argv in (
+        ["clean", str(audit), "--val", val, "--quiet"],
+        ["export", str(audit), "--keep", "0.5", "--format", "ids", "-o", str(tmp_path / "k.csv")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        _one_error_line(err.splitlines()[-1], shard.name, "lacks")
+        assert "Traceback" not in err

@@ -105,19 +105,36 @@ def read_audit(folder: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]
         raise AuditFolderError(f"{folder}: no such folder")
     info = read_audit_info(folder)
     scores = folder / (info.get("scores") or "scores.parquet")
+    id_col = info.get("id_column", "id")
     if scores.is_dir():
         files = sorted(scores.glob("*.parquet"))
         if not files:
             raise AuditFolderError(f"{scores}: no score shards")
-        table = pd.concat([_scores(f) for f in files], ignore_index=True)
+        table = pd.concat([_scores(f, id_col) for f in files], ignore_index=True)
     elif scores.exists():
-        table = _scores(scores)
+        table = _scores(scores, id_col)
     else:
         raise AuditFolderError(f"{folder}: audit.json names {scores.name}, which is missing")
-    id_col = info.get("id_column", "id")
     if id_col in table.columns and id_col != "id":
         table = table.rename(columns={id_col: "id"})
     return table, info
+
+
+# what every reader of an audit table (clean, export, the app, trace) takes for granted
+TABLE_COLUMNS = ("misalign_score", "is_misaligned", "clip_score")
+
+
+def _check_columns(table: pd.DataFrame, scores: Path, id_col: str) -> None:
+    """A score table edited by hand or by another tool may lack a column the verbs read (a
+    KeyError deep in `ecif clean` before); say which, once, where it is read."""
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if id_col not in table.columns and "id" not in table.columns:
+        missing.insert(0, id_col)
+    if missing:
+        raise AuditFolderError(
+            f"{scores}: the score table lacks {', '.join(map(repr, missing))}; it was changed "
+            "after `ecif score` wrote it: run `ecif score` again"
+        )
 
 
 def influence_columns(table: pd.DataFrame) -> list[str]:
@@ -152,15 +169,18 @@ def read_models(folder: str | os.PathLike) -> list:
     return [EncoderModel.from_state_dict(sd) for sd in _load_states(path)]
 
 
-def _scores(path: Path) -> pd.DataFrame:
-    """One score table, or an AuditFolderError (a shard cut off while written, or replaced)."""
+def _scores(path: Path, id_col: str) -> pd.DataFrame:
+    """One score table, or an AuditFolderError (a shard cut off while written, or replaced,
+    or lacking a column)."""
     try:
-        return pd.read_parquet(path)
+        table = pd.read_parquet(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise AuditFolderError(
             f"{path}: cannot be read as a score table ({str(e).splitlines()[0][:120]}); run "
             "`ecif score` again (finished shards are kept)"
         ) from None
+    _check_columns(table, path, id_col)
+    return table
 
 
 def _load_states(path: Path) -> list:
