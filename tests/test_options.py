@@ -195,7 +195,7 @@ def test_saved_solver_state_of_either_name_loads():
 
 
 def test_recorded_options_of_older_audits_read_and_reuse():
-    from ecif.audit.shards import _reusable
+    from ecif.audit.reruns import reusable as _reusable
 
     old = {"batch_size": 16, "method": "cg", "lam": "auto", "device": "cpu"}
     args = AuditArgs.from_record(old)

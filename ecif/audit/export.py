@@ -145,6 +145,8 @@ def source_id_column(info: dict[str, Any]) -> str:
     ``id_column``."""
     from ecif.data import layout
 
+    if "source_id_column" in info and info["source_id_column"] is None:
+        return "position"  # ``ecif score`` found no unique id column: the ids are positions
     emb = info.get("embeddings")
     if emb and Path(emb).is_dir():
         name = (layout.read_manifest(emb) or {}).get("id_column")
@@ -257,6 +259,9 @@ def _read(audit: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def _write_ids(path: Path, frame: pd.DataFrame) -> None:
+    col = frame.columns[0]
+    if frame[col].dtype == object and frame[col].map(type).nunique() > 1:
+        frame = frame.astype({col: str})  # 1000 and "abc" from two shards: parquet needs one type
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             frame.to_parquet(tmp, index=False)

@@ -17,15 +17,17 @@ RECORDED = (ConvergenceWarning, UnreliableInfluenceWarning)
 
 
 @contextmanager
-def recording_warnings(prefix: str = "") -> Iterator[list[str]]:
-    """Collect the engine's warnings (``RECORDED``) raised in the block into the yielded
-    list, once per text and with ``prefix``, and warn them again on leaving (so callers'
-    filters still see them, an "error" filter included). Other warnings pass as they would
-    have; if the block raises, every warning caught is shown as it was."""
+def recording_warnings(
+    prefix: str = "", categories: tuple[type[Warning], ...] = RECORDED
+) -> Iterator[list[str]]:
+    """Collect the warnings of ``categories`` (the engine's) raised in the block into the
+    yielded list, once per text and with ``prefix``, and warn them again on leaving (so
+    callers' filters still see them, an "error" filter included). Other warnings pass as they
+    would have; if the block raises, every warning caught is shown as it was."""
     found: list[str] = []
     error: BaseException | None = None
     with warnings.catch_warnings(record=True) as caught:
-        for category in RECORDED:
+        for category in categories:
             warnings.simplefilter("always", category)
         try:
             yield found
@@ -37,7 +39,7 @@ def recording_warnings(prefix: str = "") -> Iterator[list[str]]:
         raise error
     again = []
     for w in caught:
-        if not issubclass(w.category, RECORDED):
+        if not issubclass(w.category, categories):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
         elif (text := prefix + str(w.message)) not in found:
             found.append(text)

@@ -9,7 +9,6 @@ ranks across all shards.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch
 import ecif.api as api
 from ecif._version import __version__
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
-from ecif.audit.audit_args import RENAMED_OPTIONS, AuditArgs
+from ecif.audit.audit_args import AuditArgs
 from ecif.audit.auditor import Auditor, clip_scores, consensus
 from ecif.audit.checks import (
     check_options,
@@ -35,14 +34,21 @@ from ecif.audit.checks import (
     check_weights,
 )
 from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
-from ecif.audit.folder import read_heads, write_audit_description
+from ecif.audit.folder import write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import TWIN_MAX_ROWS, probe_signals
 from ecif.audit.recorded import merged, recording_warnings
+from ecif.audit.reruns import (
+    check_no_stale_scores,
+    earlier_run,
+    fingerprint,
+    output_names,
+    reusable,
+)
 from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_from_table
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet
-from ecif.data.folder_reader import read_folder, read_part
+from ecif.data.folder_reader import IdColumnWarning, read_folder, read_part
 from ecif.data.row_reader import FolderRowReader
 from ecif.distributed import open_client, run_tasks
 from ecif.engine.batches import Partition
@@ -52,8 +58,6 @@ from ecif.engine.influence import score_pass
 from ecif.progress import step
 
 _log = logging.getLogger(__name__)
-# options that do not change a shard's scores: a rerun that differs only in them reuses it
-_NOT_IN_SCORES = ("threshold", "device")
 
 
 @dataclass
@@ -61,10 +65,11 @@ class PartInfo:
     index: int
     source: str  # input shard the part was embedded from
     rows: int
+    output_name: str = ""  # its score file: the input's stem (``reruns.output_names``)
 
-    @property
-    def output_name(self) -> str:
-        return f"{Path(self.source).stem or f'part_{self.index}'}.parquet"
+    def __post_init__(self) -> None:
+        if not self.output_name:
+            self.output_name = output_names([self.source], [self.index])[0]
 
 
 def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
@@ -78,6 +83,9 @@ def list_embedding_parts(folder: str | os.PathLike) -> list[PartInfo]:
         meta_p = layout.part_paths(folder, k)[2]
         source = sources.get(k) or layout.part_kv(meta_p).get("source") or f"part_{k}"
         out.append(PartInfo(index=k, source=str(source), rows=pq.read_metadata(meta_p).num_rows))
+    names = output_names([p.source for p in out], [p.index for p in out])
+    for p, name in zip(out, names):
+        p.output_name = name
     if not out:
         raise layout.FolderError(
             f"{folder}: no metadata/metadata_{{N}}.parquet parts; not an embedding folder"
@@ -194,8 +202,10 @@ def score_shards(
     check_options(args)
     check_weights(args.weights, val is not None)
     parts = list_embedding_parts(embeddings)
+    check_no_stale_scores(out, [p.output_name for p in parts])
     manifest = layout.read_manifest(embeddings) or {}
-    train, id_col = _training_set(embeddings, None)
+    with recording_warnings(categories=(IdColumnWarning,)) as read_notes:  # kept in meta
+        train, id_col = _training_set(embeddings, None)
     check_training(train, embeddings, sum(p.rows for p in parts) - len(train))
     meta = {
         "model": manifest.get("model"),
@@ -218,10 +228,14 @@ def score_shards(
         if mismatch:
             meta["warnings"] = [mismatch]
     meta["options"] = args.record()
+    meta["fingerprint"] = {  # what a rerun must find unchanged to keep a finished shard
+        "train": fingerprint(train, train.metadata["part"].to_numpy()),
+        "validation": fingerprint(val),
+    }
     meta["signals"] = [*SIGNALS, *VALIDATED_SIGNALS] if val is not None else list(SIGNALS)
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
-    if auditor.input_warnings:
-        meta["warnings"] = [*meta.get("warnings", []), *auditor.input_warnings]
+    if auditor.input_warnings or read_notes:
+        meta["warnings"] = merged(meta.get("warnings"), [*read_notes, *auditor.input_warnings])
     rescore = True  # False: the shards' misalign_score is an earlier run's, kept
     with recording_warnings() as found:  # the engine's: kept in meta, so in every file
         meta["head_choice"] = auditor.choose().record()
@@ -238,7 +252,7 @@ def score_shards(
             scores_dir = out / "scores"
             summary = write_from_table(embeddings, parts, train, table, scores_dir, meta, id_col)
             probes = auditor.probes
-        elif (earlier := _earlier_run(out, parts, meta, len(train))) is not None:
+        elif (earlier := earlier_run(out, parts, meta, len(train))) is not None:
             # every shard holds what this run would write: keep its head, w and signal weights
             heads, old = earlier
             (log or _log.info)(
@@ -276,7 +290,7 @@ def score_shards(
                 for p in parts:
                     target = scores_dir / p.output_name
                     rows_p = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
-                    if target.exists() and _reusable(read_parquet_meta(target), p.source, meta):
+                    if target.exists() and reusable(read_parquet_meta(target), p.source, meta):
                         jobs.append((p, None))
                         continue
                     job = (
@@ -306,42 +320,6 @@ def score_shards(
         f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])} -> {out}"
     )
     return summary
-
-
-def _earlier_run(out: Path, parts: list[PartInfo], meta: dict, n: int) -> tuple[list, dict] | None:
-    """([head], shard metadata) of a finished earlier run in ``out`` whose every shard this
-    run would write unchanged (``_reusable``, and one combination across them: its final pass
-    completed), else None. Then the head, w and the twin audit need not run again."""
-    olds = []
-    for p in parts:
-        f = out / "scores" / p.output_name
-        if not f.exists():
-            return None
-        old = read_parquet_meta(f)
-        if not _reusable(old, p.source, meta) or "combination" not in old:
-            return None
-        olds.append(old)
-    if len({json.dumps(o["combination"], sort_keys=True) for o in olds}) != 1:
-        return None
-    if not (out / "w.npy").exists() or not (out / "head.pt").exists():
-        return None
-    heads = [h for h in read_heads(out) if h.partition.n == n]
-    return (heads[:1], olds[0]) if heads else None
-
-
-def _reusable(old: dict, source: str, meta: dict) -> bool:
-    """A finished shard from an earlier run holds the scores this run would write: same input
-    shard, model, validation set and score options (the threshold is applied afterwards)."""
-
-    def key(m: dict) -> str:
-        opts = (m.get("options") or {}).items()  # older runs name some options differently
-        opts = {RENAMED_OPTIONS.get(k, k): v for k, v in opts if k not in _NOT_IN_SCORES}
-        fields = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
-        fields += ("signals",)  # shards scored before a signal joined are scored again
-        # as JSON, so tuples in this run's options equal the lists read back from a file
-        return json.dumps([[m.get(f) for f in fields], opts], sort_keys=True, default=str)
-
-    return old.get("source") == source and key(old) == key(meta)
 
 
 @contextmanager

@@ -41,11 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
     from ecif.data.embedding_set import NOT_UNIT, EmbeddingSet
+    from ecif.data.folder_reader import IdColumnWarning
 
     val = EmbeddingSet.load(args.val) if args.val else None
     with warnings.catch_warnings():  # said once, in the summary below
         warnings.filterwarnings("ignore", message=f".*{NOT_UNIT}")
-        for category in RECORDED:  # the engine's: recorded in audit.json
+        for category in (*RECORDED, IdColumnWarning):  # recorded in audit.json
             warnings.simplefilter("ignore", category)
         summary = score_shards(
             args.embeddings,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,10 @@ def read_part_arrays(
     return img, txt, meta
 
 
+class IdColumnWarning(UserWarning):
+    """The manifest's id column repeats: the ids fall back to row positions."""
+
+
 def pick_id_column(
     meta: pd.DataFrame, id_col: str | None, manifest: dict | None, folder: str | os.PathLike
 ) -> str | None:
@@ -94,8 +99,26 @@ def pick_id_column(
     named = [manifest["id_column"]] if manifest and manifest.get("id_column") else []
     candidates = named + list(ID_CANDIDATES)
     for c in candidates:
-        if c in meta.columns and meta[c].notna().all() and meta[c].is_unique:
+        # unique as text too: 1000 in one shard and "1000" in another are one id in a CSV
+        if c in meta.columns and meta[c].notna().all() and meta[c].astype(str).is_unique:
             return c
+    named = [c for c in named if c in meta.columns]
+    if named:  # the manifest names ids that repeat: say so, a list of positions is no key
+        ids = meta[named[0]]
+        text = ids.astype(str)
+        why = (
+            f"{text[text.duplicated()].iloc[0]!r} repeats; shards of two crawls?"
+            if ids.notna().all()
+            else f"{int(ids.isna().sum())} are null"
+        )
+        warnings.warn(
+            IdColumnWarning(
+                f"{folder}: the id column {named[0]!r} is not unique over the usable rows "
+                f"({why}); ids are row positions instead "
+                "(pass an id column that is unique, or re-embed with unique keys)"
+            ),
+            stacklevel=2,
+        )
     log.info("%s: no unique id column among %s; using row positions", folder, candidates)
     return None
 
