@@ -170,3 +170,65 @@ def test_cli_app_data_root_reaches_the_app(monkeypatch, small_audit, tmp_path, c
     with pytest.raises(Execed):
         main(["app", str(small_audit), "--data-root", str(tmp_path)])
     assert ran[0][support.DATA_ROOT_ENV] == str(tmp_path.resolve())
+
+
+def test_pair_detail_with_an_id_repeated_by_a_failed_row(monkeypatch, small_audit, tmp_path):
+    """A duplicate input id stays as a failed row beside the scored one (documented); pair
+    detail then failed on every pair (pandas cannot reindex on repeated labels)."""
+    audit_copy = tmp_path / "audit"
+    shutil.copytree(small_audit, audit_copy, ignore=shutil.ignore_patterns("data", "embeddings"))
+    shard = sorted((audit_copy / "scores").glob("*.parquet"))[0]
+    df = pd.read_parquet(shard)
+    dup = df.iloc[[0]].assign(status="failed", error_message="duplicate id", rank=pd.NA)
+    dup[["misalign_score", "influence"]] = np.nan
+    write_parquet_atomic(shard, pd.concat([df, dup], ignore_index=True), read_parquet_meta(shard))
+    at = app(monkeypatch, audit_copy, "pair")
+    assert not at.exception, [e.value for e in at.exception]
+    shown = {
+        row["id"]: row["misalign_score"]
+        for t in at.dataframe
+        for _, row in t.value.iterrows()
+        if "misalign_score" in t.value
+    }
+    full = pd.concat([pd.read_parquet(f) for f in (audit_copy / "scores").glob("*.parquet")])
+    ok = full[full["status"] == "ok"].set_index("id")["misalign_score"]
+    assert shown and all(np.isclose(v, ok[k], rtol=1e-6) for k, v in shown.items())
+
+
+def test_trace_page_refuses_a_non_image_upload_and_an_unknown_typed_id(
+    monkeypatch, small_audit, tmp_path
+):
+    at = app(monkeypatch, small_audit, "trace")
+    at.radio(key="trace_kind").set_value("An uploaded image").run()
+    at.file_uploader(key="trace_upload").set_value(("broken.png", b"not an image", "image/png"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("broken.png cannot be read as an image" in e.value for e in at.error)
+
+    # more than 5,000 test pairs: the id is typed, not chosen from a list
+    from ecif.data import layout
+
+    width = ecif_width(small_audit)
+    rng = np.random.default_rng(0)
+    x, y = (
+        v / np.linalg.norm(v, axis=1, keepdims=True) for v in rng.standard_normal((2, 5001, width))
+    )
+    meta = pd.DataFrame(
+        {"key": [f"t{i}" for i in range(5001)], "caption": "a caption", "status": "ok"}
+    )
+    big = tmp_path / "big"
+    layout.write_part(
+        big, 0, x.astype(np.float32), y.astype(np.float32), meta, {"source": "0.parquet"}
+    )
+    layout.write_manifest(big, {"id_column": "key", "parts": [{"index": 0, "source": "0.parquet"}]})
+    at.radio(key="trace_kind").set_value("A validation/test pair").run()
+    at.text_input(key="trace_test").set_value(str(big)).run()
+    at.text_input(key="trace_qid_text").set_value("no-such-id").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("No pair with id 'no-such-id'" in e.value for e in at.error)
+
+
+def ecif_width(audit) -> int:
+    from ecif.audit.folder import read_heads
+
+    return int(read_heads(audit)[0].m.shape[0])

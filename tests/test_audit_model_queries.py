@@ -220,3 +220,19 @@ def test_app_traces_a_typed_caption_on_a_projection_audit(projection, monkeypatc
     assert not at.error, [e.value for e in at.error]
     assert any("nearest training images" in m.value for m in at.markdown)
     assert len(at.dataframe) == 2  # the two lists
+
+
+def test_a_test_set_cached_for_another_part_is_one_error(projection, tiny_clip_dir, capsys):
+    """A lora-cached test folder traced on a projection audit: a torch shape error before."""
+    root = projection["root"]
+    other = root / "lora-val"
+    if not other.exists():
+        model = f"local-dir:{tiny_clip_dir}"
+        ecif.embed(root / "val-shards", other, model=model, cache_features="lora")
+    qid = str(load_features(root / "val").ids[0])
+    argv = ["trace", str(projection["audit"]), "--query-id", qid, "--test", str(other)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another trainable part (lora, 1 block(s)) than the audit's (projection)" in err
+    assert "Traceback" not in err
+    assert main([*argv[:4], "--test", str(root / "val"), "-k", "2", "--quiet"]) == 0

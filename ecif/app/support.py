@@ -224,6 +224,7 @@ def open_image_shard(path: str | os.PathLike, id_col: str | None = None) -> Imag
         )
     shard = open_shard(path, id_col=id_col)
     rows = pd.Series(np.arange(shard.n_rows), index=shard.meta[shard.id_col].to_numpy())
+    rows = rows[~rows.index.duplicated()]  # a repeated id (embed fails the later rows): the first
     out = ImageShard(path, shard.kind, rows, shard.image_col, shard.base_dir)
     if shard.kind == "parquet":
         md = pq.ParquetFile(path).metadata

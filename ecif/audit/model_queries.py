@@ -12,6 +12,7 @@ zero-shot query instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ class ModelQuery:
     positive: np.ndarray  # (C,) bool
     names: np.ndarray  # (C,) what each candidate is, for the prediction line
     description: str
+    init: dict | None = None  # a test folder's cache record: must be the audit's trainable part
 
 
 class TrunkEncoder:
@@ -235,7 +237,8 @@ def pair_query(
             raise ValueError("class prompts need the model's trunk (pass inputs)")
         if label is None:
             raise ValueError("--classes needs the true class --label")
-        return class_query(inputs, np.asarray(feats.image[pos]), classes, label, name)
+        q = class_query(inputs, np.asarray(feats.image[pos]), classes, label, name)
+        return dataclasses.replace(q, init=feats.init)
     at = pd.Index([str(i) for i in test.ids]).get_indexer(fid)
     key = answer_labels(test, label_col)[at]
     meta = test.metadata
@@ -246,4 +249,6 @@ def pair_query(
     )
     names = np.asarray(names, dtype=object)[at]
     what = f"{name}: its image against the {len(names)} test captions"
-    return ModelQuery("image->text", feats.image[pos], feats.text, key == key[pos], names, what)
+    return ModelQuery(
+        "image->text", feats.image[pos], feats.text, key == key[pos], names, what, feats.init
+    )

@@ -16,6 +16,7 @@ import torch
 
 from ecif.audit.folder import AuditFolderError, read_audit_info, read_models
 from ecif.audit.model_queries import ModelAuditInputs, ModelQuery
+from ecif.audit.model_signals import same_part
 
 
 def model_audit(folder: str | os.PathLike) -> tuple[Any, Any, dict]:
@@ -39,6 +40,11 @@ def query_inputs(audit: str | os.PathLike, device: str = "cpu") -> ModelAuditInp
     """What file and text queries on ``audit`` need (the trunk loads on first use)."""
     train, model, info = model_audit(audit)
     return ModelAuditInputs.of(train, info["embeddings"], device, fitted=model)
+
+
+def _part_name(init: dict) -> str:
+    blocks = (init.get("config") or {}).get("blocks")
+    return f"{init.get('kind')}" + (f", {blocks} block(s)" if blocks else "")
 
 
 NORMS_FILE = "model_norms.npz"  # in AUDIT/index/, beside the head mode's trace.pt
@@ -159,6 +165,12 @@ def trace_model(
         train, model = inputs.features, inputs.fitted
     else:
         train, model, _ = model_audit(audit)
+    if q.init is not None and not same_part(q.init, train.init):
+        raise AuditFolderError(
+            f"{q.description.split(':')[0]}: its folder's feature cache is another trainable "
+            f"part ({_part_name(q.init)}) than the audit's ({_part_name(train.init)}); embed "
+            "the test set with the training set's --params and --cache-blocks"
+        )
     kw = dict(direction=q.direction)
     with torch.no_grad():
         logits = query_logits(model, q.query, q.candidates, **kw)

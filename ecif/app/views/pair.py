@@ -74,7 +74,9 @@ except (KeyError, ValueError, IndexError):
 
 
 def show_rows(df, what: str) -> None:
-    scores = table.set_index("id")["misalign_score"]
+    scored = table[table["status"] == "ok"] if "status" in table else table
+    # an id may repeat as a failed row beside its scored one: the scored row's score
+    scores = scored.drop_duplicates("id").set_index("id")["misalign_score"]
     df = df.assign(misalign_score=scores.reindex(df["id"]).to_numpy())
     caps = (
         train.metadata["caption"].to_numpy()[df["row"].to_numpy()]

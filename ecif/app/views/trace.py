@@ -1,10 +1,12 @@
 """Trace-back: which training pairs pushed the model towards a query's answer, which helped."""
 
 import hashlib
+import io
 import tempfile
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 
 from ecif.app import detail, state, support
 from ecif.audit.folder import params_of
@@ -58,6 +60,9 @@ if kind.startswith("A validation"):
         else:
             typed = st.text_input("Pair id", value=str(ids[0]), key="trace_qid_text")
             qid = next((i for i in ids if str(i) == typed), None)
+            if qid is None:
+                st.error(f"No pair with id {typed!r} in {test_path}.")
+                st.stop()
         if "caption" in (test.metadata if test.metadata is not None else {}):
             st.markdown(f"**Its caption:** {test.metadata['caption'].iloc[ids.index(qid)]}")
         query = dict(kind="pair", test=test, query_id=qid)
@@ -65,8 +70,14 @@ elif kind.startswith("An uploaded"):
     up = st.file_uploader("Image", type=["png", "jpg", "jpeg", "webp"], key="trace_upload")
     cap = st.text_input("The caption this image should match", key="trace_image_caption")
     if up is not None:
-        st.image(up.getvalue(), width=160)
         data = up.getvalue()  # one file per distinct upload, not one per rerun
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+        except Exception as e:  # a text file named .png, an empty or cut-off file
+            st.error(f"{up.name} cannot be read as an image ({type(e).__name__}).")
+            st.stop()
+        st.image(data, width=160)
         tmp = Path(tempfile.gettempdir()) / "ecif-app-uploads"
         tmp.mkdir(exist_ok=True)
         tmp = tmp / f"{hashlib.sha1(data).hexdigest()[:16]}{Path(up.name).suffix}"
