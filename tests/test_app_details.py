@@ -232,3 +232,16 @@ def ecif_width(audit) -> int:
     from ecif.audit.folder import read_heads
 
     return int(read_heads(audit)[0].m.shape[0])
+
+
+def test_unscored_rows_sort_last_in_either_direction():
+    """Failed rows (NaN score, null rank) came above rank 1 when sorting most suspicious first."""
+    table = pd.DataFrame(
+        {
+            "misalign_score": [0.5, np.nan, 2.0, -1.0],
+            "rank": pd.array([2, pd.NA, 1, 3], dtype="Int64"),
+        }
+    )
+    for by, want in (("misalign_score", [2, 0, 3, 1]), ("rank", [3, 0, 2, 1])):
+        assert list(support.sort_page(table, by, False, 1, 10).index) == want
+    assert list(support.sort_page(table, "rank", True, 1, 10).index) == [2, 0, 3, 1]

@@ -236,3 +236,16 @@ def test_a_test_set_cached_for_another_part_is_one_error(projection, tiny_clip_d
     assert "another trainable part (lora, 1 block(s)) than the audit's (projection)" in err
     assert "Traceback" not in err
     assert main([*argv[:4], "--test", str(root / "val"), "-k", "2", "--quiet"]) == 0
+
+
+def test_model_trace_checks_counts_and_names_the_flags_it_ignores(projection, capsys):
+    """-k -1 listed every pair but one in each list; head-mode flags were silently dropped."""
+    root = projection["root"]
+    qid = str(load_features(root / "val").ids[0])
+    argv = ["trace", str(projection["audit"]), "--query-id", qid, "--test", str(root / "val")]
+    assert main([*argv, "-k", "-1"]) == 2
+    assert "k must be a whole number >= 0" in capsys.readouterr().err
+    assert main([*argv, "-k", "2", "--candidates", "5", "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "note: --candidates only apply to head-mode audits; ignored" in said.err
+    assert said.out.count("RESPONSIBLE") == 1

@@ -103,10 +103,10 @@ def filter_table(table: pd.DataFrame, f: Filters, reviewed: pd.Index | None = No
 def sort_page(
     table: pd.DataFrame, by: str, ascending: bool, page: int, page_size: int
 ) -> pd.DataFrame:
-    """One page (1-based) of the table sorted by ``by``; argpartition-free but O(n log n) once."""
-    order = np.argsort(table[by].to_numpy(), kind="stable")
-    if not ascending:
-        order = order[::-1]
+    """One page (1-based) of the table sorted by ``by``; argpartition-free but O(n log n) once.
+    Missing values (unscored rows) come last either way, not above rank 1."""
+    col = table[by].reset_index(drop=True)
+    order = col.sort_values(ascending=ascending, kind="stable", na_position="last").index
     start = (max(page, 1) - 1) * page_size
     return table.iloc[order[start : start + page_size]]
 

@@ -186,7 +186,8 @@ def trace_model(
     order = table.sort_values("relative_influence", kind="stable")
     parts = []
     for name, rows in (("responsible", order.head(k)), ("helped", order.tail(k)[::-1])):
-        rows = rows[(rows["relative_influence"] < 0) == (name == "responsible")]
+        value = rows["relative_influence"]  # exactly 0 (a pair that moved nothing): neither
+        rows = rows[value < 0] if name == "responsible" else rows[value > 0]
         parts.append(rows.assign(list=name, rank=np.arange(1, len(rows) + 1)))
     return pd.concat(parts, ignore_index=True), {
         "query": q.description,

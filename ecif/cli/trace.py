@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_quiet(p)
 
 
+# what a model-mode trace does not read (it ranks every pair of its cache, solving by CG)
+HEAD_ONLY = ("candidates", "nprobe", "solver", "wrong_answer", "embeddings")
 TRACE_FLAGS = ("k", "candidates", "competitors", "wrong_answer", "nprobe", "solver", "device")
 
 
@@ -139,7 +141,20 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         if audit_params(args.audit) != "head":  # through the encoders: every training pair
-            table, info = run_model(args, args.k if args.k is not None else TraceArgs().k, _classes)
+            k = trace_args_from(args).k  # the counts checked as in the head mode
+            given = {n: getattr(args, n) for n in HEAD_ONLY}
+            unused = [
+                f"--{n.replace('_', '-')}"
+                for n, v in given.items()
+                if v is not None and v != getattr(TraceArgs(), n, None)
+            ]
+            if unused:
+                print(
+                    f"note: {', '.join(unused)} only apply to head-mode audits; ignored (a "
+                    "model-mode trace ranks every training pair of the audit's own cache)",
+                    file=sys.stderr,
+                )
+            table, info = run_model(args, k, _classes)
         else:
             tb = TraceBack.from_audit(args.audit, trace_args_from(args), embeddings=args.embeddings)
             if tb.indexes is None:
