@@ -245,3 +245,15 @@ def test_unscored_rows_sort_last_in_either_direction():
     for by, want in (("misalign_score", [2, 0, 3, 1]), ("rank", [3, 0, 2, 1])):
         assert list(support.sort_page(table, by, False, 1, 10).index) == want
     assert list(support.sort_page(table, "rank", True, 1, 10).index) == [2, 0, 3, 1]
+
+
+def test_switching_the_audit_drops_the_old_trace_and_test_folder(
+    monkeypatch, small_audit, whole_copy
+):
+    at = app(monkeypatch, small_audit, "trace")
+    at.button(key="trace_go").click().run()
+    assert any(m.value.startswith("**Query:**") for m in at.markdown)
+    at.text_input(key="audit_folder").set_value(str(whole_copy)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any(m.value.startswith("**Query:**") for m in at.markdown)  # small_audit's
+    assert at.text_input(key="trace_test").value == str(whole_copy / "embeddings" / "val")

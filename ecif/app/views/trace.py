@@ -42,6 +42,9 @@ candidates = (
 query: dict = {}
 if kind.startswith("A validation"):
     found = detail.test_folders(info)  # the audit's own validation set first
+    if st.session_state.get("trace_test_of") != folder:  # another audit: its own set
+        st.session_state["trace_test_of"] = folder
+        st.session_state.pop("trace_test", None)
     test_path = st.text_input(
         "Validation/test embedding folder",
         value=found[0] if found else "",
@@ -116,7 +119,7 @@ if clicked and params != "head":
     except Exception as e:  # bad query, missing feature cache: say why in the page
         st.error(f"Trace-back failed: {e}")
         st.stop()
-    st.session_state["trace_result"] = (result, qinfo)
+    st.session_state["trace_result"] = (folder, result, qinfo)
 elif clicked:
     try:
         tb = state.traceback(folder, support.audit_stamp(folder))
@@ -127,10 +130,11 @@ elif clicked:
         st.stop()
     if tb.cache_note:
         st.info(tb.cache_note)
-    st.session_state["trace_result"] = (result, qinfo)
+    st.session_state["trace_result"] = (folder, result, qinfo)
 
-if "trace_result" in st.session_state:
-    result, qinfo = st.session_state["trace_result"]
+# a trace of the audit open before the sidebar's folder changed is not this audit's
+if st.session_state.get("trace_result", (None,))[0] == folder:
+    _, result, qinfo = st.session_state["trace_result"]
     verdict = "correct" if qinfo["correct"] else "wrong"
     st.markdown(
         f"**Query:** {qinfo['query']}  \n**Prediction:** {qinfo['predicted']!r} ({verdict}), "
