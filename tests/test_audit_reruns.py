@@ -161,3 +161,16 @@ def test_ids_that_repeat_across_shards_are_said_and_exported_as_positions(tmp_pa
         )
         assert list(ids.columns) == [header]
         assert sorted(ids[header]) == expected
+
+
+def test_score_shards_takes_the_validation_folder_as_the_cli_does(tmp_path):
+    """A path for ``val`` was an AttributeError ('str' object has no attribute 'd_image')."""
+    folder, val = _folder(tmp_path)
+    val.save(tmp_path / "val")
+    from ecif.data.embedding_set import EmbeddingSet
+
+    _score(folder, tmp_path / "from_set", EmbeddingSet.load(tmp_path / "val"))
+    _score(folder, tmp_path / "from_path", str(tmp_path / "val"))
+    pd.testing.assert_frame_equal(_table(tmp_path / "from_path"), _table(tmp_path / "from_set"))
+    with pytest.raises(TypeError, match="val must be an EmbeddingSet or its folder"):
+        _score(folder, tmp_path / "bad", [1, 2])

@@ -177,7 +177,7 @@ def score_part(
 def score_shards(
     embeddings: str | os.PathLike,
     output_dir: str | os.PathLike,
-    val: EmbeddingSet | None = None,
+    val: EmbeddingSet | str | os.PathLike | None = None,
     *,
     args: AuditArgs | None = None,
     distributor: str = "local",
@@ -199,6 +199,10 @@ def score_shards(
     """
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
+    if isinstance(val, (str, os.PathLike)):  # a folder, as the CLI's --val takes
+        val = EmbeddingSet.load(val)
+    elif val is not None and not isinstance(val, EmbeddingSet):
+        raise TypeError(f"val must be an EmbeddingSet or its folder; got {type(val).__name__}")
     check_options(args)
     check_weights(args.weights, val is not None)
     parts = list_embedding_parts(embeddings)
