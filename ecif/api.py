@@ -73,7 +73,8 @@ def fit(
     ``exclude``: ids removed from their batches (the partition of ``init`` or of ``seed`` is
     kept; the per-pair weight 1/N stays that of the full set, so a removal deletes exactly
     that pair's terms). ``init``: warm start (and its partition). ``groups``: a label per row
-    (the input shard); batches never cross groups, so shards can be scored one by one.
+    (the input shard); batches never cross groups (but groups smaller than half a batch join
+    their neighbours: ``make_partition``), so shards can be scored one by one.
     ``rows``: where the passes over the pairs run; ``ecif.ClusterRows(client, x, y)`` keeps
     them on a Dask cluster's workers (the same head, bitwise, as here without a warm-up).
 

@@ -16,14 +16,14 @@ from ecif.engine import row_sums
 from tests.dask_kill import killing_one_busy_worker
 from tests.test_audit_shards import _folder
 
-_score_part = shards.score_part
+_score_parts = shards.score_parts
 
 
-def held_score_part(*args, **kwargs):
+def held_score_parts(*args, **kwargs):
     """The shard task, held 3 s first so a worker is busy when the test kills it. A module
     function, so Dask's worker processes import it (and the real task) by name."""
     time.sleep(3)
-    return _score_part(*args, **kwargs)
+    return _score_parts(*args, **kwargs)
 
 
 def _read(folder):
@@ -37,7 +37,7 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
     score_shards(folder, tmp_path / "local", val, args=args, log=lambda s: None)
     local = _read(tmp_path / "local")
 
-    monkeypatch.setattr(shards, "score_part", held_score_part)
+    monkeypatch.setattr(shards, "score_parts", held_score_parts)
     cluster = LocalCluster(
         host="127.0.0.1", n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     )

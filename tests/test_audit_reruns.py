@@ -10,7 +10,7 @@ import pytest
 
 from ecif.audit import AuditArgs
 from ecif.audit.checks import AuditInputError
-from ecif.audit.shards import score_shards
+from ecif.audit.shards import load_training_set, score_shards
 from ecif.data import layout
 from ecif.data.folder_reader import read_part
 from tests.test_audit_shards import _folder
@@ -174,3 +174,42 @@ def test_score_shards_takes_the_validation_folder_as_the_cli_does(tmp_path):
     pd.testing.assert_frame_equal(_table(tmp_path / "from_path"), _table(tmp_path / "from_set"))
     with pytest.raises(TypeError, match="val must be an EmbeddingSet or its folder"):
         _score(folder, tmp_path / "bad", [1, 2])
+
+
+def test_a_one_pair_shard_shares_the_batches_of_its_neighbours(tmp_path):
+    """A pair alone in its shard was alone in its batch: no negatives, pair_loss and
+    influence exactly 0, ranked as the cleanest pair. Now its shard joins the next one's
+    batches; its loss is checked against the InfoNCE of its batch computed here."""
+    import torch
+
+    from ecif.audit.folder import read_heads
+
+    folder, val = _folder(tmp_path, parts=3)
+    img, txt, meta = read_part(folder, 1)  # part 1 shrinks to its first row
+    layout.write_part(
+        folder, 1, np.array(img)[:1], np.array(txt)[:1], meta.iloc[:1], {"source": "00001.parquet"}
+    )
+    out = tmp_path / "audit"
+    summary = _score(folder, out, val)
+    assert summary["ok"].tolist() == [60, 1, 60]
+    table = _table(out)
+    lone = table[table["id"] == "p1-0"].iloc[0]
+    assert lone["pair_loss"] > 0 and lone["influence"] != 0
+
+    head = read_heads(out)[0]
+    train = load_training_set(folder)
+    pos = int(np.nonzero(train.ids == "p1-0")[0][0])
+    batch = next(b[b >= 0] for b in head.partition.index if pos in b)
+    assert len(batch) >= 8  # at least half a batch of 16
+    x = torch.as_tensor(np.asarray(train.image)[batch], dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(train.text)[batch], dtype=torch.float64)
+    s = head.logit_scale * x @ head.m.double() @ y.T
+    i = int(np.nonzero(batch == pos)[0][0])
+    want = -(torch.log_softmax(s, 1)[i, i] + torch.log_softmax(s, 0)[i, i])
+    assert np.isclose(lone["pair_loss"], float(want), rtol=1e-4)
+    from ecif.audit import Auditor  # the in-memory audit of the loaded folder: same batches
+
+    mem = Auditor(train, val, ARGS).run()
+    assert np.isclose(
+        mem.loc[mem["id"] == "p1-0", "pair_loss"].iloc[0], lone["pair_loss"], rtol=1e-4
+    )

@@ -294,8 +294,30 @@ def test_a_set_smaller_than_its_batch_is_not_padded_to_the_batch_size():
     df = ecif.score(head, train, val, inverse=ecif.solver(head, train, solver="cg", tol=1e-11))
     assert np.allclose(df["influence"], expected, rtol=1e-6, atol=1e-10)
     groups = np.array([0] * 10 + [1] * 14)
-    part = ecif.engine.batches.make_partition(24, 1000, seed=0, groups=groups)
+    part = ecif.engine.batches.make_partition(24, 16, seed=0, groups=groups)
     assert part.index.shape == (2, 14)
     assert sorted(part.index[0][part.index[0] >= 0]) == list(range(10))
     wide = ecif.engine.batches.make_partition(60, 16, seed=0)
     assert wide.index.shape == (4, 16) and (wide.index[-1] == -1).sum() == 4
+
+
+@pytest.mark.parametrize(
+    "n, groups, sizes",
+    [
+        (257, None, [129, 128]),  # a last batch of 1: no negatives, loss and influence 0
+        (600, None, [256, 172, 172]),  # 88 < 128: shares the last full batch's rows
+        (2000, None, [256] * 7 + [208]),  # a rest of at least half a batch stays
+        (401, [300, 1, 100], [256, 145]),  # 1 + 100 < 128: join the shard before
+        (5300, [5000, 300], [256] * 19 + [136, 150, 150]),  # shards alone; 300 = 256 + 44
+    ],
+)
+def test_no_batch_is_smaller_than_half_a_batch(n, groups, sizes):
+    from ecif.engine.batches import make_partition
+
+    labels = None if groups is None else np.repeat(np.arange(len(groups)), groups)
+    part = make_partition(n, 256, seed=0, groups=labels)
+    assert (part.index >= 0).sum(axis=1).tolist() == sizes
+    assert sorted(part.members().tolist()) == list(range(n))
+    if labels is not None:  # a batch never mixes shards that are large enough alone
+        for batch in part.index:
+            assert len(set(labels[batch[batch >= 0]])) == 1 or min(groups) < 128

@@ -1,8 +1,9 @@
 """Batch scoring of an embedding folder, one output shard per input shard.
 
 The head and w = H^-1 g_val are computed once; each shard is then scored on its own (batches
-never cross shards), so shards can run as independent tasks (in-process or one Dask task
-each) and the scores equal those of the concatenated set. Outputs are written atomically
+never cross shards, except runs of shards smaller than half a batch, scored together), so
+shards can run as independent tasks (in-process or one Dask task each) and the scores equal
+those of the concatenated set. Outputs are written atomically
 and named after their input shard: a rerun skips finished shards. A final pass flags and
 ranks across all shards.
 """
@@ -128,31 +129,35 @@ def _local_partition(head: Head, global_rows: np.ndarray) -> Partition:
     )
 
 
-def score_part(
+def score_parts(
     folder: str | os.PathLike,
-    part: PartInfo,
+    parts: list[PartInfo],
     head_state: dict,
     w: np.ndarray,
     global_rows: np.ndarray,
-    out_path: str | os.PathLike,
+    out_paths: list[str | os.PathLike],
     meta: dict[str, Any],
     neg: str = "exact",
     id_col: str | None = "key",
     trusted_state: dict | None = None,
     consensus: np.ndarray | None = None,
-) -> dict[str, int]:
-    """Score one shard with a broadcast head and w; write its output atomically. Pure of globals.
-    ``id_col``: the input's id column (None: ids are positions among the folder's usable rows,
-    ``global_rows``). ``trusted_state``: the head fit on the validation pairs alone
-    (``Auditor.fit_trusted_head``), for the ``trusted_loss`` column; ``consensus``: this
-    shard's ``knn_disagreement``, computed over the whole set (``auditor.consensus``)."""
+) -> list[dict[str, int]]:
+    """Score shards whose batches lie among them (one shard, or a few small ones that share
+    batches: ``part_blocks``) with a broadcast head and w; write each shard's output
+    atomically. Pure of globals. ``global_rows``: the shards' usable rows in the training
+    set, in order; ``id_col``: the input's id column (None: ids are those positions).
+    ``trusted_state``: the head fit on the validation pairs alone (``trusted_loss``);
+    ``consensus``: the rows' ``knn_disagreement``, computed over the whole set."""
     head = Head.from_state_dict(head_state)
-    img, txt, pmeta = read_part(Path(folder), part.index)
-    keep = ok_rows(pmeta)
-    local = _local_partition(head, global_rows)
-    x = np.asarray(img[keep], dtype=np.float32)
-    y = np.asarray(txt[keep], dtype=np.float32)
-    local_head = replace(head, partition=local)
+    read = [read_part(Path(folder), p.index) for p in parts]
+    keeps = [ok_rows(pmeta) for _, _, pmeta in read]
+    x = np.concatenate(
+        [np.asarray(img[k], dtype=np.float32) for (img, _, _), k in zip(read, keeps)]
+    )
+    y = np.concatenate(
+        [np.asarray(txt[k], dtype=np.float32) for (_, txt, _), k in zip(read, keeps)]
+    )
+    local_head = replace(head, partition=_local_partition(head, global_rows))
     d_pos, d_neg = score_pass(
         local_head, x, y, torch.from_numpy(np.asarray(w)).to(head.dtype), neg=neg
     )
@@ -165,13 +170,40 @@ def score_part(
         "misalign_score": np.full(len(x), np.nan),  # combined across all shards in _finalize
     }
     if trusted_state is not None:  # in the same batches as the head's
-        trusted = replace(Head.from_state_dict(trusted_state), partition=local)
+        trusted = replace(Head.from_state_dict(trusted_state), partition=local_head.partition)
         scores["trusted_loss"] = api.pair_losses(trusted, (x, y))
     if consensus is not None:
         scores[CONSENSUS] = consensus
-    out = shard_frame(pmeta, keep, id_col, scores, global_rows)
-    write_parquet_atomic(Path(out_path), out, {**meta, "source": part.source})
-    return {"ok": int(len(keep)), "failed": int(len(pmeta) - len(keep))}
+    done, start = [], 0
+    for p, (_, _, pmeta), keep, out_path in zip(parts, read, keeps, out_paths):
+        sl = slice(start, start + len(keep))
+        mine = {name: np.asarray(v)[sl] for name, v in scores.items()}
+        out = shard_frame(pmeta, keep, id_col, mine, global_rows[sl])
+        write_parquet_atomic(Path(out_path), out, {**meta, "source": p.source})
+        done.append({"ok": int(len(keep)), "failed": int(len(pmeta) - len(keep))})
+        start += len(keep)
+    return done
+
+
+def part_blocks(head: Head, part_of_row: np.ndarray) -> list[list[int]]:
+    """The parts (embedding part numbers) whose batches lie among them, in order: each shard
+    alone, except small shards that ``make_partition`` joined to their neighbours."""
+    idx = head.partition.index
+    parent: dict[int, int] = {int(k): int(k) for k in pd.unique(part_of_row)}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for batch in idx:
+        members = pd.unique(part_of_row[batch[batch >= 0]])
+        for k in members[1:]:
+            parent[root(int(k))] = root(int(members[0]))
+    blocks: dict[int, list[int]] = {}
+    for k in parent:
+        blocks.setdefault(root(k), []).append(k)
+    return list(blocks.values())
 
 
 def score_shards(
@@ -266,7 +298,7 @@ def score_shards(
             meta.update(n_norm=old["n_norm"], fit=old.get("fit"), combination=old["combination"])
             meta["warnings"] = merged(meta.get("warnings"), old.get("warnings"))
             scores_dir, probes, rescore = out / "scores", None, False
-            summary = _run_jobs([(p, None) for p in parts], None, progress)
+            summary = _run_jobs([([p], None) for p in parts], None, progress)
         else:
             with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
                 where = " on the cluster" if rows is not None else ""
@@ -291,24 +323,24 @@ def score_shards(
                 scores_dir.mkdir(parents=True, exist_ok=True)
                 np.save(out / "w.npy", w)  # H^-1 g_val: lets the app break scores down per member
                 jobs = []
-                for p in parts:
-                    target = scores_dir / p.output_name
-                    rows_p = np.nonzero(train.metadata["part"].to_numpy() == p.index)[0]
-                    if target.exists() and reusable(read_parquet_meta(target), p.source, meta):
-                        jobs.append((p, None))
+                part_col = train.metadata["part"].to_numpy()
+                by_index = {p.index: p for p in parts}
+                blocks = part_blocks(head, part_col)
+                scored = {k for block in blocks for k in block}
+                blocks += [[p.index] for p in parts if p.index not in scored]  # all rows failed
+                for block in sorted(blocks):
+                    ps = [by_index[k] for k in block]
+                    targets = [scores_dir / p.output_name for p in ps]
+                    if all(
+                        t.exists() and reusable(read_parquet_meta(t), p.source, meta)
+                        for p, t in zip(ps, targets)
+                    ):
+                        jobs.append((ps, None))
                         continue
-                    job = (
-                        embeddings,
-                        p,
-                        head.state_dict(),
-                        w,
-                        rows_p,
-                        target,
-                        meta,
-                        args.neg,
-                        id_col,
-                    )
-                    jobs.append((p, (*job, trusted_state, disagreement[rows_p])))
+                    rows_b = np.nonzero(np.isin(part_col, block))[0]
+                    job = (embeddings, ps, head.state_dict(), w, rows_b, targets, meta)
+                    job += (args.neg, id_col, trusted_state, disagreement[rows_b])
+                    jobs.append((ps, job))
                 summary = _run_jobs(jobs, client, progress)
             probes = None
             if args.weights == "auto":
@@ -340,20 +372,20 @@ def _cluster(distributor: str, scheduler: str | None, train: EmbeddingSet, folde
 
 
 def _run_jobs(jobs, client: Any, progress: bool) -> pd.DataFrame:
-    """Score the pending shards: here, or one Dask task each on ``client`` (``_cluster``
-    has checked the distributor)."""
+    """Score the pending blocks of shards: here, or one Dask task each on ``client``
+    (``_cluster`` has checked the distributor). ``jobs``: (parts, task args or None: kept)."""
     rows = []
-    todo = [(p, a) for p, a in jobs if a is not None]
-    for p, a in jobs:
+    todo = [(ps, a) for ps, a in jobs if a is not None]
+    for ps, a in jobs:
         if a is None:
-            rows.append({"shard": p.output_name, "ok": 0, "failed": 0, "skipped": 1})
+            rows += [{"shard": p.output_name, "ok": 0, "failed": 0, "skipped": 1} for p in ps]
     if client is None:
         from tqdm.auto import tqdm
 
-        for p, a in tqdm(todo, desc="shards", disable=not progress):
-            rows.append({"shard": p.output_name, **score_part(*a), "skipped": 0})
+        results = [score_parts(*a) for _, a in tqdm(todo, desc="shards", disable=not progress)]
     else:
-        results = run_tasks(score_part, [a for _, a in todo], client=client)
-        for (p, _), res in zip(todo, results):
-            rows.append({"shard": p.output_name, **res, "skipped": 0})
-    return pd.DataFrame(rows, columns=["shard", "ok", "failed", "skipped"])
+        results = run_tasks(score_parts, [a for _, a in todo], client=client)
+    for (ps, _), res in zip(todo, results):
+        rows += [{"shard": p.output_name, **r, "skipped": 0} for p, r in zip(ps, res)]
+    out = pd.DataFrame(rows, columns=["shard", "ok", "failed", "skipped"])
+    return out.sort_values("shard", kind="stable").reset_index(drop=True)

@@ -70,10 +70,15 @@ class Partition:
 def make_partition(
     n: int, batch_size: int, seed: int = 0, shuffle: bool = True, groups: np.ndarray | None = None
 ) -> Partition:
-    """Cut rows 0..n-1 into batches of ``batch_size`` after a seeded shuffle; last may be short.
+    """Cut rows 0..n-1 into batches of ``batch_size`` after a seeded shuffle.
 
-    ``groups`` (one label per row, e.g. the input shard) keeps every batch inside one group,
-    so a shard can be scored on its own and match the scores of the concatenated set.
+    No batch holds fewer than half a batch (``min_batch``) unless the whole set does: a pair
+    in a batch of one has no negatives (its loss and influence are exactly 0, so it ranked as
+    the cleanest pair), and in a batch of a few its loss is on another scale. So a short last
+    batch shares the rows of the one before (two batches of nearly equal size), and
+    ``groups`` (one label per row, e.g. the input shard: every batch stays inside one group,
+    so a shard can be scored on its own and match the concatenated set) smaller than half a
+    batch join the groups next to them (``merge_small_groups``).
     """
     if n < 1:
         raise ValueError("cannot partition an empty set")
@@ -86,16 +91,56 @@ def make_partition(
         groups = np.asarray(groups)
         if len(groups) != n:
             raise ValueError("groups must have one label per row")
-        members = [np.nonzero(groups == g)[0] for g in pd.unique(groups)]
+        blocks = merge_small_groups(groups, min_batch(batch_size))
+        members = [np.nonzero(blocks == g)[0] for g in pd.unique(blocks)]
     width = min(batch_size, max(len(rows) for rows in members))
-    blocks = []
+    out = []
     for rows in members:
         order = rows[rng.permutation(len(rows))] if shuffle else rows
-        nb = -(-len(order) // batch_size)
-        block = np.full(nb * width, -1, dtype=np.int64)
-        block[: len(order)] = order
-        blocks.append(block.reshape(nb, width))
-    return Partition(index=np.concatenate(blocks), batch_size=batch_size, seed=seed, n=n)
+        sizes = batch_sizes(len(order), batch_size)
+        block = np.full((len(sizes), width), -1, dtype=np.int64)
+        ends = np.cumsum(sizes)
+        for b, (start, end) in enumerate(zip(ends - sizes, ends)):
+            block[b, : end - start] = order[start:end]
+        out.append(block)
+    return Partition(index=np.concatenate(out), batch_size=batch_size, seed=seed, n=n)
+
+
+def min_batch(batch_size: int) -> int:
+    """The fewest pairs a batch may hold when the set has more: half a batch, rounded up."""
+    return -(-batch_size // 2)
+
+
+def batch_sizes(rows: int, batch_size: int) -> np.ndarray:
+    """Full batches, then the rest; a rest below ``min_batch`` shares the last full batch's
+    rows (two batches of nearly equal size)."""
+    nb = -(-rows // batch_size)
+    sizes = np.full(nb, batch_size, dtype=np.int64)
+    sizes[-1] = rows - batch_size * (nb - 1)
+    if nb > 1 and sizes[-1] < min_batch(batch_size):
+        both = batch_size + sizes[-1]
+        sizes[-2:] = (-(-both // 2), both // 2)
+    return sizes
+
+
+def merge_small_groups(groups: np.ndarray, least: int) -> np.ndarray:
+    """Block labels (0, 1, ...): consecutive groups, in order of first appearance, joined
+    until a block holds at least ``least`` rows; a small last block joins the one before.
+    Groups that reach ``least`` alone stay alone (the usual shards of thousands of pairs)."""
+    groups = np.asarray(groups)
+    labels, first = np.unique(groups, return_index=True)
+    labels = labels[np.argsort(first)]  # order of first appearance
+    counts = pd.Series(groups).value_counts().reindex(labels).to_numpy()
+    block_of, block, held = [], 0, 0
+    for c in counts:
+        if held >= least:  # the open block is full: start another
+            block, held = block + 1, 0
+        block_of.append(block)
+        held += int(c)
+    if held < least and block > 0:  # a small last block joins the one before
+        block_of = [b if b < block else block - 1 for b in block_of]
+    lookup = dict(zip(labels.tolist(), block_of))
+    return np.array([lookup[g] for g in groups.tolist()], dtype=np.int64)
 
 
 @dataclass
