@@ -249,3 +249,20 @@ def test_model_trace_checks_counts_and_names_the_flags_it_ignores(projection, ca
     said = capsys.readouterr()
     assert "note: --candidates only apply to head-mode audits; ignored" in said.err
     assert said.out.count("RESPONSIBLE") == 1
+
+
+def test_app_pair_detail_on_a_model_audit_says_why_there_is_no_batch_split(projection, monkeypatch):
+    """It said "no w.npy: the audit ran without a validation set" on an audit that had one."""
+    from streamlit.testing.v1 import AppTest
+
+    from ecif.app import APP_SCRIPT, support
+
+    monkeypatch.setenv(support.AUDIT_ENV, str(projection["audit"]))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
+    at.run()
+    at.switch_page("views/pair.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    said = [i.value for i in at.info]
+    assert any("projection mode" in s and "head-mode audits only" in s for s in said)
+    assert not any("without a validation set" in s for s in said)

@@ -432,3 +432,54 @@ def test_a_score_shard_without_a_column_is_one_error(small_audit, tmp_path, caps
         err = capsys.readouterr().err
         _one_error_line(err.splitlines()[-1], shard.name, "lacks")
         assert "Traceback" not in err
+
+
+def test_trace_refuses_embeddings_other_than_the_audits_rows(small_audit, tmp_path, capsys):
+    """--embeddings with as many rows as the audit but other content was traced silently (the
+    audit's head, norms and indexes applied to rows they were not made from)."""
+    import shutil
+
+    from ecif.data.folder_reader import read_part
+
+    train = small_audit / "embeddings" / "train"
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(train, moved)
+    shutil.copytree(train, other)
+    img, txt, meta = read_part(other, 0)
+    txt = np.array(txt)[::-1].copy()  # the same rows, captions' embeddings swapped around
+    layout.write_part(
+        other, 0, np.array(img), txt, meta, layout.part_kv(layout.part_paths(other, 0)[2])
+    )
+    caption = str(ecif.audit.read_audit(small_audit)[0]["caption"].iloc[0])
+    argv = ["trace", str(small_audit), "--caption", caption, "-k", "1", "--quiet"]
+    assert main([*argv, "--embeddings", str(other)]) == 2
+    err = capsys.readouterr().err
+    _one_error_line(err.splitlines()[-1], "not the rows this audit scored")
+    assert main([*argv, "--embeddings", str(moved)]) == 0  # moved, not changed: traced
+
+
+@pytest.mark.parametrize(
+    "lines, said",
+    [
+        ("\n  \n\n", "0 class prompt(s)"),  # dropped silently: the test captions were used
+        ("a red circle\n", "1 class prompt(s)"),  # loss -0
+        ("a red circle\na blue square\na red circle\n", "given twice: ['a red circle']"),
+    ],
+)
+def test_class_prompts_need_two_distinct_lines(small_audit, tmp_path, capsys, lines, said):
+    classes = tmp_path / "classes.txt"
+    classes.write_text(lines)
+    val = small_audit / "embeddings" / "val"
+    qid = str(ecif.EmbeddingSet.load(val).ids[0])
+    argv = ["trace", str(small_audit), "--query-id", qid, "--test", str(val)]
+    assert main([*argv, "--classes", str(classes), "--label", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    _one_error_line(err.splitlines()[-1], said)
+
+
+def test_trace_output_must_be_csv_or_parquet(small_audit, tmp_path, capsys):
+    """-o x.json wrote CSV under a .json name."""
+    argv = ["trace", str(small_audit), "--caption", "x", "-o", str(tmp_path / "x.json")]
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err.splitlines()[-1], "write .csv or .parquet")
+    assert not (tmp_path / "x.json").exists()

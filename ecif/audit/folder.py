@@ -24,7 +24,7 @@ from ecif.atomic import (
     write_json,
     write_parquet_atomic,
 )
-from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.embedding_set import EmbeddingSet, fingerprint
 from ecif.engine.head import Head
 
 
@@ -232,7 +232,17 @@ def training_set(
     emb = Path(emb)
     if not emb.is_absolute() and not emb.exists():
         emb = folder / emb
-    return EmbeddingSet.load(emb), emb
+    data = EmbeddingSet.load(emb)
+    want = (info.get("fingerprint") or {}).get("train")
+    if embeddings is not None and want:  # another folder than the one scored: the same rows?
+        part = data.metadata["part"].to_numpy() if "part" in data.metadata else None
+        if fingerprint(data, part) != want:
+            raise AuditFolderError(
+                f"{emb}: not the rows this audit scored ({len(data):,} pairs whose embeddings, "
+                "ids or order differ from the training set's recorded in audit.json); pass "
+                "the training embeddings the audit was made from"
+            )
+    return data, emb
 
 
 def trace_head(folder: Path, train: EmbeddingSet, *, fit_if_missing: bool = True) -> Head:

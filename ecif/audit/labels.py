@@ -38,3 +38,14 @@ def label_codes(data: Any, label_col: str | None = None) -> np.ndarray:
     """``answer_labels`` as integer codes (equal code = equal label)."""
     codes, _ = pd.factorize(answer_labels(data, label_col))
     return codes
+
+
+def check_class_prompts(names: list[str], where: str) -> None:
+    """Zero-shot needs two prompts or more, each once: a file of blank lines was dropped
+    silently (the query fell back to the test captions), one prompt gave loss -0, and a
+    repeated prompt took a share of the probability as a wrong answer."""
+    if len(names) < 2:
+        raise ValueError(f"{where}: {len(names)} class prompt(s); give two or more, one a line")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where}: class prompt(s) given twice: {repeated[:3]}")

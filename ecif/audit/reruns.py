@@ -9,40 +9,21 @@ earlier audit of other inputs) are refused before the fit rather than ranked wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ecif.atomic import read_parquet_meta
 from ecif.audit.audit_args import RENAMED_OPTIONS
 from ecif.audit.checks import AuditInputError
 from ecif.audit.folder import read_heads
-from ecif.data.embedding_set import EmbeddingSet
 
 # options that do not change a shard's scores: a rerun that differs only in them reuses it
 NOT_IN_SCORES = ("threshold", "device")
 _KEY_FIELDS = ("model", "pretrained", "validation", "validation_embeddings", "id_column")
 # shards scored before a signal joined, or before fingerprints were recorded, are scored again
 _KEY_FIELDS += ("signals", "fingerprint")
-
-
-def fingerprint(data: EmbeddingSet | None, groups: np.ndarray | None = None) -> str | None:
-    """A digest of a set's rows in order (embeddings as float32, ids, and ``groups``: the
-    shard of each row, which decides the batches). About 1 s a GB read from memory."""
-    if data is None:
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    for arr in (data.image, data.text):
-        a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
-        h.update(str(a.shape).encode())
-        h.update(memoryview(a).cast("B"))
-    h.update("\x1f".join(map(str, data.ids)).encode())
-    if groups is not None:
-        h.update(np.ascontiguousarray(np.asarray(groups, dtype=np.int64)).tobytes())
-    return h.hexdigest()
 
 
 def reusable(old: dict, source: str, meta: dict) -> bool:

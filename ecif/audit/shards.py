@@ -42,13 +42,12 @@ from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.reruns import (
     check_no_stale_scores,
     earlier_run,
-    fingerprint,
     output_names,
     reusable,
 )
 from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_from_table
 from ecif.data import layout
-from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.embedding_set import EmbeddingSet, fingerprint
 from ecif.data.folder_reader import IdColumnWarning, read_folder, read_part
 from ecif.data.row_reader import FolderRowReader
 from ecif.distributed import open_client, run_tasks

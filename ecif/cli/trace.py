@@ -76,6 +76,9 @@ def _classes(args):
     if not args.classes:
         return None, None
     names = [ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()]
+    from ecif.audit.labels import check_class_prompts
+
+    check_class_prompts(names, args.classes)
     if args.label is None:
         raise ValueError("--classes needs the true class --label")
     label = int(args.label) if str(args.label).lstrip("-").isdigit() else None
@@ -126,6 +129,7 @@ def _show(table: pd.DataFrame, name: str, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecif.atomic import atomic_path
     from ecif.audit.folder import AuditFolderError, audit_params
     from ecif.audit.trace import TraceBack
     from ecif.cli.errors import describe
@@ -135,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     from ecif.data.models import ModelLoadError
 
     start = time.time()
+    if args.output and Path(args.output).suffix not in (".csv", ".parquet"):
+        print(f"error: -o {args.output}: write .csv or .parquet", file=sys.stderr)
+        return 2
     for path in (args.image, args.classes):  # before loading the audit
         if path and not Path(path).is_file():
             print(f"error: {path}: No such file or directory", file=sys.stderr)
@@ -179,11 +186,16 @@ def run(args: argparse.Namespace) -> int:
     _show(table, "helped", "HELPED (removing them would raise the loss):")
     if args.output:
         out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".parquet":
-            table.to_parquet(out, index=False)
-        else:
-            table.to_csv(out, index=False)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out) as tmp:
+                if out.suffix == ".parquet":
+                    table.to_parquet(tmp, index=False)
+                else:
+                    table.to_csv(tmp, index=False)
+        except OSError as e:
+            print(f"error: -o {args.output}: {describe(e)}", file=sys.stderr)
+            return 2
     n_resp = int((table["list"] == "responsible").sum())
     n_help = int((table["list"] == "helped").sum())
     print(

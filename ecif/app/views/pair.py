@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from ecif.app import detail, state, support
-from ecif.audit.folder import AuditFolderError, influence_columns
+from ecif.audit.folder import AuditFolderError, influence_columns, params_of
 
 table, info = state.audit()
 folder = state.folder()
@@ -100,6 +100,12 @@ st.subheader("Nearest neighbours")
 nb = detail.neighbours(train, row, k=8, indexes=state.indexes(folder))
 show_rows(nb, "neighbours")
 st.subheader("Batch members it affected most through the negative term")
+if params_of(info) != "head":  # no head and no w.npy: the split is the head mode's
+    st.info(
+        f"This audit's influence runs through the model ({params_of(info)} mode): the split "
+        "of influence_neg over batch members is computed for head-mode audits only."
+    )
+    st.stop()
 st.caption(
     "share = this pair's contribution to influence_neg through each member: as a negative "
     "text for the member's image and as a negative image for the member's caption. The "

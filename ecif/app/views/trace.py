@@ -10,6 +10,7 @@ from PIL import Image
 
 from ecif.app import detail, state, support
 from ecif.audit.folder import params_of
+from ecif.audit.labels import check_class_prompts
 
 table, info = state.audit()
 folder = state.folder()
@@ -105,6 +106,12 @@ if query.get("kind") in ("pair", "image"):
             placeholder="a photo of a circle\na photo of a square\na photo of a triangle",
         )
         names = [ln.strip() for ln in prompts.splitlines() if ln.strip()]
+        if len(set(names)) < len(names):
+            try:
+                check_class_prompts(names, "class prompts")
+            except ValueError as e:  # the selectbox would offer the repeat twice
+                st.error(str(e))
+                st.stop()
         true = c[1].selectbox("True class", names, key="trace_label") if names else None
         query.update(classes=names, label=names.index(true) if true is not None else None)
 
