@@ -123,6 +123,8 @@ def test_trace_free_text_in_projection_mode(projection, tmp_path, capsys):
     assert "nearest training images" in said and "prediction: 'image of" in said
     q = mq.caption_query(query_inputs(projection["audit"]), caption)
     assert q.direction == "text->image" and q.positive.any() and not q.positive.all()
+    # right answers are exactly the images whose training caption is the query's words
+    assert q.positive.tolist() == [str(n).endswith(f"({caption})") for n in q.names]
     moved = _refit_signs(projection["audit"], q, pd.read_csv(out_csv))
     responsible, helped = np.array(moved["responsible"]), np.array(moved["helped"])
     assert len(responsible) == len(helped) == 3, moved

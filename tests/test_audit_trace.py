@@ -229,6 +229,19 @@ def test_caption_query_with_a_stub_encoder(fitted):
         tb.query_from_caption("no such caption")
 
 
+def test_caption_positives_prefer_the_exact_caption():
+    from ecif.audit.trace import caption_positives
+
+    caps = ["a red circle on the left", "A red  circle on the LEFT", "a red circle on the right"]
+    # the text encoder puts all three within 0.98: only the same words count as right
+    near = np.array([1.0, 1.0, 0.99])
+    expected = np.array([" ".join(c.lower().split()) == "a red circle on the left" for c in caps])
+    assert (caption_positives(caps, " a red circle on the left", near) == expected).all()
+    # no candidate carries the words: a paraphrase within cosine 0.98 stands in
+    para = caption_positives(caps, "a crimson disc, left side", np.array([0.985, 0.5, 0.97]))
+    assert para.tolist() == [True, False, False]
+
+
 # --- (c) the CLI on an audit folder ---------------------------------------------------------
 def test_cli_index_and_trace_round_trip(tmp_path, capsys):
     from ecif.audit import AuditArgs, Auditor, write_audit

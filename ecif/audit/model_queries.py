@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ecif.audit.labels import answer_labels
-from ecif.audit.trace import POSITIVE_COSINE
+from ecif.audit.trace import POSITIVE_COSINE, caption_positives
 from ecif.audit.trace_loss import _unit
 
 
@@ -185,7 +185,7 @@ def image_query(
 
 def caption_query(inputs: ModelAuditInputs, caption: str, *, competitors: int = 50) -> ModelQuery:
     """Free text: text -> image against its nearest training images; right are the images
-    whose training caption is this caption (or embeds within cosine 0.98 of it)."""
+    whose training caption is this caption (see ``caption_positives``)."""
     _, cap_rows, _, cap_emb = inputs.encoder.encode(texts=[caption])
     y = cap_emb[0]
     near_img = inputs.nearest("image", y, competitors)
@@ -194,9 +194,7 @@ def caption_query(inputs: ModelAuditInputs, caption: str, *, competitors: int = 
     same = near_txt[tv[near_txt] @ y >= POSITIVE_COSINE]
     rows = np.unique(np.concatenate([near_img, same]))
     caps = inputs.captions(rows)
-    positive = np.array([c.strip().lower() == caption.strip().lower() for c in caps]) | (
-        tv[rows] @ y >= POSITIVE_COSINE
-    )
+    positive = caption_positives(caps, caption, tv[rows] @ y)
     if not positive.any():
         raise ValueError(
             f"no training pair near {caption!r} carries that caption: give --image FILE with "
