@@ -80,6 +80,12 @@ def test_data_root_repoints_moved_input_shards(monkeypatch, small_audit, tmp_pat
     at = app(monkeypatch, out, "suspects")
     assert shown_table(at)["image"].str.startswith("data:image/png;base64,").all()
     assert not at.warning
+    # a data folder that does not hold them either: the warning names both places
+    monkeypatch.setenv(support.DATA_ROOT_ENV, str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    at = app(monkeypatch, out, "suspects")
+    said = " ".join(w.value for w in at.warning)
+    assert str(tmp_path / "gone") in said and str(tmp_path / "elsewhere") in said, said
 
 
 def test_sort_direction_follows_the_column(monkeypatch, small_audit):
@@ -166,7 +172,8 @@ def test_cli_app_data_root_reaches_the_app(monkeypatch, small_audit, tmp_path, c
     ran = []
     monkeypatch.setattr(os, "execve", fake_execve)
     assert main(["app", str(small_audit), "--data-root", str(tmp_path / "nope")]) == 2
-    assert "--data-root" in capsys.readouterr().err and not ran
+    said = capsys.readouterr()
+    assert "--data-root" in said.err and not ran and "http://" not in said.out  # no server, no URL
     with pytest.raises(Execed):
         main(["app", str(small_audit), "--data-root", str(tmp_path)])
     assert ran[0][support.DATA_ROOT_ENV] == str(tmp_path.resolve())

@@ -483,3 +483,41 @@ def test_trace_output_must_be_csv_or_parquet(small_audit, tmp_path, capsys):
     assert main(argv) == 2
     _one_error_line(capsys.readouterr().err.splitlines()[-1], "write .csv or .parquet")
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--caption", "  "], "--caption is empty"),
+        (["--image", "IMG", "--caption", ""], "--caption is empty"),
+        (["--query-id", "3", "--test", "VAL", "--image", "IMG"], "two queries"),
+        (["--query-id", "3", "--test", "VAL", "--caption", "a cat"], "two queries"),
+        (
+            ["--image", "IMG", "--caption", "a cat", "--classes", "CLS", "--label", "0"],
+            "two queries",
+        ),
+        (["--caption", "a cat", "--classes", "CLS", "--label", "0"], "two queries"),
+        (["--classes", "CLS", "--label", "0"], "needs an image"),
+        (["--image", "IMG", "--caption", "a cat", "--label", "0"], "--label is the true class"),
+        (["--caption", "a cat", "--test", "VAL"], "give --query-id"),
+        (["--image", "DIR", "--caption", "a cat"], "a folder, not a file"),
+        (["--caption", "a cat", "-o", "DIR/x.csv"], "not a folder this user can write in"),
+        (["--caption", "a cat", "-o", "DIR"], "write .csv or .parquet"),
+    ],
+)
+def test_trace_flags_that_would_be_ignored_or_fail_late(small_audit, tmp_path, capsys, flags, said):
+    """Each of these ran a trace that silently dropped a flag (an image query ignoring its
+    --classes, a --query-id ignoring --image), traced an empty caption, or printed the lists
+    before failing on -o: now one error line before the audit is read."""
+    img = tmp_path / "x.png"
+    img.write_bytes(b"not read: the flags fail first")
+    cls = tmp_path / "classes.txt"
+    cls.write_text("a cat\na dog\n")
+    (tmp_path / "file").write_text("a file, not a folder")
+    where = {"IMG": str(img), "CLS": str(cls), "VAL": str(small_audit / "embeddings" / "val")}
+    where["DIR"] = str(tmp_path / "file") if said.startswith("not a folder") else str(tmp_path)
+    argv = [where.get(f, f.replace("DIR", where["DIR"])) for f in flags]
+    assert main(["trace", str(small_audit), *argv, "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "", out.out  # nothing traced, nothing printed
+    _one_error_line(out.err, said)

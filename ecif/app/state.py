@@ -106,6 +106,9 @@ def thumbnails(
         try:
             thumbs = _shard_thumbs(path, id_col, tuple(ids[j] for j in js), size)
         except Exception as e:  # a moved/deleted/unreadable shard: say so, keep going
+            root = data_root()
+            if root and not os.path.exists(path):  # the recorded path, and not under the root
+                e = f"{e}; not under the image data folder {root} either"
             problems.append(str(e))
             continue
         for j, t in zip(js, thumbs, strict=True):

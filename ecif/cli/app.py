@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     folder = folder.resolve()
-    print(f"ecif app on {folder}: http://127.0.0.1:{args.port}", flush=True)
     env = dict(os.environ, **{AUDIT_ENV: str(folder)})
     if args.data_root:
         if not Path(args.data_root).is_dir():
             print(f"error: --data-root {args.data_root}: no such folder", file=sys.stderr)
             return 2
         env[DATA_ROOT_ENV] = str(Path(args.data_root).resolve())
+    print(f"ecif app on {folder}: http://127.0.0.1:{args.port}", flush=True)
     cmd = streamlit_command(folder, args.port)
     if os.name == "posix":  # become the server: a signal to `ecif app` reaches Streamlit itself
         os.execve(cmd[0], cmd, env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,42 @@ def trace_args_from(args: argparse.Namespace) -> TraceArgs:
     return TraceArgs(**{**values, "device": resolve_device(args.device)})
 
 
+def flag_conflict(args: argparse.Namespace) -> str | None:
+    """What is wrong with the query flags taken together, before any loading: a flag the
+    chosen query would silently ignore, an empty caption, a folder given as the image."""
+    if args.caption is not None and not args.caption.strip():
+        return "--caption is empty: give the text (or leave --caption out)"
+    if args.query_id is not None and (args.image or args.caption is not None):
+        given = "--image" if args.image else "--caption"
+        return f"--query-id and {given} are two queries: give one (the test pair has its caption)"
+    if args.classes and args.caption is not None:
+        return (
+            "--caption and --classes are two queries: --classes with --label is zero-shot, "
+            "--caption is retrieval; give one"
+        )
+    if args.classes and not (args.image or args.query_id is not None):
+        return "--classes needs an image to classify: --image FILE or --query-id ID --test FOLDER"
+    if args.label is not None and not args.classes:
+        return "--label is the true class among --classes: give --classes FILE with it"
+    if args.test and args.query_id is None:
+        return "--test holds the pair --query-id names: give --query-id ID with it"
+    for flag, path in (("--image", args.image), ("--classes", args.classes)):
+        if path and Path(path).is_dir():
+            return f"{flag} {path}: a folder, not a file"
+        if path and not Path(path).is_file():
+            return f"{flag} {path}: No such file or directory"
+    if args.output:
+        out = Path(args.output)
+        if out.suffix not in (".csv", ".parquet"):
+            return f"-o {args.output}: write .csv or .parquet"
+        if out.is_dir():
+            return f"-o {args.output}: a folder; give a file name ending .csv or .parquet"
+        up = next((p for p in out.absolute().parents if p.exists()), None)
+        if up is not None and (not up.is_dir() or not os.access(up, os.W_OK)):
+            return f"-o {args.output}: {up} is not a folder this user can write in"
+    return None
+
+
 def _classes(args):
     if not args.classes:
         return None, None
@@ -139,13 +176,10 @@ def run(args: argparse.Namespace) -> int:
     from ecif.data.models import ModelLoadError
 
     start = time.time()
-    if args.output and Path(args.output).suffix not in (".csv", ".parquet"):
-        print(f"error: -o {args.output}: write .csv or .parquet", file=sys.stderr)
+    problem = flag_conflict(args)  # before loading the audit
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    for path in (args.image, args.classes):  # before loading the audit
-        if path and not Path(path).is_file():
-            print(f"error: {path}: No such file or directory", file=sys.stderr)
-            return 2
     try:
         if audit_params(args.audit) != "head":  # through the encoders: every training pair
             k = trace_args_from(args).k  # the counts checked as in the head mode
