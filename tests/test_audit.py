@@ -134,3 +134,33 @@ def test_audit_bad_inputs():
         ecif.fit(train, exclude=["no-such-id"])
     with pytest.raises(ValueError, match="2-D"):
         ecif.EmbeddingSet(np.ones(5), np.ones(5))
+
+
+def test_more_trusted_than_training_pairs_advises_trusted_loss(tmp_path, capsys):
+    """Measured (benchmarks/README.md, small sets): with fewer training than validation pairs
+    the validation head alone ranks better; the audit says so, and only then."""
+    train, val, _ = _sets(n=100)  # 100 training pairs, 150 validation pairs
+    with pytest.warns(UserWarning, match="weights='trusted_loss'"):
+        auditor = Auditor(train, val, AuditArgs(batch_size=32))
+    assert any("150 pairs" in w and "(100)" in w for w in auditor.input_warnings)  # audit.json
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 400 training pairs: no advice
+        big, val, _ = _sets(n=400)
+        Auditor(big, val, AuditArgs(batch_size=32))
+        Auditor(train, val, AuditArgs(batch_size=32, weights="trusted_loss"))  # already chosen
+    # the CLI says it once, in its summary (not also as a Python warning), and records it
+    from ecif.audit.folder import read_audit
+    from ecif.cli import main
+
+    train.save(tmp_path / "train")
+    val.save(tmp_path / "val")
+    out = tmp_path / "audit"
+    assert (
+        main(["score", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "-o", str(out)])
+        == 0
+    )
+    said = capsys.readouterr().err
+    assert said.count("weights trusted_loss") == 1, said
+    assert any("weights='trusted_loss'" in w for w in read_audit(out)[1]["warnings"])

@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecif.audit.auditor import MORE_TRUSTED
     from ecif.audit.checks import MISMATCH_ALLOWED
     from ecif.audit.combination_text import describe_combination
     from ecif.audit.folder import influence_columns, read_audit
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     val = EmbeddingSet.load(args.val) if args.val else None
     with warnings.catch_warnings():  # said once, in the summary below
-        warnings.filterwarnings("ignore", message=f".*{NOT_UNIT}")
+        for said in (NOT_UNIT, MORE_TRUSTED):
+            warnings.filterwarnings("ignore", message=f".*{said}")
         for category in (*RECORDED, IdColumnWarning):  # recorded in audit.json
             warnings.simplefilter("ignore", category)
         summary = score_shards(
