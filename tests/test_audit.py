@@ -149,6 +149,7 @@ def test_more_trusted_than_training_pairs_advises_trusted_loss(tmp_path, capsys)
         warnings.simplefilter("error")  # 400 training pairs: no advice
         big, val, _ = _sets(n=400)
         Auditor(big, val, AuditArgs(batch_size=32))
+        Auditor(big.subset(np.arange(101)), val, AuditArgs(batch_size=32))  # 150 / 101 < 1.5
         Auditor(train, val, AuditArgs(batch_size=32, weights="trusted_loss"))  # already chosen
     # the CLI says it once, in its summary (not also as a Python warning), and records it
     from ecif.audit.folder import read_audit
