@@ -131,6 +131,10 @@ def test_the_fallback_quotes_the_probes_count_once():
     )
     assert "Planted probes imply" not in flag_count(scores, "auto", checked)[1]  # said already
     assert "Planted probes" not in flag_count(scores, "auto", NoiseRate(0.4, False, "x"))[1]
+    # probes that count more than the 10% flagged: the sentence must not call the set cleaner
+    many = NoiseRate(0.509, False, "50.9% in the suspect group, outside the 0-50%", 0.836)
+    how = flag_count(scores, "auto", many)[1]
+    assert "Planted probes imply 83.6%" in how and "cleaner" not in how and "more noise" in how
 
 
 def test_a_clean_set_is_flagged_by_the_fallback_and_the_probes_say_it_may_be_clean():
@@ -139,12 +143,31 @@ def test_a_clean_set_is_flagged_by_the_fallback_and_the_probes_say_it_may_be_cle
     x, y, frame = ecif.datasets.concept_pairs(1500, 32, 0.0, seed=1, geometry="aligned")
     xv, yv, _ = ecif.datasets.concept_pairs(400, 32, 0.0, seed=10_001, geometry="aligned")
     assert not frame["is_corrupted"].any()
-    table = ecif.Auditor(
-        ecif.EmbeddingSet(x, y, logit_scale=100.0),
-        ecif.EmbeddingSet(xv, yv, logit_scale=100.0),
-        ecif.AuditArgs(seed=1),
-    ).run()
+    from ecif.audit.thresholds import UnreliableThresholdWarning
+
+    with pytest.warns(UnreliableThresholdWarning) as said:  # the Python API says so too
+        table = ecif.Auditor(
+            ecif.EmbeddingSet(x, y, logit_scale=100.0),
+            ecif.EmbeddingSet(xv, yv, logit_scale=100.0),
+            ecif.AuditArgs(seed=1),
+        ).run()
     how = table.attrs["threshold"]
+    assert [str(w.message) for w in said] == [f"is_misaligned: {how}"]
     probe_rate = table.attrs["combination"]["probe_rate"]
     assert "UNRELIABLE" in how and int(table["is_misaligned"].sum()) == 150, how
     assert probe_rate < 0.02 and f"Planted probes imply {probe_rate:.1%}" in how, how
+
+
+def test_ecif_score_says_an_unreliable_threshold_once(tmp_path, capsys):
+    """The summary's last line carries the sentence; Python's warning is not printed too."""
+    from ecif.cli import main
+
+    x, y, _ = ecif.datasets.concept_pairs(600, 32, 0.0, seed=2, geometry="aligned")
+    xv, yv, _ = ecif.datasets.concept_pairs(300, 32, 0.0, seed=10_002, geometry="aligned")
+    ecif.EmbeddingSet(x, y).save(tmp_path / "train")
+    ecif.EmbeddingSet(xv, yv).save(tmp_path / "val")
+    argv = ["score", str(tmp_path / "train"), "--val", str(tmp_path / "val")]
+    assert main([*argv, "-o", str(tmp_path / "audit"), "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert said.out.count("UNRELIABLE") == 1 and "UNRELIABLE" not in said.err, said
+    assert "UnreliableThresholdWarning" not in said.out + said.err

@@ -9,6 +9,7 @@ misalign_score, is_misaligned, rank (cleanlab-style ``is_``/``_score``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +30,7 @@ from ecif.audit.model_signals import check_model_inputs, model_signals, self_inf
 from ecif.audit.probes import probe_signals
 from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
-from ecif.audit.thresholds import flag_count, rank_and_flag
+from ecif.audit.thresholds import UnreliableThresholdWarning, flag_count, rank_and_flag
 from ecif.data.embedding_set import EmbeddingSet, norm_warning
 from ecif.device import resolve_device
 from ecif.engine.head import CLIP_LOGIT_SCALE, Head
@@ -121,8 +122,6 @@ class Auditor:
     input_warnings: list = field(default_factory=list, init=False)  # also in audit.json
 
     def __post_init__(self) -> None:
-        import warnings
-
         if self.args.params != "head":  # the model modes fit their own features
             return
         sets = (("training", self.train), ("validation", self.val))
@@ -340,6 +339,8 @@ class Auditor:
         score, combination, rate = misalign_scores(table, self.args.weights, n_norm, self.probes)
         table["misalign_score"] = score.astype(np.float32)
         count, how = flag_count(score, self.args.threshold, rate)
+        if self.args.threshold == "auto" and "UNRELIABLE" in how:  # a clean set, or weak scores
+            warnings.warn(f"is_misaligned: {how}", UnreliableThresholdWarning, stacklevel=3)
         table["rank"], table["is_misaligned"] = rank_and_flag(
             table["misalign_score"].to_numpy(), count
         )

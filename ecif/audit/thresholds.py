@@ -11,6 +11,11 @@ from ecif.audit.metrics import two_gaussian_mixture
 FALLBACK_FRACTION = 0.1  # flagged when the noise rate cannot be estimated from the scores
 
 
+class UnreliableThresholdWarning(UserWarning):
+    """The automatic threshold fell back to the top ``FALLBACK_FRACTION``: the flag count is
+    a guess (the sentence says why and what to pass instead)."""
+
+
 @dataclass(frozen=True)
 class NoiseRate:
     """A noise-rate estimate and whether the scores support it."""
@@ -178,6 +183,12 @@ def _probe_floor(est: NoiseRate) -> str:
     (0.0-0.4% with 20% near-miss swaps or attribute edits on the synthetic encoders)."""
     if est.probe_rate is None or "planted probes imply" in est.why:
         return ""
+    if est.probe_rate > FALLBACK_FRACTION:  # the probes count more than the fallback flags
+        return (
+            f" Planted probes imply {est.probe_rate:.1%}: the set may hold more noise than "
+            f"that top {FALLBACK_FRACTION:.0%} (probes overcount noise plainer than they are, "
+            "such as template captions)."
+        )
     return (
         f" Planted probes imply {est.probe_rate:.1%}: the set may be cleaner than that top "
         f"{FALLBACK_FRACTION:.0%}, or its noise subtler than probes (near-miss swaps, "

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.recorded import RECORDED, audit_notes
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
+    from ecif.audit.thresholds import UnreliableThresholdWarning
     from ecif.data.embedding_set import NOT_UNIT, EmbeddingSet
     from ecif.data.folder_reader import IdColumnWarning
 
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # said once, in the summary below
         for said in (NOT_UNIT, MORE_TRUSTED):
             warnings.filterwarnings("ignore", message=f".*{said}")
-        for category in (*RECORDED, IdColumnWarning):  # recorded in audit.json
+        # recorded in audit.json (the threshold's sentence is the summary's last line)
+        for category in (*RECORDED, IdColumnWarning, UnreliableThresholdWarning):
             warnings.simplefilter("ignore", category)
         summary = score_shards(
             args.embeddings,
