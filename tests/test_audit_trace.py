@@ -230,7 +230,7 @@ def test_caption_query_with_a_stub_encoder(fitted):
 
 
 def test_caption_positives_prefer_the_exact_caption():
-    from ecif.audit.trace import caption_positives
+    from ecif.audit.labels import caption_positives
 
     caps = ["a red circle on the left", "A red  circle on the LEFT", "a red circle on the right"]
     # the text encoder puts all three within 0.98: only the same words count as right

@@ -30,7 +30,12 @@ from ecif.audit.model_signals import check_model_inputs, model_signals, self_inf
 from ecif.audit.probes import probe_signals
 from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
-from ecif.audit.thresholds import UnreliableThresholdWarning, flag_count, rank_and_flag
+from ecif.audit.thresholds import (
+    UNRELIABLE,
+    UnreliableThresholdWarning,
+    flag_count,
+    rank_and_flag,
+)
 from ecif.data.embedding_set import EmbeddingSet, norm_warning
 from ecif.device import resolve_device
 from ecif.engine.head import CLIP_LOGIT_SCALE, Head
@@ -80,8 +85,9 @@ MORE_TRUSTED_RATIO = 1.5
 
 def small_train_note(n_train: int, val: EmbeddingSet | None, weights: str) -> str | None:
     """Advice when the trusted pairs outnumber the training pairs (by ``MORE_TRUSTED_RATIO``
-    or more): the head fit on them alone then ranks better than the default's mixture, which cannot see that the training head
-    has fit its own noisy pairs (benchmarks/README.md, "Small sets": 200 training pairs,
+    or more): the head fit on them alone then ranks better than the default's mixture, which
+    cannot see that the training head has fit its own noisy pairs (benchmarks/README.md,
+    "Small sets": 200 training pairs,
     +0.017 to +0.021 AP on every seed against 300 and 1,000 validation pairs, +0.009 at
     250 / 500; 500 / 500 even)."""
     if val is None or weights != "auto" or len(val) < MORE_TRUSTED_RATIO * n_train:
@@ -339,7 +345,7 @@ class Auditor:
         score, combination, rate = misalign_scores(table, self.args.weights, n_norm, self.probes)
         table["misalign_score"] = score.astype(np.float32)
         count, how = flag_count(score, self.args.threshold, rate)
-        if self.args.threshold == "auto" and "UNRELIABLE" in how:  # a clean set, or weak scores
+        if UNRELIABLE in how:  # the fallback: a clean set, or scores with no separate group
             warnings.warn(f"is_misaligned: {how}", UnreliableThresholdWarning, stacklevel=3)
         table["rank"], table["is_misaligned"] = rank_and_flag(
             table["misalign_score"].to_numpy(), count

@@ -49,3 +49,18 @@ def check_class_prompts(names: list[str], where: str) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"{where}: class prompt(s) given twice: {repeated[:3]}")
+
+
+# a caption query's right answers when no candidate carries its words: a paraphrase this close
+POSITIVE_COSINE = 0.98
+
+
+def caption_positives(captions: list[str], caption: str, cosines: np.ndarray) -> np.ndarray:
+    """Which candidates of a caption query (``ecif trace --caption``) are right: those whose
+    caption is the query's (``caption_key``); only where none is, those whose caption embeds
+    within ``POSITIVE_COSINE`` of it (``cosines``). Why not both: a small text encoder puts
+    "on the left" and "on the right" within 0.98, and 25 of 80 demo captions then counted an
+    image of the other position as a right answer."""
+    said = caption_key(caption)
+    exact = np.array([caption_key(c) == said for c in captions], dtype=bool)
+    return exact if exact.any() else np.asarray(cosines) >= POSITIVE_COSINE

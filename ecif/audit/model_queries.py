@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ecif.audit.labels import answer_labels
-from ecif.audit.trace import POSITIVE_COSINE, caption_positives
+from ecif.audit.labels import POSITIVE_COSINE, answer_labels, caption_key, caption_positives
 from ecif.audit.trace_loss import _unit
 
 
@@ -174,7 +173,7 @@ def image_query(
     _, cap_rows, _, _ = inputs.encoder.encode(texts=[caption])
     rows = inputs.nearest("text", img_emb[0], competitors)
     caps = inputs.captions(rows)
-    rows = rows[[c.strip().lower() != caption.strip().lower() for c in caps]]
+    rows = rows[[caption_key(c) != caption_key(caption) for c in caps]]
     cand = np.concatenate([cap_rows, np.asarray(inputs.features.text[rows], dtype=np.float32)])
     positive = np.zeros(len(cand), dtype=bool)
     positive[0] = True

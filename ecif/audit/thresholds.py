@@ -9,6 +9,7 @@ import numpy as np
 from ecif.audit.metrics import two_gaussian_mixture
 
 FALLBACK_FRACTION = 0.1  # flagged when the noise rate cannot be estimated from the scores
+UNRELIABLE = "UNRELIABLE noise-rate estimate"  # in the fallback's sentence: what readers match
 
 
 class UnreliableThresholdWarning(UserWarning):
@@ -161,7 +162,7 @@ def flag_count(
             probes = "" if est.probe_rate is None else f" (planted probes: {est.probe_rate:.1%})"
             return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}{probes}"
         return int(round(FALLBACK_FRACTION * n)), (
-            f"auto: UNRELIABLE noise-rate estimate ({est.why}); flagged the top "
+            f"auto: {UNRELIABLE} ({est.why}); flagged the top "
             f"{FALLBACK_FRACTION:.0%}.{_probe_floor(est)} If you know your noise rate, pass "
             "--threshold FRACTION (e.g. 0.15) or a COUNT"
         )

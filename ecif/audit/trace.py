@@ -27,7 +27,7 @@ import torch
 
 import ecif.api as api
 from ecif.audit.folder import AuditFolderError, trace_head, training_set
-from ecif.audit.labels import answer_labels
+from ecif.audit.labels import POSITIVE_COSINE, answer_labels, caption_key, caption_positives
 from ecif.audit.trace_args import QUERY_OPTIONS, TraceArgs
 from ecif.audit.trace_cache import load_context, load_trace_cache, pair_norms, trace_solver
 from ecif.audit.trace_loss import (
@@ -42,19 +42,6 @@ from ecif.data.index import VectorIndex, build_indexes, load_indexes
 from ecif.engine.head import Head
 from ecif.engine.inverse_hessian import InverseHessian
 from ecif.options import renamed, with_options
-
-POSITIVE_COSINE = 0.98
-
-
-def caption_positives(captions: list[str], caption: str, cosines: np.ndarray) -> np.ndarray:
-    """Which candidates carry the query caption: those whose caption is it (case and spacing
-    aside); only where none is, those whose caption embeds within ``POSITIVE_COSINE`` (a
-    paraphrase). Why not both: a small text encoder puts "on the left" and "on the right"
-    within 0.98, and 25 of 80 demo captions then counted an image of the other position as
-    a right answer."""
-    said = " ".join(caption.split()).lower()
-    exact = np.array([" ".join(str(c).split()).lower() == said for c in captions], dtype=bool)
-    return exact if exact.any() else np.asarray(cosines) >= POSITIVE_COSINE
 
 
 @renamed(
@@ -265,7 +252,7 @@ class TraceBack:
         _, rows = self.ensure_indexes()["text"].search(x[None], competitors)
         rows = rows[0][rows[0] >= 0]
         caps = self.captions(rows)
-        keep = [i for i, c in enumerate(caps) if c.strip().lower() != caption.strip().lower()]
+        keep = [i for i, c in enumerate(caps) if caption_key(c) != caption_key(caption)]
         rows = rows[keep]
         cand = np.concatenate([y[None], _unit(np.asarray(self.train.text[rows]))])
         positive = np.zeros(len(cand), dtype=bool)
