@@ -36,7 +36,8 @@ from ecif.audit.thresholds import (
     flag_count,
     rank_and_flag,
 )
-from ecif.data.embedding_set import EmbeddingSet, norm_warning
+from ecif.data.embedding_set import EmbeddingSet, as_unit
+from ecif.data.norms import UnnormalisedRowsWarning
 from ecif.device import resolve_device
 from ecif.engine.head import CLIP_LOGIT_SCALE, Head
 
@@ -130,12 +131,19 @@ class Auditor:
     def __post_init__(self) -> None:
         if self.args.params != "head":  # the model modes fit their own features
             return
-        sets = (("training", self.train), ("validation", self.val))
-        notes = [norm_warning(d, n) for n, d in sets if d is not None]
-        notes.append(small_train_note(len(self.train), self.val, self.args.weights))
-        for note in filter(None, notes):
-            self.input_warnings.append(note)
-            warnings.warn(note, UserWarning, stacklevel=3)
+        self.train, train_note = as_unit(self.train, "training")  # as a folder's reader does
+        val_note = None
+        if self.val is not None:
+            self.val, val_note = as_unit(self.val, "validation")
+        small = small_train_note(len(self.train), self.val, self.args.weights)
+        for note, kind in (
+            (train_note, UnnormalisedRowsWarning),
+            (val_note, UnnormalisedRowsWarning),
+            (small, UserWarning),
+        ):
+            if note:
+                self.input_warnings.append(note)
+                warnings.warn(note, kind, stacklevel=3)
 
     def fit_head(
         self,

@@ -49,6 +49,7 @@ from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_fr
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet, fingerprint
 from ecif.data.folder_reader import IdColumnWarning, read_folder, read_part
+from ecif.data.norms import UnnormalisedRowsWarning
 from ecif.data.row_reader import FolderRowReader
 from ecif.distributed import open_client, run_tasks
 from ecif.engine.batches import Partition
@@ -230,8 +231,10 @@ def score_shards(
     """
     args = args or AuditArgs()
     embeddings, out = Path(embeddings), Path(output_dir)
+    read_notes: list[str] = []  # what reading the inputs found: kept in the metadata
     if isinstance(val, (str, os.PathLike)):  # a folder, as the CLI's --val takes
-        val = EmbeddingSet.load(val)
+        with recording_warnings(categories=(UnnormalisedRowsWarning,)) as read_notes:
+            val = EmbeddingSet.load(val)
     elif val is not None and not isinstance(val, EmbeddingSet):
         raise TypeError(f"val must be an EmbeddingSet or its folder; got {type(val).__name__}")
     check_options(args)
@@ -239,8 +242,9 @@ def score_shards(
     parts = list_embedding_parts(embeddings)
     check_no_stale_scores(out, [p.output_name for p in parts])
     manifest = layout.read_manifest(embeddings) or {}
-    with recording_warnings(categories=(IdColumnWarning,)) as read_notes:  # kept in meta
+    with recording_warnings(categories=(IdColumnWarning, UnnormalisedRowsWarning)) as found:
         train, id_col = _training_set(embeddings, None)
+    read_notes = [*found, *read_notes]
     check_training(train, embeddings, sum(p.rows for p in parts) - len(train))
     meta = {
         "model": manifest.get("model"),

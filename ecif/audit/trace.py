@@ -17,6 +17,7 @@ test loss = it pushed the model towards the mistake ("responsible"); positive = 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ from ecif.audit.trace_loss import (
     query_loss_and_gradient,
     result_table,
 )
-from ecif.data.embedding_set import EmbeddingSet
+from ecif.data.embedding_set import EmbeddingSet, as_unit
 from ecif.data.index import VectorIndex, build_indexes, load_indexes
+from ecif.data.norms import UnnormalisedRowsWarning
 from ecif.engine.head import Head
 from ecif.engine.inverse_hessian import InverseHessian
 from ecif.options import renamed, with_options
@@ -79,6 +81,9 @@ class TraceBack:
                 f"the head was fit on {self.head.partition.n} pairs, the training set has "
                 f"{len(self.train)}: give the embedding folder the audit was run on"
             )
+        self.train, note = as_unit(self.train, "training")  # the rows an Auditor's head saw
+        if note:
+            warnings.warn(note, UnnormalisedRowsWarning, stacklevel=3)
 
     @classmethod
     @renamed(method="solver")

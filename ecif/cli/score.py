@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
     from ecif.audit.thresholds import UnreliableThresholdWarning
-    from ecif.data.embedding_set import NOT_UNIT, EmbeddingSet
+    from ecif.data.embedding_set import NOT_UNIT
     from ecif.data.folder_reader import IdColumnWarning
 
-    val = EmbeddingSet.load(args.val) if args.val else None
+    val = args.val  # a folder: score_shards reads it and records what it found
     with warnings.catch_warnings():  # said once, in the summary below
         for said in (NOT_UNIT, MORE_TRUSTED):
             warnings.filterwarnings("ignore", message=f".*{said}")

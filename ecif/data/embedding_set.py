@@ -15,11 +15,15 @@ import pandas as pd
 from ecif._version import __version__
 from ecif.data import layout
 from ecif.data.folder_reader import read_folder
+from ecif.data.norms import (  # noqa: F401  (NOT_UNIT: re-exported)
+    NOT_UNIT,
+    describe_off,
+    off_unit_norms,
+    unit_note,
+    unit_rows,
+)
 
 log = logging.getLogger(__name__)
-
-
-NOT_UNIT = "not L2-normalised"  # in norm_warning's text: what readers of it match
 
 
 class EmbeddingSetError(ValueError):
@@ -161,36 +165,21 @@ class EmbeddingSet:
         return self.subset(np.sort(perm[k:])), self.subset(np.sort(perm[:k]))
 
 
-def norm_warning(
-    es: EmbeddingSet, name: str, sample: int = 10_000, tol: float = 0.02
-) -> str | None:
-    """A warning when ``es``'s rows are not L2-normalised, else None. The head starts at CLIP's
-    cosine logits and its temperature is calibrated for unit rows; raw features (an
-    ``encode_image`` without ``normalize=True``) skew both without any error. Checks up to
-    ``sample`` evenly spaced rows (a memory-mapped set is not read whole); float16 storage
-    rounds norms by about 1e-3, inside ``tol``."""
-    n = len(es)
-    if n == 0:
-        return None
-    rows = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
-    found = []
-    for side, arr in (("image", es.image), ("text", es.text)):
-        norms = np.linalg.norm(np.asarray(arr[rows], dtype=np.float64), axis=1)
-        off = np.abs(norms - 1.0) > tol
-        if off.any():
-            found.append(
-                f"{side} rows {norms.min():.3g}-{norms.max():.3g} "
-                f"({int(off.sum())} of {len(rows)} checked off 1)"
-            )
-    if not found:
-        return None
-    return (
-        f"{name} embeddings are {NOT_UNIT}: norms of {'; '.join(found)}. The head and "
-        "its chosen temperature assume unit rows, as CLIP's similarity does, and scores of "
-        "unnormalised rows are skewed (on planted tests: norms 0.7-1.3, AP 0.75 -> 0.71; "
-        "norms 5-20, AP 0.75 -> 0.64, the audit 20x slower and its fits short of "
-        "convergence). Divide each row by its norm before auditing, or embed with ecif embed."
-    )
+def as_unit(es: EmbeddingSet, name: str) -> tuple[EmbeddingSet, str | None]:
+    """``es`` with unit rows, and the warning when they had to be divided by their norms (a
+    copy then, only the side found off rescaled; ``es`` itself when its rows are unit). The
+    head starts at CLIP's cosine logits and its temperature is calibrated for unit rows; raw
+    features (an ``encode_image`` without ``normalize=True``) would skew both without any
+    error. Checks up to 10,000 evenly spaced rows (a memory-mapped set is not read whole)."""
+    if len(es) == 0:
+        return es, None
+    offs = off_unit_norms((es.image, es.text))
+    if not any(offs):
+        return es, None
+    image, text = (unit_rows(a) if o else a for a, o in zip((es.image, es.text), offs))
+    out = EmbeddingSet(image, text, es.ids, es.metadata, check_finite=False)
+    out.logit_scale, out.model, out.source = es.logit_scale, es.model, es.source
+    return out, unit_note(f"{name} embeddings", describe_off(offs))
 
 
 def load_folder(

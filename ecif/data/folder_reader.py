@@ -28,6 +28,7 @@ import pandas as pd
 
 from ecif import atomic
 from ecif.data.layout import FolderError, list_parts, part_paths, read_manifest
+from ecif.data.norms import UnnormalisedRowsWarning, off_unit_norms, unit_note, unit_rows
 from ecif.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ def read_part_arrays(
             f"part {n} rows disagree: {img_p.name} {len(img)}, {txt_p.name} {len(txt)}, "
             f"{meta_p.name} {len(meta)}"
         )
+    if what == "embeddings":  # CLIP's rows are unit: any reader of this part rescales alike
+        offs = off_unit_norms((img, txt), among=np.nonzero(ok_mask(meta))[0])
+        if any(offs):
+            note = unit_note(f"{Path(folder)}: embeddings")
+            warnings.warn(note, UnnormalisedRowsWarning, stacklevel=2)
+            img, txt = (unit_rows(a) if o else a for a, o in zip((img, txt), offs))
     return img, txt, meta
 
 
@@ -247,15 +254,16 @@ def _gather(
         return arrays[0] if dtype is None else np.asarray(arrays[0], dtype=dtype)
     total = int(keep.sum())
     d = arrays[0].shape[1]
+    kind = np.result_type(*arrays)  # a part rescaled to unit rows is float32 beside float16
     path = tmp = None
-    if dtype is not None or total * d * arrays[0].dtype.itemsize <= limit:
-        out = np.empty((total, d), dtype=dtype or arrays[0].dtype)
+    if dtype is not None or total * d * kind.itemsize <= limit:
+        out = np.empty((total, d), dtype=dtype or kind)
     else:
         path = _consolidated_path(folder, tag, keep)
         if path.exists():  # same folder files, same rows kept: made by an earlier load
             return np.load(path, mmap_mode="r")
         tmp = atomic.tmp_name(path)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=(total, d))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=kind, shape=(total, d))
     start = row = 0
     for arr in arrays:
         m = keep[start : start + len(arr)]
@@ -278,6 +286,7 @@ def _consolidated_path(folder: Path, tag: str, keep: np.ndarray) -> Path:
         f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.glob("*/*"))
     ]
     stamp.append(hashlib.sha256(np.packbits(keep).tobytes()).hexdigest())
+    stamp.append("unit rows")  # caches from before parts were rescaled on reading: not reused
     digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
     path = cache_dir() / "consolidated" / digest / f"{tag}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
