@@ -2,6 +2,7 @@
 
 import pickle
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,14 @@ def held_score_parts(*args, **kwargs):
     function, so Dask's worker processes import it (and the real task) by name."""
     time.sleep(3)
     return _score_parts(*args, **kwargs)
+
+
+def _scale_rows(folder):
+    """Each stored row times a factor in [3, 5]: a folder of raw (unnormalised) features."""
+    g = np.random.default_rng(0)
+    for path in sorted(folder.glob("*_emb/*.npy")):
+        a = np.load(path)
+        np.save(path, (a * g.uniform(3, 5, (len(a), 1))).astype(a.dtype))
 
 
 def _read(folder):
@@ -62,9 +71,17 @@ def test_dask_matches_local_and_survives_a_killed_worker(tmp_path, monkeypatch):
     assert not list((tmp_path / "dask" / "scores").glob(".*tmp"))
 
 
-def test_folder_rows_read_on_a_worker_are_the_training_rows(tmp_path):
+@pytest.mark.parametrize("norms", ["unit", "scaled"])
+def test_folder_rows_read_on_a_worker_are_the_training_rows(tmp_path, norms):
     folder, _ = _folder(tmp_path, parts=3, rows=40)
-    train = shards.load_training_set(folder)
+    if norms == "scaled":  # raw features: every reader divides them by their norms alike
+        _scale_rows(folder)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train = shards.load_training_set(folder)
+    assert any("not L2-normalised" in str(w.message) for w in said) == (norms == "scaled")
+    ok = np.linalg.norm(np.asarray(train.image, dtype=np.float64), axis=1) > 0
+    np.testing.assert_allclose(np.linalg.norm(train.image[ok], axis=1), 1.0, atol=2e-3)
     reader = FolderRowReader(folder)
     rows = np.array([118, 0, 45, 46, 80, 39])  # across parts, the failed row's neighbours
     x, y = pickle.loads(pickle.dumps(reader))(rows)
@@ -74,9 +91,12 @@ def test_folder_rows_read_on_a_worker_are_the_training_rows(tmp_path):
         reader(np.array([len(train)]))
 
 
-def test_dask_fit_and_solve_give_the_local_scores_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("norms", ["unit", "scaled"])
+def test_dask_fit_and_solve_give_the_local_scores_exactly(tmp_path, monkeypatch, norms):
     monkeypatch.setattr(row_sums, "BLOCK_BATCHES", 2)  # 8 batches: 4 blocks over 2 workers
     folder, val = _folder(tmp_path, parts=4, rows=40)
+    if norms == "scaled":  # the workers read raw rows from the folder: rescaled there too
+        _scale_rows(folder)
     args = AuditArgs(batch_size=16, logit_scale=10.0, threshold=0.1, solver="cg")
     score_shards(folder, tmp_path / "local", val, args=args, log=lambda s: None)
     score_shards(folder, tmp_path / "dask", val, args=args, distributor="dask", log=lambda s: None)
