@@ -67,6 +67,10 @@ def test_ecif_score_records_and_prints_the_warning(tmp_path, capsys):
     assert "UserWarning" not in said
     info = json.loads((out / "audit.json").read_text())
     assert [w for w in info["warnings"] if w.startswith(note)]
+    # a later verb says it once, as a line (it read the folder three times)
+    assert main(["index", str(out)]) == 0
+    said = capsys.readouterr().err
+    assert said.count(f"warning: {note}") == 1 and "UnnormalisedRowsWarning" not in said, said
     # every later reader of the folder (trace, app, verify) sees the same unit rows
     with pytest.warns(UserWarning, match=NOT_UNIT):
         again = ecif.EmbeddingSet.load(tmp_path / "train")

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 VERB_MODULES: list[str] = [
     "embed",
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        return int(args._run(args) or 0)
+        with ecif_warnings_as_lines():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(args._interrupted, file=sys.stderr)
         return 130
@@ -68,6 +73,32 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {describe(e)}", file=sys.stderr)
         return 2
+
+
+@contextmanager
+def ecif_warnings_as_lines() -> Iterator[None]:
+    """ecif's own warnings as one ``warning: ...`` line each, once per text, instead of
+    Python's two-line form with a source line (a folder read three times warned three
+    times). Other libraries' warnings are shown as Python shows them."""
+    package = str(Path(__file__).resolve().parents[1])
+    shown: set[str] = set()
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(Path(filename).resolve()).startswith(package):
+            # as if not replaced: a recording block (pytest's, catch_warnings) still records
+            msg = warnings.WarningMessage(message, category, filename, lineno, file, line)
+            return warnings._showwarnmsg_impl(msg)
+        text = f"warning: {message}"
+        if text not in shown:
+            shown.add(text)
+            print(text, file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = python_show
 
 
 if __name__ == "__main__":
