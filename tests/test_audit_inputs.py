@@ -76,5 +76,10 @@ def test_ecif_score_records_and_prints_the_warning(tmp_path, capsys):
         again = ecif.EmbeddingSet.load(tmp_path / "train")
     norms = np.linalg.norm(np.asarray(again.image, dtype=np.float64), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+    from ecif.data.embedding_set import as_unit
+
+    # read from a folder: the reader decided, part by part; an audit does not look again
+    same, note = as_unit(again, "training")
+    assert same is again and note is None
     table = pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("*.parquet")))
     assert len(table) == 400

@@ -110,6 +110,7 @@ def _training_set(folder: str | os.PathLike, id_col: str | None) -> tuple[Embedd
     meta["part"] = rows.part
     es = EmbeddingSet(rows.image, rows.text, ids=rows.ids, metadata=meta)
     es.logit_scale = (rows.manifest or {}).get("logit_scale")
+    es.source = str(Path(folder).resolve())  # its rows are the folder reader's (as_unit)
     return es, rows.id_column
 
 

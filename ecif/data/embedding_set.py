@@ -170,8 +170,11 @@ def as_unit(es: EmbeddingSet, name: str) -> tuple[EmbeddingSet, str | None]:
     copy then, only the side found off rescaled; ``es`` itself when its rows are unit). The
     head starts at CLIP's cosine logits and its temperature is calibrated for unit rows; raw
     features (an ``encode_image`` without ``normalize=True``) would skew both without any
-    error. Checks up to 10,000 evenly spaced rows (a memory-mapped set is not read whole)."""
-    if len(es) == 0:
+    error. Checks up to 10,000 evenly spaced rows (a memory-mapped set is not read whole).
+    A set read from a folder (``source``) is left as read: the folder reader decided part by
+    part, as every other reader of that folder does, and a second look at other sampled
+    rows could decide otherwise."""
+    if len(es) == 0 or es.source is not None:
         return es, None
     offs = off_unit_norms((es.image, es.text))
     if not any(offs):
