@@ -181,7 +181,7 @@ def as_unit(es: EmbeddingSet, name: str) -> tuple[EmbeddingSet, str | None]:
         return es, None
     image, text = (unit_rows(a) if o else a for a, o in zip((es.image, es.text), offs))
     out = EmbeddingSet(image, text, es.ids, es.metadata, check_finite=False)
-    out.logit_scale, out.model, out.source = es.logit_scale, es.model, es.source
+    out.logit_scale, out.model = es.logit_scale, es.model  # source: None, as checked
     return out, unit_note(f"{name} embeddings", describe_off(offs))
 
 
