@@ -60,6 +60,7 @@ def fit(
     init: Head | None = None,
     groups: np.ndarray | None = None,
     rows: RowSource | None = None,
+    members: np.ndarray | None = None,
     **options: Any,
 ) -> Head:
     """Fit the bilinear head on ``train`` to a stationary point.
@@ -77,6 +78,8 @@ def fit(
     their neighbours: ``make_partition``), so shards can be scored one by one.
     ``rows``: where the passes over the pairs run; ``ecif.ClusterRows(client, x, y)`` keeps
     them on a Dask cluster's workers (the same head, bitwise, as here without a warm-up).
+    ``members``: row positions that take part, the others in no batch (an audit's exact
+    copies of a pair): the head of fitting ``members`` alone, its batches re-indexed.
 
     ``tol``: on the gradient's max-abs. ``head.info["converged"]`` is True when the fit met
     it; when it did not, a ``ecif.ConvergenceWarning`` says so and what to try
@@ -91,7 +94,9 @@ def fit(
     if args.logit_scale is None:
         scale = getattr(train, "logit_scale", None) or CLIP_LOGIT_SCALE
         args = replace(args, logit_scale=float(scale))
-    head = new_head(x, y, args, groups=groups)
+    if members is not None and init is not None:
+        raise ValueError("members and init both set the batches: give one")
+    head = new_head(x, y, args, groups=groups, members=members)
     if init is not None:
         if init.partition.n != len(x):
             raise ValueError(f"init was fit on {init.partition.n} pairs, train has {len(x)}")

@@ -15,6 +15,7 @@ from ecif.audit.shards import score_shards
 from ecif.data.row_reader import FolderRowReader
 from ecif.engine import row_sums
 from tests.dask_kill import killing_one_busy_worker
+from tests.test_audit_copies import _copy_rows_across_parts
 from tests.test_audit_shards import _folder
 
 _score_parts = shards.score_parts
@@ -91,12 +92,14 @@ def test_folder_rows_read_on_a_worker_are_the_training_rows(tmp_path, norms):
         reader(np.array([len(train)]))
 
 
-@pytest.mark.parametrize("norms", ["unit", "scaled"])
+@pytest.mark.parametrize("norms", ["unit", "scaled", "copies"])
 def test_dask_fit_and_solve_give_the_local_scores_exactly(tmp_path, monkeypatch, norms):
     monkeypatch.setattr(row_sums, "BLOCK_BATCHES", 2)  # 8 batches: 4 blocks over 2 workers
     folder, val = _folder(tmp_path, parts=4, rows=40)
     if norms == "scaled":  # the workers read raw rows from the folder: rescaled there too
         _scale_rows(folder)
+    if norms == "copies":  # rows of parts 2 and 3 copied from parts 0 and 1: in no batch
+        _copy_rows_across_parts(folder)
     args = AuditArgs(batch_size=16, logit_scale=10.0, threshold=0.1, solver="cg")
     score_shards(folder, tmp_path / "local", val, args=args, log=lambda s: None)
     score_shards(folder, tmp_path / "dask", val, args=args, distributor="dask", log=lambda s: None)

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from ecif.api import Head, negative_breakdown
+from ecif.audit.copies import left_out_copies
 from ecif.audit.folder import AuditFolderError, read_heads
 from ecif.data.embedding_set import EmbeddingSet
 
@@ -57,6 +58,16 @@ def full_head(heads: list[Head], n: int, row: int) -> Head | None:
     return None
 
 
+def pair_row(heads: list[Head], train: EmbeddingSet, row: int) -> int:
+    """``row``, or the first row of its pair when the audit collapsed it as a copy (no batch
+    holds it: ``ecif.audit.copies``)."""
+    for h in heads:
+        if h.partition.n == len(train) and h.partition.batch_of()[row] < 0:
+            copies = left_out_copies(h.partition, train)
+            return row if copies is None else int(copies.first[row])
+    return row
+
+
 def negative_members(
     folder: str | os.PathLike, train: EmbeddingSet, heads: list[Head], row: int, k: int = 10
 ) -> pd.DataFrame:
@@ -70,6 +81,7 @@ def negative_members(
             "no w.npy in the audit folder: the audit ran without a validation set, so the "
             "negative term has no direction to split"
         )
+    row = pair_row(heads, train, row)  # a copy's batch members are its pair's
     head = full_head(heads, len(train), row)
     if head is None:
         raise AuditFolderError("no saved head covers this pair's batch (cross-fitted audit?)")

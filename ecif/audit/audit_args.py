@@ -17,6 +17,7 @@ from ecif.engine.model_mode import PARAMS, ModelArgs
 from ecif.options import borrow, default_of, option, renamed
 
 VAL_MODES = ("auto", "self", "crossfit")
+DUPLICATE_MODES = ("collapse", "keep")
 # no validation set, "auto": self-influence (a solve per pair, affordable with the head's dense
 # factorization) up to this many adapter entries, cross-fitting above
 SELF_INFLUENCE_MAX_PARAMS = DENSE_HESSIAN_MAX_PARAMS
@@ -82,6 +83,14 @@ class AuditArgs:
         help="weights auto: planted probes (copies with wrong captions; in a model mode, "
         "another real pair's caption) per training pair in a twin audit of at most 20,000 "
         "pairs that weighs the signals; 0: the mixture alone (also below 300 pairs)",
+    )
+    duplicates: str = option(
+        "collapse",
+        help="rows whose image and text embeddings are exact copies of an earlier row: "
+        "collapse (each distinct pair is fit and scored once, its copies carry its scores "
+        "and flag) or keep (every row as it is: a pair's copies are fit once each and can be "
+        "each other's negatives). Head mode; the model modes keep every row",
+        choices=DUPLICATE_MODES,
     )
     neg: str = option("exact", help="form of the removal term", choices=NEG_FORMS)
     solver: str = borrow(SolverArgs, "solver")

@@ -19,8 +19,16 @@ import pandas as pd
 import ecif.api as api
 from ecif.audit.audit_args import SELF_INFLUENCE_MAX_PARAMS, VAL_MODES, AuditArgs
 from ecif.audit.baselines import KnnConsensus, cosine
-from ecif.audit.checks import AuditInputError, check_joint_space, check_options, check_weights
+from ecif.audit.checks import (  # noqa: F401  (MORE_TRUSTED: re-exported)
+    MORE_TRUSTED,
+    AuditInputError,
+    check_joint_space,
+    check_options,
+    check_weights,
+    small_train_note,
+)
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
+from ecif.audit.copies import Copies, distinct_positions, flags_of_rows, placed
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
     ProbeSignals,
     misalign_scores,
@@ -30,12 +38,8 @@ from ecif.audit.model_signals import check_model_inputs, model_signals, self_inf
 from ecif.audit.probes import probe_signals
 from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
-from ecif.audit.thresholds import (
-    UNRELIABLE,
-    UnreliableThresholdWarning,
-    flag_count,
-    rank_and_flag,
-)
+from ecif.audit.thresholds import UNRELIABLE, UnreliableThresholdWarning, flag_count
+from ecif.data.duplicates import CopiedPairsWarning
 from ecif.data.embedding_set import EmbeddingSet, as_unit
 from ecif.data.norms import UnnormalisedRowsWarning
 from ecif.device import resolve_device
@@ -79,29 +83,6 @@ def _number(value, name: str) -> float | None:
     return out
 
 
-MORE_TRUSTED = "outnumbers the training set"  # in small_train_note's text: what readers match
-# from this many validation pairs per training pair: measured better at 1.5, 2 and 5; even at 1
-MORE_TRUSTED_RATIO = 1.5
-
-
-def small_train_note(n_train: int, val: EmbeddingSet | None, weights: str) -> str | None:
-    """Advice when the trusted pairs outnumber the training pairs (by ``MORE_TRUSTED_RATIO``
-    or more): the head fit on them alone then ranks better than the default's mixture, which
-    cannot see that the training head has fit its own noisy pairs (benchmarks/README.md,
-    "Small sets": 200 training pairs,
-    +0.017 to +0.021 AP on every seed against 300 and 1,000 validation pairs, +0.009 at
-    250 / 500; 500 / 500 even)."""
-    if val is None or weights != "auto" or len(val) < MORE_TRUSTED_RATIO * n_train:
-        return None
-    return (
-        f"the validation set ({len(val)} pairs) {MORE_TRUSTED} ({n_train}) by "
-        f"{len(val) / max(n_train, 1):.1f}x: "
-        "a head fit on the validation pairs alone ranked misaligned pairs better than the "
-        "default combination in that case; consider weights='trusted_loss' "
-        "(`--weights trusted_loss`)"
-    )
-
-
 @dataclass
 class Auditor:
     """Audit a training set against an optional trusted validation set.
@@ -127,6 +108,7 @@ class Auditor:
     # the indexes behind the audit's own knn_disagreement, until the probes have read them
     neighbours: KnnConsensus | None = field(default=None, init=False)
     input_warnings: list = field(default_factory=list, init=False)  # also in audit.json
+    copies: Copies | None = field(default=None, init=False)  # exact copies, when collapsed
 
     def __post_init__(self) -> None:
         if self.args.params != "head":  # the model modes fit their own features
@@ -135,10 +117,14 @@ class Auditor:
         val_note = None
         if self.val is not None:
             self.val, val_note = as_unit(self.val, "validation")
-        small = small_train_note(len(self.train), self.val, self.args.weights)
+        if self.args.duplicates == "collapse":
+            self.copies = Copies.of(self.train)
+        distinct = len(self.train) - (self.copies.count if self.copies else 0)
+        small = small_train_note(distinct, self.val, self.args.weights)
         for note, kind in (
             (train_note, UnnormalisedRowsWarning),
             (val_note, UnnormalisedRowsWarning),
+            (self.copies.note() if self.copies else None, CopiedPairsWarning),
             (small, UserWarning),
         ):
             if note:
@@ -154,10 +140,12 @@ class Auditor:
         init: Head | None = None,
         progress: bool = False,
         rows: Any = None,
+        members: np.ndarray | None = None,
     ) -> Head:
         """Fit a head on ``data`` with the audit's options; scale and pull: as given, else the
         chosen ones, else the explicit options (``select.lam`` and the model's scale otherwise).
-        ``rows``: where the fit's passes run (``ecif.ClusterRows``: a Dask cluster)."""
+        ``rows``: where the fit's passes run (``ecif.ClusterRows``: a Dask cluster);
+        ``members``: the rows that take part (``distinct_rows``), the others in no batch."""
         a = self.args
         choice = self.choose() if lam is None or logit_scale is None else self.choice
         if lam is None:
@@ -170,6 +158,7 @@ class Auditor:
             groups=groups_of(data) if init is None else None,
             init=init,
             rows=rows,
+            members=members,
         )
 
     def fit_trusted_head(self) -> Head:
@@ -205,7 +194,7 @@ class Auditor:
         if a.logit_scale == "model" or a.logit_scale is None:
             scale = float(getattr(self.train, "logit_scale", None) or CLIP_LOGIT_SCALE)
         self.choice = choose_head(
-            self.train,
+            self.distinct_train(),
             self.val,
             logit_scale=scale if scale is not None else "auto",
             lam=lam if lam is not None else "auto",
@@ -214,6 +203,19 @@ class Auditor:
             batch_size=a.batch_size,
         )
         return self.choice
+
+    def distinct_rows(self) -> np.ndarray:
+        """The training rows the audit fits and scores: its distinct pairs (all rows when
+        copies are kept or there are none)."""
+        return distinct_positions(self.copies, len(self.train))
+
+    def distinct_train(self) -> EmbeddingSet:
+        """The training set without its copies (itself when it has none)."""
+        return self.train if self.copies is None else self.train.subset(self.copies.distinct)
+
+    def fit_members(self) -> np.ndarray | None:
+        """The rows a fit of the training set takes (None: all of them)."""
+        return None if self.copies is None else self.copies.distinct
 
     def _no_val_mode(self) -> str:
         mode = self.args.no_val
@@ -232,7 +234,7 @@ class Auditor:
                 self._validated_signals(df, self.heads[0].partition, progress)
             return df
         if self.val is not None:
-            head = self.fit_head(self.train, progress=progress)
+            head = self.fit_head(self.train, progress=progress, members=self.fit_members())
             self.heads = [head]
             self.val_source = f"validation set ({len(self.val)} pairs)"
             df = api.score(
@@ -249,12 +251,15 @@ class Auditor:
         if len(self.train) < 4:
             raise ValueError("without a validation set, auditing needs at least 4 pairs")
         if self._no_val_mode() == "self":
-            head = self.fit_head(self.train)
+            head = self.fit_head(self.train, members=self.fit_members())
             self.heads = [head]
             self.val_source = "self-influence (no validation set)"
+            rows = self.distinct_rows()
             return self_influence_table(
                 self.train.ids,
-                api.self_influence(head, self.train, neg=a.neg),
+                placed(
+                    api.self_influence(head, self.train, rows, neg=a.neg), rows, len(self.train)
+                ),
                 api.pair_losses(head, self.train),
             )
         return self._crossfit(progress)
@@ -266,8 +271,10 @@ class Auditor:
         trusted = replace(self.fit_trusted_head(), partition=partition)
         df["trusted_loss"] = api.pair_losses(trusted, self.train)
         known = self.known_consensus
-        if known is None:
-            known, self.neighbours = consensus(self.train, self.args.device, progress)
+        if known is None:  # over the distinct pairs: a copy is no neighbour's agreement
+            rows = self.distinct_rows()
+            known, self.neighbours = consensus(self.distinct_train(), self.args.device, progress)
+            known = placed(known, rows, len(self.train))
         df[CONSENSUS] = known
 
     def _crossfit(self, progress: bool) -> pd.DataFrame:
@@ -278,9 +285,10 @@ class Auditor:
         # pretrained similarity is uninformative (AUROC 0.42 on rotated pairs).
         a = self.args
         rng = np.random.default_rng(a.seed)
-        fold = rng.permutation(len(self.train)) % 2
+        train, distinct = self.distinct_train(), self.distinct_rows()
+        fold = rng.permutation(len(train)) % 2
         folds = [np.nonzero(fold == k)[0] for k in (0, 1)]
-        subs = [self.train.subset(rows) for rows in folds]
+        subs = [train.subset(rows) for rows in folds]
         self.heads = [self.fit_head(sub) for sub in subs]
         losses = [api.pair_losses(h, sub) for h, sub in zip(self.heads, subs)]
         proxies = [
@@ -298,13 +306,13 @@ class Auditor:
                 progress=progress,
             )
             df["pair_loss"] = losses[k]
-            df.index = folds[k]
+            df.index = distinct[folds[k]]
             parts.append(df)
         self.val_source = (
             f"cross-fit: each half scored against the other half's best-fitting {a.proxy_fraction:.0%} "
             "(no validation set)"
         )
-        return pd.concat(parts).sort_index()
+        return pd.concat(parts).reindex(np.arange(len(self.train)))
 
     def run(self, progress: bool = False) -> pd.DataFrame:
         """Choose the head, fit, score and flag. Returns the audit table in training-set order;
@@ -328,6 +336,8 @@ class Auditor:
             )
         self.choose()
         scored = self._signals(progress)
+        if self.copies is not None:  # NaN on the copies: each takes its pair's values
+            scored = self.copies.spread_frame(scored)
         table = pd.DataFrame({"id": self.train.ids})
         meta = self.train.metadata
         table["caption"] = (
@@ -350,15 +360,14 @@ class Auditor:
                 self, self.args.probes, progress=progress, consensus=known, near=self.neighbours
             )
         self.neighbours = None  # the indexes hold a copy of the embeddings: not kept
-        score, combination, rate = misalign_scores(table, self.args.weights, n_norm, self.probes)
-        table["misalign_score"] = score.astype(np.float32)
+        pairs = table.iloc[self.distinct_rows()].reset_index(drop=True)  # each pair once
+        score, combination, rate = misalign_scores(pairs, self.args.weights, n_norm, self.probes)
         count, how = flag_count(score, self.args.threshold, rate)
         if UNRELIABLE in how:  # the fallback: a clean set, or scores with no separate group
             warnings.warn(f"is_misaligned: {how}", UnreliableThresholdWarning, stacklevel=3)
-        table["rank"], table["is_misaligned"] = rank_and_flag(
-            table["misalign_score"].to_numpy(), count
-        )
-        table.attrs.update(self.describe(count, how))
+        score, rank, flag = flags_of_rows(self.copies, score.astype(np.float32), count)
+        table["misalign_score"], table["rank"], table["is_misaligned"] = score, rank, flag
+        table.attrs.update(self.describe(int(flag.sum()), how))
         table.attrs["combination"] = combination
         return table
 
@@ -377,6 +386,7 @@ class Auditor:
             "logit_scale": head.logit_scale,
             "lam": float(head.lam),  # what the fit used (a model mode's own pull, not the head's)
             "head_choice": self.choice.record() if self.choice else None,
+            "copies": self.copies.count if self.copies else 0,
             "warnings": list(self.input_warnings),
             "fit": [dict(h.info) for h in self.heads],
             "ecif_version": __version__,

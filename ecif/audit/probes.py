@@ -64,12 +64,13 @@ def probe_signals(
     train = auditor.train
     if max_rows is None:
         max_rows = TWIN_MAX_ROWS if auditor.args.params == "head" else MODEL_TWIN_MAX_ROWS
-    if fraction <= 0 or round(fraction * min(len(train), max_rows)) < MIN_PROBES:
+    pool = auditor.distinct_rows()  # each pair once: the twin holds no copies
+    if fraction <= 0 or round(fraction * min(len(pool), max_rows)) < MIN_PROBES:
         return None
     seed = auditor.args.seed
-    rows = np.arange(len(train))
-    if len(train) > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(len(train), max_rows, replace=False))
+    rows = pool
+    if len(pool) > max_rows:
+        rows = pool[np.sort(np.random.default_rng(seed).choice(len(pool), max_rows, replace=False))]
     x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
     image_rows = text_rows = None
     if auditor.args.params == "head":
@@ -95,10 +96,11 @@ def probe_signals(
     twin.choice = auditor.choose()  # the same head: only the planted and held rows differ
     if held is None:
         twin.trusted = auditor.trusted  # the same validation pairs: their head, not a refit
-    if consensus is not None and len(rows) < len(train):
+    if consensus is not None and len(rows) < len(pool):
         if near is None:
             device = resolve_device(auditor.args.device)
-            near = KnnConsensus(train.image, train.text, device=device)
+            whole = auditor.distinct_train()
+            near = KnnConsensus(whole.image, whole.text, device=device)
         new_x, new_y = np.concatenate([px, cx]), np.concatenate([py, cy])
         twin.known_consensus = sampled_consensus(rows, consensus, near.of_queries(new_x, new_y))
     with recording_warnings(prefix=TWIN_PREFIX):  # said again, as the twin's

@@ -14,9 +14,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
-from ecif.audit.combine import VALIDATED_SIGNALS
+from ecif.audit.copies import Copies, distinct_positions, flags_of_rows
 from ecif.audit.misalign import ProbeSignals, misalign_scores
-from ecif.audit.thresholds import flag_count, rank_and_flag
+from ecif.audit.thresholds import flag_count
 from ecif.data.folder_reader import ok_mask, read_part
 
 SCORE_COLUMNS = (
@@ -96,40 +96,49 @@ def finalize(
     probes: ProbeSignals | None = None,
     *,
     rescore: bool = True,
+    copies: Copies | None = None,
+    names: list[str] | None = None,
 ) -> None:
     """Combine the signals into misalign_score, flag and rank across all shards, then rewrite
     each shard atomically. The standardisation and the weights are global (audit.json);
     ``probes``: the twin audit that weighs the signals (``ecif.audit.probes``). ``rescore``
     False: the shards' misalign_score (an earlier run's, ``meta["combination"]``) is kept and
-    only the threshold is applied again."""
-    files = sorted(scores_dir.glob("*.parquet"))
-    cols = ["clip_score", "pair_loss", "influence", "misalign_score"]
+    only the threshold is applied again. ``copies``: the training set's exact copies (over its
+    usable rows, in the order of ``names``: the shards' files): each takes its pair's
+    signals, and the combination and threshold count each pair once."""
+    files = [scores_dir / n for n in names] if names else sorted(scores_dir.glob("*.parquet"))
+    signals = [c for c in SCORE_COLUMNS if c != "misalign_score"]
     frames = []
     for f in files:
         have = set(pq.read_schema(f).names)
-        frames.append(
-            pd.read_parquet(
-                f, columns=[c for c in (*cols, "self_influence", *VALIDATED_SIGNALS) if c in have]
-            )
-        )
+        want = ["misalign_score", "status", *signals]
+        frames.append(pd.read_parquet(f, columns=[c for c in want if c in have]))
     table = pd.concat(frames, ignore_index=True)
+    rows = rows_copies(table, copies)
+    if rows is not None:  # the copies' signals are NaN until here: each takes its pair's
+        table = rows.spread_frame(table, keep=("status", "misalign_score"))
+    pairs = table.iloc[distinct_positions(rows, len(table))].reset_index(drop=True)
     mode = (meta.get("options") or {}).get("weights", "auto")
     n_norm = float(meta.get("n_norm") or 1.0)
     if rescore:
-        allv, meta["combination"], rate = misalign_scores(table, mode, n_norm, probes)
+        score, meta["combination"], rate = misalign_scores(pairs, mode, n_norm, probes)
     else:  # the noise rate is the mixture's own, which the probe weighting leaves alone
-        allv = table["misalign_score"].to_numpy(np.float64)
-        rate = misalign_scores(table, mode, n_norm)[2]
-    allv = allv.astype(np.float32).astype(np.float64)  # rank what the tables hold
-    count, how = flag_count(allv, threshold, rate)
-    rank, flag = rank_and_flag(allv, count)
+        score = pairs["misalign_score"].to_numpy(np.float64)
+        rate = misalign_scores(pairs, mode, n_norm)[2]
+    score = score.astype(np.float32).astype(np.float64)  # rank what the tables hold
+    count, how = flag_count(score, threshold, rate)
+    allv, rank, flag = flags_of_rows(rows, score, count)
     finite = np.isfinite(allv)
-    meta.update(threshold=how, flagged=int(count))
+    meta.update(threshold=how, flagged=int(count if rows is None else (flag & finite).sum()))
     meta["options"] = {**meta.get("options", {}), "threshold": threshold}
     start = 0
     for f, part in zip(files, frames):
         df = pd.read_parquet(f)
         sl = slice(start, start + len(part))
+        if rows is not None:
+            for col in signals:
+                if col in df:
+                    df[col] = table[col].to_numpy(np.float32)[sl]
         df["misalign_score"] = allv[sl].astype(np.float32)
         df["is_misaligned"] = flag[sl] & finite[sl]
         df["rank"] = pd.array(np.where(finite[sl], rank[sl], -1), dtype="Int64")
@@ -137,3 +146,18 @@ def finalize(
         old = read_parquet_meta(f)  # one truth: the options of the run that flagged
         write_parquet_atomic(f, df, {**old, **meta, "source": old.get("source")})
         start += len(part)
+
+
+def rows_copies(table: pd.DataFrame, copies: Copies | None) -> Copies | None:
+    """``copies`` (over the usable rows) as copies over every row of the shards' tables, in
+    which the usable rows are those of status ``ok``, in training order."""
+    if copies is None:
+        return None
+    ok = np.flatnonzero(table["status"].astype(str).to_numpy() == "ok")
+    if len(ok) != len(copies.first):
+        raise ValueError(
+            f"the score tables hold {len(ok)} scored rows, the training set {len(copies.first)}"
+        )
+    first = np.arange(len(table))
+    first[ok] = ok[copies.first]
+    return Copies(first)

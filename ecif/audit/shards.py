@@ -28,23 +28,14 @@ from ecif._version import __version__
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
 from ecif.audit.audit_args import AuditArgs
 from ecif.audit.auditor import Auditor, clip_scores, consensus
-from ecif.audit.checks import (
-    check_options,
-    check_training,
-    check_validation,
-    check_weights,
-)
+from ecif.audit.checks import check_options, check_training, check_validation, check_weights
 from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
+from ecif.audit.copies import placed
 from ecif.audit.folder import write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import TWIN_MAX_ROWS, probe_signals
 from ecif.audit.recorded import merged, recording_warnings
-from ecif.audit.reruns import (
-    check_no_stale_scores,
-    earlier_run,
-    output_names,
-    reusable,
-)
+from ecif.audit.reruns import check_no_stale_scores, earlier_run, output_names, reusable
 from ecif.audit.shard_tables import ID, finalize, ok_rows, shard_frame, write_from_table
 from ecif.data import layout
 from ecif.data.embedding_set import EmbeddingSet, fingerprint
@@ -274,6 +265,7 @@ def score_shards(
     }
     meta["signals"] = [*SIGNALS, *VALIDATED_SIGNALS] if val is not None else list(SIGNALS)
     auditor = Auditor(train, val, args, **model_inputs(args, embeddings, val))
+    meta["copies"] = auditor.copies.count if auditor.copies else 0  # rows given a pair's scores
     if auditor.input_warnings or read_notes:
         meta["warnings"] = merged(meta.get("warnings"), [*read_notes, *auditor.input_warnings])
     rescore = True  # False: the shards' misalign_score is an earlier run's, kept
@@ -307,14 +299,18 @@ def score_shards(
             with _cluster(distributor, scheduler, train, embeddings) as (client, rows):
                 where = " on the cluster" if rows is not None else ""
                 with step(f"fitting the head on {len(train):,} pairs{where}", progress):
-                    head = auditor.fit_head(train, progress=progress, rows=rows)
+                    head = auditor.fit_head(
+                        train, progress=progress, rows=rows, members=auditor.fit_members()
+                    )
                 heads = [head]
                 meta["n_norm"] = head.n_norm
                 with step("fitting the trusted head on the validation pairs", progress):
                     trusted_state = auditor.fit_trusted_head().state_dict()
-                with step(f"kNN consensus of {len(train):,} pairs", progress):
-                    disagreement, near = consensus(train, args.device, progress)
-                if len(train) <= TWIN_MAX_ROWS:  # the twin holds every pair: it needs no queries
+                distinct = auditor.distinct_rows()  # a copy is no neighbour's agreement
+                with step(f"kNN consensus of {len(distinct):,} pairs", progress):
+                    disagreement, near = consensus(auditor.distinct_train(), args.device, progress)
+                disagreement = placed(disagreement, distinct, len(train))
+                if len(distinct) <= TWIN_MAX_ROWS:  # the twin holds every pair: it needs no queries
                     near = None  # and the indexes (a copy of the embeddings) go before scoring
                 g = api.loss_gradient(head, val)
                 with step(f"solving w = H^-1 g_val (the validation direction){where}", progress):
@@ -353,7 +349,16 @@ def score_shards(
                         auditor, args.probes, progress=progress, consensus=disagreement, near=near
                     )
     meta["warnings"] = merged(meta.get("warnings"), found)
-    finalize(scores_dir, args.threshold, meta, probes, rescore=rescore)
+    names = [p.output_name for p in parts]
+    finalize(
+        scores_dir,
+        args.threshold,
+        meta,
+        probes,
+        rescore=rescore,
+        copies=auditor.copies,
+        names=names,
+    )
     write_audit_description(out, meta, heads, embeddings, summary, ID)
     s = summary.sum(numeric_only=True)
     (log or _log.info)(

@@ -12,6 +12,7 @@ Candidate training pairs come from FAISS (image-side neighbours of the query ima
 text-side neighbours of its caption, interleaved; optionally of the wrong answer); each is
 ranked by relative influence g^T d_n / ||d_n||. Negative = removing the pair would lower the
 test loss = it pushed the model towards the mistake ("responsible"); positive = "helped".
+A pair the audit held in several exact copies is ranked once, as its first row (``copies``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 
 import ecif.api as api
+from ecif.audit.copies import Copies, left_out_copies, pair_rows
 from ecif.audit.folder import AuditFolderError, trace_head, training_set
 from ecif.audit.labels import POSITIVE_COSINE, answer_labels, caption_key, caption_positives
 from ecif.audit.trace_args import QUERY_OPTIONS, TraceArgs
@@ -74,6 +76,7 @@ class TraceBack:
     cache_note: str | None = None  # why index/ precomputations were not used (from_audit)
     _inverse: InverseHessian | None = field(default=None, init=False, repr=False)
     _encoder: Any = field(default=None, init=False, repr=False)
+    copies: Copies | None = field(default=None, init=False, repr=False)  # collapsed by the audit
 
     def __post_init__(self) -> None:
         if self.head.partition.n != len(self.train):
@@ -84,6 +87,7 @@ class TraceBack:
         self.train, note = as_unit(self.train, "training")  # the rows an Auditor's head saw
         if note:
             warnings.warn(note, UnnormalisedRowsWarning, stacklevel=3)
+        self.copies = left_out_copies(self.head.partition, self.train)  # scored as their pair
 
     @classmethod
     @renamed(method="solver")
@@ -352,7 +356,7 @@ class TraceBack:
         """Relative influence of the given rows (all rows if None) on the query's loss."""
         _, g = query_loss_and_gradient(self.head, q)
         rows = np.arange(len(self.train)) if rows is None else np.asarray(rows)
-        a = self.args
+        rows, a = pair_rows(self.copies, rows), self.args  # a pair once, as its first row
         kw = dict(neg=a.neg, inverse=self.inverse)
         fast = dict(norms=self.norms, context=self.context, context_top=a.context_top)
         threads = torch.get_num_threads()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ecif.audit.copies import rows_holding
 from ecif.engine.head import Head
 
 
@@ -98,6 +99,7 @@ def result_table(ranked: pd.DataFrame, tb: Any, q: TraceQuery, k: int) -> pd.Dat
     out = pd.concat(parts, ignore_index=True)
     r = out["row"].to_numpy()
     out["caption"] = tb.captions(r)
+    out["copies"] = rows_holding(tb.copies, r)  # rows of the set that hold this pair
     if q.image is not None and len(r):
         out["image_similarity"] = _unit(np.asarray(tb.train.image[r])) @ _unit(q.image)
     if q.text is not None and len(r):

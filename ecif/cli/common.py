@@ -140,6 +140,7 @@ AUDIT_FLAGS = (
     "solver",
     "threshold",
     "no_val",
+    "duplicates",
     "warmup_epochs",
     "seed",
     "device",
@@ -169,6 +170,7 @@ def add_audit_options(p: argparse.ArgumentParser) -> None:
     add_field(g, AuditArgs, "solver")
     add_field(g, AuditArgs, "threshold", type=threshold_arg)
     add_field(g, AuditArgs, "no_val")
+    add_field(g, AuditArgs, "duplicates")
     add_field(
         g,
         AuditArgs,

@@ -42,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from ecif.audit.selection import describe_fit
     from ecif.audit.shards import score_shards
     from ecif.audit.thresholds import UnreliableThresholdWarning
+    from ecif.data.duplicates import COPIES
     from ecif.data.embedding_set import NOT_UNIT
     from ecif.data.folder_reader import IdColumnWarning
 
     val = args.val  # a folder: score_shards reads it and records what it found
     with warnings.catch_warnings():  # said once, in the summary below
-        for said in (NOT_UNIT, MORE_TRUSTED):
+        for said in (NOT_UNIT, MORE_TRUSTED, COPIES):
             warnings.filterwarnings("ignore", message=f".*{said}")
         # recorded in audit.json (the threshold's sentence is the summary's last line)
         for category in (*RECORDED, IdColumnWarning, UnreliableThresholdWarning):

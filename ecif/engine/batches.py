@@ -66,6 +66,15 @@ class Partition:
         """Row positions that belong to some batch, sorted."""
         return np.sort(self.index[self.index >= 0])
 
+    def of_rows(self, rows: np.ndarray, n: int) -> Partition:
+        """This partition of a subset, re-indexed to the subset's ``rows`` among ``n`` rows
+        (the rest in no batch): the same batches as fitting the subset alone."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) != self.n:
+            raise ValueError(f"{len(rows)} row positions for a partition of {self.n} rows")
+        index = np.where(self.index >= 0, rows[np.maximum(self.index, 0)], -1)
+        return Partition(index=index, batch_size=self.batch_size, seed=self.seed, n=n)
+
 
 def make_partition(
     n: int, batch_size: int, seed: int = 0, shuffle: bool = True, groups: np.ndarray | None = None

@@ -112,9 +112,16 @@ class FitArgs:
 
 
 def new_head(
-    x, y, args: FitArgs, m0: torch.Tensor | None = None, groups: np.ndarray | None = None
+    x,
+    y,
+    args: FitArgs,
+    m0: torch.Tensor | None = None,
+    groups: np.ndarray | None = None,
+    members: np.ndarray | None = None,
 ) -> Head:
-    """The starting point theta_0: identity adapter (rectangular identity if widths differ)."""
+    """The starting point theta_0: identity adapter (rectangular identity if widths differ).
+    ``members``: the row positions that take part (the batches and 1/N of fitting them
+    alone); the other rows are in no batch (an audit's exact copies of a pair)."""
     dtype = DTYPES[args.dtype]
     di, dt = int(x.shape[1]), int(y.shape[1])
     if m0 is None:
@@ -123,7 +130,13 @@ def new_head(
     if scale <= 0:
         raise ValueError("logit_scale must be positive")
     tau0 = math.log(scale)
-    part = make_partition(len(x), args.batch_size, args.seed, groups=groups)
+    if members is None:
+        part = make_partition(len(x), args.batch_size, args.seed, groups=groups)
+    else:
+        members = np.asarray(members, dtype=np.int64)
+        sub = None if groups is None else np.asarray(groups)[members]
+        part = make_partition(len(members), args.batch_size, args.seed, groups=sub)
+        part = part.of_rows(members, len(x))
     return Head(
         m=m0.clone(),
         m0=m0.clone(),
@@ -132,7 +145,7 @@ def new_head(
         learn_scale=args.learn_scale,
         lam=args.lam,
         partition=part,
-        n_norm=len(x),
+        n_norm=len(x) if members is None else len(members),
     )
 
 
