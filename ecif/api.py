@@ -100,8 +100,12 @@ def fit(
     if init is not None:
         if init.partition.n != len(x):
             raise ValueError(f"init was fit on {init.partition.n} pairs, train has {len(x)}")
-        head = replace(
-            head, partition=init.partition, m0=init.m0.to(head.dtype), log_scale0=init.log_scale0
+        head = replace(  # and its 1/N: a head fit on some rows only (members) keeps theirs
+            head,
+            partition=init.partition,
+            m0=init.m0.to(head.dtype),
+            log_scale0=init.log_scale0,
+            n_norm=init.n_norm,
         )
     if exclude is not None and len(exclude):
         head = replace(head, partition=head.partition.without(_positions(train, exclude)))

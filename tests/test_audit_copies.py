@@ -12,9 +12,11 @@ import torch
 import ecif
 from ecif.app.detail import negative_members
 from ecif.audit import AuditArgs
+from ecif.audit.clean import compare_cleaning, drop_choices
 from ecif.audit.folder import read_heads
 from ecif.audit.shards import load_training_set, score_shards
 from ecif.audit.trace import TraceBack
+from ecif.audit.verify import verify
 from ecif.cli import main
 from ecif.data.duplicates import COPIES, CopiedPairsWarning, first_copies
 from tests.test_audit_shards import _folder
@@ -213,3 +215,36 @@ def test_ecif_score_says_it_once_and_records_the_option(tmp_path, capsys):
         info = json.loads((out / "audit.json").read_text())
         assert info["options"]["duplicates"] == ("keep" if extra else "collapse")
         assert sum(COPIES in w for w in info.get("warnings", [])) == times
+
+
+def test_warm_start_keeps_the_collapsed_heads_weighting():
+    train, first = _with_copies()
+    distinct = np.flatnonzero(first == np.arange(len(first)))
+    opts = dict(batch_size=64, lam=1e-2, logit_scale=10.0, dtype="float64", tol=1e-10)
+    head = ecif.fit(train, members=distinct, **opts)
+    again = ecif.fit(train, init=head, **opts)  # already stationary: stays where it is
+    assert again.n_norm == len(distinct)
+    torch.testing.assert_close(again.m, head.m, atol=1e-9, rtol=0)
+
+
+def test_verify_and_clean_remove_pairs_not_copies(tmp_path):
+    train, first = _with_copies()
+    distinct = np.flatnonzero(first == np.arange(len(first)))
+    xv, yv, _ = _concepts(200, 9, noise=0.0)
+    val = ecif.EmbeddingSet(xv, yv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aud = ecif.Auditor(train, val, AuditArgs(dtype="float64", seed=1))
+        table = aud.run()
+    head = aud.heads[0]
+    rho, refits = verify(head, train, val, k=8, seed=0)
+    assert set(refits["id"]) <= set(train.ids[distinct]) and np.isfinite(rho)
+    assert refits["actual"].abs().min() > 0  # every refit removed a pair from its batch
+    result = compare_cleaning(head, train, val, table, seed=0)
+    flagged_pairs = int(table["is_misaligned"].to_numpy()[distinct].sum())
+    assert (result["dropped"].iloc[1:] == flagged_pairs).all()
+    choices = drop_choices(table, flagged_pairs, 0, distinct)
+    for rows in choices.values():  # pairs, each once, none a copy
+        assert np.isin(rows, distinct).all() and len(np.unique(rows)) == flagged_pairs
+    flagged = set(train.ids[distinct][table["is_misaligned"].to_numpy()[distinct]])
+    assert set(train.ids[choices["ecif"]]) == flagged

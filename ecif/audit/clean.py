@@ -48,17 +48,23 @@ def one_step_edit(head: Head, train, rows: np.ndarray, inverse=None, neg: str = 
     return head.with_theta(head.theta() + step, info={"one_step": True})
 
 
-def drop_choices(table: pd.DataFrame, count: int, seed: int = 0) -> dict[str, np.ndarray]:
+def drop_choices(
+    table: pd.DataFrame, count: int, seed: int = 0, pool: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """The rows each strategy drops (``count`` each): ecif's top ``misalign_score``, random
-    rows, the lowest ``clip_score``. ``table`` is the audit table in training order."""
-    n = len(table)
+    rows, the lowest ``clip_score``. ``table`` is the audit table in training order;
+    ``pool``: the rows to choose from (the head's batches: an audit that collapsed exact
+    copies holds each pair once, as its first row; default all)."""
+    pool = np.arange(len(table)) if pool is None else np.asarray(pool)
+    n = len(pool)
     if not 0 < count < n:
         raise ValueError(f"the number of pairs to drop must be in (0, {n}); got {count}")
     rng = np.random.default_rng(seed)
+    sub = table.iloc[pool]
     return {
-        "ecif": np.argsort(-table["misalign_score"].to_numpy(), kind="stable")[:count],
-        "random": rng.choice(n, count, replace=False),
-        "clip_score": np.argsort(table["clip_score"].to_numpy(), kind="stable")[:count],
+        "ecif": pool[np.argsort(-sub["misalign_score"].to_numpy(), kind="stable")[:count]],
+        "random": rng.choice(pool, count, replace=False),
+        "clip_score": pool[np.argsort(sub["clip_score"].to_numpy(), kind="stable")[:count]],
     }
 
 
@@ -79,8 +85,15 @@ def compare_cleaning(
     ``label_col``: a validation metadata column whose equal values count as the right answer
     (default: the same caption; ``ecif.audit.labels``). ``progress``: a spinner per refit.
     """
-    count = int(table["is_misaligned"].sum()) if count is None else int(count)
-    choices = drop_choices(table, count, seed)
+    pool = head.partition.members()  # each pair once: a collapsed copy is in no batch
+    pool = None if len(pool) == len(table) else pool
+    flagged = table["is_misaligned"].to_numpy()
+    count = (
+        int(flagged[pool if pool is not None else slice(None)].sum())
+        if count is None
+        else int(count)
+    )
+    choices = drop_choices(table, count, seed, pool)
     kw = dict(
         batch_size=head.batch_size,
         seed=head.seed,

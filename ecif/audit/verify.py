@@ -58,12 +58,14 @@ def verify(
 
 
 def sampled_rows(influence: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Half the k rows from the most harmful pairs (lowest influence), half at random."""
-    n = len(influence)
+    """Half the k rows from the most harmful pairs (lowest influence), half at random, among
+    the scored rows (NaN: a pair's collapsed copy, or a removed pair, is no removal to test)."""
+    scored = np.flatnonzero(np.isfinite(influence))
+    n = len(scored)
     if k < 3 or k > n:
         raise ValueError(f"k must be in [3, {n}]; got {k}")
-    worst = np.argsort(influence, kind="stable")[: k // 2]
-    rest = np.setdiff1d(np.arange(n), worst)
+    worst = scored[np.argsort(influence[scored], kind="stable")[: k // 2]]
+    rest = np.setdiff1d(scored, worst)
     rng = np.random.default_rng(seed)
     return np.concatenate([worst, rng.choice(rest, k - len(worst), replace=False)])
 
