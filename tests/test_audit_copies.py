@@ -3,6 +3,7 @@ scores. Checked against brute force and against auditing the distinct pairs alon
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -167,6 +168,18 @@ def test_folder_scores_equal_the_distinct_audit(tmp_path, validation):
     )
     info = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert info["flagged"] == shards["is_misaligned"].sum() > 0  # rows, copies included
+    assert info["copies"] == 24
+    # a rerun with another threshold keeps every shard and flags 30 pairs, copies with them
+    again = replace(args, threshold=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score_shards(folder, tmp_path / "out", val, args=again, log=lambda s: None)
+    rescored = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    rescored = rescored[rescored["status"] == "ok"].reset_index(drop=True)
+    np.testing.assert_array_equal(rescored["misalign_score"], scored["misalign_score"])
+    flags = rescored["is_misaligned"].to_numpy()
+    assert flags[distinct].sum() == 30
+    np.testing.assert_array_equal(flags, flags[first])
 
 
 def test_trace_and_batch_members_of_a_copy_are_its_pairs(tmp_path):
