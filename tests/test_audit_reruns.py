@@ -2,6 +2,7 @@
 changed, added or reordered shard refits the head, so every shard is scored again (checked
 against a fresh audit of the same inputs); score files of other inputs are refused."""
 
+import json
 import shutil
 
 import numpy as np
@@ -213,3 +214,19 @@ def test_a_one_pair_shard_shares_the_batches_of_its_neighbours(tmp_path):
     assert np.isclose(
         mem.loc[mem["id"] == "p1-0", "pair_loss"].iloc[0], lone["pair_loss"], rtol=1e-4
     )
+
+
+def test_a_rerun_that_keeps_every_shard_flags_as_the_first_run(tmp_path):
+    """The kept scores are thresholded with the noise rate the first run's planted probes
+    implied (before, the rerun's sentence and count came from the mixture alone)."""
+    folder, val = _folder(tmp_path, parts=4, rows=150, d=16)
+    out, args = tmp_path / "audit", AuditArgs()  # auto threshold, probes on (600 pairs)
+    score_shards(folder, out, val, args=args, log=lambda s: None)
+    first, info = _table(out), json.loads((out / "audit.json").read_text())
+    assert "planted probes" in info["threshold"]
+    said = []
+    score_shards(folder, out, val, args=args, log=said.append)
+    assert "only the threshold is applied again" in said[0]
+    again = json.loads((out / "audit.json").read_text())
+    assert (again["threshold"], again["flagged"]) == (info["threshold"], info["flagged"])
+    pd.testing.assert_frame_equal(_table(out), first)

@@ -128,11 +128,17 @@ def probes_alone(valley: float, trusted: bool, unvalidated: bool) -> str:
 
 
 def misalign_scores(
-    table: pd.DataFrame, mode: str, n_norm: float, probes: ProbeSignals | None = None
+    table: pd.DataFrame,
+    mode: str,
+    n_norm: float,
+    probes: ProbeSignals | None = None,
+    probe_rate: float | None = None,
 ) -> tuple[np.ndarray, dict, NoiseRate | None]:
     """misalign_score from the table's signals (docs/math.md), what combined them, and the
     noise rate the combination implies (the mixture's; None for the other modes). ``probes``:
-    a twin audit's signals (``probe_signals``) that weigh the mixture's features."""
+    a twin audit's signals (``probe_signals``) that weigh the mixture's features;
+    ``probe_rate``: without them, the rate an earlier run's probes implied (a rerun that
+    keeps its scores counts the noise as that run did)."""
     sus = signal_suspicions(table, n_norm)
     if mode == "auto":
         try:
@@ -151,6 +157,8 @@ def misalign_scores(
             hedge = not trusted and not (alone and probes is not None)
             if hedge:
                 score, record["hedge"] = hedged_score(mix, sus, score)  # with the equal sum
+            if probes is None and probe_rate is not None:
+                rate = mixture_noise_rate(log_odds, mix.separation, record["valley"], probe_rate)
             if probes is not None:
                 drop = UNVALIDATED_DROP if unvalidated else 0.0
                 score, record["probe_weights"] = probe_weighted_score(

@@ -122,9 +122,10 @@ def finalize(
     n_norm = float(meta.get("n_norm") or 1.0)
     if rescore:
         score, meta["combination"], rate = misalign_scores(pairs, mode, n_norm, probes)
-    else:  # the noise rate is the mixture's own, which the probe weighting leaves alone
+    else:  # the kept scores; their noise rate counted with the earlier run's probes
         score = pairs["misalign_score"].to_numpy(np.float64)
-        rate = misalign_scores(pairs, mode, n_norm)[2]
+        probe_rate = (meta.get("combination") or {}).get("probe_rate")  # the earlier run's
+        rate = misalign_scores(pairs, mode, n_norm, probe_rate=probe_rate)[2]
     score = score.astype(np.float32).astype(np.float64)  # rank what the tables hold
     count, how = flag_count(score, threshold, rate)
     allv, rank, flag = flags_of_rows(rows, score, count)
