@@ -91,31 +91,34 @@ def make_sets(
     n_val: int,
     d: int,
     class_skew: float = 0.0,
+    captions_per_image: int = 1,
 ):
     """(train EmbeddingSet with captions, clean validation EmbeddingSet, is_corrupted);
-    ``class_skew``: long-tailed classes in both sets (synthetic geometries only)."""
+    ``class_skew``: long-tailed classes in both sets; ``captions_per_image``: k captions of
+    one image, as COCO's five, in both sets (both: synthetic geometries only)."""
     if kind in EMBEDDING_KINDS:  # a clean set, then its embeddings corrupted
-        train, val, _ = make_sets(geometry, "shuffle", 0.0, seed, n, n_val, d, class_skew)
+        train, val, _ = make_sets(
+            geometry, "shuffle", 0.0, seed, n, n_val, d, class_skew, captions_per_image
+        )
         x, y, labels = corrupt_embeddings(train.image, train.text, kind, noise, seed)
         out = ecif.EmbeddingSet(
             x, y, ids=train.ids, metadata=train.metadata, logit_scale=train.logit_scale
         )
         return out, val, labels
     if geometry in ("shapes", "digits"):
-        if class_skew:
-            raise SystemExit("--class-skew applies to the synthetic geometries only")
+        if class_skew or captions_per_image > 1:
+            raise SystemExit("--class-skew and --captions-per-image: synthetic geometries only")
         gen = ecif.datasets.shapes if geometry == "shapes" else ecif.datasets.digits
         train_data = gen(n, seed=seed, noise=noise, noise_kind=kind)
         val_data = gen(n_val, seed=seed + 10_000, noise=0.0)
         (x, y), (xv, yv) = embed_in_memory(train_data), embed_in_memory(val_data)
         frame, scale = train_data.frame, tiny_model().logit_scale
     else:
-        x, y, frame = ecif.datasets.concept_pairs(
-            n, d, noise, kind, seed=seed, geometry=geometry, class_skew=class_skew
+        shape = dict(
+            geometry=geometry, class_skew=class_skew, captions_per_image=captions_per_image
         )
-        xv, yv, _ = ecif.datasets.concept_pairs(
-            n_val, d, 0.0, seed=seed + 10_000, geometry=geometry, class_skew=class_skew
-        )
+        x, y, frame = ecif.datasets.concept_pairs(n, d, noise, kind, seed=seed, **shape)
+        xv, yv, _ = ecif.datasets.concept_pairs(n_val, d, 0.0, seed=seed + 10_000, **shape)
         scale = 100.0
     meta = pd.DataFrame({"caption": frame["caption"].to_numpy()})
     train = ecif.EmbeddingSet(x, y, ids=frame["key"].to_numpy(), metadata=meta, logit_scale=scale)
@@ -146,7 +149,15 @@ def tracin(head, train, val) -> np.ndarray:
 
 def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
     train, val, labels = make_sets(
-        geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
+        geometry,
+        kind,
+        args.noise,
+        seed,
+        args.n,
+        args.n_val,
+        args.d,
+        args.class_skew,
+        args.captions_per_image,
     )
     val = None if args.no_val else val  # no trusted pairs: self-influence or cross-fitting
     t0 = time.perf_counter()
@@ -325,6 +336,12 @@ def main() -> None:
         "probability ~ r^-skew, in training and validation sets (0: uniform)",
     )
     ap.add_argument(
+        "--captions-per-image",
+        type=int,
+        default=1,
+        help="synthetic geometries: each image is this many rows, one caption each (COCO: 5)",
+    )
+    ap.add_argument(
         "--no-val",
         action="store_true",
         help="audit without the validation set (the audit's default then: self-influence for "
@@ -363,6 +380,7 @@ def main() -> None:
     )
     print(
         f"\n{args.seeds} seeds, n={args.n}, noise={args.noise}, class skew {args.class_skew}, "
+        f"{args.captions_per_image} caption(s) an image, "
         f"{'no validation set' if args.no_val else f'n_val={args.n_val}'}, {len(args.geometries)} geometries x "
         f"{len(args.kinds)} kinds, {time.time() - t0:.0f} s"
     )

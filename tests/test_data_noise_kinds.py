@@ -114,3 +114,22 @@ def test_long_tailed_classes_follow_zipf_and_keep_the_rest():
     _, _, fv = concept_pairs(5000, 32, seed=10_003, class_skew=skew)
     top = counts.index[:3]
     assert fv["object"].value_counts().index[:3].isin(top).all()
+
+
+def test_several_captions_per_image_share_one_image_row_each():
+    n, k = 1003, 5
+    x, y, f = concept_pairs(n, 32, 0.2, "mixed", seed=4, captions_per_image=k)
+    assert x.shape == (n, 32) and len(f) == n
+    groups = np.arange(n) // k
+    for g in (0, 57, groups[-1]):  # k rows of one image (the last image: the 3 left over)
+        rows = np.flatnonzero(groups == g)
+        assert (x[rows] == x[rows[0]]).all() and len(np.unique(f["true_caption"][rows])) == 1
+        assert len(np.unique(y[rows], axis=0)) == len(rows)  # each caption drawn on its own
+    assert len(np.unique(x, axis=0)) == -(-n // k)
+    assert abs(f["is_corrupted"].mean() - 0.2) < 0.02  # corrupted caption by caption
+    # a caption that is not corrupted matches its image as well as with one caption each
+    x1, y1, f1 = concept_pairs(n, 32, 0.2, "mixed", seed=4)
+    ok, ok1 = ~f["is_corrupted"].to_numpy(), ~f1["is_corrupted"].to_numpy()
+    assert abs((x * y).sum(1)[ok].mean() - (x1 * y1).sum(1)[ok1].mean()) < 0.03
+    with pytest.raises(ValueError, match="captions_per_image"):
+        concept_pairs(10, 8, captions_per_image=0)

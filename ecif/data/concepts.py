@@ -66,23 +66,36 @@ def concept_pairs(
     geometry: str = "clip_like",
     world_seed: int = 0,
     class_skew: float = 0.0,
+    captions_per_image: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """(image, text, frame): ``n`` unit float32 pairs and a frame with ``key``, ``caption``,
     ``true_caption``, ``is_corrupted``, ``corrupted_attribute`` and the concepts. The
     ``world_seed`` draws the concept vectors (keep it to draw train and validation sets from
     the same world); ``seed`` draws the rows and the noise. ``class_skew`` > 0: classes are
-    long-tailed, as on the web (``class_frequencies``); 0: every class equally often."""
+    long-tailed, as on the web (``class_frequencies``); 0: every class equally often.
+    ``captions_per_image`` k > 1: each image (the same embedding) is k consecutive rows with
+    k captions of its own (as COCO's five), each drawn, and corrupted, on its own."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {tuple(GEOMETRIES)}; got {geometry!r}")
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be >= 1; got {captions_per_image}")
     geo = GEOMETRIES[geometry]
     world = _World(d, geo, world_seed)
     rng = np.random.default_rng([world_seed, seed])
-    attrs = pd.DataFrame({c: rng.choice(v, n) for c, v in SPACE.values.items()})
+    k = int(captions_per_image)
+    images = -(-n // k)
+    attrs = pd.DataFrame({c: rng.choice(v, images) for c, v in SPACE.values.items()})
     if class_skew > 0:
         objects = np.asarray(SPACE.values["object"])
-        attrs["object"] = rng.choice(objects, n, p=class_frequencies(class_skew, world_seed))
+        attrs["object"] = rng.choice(objects, images, p=class_frequencies(class_skew, world_seed))
+    x = None
+    if k > 1:  # one image row each, then its k caption rows
+        x = world.mean_x + world.concepts("x", attrs) + world.nuisance(rng, images)
+        x = np.repeat(x, k, axis=0)[:n]
+        attrs = attrs.loc[attrs.index.repeat(k)].reset_index(drop=True).iloc[:n]
     caps, corrupted, kinds = plant_noise(attrs, SPACE, noise, noise_kind, seed + 7919)
-    x = world.mean_x + world.concepts("x", attrs) + world.nuisance(rng, n)
+    if x is None:
+        x = world.mean_x + world.concepts("x", attrs) + world.nuisance(rng, n)
     y = world.mean_y + world.concepts("y", caps) + world.nuisance(rng, n)
     bp = caps["boilerplate"].to_numpy()
     y[bp >= 0] = world.mean_y + world.templates[bp[bp >= 0]] + world.nuisance(rng, 1) * 0.3
