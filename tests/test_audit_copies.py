@@ -261,3 +261,32 @@ def test_verify_and_clean_remove_pairs_not_copies(tmp_path):
         assert np.isin(rows, distinct).all() and len(np.unique(rows)) == flagged_pairs
     flagged = set(train.ids[distinct][table["is_misaligned"].to_numpy()[distinct]])
     assert set(train.ids[choices["ecif"]]) == flagged
+
+
+def test_rows_whose_hashes_collide_are_told_apart_exactly(monkeypatch):
+    """Every row given one hash: the exact check alone must find the copies."""
+    import ecif.data.duplicates as dup
+
+    g = np.random.default_rng(5)
+    x = g.standard_normal((60, 4)).astype(np.float32)
+    y = g.standard_normal((60, 3)).astype(np.float32)
+    x[40:], y[40:] = x[:20], y[:20]
+    y[50:55] += 1.0  # same images, other captions: not copies
+    monkeypatch.setattr(dup, "_row_hashes", lambda arr, seed: np.zeros(len(arr), np.uint64))
+    np.testing.assert_array_equal(first_copies(x, y), _brute_first(x, y))
+
+
+def test_the_twins_clean_rows_keep_an_images_captions_together():
+    from ecif.audit.probes import held_out_clean
+
+    x, y, _ = ecif.datasets.concept_pairs(403, 16, seed=2, captions_per_image=5)
+    held, rest = held_out_clean(ecif.EmbeddingSet(x, y), seed=3)
+    other = np.setdiff1d(np.arange(len(x)), held)
+    assert not set(held // 5) & set(other // 5)  # no image on both sides
+    assert abs(len(held) - len(x) // 2) <= 5 and len(rest) == len(other)
+    np.testing.assert_array_equal(rest.image, x[other])
+    # one caption an image: the seeded half of the rows, as a plain permutation gives it
+    x1, y1, _ = ecif.datasets.concept_pairs(400, 16, seed=2)
+    held1, _ = held_out_clean(ecif.EmbeddingSet(x1, y1), seed=3)
+    order = np.random.default_rng([3, 5]).permutation(400)
+    np.testing.assert_array_equal(held1, np.sort(order[:200]))

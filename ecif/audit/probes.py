@@ -30,6 +30,7 @@ from ecif.audit.misalign import ProbeSignals, signal_suspicions
 from ecif.audit.model_signals import twin_features
 from ecif.audit.recorded import recording_warnings
 from ecif.audit.selection import make_probes, probe_sources
+from ecif.data.duplicates import first_equal_rows
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.device import resolve_device
 
@@ -116,12 +117,24 @@ def probe_signals(
 def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | None, Any]:
     """Which validation pairs the twin holds as clean rows (a seeded half, at most
     ``CLEAN_MAX_ROWS``; None when there are fewer than ``MIN_CLEAN``) and the validation
-    set it is scored against (the rest; ``val`` itself when none are held)."""
+    set it is scored against (the rest; ``val`` itself when none are held). The pairs of one
+    image go to one side: where an image has several captions (COCO's five), a held row
+    whose image the trusted head saw under another caption would look cleaner than any
+    training pair can, and the probes would learn to trust ``trusted_loss`` too much."""
     if val is None or len(val) // 2 < MIN_CLEAN:
         return None, val
-    order = np.random.default_rng([seed, 5]).permutation(len(val))
+    image = first_equal_rows(np.asarray(val.image))  # each row's image: its first row
+    groups = np.unique(image, return_inverse=True)[1].ravel()
+    order = np.random.default_rng([seed, 5]).permutation(groups.max() + 1)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    rows = np.argsort(rank[groups], kind="stable")  # the rows, image by image, seeded order
     count = min(len(val) // 2, CLEAN_MAX_ROWS)
-    return np.sort(order[:count]), val.subset(np.sort(order[count:]))
+    end = np.searchsorted(np.cumsum(np.bincount(groups)[order]), count, side="right")
+    held = rows[: int(np.bincount(groups)[order][:end].sum())] if end else rows[:0]
+    if len(held) < MIN_CLEAN:
+        return None, val
+    return np.sort(held), val.subset(np.sort(rows[len(held) :]))
 
 
 def sampled_consensus(rows: np.ndarray, consensus: np.ndarray, probes: np.ndarray) -> np.ndarray:

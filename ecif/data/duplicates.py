@@ -35,11 +35,19 @@ def first_copies(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     """For every row, the position of the first row with the same image and text embeddings
     (its own position when no earlier row has them). ``first_copies(...)[i] != i`` marks the
     copies; ``values[first]`` gives every copy its pair's value."""
-    n = len(image)
-    if len(text) != n:
-        raise ValueError(f"image and text have {n} and {len(text)} rows")
+    if len(text) != len(image):
+        raise ValueError(f"image and text have {len(image)} and {len(text)} rows")
+    return first_equal_rows(image, text)
+
+
+def first_equal_rows(*arrays: np.ndarray) -> np.ndarray:
+    """For every row, the position of the first row equal to it, bit for bit, in every one of
+    the row-aligned ``arrays`` (one array: the rows that hold the same image, say)."""
+    n = len(arrays[0])
+    key = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        key = _row_hashes(image, 1) * np.uint64(0x9E3779B97F4A7C15) + _row_hashes(text, 2)
+        for k, arr in enumerate(arrays):
+            key = key * np.uint64(0x9E3779B97F4A7C15) + _row_hashes(arr, k + 1)
     order = np.argsort(key, kind="stable")  # equal keys keep their row order
     first = np.arange(n, dtype=np.int64)
     sorted_key = key[order]
@@ -50,10 +58,11 @@ def first_copies(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     same = np.ones(len(rows), dtype=bool)
     for start in range(0, len(rows), _CHUNK_ROWS):  # check every match exactly
         r, h = rows[start : start + _CHUNK_ROWS], heads[start : start + _CHUNK_ROWS]
-        same[start : start + _CHUNK_ROWS] = _equal_rows(image, r, h) & _equal_rows(text, r, h)
+        for arr in arrays:
+            same[start : start + _CHUNK_ROWS] &= _equal_rows(arr, r, h)
     first[rows[same]] = heads[same]
     for r in np.unique(heads[~same]):  # a hash collision (about 2**-64 a pair): slowly
-        _resolve(image, text, order[sorted_key == key[r]], first)
+        _resolve(arrays, order[sorted_key == key[r]], first)
     return first
 
 
@@ -63,16 +72,12 @@ def _equal_rows(arr: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (left.view(np.uint8) == right.view(np.uint8)).reshape(len(a), -1).all(axis=1)
 
 
-def _resolve(image: np.ndarray, text: np.ndarray, rows: np.ndarray, first: np.ndarray) -> None:
+def _resolve(arrays, rows: np.ndarray, first: np.ndarray) -> None:
     """Within rows that share a hash, point each at the first row exactly equal to it."""
     left = list(np.sort(rows))
     while left:
         head, rest = left[0], left[1:]
-        same = [
-            r
-            for r in rest
-            if np.array_equal(image[r], image[head]) and np.array_equal(text[r], text[head])
-        ]
+        same = [r for r in rest if all(np.array_equal(a[r], a[head]) for a in arrays)]
         first[same] = head
         taken = set(same)
         left = [r for r in rest if r not in taken]
