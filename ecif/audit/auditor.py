@@ -271,11 +271,15 @@ class Auditor:
         trusted = replace(self.fit_trusted_head(), partition=partition)
         df["trusted_loss"] = api.pair_losses(trusted, self.train)
         known = self.known_consensus
-        if known is None:  # over the distinct pairs: a copy is no neighbour's agreement
-            rows = self.distinct_rows()
-            known, self.neighbours = consensus(self.distinct_train(), self.args.device, progress)
-            known = placed(known, rows, len(self.train))
+        if known is None:
+            known, self.neighbours = self.pairs_consensus(progress)
         df[CONSENSUS] = known
+
+    def pairs_consensus(self, progress: bool = False) -> tuple[np.ndarray, KnnConsensus]:
+        """``consensus`` over the distinct pairs (a copy is no neighbour's agreement), one
+        value per training row (NaN on the copies), and the indexes it read."""
+        known, near = consensus(self.distinct_train(), self.args.device, progress)
+        return placed(known, self.distinct_rows(), len(self.train)), near
 
     def _crossfit(self, progress: bool) -> pd.DataFrame:
         # each half is scored against the other half's best-fitting pairs (lowest loss under

@@ -1,7 +1,7 @@
 """An audit over distinct pairs: which rows are copies, and how their scores reach them.
 
 The audit fits and scores each distinct pair once (``ecif.data.duplicates``); every score
-array it builds is full length with NaN on the copies, and ``Copies.spread`` gives each copy
+array it builds is full length with NaN on the copies, and ``Copies.spread_frame`` gives each copy
 its pair's values. Why: a pair held k times is fit k times (the head learns a copied swap,
 so its loss falls) and its copies can be each other's negatives; the planted probes that
 weigh the signals are single rows, so they mis-weigh noise that comes in copies.
@@ -41,10 +41,6 @@ class Copies:
 
     def note(self) -> str:
         return copies_note(self.first) or ""
-
-    def spread(self, values: np.ndarray) -> np.ndarray:
-        """Every row takes its pair's first row's value."""
-        return np.asarray(values)[self.first]
 
     def spread_frame(self, frame: pd.DataFrame, keep: tuple[str, ...] = ("id",)) -> pd.DataFrame:
         """``frame`` (one row per row of the set) with every column but ``keep`` spread."""

@@ -130,8 +130,8 @@ def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | No
     rank[order] = np.arange(len(order))
     rows = np.argsort(rank[groups], kind="stable")  # the rows, image by image, seeded order
     count = min(len(val) // 2, CLEAN_MAX_ROWS)
-    end = np.searchsorted(np.cumsum(np.bincount(groups)[order]), count, side="right")
-    held = rows[: int(np.bincount(groups)[order][:end].sum())] if end else rows[:0]
+    upto = np.cumsum(np.bincount(groups)[order])  # rows held if the split ends after each image
+    held = rows[: upto[upto <= count][-1]] if upto[0] <= count else rows[:0]
     if len(held) < MIN_CLEAN:
         return None, val
     return np.sort(held), val.subset(np.sort(rows[len(held) :]))

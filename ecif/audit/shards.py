@@ -27,10 +27,9 @@ import ecif.api as api
 from ecif._version import __version__
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
 from ecif.audit.audit_args import AuditArgs
-from ecif.audit.auditor import Auditor, clip_scores, consensus
+from ecif.audit.auditor import Auditor, clip_scores
 from ecif.audit.checks import check_options, check_training, check_validation, check_weights
 from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
-from ecif.audit.copies import placed
 from ecif.audit.folder import write_audit_description
 from ecif.audit.model_signals import model_inputs
 from ecif.audit.probes import TWIN_MAX_ROWS, probe_signals
@@ -306,10 +305,9 @@ def score_shards(
                 meta["n_norm"] = head.n_norm
                 with step("fitting the trusted head on the validation pairs", progress):
                     trusted_state = auditor.fit_trusted_head().state_dict()
-                distinct = auditor.distinct_rows()  # a copy is no neighbour's agreement
+                distinct = auditor.distinct_rows()
                 with step(f"kNN consensus of {len(distinct):,} pairs", progress):
-                    disagreement, near = consensus(auditor.distinct_train(), args.device, progress)
-                disagreement = placed(disagreement, distinct, len(train))
+                    disagreement, near = auditor.pairs_consensus(progress)
                 if len(distinct) <= TWIN_MAX_ROWS:  # the twin holds every pair: it needs no queries
                     near = None  # and the indexes (a copy of the embeddings) go before scoring
                 g = api.loss_gradient(head, val)
