@@ -87,12 +87,9 @@ def compare_cleaning(
     """
     pool = head.partition.members()  # each pair once: a collapsed copy is in no batch
     pool = None if len(pool) == len(table) else pool
-    flagged = table["is_misaligned"].to_numpy()
-    count = (
-        int(flagged[pool if pool is not None else slice(None)].sum())
-        if count is None
-        else int(count)
-    )
+    if count is None:
+        count = table["is_misaligned"].to_numpy()[slice(None) if pool is None else pool].sum()
+    count = int(count)
     choices = drop_choices(table, count, seed, pool)
     kw = dict(
         batch_size=head.batch_size,

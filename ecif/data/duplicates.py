@@ -35,8 +35,6 @@ def first_copies(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     """For every row, the position of the first row with the same image and text embeddings
     (its own position when no earlier row has them). ``first_copies(...)[i] != i`` marks the
     copies; ``values[first]`` gives every copy its pair's value."""
-    if len(text) != len(image):
-        raise ValueError(f"image and text have {len(image)} and {len(text)} rows")
     return first_equal_rows(image, text)
 
 
@@ -44,6 +42,8 @@ def first_equal_rows(*arrays: np.ndarray) -> np.ndarray:
     """For every row, the position of the first row equal to it, bit for bit, in every one of
     the row-aligned ``arrays`` (one array: the rows that hold the same image, say)."""
     n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"row-aligned arrays differ in length: {[len(a) for a in arrays]}")
     key = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k, arr in enumerate(arrays):
