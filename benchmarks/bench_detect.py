@@ -324,6 +324,9 @@ def main() -> None:
         help="caption noise (default) or, in the embeddings, " + ", ".join(EMBEDDING_KINDS),
     )
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run from this one (more seeds later)"
+    )
     ap.add_argument("--n", type=int, default=2000, help="training pairs per cell")
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--d", type=int, default=64, help="width of the synthetic geometries")
@@ -357,7 +360,7 @@ def main() -> None:
     rows = []
     for geometry in args.geometries:
         for kind in args.kinds:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 rows += one_cell(geometry, kind, seed, args)
                 print(f"done {geometry} {kind} seed={seed} ({time.time() - t0:.0f} s)", flush=True)
     df = pd.DataFrame(rows)

@@ -103,6 +103,7 @@ def test_an_audit_with_copies_is_the_audit_of_its_distinct_pairs(validation):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, equal_nan=True, err_msg=col)
     np.testing.assert_array_equal(table["is_misaligned"], alone["is_misaligned"].to_numpy()[of_row])
     assert table["is_misaligned"].sum() == table.attrs["flagged"] > 0
+    assert table.attrs["flagged_pairs"] == alone.attrs["flagged"] == alone["is_misaligned"].sum()
     # ranks run over rows: a pair's copies next to each other, in the distinct audit's order
     order = table.sort_values("rank")
     assert (np.diff(alone["rank"].to_numpy()[of_row][order.index]) >= 0).all()
@@ -168,6 +169,7 @@ def test_folder_scores_equal_the_distinct_audit(tmp_path, validation):
     )
     info = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert info["flagged"] == shards["is_misaligned"].sum() > 0  # rows, copies included
+    assert info["flagged_pairs"] == scored["is_misaligned"].to_numpy()[distinct].sum()
     assert info["copies"] == 24
     # a rerun with another threshold keeps every shard and flags 30 pairs, copies with them
     again = replace(args, threshold=30)
@@ -223,9 +225,23 @@ def test_ecif_score_says_it_once_and_records_the_option(tmp_path, capsys):
     for extra, times in (([], 1), (["--duplicates", "keep"], 0)):
         out = tmp_path / f"audit{len(extra)}"
         assert main(["score", str(folder), "-o", str(out), "--quiet", *extra]) == 0
-        said = capsys.readouterr().err
+        printed = capsys.readouterr()
+        said = printed.err
         assert said.count(f"warning: 24 of the 199 training rows (12.1%) are {COPIES}") == times
         info = json.loads((out / "audit.json").read_text())
+        table = pd.concat(
+            [pd.read_parquet(f) for f in sorted((out / "scores").glob("*.parquet"))]
+        ).reset_index(drop=True)
+        ok = table[table["status"] == "ok"].reset_index(drop=True)
+        train = load_training_set(folder)
+        first = first_copies(np.asarray(train.image), np.asarray(train.text))
+        flags = ok["is_misaligned"].to_numpy()
+        rows, pairs = int(flags.sum()), int(flags[first == np.arange(len(first))].sum())
+        if times:  # the count as rows and as the pairs the threshold counts
+            assert rows > pairs  # here some flagged pairs have copies
+            assert f"flagged {rows} rows: {pairs} pairs and {rows - pairs} copies" in printed.out
+        else:
+            assert f"flagged {rows} (" in printed.out
         assert info["options"]["duplicates"] == ("keep" if extra else "collapse")
         assert sum(COPIES in w for w in info.get("warnings", [])) == times
 

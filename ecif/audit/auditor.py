@@ -371,12 +371,14 @@ class Auditor:
             warnings.warn(f"is_misaligned: {how}", UnreliableThresholdWarning, stacklevel=3)
         score, rank, flag = flags_of_rows(self.copies, score.astype(np.float32), count)
         table["misalign_score"], table["rank"], table["is_misaligned"] = score, rank, flag
-        table.attrs.update(self.describe(int(flag.sum()), how))
+        table.attrs.update(self.describe(int(flag.sum()), how, pairs=count))
         table.attrs["combination"] = combination
         return table
 
-    def describe(self, flagged: int, how: str) -> dict:
-        """What produced the table: recorded beside it in files and shown in the app."""
+    def describe(self, flagged: int, how: str, pairs: int | None = None) -> dict:
+        """What produced the table: recorded beside it in files and shown in the app.
+        ``flagged`` counts rows, ``pairs`` the distinct pairs among them (what the threshold's
+        sentence counts; they differ when flagged pairs have copies)."""
         from ecif._version import __version__
 
         head = self.heads[0]
@@ -385,6 +387,7 @@ class Auditor:
             "validation": self.val_source,
             "threshold": how,
             "flagged": int(flagged),
+            "flagged_pairs": int(flagged if pairs is None else pairs),
             "n": len(self.train),
             "options": self.args.record(),
             "logit_scale": head.logit_scale,

@@ -130,7 +130,8 @@ def finalize(
     count, how = flag_count(score, threshold, rate)
     allv, rank, flag = flags_of_rows(rows, score, count)
     finite = np.isfinite(allv)
-    meta.update(threshold=how, flagged=int(count if rows is None else (flag & finite).sum()))
+    flagged = int(count if rows is None else (flag & finite).sum())
+    meta.update(threshold=how, flagged=flagged, flagged_pairs=int(min(count, flagged)))
     meta["options"] = {**meta.get("options", {}), "threshold": threshold}
     start = 0
     for f, part in zip(files, frames):

@@ -81,7 +81,16 @@ def run(args: argparse.Namespace) -> int:
     s = summary.sum(numeric_only=True)
     print(
         f"scored: ok={int(s['ok'])} failed={int(s['failed'])} skipped shards={int(s['skipped'])}"
-        f"; {info.get('validation', 'validation: unknown')}; flagged {info.get('flagged')} "
+        f"; {info.get('validation', 'validation: unknown')}; flagged {flagged_text(info)} "
         f"({info.get('threshold')}) -> {args.output}"
     )
     return 0
+
+
+def flagged_text(info: dict) -> str:
+    """The flagged count as rows, and as pairs where flagged pairs have copies (the
+    threshold's sentence counts pairs)."""
+    rows, pairs = info.get("flagged"), info.get("flagged_pairs")
+    if rows is None or pairs is None or pairs == rows:
+        return str(rows)
+    return f"{rows} rows: {pairs} pairs and {rows - pairs} copies of them"
