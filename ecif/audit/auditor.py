@@ -39,7 +39,7 @@ from ecif.audit.probes import probe_signals
 from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
 from ecif.audit.thresholds import UNRELIABLE, UnreliableThresholdWarning, flag_count
-from ecif.data.duplicates import CopiedPairsWarning
+from ecif.data.duplicates import CopiedPairsWarning, image_halves
 from ecif.data.embedding_set import EmbeddingSet, as_unit
 from ecif.data.norms import UnnormalisedRowsWarning
 from ecif.device import resolve_device
@@ -288,10 +288,8 @@ class Auditor:
         # untrimmed vs 0.97 trimmed); trimming by the raw clip_score instead fails when the
         # pretrained similarity is uninformative (AUROC 0.42 on rotated pairs).
         a = self.args
-        rng = np.random.default_rng(a.seed)
         train, distinct = self.distinct_train(), self.distinct_rows()
-        fold = rng.permutation(len(train)) % 2
-        folds = [np.nonzero(fold == k)[0] for k in (0, 1)]
+        folds = image_halves(np.asarray(train.image), a.seed)
         subs = [train.subset(rows) for rows in folds]
         self.heads = [self.fit_head(sub) for sub in subs]
         losses = [api.pair_losses(h, sub) for h, sub in zip(self.heads, subs)]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ecif.audit.audit_args import VAL_MODES
 from ecif.audit.checks import AuditInputError
 from ecif.audit.selection import cross_fit_scale
+from ecif.data.duplicates import image_halves
 from ecif.data.features import StackedRows
 from ecif.engine.encoder_influence import ModelInverse
 from ecif.engine.model_mode import ModelArgs, fit_model, model_pair_losses, score_model
@@ -267,9 +268,7 @@ def model_crossfit(auditor: Any, progress: bool) -> pd.DataFrame:
             f"without a validation set, a model-mode audit cross-fits halves and needs at least "
             f"8 pairs; got {len(train.image)}"
         )
-    rng = np.random.default_rng(a.seed)
-    fold = rng.permutation(len(train.image)) % 2
-    folds = [np.nonzero(fold == k)[0] for k in (0, 1)]
+    folds = image_halves(np.asarray(auditor.train.image), a.seed)
     subs = [feature_rows(train, rows) for rows in folds]
     margs = model_args(auditor)
     models = [fit_model(sub, train.init, margs, progress=progress) for sub in subs]

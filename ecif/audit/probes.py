@@ -30,7 +30,7 @@ from ecif.audit.misalign import ProbeSignals, signal_suspicions
 from ecif.audit.model_signals import twin_features
 from ecif.audit.recorded import recording_warnings
 from ecif.audit.selection import make_probes, probe_sources
-from ecif.data.duplicates import first_equal_rows
+from ecif.data.duplicates import image_groups
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.device import resolve_device
 
@@ -123,8 +123,7 @@ def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | No
     training pair can, and the probes would learn to trust ``trusted_loss`` too much."""
     if val is None or len(val) // 2 < MIN_CLEAN:
         return None, val
-    image = first_equal_rows(np.asarray(val.image))  # each row's image: its first row
-    groups = np.unique(image, return_inverse=True)[1].ravel()
+    groups = image_groups(val.image)
     order = np.random.default_rng([seed, 5]).permutation(groups.max() + 1)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
