@@ -192,11 +192,37 @@ def test_a_sampled_twin_queries_the_audits_own_indexes(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_without_a_validation_set_there_is_no_consensus_column():
-    train, _, _ = _sets(n=200)
-    table = ecif.Auditor(train, None, ecif.AuditArgs(seed=0, probes=0.0)).run()
-    assert "knn_disagreement" not in table
-    assert "knn_disagreement" not in table.attrs["combination"]["signals"]
+def _captioned(n=330, k=11, seed=0):
+    x, y, _ = ecif.datasets.concept_pairs(
+        n, 16, 0.2, "mixed", seed=seed, geometry="aligned", captions_per_image=k
+    )
+    return ecif.EmbeddingSet(x, y, logit_scale=100.0)
+
+
+@pytest.mark.parametrize("no_val", ["self", "crossfit"])
+@pytest.mark.parametrize("captions", [1, 11])
+def test_without_a_validation_set_the_head_mode_combines_the_consensus_too(no_val, captions):
+    # 11 captions an image: its 10 nearest images are its own, so no neighbour ties
+    train = _sets(n=300)[0] if captions == 1 else _captioned()
+    aud = ecif.Auditor(train, None, ecif.AuditArgs(seed=0, no_val=no_val))
+    table = aud.run()
+    want, clear = _brute_lemon(train.image, train.text)
+    assert clear.mean() > 0.5
+    got = table["knn_disagreement"].to_numpy()
+    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-4)
+    assert table.attrs["combination"]["signals"][-1] == "knn_disagreement"
+    assert "trusted_loss" not in table
+    # the twin's probes carry their own consensus (over the twin's rows), as with validation
+    assert len(aud.probes.suspicions["knn_disagreement"]) == len(aud.probes.is_probe)
+
+
+def test_without_a_validation_set_the_consensus_may_be_named_alone():
+    from scipy.stats import spearmanr
+
+    train, _, _ = _sets(n=300)
+    table = ecif.Auditor(train, None, ecif.AuditArgs(seed=0, weights="knn_disagreement")).run()
+    want, _ = _brute_lemon(train.image, train.text)
+    assert spearmanr(table["misalign_score"], want).statistic > 0.999
 
 
 def test_weights_can_name_a_validated_signal_alone():
@@ -211,6 +237,13 @@ def test_weights_can_name_a_validated_signal_alone():
     # without a validation set that signal does not exist: one clear error, before any fit
     with pytest.raises(ValueError, match="exists only with a validation set"):
         ecif.Auditor(train, None, ecif.AuditArgs(weights="trusted_loss")).run()
+    # nor the consensus in a model mode without one (it is computed there only with one)
+    from ecif.audit.checks import check_weights
+
+    for params in ("projection", "lora"):
+        with pytest.raises(ValueError, match="a validation set or params=head"):
+            check_weights("knn_disagreement", False, params)
+    check_weights("knn_disagreement", False, "head")
 
 
 def test_cli_refuses_a_validated_signal_without_validation_before_fitting(
@@ -223,7 +256,7 @@ def test_cli_refuses_a_validated_signal_without_validation_before_fitting(
     folder, _ = _folder(tmp_path)
     _no_fit(monkeypatch)
     out = tmp_path / "out"
-    rc = main(["score", str(folder), "-o", str(out), "--weights", "knn_disagreement", *FAST])
+    rc = main(["score", str(folder), "-o", str(out), "--weights", "trusted_loss", *FAST])
     assert rc == 2
-    _one_error_line(capsys.readouterr().err, "knn_disagreement", "validation set")
+    _one_error_line(capsys.readouterr().err, "trusted_loss", "validation set")
     assert not out.exists()

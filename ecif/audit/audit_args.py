@@ -75,7 +75,7 @@ class AuditArgs:
         help="how misalign_score combines the standardised signals: auto (log-odds of a "
         "two-component mixture over the signals, plus the signals weighted by planted probes), "
         "equal (sum of standardised influence, pair_loss and clip_score), or one signal alone "
-        "(trusted_loss and knn_disagreement need a validation set)",
+        "(trusted_loss needs a validation set, knn_disagreement one or params=head)",
         choices=WEIGHT_MODES,
     )
     probes: float = option(

@@ -28,6 +28,7 @@ from ecif.audit.checks import (  # noqa: F401  (MORE_TRUSTED: re-exported)
     small_train_note,
 )
 from ecif.audit.combine import CONSENSUS, VALIDATED_SIGNALS
+from ecif.audit.consensus import consensus
 from ecif.audit.copies import Copies, distinct_positions, flags_of_rows, placed
 from ecif.audit.misalign import (  # noqa: F401  (signal_suspicions: re-exported)
     ProbeSignals,
@@ -42,25 +43,12 @@ from ecif.audit.thresholds import UNRELIABLE, UnreliableThresholdWarning, flag_c
 from ecif.data.duplicates import CopiedPairsWarning, image_halves
 from ecif.data.embedding_set import EmbeddingSet, as_unit
 from ecif.data.norms import UnnormalisedRowsWarning
-from ecif.device import resolve_device
 from ecif.engine.head import CLIP_LOGIT_SCALE, Head
 
 
 def clip_scores(data: EmbeddingSet, chunk: int = 65536) -> np.ndarray:
     """Cosine similarity of each pair's raw image and text embeddings (the pretrained model)."""
     return cosine(data.image, data.text, chunk)
-
-
-def consensus(
-    data: EmbeddingSet, device: str = "auto", progress: bool = False
-) -> tuple[np.ndarray, KnnConsensus]:
-    """``knn_disagreement``: the LEMoN-style kNN consensus of each pair over the whole set
-    (``baselines.KnnConsensus``; larger = its caption disagrees with its image's neighbours'
-    and the other way round), and the indexes it read (a sampled twin's probes query them:
-    ``probes.sampled_consensus``). A signal with a validation set only: there it added
-    0.001-0.014 mean AP on seven grids, without one -0.002 to +0.001 (benchmarks/README.md)."""
-    near = KnnConsensus(data.image, data.text, device=resolve_device(device), progress=progress)
-    return near.of_rows(), near
 
 
 def groups_of(data: EmbeddingSet) -> np.ndarray | None:
@@ -181,7 +169,7 @@ class Auditor:
             return self.choice
         a = self.args
         check_options(a)
-        check_weights(a.weights, self.val is not None)
+        check_weights(a.weights, self.val is not None, a.params)
         check_joint_space(self.train)
         if self.val is not None and len(self.val) < 2:
             raise AuditInputError(
@@ -255,14 +243,17 @@ class Auditor:
             self.heads = [head]
             self.val_source = "self-influence (no validation set)"
             rows = self.distinct_rows()
-            return self_influence_table(
+            df = self_influence_table(
                 self.train.ids,
                 placed(
                     api.self_influence(head, self.train, rows, neg=a.neg), rows, len(self.train)
                 ),
                 api.pair_losses(head, self.train),
             )
-        return self._crossfit(progress)
+        else:
+            df = self._crossfit(progress)
+        self._add_consensus(df, progress)  # it reads only the embeddings: every head audit
+        return df
 
     def _validated_signals(self, df: pd.DataFrame, partition: Any, progress: bool) -> None:
         """Add ``trusted_loss`` (each pair's loss under the head fit on the validation pairs,
@@ -270,6 +261,10 @@ class Auditor:
         ``df``. Both read only the embeddings, so every mode with a validation set has them."""
         trusted = replace(self.fit_trusted_head(), partition=partition)
         df["trusted_loss"] = api.pair_losses(trusted, self.train)
+        self._add_consensus(df, progress)
+
+    def _add_consensus(self, df: pd.DataFrame, progress: bool) -> None:
+        """``knn_disagreement`` into ``df``: the twin's given values, else the audit's own."""
         known = self.known_consensus
         if known is None:
             known, self.neighbours = self.pairs_consensus(progress)
@@ -347,7 +342,7 @@ class Auditor:
         )
         table["clip_score"] = clip_scores(self.train)
         table["pair_loss"] = scored["pair_loss"].to_numpy(dtype=np.float32)
-        for col in VALIDATED_SIGNALS:  # with a validation set (every mode)
+        for col in VALIDATED_SIGNALS:  # with a validation set; the consensus in the head mode
             if col in scored:
                 table[col] = scored[col].to_numpy(dtype=np.float32)
         for col in ("influence", "influence_pos", "influence_neg"):

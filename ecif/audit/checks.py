@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ecif.audit.audit_args import WEIGHT_MODES
-from ecif.audit.combine import SIGNALS, VALIDATED_SIGNALS
+from ecif.audit.combine import CONSENSUS, SIGNALS, VALIDATED_SIGNALS
 from ecif.audit.thresholds import flag_count
 from ecif.data.embedding_set import EmbeddingSet
 from ecif.data.layout import model_label
@@ -98,14 +98,16 @@ def check_threshold(threshold: Any) -> None:
         raise AuditInputError(f"threshold: {e}") from None
 
 
-def check_weights(weights: str, has_val: bool) -> None:
-    """A signal named in ``weights`` must be one this audit computes: ``trusted_loss`` and
-    ``knn_disagreement`` exist only with a validation set (in every mode)."""
+def check_weights(weights: str, has_val: bool, params: str = "head") -> None:
+    """A signal named in ``weights`` must be one this audit computes: ``trusted_loss`` exists
+    only with a validation set (in every mode), ``knn_disagreement`` with one or in the head
+    mode."""
     if weights not in WEIGHT_MODES:
         raise AuditInputError(f"weights must be one of {WEIGHT_MODES}; got {weights!r}")
-    if weights in VALIDATED_SIGNALS and not has_val:
+    if weights in VALIDATED_SIGNALS and not has_val and (weights != CONSENSUS or params != "head"):
+        where = "a validation set" if weights != CONSENSUS else "a validation set or params=head"
         raise AuditInputError(
-            f"weights={weights!r}: that signal exists only with a validation set; "
+            f"weights={weights!r}: that signal exists only with {where}; "
             f"use auto, equal or one of {SIGNALS}"
         )
 

@@ -62,9 +62,10 @@ def self_influence_slot(table: pd.DataFrame) -> bool:
 def signal_suspicions(table: pd.DataFrame, n_norm: float) -> dict[str, np.ndarray]:
     """The audit table's signals as suspicions (larger = more suspect); the influence slot
     holds self-influence when the audit had no validation set and used it. ``trusted_loss``
-    and ``knn_disagreement`` (``VALIDATED_SIGNALS``) join when every scored row has them (an
-    audit with a validation set, any mode): a table that mixes rows with and without them is
-    combined over the three signals every row has."""
+    and ``knn_disagreement`` (``VALIDATED_SIGNALS``) join when every scored row has them
+    (``trusted_loss``: an audit with a validation set, any mode; ``knn_disagreement``: that,
+    or the head mode without one): a table that mixes rows with and without them is combined
+    over the signals every row has."""
     out = {
         "pair_loss": suspicion("pair_loss", table["pair_loss"].to_numpy()),
         "clip_score": suspicion("clip_score", table["clip_score"].to_numpy()),

@@ -229,7 +229,7 @@ def score_shards(
     elif val is not None and not isinstance(val, EmbeddingSet):
         raise TypeError(f"val must be an EmbeddingSet or its folder; got {type(val).__name__}")
     check_options(args)
-    check_weights(args.weights, val is not None)
+    check_weights(args.weights, val is not None, args.params)
     parts = list_embedding_parts(embeddings)
     check_no_stale_scores(out, [p.output_name for p in parts])
     manifest = layout.read_manifest(embeddings) or {}
