@@ -284,7 +284,7 @@ class Auditor:
         # pretrained similarity is uninformative (AUROC 0.42 on rotated pairs).
         a = self.args
         train, distinct = self.distinct_train(), self.distinct_rows()
-        folds = image_halves(np.asarray(train.image), a.seed)
+        folds = image_halves(train.image, a.seed)
         subs = [train.subset(rows) for rows in folds]
         self.heads = [self.fit_head(sub) for sub in subs]
         losses = [api.pair_losses(h, sub) for h, sub in zip(self.heads, subs)]

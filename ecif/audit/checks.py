@@ -104,8 +104,9 @@ def check_weights(weights: str, has_val: bool, params: str = "head") -> None:
     mode."""
     if weights not in WEIGHT_MODES:
         raise AuditInputError(f"weights must be one of {WEIGHT_MODES}; got {weights!r}")
-    if weights in VALIDATED_SIGNALS and not has_val and (weights != CONSENSUS or params != "head"):
-        where = "a validation set" if weights != CONSENSUS else "a validation set or params=head"
+    computed_here = weights == CONSENSUS and params == "head"  # with or without validation
+    if weights in VALIDATED_SIGNALS and not has_val and not computed_here:
+        where = "a validation set or params=head" if weights == CONSENSUS else "a validation set"
         raise AuditInputError(
             f"weights={weights!r}: that signal exists only with {where}; "
             f"use auto, equal or one of {SIGNALS}"

@@ -268,7 +268,7 @@ def model_crossfit(auditor: Any, progress: bool) -> pd.DataFrame:
             f"without a validation set, a model-mode audit cross-fits halves and needs at least "
             f"8 pairs; got {len(train.image)}"
         )
-    folds = image_halves(np.asarray(auditor.train.image), a.seed)
+    folds = image_halves(auditor.train.image, a.seed)
     subs = [feature_rows(train, rows) for rows in folds]
     margs = model_args(auditor)
     models = [fit_model(sub, train.init, margs, progress=progress) for sub in subs]
