@@ -92,11 +92,15 @@ def make_sets(
     d: int,
     class_skew: float = 0.0,
     captions_per_image: int = 1,
+    val_noise: float = 0.0,
 ):
-    """(train EmbeddingSet with captions, clean validation EmbeddingSet, is_corrupted);
+    """(train EmbeddingSet with captions, validation EmbeddingSet, is_corrupted);
     ``class_skew``: long-tailed classes in both sets; ``captions_per_image``: k captions of
-    one image, as COCO's five, in both sets (both: synthetic geometries only)."""
+    one image, as COCO's five, in both sets (both: synthetic geometries only); ``val_noise``:
+    the validation set's own share of corrupted captions, of the same kind (0: clean)."""
     if kind in EMBEDDING_KINDS:  # a clean set, then its embeddings corrupted
+        if val_noise:
+            raise SystemExit("--val-noise: caption noise kinds only")
         train, val, _ = make_sets(
             geometry, "shuffle", 0.0, seed, n, n_val, d, class_skew, captions_per_image
         )
@@ -110,7 +114,7 @@ def make_sets(
             raise SystemExit("--class-skew and --captions-per-image: synthetic geometries only")
         gen = ecif.datasets.shapes if geometry == "shapes" else ecif.datasets.digits
         train_data = gen(n, seed=seed, noise=noise, noise_kind=kind)
-        val_data = gen(n_val, seed=seed + 10_000, noise=0.0)
+        val_data = gen(n_val, seed=seed + 10_000, noise=val_noise, noise_kind=kind)
         (x, y), (xv, yv) = embed_in_memory(train_data), embed_in_memory(val_data)
         frame, scale = train_data.frame, tiny_model().logit_scale
     else:
@@ -118,7 +122,9 @@ def make_sets(
             geometry=geometry, class_skew=class_skew, captions_per_image=captions_per_image
         )
         x, y, frame = ecif.datasets.concept_pairs(n, d, noise, kind, seed=seed, **shape)
-        xv, yv, _ = ecif.datasets.concept_pairs(n_val, d, 0.0, seed=seed + 10_000, **shape)
+        xv, yv, _ = ecif.datasets.concept_pairs(
+            n_val, d, val_noise, kind, seed=seed + 10_000, **shape
+        )
         scale = 100.0
     meta = pd.DataFrame({"caption": frame["caption"].to_numpy()})
     train = ecif.EmbeddingSet(x, y, ids=frame["key"].to_numpy(), metadata=meta, logit_scale=scale)
@@ -158,6 +164,7 @@ def one_cell(geometry: str, kind: str, seed: int, args) -> list[dict]:
         args.d,
         args.class_skew,
         args.captions_per_image,
+        args.val_noise,
     )
     val = None if args.no_val else val  # no trusted pairs: self-influence or cross-fitting
     t0 = time.perf_counter()
@@ -350,6 +357,13 @@ def main() -> None:
         help="audit without the validation set (the audit's default then: self-influence for "
         "small heads, else cross-fitting); no trusted_loss, no TracIn",
     )
+    ap.add_argument(
+        "--val-noise",
+        type=float,
+        default=0.0,
+        help="the validation set's own share of corrupted captions, of the cell's kind (a "
+        "user who splits their noisy data in two); default 0: clean",
+    )
     ap.add_argument("--quick", action="store_true", help="1 seed, n=800, n_val=300")
     ap.add_argument("--csv", help="also write every row to this CSV")
     args = ap.parse_args()
@@ -384,7 +398,7 @@ def main() -> None:
     print(
         f"\n{args.seeds} seeds, n={args.n}, noise={args.noise}, class skew {args.class_skew}, "
         f"{args.captions_per_image} caption(s) an image, "
-        f"{'no validation set' if args.no_val else f'n_val={args.n_val}'}, {len(args.geometries)} geometries x "
+        f"{'no validation set' if args.no_val else f'n_val={args.n_val} (noise {args.val_noise})'}, {len(args.geometries)} geometries x "
         f"{len(args.kinds)} kinds, {time.time() - t0:.0f} s"
     )
 

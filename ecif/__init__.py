@@ -17,6 +17,7 @@ from ecif.api import (
 from ecif.audit import AuditArgs, Auditor
 from ecif.audit.shards import score_shards
 from ecif.audit.trace_args import TraceArgs
+from ecif.audit.validation_noise import NoisyValidationWarning
 from ecif.data import EmbeddingSet
 from ecif.data.embed import embed
 from ecif.engine.head import Head
@@ -30,6 +31,7 @@ __all__ = [
     "EmbeddingSet",
     "FitArgs",
     "Head",
+    "NoisyValidationWarning",
     "SolverArgs",
     "TraceArgs",
     "UnreliableInfluenceWarning",

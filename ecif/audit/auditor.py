@@ -40,6 +40,7 @@ from ecif.audit.probes import probe_signals
 from ecif.audit.recorded import merged, recording_warnings
 from ecif.audit.selection import HeadChoice, choose_head
 from ecif.audit.thresholds import UNRELIABLE, UnreliableThresholdWarning, flag_count
+from ecif.audit.validation_noise import warn_if_noisy
 from ecif.data.duplicates import CopiedPairsWarning, image_halves
 from ecif.data.embedding_set import EmbeddingSet, as_unit
 from ecif.data.norms import UnnormalisedRowsWarning
@@ -359,6 +360,7 @@ class Auditor:
         self.neighbours = None  # the indexes hold a copy of the embeddings: not kept
         pairs = table.iloc[self.distinct_rows()].reset_index(drop=True)  # each pair once
         score, combination, rate = misalign_scores(pairs, self.args.weights, n_norm, self.probes)
+        warn_if_noisy(combination)
         count, how = flag_count(score, self.args.threshold, rate)
         if UNRELIABLE in how:  # the fallback: a clean set, or scores with no separate group
             warnings.warn(f"is_misaligned: {how}", UnreliableThresholdWarning, stacklevel=3)

@@ -14,7 +14,19 @@ ALONE_BECAUSE = {  # ``misalign.probes_alone``'s reasons, as the CLI and the app
 
 def describe_combination(record: Mapping) -> str:
     """One line: how misalign_score was made from the signals (named by their table columns:
-    the influence slot holds ``self_influence`` in an audit without a validation set)."""
+    the influence slot holds ``self_influence`` in an audit without a validation set), and how
+    noisy the validation pairs look where the twin audit measured it."""
+    found = record.get("validation_noise")
+    if not found:
+        return _signals_text(record)
+    low, high = found["interval"]
+    return (
+        f"{_signals_text(record)}; validation pairs: about {found['rate']:.0%} look noisy "
+        f"(95% interval {low:.0%}-{high:.0%})"
+    )
+
+
+def _signals_text(record: Mapping) -> str:
     column = {"influence": record.get("influence_column", "influence")}
     if record.get("kind") == "mixture":
         names = [column.get(k, k) for k in record["signals"]]

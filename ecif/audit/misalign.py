@@ -26,6 +26,7 @@ from ecif.audit.thresholds import (
     mixture_noise_rate,
     spike_in_rate,
 )
+from ecif.audit.validation_noise import validation_noise
 
 
 @dataclass
@@ -177,6 +178,11 @@ def misalign_scores(
                 twin_sus, twin_probe = probes.without_clean()
                 twin = twin_score(mix, twin_sus, weights, hedge, alone=bool(alone))
                 record["probe_rate"] = spike_in_rate(twin, twin_probe)
+                if probes.is_clean is not None:  # how noisy the held validation pairs look
+                    every = twin_score(mix, probes.suspicions, weights, hedge, alone=bool(alone))
+                    found = validation_noise(every, probes.is_probe, probes.is_clean)
+                    if found is not None:
+                        record["validation_noise"] = found.record()
                 rate = mixture_noise_rate(
                     log_odds, mix.separation, record["valley"], record["probe_rate"]
                 )

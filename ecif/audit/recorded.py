@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ecif.audit.validation_noise import NoisyValidationWarning
 from ecif.engine.warning_types import NOT_CONVERGED, ConvergenceWarning, UnreliableInfluenceWarning
 
-RECORDED = (ConvergenceWarning, UnreliableInfluenceWarning)
+RECORDED = (ConvergenceWarning, UnreliableInfluenceWarning, NoisyValidationWarning)
 
 
 @contextmanager

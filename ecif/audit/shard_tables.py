@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 from ecif.atomic import read_parquet_meta, write_parquet_atomic
 from ecif.audit.copies import Copies, distinct_positions, flags_of_rows
 from ecif.audit.misalign import ProbeSignals, misalign_scores
+from ecif.audit.recorded import merged
 from ecif.audit.thresholds import flag_count
+from ecif.audit.validation_noise import warn_if_noisy
 from ecif.data.folder_reader import ok_mask, read_part
 
 SCORE_COLUMNS = (
@@ -122,6 +124,8 @@ def finalize(
     n_norm = float(meta.get("n_norm") or 1.0)
     if rescore:
         score, meta["combination"], rate = misalign_scores(pairs, mode, n_norm, probes)
+        if note := warn_if_noisy(meta["combination"]):
+            meta["warnings"] = merged(meta.get("warnings"), [note])
     else:  # the kept scores; their noise rate counted with the earlier run's probes
         score = pairs["misalign_score"].to_numpy(np.float64)
         probe_rate = (meta.get("combination") or {}).get("probe_rate")  # the earlier run's

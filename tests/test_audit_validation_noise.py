@@ -1,0 +1,90 @@
+"""A validation set that holds noise is measured and said (``ecif.audit.validation_noise``):
+the estimate against planted shares, the warning in the API, audit.json and the CLI."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ecif
+from ecif.audit.probes import held_out_clean
+from ecif.audit.validation_noise import validation_noise
+from ecif.cli import main
+
+
+def _twin_scores(rho: float, seed: int = 0, pi: float = 0.2):
+    """Scores of a twin's rows where the truth is planted: clean pairs N(0, 1), noisy pairs
+    and probes N(2.5, 1); real rows a share ``pi`` noisy, held validation rows ``rho``."""
+    g = np.random.default_rng(seed)
+    n_real, n_probe, n_val = 4000, 800, 1000
+    real = g.normal(0.0, 1.0, n_real) + 2.5 * (g.random(n_real) < pi)
+    val = g.normal(0.0, 1.0, n_val) + 2.5 * (np.arange(n_val) < round(rho * n_val))
+    probe = g.normal(2.5, 1.0, n_probe)
+    score = np.concatenate([real, probe, val])
+    is_probe = np.r_[np.zeros(n_real), np.ones(n_probe), np.zeros(n_val)].astype(bool)
+    is_clean = np.r_[np.zeros(n_real + n_probe), np.ones(n_val)].astype(bool)
+    return score, is_probe, is_clean
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.1, 0.3])
+def test_the_estimate_reads_the_planted_share_off_the_twins_ranks(rho):
+    score, is_probe, is_clean = _twin_scores(rho)
+    found = validation_noise(score, is_probe, is_clean)
+    assert abs(found.rate - rho) < 0.05, found
+    assert found.low <= rho + 0.01 and found.high >= rho - 0.01  # the interval covers it
+    assert found.noisy == (rho > 0)
+    assert found.held == is_clean.sum()
+    # the training rows outrank clean validation rows, and not ones as noisy as they are
+    assert (found.training_over_validation > 0.55) == (rho == 0.0)
+
+
+def test_no_estimate_where_the_probes_do_not_outrank_the_real_rows():
+    score, is_probe, is_clean = _twin_scores(0.2)
+    score[is_probe] = np.random.default_rng(1).normal(0.0, 1.0, is_probe.sum())  # like clean
+    assert validation_noise(score, is_probe, is_clean) is None
+    assert validation_noise(score, is_probe, np.zeros_like(is_clean)) is None  # none held
+
+
+def _concept_sets(val_noise: float, seed: int = 0):
+    x, y, frame = ecif.datasets.concept_pairs(1200, 32, 0.2, "shuffle", seed=seed)
+    xv, yv, vframe = ecif.datasets.concept_pairs(400, 32, val_noise, "shuffle", seed=seed + 99)
+    meta = pd.DataFrame({"caption": frame["caption"].to_numpy()})
+    train = ecif.EmbeddingSet(x, y, ids=frame["key"].to_numpy(), metadata=meta, logit_scale=100.0)
+    return train, ecif.EmbeddingSet(xv, yv, logit_scale=100.0), vframe["is_corrupted"].to_numpy()
+
+
+def test_a_validation_set_cut_from_the_noisy_data_warns_and_a_clean_one_does_not():
+    train, val, corrupted = _concept_sets(0.2)
+    with pytest.warns(ecif.NoisyValidationWarning, match="the validation set looks noisy"):
+        table = ecif.Auditor(train, val).run()
+    found = table.attrs["combination"]["validation_noise"]
+    held, _ = held_out_clean(val, 0)  # the pairs the twin held: their planted share
+    truth = corrupted[held].mean()
+    assert 0.1 < truth < 0.3 and abs(found["rate"] - truth) < 0.1, (found, truth)
+    assert found["noisy"] and found["held"] == len(held)
+    assert any("looks noisy" in w for w in table.attrs["warnings"])
+    clean_train, clean_val, _ = _concept_sets(0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ecif.NoisyValidationWarning)
+        table = ecif.Auditor(clean_train, clean_val).run()
+    found = table.attrs["combination"]["validation_noise"]
+    assert found["rate"] < 0.05 and not found["noisy"]
+    assert not any("looks noisy" in w for w in table.attrs["warnings"])
+
+
+def test_the_cli_says_it_once_and_records_it(tmp_path, capsys):
+    train, val, _ = _concept_sets(0.2)
+    train.save(tmp_path / "train")
+    val.save(tmp_path / "val")
+    out = tmp_path / "audit"
+    argv = ["score", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "-o", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    info = json.loads((out / "audit.json").read_text())
+    (said,) = [w for w in info["warnings"] if "looks noisy" in w]
+    assert captured.err.count(said) == 1, captured.err
+    assert "NoisyValidationWarning" not in captured.err  # the summary's line, not Python's
+    found = info["combination"]["validation_noise"]
+    assert f"validation pairs: about {found['rate']:.0%} look noisy" in captured.out
