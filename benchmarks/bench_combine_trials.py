@@ -251,8 +251,21 @@ def unvalidated_drop(cell: Cell, drop: float) -> np.ndarray:
         misalign.UNVALIDATED_DROP = shipped_drop
 
 
+def one_mode_kept(cell: Cell) -> np.ndarray:
+    """The default, except that a one-mode mixture's log-odds is kept beside the probes'
+    weighted features, z(log-odds) + z(F w), rather than left out (``probes_alone``'s "one
+    mode", and without a validation set its "split not trusted" for such a mixture)."""
+    score, record, _ = misalign_scores(cell.table, "auto", float(cell.d["n_norm"]), cell.probes())
+    if not cell.one_mode or "probe_weights" not in record:
+        return score
+    lin = cell.mix.features(cell.sus) @ np.asarray(record["probe_weights"]["weights"])
+    z = combine.Standardiser
+    return z.of(cell.log_odds)(cell.log_odds) + z.of(lin)(lin)
+
+
 TRIALS = {
     "default": shipped,
+    "one mode: its log-odds kept beside the probes": one_mode_kept,
     "before both: signed weights, split trusted by its count": signed(shipped),
     "split trusted by its count (the default before the clear valley)": count_trust(shipped),
     "no validation set: drop 10%": signed(lambda c: unvalidated_drop(c, 0.1)),

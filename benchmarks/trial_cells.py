@@ -42,16 +42,26 @@ def twin_rows(x: np.ndarray, y: np.ndarray, val, seed: int) -> tuple[np.ndarray,
 def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
     """Audit one cell with default options and save what the trials recombine."""
     train, val, labels = make_sets(
-        geometry, kind, args.noise, seed, args.n, args.n_val, args.d, args.class_skew
+        geometry,
+        kind,
+        args.noise,
+        seed,
+        args.n,
+        args.n_val,
+        args.d,
+        args.class_skew,
+        getattr(args, "captions_per_image", 1),
     )
     aud = ecif.Auditor(train, None if args.no_val else val, ecif.AuditArgs(seed=seed))
     table = aud.run()
-    x, y = np.asarray(train.image), np.asarray(train.text)
+    rows = aud.distinct_rows()  # each pair once, as the audit combines them (copies: none)
+    table, labels = table.iloc[rows].reset_index(drop=True), labels[rows]
+    x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
     scale = train.logit_scale or 100.0
     twin_x, twin_y = twin_rows(x, y, None if args.no_val else val, seed)
     out = {
         "labels": labels.astype(bool),
-        "n_norm": np.float64(aud.heads[0].n_norm),
+        "n_norm": np.float64(np.mean([h.n_norm for h in aud.heads])),  # as the audit's
         "shipped": table["misalign_score"].to_numpy(np.float64),
         "negclip": neg_clip_loss(x, y, logit_scale=scale, seed=seed),
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
@@ -129,6 +139,9 @@ def add_grid_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--class-skew", type=float, default=0.0, help="long-tailed classes")
+    ap.add_argument(
+        "--captions-per-image", type=int, default=1, help="synthetic geometries: rows a photo"
+    )
 
 
 def grid_rows(args, one_cell) -> list[dict]:
