@@ -35,6 +35,7 @@ from ecif.audit import combine, misalign, probe_regression
 from ecif.audit.combine import CONSENSUS
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import misalign_scores
+from ecif.audit.thresholds import mixture_noise_rate
 
 
 def _twin_score(cell: Cell, feats: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -263,8 +264,37 @@ def one_mode_kept(cell: Cell) -> np.ndarray:
     return z.of(cell.log_odds)(cell.log_odds) + z.of(lin)(lin)
 
 
+def consensus_in_probes_only(cell: Cell, left_out: tuple[str, ...] = (CONSENSUS,)) -> np.ndarray:
+    """Without a validation set: the mixture over the signals less ``left_out`` (its count,
+    trust, hedge and one-mode rules as shipped), the probes' weights over all of them (the
+    features of the shipped mixture's standardisers). ``left_out=()`` is the default (the
+    script's check of this replica). With a validation set: the default."""
+    if cell.is_clean is not None or not all(k in cell.sus for k in left_out):
+        return shipped(cell)
+    n_norm = float(cell.d["n_norm"])
+    sus = misalign.signal_suspicions(cell.table.drop(columns=list(left_out)), n_norm)
+    mix = combine.fit_mixture(sus)
+    record = mix.record()
+    score = mix.log_odds(sus)
+    rate = mixture_noise_rate(score, mix.separation, record["valley"])
+    unvalidated = misalign.self_influence_slot(cell.table)
+    trusted = misalign.split_trusted(rate, mix.separation, record["valley"])
+    alone = misalign.probes_alone(record["valley"], trusted, unvalidated)
+    if not trusted and not alone:
+        score = combine.hedged_score(mix, sus, score)[0]
+    twin = cell.mix.features(cell.twin)
+    ok = np.isfinite(twin).all(axis=1)
+    drop = misalign.UNVALIDATED_DROP if unvalidated else 0.0
+    w, _, _ = probe_regression.cleaned_probe_direction(twin[ok], cell.is_probe[ok], drop)
+    return combine.probe_sum(score, cell.mix.features(cell.sus) @ w, bool(alone))[0]
+
+
 TRIALS = {
     "default": shipped,
+    "no validation set: the consensus in the probes' weights only": consensus_in_probes_only,
+    "(check: the replica above with every signal in the mixture)": lambda c: (
+        consensus_in_probes_only(c, ())
+    ),
     "one mode: its log-odds kept beside the probes": one_mode_kept,
     "before both: signed weights, split trusted by its count": signed(shipped),
     "split trusted by its count (the default before the clear valley)": count_trust(shipped),
