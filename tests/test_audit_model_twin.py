@@ -130,6 +130,10 @@ def test_projection_twin_plants_real_rows_and_holds_clean_validation_pairs(twin_
     weights = table.attrs["combination"]["probe_weights"]
     assert weights["probes"] == probes and weights["clean"] == clean
     assert f"{probes} probes" in describe_combination(table.attrs["combination"])
+    # the held validation pairs (clean) are measured in a model mode too
+    found = table.attrs["combination"]["validation_noise"]
+    low, high = found["interval"]
+    assert found["held"] == clean and 0.0 <= low <= found["rate"] <= high <= 1.0
 
 
 def test_a_sampled_projection_twin_plants_its_sample_rows(twin_audit, monkeypatch):
