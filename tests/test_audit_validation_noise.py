@@ -10,7 +10,7 @@ import pytest
 
 import ecif
 from ecif.audit.probes import held_out_clean
-from ecif.audit.validation_noise import validation_noise
+from ecif.audit.validation_noise import ValidationNoise, validation_noise
 from ecif.cli import main
 
 
@@ -38,6 +38,14 @@ def test_the_estimate_reads_the_planted_share_off_the_twins_ranks(rho):
     assert found.held == is_clean.sum()
     # the training rows outrank clean validation rows, and not ones as noisy as they are
     assert (found.training_over_validation > 0.55) == (rho == 0.0)
+
+
+def test_it_warns_only_when_the_interval_clears_its_floor():
+    """The two clean sets that an interval merely above 0 flagged had lower ends of 0.002 and
+    0.009 (held-out geometries): those stay quiet; an estimate under 5% does too."""
+    assert not ValidationNoise(0.063, 0.009, 0.12, 250, 0.61).noisy
+    assert ValidationNoise(0.063, 0.02, 0.12, 250, 0.61).noisy
+    assert not ValidationNoise(0.045, 0.03, 0.08, 250, 0.55).noisy
 
 
 def test_no_estimate_where_the_probes_do_not_outrank_the_real_rows():
