@@ -6,11 +6,11 @@ training set holds the same noise, and nothing else in the audit would say so. T
 (``ecif.audit.probes``) already holds half of the validation pairs as rows beside the real
 ones and the planted probes, fit and scored alike, so their ranks can be compared.
 
-With s the twin's rows scored as ``misalign_score`` scores the audit's (``misalign.twin_score``),
-let A(X, Y) = P(s_X > s_Y). If the real rows are a share
-pi of noise N among clean pairs C, the held validation rows a share rho, and the probes score
-like N, then A(P, R) - 1/2 = (1 - pi) (A(N, C) - 1/2) and A(P, V) - 1/2 = (1 - rho) (A(N, C) -
-1/2), so
+With s the twin's rows scored as ``misalign_score`` scores the audit's
+(``misalign.twin_score``), let A(X, Y) = P(s_X > s_Y). If the real rows R are a share pi of
+noise N among clean pairs C, the held validation rows V a share rho, and the probes P score
+like N, then A(P, R) - 1/2 = (1 - pi) (A(N, C) - 1/2) and A(P, V) - 1/2 = (1 - rho)
+(A(N, C) - 1/2), so
 
     rho = 1 - (1 - pi) (A(P, V) - 1/2) / (A(P, R) - 1/2),
 
