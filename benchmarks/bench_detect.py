@@ -94,7 +94,8 @@ def make_sets(
     captions_per_image: int = 1,
     val_noise: float = 0.0,
 ):
-    """(train EmbeddingSet with captions, validation EmbeddingSet, is_corrupted);
+    """(train EmbeddingSet with captions, validation EmbeddingSet (``metadata["is_corrupted"]``:
+    its planted rows), is_corrupted);
     ``class_skew``: long-tailed classes in both sets; ``captions_per_image``: k captions of
     one image, as COCO's five, in both sets (both: synthetic geometries only); ``val_noise``:
     the validation set's own share of corrupted captions, of the same kind (0: clean)."""
@@ -116,19 +117,20 @@ def make_sets(
         train_data = gen(n, seed=seed, noise=noise, noise_kind=kind)
         val_data = gen(n_val, seed=seed + 10_000, noise=val_noise, noise_kind=kind)
         (x, y), (xv, yv) = embed_in_memory(train_data), embed_in_memory(val_data)
-        frame, scale = train_data.frame, tiny_model().logit_scale
+        frame, vframe, scale = train_data.frame, val_data.frame, tiny_model().logit_scale
     else:
         shape = dict(
             geometry=geometry, class_skew=class_skew, captions_per_image=captions_per_image
         )
         x, y, frame = ecif.datasets.concept_pairs(n, d, noise, kind, seed=seed, **shape)
-        xv, yv, _ = ecif.datasets.concept_pairs(
+        xv, yv, vframe = ecif.datasets.concept_pairs(
             n_val, d, val_noise, kind, seed=seed + 10_000, **shape
         )
         scale = 100.0
     meta = pd.DataFrame({"caption": frame["caption"].to_numpy()})
     train = ecif.EmbeddingSet(x, y, ids=frame["key"].to_numpy(), metadata=meta, logit_scale=scale)
-    val = ecif.EmbeddingSet(xv, yv, logit_scale=scale)
+    planted = pd.DataFrame({"is_corrupted": vframe["is_corrupted"].to_numpy()})
+    val = ecif.EmbeddingSet(xv, yv, metadata=planted, logit_scale=scale)
     return train, val, frame["is_corrupted"].to_numpy()
 
 

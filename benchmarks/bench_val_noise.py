@@ -28,18 +28,6 @@ from ecif.audit.probes import held_out_clean
 from ecif.audit.validation_noise import NoisyValidationWarning
 
 
-def val_labels(geometry: str, kind: str, share: float, seed: int, n_val: int, d: int):
-    """Which validation pairs ``make_sets`` corrupted (the same seeded draw, not embedded)."""
-    if geometry in ("shapes", "digits"):
-        gen = ecif.datasets.shapes if geometry == "shapes" else ecif.datasets.digits
-        frame = gen(n_val, seed=seed + 10_000, noise=share, noise_kind=kind).frame
-    else:
-        frame = ecif.datasets.concept_pairs(
-            n_val, d, share, kind, seed=seed + 10_000, geometry=geometry
-        )[2]
-    return frame["is_corrupted"].to_numpy()
-
-
 def one_cell(geometry: str, kind: str, share: float, seed: int, args) -> dict:
     train, val, labels = make_sets(
         geometry, kind, 0.2, seed, args.n, args.n_val, args.d, val_noise=share
@@ -49,7 +37,7 @@ def one_cell(geometry: str, kind: str, share: float, seed: int, args) -> dict:
         table = ecif.Auditor(train, val, ecif.AuditArgs(seed=seed)).run()
     found = table.attrs["combination"].get("validation_noise") or {}
     held, _ = held_out_clean(val, seed)
-    planted = val_labels(geometry, kind, share, seed, args.n_val, args.d)
+    planted = val.metadata["is_corrupted"].to_numpy()
     return {
         "geometry": geometry,
         "kind": kind,

@@ -50,7 +50,7 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         args.n_val,
         args.d,
         args.class_skew,
-        getattr(args, "captions_per_image", 1),
+        args.captions_per_image,
     )
     aud = ecif.Auditor(train, None if args.no_val else val, ecif.AuditArgs(seed=seed))
     table = aud.run()
@@ -120,6 +120,9 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache", required=True, help="folder for the per-cell audits (reused)")
     add_grid_options(ap)
     ap.add_argument(
+        "--captions-per-image", type=int, default=1, help="synthetic geometries: rows a photo"
+    )
+    ap.add_argument(
         "--no-val",
         action="store_true",
         help="audit without the validation set (self-influence, no trusted_loss); "
@@ -139,9 +142,6 @@ def add_grid_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--class-skew", type=float, default=0.0, help="long-tailed classes")
-    ap.add_argument(
-        "--captions-per-image", type=int, default=1, help="synthetic geometries: rows a photo"
-    )
 
 
 def grid_rows(args, one_cell) -> list[dict]:
