@@ -7,7 +7,10 @@
 Geometries: ``shapes`` (the tiny CLIP on the shapes it was trained on: the pretrained
 similarity is strong), ``digits`` (the tiny CLIP on scikit-learn digits it never saw),
 ``clip_like`` (synthetic concept embeddings, matched cosine ~0.3, unmatched ~0.14) and
-``aligned`` (synthetic, an encoder that knows the domain: matched ~0.7). Noise kinds:
+``aligned`` (synthetic, an encoder that knows the domain: matched ~0.7); held out of every
+choice of the defaults, ``cone`` and ``weak`` (``ecif.data.concepts``) and ``latent_clip`` and
+``latent_aligned`` (a continuous latent with no classes, where each kind plants its latent
+analogue: ``ecif.data.latent``). Noise kinds:
 shuffle, confusable (near-miss class), attribute (one attribute wrong), boilerplate, mixed
 (``ecif.data.noisy``, in the captions); with ``--kinds``, also placeholder images,
 out-of-domain images or captions, and half-right captions, planted in the embeddings
@@ -47,6 +50,7 @@ from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import signal_suspicions
 from ecif.audit.probe_regression import probe_direction
 from ecif.data.concepts import HELD_OUT
+from ecif.data.latent import LATENT_GEOMETRIES, latent_pairs
 from ecif.engine.influence import loss_gradient, score_pass
 
 GEOMETRIES = ("shapes", "digits", "clip_like", "aligned")  # the grid the defaults were chosen on
@@ -110,6 +114,15 @@ def make_sets(
             x, y, ids=train.ids, metadata=train.metadata, logit_scale=train.logit_scale
         )
         return out, val, labels
+    if geometry in LATENT_GEOMETRIES:  # no classes, no caption text: the kinds' latent analogues
+        if class_skew or captions_per_image > 1:
+            raise SystemExit("--class-skew and --captions-per-image: concept geometries only")
+        x, y, labels = latent_pairs(geometry, kind, noise, seed, n, d)
+        xv, yv, val_labels = latent_pairs(geometry, kind, val_noise, seed + 10_000, n_val, d)
+        keys = np.array([f"latent-{seed}-{i:06d}" for i in range(n)])
+        train = ecif.EmbeddingSet(x, y, ids=keys, logit_scale=100.0)
+        planted = pd.DataFrame({"is_corrupted": val_labels})
+        return train, ecif.EmbeddingSet(xv, yv, metadata=planted, logit_scale=100.0), labels
     if geometry in ("shapes", "digits"):
         if class_skew or captions_per_image > 1:
             raise SystemExit("--class-skew and --captions-per-image: synthetic geometries only")
@@ -322,8 +335,10 @@ def main() -> None:
         "--geometries",
         nargs="+",
         default=list(GEOMETRIES),
-        choices=GEOMETRIES + HELD_OUT,
-        help="default: the four the defaults were chosen on; also: " + ", ".join(HELD_OUT),
+        choices=GEOMETRIES + HELD_OUT + tuple(LATENT_GEOMETRIES),
+        help="default: the four the defaults were chosen on; held out of every choice: "
+        + ", ".join(HELD_OUT + tuple(LATENT_GEOMETRIES))
+        + " (the last two: a continuous latent, no classes; ecif.data.latent)",
     )
     ap.add_argument(
         "--kinds",

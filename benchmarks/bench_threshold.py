@@ -6,9 +6,13 @@ noise count, and whether it calls its estimate reliable, with and without the pr
 
 Reads (and fills) the same per-cell cache as ``bench_combine_trials.py``: every cell audited
 once with DEFAULT options. ``shipped``: ``misalign_scores``' noise rate, which checks the
-mixture's count against the planted probes' spike-in count (``spike_in_rate``);
-``without the probe check``: the mixture's own test (at most 30%, no comparison), the rule
-before. Untrusted rates flag the top 10% (``FALLBACK_FRACTION``), as the audit does. Printed
+mixture's count against the planted probes' spike-in count (``spike_in_rate``), trusts it
+only where the mixture's density dips by ``MIN_CHECKED_VALLEY`` between its groups, and
+otherwise flags the top 10% (``FALLBACK_FRACTION``) or, when more, as many as score like the
+shuffled-caption probes (``NoiseRate.fallback_fraction``); ``before the valley floor``: the
+same check without that floor, 10% when untrusted (the rule before 2026-12-07, twenty-fifth
+session); ``without the probe check``: the mixture's own test (at most 30%, no comparison),
+the rule before that, 10% when untrusted. Printed
 per cell: flagged / true (mean [min, max] over seeds) and how many seeds trusted the rate;
 then per rule, over the whole grid, the trusted count and the range of flagged / true where
 trusted; then the counts as fractions of the set (they work at 0% noise too, where a ratio
@@ -31,21 +35,30 @@ from trial_cells import Cell, add_grid_arguments, cached_cells
 
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import misalign_scores, mixture_ranking
-from ecif.audit.thresholds import FALLBACK_FRACTION, mixture_noise_rate
+from ecif.audit.thresholds import FALLBACK_FRACTION, MIN_CHECKED_VALLEY, mixture_noise_rate
 
 
 def rates(cell: Cell) -> dict[str, tuple[float, bool, float | None]]:
-    """(rate, reliable, probe rate) under the shipped rule and the rule before it."""
+    """(share flagged, trusted, probe rate) under the shipped rule and the two before it."""
     score, record, rate = misalign_scores(
         cell.table, "auto", float(cell.d["n_norm"]), cell.probes()
     )
     if not np.allclose(score, cell.d["shipped"], equal_nan=True):
         raise SystemExit("the cache no longer matches the shipped score: delete it and rerun")
-    before = mixture_noise_rate(cell.log_odds, cell.mix.separation, record["valley"])
+    valley = record["valley"]
+    # the rule before the valley floor: any valley above 0 (lifting one under the floor to it
+    # changes no other test: those read valley > 0 and valley >= CLEAR_VALLEY), 10% fallback
+    lifted = max(valley, MIN_CHECKED_VALLEY) if valley > 0 else valley
+    floorless = mixture_noise_rate(cell.log_odds, cell.mix.separation, lifted, record["probe_rate"])
+    before = mixture_noise_rate(cell.log_odds, cell.mix.separation, valley)
     return {
-        "shipped": (rate.rate, rate.reliable, rate.probe_rate),
-        "without the probe check": (before.rate, before.reliable, None),
-    }
+        "shipped": (rate.rate if rate.reliable else rate.fallback_fraction(), rate.reliable,
+                    rate.probe_rate),
+        "before the valley floor": (floorless.rate if floorless.reliable else FALLBACK_FRACTION,
+                                    floorless.reliable, floorless.probe_rate),
+        "without the probe check": (before.rate if before.reliable else FALLBACK_FRACTION,
+                                    before.reliable, None),
+    }  # fmt: skip
 
 
 def held_auc_z(cell: Cell) -> float:
@@ -74,7 +87,7 @@ def main() -> None:
         true = float(cell.d["labels"].mean())
         z = held_auc_z(cell)
         for rule, (rate, ok, probe) in rates(cell).items():
-            flagged = rate if ok else FALLBACK_FRACTION
+            flagged = rate
             probe = np.nan if probe is None else probe
             ratio, probe_ratio = (flagged / true, probe / true) if true > 0 else (np.nan, np.nan)
             rows.append(

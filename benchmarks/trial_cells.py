@@ -22,6 +22,7 @@ from ecif.audit.probes import held_out_clean
 from ecif.audit.selection import make_probes
 from ecif.audit.thresholds import mixture_noise_rate
 from ecif.data.concepts import HELD_OUT
+from ecif.data.latent import LATENT_GEOMETRIES
 
 # as far as the audit has them
 SIG = ("pair_loss", "clip_score", "influence", "trusted_loss", CONSENSUS)
@@ -99,7 +100,11 @@ class Cell:
     def probes(self, twin: dict | None = None) -> ProbeSignals:
         """The twin's rows as the audit hands them to ``misalign_scores`` (``twin``: other
         suspicions for the same rows)."""
-        return ProbeSignals(self.twin if twin is None else twin, self.is_probe, self.is_clean)
+        # the probes in planted order, a third each: the first third have shuffled captions
+        shuffled = np.zeros(len(self.is_probe), dtype=bool)
+        shuffled[np.array_split(np.nonzero(self.is_probe)[0], 3)[0]] = True
+        twin = self.twin if twin is None else twin
+        return ProbeSignals(twin, self.is_probe, self.is_clean, shuffled)
 
     def mixture_score(self, suspicions: dict) -> np.ndarray:
         """The mixture's log-odds of these rows, hedged where the default hedges them."""
@@ -133,7 +138,10 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
 def add_grid_options(ap: argparse.ArgumentParser) -> None:
     """bench_detect's grid: geometries, noise kinds, seeds, sizes, width, noise rate, skew."""
     ap.add_argument(
-        "--geometries", nargs="+", default=list(GEOMETRIES), choices=GEOMETRIES + HELD_OUT
+        "--geometries",
+        nargs="+",
+        default=list(GEOMETRIES),
+        choices=GEOMETRIES + HELD_OUT + tuple(LATENT_GEOMETRIES),
     )
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS + EMBEDDING_KINDS)
     ap.add_argument("--seeds", type=int, default=3)

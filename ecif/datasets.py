@@ -1,4 +1,4 @@
-"""Built-in data: shapes and digits pairs, synthetic concept embeddings, the tiny CLIP, planted noise.
+"""Built-in data: shapes and digits pairs, synthetic concept and latent embeddings, the tiny CLIP, planted noise.
 
 ``shapes_embedded(noise=0.2)`` is the one-call demo input: it makes shapes shards, embeds them
 through the real ``ecif.embed`` path with the cached tiny model and returns the folder, ready
@@ -17,6 +17,7 @@ import numpy as np
 
 from ecif.data.concepts import GEOMETRIES, concept_pairs
 from ecif.data.digits import digits
+from ecif.data.latent import LATENT_GEOMETRIES, latent_pairs
 from ecif.data.layout import read_manifest
 from ecif.data.noisy import NOISE_KINDS
 from ecif.data.shapes import ShapesData, caption_of, shapes
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GEOMETRIES",
+    "LATENT_GEOMETRIES",
     "NOISE_KINDS",
     "TINY_NAME",
     "ShapesData",
@@ -45,6 +47,7 @@ __all__ = [
     "caption_of",
     "concept_pairs",
     "digits",
+    "latent_pairs",
     "read_report",
     "register_config",
     "retrieval_accuracy",

@@ -13,6 +13,7 @@ from ecif.audit.thresholds import (
     CLEAR_VALLEY,
     MAX_CHECKED_RATE,
     MAX_RATE,
+    MIN_CHECKED_VALLEY,
     NoiseRate,
     flag_count,
     mixture_noise_rate,
@@ -37,7 +38,8 @@ def test_spike_in_rate_recovers_a_planted_rate_of_noise_like_the_probes(seed):
 
 def test_the_rate_check_against_probes():
     log_odds = np.r_[np.ones(150), -np.ones(850)]  # 15% in the suspect group
-    shallow, clear = 0.1, CLEAR_VALLEY + 0.5
+    shallow, clear = 0.3, CLEAR_VALLEY + 0.5
+    assert MIN_CHECKED_VALLEY < shallow < CLEAR_VALLEY
     assert mixture_noise_rate(log_odds, 3.0, shallow).reliable  # no probes: the old rule
     over = mixture_noise_rate(log_odds, 3.0, shallow, probe_rate=0.06)
     assert not over.reliable and "planted probes imply" in over.why

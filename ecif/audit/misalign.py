@@ -31,12 +31,28 @@ from ecif.audit.validation_noise import validation_noise
 
 @dataclass
 class ProbeSignals:
-    """A twin audit's suspicions per row, which rows were planted and which are validation
-    pairs held in it as known-clean rows (None: none; ``ecif.audit.probes.probe_signals``)."""
+    """A twin audit's suspicions per row, which rows were planted, which of those carry
+    another pair's caption (None: not known) and which are validation pairs held in it as
+    known-clean rows (None: none; ``ecif.audit.probes.probe_signals``)."""
 
     suspicions: dict[str, np.ndarray]
     is_probe: np.ndarray
     is_clean: np.ndarray | None = None
+    is_shuffled: np.ndarray | None = None
+
+    def shuffled_rate(self, twin: np.ndarray) -> float | None:
+        """The noise rate the shuffled-caption probes alone imply (``spike_in_rate`` over the
+        real rows and those probes; ``twin``: the scores of the rows ``without_clean`` keeps),
+        None when they are not known."""
+        if self.is_shuffled is None:
+            return None
+        keep = np.ones(len(self.is_probe), dtype=bool)
+        if self.is_clean is not None:
+            keep = ~np.asarray(self.is_clean, dtype=bool)
+        shuffled = np.asarray(self.is_shuffled, dtype=bool)[keep]
+        probe = self.is_probe[keep]
+        rows = ~probe | shuffled
+        return spike_in_rate(twin[rows], shuffled[rows]) if shuffled.any() else None
 
     def without_clean(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The real and planted rows' suspicions and probe mask: what the probes' count of
@@ -135,12 +151,13 @@ def misalign_scores(
     n_norm: float,
     probes: ProbeSignals | None = None,
     probe_rate: float | None = None,
+    shuffled_rate: float | None = None,
 ) -> tuple[np.ndarray, dict, NoiseRate | None]:
     """misalign_score from the table's signals (docs/math.md), what combined them, and the
     noise rate the combination implies (the mixture's; None for the other modes). ``probes``:
     a twin audit's signals (``probe_signals``) that weigh the mixture's features;
-    ``probe_rate``: without them, the rate an earlier run's probes implied (a rerun that
-    keeps its scores counts the noise as that run did)."""
+    ``probe_rate``, ``shuffled_rate``: without them, the rates an earlier run's probes
+    implied (a rerun that keeps its scores counts the noise as that run did)."""
     sus = signal_suspicions(table, n_norm)
     if mode == "auto":
         try:
@@ -160,7 +177,9 @@ def misalign_scores(
             if hedge:
                 score, record["hedge"] = hedged_score(mix, sus, score)  # with the equal sum
             if probes is None and probe_rate is not None:
-                rate = mixture_noise_rate(log_odds, mix.separation, record["valley"], probe_rate)
+                rate = mixture_noise_rate(
+                    log_odds, mix.separation, record["valley"], probe_rate, shuffled_rate
+                )
             if probes is not None:
                 drop = UNVALIDATED_DROP if unvalidated else 0.0
                 score, record["probe_weights"] = probe_weighted_score(
@@ -178,13 +197,16 @@ def misalign_scores(
                 twin_sus, twin_probe = probes.without_clean()
                 twin = twin_score(mix, twin_sus, weights, hedge, alone=bool(alone))
                 record["probe_rate"] = spike_in_rate(twin, twin_probe)
+                shuffled = probes.shuffled_rate(twin)
+                if shuffled is not None:
+                    record["shuffled_probe_rate"] = shuffled
                 if probes.is_clean is not None:  # how noisy the held validation pairs look
                     every = twin_score(mix, probes.suspicions, weights, hedge, alone=bool(alone))
                     found = validation_noise(every, probes.is_probe, probes.is_clean)
                     if found is not None:
                         record["validation_noise"] = found.record()
                 rate = mixture_noise_rate(
-                    log_odds, mix.separation, record["valley"], record["probe_rate"]
+                    log_odds, mix.separation, record["valley"], record["probe_rate"], shuffled
                 )
             return score, record, rate
     if mode != "equal" and mode not in sus:

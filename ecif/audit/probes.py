@@ -75,9 +75,9 @@ def probe_signals(
     x, y = np.asarray(train.image)[rows], np.asarray(train.text)[rows]
     image_rows = text_rows = None
     if auditor.args.params == "head":
-        px, py, _ = make_probes(x, y, fraction, seed)
+        px, py, kind = make_probes(x, y, fraction, seed)
     else:  # the encoders read features: probes must be copies of real rows
-        image_rows, text_rows, _ = probe_sources(x, y, fraction, seed)
+        image_rows, text_rows, kind = probe_sources(x, y, fraction, seed)
         px, py = x[image_rows], y[text_rows]
     held, twin_val = held_out_clean(auditor.val, seed)
     cx = np.asarray(auditor.val.image)[held] if held is not None else x[:0]
@@ -111,7 +111,9 @@ def probe_signals(
     position = np.arange(n)
     is_probe = (position >= len(rows)) & (position < len(rows) + len(px))
     is_clean = position >= len(rows) + len(px) if held is not None else None
-    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, is_clean)
+    is_shuffled = np.zeros(n, dtype=bool)
+    is_shuffled[len(rows) : len(rows) + len(px)] = np.asarray(kind) == "shuffle"
+    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, is_clean, is_shuffled)
 
 
 def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | None, Any]:

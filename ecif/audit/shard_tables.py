@@ -128,8 +128,14 @@ def finalize(
             meta["warnings"] = merged(meta.get("warnings"), [note])
     else:  # the kept scores; their noise rate counted with the earlier run's probes
         score = pairs["misalign_score"].to_numpy(np.float64)
-        probe_rate = (meta.get("combination") or {}).get("probe_rate")  # the earlier run's
-        rate = misalign_scores(pairs, mode, n_norm, probe_rate=probe_rate)[2]
+        earlier = meta.get("combination") or {}  # the earlier run's probes' counts
+        rate = misalign_scores(
+            pairs,
+            mode,
+            n_norm,
+            probe_rate=earlier.get("probe_rate"),
+            shuffled_rate=earlier.get("shuffled_probe_rate"),
+        )[2]
     score = score.astype(np.float32).astype(np.float64)  # rank what the tables hold
     count, how = flag_count(score, threshold, rate)
     allv, rank, flag = flags_of_rows(rows, score, count)

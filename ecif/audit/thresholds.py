@@ -25,6 +25,13 @@ class NoiseRate:
     reliable: bool
     why: str = ""
     probe_rate: float | None = None  # the rate planted probes imply (``spike_in_rate``)
+    shuffled_rate: float | None = None  # the same, from the shuffled-caption probes alone
+
+    def fallback_fraction(self) -> float:
+        """The share an untrusted estimate flags: ``FALLBACK_FRACTION``, or as many pairs as
+        score like planted shuffled captions when that is more (at most ``MAX_CHECKED_RATE``)."""
+        floor = self.shuffled_rate if self.shuffled_rate is not None else 0.0
+        return max(FALLBACK_FRACTION, min(floor, MAX_CHECKED_RATE))
 
 
 def noise_rate(scores: np.ndarray, iters: int = 200) -> NoiseRate:
@@ -64,6 +71,12 @@ MAX_CHECKED_RATE = 0.5
 PROBE_AGREEMENT = 1.5
 CLEAR_VALLEY = 1.0
 PROBE_RECALL = 0.5  # the spike-in counts real rows above the score half the probes reach
+# with planted probes, a count is trusted only where the mixture's density dips by at least
+# this much (log-density) between its groups: below it, the density has all but one mode, and
+# counts came out at 1.2-1.9x the noise while the probes' check passed them (they too count
+# noise plainer than most probes at up to 2x); the shuffled probes' count is flagged instead
+# (benchmarks/README.md, "The threshold where the mixture barely has two modes")
+MIN_CHECKED_VALLEY = 0.25
 
 
 def clearly_apart(separation: float, valley: float) -> bool:
@@ -98,25 +111,33 @@ def mixture_noise_rate(
     separation: float,
     valley: float | None = None,
     probe_rate: float | None = None,
+    shuffled_rate: float | None = None,
 ) -> NoiseRate:
     """The noise rate a suspect mixture implies (pairs with positive log-odds), trusted when
     its components are apart (``MIN_SEPARATION``), its density has two modes (``valley`` > 0,
     ``SuspectMixture.valley``; None: not checked) and the suspects are a minority: at most
     ``MAX_RATE``, or with ``probe_rate`` (``spike_in_rate``) at most ``MAX_CHECKED_RATE`` and
     no more than ``PROBE_AGREEMENT`` times the probes' count unless the valley is
-    ``CLEAR_VALLEY`` deep. Why the check: where the groups barely part (5% noise), the
-    suspect component takes in the bulk's tail and counted 2-3x the noise (measured)."""
+    ``CLEAR_VALLEY`` deep, and with a valley of at least ``MIN_CHECKED_VALLEY``. Why the
+    check: where the groups barely part (5% noise), the suspect component takes in the bulk's
+    tail and counted 2-3x the noise (measured). ``shuffled_rate``: the shuffled-caption
+    probes' count, carried for the fallback (``NoiseRate.fallback_fraction``)."""
     s = np.asarray(log_odds, dtype=np.float64)
     s = s[np.isfinite(s)]
     rate = float((s > 0).mean()) if len(s) else 0.0
 
     def unreliable(why: str) -> NoiseRate:
-        return NoiseRate(rate, False, why, probe_rate)
+        return NoiseRate(rate, False, why, probe_rate, shuffled_rate)
 
     if separation < MIN_SEPARATION:
         return unreliable(f"no separate group of suspects (separation {separation:.2f})")
     if valley is not None and not valley > 0:
         return unreliable("no separate group of suspects (the mixture's density has one mode)")
+    if probe_rate is not None and valley is not None and valley < MIN_CHECKED_VALLEY:
+        return unreliable(
+            f"the mixture's density barely dips between its groups (valley {valley:.2f}, "
+            f"under {MIN_CHECKED_VALLEY:g}): its suspect group takes in clean pairs"
+        )
     top = MAX_RATE if probe_rate is None else MAX_CHECKED_RATE
     if not 0.0 < rate <= top:
         return unreliable(
@@ -129,7 +150,7 @@ def mixture_noise_rate(
             "that planted probes imply, and the group is not clearly apart: it takes in clean "
             "pairs, or the noise is subtler than the probes"
         )
-    return NoiseRate(rate, True, "", probe_rate)
+    return NoiseRate(rate, True, "", probe_rate, shuffled_rate)
 
 
 def estimate_noise_rate(scores: np.ndarray, iters: int = 200) -> float:
@@ -144,8 +165,8 @@ def flag_count(
     """How many of the top-scored pairs to flag, and a sentence saying how that was chosen.
 
     ``threshold``: "auto" (estimated noise rate; when the scores cannot support an estimate,
-    the top ``FALLBACK_FRACTION`` and a sentence saying so), a float in (0, 1) (that
-    fraction), or an int >= 1 (that many pairs).
+    the top ``NoiseRate.fallback_fraction`` and a sentence saying so), a float in (0, 1)
+    (that fraction), or an int >= 1 (that many pairs).
     """
     n = int(np.isfinite(scores).sum())
     if isinstance(threshold, str):
@@ -161,10 +182,11 @@ def flag_count(
         if est.reliable:
             probes = "" if est.probe_rate is None else f" (planted probes: {est.probe_rate:.1%})"
             return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}{probes}"
-        return int(round(FALLBACK_FRACTION * n)), (
-            f"auto: {UNRELIABLE} ({est.why}); flagged the top "
-            f"{FALLBACK_FRACTION:.0%}.{_probe_floor(est)} If you know your noise rate, pass "
-            "--threshold FRACTION (e.g. 0.15) or a COUNT"
+        share = est.fallback_fraction()
+        return int(round(share * n)), (
+            f"auto: {UNRELIABLE} ({est.why}); flagged the top {100 * share:.3g}%"
+            f"{_shuffled_floor(est, share)}.{_probe_floor(est, share)} If you know your noise "
+            "rate, pass --threshold FRACTION (e.g. 0.15) or a COUNT"
         )
     if isinstance(threshold, float | np.floating) and not float(threshold).is_integer():
         if not 0.0 < threshold < 1.0:
@@ -176,23 +198,33 @@ def flag_count(
     return min(count, n), f"count {count}"
 
 
-def _probe_floor(est: NoiseRate) -> str:
+def _shuffled_floor(est: NoiseRate, share: float) -> str:
+    """Why the fallback flagged more than ``FALLBACK_FRACTION`` ("" when it did not)."""
+    if share <= FALLBACK_FRACTION:
+        return ""
+    return (
+        ": as many as score like planted shuffled captions (a floor for noise as plain as a "
+        "random caption; subtler noise scores below them)"
+    )
+
+
+def _probe_floor(est: NoiseRate, share: float = FALLBACK_FRACTION) -> str:
     """What the planted probes counted, when the fallback was taken without quoting it. On a
     clean or nearly clean set it is the figure that says so (measured over four geometries:
     0.0-2.5% with no noise, 0.7-6.0% with 1%, 2.5-7.7% with 5%, where the fallback flags
     10%), but it cannot replace the fallback: noise subtler than the probes hides below it
     (0.0-0.4% with 20% near-miss swaps or attribute edits on the synthetic encoders)."""
-    if est.probe_rate is None or "planted probes imply" in est.why:
-        return ""
-    if est.probe_rate > FALLBACK_FRACTION:  # the probes count more than the fallback flags
+    if est.probe_rate is None or "planted probes imply" in est.why or share > FALLBACK_FRACTION:
+        return ""  # said already, or the shuffled probes' count replaced the fallback
+    if est.probe_rate > share:  # the probes count more than the fallback flags
         return (
             f" Planted probes imply {est.probe_rate:.1%}: the set may hold more noise than "
-            f"that top {FALLBACK_FRACTION:.0%} (probes overcount noise plainer than they are, "
+            f"that top {100 * share:.3g}% (probes overcount noise plainer than they are, "
             "such as template captions)."
         )
     return (
         f" Planted probes imply {est.probe_rate:.1%}: the set may be cleaner than that top "
-        f"{FALLBACK_FRACTION:.0%}, or its noise subtler than probes (near-miss swaps, "
+        f"{100 * share:.3g}%, or its noise subtler than probes (near-miss swaps, "
         "attribute edits), which they undercount."
     )
 
