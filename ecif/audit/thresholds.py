@@ -185,7 +185,7 @@ def flag_count(
         share = est.fallback_fraction()
         return int(round(share * n)), (
             f"auto: {UNRELIABLE} ({est.why}); flagged the top {100 * share:.3g}%"
-            f"{_shuffled_floor(est, share)}.{_probe_floor(est, share)} If you know your noise "
+            f"{_shuffled_floor(share)}.{_probe_floor(est, share)} If you know your noise "
             "rate, pass --threshold FRACTION (e.g. 0.15) or a COUNT"
         )
     if isinstance(threshold, float | np.floating) and not float(threshold).is_integer():
@@ -198,7 +198,7 @@ def flag_count(
     return min(count, n), f"count {count}"
 
 
-def _shuffled_floor(est: NoiseRate, share: float) -> str:
+def _shuffled_floor(share: float) -> str:
     """Why the fallback flagged more than ``FALLBACK_FRACTION`` ("" when it did not)."""
     if share <= FALLBACK_FRACTION:
         return ""
