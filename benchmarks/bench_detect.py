@@ -8,9 +8,9 @@ Geometries: ``shapes`` (the tiny CLIP on the shapes it was trained on: the pretr
 similarity is strong), ``digits`` (the tiny CLIP on scikit-learn digits it never saw),
 ``clip_like`` (synthetic concept embeddings, matched cosine ~0.3, unmatched ~0.14) and
 ``aligned`` (synthetic, an encoder that knows the domain: matched ~0.7); held out of every
-choice of the defaults, ``cone`` and ``weak`` (``ecif.data.concepts``) and ``latent_clip`` and
-``latent_aligned`` (a continuous latent with no classes, where each kind plants its latent
-analogue: ``ecif.data.latent``). Noise kinds:
+choice of the defaults, ``cone`` and ``weak`` (``ecif.data.concepts``) and ``latent_clip``,
+``latent_aligned`` and ``latent_cone`` (a continuous latent with no classes, where each kind
+plants its latent analogue: ``ecif.data.latent``). Noise kinds:
 shuffle, confusable (near-miss class), attribute (one attribute wrong), boilerplate, mixed
 (``ecif.data.noisy``, in the captions); with ``--kinds``, also placeholder images,
 out-of-domain images or captions, and half-right captions, planted in the embeddings
@@ -338,7 +338,7 @@ def main() -> None:
         choices=GEOMETRIES + HELD_OUT + tuple(LATENT_GEOMETRIES),
         help="default: the four the defaults were chosen on; held out of every choice: "
         + ", ".join(HELD_OUT + tuple(LATENT_GEOMETRIES))
-        + " (the last two: a continuous latent, no classes; ecif.data.latent)",
+        + " (the latent_ ones: a continuous latent, no classes; ecif.data.latent)",
     )
     ap.add_argument(
         "--kinds",

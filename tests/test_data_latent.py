@@ -13,7 +13,8 @@ def _cosines(x, y):
 
 
 @pytest.mark.parametrize(
-    "geometry, matched, unmatched", [("latent_clip", 0.29, 0.12), ("latent_aligned", 0.72, 0.15)]
+    "geometry, matched, unmatched",
+    [("latent_clip", 0.29, 0.12), ("latent_aligned", 0.72, 0.15), ("latent_cone", 0.63, 0.41)],
 )
 def test_each_geometry_has_the_cosines_it_promises(geometry, matched, unmatched):
     x, y, bad = ecif.datasets.latent_pairs(geometry, "shuffle", 0.0, 0, 2000)
