@@ -98,3 +98,34 @@ def test_clip_like_shuffles_without_validation_pairs_flag_about_the_planted_coun
     how = table.attrs["threshold"]
     assert 0.75 * bad.sum() <= flagged.sum() <= 1.15 * bad.sum(), how
     assert bad[flagged].mean() > 0.85, how
+
+
+def test_a_sharded_rerun_keeps_the_shuffled_probes_count(tmp_path):
+    """``ecif score`` writes the floor's count (``shuffled_probe_rate``) with the audit, so a
+    rerun that keeps every shard flags as the first run did, not the 10% fallback."""
+    import json
+
+    import pandas as pd
+
+    from ecif.audit.shards import score_shards
+    from ecif.data import layout
+
+    x, y, bad = ecif.datasets.latent_pairs("latent_clip", "shuffle", 0.2, 0, 2000)
+    xv, yv, _ = ecif.datasets.latent_pairs("latent_clip", "shuffle", 0.0, 10_000, 500)
+    folder, parts = tmp_path / "emb", 4
+    for k, rows in enumerate(np.array_split(np.arange(len(x)), parts)):
+        meta = pd.DataFrame({"key": [f"p{i}" for i in rows], "status": "ok", "error_message": None})
+        layout.write_part(folder, k, x[rows], y[rows], meta, {"source": f"{k:05d}.parquet"})
+    layout.write_manifest(folder, {"id_column": "key", "logit_scale": 100.0, "parts": [
+        {"index": k, "source": f"/in/{k:05d}.parquet"} for k in range(parts)]})  # fmt: skip
+    val = ecif.EmbeddingSet(xv, yv, logit_scale=100.0)
+    out = tmp_path / "audit"
+    score_shards(folder, out, val, args=ecif.AuditArgs(seed=0), log=lambda s: None)
+    first = json.loads((out / "audit.json").read_text())
+    assert "shuffled captions" in first["threshold"], first["threshold"]
+    assert 0.75 * bad.sum() <= first["flagged"] <= 1.25 * bad.sum()
+    said = []
+    score_shards(folder, out, val, args=ecif.AuditArgs(seed=0), log=said.append)
+    assert "only the threshold is applied again" in said[0]
+    again = json.loads((out / "audit.json").read_text())
+    assert (again["threshold"], again["flagged"]) == (first["threshold"], first["flagged"])
