@@ -1,5 +1,5 @@
 """The automatic threshold on the detection grid: how many pairs it flags against the true
-noise count, and whether it calls its estimate reliable, with and without the probe check.
+noise count, and whether it calls its estimate reliable: the shipped rule and the two before it.
 
     python benchmarks/bench_threshold.py --cache /tmp/trials-d64
     python benchmarks/bench_threshold.py --cache /tmp/trials-n05t --geometries shapes digits --noise 0.05
