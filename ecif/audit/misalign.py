@@ -46,12 +46,9 @@ class ProbeSignals:
         None when they are not known."""
         if self.is_shuffled is None:
             return None
-        keep = np.ones(len(self.is_probe), dtype=bool)
-        if self.is_clean is not None:
-            keep = ~np.asarray(self.is_clean, dtype=bool)
+        keep = self._unheld()
         shuffled = np.asarray(self.is_shuffled, dtype=bool)[keep]
-        probe = self.is_probe[keep]
-        rows = ~probe | shuffled
+        rows = ~self.is_probe[keep] | shuffled
         return spike_in_rate(twin[rows], shuffled[rows]) if shuffled.any() else None
 
     def without_clean(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -59,8 +56,14 @@ class ProbeSignals:
         the noise (``spike_in_rate``) reads."""
         if self.is_clean is None:
             return self.suspicions, self.is_probe
-        keep = ~np.asarray(self.is_clean, dtype=bool)
+        keep = self._unheld()
         return {k: v[keep] for k, v in self.suspicions.items()}, self.is_probe[keep]
+
+    def _unheld(self) -> np.ndarray:
+        """The rows that are not held validation pairs (all rows when none are held)."""
+        if self.is_clean is None:
+            return np.ones(len(self.is_probe), dtype=bool)
+        return ~np.asarray(self.is_clean, dtype=bool)
 
 
 # Without a validation set, the fraction of the twin's real rows left out of the probes'

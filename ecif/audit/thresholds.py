@@ -183,10 +183,12 @@ def flag_count(
             probes = "" if est.probe_rate is None else f" (planted probes: {est.probe_rate:.1%})"
             return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}{probes}"
         share = est.fallback_fraction()
+        # the pooled probes' count is quoted beside the 10% only: the floor says what it read
+        quoted = "" if share > FALLBACK_FRACTION else _probe_floor(est)
         return int(round(share * n)), (
             f"auto: {UNRELIABLE} ({est.why}); flagged the top {100 * share:.3g}%"
-            f"{_shuffled_floor(share)}.{_probe_floor(est, share)} If you know your noise "
-            "rate, pass --threshold FRACTION (e.g. 0.15) or a COUNT"
+            f"{_shuffled_floor(share)}.{quoted} If you know your noise rate, pass "
+            "--threshold FRACTION (e.g. 0.15) or a COUNT"
         )
     if isinstance(threshold, float | np.floating) and not float(threshold).is_integer():
         if not 0.0 < threshold < 1.0:
@@ -208,23 +210,23 @@ def _shuffled_floor(share: float) -> str:
     )
 
 
-def _probe_floor(est: NoiseRate, share: float = FALLBACK_FRACTION) -> str:
+def _probe_floor(est: NoiseRate) -> str:
     """What the planted probes counted, when the fallback was taken without quoting it. On a
     clean or nearly clean set it is the figure that says so (measured over four geometries:
     0.0-2.5% with no noise, 0.7-6.0% with 1%, 2.5-7.7% with 5%, where the fallback flags
     10%), but it cannot replace the fallback: noise subtler than the probes hides below it
     (0.0-0.4% with 20% near-miss swaps or attribute edits on the synthetic encoders)."""
-    if est.probe_rate is None or "planted probes imply" in est.why or share > FALLBACK_FRACTION:
-        return ""  # said already, or the shuffled probes' count replaced the fallback
-    if est.probe_rate > share:  # the probes count more than the fallback flags
+    if est.probe_rate is None or "planted probes imply" in est.why:
+        return ""
+    if est.probe_rate > FALLBACK_FRACTION:  # the probes count more than the fallback flags
         return (
             f" Planted probes imply {est.probe_rate:.1%}: the set may hold more noise than "
-            f"that top {100 * share:.3g}% (probes overcount noise plainer than they are, "
+            f"that top {FALLBACK_FRACTION:.0%} (probes overcount noise plainer than they are, "
             "such as template captions)."
         )
     return (
         f" Planted probes imply {est.probe_rate:.1%}: the set may be cleaner than that top "
-        f"{100 * share:.3g}%, or its noise subtler than probes (near-miss swaps, "
+        f"{FALLBACK_FRACTION:.0%}, or its noise subtler than probes (near-miss swaps, "
         "attribute edits), which they undercount."
     )
 

@@ -17,9 +17,8 @@ z' = z for a clean pair. The caption grid's noise kinds map onto the latent:
 Geometries: ``latent_clip`` (matched cosine about 0.29, unmatched about 0.12, as CLIP on web
 pairs), ``latent_aligned`` (matched about 0.72, unmatched about 0.15) and ``latent_cone`` (a
 strong direction shared by all embeddings, the narrow cone of real CLIP spaces: matched
-about 0.63, unmatched about 0.41). All are held out:
-no default was chosen on them (benchmarks/README.md). Test data, like ``concepts``: nothing
-downloads.
+about 0.63, unmatched about 0.41). All are held out: no default was chosen on them
+(benchmarks/README.md). Test data, like ``concepts``: nothing downloads.
 """
 
 from __future__ import annotations
