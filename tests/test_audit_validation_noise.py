@@ -78,7 +78,8 @@ def test_a_validation_set_cut_from_the_noisy_data_warns_and_a_clean_one_does_not
         warnings.simplefilter("error", ecif.NoisyValidationWarning)
         table = ecif.Auditor(clean_train, clean_val).run()
     found = table.attrs["combination"]["validation_noise"]
-    assert found["rate"] < 0.05 and not found["noisy"]
+    # the larger of two kinds' estimates: clean sets read up to 8% (benchmarks/README.md)
+    assert found["rate"] < 0.08 and not found["noisy"]
     assert not any("looks noisy" in w for w in table.attrs["warnings"])
 
 
@@ -96,3 +97,49 @@ def test_the_cli_says_it_once_and_records_it(tmp_path, capsys):
     assert "NoisyValidationWarning" not in captured.err  # the summary's line, not Python's
     found = info["combination"]["validation_noise"]
     assert f"validation pairs: about {found['rate']:.0%} look noisy" in captured.out
+
+
+def _twin_with_three_probe_kinds(rho: float, seed: int = 0):
+    """As ``_twin_scores``, but the probes planted as the twin plants them, a third each:
+    shuffled captions and generic ones (both scoring like the noise) and nearest-image
+    captions that score like clean pairs (as on a continuous latent with no classes)."""
+    score, is_probe, is_clean = _twin_scores(rho, seed)
+    kinds = np.full(len(score), "", dtype=object)
+    thirds = np.array_split(np.flatnonzero(is_probe), 3)
+    for rows, kind in zip(thirds, ("shuffle", "near", "generic")):
+        kinds[rows] = kind
+    score[thirds[1]] = np.random.default_rng(seed + 7).normal(0.3, 1.0, len(thirds[1]))
+    return score, is_probe, is_clean, kinds
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2])
+def test_each_kind_of_probe_alone_reads_a_clean_set_as_clean_where_the_pool_does_not(rho):
+    score, is_probe, is_clean, kinds = _twin_with_three_probe_kinds(rho)
+    pooled = validation_noise(score, is_probe, is_clean)
+    if rho == 0.0:  # why: probes that score like clean pairs overcount the training noise
+        assert pooled.rate > 0.05 and pooled.noisy
+    found = validation_noise(score, is_probe, is_clean, kinds=kinds)
+    assert found.probes in ("shuffle", "generic") and pooled.probes == "all"
+    assert abs(found.rate - rho) < 0.05 and found.noisy == (rho > 0), found
+    for kind in ("shuffle", "generic"):  # the larger of the two kinds' own estimates
+        alone = ~is_probe | (kinds == kind)
+        own = validation_noise(score[alone], is_probe[alone], is_clean[alone])
+        assert found.rate >= own.rate - 1e-12
+    few = kinds.copy()  # too few of each kind to read alone (10): all probes together
+    few[np.flatnonzero(kinds == "shuffle")[10:]] = "near"
+    few[np.flatnonzero(kinds == "generic")[10:]] = "near"
+    assert validation_noise(score, is_probe, is_clean, kinds=few).rate == pooled.rate
+
+
+def test_a_clean_validation_set_on_a_continuous_latent_does_not_warn():
+    """The audit that warned before (latent_aligned, 20% shuffled captions, seed 0: the
+    probes, nearest-image ones included, read 34% of the training pairs as noise and the
+    clean validation set as 6% noisy, interval 4%-9%)."""
+    x, y, _ = ecif.datasets.latent_pairs("latent_aligned", "shuffle", 0.2, 0, 2000)
+    vx, vy, _ = ecif.datasets.latent_pairs("latent_aligned", "shuffle", 0.0, 1, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ecif.NoisyValidationWarning)
+        table = ecif.Auditor(ecif.EmbeddingSet(x, y), ecif.EmbeddingSet(vx, vy)).run()
+    found = table.attrs["combination"]["validation_noise"]
+    assert found["probes"] in ("shuffle", "generic") and not found["noisy"], found
+    assert found["rate"] < 0.03, found

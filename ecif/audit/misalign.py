@@ -32,13 +32,15 @@ from ecif.audit.validation_noise import validation_noise
 @dataclass
 class ProbeSignals:
     """A twin audit's suspicions per row, which rows were planted, which of those carry
-    another pair's caption (None: not known) and which are validation pairs held in it as
-    known-clean rows (None: none; ``ecif.audit.probes.probe_signals``)."""
+    another pair's caption and each planted row's kind (``selection.make_probes``; "" for
+    the others; None: not known), and which are validation pairs held in it as known-clean
+    rows (None: none; ``ecif.audit.probes.probe_signals``)."""
 
     suspicions: dict[str, np.ndarray]
     is_probe: np.ndarray
     is_clean: np.ndarray | None = None
     is_shuffled: np.ndarray | None = None
+    kinds: np.ndarray | None = None
 
     def shuffled_rate(self, twin: np.ndarray) -> float | None:
         """The noise rate the shuffled-caption probes alone imply (``spike_in_rate`` over the
@@ -205,7 +207,9 @@ def misalign_scores(
                     record["shuffled_probe_rate"] = shuffled
                 if probes.is_clean is not None:  # how noisy the held validation pairs look
                     every = twin_score(mix, probes.suspicions, weights, hedge, alone=bool(alone))
-                    found = validation_noise(every, probes.is_probe, probes.is_clean)
+                    found = validation_noise(
+                        every, probes.is_probe, probes.is_clean, kinds=probes.kinds
+                    )
                     if found is not None:
                         record["validation_noise"] = found.record()
                 rate = mixture_noise_rate(

@@ -111,9 +111,10 @@ def probe_signals(
     position = np.arange(n)
     is_probe = (position >= len(rows)) & (position < len(rows) + len(px))
     is_clean = position >= len(rows) + len(px) if held is not None else None
-    is_shuffled = np.zeros(n, dtype=bool)
-    is_shuffled[len(rows) : len(rows) + len(px)] = np.asarray(kind) == "shuffle"
-    return ProbeSignals(signal_suspicions(scored, n_norm), is_probe, is_clean, is_shuffled)
+    kinds = np.full(n, "", dtype=object)
+    kinds[len(rows) : len(rows) + len(px)] = kind
+    sus = signal_suspicions(scored, n_norm)
+    return ProbeSignals(sus, is_probe, is_clean, kinds == "shuffle", kinds)
 
 
 def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | None, Any]:
