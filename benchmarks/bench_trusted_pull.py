@@ -33,6 +33,7 @@ from sklearn.metrics import average_precision_score
 
 import ecif
 import ecif.api as api
+from ecif.audit.selection import golden_section
 from ecif.data.concepts import HELD_OUT
 from ecif.data.duplicates import image_halves
 from ecif.data.latent import LATENT_GEOMETRIES
@@ -52,19 +53,7 @@ def _best_scale_loss(blocks: list[torch.Tensor]) -> float:
         total = sum((b.logsumexp(1) + b.logsumexp(0) - 2 * b.diagonal()).sum().item() for b in z)
         return total / sum(len(b) for b in z)
 
-    lo, hi, g = np.log(0.05), np.log(20.0), (np.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = loss(a), loss(b)
-    for _ in range(40):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = loss(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = loss(b)
-    return min(fa, fb)
+    return loss(golden_section(loss, np.log(0.05), np.log(20.0)))
 
 
 def _held_out(head, held) -> float:

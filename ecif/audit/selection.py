@@ -146,20 +146,25 @@ def calibrated_scale(
         t = math.exp(log_t)
         return sum(float(_pair_infonce(c, t).sum()) for _, c in blocks) / count
 
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    return float(math.exp(golden_section(loss, math.log(bounds[0]), math.log(bounds[1]))))
+
+
+def golden_section(f, lo: float, hi: float, steps: int = 40) -> float:
+    """The minimiser of a function convex on [lo, hi]: the middle of the bracket left after
+    ``steps`` golden-section steps (each shrinks it by 0.618)."""
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = loss(a), loss(b)
-    for _ in range(40):
+    fa, fb = f(a), f(b)
+    for _ in range(steps):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - g * (hi - lo)
-            fa = loss(a)
+            fa = f(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
-            fb = loss(b)
-    return float(math.exp((lo + hi) / 2))
+            fb = f(b)
+    return (lo + hi) / 2
 
 
 def trimmed_scale(
