@@ -26,6 +26,7 @@ from ecif.data.latent import LATENT_GEOMETRIES
 
 # as far as the audit has them
 SIG = ("pair_loss", "clip_score", "influence", "trusted_loss", CONSENSUS)
+PROBE_KINDS = ("shuffle", "near", "generic")
 COLUMNS = ("influence", "self_influence", "pair_loss", "clip_score", "trusted_loss", CONSENSUS)
 
 
@@ -100,11 +101,12 @@ class Cell:
     def probes(self, twin: dict | None = None) -> ProbeSignals:
         """The twin's rows as the audit hands them to ``misalign_scores`` (``twin``: other
         suspicions for the same rows)."""
-        # the probes in planted order, a third each: the first third have shuffled captions
-        shuffled = np.zeros(len(self.is_probe), dtype=bool)
-        shuffled[np.array_split(np.nonzero(self.is_probe)[0], 3)[0]] = True
+        # the probes in planted order, a third each (``selection.make_probes``)
+        kinds = np.full(len(self.is_probe), "", dtype=object)
+        for rows, kind in zip(np.array_split(np.flatnonzero(self.is_probe), 3), PROBE_KINDS):
+            kinds[rows] = kind
         twin = self.twin if twin is None else twin
-        return ProbeSignals(twin, self.is_probe, self.is_clean, shuffled)
+        return ProbeSignals(twin, self.is_probe, self.is_clean, kinds)
 
     def mixture_score(self, suspicions: dict) -> np.ndarray:
         """The mixture's log-odds of these rows, hedged where the default hedges them."""

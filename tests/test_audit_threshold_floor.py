@@ -32,14 +32,14 @@ def test_the_shuffled_probes_count_plain_noise_that_the_pooled_probes_count_twic
     probes = np.r_[g.normal(5.0, 1.0, m // 3), g.normal(0.3, 1.0, m // 3), g.normal(4.0, 1, m // 3)]
     score = np.r_[real, probes]
     is_probe = np.r_[np.zeros(n, bool), np.ones(m, bool)]
-    is_shuffled = np.r_[np.zeros(n, bool), np.arange(m) < m // 3]
+    kinds = np.r_[np.full(n, ""), np.repeat(["shuffle", "near", "generic"], m // 3)]
     assert spike_in_rate(score, is_probe) > 1.6 * bad.mean()  # why the pooled count is no floor
-    signals = ProbeSignals({}, is_probe, None, is_shuffled)
+    signals = ProbeSignals({}, is_probe, None, kinds)
     assert signals.shuffled_rate(score) == pytest.approx(bad.mean(), abs=0.03)
     # with clean rows held in the twin: the scores passed are those of the other rows
     with_held = ProbeSignals({}, np.r_[is_probe, np.zeros(500, bool)],
                              np.r_[np.zeros(n + m, bool), np.ones(500, bool)],
-                             np.r_[is_shuffled, np.zeros(500, bool)])  # fmt: skip
+                             np.r_[kinds, np.full(500, "")])  # fmt: skip
     assert with_held.shuffled_rate(score) == signals.shuffled_rate(score)
     assert ProbeSignals({}, is_probe).shuffled_rate(score) is None
 

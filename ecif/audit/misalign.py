@@ -31,25 +31,24 @@ from ecif.audit.validation_noise import validation_noise
 
 @dataclass
 class ProbeSignals:
-    """A twin audit's suspicions per row, which rows were planted, which of those carry
-    another pair's caption and each planted row's kind (``selection.make_probes``; "" for
-    the others; None: not known), and which are validation pairs held in it as known-clean
-    rows (None: none; ``ecif.audit.probes.probe_signals``)."""
+    """A twin audit's suspicions per row, which rows were planted, which are validation pairs
+    held in it as known-clean rows (None: none) and each planted row's kind ("shuffle",
+    "near", "generic": ``selection.make_probes``; "" for the other rows; None: not known;
+    ``ecif.audit.probes.probe_signals``)."""
 
     suspicions: dict[str, np.ndarray]
     is_probe: np.ndarray
     is_clean: np.ndarray | None = None
-    is_shuffled: np.ndarray | None = None
     kinds: np.ndarray | None = None
 
     def shuffled_rate(self, twin: np.ndarray) -> float | None:
         """The noise rate the shuffled-caption probes alone imply (``spike_in_rate`` over the
         real rows and those probes; ``twin``: the scores of the rows ``without_clean`` keeps),
-        None when they are not known."""
-        if self.is_shuffled is None:
+        None when the probes' kinds are not known."""
+        if self.kinds is None:
             return None
         keep = self._unheld()
-        shuffled = np.asarray(self.is_shuffled, dtype=bool)[keep]
+        shuffled = (np.asarray(self.kinds) == "shuffle")[keep]
         rows = ~self.is_probe[keep] | shuffled
         return spike_in_rate(twin[rows], shuffled[rows]) if shuffled.any() else None
 

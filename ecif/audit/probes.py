@@ -114,7 +114,7 @@ def probe_signals(
     kinds = np.full(n, "", dtype=object)
     kinds[len(rows) : len(rows) + len(px)] = kind
     sus = signal_suspicions(scored, n_norm)
-    return ProbeSignals(sus, is_probe, is_clean, kinds == "shuffle", kinds)
+    return ProbeSignals(sus, is_probe, is_clean, kinds)
 
 
 def held_out_clean(val: EmbeddingSet | None, seed: int) -> tuple[np.ndarray | None, Any]:
