@@ -1,5 +1,5 @@
 """The automatic threshold on the detection grid: how many pairs it flags against the true
-noise count, and whether it calls its estimate reliable: the shipped rule and the two before it.
+noise count, and whether it calls its estimate reliable: the shipped rule and the three before it.
 
     python benchmarks/bench_threshold.py --cache /tmp/trials-d64
     python benchmarks/bench_threshold.py --cache /tmp/trials-n05t --geometries shapes digits --noise 0.05
@@ -9,7 +9,10 @@ once with DEFAULT options. ``shipped``: ``misalign_scores``' noise rate, which c
 mixture's count against the planted probes' spike-in count (``spike_in_rate``), trusts it
 only where the mixture's density dips by ``MIN_CHECKED_VALLEY`` between its groups, and
 otherwise flags the top 10% (``FALLBACK_FRACTION``) or, when more, as many as score like the
-shuffled-caption probes (``NoiseRate.fallback_fraction``); ``before the valley floor``: the
+shuffled-caption probes (``NoiseRate.fallback_fraction``), and a count over 1.5x the one the
+final score's own two groups hold is not trusted either (``checked_by_score``); ``before the
+score check``: the same without that last check (the rule before 2026-12-08, twenty-seventh
+session); ``before the valley floor``: the
 same check without that floor, 10% when untrusted (the rule before 2026-12-07, twenty-fifth
 session); ``without the probe check``: the mixture's own test (at most 30%, no comparison),
 the rule before that, 10% when untrusted. Printed
@@ -35,16 +38,22 @@ from trial_cells import Cell, add_grid_arguments, cached_cells
 
 from ecif.audit.metrics import ranking_metrics
 from ecif.audit.misalign import misalign_scores, mixture_ranking
-from ecif.audit.thresholds import FALLBACK_FRACTION, MIN_CHECKED_VALLEY, mixture_noise_rate
+from ecif.audit.thresholds import (
+    FALLBACK_FRACTION,
+    MIN_CHECKED_VALLEY,
+    checked_by_score,
+    mixture_noise_rate,
+)
 
 
 def rates(cell: Cell) -> dict[str, tuple[float, bool, float | None]]:
-    """(share flagged, trusted, probe rate) under the shipped rule and the two before it."""
+    """(share flagged, trusted, probe rate) under the shipped rule and the three before it."""
     score, record, rate = misalign_scores(
         cell.table, "auto", float(cell.d["n_norm"]), cell.probes()
     )
     if not np.allclose(score, cell.d["shipped"], equal_nan=True):
         raise SystemExit("the cache no longer matches the shipped score: delete it and rerun")
+    checked = checked_by_score(rate, score)
     valley = record["valley"]
     # the rule before the valley floor: any valley above 0 (lifting one under the floor to it
     # changes no other test: those read valley > 0 and valley >= CLEAR_VALLEY), 10% fallback
@@ -52,8 +61,10 @@ def rates(cell: Cell) -> dict[str, tuple[float, bool, float | None]]:
     floorless = mixture_noise_rate(cell.log_odds, cell.mix.separation, lifted, record["probe_rate"])
     before = mixture_noise_rate(cell.log_odds, cell.mix.separation, valley)
     return {
-        "shipped": (rate.rate if rate.reliable else rate.fallback_fraction(), rate.reliable,
-                    rate.probe_rate),
+        "shipped": (checked.rate if checked.reliable else checked.fallback_fraction(),
+                    checked.reliable, checked.probe_rate),
+        "before the score check": (rate.rate if rate.reliable else rate.fallback_fraction(),
+                                   rate.reliable, rate.probe_rate),
         "before the valley floor": (floorless.rate if floorless.reliable else FALLBACK_FRACTION,
                                     floorless.reliable, floorless.probe_rate),
         "without the probe check": (before.rate if before.reliable else FALLBACK_FRACTION,

@@ -198,6 +198,11 @@ def trimmed_scale(
     return t
 
 
+# cosine at or above which two captions, or two images, count as one: a planted caption from
+# a pair with either is no error (the row's own caption, or another caption of its picture)
+SAME = 0.98
+
+
 def make_probes(
     x: np.ndarray, y: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -244,27 +249,60 @@ def _planted(
     src = rng.choice(n, m, replace=False)
     text_src = np.full(m, -1, dtype=np.int64)
     kind = np.empty(m, dtype=object)
+    xs = _unit(np.asarray(x, dtype=np.float32))
+    ys = _unit(np.asarray(y, dtype=np.float32))
     for rows, name in zip(np.array_split(np.arange(m), len(kinds)), kinds):
         kind[rows] = name
         if name == "shuffle":
-            text_src[rows] = src[rows][np.roll(np.arange(len(rows)), 1)]
+            partner = src[rows][np.roll(np.arange(len(rows)), 1)]
+            text_src[rows] = _other_caption(xs, ys, src[rows], partner, seed)
         elif name == "near":
-            text_src[rows] = _nearest_other_caption(x, y, src[rows])
-    return src, text_src, kind, rng
+            text_src[rows] = _nearest_other_caption(xs, ys, src[rows])
+    # a caption no error could be planted from (none other was found) makes no probe
+    copied = text_src >= 0
+    own = np.zeros(m, dtype=bool)
+    own[copied] = _no_error(xs, ys, src[copied], text_src[copied])
+    return src[~own], text_src[~own], kind[~own], rng
 
 
-def _nearest_other_caption(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each row, the pair whose image is nearest and whose caption differs (cosine < 0.98
-    among the 64 nearest images; the nearest image's when none does)."""
-    xs = _unit(np.asarray(x, dtype=np.float32))
-    ys = _unit(np.asarray(y, dtype=np.float32))
+def _no_error(xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Whether each row paired with its other's caption plants no error: the two captions are
+    one, or the two pictures are (COCO's five captions of one image; unit rows)."""
+    same_text = np.einsum("ij,ij->i", ys[rows], ys[others]) >= SAME
+    return same_text | (np.einsum("ij,ij->i", xs[rows], xs[others]) >= SAME)
+
+
+def _other_caption(
+    xs: np.ndarray, ys: np.ndarray, rows: np.ndarray, partner: np.ndarray, seed: int
+) -> np.ndarray:
+    """Each row's shuffled caption: its partner's, unless that plants no error (``_no_error``:
+    web sets repeat captions, a class-caption set repeats one a class, COCO gives an image
+    five), then a random pair's that does (the first of 64 drawn; the partner's when none
+    does). Sets without repeats keep every partner: their probes are those planted before."""
+    out = partner.copy()
+    clash = np.flatnonzero(_no_error(xs, ys, rows, partner))
+    if len(clash) == 0:
+        return out
+    rng = np.random.default_rng([seed, 17])
+    for r in clash:
+        draw = rng.choice(len(ys), 64)
+        ok = draw[~_no_error(xs, ys, np.full(64, rows[r]), draw)]
+        if len(ok):
+            out[r] = ok[0]
+    return out
+
+
+def _nearest_other_caption(xs: np.ndarray, ys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each row, the pair whose image is nearest among those another picture with another
+    caption (``_no_error`` false; among the 64 nearest images; the nearest image's when none
+    is). Unit rows."""
     sim = xs[rows] @ xs.T
     sim[np.arange(len(rows)), rows] = -np.inf
     order = np.argsort(-sim, axis=1)[:, :64]
     out = np.empty(len(rows), dtype=np.int64)
     for r, i in enumerate(rows):
-        differs = order[r][ys[order[r]] @ ys[i] < 0.98]
-        out[r] = differs[0] if len(differs) else order[r, 0]
+        ok = order[r][~_no_error(xs, ys, np.full(len(order[r]), i), order[r])]
+        out[r] = ok[0] if len(ok) else order[r, 0]
     return out
 
 

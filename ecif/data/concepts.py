@@ -110,6 +110,50 @@ def concept_pairs(
     return x.astype(np.float32), y.astype(np.float32), frame
 
 
+def class_caption_pairs(
+    n: int,
+    classes: int = 4,
+    noise: float = 0.0,
+    seed: int = 0,
+    geometry: str = "clip_like",
+    d: int = 64,
+    world_seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(image, text, frame): ``n`` pairs of a classification set captioned by its label
+    alone ("a photo of a {class}"), as sets converted from labelled images are: every image
+    of a class shares one text embedding (the class's text-side vector), so captions repeat
+    exactly. The first ``classes`` of ``CLASSES`` (they come in confusable pairs); images as
+    ``concept_pairs`` draws them; ``noise``: that share of labels (exactly) flipped to
+    another class, uniformly. Frame: ``key``, ``caption``, ``true_caption``, ``is_corrupted``."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {tuple(GEOMETRIES)}; got {geometry!r}")
+    if not 2 <= classes <= len(CLASSES):
+        raise ValueError(f"classes must be in 2..{len(CLASSES)}; got {classes}")
+    world = _World(d, GEOMETRIES[geometry], world_seed)
+    rng = np.random.default_rng([world_seed, seed, 31])
+    names = CLASSES[:classes]
+    attrs = pd.DataFrame({c: rng.choice(v, n) for c, v in SPACE.values.items()})
+    attrs["object"] = rng.choice(names, n)
+    x = world.mean_x + world.concepts("x", attrs) + world.nuisance(rng, n)
+    label = attrs["object"].to_numpy().copy()
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n, int(round(noise * n)), replace=False)] = True
+    for i in np.flatnonzero(flipped):
+        label[i] = rng.choice([c for c in names if c != label[i]])
+    text = {c: _unit(world.mean_y + world.vec["y"][c]) for c in names}
+    y = np.stack([text[c] for c in label])
+    frame = pd.DataFrame(
+        {
+            "key": [f"classes-{seed}-{i:06d}" for i in range(n)],
+            "caption": [f"a photo of a {c}" for c in label],
+            "true_caption": [f"a photo of a {c}" for c in attrs["object"]],
+            "is_corrupted": flipped,
+        }
+    )
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), y.astype(np.float32), frame
+
+
 def class_frequencies(skew: float, world_seed: int = 0) -> np.ndarray:
     """How often each of ``CLASSES`` occurs under a long tail: the class of rank r (a
     permutation drawn by ``world_seed``, so confusable twins need not be equally common) has
