@@ -68,6 +68,7 @@ def cache_cell(path: Path, geometry: str, kind: str, seed: int, args) -> None:
         "negclip": neg_clip_loss(x, y, logit_scale=scale, seed=seed),
         "twin_negclip": neg_clip_loss(twin_x, twin_y, logit_scale=scale, seed=seed),
         "is_probe": np.asarray(aud.probes.is_probe),
+        "probe_kinds": np.asarray(aud.probes.kinds, dtype=str),
     }
     if aud.probes.is_clean is not None:
         out["is_clean"] = np.asarray(aud.probes.is_clean)
@@ -101,10 +102,12 @@ class Cell:
     def probes(self, twin: dict | None = None) -> ProbeSignals:
         """The twin's rows as the audit hands them to ``misalign_scores`` (``twin``: other
         suspicions for the same rows)."""
-        # the probes in planted order, a third each (``selection.make_probes``)
-        kinds = np.full(len(self.is_probe), "", dtype=object)
-        for rows, kind in zip(np.array_split(np.flatnonzero(self.is_probe), 3), PROBE_KINDS):
-            kinds[rows] = kind
+        if "probe_kinds" in self.d:  # as the audit planted them
+            kinds = self.d["probe_kinds"].astype(object)
+        else:  # caches from before 2026-12-08: in planted order, a third each, none dropped
+            kinds = np.full(len(self.is_probe), "", dtype=object)
+            for rows, kind in zip(np.array_split(np.flatnonzero(self.is_probe), 3), PROBE_KINDS):
+                kinds[rows] = kind
         twin = self.twin if twin is None else twin
         return ProbeSignals(twin, self.is_probe, self.is_clean, kinds)
 
