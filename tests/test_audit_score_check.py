@@ -62,7 +62,6 @@ def _repeated_captions(seed: int, n: int = 600, captions: int = 2):
 @pytest.mark.parametrize("seed", range(3))
 def test_planted_captions_are_never_the_rows_own(seed):
     x, y = _repeated_captions(seed)  # two captions: half of the shuffled partners share one
-    rolled = []
     src, text_src, kind = probe_sources(x, y, 0.2, seed)
     for rows in (kind == "shuffle", kind == "near"):
         own = np.einsum("ij,ij->i", y[src[rows]], y[text_src[rows]])
