@@ -207,8 +207,9 @@ def make_probes(
     x: np.ndarray, y: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Copies of random pairs with planted captions, a third each: ``shuffle`` (another probe's
-    text), ``near`` (the text of the nearest image's pair whose text differs), ``generic``
-    (the mean text direction: a caption that fits every image a little)."""
+    text), ``near`` (the text of the nearest other picture's pair), ``generic`` (the mean text
+    direction: a caption that fits every image a little). A row for which no caption plants
+    an error (``_no_error``) is left out, so a kind can have fewer."""
     src, text_src, kind, rng = _planted(x, y, fraction, seed, ("shuffle", "near", "generic"))
     px = np.asarray(x[src], dtype=np.float32).copy()
     py = np.empty((len(src), y.shape[1]), np.float32)
@@ -293,9 +294,8 @@ def _other_caption(
 
 
 def _nearest_other_caption(xs: np.ndarray, ys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each row, the pair whose image is nearest among those another picture with another
-    caption (``_no_error`` false; among the 64 nearest images; the nearest image's when none
-    is). Unit rows."""
+    """For each row, the nearest pair (by image, among the 64 nearest) of another picture with
+    another caption (``_no_error`` false); the nearest pair when none is. Unit rows."""
     sim = xs[rows] @ xs.T
     sim[np.arange(len(rows)), rows] = -np.inf
     order = np.argsort(-sim, axis=1)[:, :64]
