@@ -11,6 +11,7 @@ import pytest
 
 import ecif
 from ecif.audit.auditor import AuditArgs, Auditor
+from ecif.audit.baselines import CONSENSUS_K
 from ecif.audit.combination_text import describe_combination
 from ecif.audit.probes import probe_signals
 from ecif.audit.selection import probe_sources
@@ -37,10 +38,11 @@ def test_probe_sources_by_brute_force():
     # shuffles: every probe takes another probe's caption, each caption used once
     assert sorted(text_src[shuffle]) == sorted(src[shuffle])
     assert (text_src[shuffle] != src[shuffle]).all()
-    # near: the pair with the most similar image among those whose caption differs
+    # near: among the pairs whose caption differs, the first beyond the CONSENSUS_K with the
+    # most similar images (those the consensus reads)
     for i, j in zip(src[near], text_src[near]):
         other = np.nonzero(y @ y[i] < 0.98)[0]
-        assert j == other[np.argmax(x[other] @ x[i])]
+        assert j == other[np.argsort(-(x[other] @ x[i]))[CONSENSUS_K]]
 
 
 class RecordingAuditor(Auditor):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ecif
+from ecif.audit.baselines import CONSENSUS_K
 from ecif.audit.selection import SAME, make_probes, probe_sources
 from ecif.audit.thresholds import (
     FALLBACK_FRACTION,
@@ -89,10 +90,29 @@ def test_no_probe_takes_another_caption_of_its_own_picture(seed):
     assert len(src) == 120 and (kind == "near").sum() == 60  # none dropped: others exist
     picture = np.arange(600) // 5
     assert (picture[src] != picture[text_src]).all()  # each planted caption: another picture's
-    # near: the nearest other picture's caption, by brute force
+    # near: the caption of the first other picture's row beyond the consensus's neighbours
     for i, j in zip(src[kind == "near"], text_src[kind == "near"]):
         other = np.flatnonzero(picture != picture[i])
-        assert x[j] @ x[i] == pytest.approx(np.max(x[other] @ x[i]), abs=1e-6)
+        ranked = np.sort(x[other] @ x[i])[::-1]  # by brute force, nearest first
+        assert x[j] @ x[i] == pytest.approx(ranked[CONSENSUS_K], abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_near_probe_caption_is_not_among_the_neighbours_the_consensus_reads(seed):
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((400, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x + 0.3 * g.standard_normal((400, 16)).astype(np.float32)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    src, text_src, kind = probe_sources(x, y, 0.2, seed)
+    near = kind == "near"
+    assert near.sum() == 40
+    for i, j in zip(src[near], text_src[near]):
+        # the probe's image is row i's: the consensus reads its nearest rows (row i's own
+        # copy among them); the row its caption came from must lie beyond them
+        order = np.argsort(-(x @ x[i]))
+        assert j not in order[: CONSENSUS_K + 1]
+        assert j in order[: 3 * CONSENSUS_K]  # still a near picture
 
 
 def test_a_caption_no_other_differs_from_plants_no_probe():

@@ -55,15 +55,37 @@ def test_a_barely_two_mode_mixture_is_not_trusted_with_probes():
 
 @pytest.mark.parametrize(
     "shuffled, share",
-    [(None, FALLBACK_FRACTION), (0.04, FALLBACK_FRACTION), (0.18, 0.18), (0.9, MAX_CHECKED_RATE)],
+    [
+        (None, FALLBACK_FRACTION),
+        (0.04, FALLBACK_FRACTION),
+        (0.18, 0.18),
+        (MAX_CHECKED_RATE, MAX_CHECKED_RATE),
+        (0.9, FALLBACK_FRACTION),  # over half the set scoring like the probes: no floor
+    ],
 )
 def test_the_fallback_flags_at_least_the_shuffled_probes_count(shuffled, share):
     scores = np.random.default_rng(0).normal(size=1000)
     rate = NoiseRate(0.34, False, "the mixture's density barely dips", 0.33, shuffled)
     count, how = flag_count(scores, "auto", rate)
     assert count == round(share * 1000) and "UNRELIABLE" in how
-    assert ("shuffled captions" in how) == (share > FALLBACK_FRACTION), how
+    assert ("as many as score like planted shuffled" in how) == (share > FALLBACK_FRACTION), how
     assert f"flagged the top {100 * share:.3g}%" in how
+    assert ("no count can be read" in how) == (shuffled == 0.9), how
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_four_dimensional_embeddings_flag_the_fallback_not_half_the_set(seed):
+    """At d = 4 the scores barely rank the noise (AP about 0.24 against 0.20 by chance) and
+    the planted shuffled captions score like the set's own pairs: the rule before read their
+    count (about 100%) as a floor capped at 50%, and flagged half the set."""
+    x, y, frame = ecif.datasets.concept_pairs(2000, 4, 0.2, "mixed", seed=seed)
+    with pytest.warns(UserWarning):
+        table = _audit(x, y, None, seed)
+    combination = table.attrs["combination"]
+    assert combination["shuffled_probe_rate"] > MAX_CHECKED_RATE  # the probes tell nothing
+    how = table.attrs["threshold"]
+    assert table["is_misaligned"].mean() == pytest.approx(FALLBACK_FRACTION, abs=0.002), how
+    assert "no count can be read" in how, how
 
 
 def _audit(x, y, val, seed):

@@ -14,6 +14,10 @@ import numpy as np
 from ecif.audit.metrics import two_gaussian_mixture
 from ecif.data.neighbours import nearest_in, nearest_rows, neighbour_index
 
+# neighbours the LEMoN-style consensus reads on each side (the planted near-miss probes are
+# drawn from beyond them: ``selection._nearest_other_caption``)
+CONSENSUS_K = 10
+
 
 def _unit(a) -> np.ndarray:
     a = np.asarray(a, dtype=np.float32)
@@ -57,7 +61,7 @@ def loss_mixture(pair_loss: np.ndarray) -> np.ndarray:
 def lemon(
     x,
     y,
-    k: int = 10,
+    k: int = CONSENSUS_K,
     beta: float = 1.0,
     gamma: float = 1.0,
     temp: float = 5.0,
@@ -79,7 +83,7 @@ def lemon_queries(
     y_ref,
     qx,
     qy,
-    k: int = 10,
+    k: int = CONSENSUS_K,
     temp: float = 5.0,
     device: str = "cpu",
     kind: str = "auto",
@@ -102,7 +106,7 @@ class KnnConsensus:
         x,
         y,
         *,
-        k: int = 10,
+        k: int = CONSENSUS_K,
         temp: float = 5.0,
         device: str = "cpu",
         kind: str = "auto",
