@@ -12,6 +12,7 @@ import ecif
 from ecif.audit.metrics import average_precision
 from ecif.cli import main
 from ecif.data.concepts import concept_pairs
+from ecif.data.embedding_set import EmbeddingSetError
 
 NOT_UNIT = "not L2-normalised"
 
@@ -83,3 +84,26 @@ def test_ecif_score_records_and_prints_the_warning(tmp_path, capsys):
     assert same is again and note is None
     table = pd.concat(pd.read_parquet(p) for p in sorted((out / "scores").glob("*.parquet")))
     assert len(table) == 400
+
+
+def test_non_finite_rows_stop_the_audit_naming_both_sides_and_no_norm_warning(tmp_path, capsys):
+    """A NaN image row and an inf text row (unit rows otherwise): ``ecif score`` stops before
+    the fit with one message naming both sides' ids, and does not first call the folder
+    "not L2-normalised" (the NaN norms used to count as off 1) or warn of an invalid divide."""
+    train, _, _ = _sets(n=300, seed=5)
+    image, text = np.array(train.image), np.array(train.text)
+    image[5] = np.nan
+    text[7, :3] = np.inf
+    ecif.EmbeddingSet(image, text, ids=train.ids, check_finite=False).save(tmp_path / "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning while reading fails the test
+        with pytest.raises(EmbeddingSetError) as err:
+            ecif.EmbeddingSet.load(tmp_path / "train")
+    said = str(err.value)
+    assert "image embeddings in 1 rows" in said and "text embeddings in 1 rows" in said
+    assert repr(train.ids[5]) in said and repr(train.ids[7]) in said, said
+    argv = ["score", str(tmp_path / "train"), "-o", str(tmp_path / "audit"), "--quiet"]
+    assert main(argv) == 2
+    printed = capsys.readouterr().err
+    assert NOT_UNIT not in printed and "invalid value" not in printed, printed
+    assert "NaN or inf" in printed and not (tmp_path / "audit" / "scores").exists()

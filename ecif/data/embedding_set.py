@@ -88,13 +88,18 @@ class EmbeddingSet:
         if metadata is not None and len(metadata) != n:
             raise EmbeddingSetError(f"metadata has {len(metadata)} rows, embeddings have {n}")
         if check_finite:
-            for name, arr in (("image", image), ("text", text)):
-                bad = _nonfinite_rows(arr)
-                if len(bad):
-                    raise EmbeddingSetError(
-                        f"{name} embeddings contain NaN or inf in {len(bad)} rows "
-                        f"(first ids: {ids[bad[:5]].tolist()}); drop or re-embed them"
-                    )
+            found = [
+                f"{name} embeddings in {len(bad)} rows (first ids: {ids[bad[:5]].tolist()})"
+                for name, bad in (
+                    ("image", _nonfinite_rows(image)),
+                    ("text", _nonfinite_rows(text)),
+                )
+                if len(bad)
+            ]
+            if found:
+                raise EmbeddingSetError(
+                    f"NaN or inf in {' and '.join(found)}; drop or re-embed those rows"
+                )
         self.image = image
         self.text = text
         self.ids = ids

@@ -37,8 +37,9 @@ def off_unit_norms(
             continue
         rows = pool[np.unique(np.linspace(0, len(pool) - 1, min(len(pool), sample)).astype(int))]
         norms = np.linalg.norm(np.asarray(arr[rows], dtype=np.float64), axis=1)
+        norms = norms[np.isfinite(norms)]  # NaN or inf rows: the audit's own check names them
         off = np.abs(norms - 1.0) > tol
-        out.append((norms.min(), norms.max(), int(off.sum()), len(rows)) if off.any() else None)
+        out.append((norms.min(), norms.max(), int(off.sum()), len(norms)) if off.any() else None)
     return out
 
 
@@ -55,7 +56,8 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
     """Each row divided by its norm, float32 (zero rows, failed embeddings, stay zero)."""
     a = np.asarray(a, dtype=np.float32)
     norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return a / np.where(norms > 0, norms, 1.0)
+    with np.errstate(invalid="ignore"):  # a NaN or inf row stays non-finite, and is named later
+        return a / np.where(norms > 0, norms, 1.0)
 
 
 def unit_note(what: str, found: str = "") -> str:
