@@ -228,13 +228,14 @@ def flag_count(
             return int(round(est.rate * n)), f"auto: estimated noise rate {est.rate:.1%}{also}"
         share = est.fallback_fraction()
         # the pooled probes' count is quoted beside the 10% only: the floor says what it read
-        quoted = "" if share > FALLBACK_FRACTION else _probe_floor(est)
-        if est.shuffled_rate is not None and est.shuffled_floor() == 0.0 < est.shuffled_rate:
+        if est.shuffled_rate is not None and est.shuffled_rate > MAX_CHECKED_RATE:
             quoted = (
                 " Planted shuffled captions score like most of the set's own pairs (they imply "
                 f"over {MAX_CHECKED_RATE:.0%} noise): the scores barely tell a random caption "
                 "from a real one here, so no count can be read from them."
             )
+        else:
+            quoted = "" if share > FALLBACK_FRACTION else _probe_floor(est)
         return int(round(share * n)), (
             f"auto: {UNRELIABLE} ({est.why}); flagged the top {100 * share:.3g}%"
             f"{_shuffled_floor(share)}.{quoted} If you know your noise rate, pass "
